@@ -1,0 +1,154 @@
+"""The mirror's exceptions.
+
+Every error a client can see is an :class:`OciError`: it carries the OCI error
+code and HTTP status and renders its own JSON body. Everything else is a bug
+and becomes a 500 with no details in the body.
+
+::
+
+    MirrorError
+    ├── ConfigError                 a config file or value is wrong (names its key)
+    ├── OciError                    rendered to clients as {"errors": [...]}
+    │   ├── NameInvalid             400 NAME_INVALID
+    │   ├── TagInvalid              400 TAG_INVALID
+    │   ├── DigestInvalid           400 DIGEST_INVALID
+    │   ├── RangeInvalid            416 RANGE_INVALID (with Content-Range)
+    │   ├── NameUnknown             404 NAME_UNKNOWN
+    │   ├── ManifestUnknown         404 MANIFEST_UNKNOWN
+    │   ├── BlobUnknown             404 BLOB_UNKNOWN
+    │   ├── ManifestInvalid         502 MANIFEST_INVALID (upstream sent bad bytes)
+    │   ├── Unsupported             405 UNSUPPORTED (push, delete, ...)
+    │   ├── Denied                  403 DENIED
+    │   ├── TooManyRequests         429 TOOMANYREQUESTS (with Retry-After)
+    │   └── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken)
+    └── FillError                   an upstream download failed after bytes went out
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+
+class MirrorError(Exception):
+    """Base of every exception the mirror raises on purpose."""
+
+
+class ConfigError(MirrorError):
+    """A configuration value is missing or wrong.
+
+    Args:
+        key: dotted path of the bad key, e.g. ``upstreams[1].url``.
+        message: what is wrong with it.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class OciError(MirrorError):
+    """An error that clients see as an OCI error body."""
+
+    code: ClassVar[str] = "UNKNOWN"
+    status: ClassVar[int] = 500
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> bytes:
+        """The JSON error body of the OCI distribution spec."""
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            error["detail"] = self.detail
+        return json.dumps({"errors": [error]}).encode()
+
+
+class NameInvalid(OciError):
+    code = "NAME_INVALID"
+    status = 400
+
+
+class TagInvalid(OciError):
+    code = "TAG_INVALID"
+    status = 400
+
+
+class DigestInvalid(OciError):
+    code = "DIGEST_INVALID"
+    status = 400
+
+
+class RangeInvalid(OciError):
+    code = "RANGE_INVALID"
+    status = 416
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message, headers={"Content-Range": f"bytes */{size}"})
+
+
+class NameUnknown(OciError):
+    code = "NAME_UNKNOWN"
+    status = 404
+
+
+class ManifestUnknown(OciError):
+    code = "MANIFEST_UNKNOWN"
+    status = 404
+
+
+class BlobUnknown(OciError):
+    code = "BLOB_UNKNOWN"
+    status = 404
+
+
+class ManifestInvalid(OciError):
+    code = "MANIFEST_INVALID"
+    status = 502
+
+
+class Unsupported(OciError):
+    code = "UNSUPPORTED"
+    status = 405
+
+
+class Denied(OciError):
+    code = "DENIED"
+    status = 403
+
+
+class TooManyRequests(OciError):
+    """Upstream rate-limited us and nothing cached can answer instead."""
+
+    code = "TOOMANYREQUESTS"
+    status = 429
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else {}
+        super().__init__(message, headers=headers)
+        self.retry_after = retry_after
+
+
+class UpstreamUnavailable(OciError):
+    """Upstream refused, timed out, answered 5xx or sent something unusable."""
+
+    code = "UNAVAILABLE"
+    status = 503
+
+    def __init__(self, message: str, *, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status  # type: ignore[misc]
+
+
+class FillError(MirrorError):
+    """An upstream download failed; readers must abort their connections."""
