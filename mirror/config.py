@@ -123,7 +123,7 @@ class ServerSettings:
 class Settings:
     """Everything the mirror needs to run, validated."""
 
-    listen_host: str = "0.0.0.0"  # noqa: S104 - a mirror listens for its cluster
+    listen_host: str = "0.0.0.0"
     listen_port: int = 5000
     tls: TlsSettings | None = None
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -183,7 +183,7 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
     version = root.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ConfigError("version", f"unsupported version {version!r} (this mirror reads 1)")
-    host, port = _listen(root.get("listen", "0.0.0.0:5000"))
+    host, port = parse_listen(root.get("listen", "0.0.0.0:5000"))
     upstreams = _upstreams(root.get("upstreams"), env, base)
     return Settings(
         listen_host=host,
@@ -197,12 +197,17 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
     )
 
 
-def _listen(value: Any) -> tuple[str, int]:
+def parse_listen(value: Any) -> tuple[str, int]:
+    """``(host, port)`` from ``HOST:PORT``.
+
+    Raises:
+        ConfigError: not HOST:PORT.
+    """
     text = _string(value, "listen")
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError("listen", f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port_text)  # noqa: S104
+    return host.strip("[]") or "0.0.0.0", int(port_text)
 
 
 def _tls(value: Any, base: Path) -> TlsSettings | None:

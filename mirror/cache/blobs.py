@@ -1,0 +1,119 @@
+"""Blobs: answered from disk (small ones from memory), filled once on a miss.
+
+Blob content never changes, so a blob on disk is served without asking
+upstream. Sizes of known blobs and the bytes of small ones are kept in bounded
+in-memory caches so that a hot request costs no disk call on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import IO
+
+import aiohttp
+from cachetools import LRUCache
+
+from mirror.cache.manifests import RegistryClient
+from mirror.config import CacheSettings
+from mirror.errors import BlobUnknown, UpstreamUnavailable
+from mirror.fetch import Fetcher, Fill
+from mirror.oci import Digest
+from mirror.storage.filesystem import FilesystemStore
+
+
+@dataclass(frozen=True, slots=True)
+class CachedBlob:
+    """A verified blob on this node."""
+
+    digest: Digest
+    size: int
+    data: bytes | None  # the bytes themselves when small enough to keep in memory
+
+
+class BlobCache:
+    """Finds blobs locally and starts or joins fills for the rest."""
+
+    def __init__(self, store: FilesystemStore, fetcher: Fetcher, settings: CacheSettings) -> None:
+        self._store = store
+        self._fetcher = fetcher
+        self._item_max = settings.memory_item_max_bytes
+        self._sizes: LRUCache[Digest, int] = LRUCache(maxsize=200_000)
+        self._memory: LRUCache[Digest, bytes] = LRUCache(
+            maxsize=max(settings.memory_max_bytes, 1), getsizeof=len
+        )
+
+    async def cached(self, digest: Digest) -> CachedBlob | None:
+        """The blob if this node has it, with its bytes when it is small."""
+        data = self._memory.get(digest)
+        if data is not None:
+            return CachedBlob(digest, len(data), data)
+        size = self._sizes.get(digest)
+        if size is None:
+            size = await asyncio.to_thread(self._store.blob_size, digest)
+            if size is None:
+                return None
+            self._sizes[digest] = size
+        if size <= self._item_max:
+            data = await self._load(digest)
+            if data is None:
+                return None
+        return CachedBlob(digest, size, data)
+
+    async def _load(self, digest: Digest) -> bytes | None:
+        try:
+            data = await asyncio.to_thread(self._store.blob_path(digest).read_bytes)
+        except FileNotFoundError:
+            self.forget(digest)
+            return None
+        self._memory[digest] = data
+        return data
+
+    async def open(self, blob: CachedBlob) -> IO[bytes] | None:
+        """An open file of a cached blob, or ``None`` when it vanished (evicted)."""
+        try:
+            return await asyncio.to_thread(open, self._store.blob_path(blob.digest), "rb")
+        except FileNotFoundError:
+            self.forget(blob.digest)
+            return None
+
+    def forget(self, digest: Digest) -> None:
+        """Drop what memory knows of a blob (it was removed from disk)."""
+        self._sizes.pop(digest, None)
+        self._memory.pop(digest, None)
+
+    def in_flight(self, digest: Digest) -> Fill | None:
+        """The download under way for ``digest``, if any."""
+        return self._fetcher.current(digest)
+
+    async def fill(self, client: RegistryClient, repository: str,
+                   digest: Digest) -> tuple[Fill, bool]:
+        """Join the download of ``digest`` or start one from ``client``.
+
+        Returns:
+            The fill, and whether this request joined one under way.
+        """
+
+        def opener(offset: int) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+            headers = {"Range": f"bytes={offset}-"} if offset else None
+            # Retries before the first byte are the client's; a resume is ours.
+            return client.request("GET", repository, f"blobs/{digest}", headers=headers)
+
+        return await self._fetcher.start(digest, opener, client.name)
+
+    async def upstream_size(self, client: RegistryClient, repository: str,
+                            digest: Digest) -> int:
+        """Ask upstream for a blob's size without downloading it (for HEAD).
+
+        Raises:
+            BlobUnknown: upstream does not have it.
+            UpstreamUnavailable: upstream failed or sent no length.
+        """
+        async with client.request("HEAD", repository, f"blobs/{digest}") as resp:
+            if resp.status == 404:
+                raise BlobUnknown(f"blob {digest} is unknown upstream")
+            if resp.status != 200 or resp.content_length is None:
+                raise UpstreamUnavailable(f"upstream answered {resp.status} to a blob HEAD "
+                                          "without a usable length", status=502)
+            return resp.content_length

@@ -1,0 +1,83 @@
+"""Tag records: the only mutable thing the mirror keeps.
+
+A record maps ``registry/repository:tag`` to the digest upstream gave for it
+and when. Records live in diskcache (SQLite) under ``<storage>/tags`` so they
+survive restarts; a bounded in-memory copy answers hot lookups without a
+thread hop. SQLite calls run in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+from cachetools import LRUCache
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord:
+    """What a tag pointed to when it was last checked upstream."""
+
+    digest: str
+    media_type: str
+    size: int
+    fetched_at: float
+
+    def age(self, now: float | None = None) -> float:
+        """Seconds since the record was confirmed upstream."""
+        return (time.time() if now is None else now) - self.fetched_at
+
+
+def tag_key(registry: str, repository: str, tag: str) -> str:
+    """The key of a tag record."""
+    return f"{registry}/{repository}:{tag}"
+
+
+class TagStore:
+    """Tag records on disk with a hot copy in memory."""
+
+    def __init__(self, path: Path, memory_entries: int = 100_000) -> None:
+        self._path = path
+        self._disk: Any = None
+        self._memory: LRUCache[str, TagRecord] = LRUCache(maxsize=memory_entries)
+
+    async def open(self) -> None:
+        """Open the on-disk index (in a thread: SQLite may block)."""
+        self._disk = await asyncio.to_thread(diskcache.Cache, str(self._path))
+
+    async def close(self) -> None:
+        """Close the on-disk index."""
+        if self._disk is not None:
+            await asyncio.to_thread(self._disk.close)
+            self._disk = None
+
+    async def get(self, key: str) -> TagRecord | None:
+        """The record for ``key``, from memory or disk."""
+        record = self._memory.get(key)
+        if record is not None or self._disk is None:
+            return record
+        raw = await asyncio.to_thread(self._disk.get, key)
+        if not isinstance(raw, dict):
+            return None
+        try:
+            record = TagRecord(**raw)
+        except TypeError:
+            return None
+        self._memory[key] = record
+        return record
+
+    async def put(self, key: str, record: TagRecord) -> None:
+        """Store a record in memory and on disk."""
+        self._memory[key] = record
+        if self._disk is not None:
+            await asyncio.to_thread(self._disk.set, key, asdict(record))
+
+    async def delete(self, key: str) -> None:
+        """Forget a tag (upstream says it no longer exists)."""
+        self._memory.pop(key, None)
+        if self._disk is not None:
+            await asyncio.to_thread(self._disk.delete, key)

@@ -1,0 +1,86 @@
+"""The aiohttp application: routes, and the lifetime of everything it holds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from functools import partial
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mirror.cache.blobs import BlobCache
+from mirror.cache.manifests import ManifestCache
+from mirror.cache.tags import TagStore
+from mirror.config import Settings
+from mirror.fetch import Fetcher
+from mirror.routing import Router
+from mirror.server.handlers import registry
+from mirror.server.middleware import add_api_version, observe
+from mirror.server.state import STATE, MirrorState, log_context
+from mirror.storage.filesystem import FilesystemStore
+from mirror.upstream import UpstreamClient
+
+log = structlog.get_logger(__name__)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the mirror's application; resources start with the app."""
+    app = web.Application(middlewares=[observe], client_max_size=64 * 1024)
+    app.cleanup_ctx.append(partial(_mirror_state, settings))
+    app.on_response_prepare.append(add_api_version)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_route("*", "/{path:.*}", registry)
+    return app
+
+
+async def _mirror_state(settings: Settings, app: web.Application) -> AsyncIterator[None]:
+    store = FilesystemStore(settings.storage.path)
+    removed = await asyncio.to_thread(store.prepare)
+    tags = TagStore(store.tags)
+    await tags.open()
+    fetcher = Fetcher(store, settings.server.chunk_size)
+    state = MirrorState(
+        settings=settings,
+        router=Router(settings.upstreams),
+        store=store,
+        tags=tags,
+        fetcher=fetcher,
+        manifests=ManifestCache(store, tags, settings.cache),
+        blobs=BlobCache(store, fetcher, settings.cache),
+        clients={u.name: UpstreamClient(u) for u in settings.upstreams},
+    )
+    app[STATE] = state
+    state.ready = True
+    log.info("mirror_started", storage=str(store.root), stale_temp_removed=removed,
+             upstreams=[u.name for u in settings.upstreams])
+    yield
+    state.ready = False
+    await fetcher.close()
+    await state.manifests.close()
+    for client in state.clients.values():
+        await client.close()
+    await tags.close()
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    """Prometheus exposition of every metric in :mod:`mirror.metrics`."""
+    log_context(request)["route"] = "metrics"
+    body = await asyncio.to_thread(generate_latest)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    log_context(request)["route"] = "health"
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: storage and index are open."""
+    log_context(request)["route"] = "health"
+    ready = STATE in request.app and request.app[STATE].ready
+    return web.json_response({"ready": ready}, status=200 if ready else 503)

@@ -1,0 +1,92 @@
+"""One middleware: request id, OCI error rendering, metrics, one log line.
+
+An :class:`~mirror.errors.OciError` becomes its JSON body and status. A failed
+download after headers went out closes the connection, so the client sees a
+truncated body and never a finished wrong one. Anything else is logged with
+the request id and becomes a 500 with no details in the body.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from mirror import metrics
+from mirror.errors import FillError, OciError
+from mirror.server.state import log_context
+
+log = structlog.get_logger("mirror.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+def oci_response(error: OciError) -> web.Response:
+    """The HTTP answer for an OCI error."""
+    headers = {"Content-Type": "application/json", **API_VERSION, **error.headers}
+    return web.Response(status=error.status, body=error.body(), headers=headers)
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Wrap every request: id, errors, metrics and the canonical log line."""
+    supplied = request.headers.get("X-Request-Id", "")
+    request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex[:16]
+    context = log_context(request)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await _answer(request, handler, request_id)
+        status = response.status
+        response.headers["X-Request-Id"] = request_id
+        return response
+    except FillError as exc:
+        context["error"] = str(exc)
+        if request.transport is not None:
+            request.transport.close()
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        route = context.get("route", "other")
+        metrics.REQUESTS.labels(route, request.method, str(status)).inc()
+        metrics.REQUEST_SECONDS.labels(route).observe(elapsed)
+        if route not in ("metrics", "health"):
+            log.info("request", request_id=request_id, method=request.method,
+                     path=request.path[:300], status=status,
+                     duration_ms=round(elapsed * 1000, 2), **context)
+
+
+async def _answer(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except OciError as exc:
+        log_context(request)["error"] = exc.message
+        return oci_response(exc)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return oci_response(_http_error(exc))
+        raise
+    except (FillError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled_error", request_id=request_id, path=request.path[:300])
+        error = OciError(f"internal error (request id {request_id})")
+        return oci_response(error)
+
+
+def _http_error(exc: web.HTTPException) -> OciError:
+    error = OciError(exc.reason or "error")
+    error.status = exc.status  # type: ignore[misc]
+    error.code = "UNSUPPORTED" if exc.status == 405 else "NOT_FOUND"  # type: ignore[misc]
+    return error
+
+
+async def add_api_version(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every answer names the API version."""
+    response.headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")

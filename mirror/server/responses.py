@@ -1,0 +1,157 @@
+"""Response building: headers clients depend on, Range, sendfile, streaming.
+
+HEAD answers carry exactly the headers of GET. Cached blobs go out with
+``loop.sendfile`` on an already open file (no per-request stat); small ones
+from memory; in-flight ones from the growing temp file of their fill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import IO
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+
+from mirror.errors import RangeInvalid
+from mirror.fetch import Fill
+from mirror.oci import Digest
+
+BLOB_CACHE_CONTROL = "max-age=31536000, immutable"
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The single byte range a ``Range`` header asks for, as ``(start, end)``.
+
+    ``end`` is exclusive. Returns ``None`` for the whole body: no header, a
+    syntax this server ignores (as RFC 9110 allows), or several ranges (a 200
+    with the full body is valid for those).
+
+    Raises:
+        RangeInvalid: the range lies outside the blob (416).
+    """
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, sep, last = header[6:].strip().partition("-")
+    if not sep or not (first.isdigit() or (not first and last.isdigit())):
+        return None
+    if not first:
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeInvalid("empty suffix range", size)
+        return max(size - suffix, 0), size
+    start = int(first)
+    if last and not last.isdigit():
+        return None
+    end = min(int(last) + 1, size) if last else size
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise RangeInvalid(f"range starts at {start}, past the end of a {size} byte blob", size)
+    return start, end
+
+
+def blob_headers(digest: Digest, size: int, span: tuple[int, int] | None) -> dict[str, str]:
+    """Headers of a blob answer (200 or 206)."""
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Docker-Content-Digest": str(digest),
+        "ETag": f'"{digest}"',
+        "Accept-Ranges": "bytes",
+        "Cache-Control": BLOB_CACHE_CONTROL,
+    }
+    if span is not None:
+        headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{size}"
+    return headers
+
+
+def manifest_headers(digest: Digest, media_type: str, ns: str | None) -> dict[str, str]:
+    """Headers of a manifest answer: the exact stored media type, no parameters."""
+    headers = {
+        "Content-Type": media_type,
+        "Docker-Content-Digest": str(digest),
+        "ETag": f'"{digest}"',
+    }
+    if ns:
+        headers["OCI-Namespace"] = ns
+    return headers
+
+
+def etag_matches(request: web.Request, digest: Digest) -> bool:
+    """Whether ``If-None-Match`` names this digest (quoted or not)."""
+    values = request.headers.getall("If-None-Match", [])
+    wanted = str(digest)
+    return any(tag.strip().strip('"') in (wanted, "*")
+               for value in values for tag in value.split(","))
+
+
+class FileSliceResponse(web.StreamResponse):
+    """Sends a slice of an open file with sendfile, then closes the file."""
+
+    def __init__(self, file: IO[bytes], offset: int, count: int, *, status: int,
+                 headers: dict[str, str], chunk_size: int) -> None:
+        super().__init__(status=status, headers=headers)
+        self.content_length = count
+        self._file = file
+        self._offset = offset
+        self._count = count
+        self._chunk_size = chunk_size
+        self._sent = False
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self._sent:
+            return await super().prepare(request)
+        self._sent = True
+        try:
+            writer = await super().prepare(request)
+            if request.method != "HEAD" and self._count:
+                await self._send_body(request, writer)
+                await super().write_eof()
+            return writer
+        finally:
+            self._file.close()
+
+    async def _send_body(self, request: web.BaseRequest,
+                         writer: AbstractStreamWriter | None) -> None:
+        transport = request.transport
+        if transport is None or writer is None:
+            raise ConnectionResetError("client went away")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sendfile(transport, self._file, self._offset, self._count, fallback=False)
+        except (NotImplementedError, RuntimeError):
+            # uvloop has no native sendfile: copy in bounded chunks off the loop.
+            await self._copy(writer)
+
+    async def _copy(self, writer: AbstractStreamWriter) -> None:
+        fd = self._file.fileno()
+        offset, end = self._offset, self._offset + self._count
+        while offset < end:
+            data = await asyncio.to_thread(os.pread, fd, min(self._chunk_size, end - offset),
+                                           offset)
+            if not data:
+                raise ConnectionResetError("cached blob shrank while being sent")
+            await writer.write(data)
+            offset += len(data)
+
+
+async def stream_fill(request: web.Request, fill: Fill, span: tuple[int, int] | None,
+                      headers: dict[str, str], chunk_size: int) -> web.StreamResponse:
+    """Send a blob that is still downloading, byte by byte as it arrives.
+
+    Raises:
+        FillError: the download failed after headers went out; the caller
+            must make sure the connection is aborted, never finished.
+    """
+    size = fill.size if fill.size is not None else 0
+    start, end = span or (0, size)
+    response = web.StreamResponse(status=206 if span else 200, headers=headers)
+    response.content_length = end - start
+    await response.prepare(request)
+    if request.method == "HEAD":
+        return response
+    async for chunk in fill.read(start, end, chunk_size):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
