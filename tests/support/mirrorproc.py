@@ -1,0 +1,127 @@
+"""The mirror as a real subprocess: ``python -m mirror serve --config FILE``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support.net import http_status
+
+
+def mirror_config(port: int, storage_path: Path, upstreams: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return a minimal mirror config listening on 127.0.0.1:``port``.
+
+    Args:
+        port: the listen port (use ``free_port()``).
+        storage_path: the filesystem storage folder.
+        upstreams: entries like ``{"name": "registry.test", "url": "http://127.0.0.1:P",
+            "default": True, "aliases": ["reg"]}``.
+    """
+    return {
+        "version": 1,
+        "listen": f"127.0.0.1:{port}",
+        "storage": {"path": str(storage_path)},
+        "upstreams": upstreams,
+        "log": {"format": "json", "level": "info"},
+    }
+
+
+class MirrorProcess:
+    """Runs the mirror with ``config`` until ``stop()`` or ``kill9()``.
+
+    Args:
+        workdir: folder for ``mirror.yaml`` and ``mirror.log``.
+        config: the config dict; its ``listen`` must be ``"127.0.0.1:PORT"``.
+    """
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.config_path = workdir / "mirror.yaml"
+        self.log_path = workdir / "mirror.log"
+        self.port = int(str(config["listen"]).rsplit(":", 1)[1])
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``"http://127.0.0.1:PORT"``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while running."""
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Write the config, start the process and wait for ``/readyz`` == 200.
+
+        Raises:
+            RuntimeError: if it exits or is not ready within ``timeout``
+                (the message holds the log's tail).
+        """
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "mirror", "serve", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        deadline = time.monotonic() + timeout
+        while http_status(f"{self.url}/readyz", timeout=1.0) != 200:
+            code = self._proc.poll()
+            if code is not None or time.monotonic() >= deadline:
+                why = f"exited with {code}" if code is not None else f"not ready in {timeout}s"
+                self.stop()
+                raise RuntimeError(f"mirror {why}; log tail:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Send SIGTERM, wait up to ``timeout`` s, then SIGKILL.
+
+        Returns:
+            The exit code, or None if it was not running.
+        """
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        return proc.returncode
+
+    def kill9(self) -> None:
+        """SIGKILL the process (a crash) and reap it."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def __enter__(self) -> MirrorProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_text(self) -> str:
+        """The whole log so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 50) -> str:
+        """The last ``lines`` lines of the log."""
+        return "\n".join(self.log_text().splitlines()[-lines:])
