@@ -1,0 +1,380 @@
+"""The registry client: one per upstream, shared by every request task.
+
+``request()`` hands back the final response with its body unread. Around it:
+anonymous first, then the challenge's scheme (PROTOCOL.md section 3); redirects
+followed by hand so signed URLs keep their bytes and credentials never leave
+their origin; retries with backoff for connection trouble, timeouts and 5xx;
+429 waited out only when the wait is short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import NoReturn
+
+import aiohttp
+import structlog
+from multidict import CIMultiDict
+from yarl import URL
+
+from mirror.config import Secret, UpstreamSettings
+from mirror.errors import Denied, NameUnknown, TooManyRequests, UpstreamUnavailable
+from mirror.metrics import UPSTREAM_ERRORS, UPSTREAM_REQUESTS, UPSTREAM_RETRIES
+from mirror.upstream.auth import (
+    BearerToken,
+    Challenge,
+    TokenCache,
+    TokenKey,
+    TransientError,
+    basic_authorization,
+    fetch_token,
+    parse_www_authenticate,
+    pick_challenge,
+    token_key,
+    transient_from,
+)
+
+log = structlog.get_logger(__name__)
+
+USER_AGENT = "oci-mirror/0.1"
+MAX_REDIRECTS = 10
+MAX_AUTH_ROUNDS = 3
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 2.0
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+Origin = tuple[str, str, int | None]
+
+
+def origin_of(url: URL) -> Origin:
+    """Scheme, host and port (default ports made explicit) of ``url``."""
+    return (url.scheme, (url.host or "").lower(), url.port)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def backoff_delay(attempt: int) -> float:
+    """Exponential backoff with jitter: about 0.1 s, 0.2 s, 0.4 s... capped at 2 s."""
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+@dataclass
+class _Attempt:
+    """State of one try at a request: auth rounds per origin, redirect hops."""
+
+    repository: str
+    started: float
+    auth_rounds: dict[Origin, int] = field(default_factory=dict)
+    tokens_sent: dict[Origin, tuple[TokenKey, BearerToken]] = field(default_factory=dict)
+    hops: int = 0
+
+
+class UpstreamClient:
+    """HTTP client for one upstream registry; safe to share between tasks.
+
+    Args:
+        settings: the upstream's validated settings.
+        session: an existing session to use (not closed by :meth:`close`); by
+            default one is created on first use.
+        clock: monotonic clock for token expiry (tests move it forward).
+    """
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._session = session
+        self._owns_session = session is None
+        self._origin = origin_of(settings.url)
+        self._tokens = TokenCache(clock)
+        self._challenges: dict[Origin, Challenge] = {}
+        self._basic: Secret | None = None
+        if settings.username is not None and settings.password is not None:
+            self._basic = basic_authorization(settings.username, settings.password)
+
+    def __repr__(self) -> str:
+        return f"UpstreamClient(name={self.name!r}, url={str(self._settings.url)!r})"
+
+    @property
+    def name(self) -> str:
+        """The upstream's configured name."""
+        return self._settings.name
+
+    async def close(self) -> None:
+        """Close the session if this client created it."""
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def request(
+        self,
+        method: str,
+        repository: str,
+        suffix: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        retry: bool = True,
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """Send ``method`` to ``<upstream>/v2/<repository>/<suffix>``.
+
+        Args:
+            method: ``GET`` or ``HEAD``.
+            repository: validated repository name, e.g. ``library/nginx``.
+            suffix: e.g. ``manifests/latest`` or ``blobs/sha256:...``.
+            headers: extra request headers (``Accept``, ``Range``...).
+            params: query parameters (``n``, ``last``...).
+            retry: retry connection errors, timeouts, 5xx and short 429s.
+
+        Returns:
+            A context manager yielding the final response, body unread; any status
+            other than those below is the caller's to interpret.
+
+        Raises:
+            Denied: 403, or still 401 after authenticating.
+            NameUnknown: still 401 with ``insufficient_scope`` (Docker Hub's 404).
+            TooManyRequests: 429 that cannot be waited out.
+            UpstreamUnavailable: connection trouble, timeouts or 5xx after retries.
+        """
+        url = self._v2_url(f"{repository}/{suffix}")
+        return self._open(method, repository, url.extend_query(params or {}), headers or {}, retry)
+
+    async def ping(self) -> None:
+        """GET ``/v2/`` with authentication.
+
+        Raises:
+            UpstreamUnavailable: the upstream is down or did not answer 2xx;
+                otherwise like :meth:`request`.
+        """
+        async with self._open("GET", "", self._v2_url(""), {}, True) as resp:
+            if not 200 <= resp.status < 300:
+                raise UpstreamUnavailable(f"{self.name}: /v2/ answered {resp.status}", status=502)
+
+    def _v2_url(self, tail: str) -> URL:
+        base = self._settings.url
+        # Names and references are validated at the edge; encoded=True keeps the
+        # ":" of a digest as is.
+        return base.with_path(f"{base.raw_path.rstrip('/')}/v2/{tail}", encoded=True)
+
+    @asynccontextmanager
+    async def _open(
+        self, method: str, repository: str, url: URL, headers: Mapping[str, str], retry: bool
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        resp = await self._send(method, repository, url, headers, retry)
+        try:
+            yield resp
+        finally:
+            resp.release()
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            s = self._settings
+            timeout = aiohttp.ClientTimeout(
+                total=None, connect=s.connect_timeout, sock_connect=s.connect_timeout,
+                sock_read=s.read_timeout,
+            )
+            self._session = aiohttp.ClientSession(
+                auto_decompress=False, timeout=timeout, requote_redirect_url=False,
+                connector=aiohttp.TCPConnector(limit=s.max_connections),
+            )
+        return self._session
+
+    async def _send(
+        self, method: str, repository: str, url: URL, headers: Mapping[str, str], retry: bool
+    ) -> aiohttp.ClientResponse:
+        """Retry loop around :meth:`_attempt`: transient errors and short 429s."""
+        attempts = self._settings.retries + 1 if retry else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                state = _Attempt(repository, started=self._tokens.clock())
+                resp = await self._attempt(method, url, headers, state)
+            except TransientError as exc:
+                UPSTREAM_ERRORS.labels(self.name, exc.reason).inc()
+                if attempt == attempts:
+                    raise UpstreamUnavailable(f"{self.name}: {exc.detail}",
+                                              status=exc.status) from None
+                await self._pause(backoff_delay(attempt), exc.reason, attempt)
+                continue
+            if resp.status != 429:
+                return resp
+            wait = parse_retry_after(resp.headers.get("Retry-After"))
+            resp.release()
+            UPSTREAM_ERRORS.labels(self.name, "rate_limited").inc()
+            if wait is None or wait > self._settings.max_retry_wait or attempt == attempts:
+                raise TooManyRequests(f"{self.name}: upstream rate limit reached", wait)
+            await self._pause(wait, "rate_limited", attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _pause(self, delay: float, reason: str, attempt: int) -> None:
+        UPSTREAM_RETRIES.labels(self.name).inc()
+        log.warning("upstream_retry", registry=self.name, reason=reason, attempt=attempt,
+                    delay=round(delay, 3))
+        await asyncio.sleep(delay)
+
+    async def _attempt(
+        self, method: str, url: URL, headers: Mapping[str, str], state: _Attempt
+    ) -> aiohttp.ClientResponse:
+        """One try: authenticate and follow redirects until a final response."""
+        while True:
+            origin = origin_of(url)
+            authorization = await self._authorization(origin, state)
+            resp = await self._raw(method, url, self._headers(headers, authorization))
+            if resp.status in _REDIRECTS and "Location" in resp.headers:
+                method, url = self._redirect(method, url, resp, state)
+            elif resp.status == 401:
+                self._on_unauthorized(resp, origin, authorization is not None, state)
+            elif resp.status == 403:
+                resp.release()
+                UPSTREAM_ERRORS.labels(self.name, "denied").inc()
+                raise Denied(f"{self.name}: access to {state.repository or '/v2/'} denied")
+            elif resp.status >= 500:
+                resp.release()
+                raise TransientError("status_5xx", 502, f"upstream answered {resp.status}")
+            else:
+                return resp
+
+    async def _raw(
+        self, method: str, url: URL, headers: CIMultiDict[str]
+    ) -> aiohttp.ClientResponse:
+        try:
+            resp = await self._get_session().request(method, url, headers=headers,
+                                                     allow_redirects=False)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            what = "upstream" if origin_of(url) == self._origin else "redirect target"
+            raise transient_from(exc, what) from None
+        UPSTREAM_REQUESTS.labels(self.name, method, str(resp.status)).inc()
+        return resp
+
+    def _headers(self, extra: Mapping[str, str], authorization: str | None) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict({"User-Agent": USER_AGENT})
+        headers.update(extra)
+        headers["Accept-Encoding"] = "identity"
+        # Only the client decides what authorization goes to which origin.
+        headers.popall("Authorization", None)
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        return headers
+
+    def _redirect(
+        self, method: str, url: URL, resp: aiohttp.ClientResponse, state: _Attempt
+    ) -> tuple[str, URL]:
+        location = resp.headers["Location"]
+        resp.release()
+        state.hops += 1
+        if state.hops > MAX_REDIRECTS:
+            raise UpstreamUnavailable(f"{self.name}: more than {MAX_REDIRECTS} redirects",
+                                      status=502)
+        try:
+            # Signed query strings must reach the CDN byte for byte: never re-encode.
+            target = URL(location, encoded=True)
+            next_url = target if target.is_absolute() else url.join(target)
+        except ValueError:
+            raise UpstreamUnavailable(f"{self.name}: unusable redirect Location",
+                                      status=502) from None
+        if next_url.scheme not in ("http", "https"):
+            raise UpstreamUnavailable(f"{self.name}: redirect to a non-HTTP URL", status=502)
+        if resp.status == 303 and method != "HEAD":
+            method = "GET"
+        log.debug("upstream_redirect", registry=self.name, status=resp.status,
+                  host=next_url.host, hop=state.hops)
+        return method, next_url
+
+    def _on_unauthorized(
+        self, resp: aiohttp.ClientResponse, origin: Origin, sent_auth: bool, state: _Attempt
+    ) -> None:
+        """Learn the challenge of a 401, or raise if authenticating cannot help."""
+        challenges = parse_www_authenticate(resp.headers.getall("WWW-Authenticate", []))
+        resp.release()
+        offered = pick_challenge(challenges)
+        rounds = state.auth_rounds.get(origin, 0) + 1
+        state.auth_rounds[origin] = rounds
+        challenge = offered or self._challenges.get(origin)
+        if challenge is None or rounds > MAX_AUTH_ROUNDS or not self._can_answer(challenge, origin):
+            self._deny(challenges, state.repository)
+        if sent_auth and not self._drop_stale_token(origin, state):
+            self._deny(challenges, state.repository)
+        self._challenges[origin] = challenge
+
+    def _can_answer(self, challenge: Challenge, origin: Origin) -> bool:
+        if challenge.scheme == "bearer":
+            return True
+        return challenge.scheme == "basic" and origin == self._origin and self._basic is not None
+
+    def _drop_stale_token(self, origin: Origin, state: _Attempt) -> bool:
+        """After a 401 despite a token: drop it and return True if it predates this try.
+
+        A token fetched during this try was rejected for good: retrying is useless.
+        """
+        sent = state.tokens_sent.get(origin)
+        if sent is None or sent[1].obtained_at >= state.started:
+            return False
+        self._tokens.invalidate(*sent)
+        return True
+
+    def _deny(self, challenges: list[Challenge], repository: str) -> NoReturn:
+        UPSTREAM_ERRORS.labels(self.name, "denied").inc()
+        if any(c.error == "insufficient_scope" for c in challenges):
+            raise NameUnknown(f"{self.name}: repository {repository} not found or not accessible")
+        raise Denied(f"{self.name}: authentication for {repository or '/v2/'} failed")
+
+    def _scopes(self, origin: Origin, repository: str, challenge: Challenge) -> list[str]:
+        scope = challenge.params.get("scope")
+        # Another host names its repositories its own way; a ping has none.
+        if repository and (origin == self._origin or not scope):
+            return [f"repository:{repository}:pull"]
+        return scope.split(" ") if scope else []
+
+    async def _authorization(self, origin: Origin, state: _Attempt) -> str | None:
+        """The Authorization value to send to ``origin`` up front, if any is known."""
+        challenge = self._challenges.get(origin)
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            return self._basic.reveal() if self._basic is not None else None
+        key = token_key(challenge, self._scopes(origin, state.repository, challenge))
+        credentials = self._token_credentials(origin, key[0])
+
+        async def fetch() -> BearerToken:
+            try:
+                return await fetch_token(self._get_session(), key, registry=self.name,
+                                         credentials=credentials, now=self._tokens.clock)
+            except Denied:
+                UPSTREAM_ERRORS.labels(self.name, "denied").inc()
+                raise
+
+        token = await self._tokens.get(key, fetch)
+        state.tokens_sent[origin] = (key, token)
+        return token.authorization()
+
+    def _token_credentials(self, origin: Origin, realm: str) -> Secret | None:
+        """Our Basic credentials for a token realm: only for our own upstream's
+        challenges, and never in clear text to an http realm of an https upstream."""
+        if origin != self._origin or self._basic is None:
+            return None
+        if URL(realm).scheme != "https" and self._origin[0] == "https":
+            return None
+        return self._basic
