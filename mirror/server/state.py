@@ -45,7 +45,7 @@ class MirrorState:
 
 STATE = web.AppKey("state", MirrorState)
 #: Per-request log fields, filled by handlers and written by the middleware.
-LOG = "mirror.log"
+LOG: web.RequestKey[dict[str, Any]] = web.RequestKey("log", dict)
 
 
 def log_context(request: web.Request) -> dict[str, Any]:

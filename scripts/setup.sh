@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Sets up what the mirror needs on a fresh Debian machine with Python 3.11.
+#   scripts/setup.sh          the virtualenv with the mirror (enough to run it)
+#   scripts/setup.sh --test   also the test tools and the real programs the tests
+#                             drive: Distribution (docker-registry), skopeo, nginx,
+#                             htpasswd (apache2-utils) and wrk.
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "setup: installing Debian packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+}
+
+if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    apt_install python3-venv
+fi
+if [ $want_test -eq 1 ]; then
+    apt_install docker-registry skopeo nginx apache2-utils wrk
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+stamp=.venv/.installed-$want_test-$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+    .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+    if [ $want_test -eq 1 ]; then
+        .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+    else
+        .venv/bin/pip install -q -e . 2>&1 | grep -v '^WARNING: Location' || true
+    fi
+    .venv/bin/python -c 'import mirror.cli' # fail here, not later, if the install broke
+    touch "$stamp"
+fi

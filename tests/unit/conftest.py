@@ -1,0 +1,66 @@
+"""Fixtures for in-process tests: a fake upstream and the mirror app in one loop."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from mirror import config
+from mirror.server.app import create_app
+from tests.support.fake import FakeRegistry
+
+MirrorFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def fake() -> FakeRegistry:
+    return FakeRegistry()
+
+
+@pytest.fixture
+async def upstream(fake: FakeRegistry, aiohttp_server: Any) -> TestServer:
+    server: TestServer = await aiohttp_server(fake.app())
+    return server
+
+
+def mirror_settings(storage: Path, upstream_url: str, **overrides: Any) -> config.Settings:
+    """Settings for a mirror in front of one test upstream named ``fake.test``."""
+    upstream: dict[str, Any] = {
+        "name": "fake.test", "url": upstream_url, "default": True, "aliases": ["fake"],
+        "retries": 1, "connect_timeout": "2s", "read_timeout": "2s", "max_retry_wait": "1s",
+    }
+    upstream.update(overrides.pop("upstream", {}))
+    document: dict[str, Any] = {
+        "version": 1, "listen": "127.0.0.1:5000", "storage": {"path": str(storage)},
+        "upstreams": [upstream], "cache": {"tag_ttl": "5m", **overrides.pop("cache", {})},
+        **overrides,
+    }
+    return config.parse(document, env={})
+
+
+@pytest.fixture
+def make_mirror(tmp_path: Path, upstream: TestServer, aiohttp_client: Any) -> MirrorFactory:
+    """Start a mirror app in front of ``upstream``; keyword args override settings."""
+
+    async def start(**overrides: Any) -> TestClient[Any, Any]:
+        url = str(upstream.make_url("")).rstrip("/")
+        settings = mirror_settings(tmp_path / "cache", url, **overrides)
+        client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+        return client
+
+    return start
+
+
+@pytest.fixture
+async def mirror(make_mirror: MirrorFactory) -> TestClient[Any, Any]:
+    return await make_mirror()
+
+
+def cache_files(root: Path) -> list[Path]:
+    """Every file under the cache's content and temp folders."""
+    return sorted(p for sub in ("blobs", "manifests", "tmp")
+                  for p in (root / sub).rglob("*") if p.is_file())
