@@ -259,8 +259,9 @@ class Fetcher:
                 metrics.UPSTREAM_ERRORS.labels(registry, "digest_mismatch").inc()
             log.warning("fill_failed", digest=str(fill.digest), registry=registry,
                         bytes=fill.written, error=str(exc) or type(exc).__name__)
+            # Clean up before telling readers, so no one sees a half-removed fill.
+            await asyncio.shield(asyncio.to_thread(writer.discard))
             fill.fail(exc)
-            await asyncio.to_thread(writer.discard)
             if not isinstance(exc, Exception):
                 raise
         finally:
