@@ -78,14 +78,7 @@ def registry_anon(
     std_images: list[Image | Index],
 ) -> Iterator[Registry]:
     """An anonymous Distribution seeded with the standard images."""
-    registry = Registry(tmp_path_factory.mktemp("registry-anon"))
-    registry.start()
-    try:
-        for item in std_images:
-            registry.push(item)
-        yield registry
-    finally:
-        registry.stop()
+    yield from _seeded(Registry(tmp_path_factory.mktemp("registry-anon")), std_images)
 
 
 @pytest.fixture(scope="session")
@@ -98,9 +91,14 @@ def registry_token(
     """A Distribution with Docker-Hub-like bearer auth through ``token_server``,
     seeded with the standard images."""
     registry = Registry(tmp_path_factory.mktemp("registry-token"), token=token_server)
+    yield from _seeded(registry, std_images)
+
+
+def _seeded(registry: Registry, items: list[Image | Index]) -> Iterator[Registry]:
+    """Start ``registry``, push ``items``, hand it out, stop it."""
     registry.start()
     try:
-        for item in std_images:
+        for item in items:
             registry.push(item)
         yield registry
     finally:
