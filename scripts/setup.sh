@@ -38,11 +38,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.installed-$want_test-$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-    .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-    if [ $want_test -eq 1 ]; then
-        .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-    else
-        .venv/bin/pip install -q -e . 2>&1 | grep -v '^WARNING: Location' || true
+    target="."
+    [ $want_test -eq 1 ] && target=".[test]"
+    echo "setup: installing Python packages into .venv"
+    if ! .venv/bin/pip install -q -e "$target" >.venv/pip.log 2>&1; then
+        tail -30 .venv/pip.log
+        echo "setup: pip install failed (full log: .venv/pip.log)" >&2
+        exit 1
     fi
     .venv/bin/python -c 'import mirror.cli' # fail here, not later, if the install broke
     touch "$stamp"
