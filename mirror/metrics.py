@@ -6,6 +6,9 @@ fixed reason or result. Never a repository, a tag or a digest.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter(
@@ -52,3 +55,12 @@ STALE_SERVED = Counter(
     "mirror_stale_served_total", "Tags answered from cache because upstream failed.",
     ["registry", "reason"],
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: the request path calls this per request.
+
+    Safe to cache because every label value is from a bounded set.
+    """
+    return metric.labels(*labels)

@@ -22,6 +22,7 @@ NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)")
 NAME_MAX = 255
+_LOWER_HEX = re.compile(r"[0-9a-f]+")
 
 # Algorithms we can verify, and the exact length of their lowercase hex.
 HASH_HEX_LENGTH = {"sha256": 64, "sha512": 128}
@@ -68,7 +69,7 @@ class Digest:
         if length is None:
             raise DigestInvalid(f"unsupported digest algorithm {algorithm!r}: "
                                 "the mirror only serves content it can verify (sha256, sha512)")
-        if len(encoded) != length or not _is_lower_hex(encoded):
+        if len(encoded) != length or _LOWER_HEX.fullmatch(encoded) is None:
             raise DigestInvalid(f"invalid {algorithm} digest: expected {length} lowercase hex")
         return cls(algorithm, encoded)
 
@@ -84,10 +85,6 @@ class Digest:
     def matches(self, data: bytes) -> bool:
         """Whether ``data`` hashes to this digest."""
         return hashlib.new(self.algorithm, data).hexdigest() == self.hex
-
-
-def _is_lower_hex(value: str) -> bool:
-    return all(c in "0123456789abcdef" for c in value)
 
 
 def validate_name(name: str) -> str:

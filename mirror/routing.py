@@ -40,12 +40,13 @@ class RouteNotFound(OciError):
     status = 404
 
 
-_PATTERNS: list[tuple[Kind | None, re.Pattern[str]]] = [
-    (None, re.compile(r"(?P<name>.+)/blobs/uploads(?:/.*)?")),
-    (Kind.MANIFEST, re.compile(r"(?P<name>.+)/manifests/(?P<ref>[^/]+)")),
-    (Kind.BLOB, re.compile(r"(?P<name>.+)/blobs/(?P<ref>[^/]+)")),
-    (Kind.TAGS, re.compile(r"(?P<name>.+)/tags/list")),
-    (Kind.REFERRERS, re.compile(r"(?P<name>.+)/referrers/(?P<ref>[^/]+)")),
+# (kind, pattern, a substring the path must contain for the pattern to be tried)
+_PATTERNS: list[tuple[Kind | None, re.Pattern[str], str]] = [
+    (None, re.compile(r"(?P<name>.+)/blobs/uploads(?:/.*)?"), "/blobs/uploads"),
+    (Kind.MANIFEST, re.compile(r"(?P<name>.+)/manifests/(?P<ref>[^/]+)"), "/manifests/"),
+    (Kind.BLOB, re.compile(r"(?P<name>.+)/blobs/(?P<ref>[^/]+)"), "/blobs/"),
+    (Kind.TAGS, re.compile(r"(?P<name>.+)/tags/list"), "/tags/list"),
+    (Kind.REFERRERS, re.compile(r"(?P<name>.+)/referrers/(?P<ref>[^/]+)"), "/referrers/"),
 ]
 _V2 = re.compile(r"(?:/(?P<prefix>[^/]+))?/v2(?:/(?P<rest>.*))?")
 
@@ -147,7 +148,9 @@ class Router:
 
 
 def _parse_rest(rest: str) -> tuple[Kind, str, str]:
-    for kind, pattern in _PATTERNS:
+    for kind, pattern, marker in _PATTERNS:
+        if marker not in rest:
+            continue
         match = pattern.fullmatch(rest)
         if match is None:
             continue

@@ -75,7 +75,8 @@ async def manifest(request: web.Request, state: MirrorState, target: Target) -> 
     headers = manifest_headers(found.digest, found.media_type, target.ns)
     if etag_matches(request, found.digest):
         return web.Response(status=304, headers=headers)
-    metrics.SERVED_BYTES.labels("memory").inc(len(found.data) if request.method == "GET" else 0)
+    if request.method == "GET":
+        metrics.child(metrics.SERVED_BYTES, "memory").inc(len(found.data))
     return web.Response(body=found.data, headers=headers)
 
 
@@ -106,7 +107,7 @@ async def blob(request: web.Request, state: MirrorState, target: Target) -> web.
     span = parse_range(request.headers.get("Range"), size)
     headers = blob_headers(target.digest, size, span)
     response = await stream_fill(request, fill, span, headers, state.settings.server.chunk_size)
-    metrics.SERVED_BYTES.labels("fill").inc(response.content_length or 0)
+    metrics.child(metrics.SERVED_BYTES, "fill").inc(response.content_length or 0)
     return response
 
 
@@ -119,12 +120,12 @@ async def _cached_blob(request: web.Request, state: MirrorState,
     if etag_matches(request, cached.digest) and span is None:
         return web.Response(status=304, headers=headers)
     if cached.data is not None:
-        metrics.SERVED_BYTES.labels("memory").inc(end - start)
+        metrics.child(metrics.SERVED_BYTES, "memory").inc(end - start)
         return web.Response(status=status, body=cached.data[start:end], headers=headers)
     file = await state.blobs.open(cached)
     if file is None:
         return None
-    metrics.SERVED_BYTES.labels("disk").inc(end - start)
+    metrics.child(metrics.SERVED_BYTES, "disk").inc(end - start)
     return FileSliceResponse(file, start, end - start, status=status, headers=headers,
                              chunk_size=state.settings.server.chunk_size)
 
@@ -212,7 +213,7 @@ def _json(body: bytes, headers: dict[str, str] | None = None) -> web.Response:
 
 
 def _record_cache(request: web.Request, kind: str, result: str, digest: object) -> None:
-    metrics.CACHE_RESULTS.labels(kind, result).inc()
+    metrics.child(metrics.CACHE_RESULTS, kind, result).inc()
     context = request.get(LOG)
     if context is not None:
         context.update(cache=result, digest=str(digest))
