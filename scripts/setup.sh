@@ -2,7 +2,7 @@
 # Sets up what the mirror needs on a fresh Debian machine with Python 3.11.
 #   scripts/setup.sh          the virtualenv with the mirror (enough to run it)
 #   scripts/setup.sh --test   also the test tools and the real programs the tests
-#                             drive: Distribution (docker-registry), skopeo, nginx,
+#                             drive: Distribution (docker-registry), skopeo, containerd, nginx,
 #                             htpasswd (apache2-utils) and wrk.
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
@@ -30,7 +30,7 @@ if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     apt_install python3-venv
 fi
 if [ $want_test -eq 1 ]; then
-    apt_install docker-registry skopeo nginx apache2-utils wrk
+    apt_install docker-registry skopeo containerd nginx apache2-utils wrk
 fi
 
 if [ ! -x .venv/bin/python ]; then

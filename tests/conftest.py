@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.containerd import Containerd
 from tests.support.images import Image, Index, make_image, make_layer, standard_set
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
@@ -29,6 +30,7 @@ def require_binary(name: str) -> str:
                 "docker-registry": "docker-registry",
                 "skopeo": "skopeo",
                 "htpasswd": "apache2-utils",
+                "containerd": "containerd",
             }.get(name, name)
             + ")"
         )
@@ -54,6 +56,17 @@ def registry_bin() -> str:
 def htpasswd_bin() -> str:
     """The htpasswd binary of apache2-utils (skips or fails the test if it is missing)."""
     return require_binary("htpasswd")
+
+
+@pytest.fixture(scope="session")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    """A private containerd daemon for the session (Debian package ``containerd``)."""
+    require_binary("containerd")
+    require_binary("ctr")
+    daemon = Containerd(tmp_path_factory.mktemp("containerd"))
+    daemon.start()
+    yield daemon
+    daemon.stop()
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ async def registry(request: web.Request) -> web.StreamResponse:
     context = log_context(request)
     fields = {"route": target.kind.value,
               "registry": target.upstream.name if target.upstream else None,
-              "repository": target.repository, "reference": target.reference}
+              "repository": target.repository, "reference": target.reference, "ns": target.ns}
     context.update({k: v for k, v in fields.items() if v})
     if target.kind is Kind.PING:
         return _json(b"{}")

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.support.containerd import Containerd
 from tests.support.images import Image, Index
 from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
@@ -157,6 +158,26 @@ def test_containerd_style_pull_with_ns(registry_anon: Registry, start_mirror: St
             for blob in image.blobs():
                 _, _, data = _get(f"{base}/blobs/{blob.digest}?{ns}")
                 assert "sha256:" + hashlib.sha256(data).hexdigest() == blob.digest
+
+
+def test_containerd_pulls_through_the_mirror_with_ns(
+        registry_anon: Registry, containerd: Containerd, start_mirror: StartMirror,
+        std_images: list[Image | Index]) -> None:
+    """containerd resolves with HEAD and sends ?ns= on every request; it verifies digests."""
+    mirror = start_mirror(registry_anon.url)
+    hosts = containerd.hosts_dir(registry_anon.host, mirror.url)
+    for item in std_images:
+        containerd.fetch(f"{registry_anon.host}/{item.repo}:{item.tag}", hosts)
+    stored = containerd.content_digests()
+    for item in std_images:
+        assert item.manifest.digest in stored
+        assert set(_expected_blobs(item)) <= stored
+    requests = [json.loads(line) for line in mirror.log_text().splitlines()
+                if '"event": "request"' in line]
+    api = [r for r in requests if r.get("route") in ("manifest", "blob")]
+    assert api and all(r.get("ns") == registry_anon.host for r in api)
+    assert any(r["method"] == "HEAD" and r["route"] == "manifest" for r in api)
+    assert all(r["status"] == 200 for r in api)
 
 
 def test_herd_of_20_clients_costs_one_upstream_download(
