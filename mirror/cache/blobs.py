@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 import aiohttp
 from cachetools import LRUCache
 
 from mirror.cache.manifests import RegistryClient
 from mirror.config import CacheSettings
-from mirror.errors import BlobUnknown, UpstreamUnavailable
+from mirror.errors import BlobUnknown, OciError, UpstreamUnavailable
 from mirror.fetch import Fetcher, Fill
-from mirror.oci import Digest
+from mirror.oci import Digest, referenced_digests
 from mirror.storage.filesystem import FilesystemStore
 
 
@@ -40,6 +40,7 @@ class BlobCache:
         self._fetcher = fetcher
         self._item_max = settings.memory_item_max_bytes
         self._sizes: LRUCache[Digest, int] = LRUCache(maxsize=200_000)
+        self._size_hints: LRUCache[Digest, int] = LRUCache(maxsize=200_000)
         self._memory: LRUCache[Digest, bytes] = LRUCache(
             maxsize=max(settings.memory_max_bytes, 1), getsizeof=len
         )
@@ -100,7 +101,21 @@ class BlobCache:
             # Retries before the first byte are the client's; a resume is ours.
             return client.request("GET", repository, f"blobs/{digest}", headers=headers)
 
-        return await self._fetcher.start(digest, opener, client.name)
+        return await self._fetcher.start(digest, opener, client.name,
+                                         expected_size=self._size_hints.get(digest))
+
+    def learn_sizes(self, document: dict[str, Any]) -> None:
+        """Remember the blob sizes a manifest declares.
+
+        A fill can then announce the size (and stream) even when upstream
+        sends no Content-Length, and refuses a body of another size.
+        """
+        for kind, text, size in referenced_digests(document):
+            if kind == "blob" and size > 0:
+                try:
+                    self._size_hints[Digest.parse(text)] = size
+                except OciError:
+                    continue
 
     async def upstream_size(self, client: RegistryClient, repository: str,
                             digest: Digest) -> int:

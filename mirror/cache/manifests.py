@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import structlog
@@ -77,7 +78,9 @@ class Resolved:
 class ManifestCache:
     """Answers manifest requests from memory, disk, or upstream, in that order."""
 
-    def __init__(self, store: FilesystemStore, tags: TagStore, settings: CacheSettings) -> None:
+    def __init__(self, store: FilesystemStore, tags: TagStore, settings: CacheSettings,
+                 on_fetched: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self._on_fetched = on_fetched
         self._store = store
         self._tags = tags
         self._settings = settings
@@ -218,6 +221,8 @@ class ManifestCache:
             header = resp.headers.get("Docker-Content-Digest")
         actual = _verify_manifest(data, digest, header, client.name)
         manifest = Manifest(actual, data, manifest_media_type(data, content_type))
+        if self._on_fetched is not None:
+            self._on_fetched(parse_manifest(data))
         await asyncio.to_thread(self._store.write_manifest, actual, data, manifest.media_type)
         self._memory[actual] = manifest
         return manifest

@@ -43,14 +43,15 @@ async def _mirror_state(settings: Settings, app: web.Application) -> AsyncIterat
     tags = TagStore(store.tags)
     await tags.open()
     fetcher = Fetcher(store, settings.server.chunk_size)
+    blobs = BlobCache(store, fetcher, settings.cache)
     state = MirrorState(
         settings=settings,
         router=Router(settings.upstreams),
         store=store,
         tags=tags,
         fetcher=fetcher,
-        manifests=ManifestCache(store, tags, settings.cache),
-        blobs=BlobCache(store, fetcher, settings.cache),
+        manifests=ManifestCache(store, tags, settings.cache, on_fetched=blobs.learn_sizes),
+        blobs=blobs,
         clients={u.name: UpstreamClient(u) for u in settings.upstreams},
     )
     app[STATE] = state

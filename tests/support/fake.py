@@ -33,7 +33,8 @@ class Fault:
     ``drop`` (announce the full length, send ``after`` bytes, cut the
     connection), ``wrong`` (same length, other bytes), ``drip`` (send in
     ``chunk`` byte pieces every ``delay`` seconds), ``html`` (200 with a web
-    page), ``hang`` (never answer).
+    page), ``hang`` (never answer), ``chunked`` (like drip, with no
+    Content-Length, as some CDNs answer).
     """
 
     kind: str
@@ -177,7 +178,10 @@ class FakeRegistry:
         assert body is not None, f"fault {fault.kind} on unknown content {request.path}"
         status, body, headers = _apply_range(request, body, headers)
         response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = len(body)
+        if fault.kind == "chunked":
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = len(body)
         await response.prepare(request)
         if fault.kind == "wrong":
             await response.write(bytes(b ^ 0xFF for b in body[:1]) + body[1:])
@@ -187,7 +191,7 @@ class FakeRegistry:
             await response.drain()
             assert request.transport is not None
             request.transport.abort()
-        elif fault.kind == "drip":
+        elif fault.kind in ("drip", "chunked"):
             for start in range(0, len(body), fault.chunk):
                 await response.write(body[start:start + fault.chunk])
                 await asyncio.sleep(fault.delay)

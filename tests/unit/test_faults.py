@@ -245,3 +245,27 @@ async def test_client_that_leaves_does_not_cancel_the_download(
     again = await mirror.get(f"/v2/app/blobs/{digest}")
     assert await again.read() == data
     assert fake.count("GET", "/blobs/") == 1
+
+
+async def test_blob_without_content_length_uses_the_manifest_size(
+        mirror: Client, fake: FakeRegistry) -> None:
+    layer = os.urandom(1 << 20)
+    _, manifest = fake.add_image("app", "v1", [layer])
+    digest = json.loads(manifest)["layers"][0]["digest"]
+    fake.fault(kind="chunked", path="/blobs/", chunk=64 << 10, delay=0.02)
+    assert (await mirror.get("/v2/app/manifests/v1")).status == 200
+    response = await mirror.get(f"/v2/app/blobs/{digest}")
+    assert response.headers["Content-Length"] == str(len(layer))
+    first = await response.content.readany()
+    assert first and len(first) < len(layer)
+    assert first + await response.read() == layer
+
+
+async def test_blob_without_content_length_or_manifest_still_has_a_length(
+        mirror: Client, fake: FakeRegistry) -> None:
+    data = os.urandom(300_000)
+    digest = fake.add_blob(data)
+    fake.fault(kind="chunked", path="/blobs/", chunk=64 << 10, delay=0.001)
+    response = await mirror.get(f"/v2/app/blobs/{digest}")
+    assert response.headers["Content-Length"] == str(len(data))
+    assert await response.read() == data
