@@ -115,7 +115,7 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class ServerSettings:
-    event_loop: str = "asyncio"
+    event_loop: str = "uvloop"
     chunk_size: int = 1 * 2**20
 
 
@@ -259,7 +259,7 @@ def _log(value: Any) -> LogSettings:
 def _server(value: Any) -> ServerSettings:
     server = _mapping(value, "server")
     _only_keys(server, "server", {"event_loop", "chunk_size"})
-    loop = _string(server.get("event_loop", "asyncio"), "server.event_loop").lower()
+    loop = _string(server.get("event_loop", "uvloop"), "server.event_loop").lower()
     if loop not in ("asyncio", "uvloop"):
         raise ConfigError("server.event_loop", f"expected asyncio or uvloop, got {loop!r}")
     chunk = _opt(server, "chunk_size", "server", parse_size, ServerSettings.chunk_size)
