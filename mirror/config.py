@@ -8,6 +8,7 @@ The full reference is ``docs/configuration.md``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -32,6 +33,8 @@ _SIZE_UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
+_RATE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/\s*(s|m|h))?")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _HOST_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?")
 
 
@@ -66,6 +69,24 @@ class TlsSettings:
 
 
 @dataclass(frozen=True)
+class BudgetSettings:
+    """A token bucket of upstream requests (see mirror/upstream/guard.py)."""
+
+    rate: float
+    burst: int
+    client_overdraft: float = 0.5
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    """When a circuit breaker opens and how long it stays open; ``failures=0`` disables it."""
+
+    failures: int = 5
+    window: float = 30.0
+    cool_down: float = 30.0
+
+
+@dataclass(frozen=True)
 class UpstreamSettings:
     """One upstream registry."""
 
@@ -81,6 +102,9 @@ class UpstreamSettings:
     retries: int = 3
     max_connections: int = 32
     max_retry_wait: float = 10.0
+    budget: BudgetSettings | None = None
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    max_client_retry_after: float = 3600.0
 
     @property
     def host(self) -> str:
@@ -285,7 +309,7 @@ _UPSTREAM_KEYS = {
     "name", "url", "aliases", "default", "library_prefix", "username", "password_env",
     "password_file", "connect_timeout", "read_timeout", "retries", "max_connections",
     "max_retry_wait",
-}
+} | {"budget", "breaker", "max_client_retry_after"}
 
 
 def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> UpstreamSettings:
@@ -312,7 +336,62 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
         retries=_opt(item, "retries", key, _count, d.retries),
         max_connections=_opt(item, "max_connections", key, _positive, d.max_connections),
         max_retry_wait=_opt(item, "max_retry_wait", key, parse_duration, d.max_retry_wait),
+        **_guard(item, key),
     )
+
+
+def _guard(item: dict[str, Any], key: str) -> dict[str, Any]:
+    """The budget, breaker and Retry-After bound of one upstream, as keyword arguments."""
+    cap = _opt(item, "max_client_retry_after", key, parse_duration,
+               UpstreamSettings.max_client_retry_after)
+    if cap < 1:
+        raise ConfigError(f"{key}.max_client_retry_after", "must be at least 1s")
+    return {
+        "budget": _budget(item["budget"], f"{key}.budget") if "budget" in item else None,
+        "breaker": _breaker(item.get("breaker"), f"{key}.breaker"),
+        "max_client_retry_after": cap,
+    }
+
+
+def _budget(value: Any, key: str) -> BudgetSettings:
+    budget = _mapping(value, key)
+    _only_keys(budget, key, {"rate", "burst", "client_overdraft"})
+    if "rate" not in budget:
+        raise ConfigError(f"{key}.rate", "required: requests per second, e.g. 20/s or 600/m")
+    rate = parse_rate(budget["rate"], f"{key}.rate")
+    burst = _opt(budget, "burst", key, _positive, max(1, math.ceil(rate)))
+    overdraft = budget.get("client_overdraft", BudgetSettings.client_overdraft)
+    if isinstance(overdraft, bool) or not isinstance(overdraft, int | float) \
+            or not 0 <= overdraft <= 10:
+        raise ConfigError(f"{key}.client_overdraft",
+                          f"expected a number from 0 to 10, got {overdraft!r}")
+    return BudgetSettings(rate=rate, burst=burst, client_overdraft=float(overdraft))
+
+
+def _breaker(value: Any, key: str) -> BreakerSettings:
+    breaker = _mapping(value, key)
+    _only_keys(breaker, key, {"failures", "window", "cool_down"})
+    d = BreakerSettings
+    window = _opt(breaker, "window", key, parse_duration, d.window)
+    cool_down = _opt(breaker, "cool_down", key, parse_duration, d.cool_down)
+    for name, seconds in (("window", window), ("cool_down", cool_down)):
+        if seconds <= 0:
+            raise ConfigError(f"{key}.{name}", "must be longer than 0s")
+    return BreakerSettings(failures=_opt(breaker, "failures", key, _count, d.failures),
+                           window=window, cool_down=cool_down)
+
+
+def parse_rate(value: Any, key: str = "") -> float:
+    """Requests per second from ``20``, ``"20/s"``, ``"600/m"`` or ``"1000/h"``.
+
+    Raises:
+        ConfigError: not a rate, or not above zero.
+    """
+    match = None if isinstance(value, bool) else _RATE_RE.fullmatch(str(value).strip())
+    if match is None or float(match.group(1)) <= 0:
+        raise ConfigError(key, f"expected a rate above 0 like 20/s, 600/m or 1000/h, "
+                          f"got {value!r}")
+    return float(match.group(1)) / _RATE_UNITS[match.group(2)]
 
 
 def _password(item: dict[str, Any], key: str, env: Mapping[str, str], base: Path) -> Secret | None:

@@ -19,8 +19,10 @@ and becomes a 500 with no details in the body.
     │   ├── ManifestInvalid         502 MANIFEST_INVALID (upstream sent bad bytes)
     │   ├── Unsupported             405 UNSUPPORTED (push, delete, ...)
     │   ├── Denied                  403 DENIED
-    │   ├── TooManyRequests         429 TOOMANYREQUESTS (with Retry-After)
-    │   └── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken)
+    │   ├── TooManyRequests         429 TOOMANYREQUESTS (with Retry-After): upstream's
+    │   │                           429, the mirror's request budget, or a breaker opened by 429s
+    │   └── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken;
+    │                               503 with Retry-After while the circuit breaker is open)
     └── FillError                   an upstream download failed after bytes went out
 """
 
@@ -145,9 +147,12 @@ class UpstreamUnavailable(OciError):
     code = "UNAVAILABLE"
     status = 503
 
-    def __init__(self, message: str, *, status: int = 503) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, status: int = 503,
+                 retry_after: float | None = None) -> None:
+        headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else {}
+        super().__init__(message, headers=headers)
         self.status = status  # type: ignore[misc]
+        self.retry_after = retry_after
 
 
 class FillError(MirrorError):

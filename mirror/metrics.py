@@ -55,7 +55,44 @@ STALE_SERVED = Counter(
     "mirror_stale_served_total", "Tags answered from cache because upstream failed.",
     ["registry", "reason"],
 )
-
+BREAKER_STATE = Gauge(
+    "mirror_upstream_breaker_state",
+    "Circuit breaker of each upstream: 0 closed, 1 open (failing fast), 2 half-open (probing).",
+    ["registry"],
+)
+BREAKER_TRANSITIONS = Counter(
+    "mirror_upstream_breaker_transitions_total",
+    "Circuit breaker state changes, by the state entered (closed, open, half_open).",
+    ["registry", "state"],
+)
+BUDGET_WAITS = Counter(
+    "mirror_upstream_budget_waits_total",
+    "Background upstream requests that waited for the request budget.", ["registry"],
+)
+BUDGET_OVERDRAFTS = Counter(
+    "mirror_upstream_budget_overdrafts_total",
+    "Client upstream requests sent past the budget, on the client overdraft.", ["registry"],
+)
+BUDGET_REFUSALS = Counter(
+    "mirror_upstream_budget_refusals_total",
+    "Client upstream requests refused (TOOMANYREQUESTS) because budget and overdraft were "
+    "spent.", ["registry"],
+)
+RATELIMIT_LIMIT = Gauge(
+    "mirror_upstream_ratelimit_limit",
+    "Upstream's own request limit per window, from its ratelimit-limit header (Docker Hub), "
+    "per credential (a username or anonymous).", ["registry", "credential"],
+)
+RATELIMIT_REMAINING = Gauge(
+    "mirror_upstream_ratelimit_remaining",
+    "Requests upstream says are left in its window, from its ratelimit-remaining header, per "
+    "credential.", ["registry", "credential"],
+)
+RATELIMIT_WINDOW = Gauge(
+    "mirror_upstream_ratelimit_window_seconds",
+    "Length of upstream's rate-limit window (the w= of ratelimit-limit), per credential.",
+    ["registry", "credential"],
+)
 
 @functools.lru_cache(maxsize=4096)
 def child(metric: Any, *labels: str) -> Any:

@@ -1,0 +1,341 @@
+"""What stands between the mirror and one upstream: a request budget, a circuit
+breaker, and what the upstream says about its own rate limits.
+
+Every attempt of :meth:`mirror.upstream.client.UpstreamClient.request` passes
+:meth:`UpstreamGuard.admit` first and reports how it went with
+:meth:`UpstreamGuard.settle`:
+
+::
+
+    admit(background)
+      ├── breaker open (cool-down running)   -> fail fast: UpstreamUnavailable,
+      │                                         or TooManyRequests if 429s opened it
+      ├── budget: background waits for a token; a client request takes one, or
+      │   borrows from the client overdraft, or fails fast with TooManyRequests
+      └── breaker half-open: this attempt is the one probe; others fail fast
+    settle(ticket, ok)
+      ok=True   a final answer (any status but 5xx/429): closes a half-open breaker
+      ok=False  connect error, timeout, 5xx or 429: N in a window open the breaker
+      ok=None   no verdict (cancelled, unusable redirect): a probe slot is freed
+
+Failing fast raises the errors the cache already handles: a tag with a cached
+digest is then served stale (cache/manifests.py), so an outage or a 429 storm
+costs clients nothing they have seen before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import NoReturn
+
+import structlog
+
+from mirror import metrics
+from mirror.config import BreakerSettings, BudgetSettings, UpstreamSettings
+from mirror.errors import TooManyRequests, UpstreamUnavailable
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_RETRY_AFTER = 60.0
+"""``Retry-After`` sent to clients when upstream's 429 carried none."""
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+_STATE_VALUES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
+
+Clock = Callable[[], float]
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def parse_ratelimit(value: str | None) -> tuple[int, int | None] | None:
+    """``(count, window seconds)`` from a Docker Hub header like ``100;w=21600``.
+
+    A bare number (the IETF draft's form) has no window. Anything else is ``None``.
+    """
+    if not value:
+        return None
+    head, *params = value.split(";")
+    try:
+        count = int(head.strip())
+    except ValueError:
+        return None
+    window = None
+    for param in params:
+        name, _, raw = param.strip().partition("=")
+        if name.strip().lower() == "w" and raw.strip().isdigit():
+            window = int(raw.strip())
+    return (count, window) if count >= 0 else None
+
+
+class TokenBucket:
+    """Tokens refill at ``rate`` per second up to ``capacity``; the level may be
+    taken below zero only by :meth:`borrow` (a debt later refills repay)."""
+
+    def __init__(self, rate: float, capacity: float, clock: Clock) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self._clock = clock
+        self._level = capacity
+        self._at = clock()
+
+    def level(self) -> float:
+        """Tokens available now (negative while in debt)."""
+        now = self._clock()
+        self._level = min(self.capacity, self._level + (now - self._at) * self.rate)
+        self._at = now
+        return self._level
+
+    def take(self) -> bool:
+        """Take one token if a whole one is there."""
+        if self.level() >= 1:
+            self._level -= 1
+            return True
+        return False
+
+    def borrow(self, floor: float) -> bool:
+        """Take one token even without one, as long as the level stays >= ``floor``."""
+        if self.level() - 1 >= floor:
+            self._level -= 1
+            return True
+        return False
+
+    def wait_for(self, level: float) -> float:
+        """Seconds until the level reaches ``level``."""
+        return max(0.0, (level - self.level()) / self.rate)
+
+
+class Budget:
+    """The request budget of one upstream (``upstreams[].budget``).
+
+    Background work waits for a whole token. Client requests take one when
+    there is one and may otherwise run the bucket into debt, down to
+    ``client_overdraft`` times the burst; past that they fail fast with
+    TOOMANYREQUESTS rather than wait, because the cache can then answer a
+    known tag stale at once. Debt is repaid by refills, so background work
+    waits longer after a client burst, never the other way round.
+    """
+
+    def __init__(self, registry: str, settings: BudgetSettings, clock: Clock) -> None:
+        self._registry = registry
+        self._bucket = TokenBucket(settings.rate, float(settings.burst), clock)
+        self._floor = -settings.client_overdraft * settings.burst
+        self._queue = asyncio.Lock()
+
+    async def acquire(self, *, background: bool, cap: float) -> None:
+        """Spend one token for one upstream request.
+
+        Args:
+            background: wait for a token rather than overdraw.
+            cap: the longest ``Retry-After`` to give a refused client.
+
+        Raises:
+            TooManyRequests: a client request found the budget and the client
+                overdraft spent.
+        """
+        if not background:
+            self._client(cap)
+            return
+        if self._bucket.take():
+            return
+        metrics.child(metrics.BUDGET_WAITS, self._registry).inc()
+        async with self._queue:  # background requests are served in arrival order
+            while not self._bucket.take():
+                await self._refill()
+
+    async def _refill(self) -> None:
+        """Sleep until the bucket should hold a whole token (client debt may push it on)."""
+        await asyncio.sleep(max(self._bucket.wait_for(1.0), 0.001))
+
+    def _client(self, cap: float) -> None:
+        if self._bucket.take():
+            return
+        if self._bucket.borrow(self._floor):
+            metrics.child(metrics.BUDGET_OVERDRAFTS, self._registry).inc()
+            return
+        metrics.child(metrics.BUDGET_REFUSALS, self._registry).inc()
+        wait = min(self._bucket.wait_for(self._floor + 1.0), cap)
+        raise TooManyRequests(f"{self._registry}: the mirror's request budget for this "
+                              "registry is spent", max(1.0, math.ceil(wait)))
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """An admitted attempt; ``probe`` if it is the half-open breaker's one probe."""
+
+    probe: bool
+
+
+class Breaker:
+    """Circuit breaker of one upstream (``upstreams[].breaker``)."""
+
+    def __init__(self, registry: str, settings: BreakerSettings, clock: Clock) -> None:
+        self._registry = registry
+        self._settings = settings
+        self._clock = clock
+        self.state = CLOSED
+        self._failures: deque[float] = deque()
+        self._opened_at = 0.0
+        self._cool_down = settings.cool_down
+        self._probing = False
+        self._rate_limited = False
+        self._retry_after: float | None = None
+        metrics.BREAKER_STATE.labels(registry).set(0)
+
+    def check(self, cap: float) -> None:
+        """Fail fast if :meth:`enter` would, without taking a probe slot."""
+        remaining = self._opened_at + self._cool_down - self._clock()
+        if (self.state == OPEN and remaining > 0) or (self.state == HALF_OPEN and self._probing):
+            self._refuse(remaining, cap)
+
+    def enter(self, cap: float) -> Ticket:
+        """Let an attempt through, or fail fast.
+
+        Raises:
+            TooManyRequests: open (or probing) after upstream 429s.
+            UpstreamUnavailable: open (or probing) after connection errors,
+                timeouts or 5xx.
+        """
+        if self.state == CLOSED:
+            return Ticket(probe=False)
+        remaining = self._opened_at + self._cool_down - self._clock()
+        if self.state == OPEN and remaining <= 0:
+            self._move(HALF_OPEN)
+        if self.state == HALF_OPEN and not self._probing:
+            self._probing = True
+            return Ticket(probe=True)
+        self._refuse(remaining, cap)
+
+    def _refuse(self, remaining: float, cap: float) -> NoReturn:
+        wait = float(min(max(1, math.ceil(remaining)), max(1, math.ceil(cap))))
+        if self._rate_limited:
+            raise TooManyRequests(f"{self._registry}: upstream is rate-limiting the mirror; "
+                                  "not asking again yet", wait)
+        raise UpstreamUnavailable(f"{self._registry}: upstream is failing; not asking again "
+                                  f"for {wait:.0f}s (circuit open)", status=503, retry_after=wait)
+
+    def settle(self, ticket: Ticket, ok: bool | None, *, rate_limited: bool = False,
+               retry_after: float | None = None) -> None:
+        """Record how an admitted attempt ended (see the module docstring)."""
+        if ticket.probe:
+            self._probing = False
+        if ok is None:
+            return
+        if ok:
+            self._failures.clear()
+            if self.state != CLOSED:
+                self._move(CLOSED)
+            return
+        self._rate_limited = rate_limited
+        self._retry_after = retry_after
+        if ticket.probe or self.state == HALF_OPEN:
+            self._open(reason="probe failed")
+            return
+        now = self._clock()
+        self._failures.append(now)
+        while self._failures and self._failures[0] < now - self._settings.window:
+            self._failures.popleft()
+        if self.state == CLOSED and len(self._failures) >= self._settings.failures > 0:
+            self._open(reason=f"{len(self._failures)} failures in a row")
+
+    def _open(self, reason: str) -> None:
+        self._opened_at = self._clock()
+        # Asking again before upstream's own Retry-After has passed only earns another 429.
+        self._cool_down = max(self._settings.cool_down, self._retry_after or 0.0)
+        self._failures.clear()
+        self._move(OPEN, reason=reason, cool_down=round(self._cool_down, 3),
+                   cause="rate_limited" if self._rate_limited else "unavailable")
+
+    def _move(self, state: str, **fields: object) -> None:
+        previous, self.state = self.state, state
+        metrics.BREAKER_STATE.labels(self._registry).set(_STATE_VALUES[state])
+        metrics.BREAKER_TRANSITIONS.labels(self._registry, state).inc()
+        level = log.warning if state == OPEN else log.info
+        level(f"upstream_breaker_{state}", registry=self._registry, previous=previous, **fields)
+
+
+class UpstreamGuard:
+    """Budget, breaker and rate-limit headers of one upstream.
+
+    Args:
+        settings: the upstream's settings (``budget``, ``breaker``,
+            ``max_client_retry_after``).
+        clock: monotonic clock (tests pass a fake one).
+    """
+
+    def __init__(self, settings: UpstreamSettings, clock: Clock = time.monotonic) -> None:
+        self._settings = settings
+        self.breaker = Breaker(settings.name, settings.breaker, clock)
+        self.budget = Budget(settings.name, settings.budget, clock) if settings.budget else None
+        self._ratelimits: dict[str, tuple[int | None, int | None]] = {}
+
+    async def admit(self, *, background: bool) -> Ticket:
+        """Let one attempt through, waiting on the budget for background work.
+
+        Raises:
+            TooManyRequests: the budget is spent (client requests), or the
+                breaker is open after 429s.
+            UpstreamUnavailable: the breaker is open.
+        """
+        cap = self._settings.max_client_retry_after
+        self.breaker.check(cap)  # fail fast before spending budget
+        if self.budget is not None:
+            await self.budget.acquire(background=background, cap=cap)
+        return self.breaker.enter(cap)
+
+    def settle(self, ticket: Ticket, ok: bool | None, *, rate_limited: bool = False,
+               retry_after: float | None = None) -> None:
+        """Report the outcome of an admitted attempt to the breaker."""
+        self.breaker.settle(ticket, ok, rate_limited=rate_limited, retry_after=retry_after)
+
+    def client_retry_after(self, upstream: float | None) -> float:
+        """The ``Retry-After`` to give clients: upstream's, or a default, bounded."""
+        wait = DEFAULT_RETRY_AFTER if upstream is None else upstream
+        return float(min(max(1, math.ceil(wait)),
+                         max(1, math.ceil(self._settings.max_client_retry_after))))
+
+    def observe(self, headers: Mapping[str, str], credential: str) -> None:
+        """Read Docker Hub's ``ratelimit-*`` headers off an upstream response.
+
+        Args:
+            headers: the response headers.
+            credential: the credential's label: a username or ``anonymous``,
+                never a secret.
+        """
+        limit = parse_ratelimit(headers.get("ratelimit-limit"))
+        remaining = parse_ratelimit(headers.get("ratelimit-remaining"))
+        if limit is None and remaining is None:
+            return
+        registry = self._settings.name
+        if limit is not None:
+            metrics.child(metrics.RATELIMIT_LIMIT, registry, credential).set(limit[0])
+            window = limit[1]
+            if window is not None:
+                metrics.child(metrics.RATELIMIT_WINDOW, registry, credential).set(window)
+        if remaining is not None:
+            metrics.child(metrics.RATELIMIT_REMAINING, registry, credential).set(remaining[0])
+        self._ratelimits[credential] = (limit[0] if limit else None,
+                                        remaining[0] if remaining else None)
+
+    def ratelimit_remaining(self, credential: str) -> int | None:
+        """The last ``ratelimit-remaining`` upstream reported for a credential."""
+        return self._ratelimits.get(credential, (None, None))[1]
