@@ -24,8 +24,9 @@ import structlog
 from yarl import URL
 
 from mirror.config import Secret
-from mirror.errors import Denied, UpstreamUnavailable
+from mirror.errors import Denied, TooManyRequests, UpstreamUnavailable
 from mirror.metrics import TOKEN_FETCHES
+from mirror.upstream.guard import parse_retry_after
 
 log = structlog.get_logger(__name__)
 
@@ -249,6 +250,7 @@ async def fetch_token(
 
     Raises:
         Denied: the endpoint answered 401 or 403.
+        TooManyRequests: the endpoint answered 429 (never reported as DENIED).
         TransientError: connection trouble, timeout or 5xx (worth retrying).
         UpstreamUnavailable: no realm, another status, or no token in the answer.
     """
@@ -278,6 +280,9 @@ async def _request_token(
     try:
         async with session.get(URL(realm).extend_query(query), headers=headers,
                                allow_redirects=True) as resp:
+            if resp.status == 429:
+                raise TooManyRequests(f"{registry}: token endpoint rate limit reached",
+                                      parse_retry_after(resp.headers.get("Retry-After")))
             _check_token_status(resp.status, registry)
             body = await resp.json(content_type=None)
         return parse_token_response(body, now())

@@ -4,7 +4,9 @@
 anonymous first, then the challenge's scheme (PROTOCOL.md section 3); redirects
 followed by hand so signed URLs keep their bytes and credentials never leave
 their origin; retries with backoff for connection trouble, timeouts and 5xx;
-429 waited out only when the wait is short.
+429 waited out only when the wait is short. Every attempt passes the
+upstream's guard first (request budget, circuit breaker: see guard.py), and
+every response's rate-limit headers are read.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from typing import NoReturn
 
 import aiohttp
@@ -39,6 +40,7 @@ from mirror.upstream.auth import (
     token_key,
     transient_from,
 )
+from mirror.upstream.guard import UpstreamGuard, parse_retry_after
 
 log = structlog.get_logger(__name__)
 
@@ -55,22 +57,6 @@ Origin = tuple[str, str, int | None]
 def origin_of(url: URL) -> Origin:
     """Scheme, host and port (default ports made explicit) of ``url``."""
     return (url.scheme, (url.host or "").lower(), url.port)
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` value (delta-seconds or HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def backoff_delay(attempt: int) -> float:
@@ -97,6 +83,7 @@ class UpstreamClient:
         session: an existing session to use (not closed by :meth:`close`); by
             default one is created on first use.
         clock: monotonic clock for token expiry (tests move it forward).
+        guard: the upstream's budget and breaker; by default one from ``settings``.
     """
 
     def __init__(
@@ -105,6 +92,7 @@ class UpstreamClient:
         *,
         session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.monotonic,
+        guard: UpstreamGuard | None = None,
     ) -> None:
         self._settings = settings
         self._session = session
@@ -113,6 +101,7 @@ class UpstreamClient:
         self._tokens = TokenCache(clock)
         self._challenges: dict[Origin, Challenge] = {}
         self._basic: Secret | None = None
+        self.guard = guard or UpstreamGuard(settings)
         if settings.username is not None and settings.password is not None:
             self._basic = basic_authorization(settings.username, settings.password)
 
@@ -139,6 +128,7 @@ class UpstreamClient:
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
         retry: bool = True,
+        background: bool = False,
     ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
         """Send ``method`` to ``<upstream>/v2/<repository>/<suffix>``.
 
@@ -149,6 +139,9 @@ class UpstreamClient:
             headers: extra request headers (``Accept``, ``Range``...).
             params: query parameters (``n``, ``last``...).
             retry: retry connection errors, timeouts, 5xx and short 429s.
+            background: the request is not for a waiting client (warming,
+                prefetch, revalidation in the background): it waits for the
+                upstream's request budget instead of spending the client overdraft.
 
         Returns:
             A context manager yielding the final response, body unread; any status
@@ -157,20 +150,23 @@ class UpstreamClient:
         Raises:
             Denied: 403, or still 401 after authenticating.
             NameUnknown: still 401 with ``insufficient_scope`` (Docker Hub's 404).
-            TooManyRequests: 429 that cannot be waited out.
-            UpstreamUnavailable: connection trouble, timeouts or 5xx after retries.
+            TooManyRequests: 429 that cannot be waited out, a client request over
+                the budget, or the breaker open after 429s.
+            UpstreamUnavailable: connection trouble, timeouts or 5xx after retries,
+                or the breaker open.
         """
         url = self._v2_url(f"{repository}/{suffix}")
-        return self._open(method, repository, url.extend_query(params or {}), headers or {}, retry)
+        return self._open(method, repository, url.extend_query(params or {}), headers or {}, retry,
+                          background=background)
 
-    async def ping(self) -> None:
+    async def ping(self, *, background: bool = False) -> None:
         """GET ``/v2/`` with authentication.
 
         Raises:
             UpstreamUnavailable: the upstream is down or did not answer 2xx;
                 otherwise like :meth:`request`.
         """
-        async with self._open("GET", "", self._v2_url(""), {}, True) as resp:
+        async with self._open("GET", "", self._v2_url(""), {}, True, background=background) as resp:
             if not 200 <= resp.status < 300:
                 raise UpstreamUnavailable(f"{self.name}: /v2/ answered {resp.status}", status=502)
 
@@ -182,9 +178,10 @@ class UpstreamClient:
 
     @asynccontextmanager
     async def _open(
-        self, method: str, repository: str, url: URL, headers: Mapping[str, str], retry: bool
+        self, method: str, repository: str, url: URL, headers: Mapping[str, str], retry: bool,
+        *, background: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        resp = await self._send(method, repository, url, headers, retry)
+        resp = await self._send(method, repository, url, headers, retry, background=background)
         try:
             yield resp
         finally:
@@ -204,14 +201,15 @@ class UpstreamClient:
         return self._session
 
     async def _send(
-        self, method: str, repository: str, url: URL, headers: Mapping[str, str], retry: bool
+        self, method: str, repository: str, url: URL, headers: Mapping[str, str], retry: bool,
+        *, background: bool = False,
     ) -> aiohttp.ClientResponse:
         """Retry loop around :meth:`_attempt`: transient errors and short 429s."""
         attempts = self._settings.retries + 1 if retry else 1
         for attempt in range(1, attempts + 1):
             try:
                 state = _Attempt(repository, started=self._tokens.clock())
-                resp = await self._attempt(method, url, headers, state)
+                resp = await self._guarded(method, url, headers, state, background=background)
             except TransientError as exc:
                 UPSTREAM_ERRORS.labels(self.name, exc.reason).inc()
                 if attempt == attempts:
@@ -225,9 +223,42 @@ class UpstreamClient:
             resp.release()
             UPSTREAM_ERRORS.labels(self.name, "rate_limited").inc()
             if wait is None or wait > self._settings.max_retry_wait or attempt == attempts:
-                raise TooManyRequests(f"{self.name}: upstream rate limit reached", wait)
+                raise TooManyRequests(f"{self.name}: upstream rate limit reached",
+                                      self.guard.client_retry_after(wait))
             await self._pause(wait, "rate_limited", attempt)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _guarded(
+        self, method: str, url: URL, headers: Mapping[str, str], state: _Attempt, *,
+        background: bool,
+    ) -> aiohttp.ClientResponse:
+        """:meth:`_attempt` admitted by the guard, its outcome reported to the breaker.
+
+        Connection errors, timeouts, 5xx and 429 count as failures; any other
+        answer, a refusal included, shows upstream is up.
+        """
+        ticket = await self.guard.admit(background=background)
+        ok: bool | None = None
+        limited, retry_after = False, None
+        try:
+            resp = await self._attempt(method, url, headers, state)
+            ok = resp.status != 429
+            if not ok:
+                limited, retry_after = True, parse_retry_after(resp.headers.get("Retry-After"))
+            return resp
+        except TransientError:
+            ok = False
+            raise
+        except TooManyRequests as exc:  # the token endpoint's 429
+            ok, limited, retry_after = False, True, exc.retry_after
+            UPSTREAM_ERRORS.labels(self.name, "rate_limited").inc()
+            raise TooManyRequests(exc.message, self.guard.client_retry_after(retry_after)) \
+                from None
+        except (Denied, NameUnknown):
+            ok = True
+            raise
+        finally:
+            self.guard.settle(ticket, ok, rate_limited=limited, retry_after=retry_after)
 
     async def _pause(self, delay: float, reason: str, attempt: int) -> None:
         UPSTREAM_RETRIES.labels(self.name).inc()
@@ -267,7 +298,14 @@ class UpstreamClient:
             what = "upstream" if origin_of(url) == self._origin else "redirect target"
             raise transient_from(exc, what) from None
         UPSTREAM_REQUESTS.labels(self.name, method, str(resp.status)).inc()
+        if origin_of(url) == self._origin:
+            self.guard.observe(resp.headers, self._credential_label("Authorization" in headers))
         return resp
+
+    def _credential_label(self, authorized: bool) -> str:
+        """Whose rate limit a response speaks of: our username, or ``anonymous``."""
+        username = self._settings.username
+        return username if authorized and username and self._basic is not None else "anonymous"
 
     def _headers(self, extra: Mapping[str, str], authorization: str | None) -> CIMultiDict[str]:
         headers: CIMultiDict[str] = CIMultiDict({"User-Agent": USER_AGENT})

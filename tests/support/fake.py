@@ -34,7 +34,8 @@ class Fault:
     connection), ``wrong`` (same length, other bytes), ``drip`` (send in
     ``chunk`` byte pieces every ``delay`` seconds), ``html`` (200 with a web
     page), ``hang`` (never answer), ``chunked`` (like drip, with no
-    Content-Length, as some CDNs answer).
+    Content-Length, as some CDNs answer), ``slow`` (wait ``delay`` seconds,
+    then answer normally), ``reset`` (close the connection without answering).
     """
 
     kind: str
@@ -54,6 +55,25 @@ class Fault:
 
 
 @dataclass
+class HubRateLimit:
+    """Docker Hub's pull limit: every manifest GET counts, HEADs are free.
+
+    Every answer carries ``ratelimit-limit`` / ``ratelimit-remaining`` like
+    ``100;w=21600``; once ``remaining`` is 0, manifest GETs answer 429
+    ``TOOMANYREQUESTS`` with ``Retry-After``.
+    """
+
+    limit: int
+    remaining: int
+    window: int = 21600
+    retry_after: str | None = "3600"
+
+    def headers(self) -> dict[str, str]:
+        return {"ratelimit-limit": f"{self.limit};w={self.window}",
+                "ratelimit-remaining": f"{self.remaining};w={self.window}"}
+
+
+@dataclass
 class Seen:
     method: str
     path: str
@@ -69,6 +89,7 @@ class FakeRegistry:
         self.tags: dict[str, list[str]] = {}
         self.requests: list[Seen] = []
         self.faults: list[Fault] = []
+        self.ratelimit: HubRateLimit | None = None
 
     # --- content -------------------------------------------------------------
     def add_blob(self, data: bytes) -> str:
@@ -129,7 +150,27 @@ class FakeRegistry:
             if fault.matches(request):
                 fault.times -= 1
                 return await self._fault(request, fault)
-        return await self._answer(request)
+        limited = self._rate_limited(request)
+        if limited is not None:
+            return limited
+        response = await self._answer(request)
+        if self.ratelimit is not None:
+            response.headers.update(self.ratelimit.headers())
+        return response
+
+    def _rate_limited(self, request: web.Request) -> web.Response | None:
+        limit = self.ratelimit
+        if limit is None or request.method != "GET" or "/manifests/" not in request.path:
+            return None
+        if limit.remaining > 0:
+            limit.remaining -= 1
+            return None
+        headers = limit.headers()
+        if limit.retry_after is not None:
+            headers["Retry-After"] = limit.retry_after
+        body = {"errors": [{"code": "TOOMANYREQUESTS", "message": "You have reached your pull "
+                            "rate limit. You may increase the limit by authenticating."}]}
+        return web.json_response(body, status=429, headers=headers)
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         path = request.path
@@ -174,6 +215,13 @@ class FakeRegistry:
                                 content_type="text/html")
         if fault.kind == "hang":
             await asyncio.sleep(3600)
+        if fault.kind == "slow":
+            await asyncio.sleep(fault.delay)
+            return await self._answer(request)
+        if fault.kind == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response(status=500)  # never reaches the client
         body, headers = self._lookup(request.path)
         assert body is not None, f"fault {fault.kind} on unknown content {request.path}"
         status, body, headers = _apply_range(request, body, headers)
