@@ -3,6 +3,7 @@ rate-limit headers, and the config keys that set them."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -251,3 +252,11 @@ def test_guard_config_errors_name_their_key(keys: dict[str, Any], key: str) -> N
     with pytest.raises(ConfigError) as error:
         config.parse(_upstream_doc(**keys), env={})
     assert error.value.key == key
+
+
+def test_example_config_sets_a_budget_and_the_default_breaker() -> None:
+    example = Path(__file__).parents[2] / "config" / "mirror.example.yaml"
+    hub = config.load(example).upstreams[0]
+    assert hub.budget == BudgetSettings(rate=20.0, burst=100, client_overdraft=0.5)
+    assert hub.breaker == BreakerSettings()
+    assert hub.max_client_retry_after == 3600
