@@ -4,8 +4,10 @@ A manifest is kept as the exact bytes upstream sent, with its media type,
 verified against its digest. Tag lookups inside the TTL never leave the node;
 after it, one HEAD upstream (coalesced across every request for that tag)
 confirms or moves the tag. When upstream fails, the last known digest is
-served for up to ``stale_if_error``. Content negotiation is redone locally
-for every request, so one stored mapping serves every client's Accept.
+served for up to ``stale_if_error``, and upstream is not asked about that tag
+again until its Retry-After (at least a second, at most the TTL) has passed.
+Content negotiation is redone locally for every request, so one stored
+mapping serves every client's Accept.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from mirror.oci import (
 from mirror.storage.filesystem import FilesystemStore
 
 log = structlog.get_logger(__name__)
+
+REVALIDATE_HOLD_MIN = 1.0
+"""Seconds a tag whose revalidation failed is answered stale without asking again."""
 
 
 class RegistryClient(Protocol):
@@ -90,6 +95,8 @@ class ManifestCache:
         self._missing: TTLCache[str, bool] = TTLCache(
             maxsize=10_000, ttl=max(settings.negative_ttl, 0.001)
         )
+        # tag key -> (monotonic time until which not to revalidate, stale reason)
+        self._held: LRUCache[str, tuple[float, str]] = LRUCache(maxsize=100_000)
         self._by_digest: SingleFlight[Digest, Manifest] = SingleFlight()
         self._by_tag: SingleFlight[str, tuple[Manifest, str]] = SingleFlight()
 
@@ -149,6 +156,13 @@ class ManifestCache:
 
     async def _refresh_tag(self, client: RegistryClient, repository: str, tag: str, key: str,
                            record: TagRecord | None) -> tuple[Manifest, str]:
+        held = self._held.get(key)
+        if record is not None and held is not None and held[0] > time.monotonic() \
+                and record.age() <= self._settings.stale_if_error:
+            # Upstream just failed for this tag: one request per window asks, not each one.
+            metrics.STALE_SERVED.labels(client.name, held[1]).inc()
+            manifest, _ = await self._get_digest(client, repository, Digest.parse(record.digest))
+            return manifest, "stale"
         try:
             if record is None:
                 manifest = await self._fetch(client, repository, tag, None)
@@ -159,6 +173,8 @@ class ManifestCache:
             if record is None or record.age() > self._settings.stale_if_error:
                 raise
             reason = "rate_limited" if isinstance(exc, TooManyRequests) else "unavailable"
+            hold = min(self._settings.tag_ttl, max(REVALIDATE_HOLD_MIN, exc.retry_after or 0.0))
+            self._held[key] = (time.monotonic() + hold, reason)
             metrics.STALE_SERVED.labels(client.name, reason).inc()
             log.warning("tag_served_stale", registry=client.name, repository=repository, tag=tag,
                         digest=record.digest, age=round(record.age()), reason=str(exc))

@@ -243,6 +243,28 @@ async def test_hundred_concurrent_requests_for_a_stale_tag_send_one_head(
     assert fake.count("GET", "/manifests/") == 1  # the first pull only
 
 
+async def test_failed_revalidation_is_not_repeated_by_every_request_of_the_window(
+        make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
+    mirror = await make_mirror(cache={"tag_ttl": "300ms"},
+                               upstream={"retries": 0, "breaker": {"failures": 0}})
+    digest, _ = fake.add_image("app", "v1", [b"x"])
+    assert (await mirror.get("/v2/app/manifests/v1")).status == 200
+    await asyncio.sleep(0.35)
+    fake.fault(kind="status", status=503, path="/manifests/v1", method="HEAD")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    served = 0
+    while loop.time() - started < 0.2:  # one window: the TTL, at most 1 s
+        response = await mirror.get("/v2/app/manifests/v1")
+        assert response.headers["Docker-Content-Digest"] == digest
+        served += 1
+    assert served > 1
+    assert fake.count("HEAD", "/manifests/v1") == 1
+    await asyncio.sleep(0.35)  # the next window asks again
+    assert (await mirror.get("/v2/app/manifests/v1")).status == 200
+    assert fake.count("HEAD", "/manifests/v1") == 2
+
+
 # --- the request budget ------------------------------------------------------------
 
 
