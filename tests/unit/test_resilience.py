@@ -21,7 +21,9 @@ from yarl import URL
 
 from mirror.config import BudgetSettings, Secret, UpstreamSettings
 from mirror.errors import TooManyRequests
+from mirror.server.state import STATE
 from mirror.upstream import UpstreamClient
+from mirror.upstream.guard import BackgroundRequests
 from tests.support.fake import FakeRegistry, HubRateLimit
 from tests.unit.conftest import MirrorFactory
 
@@ -330,6 +332,24 @@ async def test_budget_refusal_serves_a_cached_tag_stale(
     fake.add_image("app", "v2", [b"y"])
     refused = await mirror.get("/v2/app/manifests/v2")
     assert refused.status == 429 and await _error(refused) == "TOOMANYREQUESTS"
+
+
+async def test_cache_work_through_the_background_view_waits_where_clients_are_refused(
+        make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
+    mirror = await make_mirror(upstream={
+        "budget": {"rate": "2/s", "burst": 1, "client_overdraft": 0}})
+    for tag in ("v1", "v2", "v3"):
+        fake.add_image("app", tag, [tag.encode()])
+    state = mirror.app[STATE]
+    assert (await mirror.get("/v2/app/manifests/v1")).status == 200  # the one token
+    prefetch = asyncio.create_task(state.manifests.by_tag(
+        BackgroundRequests(state.clients[REGISTRY_NAME]), "app", "v2", None))
+    refused = await mirror.get("/v2/app/manifests/v3")
+    assert refused.status == 429 and await _error(refused) == "TOOMANYREQUESTS"
+    resolved = await prefetch  # waited for the next token instead of failing
+    assert resolved.cache == "miss"
+    assert fake.count("GET", "/manifests/v2") == 1
+    assert fake.count("GET", "/manifests/v3") == 0
 
 
 # --- rate-limit headers ------------------------------------------------------------
