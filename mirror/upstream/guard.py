@@ -11,7 +11,7 @@ Every attempt of :meth:`mirror.upstream.client.UpstreamClient.request` passes
       ├── breaker open (cool-down running)   -> fail fast: UpstreamUnavailable,
       │                                         or TooManyRequests if 429s opened it
       ├── budget: background waits for a token; a client request takes one, or
-      │   borrows from the client overdraft, or fails fast with TooManyRequests
+      │   one of the client overdraft, or fails fast with TooManyRequests
       └── breaker half-open: this attempt is the one probe; others fail fast
     settle(ticket, ok)
       ok=True   a final answer (any status but 5xx/429): closes a half-open breaker
@@ -93,8 +93,7 @@ def parse_ratelimit(value: str | None) -> tuple[int, int | None] | None:
 
 
 class TokenBucket:
-    """Tokens refill at ``rate`` per second up to ``capacity``; the level may be
-    taken below zero only by :meth:`borrow` (a debt later refills repay)."""
+    """Tokens refill at ``rate`` per second up to ``capacity``."""
 
     def __init__(self, rate: float, capacity: float, clock: Clock) -> None:
         self.rate = rate
@@ -104,7 +103,7 @@ class TokenBucket:
         self._at = clock()
 
     def level(self) -> float:
-        """Tokens available now (negative while in debt)."""
+        """Tokens available now."""
         now = self._clock()
         self._level = min(self.capacity, self._level + (now - self._at) * self.rate)
         self._at = now
@@ -117,45 +116,42 @@ class TokenBucket:
             return True
         return False
 
-    def borrow(self, floor: float) -> bool:
-        """Take one token even without one, as long as the level stays >= ``floor``."""
-        if self.level() - 1 >= floor:
-            self._level -= 1
-            return True
-        return False
-
-    def wait_for(self, level: float) -> float:
-        """Seconds until the level reaches ``level``."""
-        return max(0.0, (level - self.level()) / self.rate)
+    def wait(self) -> float:
+        """Seconds until a whole token is there."""
+        return max(0.0, (1.0 - self.level()) / self.rate)
 
 
 class Budget:
     """The request budget of one upstream (``upstreams[].budget``).
 
-    Background work waits for a whole token. Client requests take one when
-    there is one and may otherwise run the bucket into debt, down to
-    ``client_overdraft`` times the burst; past that they fail fast with
+    Two buckets: the budget (``rate``, ``burst``), and the clients' overdraft
+    (``client_overdraft`` times both). Background work takes from the budget
+    only and waits for it. Client requests take from the budget when it has a
+    token, else from the overdraft; when both are empty they fail fast with
     TOOMANYREQUESTS rather than wait, because the cache can then answer a
-    known tag stale at once. Debt is repaid by refills, so background work
-    waits longer after a client burst, never the other way round.
+    known tag stale at once. So clients never queue behind background work,
+    and upstream sees at most ``(1 + client_overdraft) * rate``, the extra
+    share from clients only.
     """
 
     def __init__(self, registry: str, settings: BudgetSettings, clock: Clock) -> None:
         self._registry = registry
         self._bucket = TokenBucket(settings.rate, float(settings.burst), clock)
-        self._floor = -settings.client_overdraft * settings.burst
+        share = settings.client_overdraft
+        self._overdraft = TokenBucket(settings.rate * share, max(1.0, settings.burst * share),
+                                      clock) if share > 0 else None
         self._queue = asyncio.Lock()
 
     async def acquire(self, *, background: bool, cap: float) -> None:
         """Spend one token for one upstream request.
 
         Args:
-            background: wait for a token rather than overdraw.
+            background: wait for a budget token; never use the overdraft.
             cap: the longest ``Retry-After`` to give a refused client.
 
         Raises:
             TooManyRequests: a client request found the budget and the client
-                overdraft spent.
+                overdraft empty.
         """
         if not background:
             self._client(cap)
@@ -168,19 +164,19 @@ class Budget:
                 await self._refill()
 
     async def _refill(self) -> None:
-        """Sleep until the bucket should hold a whole token (client debt may push it on)."""
-        await asyncio.sleep(max(self._bucket.wait_for(1.0), 0.001))
+        """Sleep until the budget should hold a token (a client may take it first)."""
+        await asyncio.sleep(max(self._bucket.wait(), 0.001))
 
     def _client(self, cap: float) -> None:
         if self._bucket.take():
             return
-        if self._bucket.borrow(self._floor):
+        if self._overdraft is not None and self._overdraft.take():
             metrics.child(metrics.BUDGET_OVERDRAFTS, self._registry).inc()
             return
         metrics.child(metrics.BUDGET_REFUSALS, self._registry).inc()
-        wait = min(self._bucket.wait_for(self._floor + 1.0), cap)
+        waits = [b.wait() for b in (self._bucket, self._overdraft) if b is not None]
         raise TooManyRequests(f"{self._registry}: the mirror's request budget for this "
-                              "registry is spent", max(1.0, math.ceil(wait)))
+                              "registry is spent", max(1.0, math.ceil(min(*waits, cap))))
 
 
 @dataclass(frozen=True, slots=True)

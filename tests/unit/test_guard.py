@@ -3,6 +3,7 @@ rate-limit headers, and the config keys that set them."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -45,27 +46,45 @@ def test_bucket_refills_at_rate_up_to_capacity() -> None:
     clock = Clock()
     bucket = TokenBucket(rate=2.0, capacity=3.0, clock=clock)
     assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    assert bucket.wait() == 0.5
     clock.now += 0.5
     assert bucket.take() and not bucket.take()
     clock.now += 100
     assert bucket.level() == 3.0
-    assert bucket.borrow(floor=-1.0) and bucket.level() == 2.0
 
 
 async def test_client_requests_overdraw_up_to_their_share_then_fail_fast() -> None:
     clock = Clock()
     guard = UpstreamGuard(upstream("budget-unit", budget=BudgetSettings(
-        rate=1.0, burst=4, client_overdraft=0.5)), clock=clock)
-    for _ in range(6):  # 4 tokens, then 2 (= 0.5 * 4) borrowed
+        rate=2.0, burst=4, client_overdraft=0.5)), clock=clock)
+    for _ in range(6):  # the 4 of the budget, then the 2 (= 0.5 * 4) of the overdraft
         await guard.admit(background=False)
     with pytest.raises(TooManyRequests) as info:
         await guard.admit(background=False)
-    # the debt is 2 tokens; one more needs 1 s of refill past it
-    assert info.value.headers["Retry-After"] == "1"
+    assert info.value.headers["Retry-After"] == "1"  # the overdraft refills at 1/s
     assert sample("mirror_upstream_budget_overdrafts_total", registry="budget-unit") == 2
     assert sample("mirror_upstream_budget_refusals_total", registry="budget-unit") == 1
-    clock.now += 1.0
-    await guard.admit(background=False)
+    # Sustained, clients get the budget's rate and the overdraft's: 2/s + 1/s.
+    clock.now += 10
+    admitted = 0
+    for _ in range(1000):  # 10 s of requests every 10 ms
+        clock.now += 0.01
+        try:
+            await guard.admit(background=False)
+            admitted += 1
+        except TooManyRequests:
+            pass
+    assert admitted == pytest.approx(4 + 2 + 10 * 3, abs=2)
+
+
+async def test_background_work_never_uses_the_overdraft() -> None:
+    guard = UpstreamGuard(upstream("budget-bg", budget=BudgetSettings(
+        rate=50.0, burst=1, client_overdraft=5.0)))
+    await guard.admit(background=True)
+    waited = asyncio.get_running_loop().time()
+    await guard.admit(background=True)  # the overdraft is full; it waits for the budget
+    assert asyncio.get_running_loop().time() - waited >= 0.015
+    assert sample("mirror_upstream_budget_waits_total", registry="budget-bg") == 1
 
 
 async def test_no_overdraft_holds_clients_to_the_budget() -> None:
