@@ -212,7 +212,7 @@ class UpstreamClient:
                 resp = await self._guarded(method, url, headers, state, background=background)
             except TransientError as exc:
                 UPSTREAM_ERRORS.labels(self.name, exc.reason).inc()
-                if attempt == attempts:
+                if attempt == attempts or self.guard.failing_fast:
                     raise UpstreamUnavailable(f"{self.name}: {exc.detail}",
                                               status=exc.status) from None
                 await self._pause(backoff_delay(attempt), exc.reason, attempt)

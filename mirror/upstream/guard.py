@@ -289,6 +289,11 @@ class UpstreamGuard:
         self.budget = Budget(settings.name, settings.budget, clock) if settings.budget else None
         self._ratelimits: dict[str, tuple[int | None, int | None]] = {}
 
+    @property
+    def failing_fast(self) -> bool:
+        """Whether the breaker is open: a retry now would only be refused."""
+        return self.breaker.state == OPEN
+
     async def admit(self, *, background: bool) -> Ticket:
         """Let one attempt through, waiting on the budget for background work.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,8 +20,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 from yarl import URL
 
-from mirror.config import BudgetSettings, Secret, UpstreamSettings
-from mirror.errors import TooManyRequests
+from mirror.config import BreakerSettings, BudgetSettings, Secret, UpstreamSettings
+from mirror.errors import TooManyRequests, UpstreamUnavailable
 from mirror.server.state import STATE
 from mirror.upstream import UpstreamClient
 from mirror.upstream.guard import BackgroundRequests
@@ -225,6 +226,25 @@ async def test_outage_with_refused_connections_serves_stale_and_stops_connecting
     assert sample("mirror_upstream_breaker_state", registry=REGISTRY_NAME) == 1
     missing = await mirror.get("/v2/app/manifests/never-pulled")
     assert missing.status == 503 and await _error(missing) == "UNAVAILABLE"
+
+
+async def test_no_retries_once_the_breaker_opens() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = UpstreamClient(UpstreamSettings(
+        name="refused-once", url=URL(f"http://127.0.0.1:{port}"), retries=3,
+        breaker=BreakerSettings(failures=1)))
+    try:
+        with pytest.raises(UpstreamUnavailable) as info:
+            async with client.request("GET", "app", "manifests/v1"):
+                pass
+    finally:
+        await client.close()
+    # The real cause, not "circuit open", and no backoff spent on doomed retries.
+    assert "Connection refused" in str(info.value)
+    assert sample("mirror_upstream_retries_total", registry="refused-once") == 0
+    assert sample("mirror_upstream_errors_total", registry="refused-once", reason="connect") == 1
 
 
 # --- coalescing --------------------------------------------------------------------
