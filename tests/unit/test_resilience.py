@@ -24,7 +24,7 @@ from mirror.config import BreakerSettings, BudgetSettings, Secret, UpstreamSetti
 from mirror.errors import TooManyRequests, UpstreamUnavailable
 from mirror.server.state import STATE
 from mirror.upstream import UpstreamClient
-from mirror.upstream.guard import BackgroundRequests
+from mirror.upstream.guard import BackgroundRequests, UpstreamGuard
 from tests.support.fake import FakeRegistry, HubRateLimit
 from tests.unit.conftest import MirrorFactory
 
@@ -154,7 +154,7 @@ async def test_token_endpoint_429_is_toomanyrequests_not_denied(
 async def test_breaker_opens_fails_fast_probes_and_closes(
         make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
     mirror = await make_mirror(upstream={"retries": 0, "breaker": {
-        "failures": 2, "window": "10s", "cool_down": "200ms"}})
+        "failures": 2, "window": "10s", "cool_down": "500ms"}})
     fake.add_image("app", "v1", [b"x"])
     fake.fault(kind="status", status=503, path="/manifests/")
     opened, half, closed = transitions("open"), transitions("half_open"), transitions("closed")
@@ -170,14 +170,14 @@ async def test_breaker_opens_fails_fast_probes_and_closes(
         assert fake.count("GET", "/manifests/") == 2
         assert sample("mirror_upstream_breaker_state", registry=REGISTRY_NAME) == 1
         # Half-open: the probe fails, the breaker opens again.
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.55)
         assert (await mirror.get("/v2/app/manifests/v1")).status == 502
         assert fake.count("GET", "/manifests/") == 3
         assert (await mirror.get("/v2/app/manifests/v1")).status == 503
         assert fake.count("GET", "/manifests/") == 3
         # Upstream is back: the next probe succeeds and closes the breaker.
         fake.faults.clear()
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.55)
         assert (await mirror.get("/v2/app/manifests/v1")).status == 200
         assert sample("mirror_upstream_breaker_state", registry=REGISTRY_NAME) == 0
     assert transitions("open") - opened == 2
@@ -198,7 +198,7 @@ async def test_only_one_probe_while_half_open(make_mirror: MirrorFactory,
     fake.fault(kind="status", status=503, path="/manifests/", times=1)
     assert (await mirror.get("/v2/app/manifests/t0")).status == 502
     await asyncio.sleep(0.15)
-    fake.fault(kind="slow", path="/manifests/", delay=0.2)
+    fake.fault(kind="slow", path="/manifests/", delay=0.8)
     statuses = await asyncio.gather(*(mirror.get(f"/v2/app/manifests/t{i}") for i in range(10)))
     assert sorted(s.status for s in statuses) == [200] + [503] * 9
     assert fake.count("GET", "/manifests/") == 2
@@ -252,12 +252,12 @@ async def test_no_retries_once_the_breaker_opens() -> None:
 
 async def test_hundred_concurrent_requests_for_a_stale_tag_send_one_head(
         make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "50ms"})
+    mirror = await make_mirror(cache={"tag_ttl": "300ms"})
     digest, _ = fake.add_image("app", "v1", [b"x"])
     assert (await mirror.get("/v2/app/manifests/v1")).status == 200
-    await asyncio.sleep(0.06)
+    await asyncio.sleep(0.35)
     # A slow HEAD keeps the revalidation open while all hundred requests arrive.
-    fake.fault(kind="slow", path="/manifests/v1", method="HEAD", delay=0.5)
+    fake.fault(kind="slow", path="/manifests/v1", method="HEAD", delay=1.0)
     responses = await asyncio.gather(*(mirror.get("/v2/app/manifests/v1") for _ in range(100)))
     assert all(r.status == 200 for r in responses)
     assert {r.headers["Docker-Content-Digest"] for r in responses} == {digest}
@@ -267,22 +267,22 @@ async def test_hundred_concurrent_requests_for_a_stale_tag_send_one_head(
 
 async def test_failed_revalidation_is_not_repeated_by_every_request_of_the_window(
         make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "300ms"},
+    mirror = await make_mirror(cache={"tag_ttl": "1s"},
                                upstream={"retries": 0, "breaker": {"failures": 0}})
     digest, _ = fake.add_image("app", "v1", [b"x"])
     assert (await mirror.get("/v2/app/manifests/v1")).status == 200
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(1.05)
     fake.fault(kind="status", status=503, path="/manifests/v1", method="HEAD")
     loop = asyncio.get_running_loop()
     started = loop.time()
     served = 0
-    while loop.time() - started < 0.2:  # one window: the TTL, at most 1 s
+    while loop.time() - started < 0.5:  # inside one window (1 s: the TTL here)
         response = await mirror.get("/v2/app/manifests/v1")
         assert response.headers["Docker-Content-Digest"] == digest
         served += 1
     assert served > 1
     assert fake.count("HEAD", "/manifests/v1") == 1
-    await asyncio.sleep(0.35)  # the next window asks again
+    await asyncio.sleep(1.05)  # the next window asks again
     assert (await mirror.get("/v2/app/manifests/v1")).status == 200
     assert fake.count("HEAD", "/manifests/v1") == 2
 
@@ -290,13 +290,24 @@ async def test_failed_revalidation_is_not_repeated_by_every_request_of_the_windo
 # --- the request budget ------------------------------------------------------------
 
 
+class Clock:
+    """A monotonic clock that moves only when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture
-async def budgeted(upstream: TestServer) -> AsyncIterator[UpstreamClient]:
+async def budgeted(upstream: TestServer) -> AsyncIterator[tuple[UpstreamClient, Clock]]:
     settings = UpstreamSettings(
         name="budgeted", url=URL(str(upstream.make_url(""))),
         budget=BudgetSettings(rate=4.0, burst=1, client_overdraft=3.0))
-    client = UpstreamClient(settings)
-    yield client
+    clock = Clock()
+    client = UpstreamClient(settings, guard=UpstreamGuard(settings, clock=clock))
+    yield client, clock
     await client.close()
 
 
@@ -306,17 +317,20 @@ async def _status(client: UpstreamClient, background: bool) -> int:
 
 
 async def test_background_requests_wait_for_the_budget_while_client_requests_pass(
-        budgeted: UpstreamClient, fake: FakeRegistry) -> None:
+        budgeted: tuple[UpstreamClient, Clock], fake: FakeRegistry) -> None:
+    client, clock = budgeted
     fake.add_image("app", "v1", [b"x"])
     waits = sample("mirror_upstream_budget_waits_total", registry="budgeted")
-    background = [asyncio.create_task(_status(budgeted, True)) for _ in range(3)]
-    await asyncio.sleep(0.02)
-    assert fake.count("GET") == 1  # one token: one background request went, two wait
-    # Client requests do not queue behind background work: they overdraw the budget.
-    assert [await _status(budgeted, False) for _ in range(3)] == [200, 200, 200]
+    background = [asyncio.create_task(_status(client, True)) for _ in range(3)]
+    assert await background[0] == 200  # the budget's one token
+    # Client requests do not queue behind background work: they use the overdraft.
+    assert [await _status(client, False) for _ in range(3)] == [200, 200, 200]
     assert fake.count("GET") == 4
     assert not any(task.done() for task in background[1:])
-    assert [await task for task in background] == [200, 200, 200]
+    for task in background[1:]:
+        clock.now += 0.25  # one more budget token
+        assert await task == 200
+    assert fake.count("GET") == 6
     assert sample("mirror_upstream_budget_waits_total", registry="budgeted") - waits == 2
     assert sample("mirror_upstream_budget_overdrafts_total", registry="budgeted") >= 3
 
@@ -361,12 +375,16 @@ async def test_cache_work_through_the_background_view_waits_where_clients_are_re
     for tag in ("v1", "v2", "v3"):
         fake.add_image("app", tag, [tag.encode()])
     state = mirror.app[STATE]
+    client, clock = state.clients[REGISTRY_NAME], Clock()
+    client.guard = UpstreamGuard(state.settings.upstreams[0], clock=clock)
     assert (await mirror.get("/v2/app/manifests/v1")).status == 200  # the one token
-    prefetch = asyncio.create_task(state.manifests.by_tag(
-        BackgroundRequests(state.clients[REGISTRY_NAME]), "app", "v2", None))
+    prefetch = asyncio.create_task(
+        state.manifests.by_tag(BackgroundRequests(client), "app", "v2", None))
     refused = await mirror.get("/v2/app/manifests/v3")
     assert refused.status == 429 and await _error(refused) == "TOOMANYREQUESTS"
-    resolved = await prefetch  # waited for the next token instead of failing
+    assert not prefetch.done()
+    clock.now += 0.5  # the next token
+    resolved = await prefetch  # it waited for the token instead of failing
     assert resolved.cache == "miss"
     assert fake.count("GET", "/manifests/v2") == 1
     assert fake.count("GET", "/manifests/v3") == 0
