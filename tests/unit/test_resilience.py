@@ -107,6 +107,25 @@ async def test_429_on_every_request_serves_the_cached_tag_and_blob(
                   reason="rate_limited") - stale_before == 2
 
 
+async def test_tag_moved_upstream_while_pulls_are_limited_serves_the_old_digest(
+        make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
+    mirror = await make_mirror(cache={"tag_ttl": "50ms"})
+    old, _ = fake.add_image("app", "v1", [b"old"])
+    assert (await mirror.get("/v2/app/manifests/v1")).status == 200
+    new, _ = fake.add_image("app", "v1", [b"new"])  # the tag moves upstream
+    fake.ratelimit = HubRateLimit(limit=100, remaining=0)
+    await asyncio.sleep(0.06)
+    # The free HEAD sees the new digest; the GET of it is refused: the old one is served.
+    response = await mirror.get("/v2/app/manifests/v1")
+    assert response.status == 200 and response.headers["Docker-Content-Digest"] == old
+    assert fake.count("HEAD", "/manifests/v1") == 1
+    assert fake.count("GET", f"/manifests/{new}") == 1
+    fake.ratelimit = None
+    await asyncio.sleep(0.06)  # past the hold-off (at most the TTL): the tag moves on
+    response = await mirror.get("/v2/app/manifests/v1")
+    assert response.headers["Docker-Content-Digest"] == new
+
+
 async def test_429_with_nothing_cached_is_toomanyrequests_with_bounded_retry_after(
         make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
     mirror = await make_mirror(upstream={"max_client_retry_after": "10m"})
