@@ -4,7 +4,9 @@
 anonymous first, then the challenge's scheme (PROTOCOL.md section 3); redirects
 followed by hand so signed URLs keep their bytes and credentials never leave
 their origin; retries with backoff for connection trouble, timeouts and 5xx;
-429 waited out only when the wait is short.
+429 waited out only when the wait is short. Credentials come from a
+:class:`~mirror.upstream.credentials.CredentialPool`; a rate-limited one is
+swapped for the next (a 429 is retried at once with it).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import structlog
 from multidict import CIMultiDict
 from yarl import URL
 
-from mirror.config import Secret, UpstreamSettings
+from mirror.config import Secret, StaticCredential, UpstreamSettings
 from mirror.errors import Denied, NameUnknown, TooManyRequests, UpstreamUnavailable
 from mirror.metrics import UPSTREAM_ERRORS, UPSTREAM_REQUESTS, UPSTREAM_RETRIES
 from mirror.upstream.auth import (
@@ -32,13 +34,13 @@ from mirror.upstream.auth import (
     TokenCache,
     TokenKey,
     TransientError,
-    basic_authorization,
     fetch_token,
     parse_www_authenticate,
     pick_challenge,
     token_key,
     transient_from,
 )
+from mirror.upstream.credentials import CredentialPool, make_source
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +89,7 @@ class _Attempt:
     auth_rounds: dict[Origin, int] = field(default_factory=dict)
     tokens_sent: dict[Origin, tuple[TokenKey, BearerToken]] = field(default_factory=dict)
     hops: int = 0
+    credential: str | None = None  # label of the credential in use
 
 
 class UpstreamClient:
@@ -112,9 +115,11 @@ class UpstreamClient:
         self._origin = origin_of(settings.url)
         self._tokens = TokenCache(clock)
         self._challenges: dict[Origin, Challenge] = {}
-        self._basic: Secret | None = None
-        if settings.username is not None and settings.password is not None:
-            self._basic = basic_authorization(settings.username, settings.password)
+        credentials = settings.credentials
+        if not credentials and settings.username is not None and settings.password is not None:
+            credentials = (StaticCredential("static-0", settings.username, settings.password),)
+        self._credentials = CredentialPool(
+            settings.name, [make_source(c, settings.name) for c in credentials])
 
     def __repr__(self) -> str:
         return f"UpstreamClient(name={self.name!r}, url={str(self._settings.url)!r})"
@@ -161,6 +166,8 @@ class UpstreamClient:
             UpstreamUnavailable: connection trouble, timeouts or 5xx after retries.
         """
         url = self._v2_url(f"{repository}/{suffix}")
+        if method == "HEAD" and suffix.startswith("blobs/") and self._settings.blob_probe == "get":
+            method = "GET"  # ECR Public answers a blob HEAD with 401; only the headers are read
         return self._open(method, repository, url.extend_query(params or {}), headers or {}, retry)
 
     async def ping(self) -> None:
@@ -210,7 +217,8 @@ class UpstreamClient:
         attempts = self._settings.retries + 1 if retry else 1
         for attempt in range(1, attempts + 1):
             try:
-                state = _Attempt(repository, started=self._tokens.clock())
+                state = _Attempt(repository, started=self._tokens.clock(),
+                                 credential=self._credentials.active)
                 resp = await self._attempt(method, url, headers, state)
             except TransientError as exc:
                 UPSTREAM_ERRORS.labels(self.name, exc.reason).inc()
@@ -220,14 +228,33 @@ class UpstreamClient:
                 await self._pause(backoff_delay(attempt), exc.reason, attempt)
                 continue
             if resp.status != 429:
+                self._note_remaining(resp, state)
                 return resp
             wait = parse_retry_after(resp.headers.get("Retry-After"))
             resp.release()
             UPSTREAM_ERRORS.labels(self.name, "rate_limited").inc()
+            if attempt < attempts and self._rotate(state.credential, "429"):
+                continue
             if wait is None or wait > self._settings.max_retry_wait or attempt == attempts:
                 raise TooManyRequests(f"{self.name}: upstream rate limit reached", wait)
             await self._pause(wait, "rate_limited", attempt)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _note_remaining(self, resp: aiohttp.ClientResponse, state: _Attempt) -> None:
+        """Docker Hub's ``ratelimit-remaining: 0;w=21600``: the next request would be a 429."""
+        remaining = resp.headers.get("ratelimit-remaining")
+        if remaining is not None and remaining.split(";", 1)[0].strip() == "0":
+            self._rotate(state.credential, "remaining")
+
+    def _rotate(self, label: str | None, reason: str) -> bool:
+        """Switch away from a rate-limited credential; True if another one is now active."""
+        switching = label is not None and self._credentials.active == label
+        if not self._credentials.rate_limited(label, reason):
+            return False
+        if switching:
+            # Tokens were granted to the old credential and count against its limit.
+            self._tokens = TokenCache(self._tokens.clock)
+        return True
 
     async def _pause(self, delay: float, reason: str, attempt: int) -> None:
         UPSTREAM_RETRIES.labels(self.name).inc()
@@ -322,7 +349,7 @@ class UpstreamClient:
     def _can_answer(self, challenge: Challenge, origin: Origin) -> bool:
         if challenge.scheme == "bearer":
             return True
-        return challenge.scheme == "basic" and origin == self._origin and self._basic is not None
+        return challenge.scheme == "basic" and origin == self._origin and len(self._credentials) > 0
 
     def _drop_stale_token(self, origin: Origin, state: _Attempt) -> bool:
         """After a 401 despite a token: drop it and return True if it predates this try.
@@ -354,9 +381,12 @@ class UpstreamClient:
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            return self._basic.reveal() if self._basic is not None else None
+            if origin != self._origin:
+                return None
+            basic = await self._credentials.authorization()
+            return basic.reveal() if basic is not None else None
         key = token_key(challenge, self._scopes(origin, state.repository, challenge))
-        credentials = self._token_credentials(origin, key[0])
+        credentials = await self._token_credentials(origin, key[0])
 
         async def fetch() -> BearerToken:
             try:
@@ -370,11 +400,11 @@ class UpstreamClient:
         state.tokens_sent[origin] = (key, token)
         return token.authorization()
 
-    def _token_credentials(self, origin: Origin, realm: str) -> Secret | None:
+    async def _token_credentials(self, origin: Origin, realm: str) -> Secret | None:
         """Our Basic credentials for a token realm: only for our own upstream's
         challenges, and never in clear text to an http realm of an https upstream."""
-        if origin != self._origin or self._basic is None:
+        if origin != self._origin or not len(self._credentials):
             return None
         if URL(realm).scheme != "https" and self._origin[0] == "https":
             return None
-        return self._basic
+        return await self._credentials.authorization()
