@@ -348,8 +348,9 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
     blob_probe = _opt(item, "blob_probe", key, _string, preset.blob_probe).lower()
     if blob_probe not in ("head", "get"):
         raise ConfigError(f"{key}.blob_probe", f"expected head or get, got {blob_probe!r}")
-    host = url.host or name
-    credentials = _upstream_credentials(item, key, env=env, base=base, preset=preset, name=name)
+    port = "" if url.is_default_port() else f":{url.port}"
+    host = f"{url.host}{port}"
+    credentials = _upstream_credentials(item, key, env=env, base=base, preset=preset, host=host)
     # The top-level username/password stay visible as such for older callers.
     legacy = credentials[0] if "username" in item else None
     assert legacy is None or isinstance(legacy, StaticCredential)
@@ -368,7 +369,7 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
         max_connections=_opt(item, "max_connections", key, _positive, d.max_connections),
         max_retry_wait=_opt(item, "max_retry_wait", key, parse_duration, d.max_retry_wait),
         preset=preset.key,
-        credentials=_with_default_ecr(credentials, preset, name, host),
+        credentials=_with_default_ecr(credentials, preset, host),
         blob_probe=blob_probe,
     )
 
@@ -395,14 +396,14 @@ def _preset_url(preset: Preset, name: str, key: str) -> URL:
 
 
 def _upstream_credentials(item: dict[str, Any], key: str, *, env: Mapping[str, str], base: Path,
-                          preset: Preset, name: str) -> tuple[CredentialSettings, ...]:
+                          preset: Preset, host: str) -> tuple[CredentialSettings, ...]:
     """The top-level credential (at most one kind), then the ``credentials`` list."""
     given = [k for k in _CREDENTIAL_KINDS if k in item]
     if len(given) > 1:
         raise ConfigError(key, f"give one of {', '.join(given)}; list several under credentials:")
     found: list[CredentialSettings] = []
     if given or "password_env" in item or "password_file" in item:
-        found.append(_credential(item, key, 0, env=env, base=base, preset=preset, name=name))
+        found.append(_credential(item, key, 0, env=env, base=base, preset=preset, host=host))
     raw = item.get("credentials")
     if raw is None:
         return tuple(found)
@@ -417,7 +418,7 @@ def _upstream_credentials(item: dict[str, Any], key: str, *, env: Mapping[str, s
             raise ConfigError(path, "expected exactly one of username, docker_config, ecr, "
                               "json_key_file")
         found.append(_credential(entry_map, path, len(found), env=env, base=base, preset=preset,
-                                 name=name))
+                                 host=host))
     labels = [c.label for c in found]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"{key}.credentials", f"labels must be unique, got {labels}")
@@ -425,7 +426,7 @@ def _upstream_credentials(item: dict[str, Any], key: str, *, env: Mapping[str, s
 
 
 def _credential(item: dict[str, Any], key: str, index: int, *, env: Mapping[str, str],
-                base: Path, preset: Preset, name: str) -> CredentialSettings:
+                base: Path, preset: Preset, host: str) -> CredentialSettings:
     def label_of(kind: str) -> str:
         return _opt(item, "label", key, _string, f"{kind}-{index}")
 
@@ -433,11 +434,11 @@ def _credential(item: dict[str, Any], key: str, index: int, *, env: Mapping[str,
         path = _existing_file(str(Path(_string(item["docker_config"], f"{key}.docker_config"))
                                   .expanduser()), f"{key}.docker_config", base)
         _json_file(path, f"{key}.docker_config")
-        server = _opt(item, "server", key, _string, preset.docker_config_server or name)
+        server = _opt(item, "server", key, _string, preset.docker_config_server or host)
         timeout = _opt(item, "helper_timeout", key, parse_duration, 10.0)
         return DockerConfigCredential(label_of("docker_config"), path, server, timeout)
     if "ecr" in item:
-        return _ecr(item["ecr"], f"{key}.ecr", label_of("ecr"), name)
+        return _ecr(item["ecr"], f"{key}.ecr", label_of("ecr"), host)
     if "json_key_file" in item:
         path = _existing_file(item["json_key_file"], f"{key}.json_key_file", base)
         text = _json_file(path, f"{key}.json_key_file")
@@ -456,18 +457,18 @@ def _credential(item: dict[str, Any], key: str, index: int, *, env: Mapping[str,
 _ECR_KEYS = {"region", "registry_id", "endpoint_url", "profile", "refresh_margin"}
 
 
-def _ecr(value: Any, key: str, label: str, name: str) -> EcrCredential:
+def _ecr(value: Any, key: str, label: str, host: str) -> EcrCredential:
     from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
     ecr = _mapping(value, key)
     _only_keys(ecr, key, _ECR_KEYS)
-    region = _opt(ecr, "region", key, _string, presets.ecr_region(name))
+    region = _opt(ecr, "region", key, _string, presets.ecr_region(host))
     if region is None:
-        raise ConfigError(f"{key}.region", f"required: {name!r} is not an ECR registry host")
+        raise ConfigError(f"{key}.region", f"required: {host!r} is not an ECR registry host")
     endpoint = _opt(ecr, "endpoint_url", key, _url, None)
     margin = _opt(ecr, "refresh_margin", key, parse_duration, 3600.0)
     return EcrCredential(
         label=label, region=region,
-        registry_id=_opt(ecr, "registry_id", key, _string, presets.ecr_account(name)),
+        registry_id=_opt(ecr, "registry_id", key, _string, presets.ecr_account(host)),
         endpoint_url=str(endpoint) if endpoint is not None else None,
         profile=_opt(ecr, "profile", key, _string, None),
         refresh_margin=margin,
@@ -475,15 +476,15 @@ def _ecr(value: Any, key: str, label: str, name: str) -> EcrCredential:
 
 
 def _with_default_ecr(credentials: tuple[CredentialSettings, ...], preset: Preset,
-                      name: str, host: str) -> tuple[CredentialSettings, ...]:
+                      host: str) -> tuple[CredentialSettings, ...]:
     from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
     """An ECR registry with no credentials configured gets them from the AWS chain."""
     if credentials or preset.key != "ecr":
         return credentials
-    region = presets.ecr_region(name) or presets.ecr_region(host)
-    if region is None:  # preset: ecr on a name that is not an ECR host, without ecr:
+    region = presets.ecr_region(host)
+    if region is None:  # preset: ecr on a url that is not an ECR host, without ecr:
         return credentials
-    return (EcrCredential("ecr-0", region, presets.ecr_account(name) or presets.ecr_account(host)),)
+    return (EcrCredential("ecr-0", region, presets.ecr_account(host)),)
 
 
 def _password(item: dict[str, Any], key: str, env: Mapping[str, str], base: Path) -> Secret | None:
