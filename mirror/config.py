@@ -348,8 +348,7 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
     blob_probe = _opt(item, "blob_probe", key, _string, preset.blob_probe).lower()
     if blob_probe not in ("head", "get"):
         raise ConfigError(f"{key}.blob_probe", f"expected head or get, got {blob_probe!r}")
-    port = "" if url.is_default_port() else f":{url.port}"
-    host = f"{url.host}{port}"
+    host = _credential_host(name, url)
     credentials = _upstream_credentials(item, key, env=env, base=base, preset=preset, host=host)
     # The top-level username/password stay visible as such for older callers.
     legacy = credentials[0] if "username" in item else None
@@ -372,6 +371,17 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
         credentials=_with_default_ecr(credentials, preset, host),
         blob_probe=blob_probe,
     )
+
+
+def _credential_host(name: str, url: URL) -> str:
+    """The host credentials are kept under (config.json key, ECR host): the name when it
+    is one (``url`` may point elsewhere, e.g. at a proxy), else the ``url``'s host."""
+    from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
+
+    if presets.looks_like_host(name):
+        return name
+    port = "" if url.is_default_port() else f":{url.port}"
+    return f"{url.host}{port}"
 
 
 def _preset(item: dict[str, Any], key: str, name: str, url: URL | None) -> Preset:

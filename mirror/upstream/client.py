@@ -90,6 +90,7 @@ class _Attempt:
     tokens_sent: dict[Origin, tuple[TokenKey, BearerToken]] = field(default_factory=dict)
     hops: int = 0
     credential: str | None = None  # label of the credential in use
+    renewed: bool = False  # a rejected Basic credential was fetched afresh once
 
 
 class UpstreamClient:
@@ -215,6 +216,7 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         """Retry loop around :meth:`_attempt`: transient errors and short 429s."""
         attempts = self._settings.retries + 1 if retry else 1
+        rotations = 0
         for attempt in range(1, attempts + 1):
             try:
                 state = _Attempt(repository, started=self._tokens.clock(),
@@ -233,7 +235,9 @@ class UpstreamClient:
             wait = parse_retry_after(resp.headers.get("Retry-After"))
             resp.release()
             UPSTREAM_ERRORS.labels(self.name, "rate_limited").inc()
-            if attempt < attempts and self._rotate(state.credential, "429"):
+            if attempt < attempts and rotations < len(self._credentials) - 1 and self._rotate(
+                    state.credential, "429"):
+                rotations += 1
                 continue
             if wait is None or wait > self._settings.max_retry_wait or attempt == attempts:
                 raise TooManyRequests(f"{self.name}: upstream rate limit reached", wait)
@@ -273,6 +277,8 @@ class UpstreamClient:
             if resp.status in _REDIRECTS and "Location" in resp.headers:
                 method, url = self._redirect(method, url, resp, state)
             elif resp.status == 401:
+                if origin not in self._challenges and "WWW-Authenticate" not in resp.headers:
+                    await self._learn_challenge(url, origin)
                 self._on_unauthorized(resp, origin, authorization is not None, state)
             elif resp.status == 403:
                 resp.release()
@@ -342,9 +348,29 @@ class UpstreamClient:
         challenge = offered or self._challenges.get(origin)
         if challenge is None or rounds > MAX_AUTH_ROUNDS or not self._can_answer(challenge, origin):
             self._deny(challenges, state.repository)
-        if sent_auth and not self._drop_stale_token(origin, state):
+        if sent_auth and not (self._drop_stale_token(origin, state)
+                              or self._renew_basic(challenge, state)):
             self._deny(challenges, state.repository)
         self._challenges[origin] = challenge
+
+    def _renew_basic(self, challenge: Challenge, state: _Attempt) -> bool:
+        """A rejected Basic credential that its source can fetch afresh (ECR, a helper):
+        once per try. A static one is rejected for good."""
+        if challenge.scheme != "basic" or state.renewed:
+            return False
+        state.renewed = True
+        return self._credentials.invalidate()
+
+    async def _learn_challenge(self, url: URL, origin: Origin) -> None:
+        """GCR may answer 401 with no challenge except on ``/v2/`` (containers/image
+        ``setupRequestAuth``): ask there, anonymously, and remember what it says."""
+        ping = self._v2_url("") if origin == self._origin else url.with_path("/v2/")
+        resp = await self._raw("GET", ping, self._headers({}, None))
+        challenges = parse_www_authenticate(resp.headers.getall("WWW-Authenticate", []))
+        resp.release()
+        challenge = pick_challenge(challenges)
+        if resp.status == 401 and challenge is not None and self._can_answer(challenge, origin):
+            self._challenges[origin] = challenge
 
     def _can_answer(self, challenge: Challenge, origin: Origin) -> bool:
         if challenge.scheme == "bearer":

@@ -73,8 +73,8 @@ class CredentialSource(Protocol):
         """
         ...
 
-    def invalidate(self) -> None:
-        """Forget a cached value: the registry rejected it."""
+    def invalidate(self) -> bool:
+        """Forget a cached value the registry rejected; True if a new one may differ."""
         ...
 
 
@@ -88,8 +88,9 @@ class StaticSource:
     async def authorization(self) -> Secret | None:
         return self._value
 
-    def invalidate(self) -> None:
+    def invalidate(self) -> bool:
         """Nothing to refetch: the config is what it is."""
+        return False
 
 
 class _Cached:
@@ -137,8 +138,9 @@ class DockerConfigSource:
                 self._cache.until = self._cache.clock() + HELPER_REFRESH
             return value
 
-    def invalidate(self) -> None:
+    def invalidate(self) -> bool:
         self._cache.drop()
+        return True
 
     async def _lookup(self) -> Secret | None:
         document = await asyncio.to_thread(_read_json, self._settings.path)
@@ -283,8 +285,9 @@ class EcrSource:
                 self._cache.until = expires_at - self._settings.refresh_margin
             return value
 
-    def invalidate(self) -> None:
+    def invalidate(self) -> bool:
         self._cache.drop()
+        return True
 
     def _now(self) -> float:
         return self._wall_clock() if self._wall_clock is not None else wall_time()
@@ -380,10 +383,13 @@ class CredentialPool:
             return None
         return await self._sources[self._active].authorization()
 
-    def invalidate(self) -> None:
-        """The registry rejected the active credential: fetch it afresh next time."""
-        if self._sources:
-            self._sources[self._active].invalidate()
+    def invalidate(self) -> bool:
+        """The registry rejected the active credential: fetch it afresh next time.
+
+        Returns:
+            Whether the next value may differ (False for a static credential).
+        """
+        return bool(self._sources) and self._sources[self._active].invalidate()
 
     def rate_limited(self, label: str | None, reason: str) -> bool:
         """Move on from credential ``label`` because it is rate-limited.

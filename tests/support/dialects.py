@@ -63,6 +63,7 @@ class Dialect:
     redirect_all_to: str = ""  # registry.k8s.io: base URL of the registry it redirects to
     redirect_repo_prefix: str = ""  # ... and the repository prefix it adds there
     head_blob_401: bool = False  # ECR Public
+    challenge_on_ping_only: bool = False  # GCR: other 401s carry no WWW-Authenticate
     api_prefix: str = ""  # Artifactory: /artifactory/api/docker/<repo>
 
 
@@ -232,8 +233,10 @@ class DialectRegistry(FakeRegistry):
         # A signed query that must arrive byte for byte (%2F stays encoded).
         return f"{self.cdn_url}/blobs/{digest}?X-Amz-Signature=ab%2Fcd&X-Amz-Expires=600"
 
-    def _challenge(self, repo: str, path: str, error: str | None = None) -> str:
+    def _challenge(self, repo: str, path: str, error: str | None = None) -> str | None:
         d = self.dialect
+        if d.challenge_on_ping_only and path != "/v2/":
+            return None
         if d.scheme == "basic":
             return f'Basic realm="{d.basic_realm}"'
         text = f'Bearer realm="{self.realm}",service="{d.service}"'
@@ -275,7 +278,9 @@ def _repository(path: str) -> str:
     return ""
 
 
-def _unauthorized(challenge: str) -> web.Response:
+def _unauthorized(challenge: str | None) -> web.Response:
+    if challenge is None:
+        return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401)
     return web.json_response(
         {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]},
         status=401, headers={"WWW-Authenticate": challenge})

@@ -257,7 +257,42 @@ async def test_rotation_when_ratelimit_remaining_reaches_zero(rig: Any, mirror_f
     assert sample("mirror_upstream_credential_rotations_total", registry="docker.io",
                   reason="remaining") == before + 1
     assert hub.registry.remaining == {"bot-a": 0, "bot-b": 99}
-    assert 429 not in {r.status for r in []}
+
+
+async def test_every_credential_limited_is_toomanyrequests_after_one_rotation(
+        rig: Any, mirror_for: Any) -> None:
+    hub: Rig = await rig(Dialect(**{**DOCKER_HUB.__dict__,
+                                    "users": {"bot-a": "pass-a", "bot-b": "pass-b"}}))
+    seed(hub.registry, "library/nginx")
+    hub.registry.limited.update({"bot-a", "bot-b"})
+    env: dict[str, str] = {}
+    mirror = await mirror_for({"name": "docker.io", "url": hub.url, **two_accounts(env),
+                               "retries": 3, "max_retry_wait": "1s"}, env=env)
+    before = sample("mirror_upstream_credential_rotations_total", registry="docker.io",
+                    reason="429")
+    response = await mirror.get("/v2/library/nginx/manifests/v1?ns=docker.io")
+    assert response.status == 429
+    assert (await response.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+    assert response.headers["Retry-After"] == "3600"
+    assert sample("mirror_upstream_credential_rotations_total", registry="docker.io",
+                  reason="429") == before + 1
+    assert hub.registry.count("GET", "/manifests/v1") == 3  # anonymous 401, bot-a, bot-b
+
+
+async def test_rejected_docker_config_credential_is_read_again(
+        rig: Any, mirror_for: Any, tmp_path: Path) -> None:
+    """After `docker login` with a new password, a 401 makes the mirror re-read the file."""
+    reg: Rig = await rig(Dialect(scheme="basic", users={"u": "old"}))
+    first, _ = seed(reg.registry, "team/app")
+    second, _ = seed(reg.registry, "team/other")
+    path = write_config(tmp_path / "config.json", {"auths": {"reg.example.com": {
+        "username": "u", "password": "old"}}})
+    mirror = await mirror_for({"name": "reg.example.com", "url": reg.url,
+                               "docker_config": str(path)})
+    assert await pull(mirror, "reg.example.com", "team/app") == first
+    reg.registry.dialect.users["u"] = "new"
+    write_config(path, {"auths": {"reg.example.com": {"username": "u", "password": "new"}}})
+    assert await pull(mirror, "reg.example.com", "team/other") == second
 
 
 async def test_secrets_never_logged(rig: Any, mirror_for: Any, tmp_path: Path) -> None:

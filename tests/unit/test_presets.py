@@ -147,6 +147,17 @@ async def test_gcr_oauth2_access_token(rig: Any, mirror_for: Any) -> None:
     assert await pull(mirror, "gcr.io", "proj/app") == digest
 
 
+async def test_gcr_401_without_challenge_learns_it_from_the_ping(rig: Any,
+                                                                mirror_for: Any) -> None:
+    gcr = await rig(Dialect(scheme="bearer", service="gcr.io", realm_path="/v2/token",
+                            challenge_on_ping_only=True))
+    digest, _ = seed(gcr.registry, "proj/app")
+    mirror = await mirror_for({"name": "gcr.io", "url": gcr.url})
+    assert await pull(mirror, "gcr.io", "proj/app") == digest
+    assert gcr.registry.count("GET", "/v2/") >= 1
+    assert [r.path for r in gcr.registry.requests[:2]] == ["/v2/proj/app/manifests/v1", "/v2/"]
+
+
 async def test_acr_access_token_field(rig: Any, mirror_for: Any) -> None:
     acr = await rig(Dialect(scheme="bearer", service="contoso.azurecr.io",
                             realm_path="/oauth2/token", token_fields=("access_token",),
