@@ -478,7 +478,7 @@ def _ecr(value: Any, key: str, label: str, host: str) -> EcrCredential:
     margin = _opt(ecr, "refresh_margin", key, parse_duration, 3600.0)
     return EcrCredential(
         label=label, region=region,
-        registry_id=_opt(ecr, "registry_id", key, _string, presets.ecr_account(host)),
+        registry_id=_opt(ecr, "registry_id", key, _string, None),
         endpoint_url=str(endpoint) if endpoint is not None else None,
         profile=_opt(ecr, "profile", key, _string, None),
         refresh_margin=margin,
@@ -494,7 +494,7 @@ def _with_default_ecr(credentials: tuple[CredentialSettings, ...], preset: Prese
     region = presets.ecr_region(host)
     if region is None:  # preset: ecr on a url that is not an ECR host, without ecr:
         return credentials
-    return (EcrCredential("ecr-0", region, presets.ecr_account(host)),)
+    return (EcrCredential("ecr-0", region),)
 
 
 def _password(item: dict[str, Any], key: str, env: Mapping[str, str], base: Path) -> Secret | None:

@@ -130,6 +130,11 @@ class UpstreamClient:
         """The upstream's configured name."""
         return self._settings.name
 
+    @property
+    def credential(self) -> str | None:
+        """The label of the credential in use (``None``: anonymous), for logs and metrics."""
+        return self._credentials.active
+
     async def close(self) -> None:
         """Close the session if this client created it."""
         if self._owns_session and self._session is not None:

@@ -119,12 +119,6 @@ def ecr_region(host: str) -> str | None:
     return match.group("region") if match else None
 
 
-def ecr_account(host: str) -> str | None:
-    """The AWS account id of an ECR registry host, or ``None`` if it is not one."""
-    match = _ECR_HOST.fullmatch(host)
-    return match.group("account") if match else None
-
-
 def looks_like_host(name: str) -> bool:
     """Whether a registry name can serve as its own URL host (``myreg.example.com:5000``)."""
     host = name.split(":", 1)[0]

@@ -52,7 +52,7 @@ def test_preset_found_by_url_host_and_explicit_preset_wins() -> None:
 
 def test_ecr_gets_credentials_from_the_aws_chain_by_default() -> None:
     [cred] = one({"name": ECR}).credentials
-    assert cred == EcrCredential("ecr-0", "eu-west-1", "123456789012")
+    assert cred == EcrCredential("ecr-0", "eu-west-1")
     [cred] = one({"name": "ecr", "url": f"https://{ECR}",
                   "ecr": {"profile": "prod", "refresh_margin": "2h"}}).credentials
     assert isinstance(cred, EcrCredential)

@@ -205,7 +205,7 @@ async def test_ecr_preset_needs_no_credentials_config(moto_url: str, aws_env: No
     assert (upstream.preset, str(upstream.url)) == ("ecr", f"https://{ECR_HOST}")
     [cred] = upstream.credentials
     assert isinstance(cred, EcrCredential)
-    assert (cred.region, cred.registry_id) == ("eu-west-1", "123456789012")
+    assert (cred.region, cred.registry_id) == ("eu-west-1", None)
     source = EcrSource(EcrCredential("e", "eu-west-1", "123456789012", moto_url, None, 0),
                        "ecr", wall_clock=lambda: 0.0)
     value = await source.authorization()
