@@ -285,6 +285,10 @@ class UpstreamClient:
                 if origin not in self._challenges and "WWW-Authenticate" not in resp.headers:
                     await self._learn_challenge(url, origin)
                 self._on_unauthorized(resp, origin, authorization is not None, state)
+            elif resp.status == 400 and authorization and self._drop_stale_token(origin, state):
+                # ECR Public answers an expired token with 400 and no challenge, not 401
+                # (aws/containers-roadmap#2835): fetch a new one, once.
+                resp.release()
             elif resp.status == 403:
                 resp.release()
                 UPSTREAM_ERRORS.labels(self.name, "denied").inc()

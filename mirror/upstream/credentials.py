@@ -170,11 +170,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     return document if isinstance(document, dict) else {}
 
 
+_DOCKER_HUB_HOSTS = frozenset({"index.docker.io", "docker.io", "registry-1.docker.io",
+                               "registry.hub.docker.com"})
+
+
 def _host_of(key: str) -> str:
-    """Docker's ``ConvertToHostname``: drop the scheme and any path."""
+    """Docker's ``ConvertToHostname``: drop the scheme and any path. Docker Hub's
+    names are one host (podman and some tools write ``docker.io``)."""
     for scheme in ("https://", "http://"):
         key = key.removeprefix(scheme)
-    return key.split("/", 1)[0].lower()
+    host = key.split("/", 1)[0].lower()
+    return "index.docker.io" if host in _DOCKER_HUB_HOSTS else host
 
 
 def _lookup_key(mapping: Any, server: str) -> Any:

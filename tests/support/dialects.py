@@ -64,6 +64,7 @@ class Dialect:
     redirect_repo_prefix: str = ""  # ... and the repository prefix it adds there
     head_blob_401: bool = False  # ECR Public
     challenge_on_ping_only: bool = False  # GCR: other 401s carry no WWW-Authenticate
+    invalid_token_400: bool = False  # ECR Public: an expired token gets 400, no challenge
     api_prefix: str = ""  # Artifactory: /artifactory/api/docker/<repo>
 
 
@@ -259,6 +260,8 @@ class DialectRegistry(FakeRegistry):
         if not header.startswith("Bearer "):
             return _unauthorized(self._challenge(repo, path))
         scopes = self.tokens.granted.get(header.removeprefix("Bearer "))
+        if scopes is None and d.invalid_token_400:
+            return _error(400, "DENIED", "Your Authorization Token is invalid.")
         if scopes is None:
             return _unauthorized(self._challenge(repo, path, "invalid_token"))
         if d.head_blob_401 and request.method == "HEAD" and "/blobs/" in path:

@@ -117,6 +117,19 @@ async def test_docker_config_helper_for_docker_hub(
     assert hub.tokens.calls[0].headers["Authorization"] == basic_header("helper-user", SECRET)
 
 
+async def test_docker_hub_entry_written_as_docker_io(rig: Any, mirror_for: Any,
+                                                    tmp_path: Path) -> None:
+    """podman (auth.json) and some tools key Docker Hub as docker.io."""
+    hub: Rig = await rig(Dialect(**{**DOCKER_HUB.__dict__, "users": {"cfg-user": SECRET}}))
+    digest, _ = seed(hub.registry, "library/nginx")
+    config_json = write_config(tmp_path / "auth.json", {"auths": {"docker.io": {
+        "auth": base64.b64encode(f"cfg-user:{SECRET}".encode()).decode()}}})
+    mirror = await mirror_for({"name": "docker.io", "url": hub.url,
+                               "docker_config": str(config_json)})
+    assert await pull(mirror, "docker.io", "library/nginx") == digest
+    assert hub.tokens.calls[0].headers["Authorization"] == basic_header("cfg-user", SECRET)
+
+
 async def test_helper_runs_once_while_its_answer_is_fresh(helper_bin: Path,
                                                           tmp_path: Path) -> None:
     config_json = write_config(tmp_path / "c.json", {"credHelpers": {"ghcr.io": "testhelper"}})

@@ -101,6 +101,22 @@ async def test_ecr_public_checks_blobs_with_get_not_head(rig: Any, mirror_for: A
     no_cdn_auth(ecr)
 
 
+async def test_ecr_public_expired_token_answered_400_is_fetched_again(
+        rig: Any, mirror_for: Any) -> None:
+    ecr = await rig(Dialect(scheme="bearer", service="public.ecr.aws", realm_path="/token/",
+                            invalid_token_400=True))
+    seed(ecr.registry, "docker/library/alpine", "v1")
+    digest, _ = seed(ecr.registry, "docker/library/alpine", "v2")
+    mirror = await mirror_for({"name": "public.ecr.aws", "url": ecr.url})
+    assert (await mirror.get("/v2/docker/library/alpine/manifests/v1?ns=public.ecr.aws")
+            ).status == 200
+    ecr.tokens.granted.clear()  # the cached token expired upstream
+    response = await mirror.get("/v2/docker/library/alpine/manifests/v2?ns=public.ecr.aws")
+    assert response.status == 200
+    assert response.headers["Docker-Content-Digest"] == digest
+    assert len(ecr.tokens.calls) == 2
+
+
 async def test_ghcr_token_without_expiry_and_placeholder_ping_scope(
         rig: Any, mirror_for: Any) -> None:
     ghcr = await rig(Dialect(scheme="bearer", service="ghcr.io", expires_in=None,
