@@ -91,7 +91,8 @@ class DockerConfigCredential:
 
 @dataclass(frozen=True)
 class EcrCredential:
-    """Basic credentials from ECR ``GetAuthorizationToken`` (the standard AWS chain)."""
+    """Basic credentials from ECR ``GetAuthorizationToken`` (the standard AWS chain);
+    ``public`` asks ECR Public's API (``ecr-public``, in us-east-1) instead."""
 
     label: str
     region: str
@@ -99,6 +100,7 @@ class EcrCredential:
     endpoint_url: str | None = None
     profile: str | None = None
     refresh_margin: float = 3600.0
+    public: bool = False
 
 
 CredentialSettings = StaticCredential | DockerConfigCredential | EcrCredential
@@ -471,7 +473,9 @@ def _ecr(value: Any, key: str, label: str, host: str) -> EcrCredential:
     from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
     ecr = _mapping(value, key)
     _only_keys(ecr, key, _ECR_KEYS)
-    region = _opt(ecr, "region", key, _string, presets.ecr_region(host))
+    public = host == presets.ECR_PUBLIC_HOST
+    region = _opt(ecr, "region", key, _string,
+                  presets.ECR_PUBLIC_REGION if public else presets.ecr_region(host))
     if region is None:
         raise ConfigError(f"{key}.region", f"required: {host!r} is not an ECR registry host")
     endpoint = _opt(ecr, "endpoint_url", key, _url, None)
@@ -482,6 +486,7 @@ def _ecr(value: Any, key: str, label: str, host: str) -> EcrCredential:
         endpoint_url=str(endpoint) if endpoint is not None else None,
         profile=_opt(ecr, "profile", key, _string, None),
         refresh_margin=margin,
+        public=public,
     )
 
 

@@ -317,9 +317,12 @@ class EcrSource:
 
         s = self._settings
         session = AioSession(profile=s.profile)
-        kwargs: dict[str, Any] = {"registryIds": [s.registry_id]} if s.registry_id else {}
+        service = "ecr-public" if s.public else "ecr"
+        kwargs: dict[str, Any] = {}
+        if s.registry_id and not s.public:
+            kwargs["registryIds"] = [s.registry_id]
         try:
-            async with session.create_client("ecr", region_name=s.region,
+            async with session.create_client(service, region_name=s.region,
                                              endpoint_url=s.endpoint_url) as ecr:
                 answer: dict[str, Any] = await ecr.get_authorization_token(**kwargs)
         except ClientError as exc:
@@ -332,13 +335,15 @@ class EcrSource:
 
 
 def parse_ecr_authorization(answer: dict[str, Any]) -> tuple[str, Secret, float]:
-    """``(username, password, expires_at)`` from a ``GetAuthorizationToken`` answer.
+    """``(username, password, expires_at)`` from a ``GetAuthorizationToken`` answer
+    (ECR's has a list of ``authorizationData``, ECR Public's one object).
 
     Raises:
         UpstreamUnavailable: the answer carries no usable token.
     """
     try:
-        data = answer["authorizationData"][0]
+        data = answer["authorizationData"]
+        data = data[0] if isinstance(data, list) else data
         decoded = base64.b64decode(data["authorizationToken"]).decode()
         expires = data["expiresAt"]
     except (KeyError, IndexError, TypeError, ValueError):

@@ -19,6 +19,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+ECR_PUBLIC_HOST = "public.ecr.aws"
+ECR_PUBLIC_REGION = "us-east-1"
+"""ECR Public's API (``ecr-public``) answers in this region only."""
 DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
 """Where ``docker login`` (no server) stores Docker Hub credentials in config.json."""
 
@@ -71,7 +74,7 @@ PRESETS: tuple[Preset, ...] = (
            aliases=("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"),
            library_prefix=True, docker_config_server=DOCKER_HUB_CONFIG_KEY),
     Preset("ecr", "AWS ECR (private)", pattern=_ECR_HOST),
-    Preset("ecr-public", "AWS ECR Public", names=("public.ecr.aws",), blob_probe="get"),
+    Preset("ecr-public", "AWS ECR Public", names=(ECR_PUBLIC_HOST,), blob_probe="get"),
     Preset("ghcr", "GitHub Container Registry", names=("ghcr.io",)),
     Preset("quay", "Quay", names=("quay.io",)),
     Preset("gcr", "Google Container Registry",

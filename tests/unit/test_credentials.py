@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import structlog
+from aiohttp import web
 from prometheus_client import REGISTRY
 
 from mirror.config import DockerConfigCredential, EcrCredential
@@ -224,6 +225,32 @@ async def test_ecr_preset_needs_no_credentials_config(moto_url: str, aws_env: No
     value = await source.authorization()
     assert value is not None
     assert value.reveal() == basic_header("AWS", "123456789012-auth-token")
+
+
+async def test_ecr_public_token_from_the_ecr_public_api(
+        rig: Any, mirror_for: Any, aws_env: None, aiohttp_server: Any) -> None:
+    """moto has no ecr-public; a fake of its JSON API checks the SigV4 scope instead."""
+    calls: list[dict[str, str]] = []
+
+    async def api(request: web.Request) -> web.Response:
+        calls.append(dict(request.headers))
+        token = base64.b64encode(b"AWS:public-password").decode()
+        body = {"authorizationData": {"authorizationToken": token, "expiresAt": 4102444800}}
+        return web.json_response(body, content_type="application/x-amz-json-1.1")
+
+    app = web.Application()
+    app.router.add_post("/", api)
+    api_server = await aiohttp_server(app)
+    ecr: Rig = await rig(Dialect(scheme="bearer", service="public.ecr.aws", realm_path="/token/",
+                                 users={"AWS": "public-password"}))
+    digest, _ = seed(ecr.registry, "org/tool")
+    mirror = await mirror_for({"name": "public.ecr.aws", "url": ecr.url, "ecr": {
+        "endpoint_url": str(api_server.make_url("")).rstrip("/")}})
+    assert await pull(mirror, "public.ecr.aws", "org/tool") == digest
+    [call] = calls
+    assert call["X-Amz-Target"] == "SpencerFrontendService.GetAuthorizationToken"
+    assert "/us-east-1/ecr-public/aws4_request" in call["Authorization"]
+    assert ecr.tokens.calls[0].headers["Authorization"] == basic_header("AWS", "public-password")
 
 
 # --- rotation --------------------------------------------------------------------------
