@@ -353,8 +353,9 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
     host = _credential_host(name, url)
     credentials = _upstream_credentials(item, key, env=env, base=base, preset=preset, host=host)
     # The top-level username/password stay visible as such for older callers.
-    legacy = credentials[0] if "username" in item else None
-    assert legacy is None or isinstance(legacy, StaticCredential)
+    legacy = credentials[0] if credentials and "username" in item else None
+    if not isinstance(legacy, StaticCredential):
+        legacy = None
     d = UpstreamSettings
     return UpstreamSettings(
         name=name,
