@@ -21,8 +21,9 @@ from prometheus_client import REGISTRY
 
 from mirror.config import DockerConfigCredential, EcrCredential
 from mirror.errors import Denied
-from mirror.upstream import credentials
-from mirror.upstream.credentials import DockerConfigSource, EcrSource, run_helper
+from mirror.upstream import ecr as ecr_module
+from mirror.upstream.dockerconfig import DockerConfigSource, run_helper
+from mirror.upstream.ecr import EcrSource
 from tests.support.dialects import (
     DOCKER_HUB,
     Dialect,
@@ -189,7 +190,7 @@ async def test_ecr_credentials_from_get_authorization_token_refreshed_before_exp
     # wall clock starts 2h before that, and the refresh margin is 1h.
     expires = 1420070400.0
     now = [expires - 7200.0]
-    monkeypatch.setattr(credentials, "wall_time", lambda: now[0])
+    monkeypatch.setattr(ecr_module, "wall_time", lambda: now[0])
     ecr: Rig = await rig(Dialect(scheme="basic", basic_realm=f"https://{ECR_HOST}/",
                                  users={"AWS": "123456789012-auth-token"}, blob_redirect="cdn"))
     digest, _ = seed(ecr.registry, "team/app")
