@@ -31,6 +31,8 @@ from mirror.upstream.sources import CachedSecret
 
 log = structlog.get_logger(__name__)
 
+CREDENTIALS_NOT_FOUND = b"credentials not found in native keychain"
+"""What docker-credential-helpers print (exit 1) for a server they hold nothing for."""
 HELPER_REFRESH = 300.0
 """A credential helper's answer is reused this long before the helper runs again."""
 _HELPER_OUTPUT_MAX = 64 * 1024
@@ -75,8 +77,8 @@ class DockerConfigSource:
         result: Secret | None
         try:
             if helper is not None:
-                username, secret = await run_helper(helper, server, self._settings.helper_timeout)
-                result = basic_authorization(username, secret)
+                found = await run_helper(helper, server, self._settings.helper_timeout)
+                result = basic_authorization(*found) if found is not None else None
             else:
                 result = _from_auths(document, server)
         except Denied:
@@ -141,11 +143,12 @@ def _from_auths(document: dict[str, Any], server: str) -> Secret | None:
     return None
 
 
-async def run_helper(helper: str, server: str, timeout: float) -> tuple[str, Secret]:
+async def run_helper(helper: str, server: str, timeout: float) -> tuple[str, Secret] | None:
     """Run ``docker-credential-<helper> get`` with ``server`` on stdin, as Docker does.
 
     Returns:
-        The username and the secret from its ``{"Username", "Secret"}`` answer.
+        The username and the secret from its ``{"Username", "Secret"}`` answer, or
+        ``None`` when it holds nothing for the server ("credentials not found").
 
     Raises:
         Denied: the helper is missing, fails, times out or answers nonsense.
@@ -167,7 +170,9 @@ async def run_helper(helper: str, server: str, timeout: float) -> tuple[str, Sec
         await process.wait()
         raise Denied(f"credential helper {program} did not answer within {timeout:g}s") from None
     if process.returncode != 0:
-        # Its output may hold a secret or nothing useful ("credentials not found").
+        if stdout.strip() == CREDENTIALS_NOT_FOUND:
+            return None  # as Docker does: no credentials for this server, go anonymous
+        # Its output may hold a secret, so it is not shown.
         raise Denied(f"credential helper {program} failed (exit {process.returncode})")
     return _parse_helper_output(stdout[:_HELPER_OUTPUT_MAX], program)
 

@@ -95,6 +95,8 @@ def helper_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 server=$(cat)
 printf '%s\\n' "$server" >> {log}
 [ -n "$HELPER_SLEEP" ] && sleep "$HELPER_SLEEP"
+if [ -n "$HELPER_EMPTY" ]; then echo "credentials not found in native keychain"; exit 1; fi
+if [ -n "$HELPER_FAIL" ]; then echo "secret-ish failure output"; exit 1; fi
 printf '{{"ServerURL":"%s","Username":"helper-user","Secret":"{SECRET}"}}' "$server"
 """)
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
@@ -151,6 +153,13 @@ async def test_helper_timeout_missing_and_no_entry(helper_bin: Path, tmp_path: P
         await asyncio.wait_for(run_helper("testhelper", "ghcr.io", 0.3), 3)
     with pytest.raises(Denied, match="cannot run"):
         await run_helper("nosuchhelper", "ghcr.io", 1)
+    monkeypatch.delenv("HELPER_SLEEP")
+    monkeypatch.setenv("HELPER_FAIL", "1")
+    with pytest.raises(Denied, match=r"failed \(exit 1\)") as failed:
+        await run_helper("testhelper", "ghcr.io", 3)
+    assert "secret-ish" not in str(failed.value)
+    monkeypatch.setenv("HELPER_EMPTY", "1")  # Docker goes anonymous on this answer
+    assert await run_helper("testhelper", "ghcr.io", 3) is None
     config_json = write_config(tmp_path / "c.json", {"auths": {"quay.io": {"auth": "eDp5"}}})
     source = DockerConfigSource(DockerConfigCredential("h", config_json, "ghcr.io"), "ghcr.io")
     assert await source.authorization() is None  # nothing for this server: anonymous
