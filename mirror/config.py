@@ -8,18 +8,22 @@ The full reference is ``docs/configuration.md``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 from yarl import URL
 
 from mirror.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mirror.upstream.presets import Preset
 
 T = TypeVar("T")
 
@@ -69,6 +73,43 @@ class TlsSettings:
 
 
 @dataclass(frozen=True)
+class StaticCredential:
+    """A username and password (or token) from the config, the environment or a file."""
+
+    label: str
+    username: str
+    password: Secret
+
+
+@dataclass(frozen=True)
+class DockerConfigCredential:
+    """Credentials looked up in a Docker ``config.json`` when needed, the way Docker does:
+    ``credHelpers``/``credsStore`` helpers, else ``auths``."""
+
+    label: str
+    path: Path
+    server: str
+    helper_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class EcrCredential:
+    """Basic credentials from ECR ``GetAuthorizationToken`` (the standard AWS chain);
+    ``public`` asks ECR Public's API (``ecr-public``, in us-east-1) instead."""
+
+    label: str
+    region: str
+    registry_id: str | None = None
+    endpoint_url: str | None = None
+    profile: str | None = None
+    refresh_margin: float = 3600.0
+    public: bool = False
+
+
+CredentialSettings = StaticCredential | DockerConfigCredential | EcrCredential
+
+
+@dataclass(frozen=True)
 class BudgetSettings:
     """A token bucket of upstream requests (see mirror/upstream/guard.py)."""
 
@@ -102,6 +143,9 @@ class UpstreamSettings:
     retries: int = 3
     max_connections: int = 32
     max_retry_wait: float = 10.0
+    preset: str = "generic"
+    credentials: tuple[CredentialSettings, ...] = ()
+    blob_probe: str = "head"
     budget: BudgetSettings | None = None
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     max_client_retry_after: float = 3600.0
@@ -170,6 +214,7 @@ def docker_hub() -> UpstreamSettings:
         aliases=DOCKER_HUB_ALIASES,
         default=True,
         library_prefix=True,
+        preset="dockerhub",
     )
 
 
@@ -308,34 +353,50 @@ def _upstreams(value: Any, env: Mapping[str, str], base: Path) -> tuple[Upstream
 _UPSTREAM_KEYS = {
     "name", "url", "aliases", "default", "library_prefix", "username", "password_env",
     "password_file", "connect_timeout", "read_timeout", "retries", "max_connections",
-    "max_retry_wait",
+    "max_retry_wait", "preset", "blob_probe", "credentials", "docker_config", "ecr",
+    "json_key_file",
 } | {"budget", "breaker", "max_client_retry_after"}
+_CREDENTIAL_KINDS = ("username", "docker_config", "ecr", "json_key_file")
 
 
 def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> UpstreamSettings:
     item = _mapping(value, key)
     _only_keys(item, key, _UPSTREAM_KEYS)
     name = _registry_name(item.get("name"), f"{key}.name")
-    url = _url(item.get("url"), f"{key}.url")
-    aliases_raw = item.get("aliases", [])
+    url = _url(item["url"], f"{key}.url") if "url" in item else None
+    preset = _preset(item, key, name, url)
+    if url is None:
+        url = _preset_url(preset, name, key)
+    aliases_raw = item.get("aliases", [a for a in preset.aliases if a != name])
     if not isinstance(aliases_raw, list):
         raise ConfigError(f"{key}.aliases", "expected a list of names")
     aliases = tuple(_registry_name(a, f"{key}.aliases[{i}]") for i, a in enumerate(aliases_raw))
-    is_hub = name == "docker.io" or url.host in ("registry-1.docker.io", "index.docker.io")
+    blob_probe = _opt(item, "blob_probe", key, _string, preset.blob_probe).lower()
+    if blob_probe not in ("head", "get"):
+        raise ConfigError(f"{key}.blob_probe", f"expected head or get, got {blob_probe!r}")
+    host = _credential_host(name, url)
+    credentials = _upstream_credentials(item, key, env=env, base=base, preset=preset, host=host)
+    # The top-level username/password stay visible as such for older callers.
+    legacy = credentials[0] if credentials and "username" in item else None
+    if not isinstance(legacy, StaticCredential):
+        legacy = None
     d = UpstreamSettings
     return UpstreamSettings(
         name=name,
         url=url,
         aliases=aliases,
         default=_opt(item, "default", key, _bool, False),
-        library_prefix=_opt(item, "library_prefix", key, _bool, is_hub),
-        username=_opt(item, "username", key, _string, None),
-        password=_password(item, key, env, base),
+        library_prefix=_opt(item, "library_prefix", key, _bool, preset.library_prefix),
+        username=legacy.username if legacy else None,
+        password=legacy.password if legacy else None,
         connect_timeout=_opt(item, "connect_timeout", key, parse_duration, d.connect_timeout),
         read_timeout=_opt(item, "read_timeout", key, parse_duration, d.read_timeout),
         retries=_opt(item, "retries", key, _count, d.retries),
         max_connections=_opt(item, "max_connections", key, _positive, d.max_connections),
         max_retry_wait=_opt(item, "max_retry_wait", key, parse_duration, d.max_retry_wait),
+        preset=preset.key,
+        credentials=_with_default_ecr(credentials, preset, host),
+        blob_probe=blob_probe,
         **_guard(item, key),
     )
 
@@ -394,6 +455,133 @@ def parse_rate(value: Any, key: str = "") -> float:
     return float(match.group(1)) / _RATE_UNITS[match.group(2)]
 
 
+def _credential_host(name: str, url: URL) -> str:
+    """The host credentials are kept under (config.json key, ECR host): the name when it
+    is one (``url`` may point elsewhere, e.g. at a proxy), else the ``url``'s host."""
+    from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
+
+    if presets.looks_like_host(name):
+        return name
+    port = "" if url.is_default_port() else f":{url.port}"
+    return f"{url.host}{port}"
+
+
+def _preset(item: dict[str, Any], key: str, name: str, url: URL | None) -> Preset:
+    from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
+    explicit = _opt(item, "preset", key, _string, None)
+    try:
+        return presets.find(name, url.host if url else None, explicit and explicit.lower())
+    except KeyError:
+        known = ", ".join(p.key for p in presets.PRESETS)
+        raise ConfigError(f"{key}.preset",
+                          f"unknown preset {explicit!r} (known: {known})") from None
+
+
+def _preset_url(preset: Preset, name: str, key: str) -> URL:
+    from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
+    if preset.url is not None:
+        return URL(preset.url)
+    if presets.looks_like_host(name):
+        return URL(f"https://{name}")
+    raise ConfigError(f"{key}.url", f"required: {name!r} is not a host name and the "
+                      f"{preset.title} preset has no well-known address")
+
+
+def _upstream_credentials(item: dict[str, Any], key: str, *, env: Mapping[str, str], base: Path,
+                          preset: Preset, host: str) -> tuple[CredentialSettings, ...]:
+    """The top-level credential (at most one kind), then the ``credentials`` list."""
+    given = [k for k in _CREDENTIAL_KINDS if k in item]
+    if len(given) > 1:
+        raise ConfigError(key, f"give one of {', '.join(given)}; list several under credentials:")
+    found: list[CredentialSettings] = []
+    if given or "password_env" in item or "password_file" in item:
+        found.append(_credential(item, key, 0, env=env, base=base, preset=preset, host=host))
+    raw = item.get("credentials")
+    if raw is None:
+        return tuple(found)
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{key}.credentials", "expected a non-empty list of credentials")
+    for i, entry in enumerate(raw):
+        path = f"{key}.credentials[{i}]"
+        entry_map = _mapping(entry, path)
+        _only_keys(entry_map, path, {"username", "password_env", "password_file", "docker_config",
+                                     "server", "helper_timeout", "ecr", "json_key_file", "label"})
+        if len([k for k in _CREDENTIAL_KINDS if k in entry_map]) != 1:
+            raise ConfigError(path, "expected exactly one of username, docker_config, ecr, "
+                              "json_key_file")
+        found.append(_credential(entry_map, path, len(found), env=env, base=base, preset=preset,
+                                 host=host))
+    labels = [c.label for c in found]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{key}.credentials", f"labels must be unique, got {labels}")
+    return tuple(found)
+
+
+def _credential(item: dict[str, Any], key: str, index: int, *, env: Mapping[str, str],
+                base: Path, preset: Preset, host: str) -> CredentialSettings:
+    def label_of(kind: str) -> str:
+        return _opt(item, "label", key, _string, f"{kind}-{index}")
+
+    if "docker_config" in item:
+        path = _existing_file(str(Path(_string(item["docker_config"], f"{key}.docker_config"))
+                                  .expanduser()), f"{key}.docker_config", base)
+        _json_file(path, f"{key}.docker_config")
+        server = _opt(item, "server", key, _string, preset.docker_config_server or host)
+        timeout = _opt(item, "helper_timeout", key, parse_duration, 10.0)
+        return DockerConfigCredential(label_of("docker_config"), path, server, timeout)
+    if "ecr" in item:
+        return _ecr(item["ecr"], f"{key}.ecr", label_of("ecr"), host)
+    if "json_key_file" in item:
+        path = _existing_file(item["json_key_file"], f"{key}.json_key_file", base)
+        text = _json_file(path, f"{key}.json_key_file")
+        # As `docker login --password-stdin` does: the trailing newline is not part of it.
+        return StaticCredential(label_of("json_key"), "_json_key", Secret(text.strip()))
+    for extra in ("server", "helper_timeout"):
+        if extra in item:
+            raise ConfigError(f"{key}.{extra}", "only for a docker_config credential")
+    password = _password(item, key, env, base)
+    if password is None or "username" not in item:
+        raise ConfigError(f"{key}.username", "a password needs a username")
+    return StaticCredential(label_of("static"), _string(item["username"], f"{key}.username"),
+                            password)
+
+
+_ECR_KEYS = {"region", "registry_id", "endpoint_url", "profile", "refresh_margin"}
+
+
+def _ecr(value: Any, key: str, label: str, host: str) -> EcrCredential:
+    from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
+    ecr = _mapping(value, key)
+    _only_keys(ecr, key, _ECR_KEYS)
+    public = host == presets.ECR_PUBLIC_HOST
+    region = _opt(ecr, "region", key, _string,
+                  presets.ECR_PUBLIC_REGION if public else presets.ecr_region(host))
+    if region is None:
+        raise ConfigError(f"{key}.region", f"required: {host!r} is not an ECR registry host")
+    endpoint = _opt(ecr, "endpoint_url", key, _url, None)
+    margin = _opt(ecr, "refresh_margin", key, parse_duration, 3600.0)
+    return EcrCredential(
+        label=label, region=region,
+        registry_id=_opt(ecr, "registry_id", key, _string, None),
+        endpoint_url=str(endpoint) if endpoint is not None else None,
+        profile=_opt(ecr, "profile", key, _string, None),
+        refresh_margin=margin,
+        public=public,
+    )
+
+
+def _with_default_ecr(credentials: tuple[CredentialSettings, ...], preset: Preset,
+                      host: str) -> tuple[CredentialSettings, ...]:
+    from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
+    """An ECR registry with no credentials configured gets them from the AWS chain."""
+    if credentials or preset.key != "ecr":
+        return credentials
+    region = presets.ecr_region(host)
+    if region is None:  # preset: ecr on a url that is not an ECR host, without ecr:
+        return credentials
+    return (EcrCredential("ecr-0", region),)
+
+
 def _password(item: dict[str, Any], key: str, env: Mapping[str, str], base: Path) -> Secret | None:
     if "password" in item:
         raise ConfigError(f"{key}.password", "never put a password in the file: "
@@ -411,6 +599,15 @@ def _password(item: dict[str, Any], key: str, env: Mapping[str, str], base: Path
     if "username" in item:
         raise ConfigError(f"{key}.username", "a username needs password_env or password_file")
     return None
+
+
+def _json_file(path: Path, key: str) -> str:
+    text = path.read_text()
+    try:
+        json.loads(text)
+    except ValueError:
+        raise ConfigError(key, f"{path} is not JSON") from None
+    return text
 
 
 def _check_unique_names(upstreams: tuple[UpstreamSettings, ...]) -> None:

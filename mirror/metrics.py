@@ -45,6 +45,17 @@ UPSTREAM_RETRIES = Counter(
 TOKEN_FETCHES = Counter(
     "mirror_upstream_token_fetches_total", "Bearer tokens fetched.", ["registry", "result"]
 )
+CREDENTIAL_FETCHES = Counter(
+    "mirror_upstream_credential_fetches_total",
+    "Credentials obtained from a docker config.json (or its helper) or from ECR.",
+    ["registry", "source", "result"],
+)
+CREDENTIAL_ROTATIONS = Counter(
+    "mirror_upstream_credential_rotations_total",
+    "Moves to an upstream's next credential because the active one was rate-limited "
+    "(reason 429 or remaining).",
+    ["registry", "reason"],
+)
 FILLS = Counter("mirror_fills_total", "Upstream blob downloads finished, by result.", ["result"])
 FILLS_IN_FLIGHT = Gauge("mirror_fills_in_flight", "Upstream blob downloads under way.")
 FILL_READERS = Gauge("mirror_fill_readers", "Clients reading an in-flight download right now.")

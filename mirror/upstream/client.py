@@ -4,9 +4,11 @@
 anonymous first, then the challenge's scheme (PROTOCOL.md section 3); redirects
 followed by hand so signed URLs keep their bytes and credentials never leave
 their origin; retries with backoff for connection trouble, timeouts and 5xx;
-429 waited out only when the wait is short. Every attempt passes the
-upstream's guard first (request budget, circuit breaker: see guard.py), and
-every response's rate-limit headers are read.
+429 waited out only when the wait is short. Credentials come from a
+:class:`~mirror.upstream.credentials.CredentialPool`; a rate-limited one is
+swapped for the next (a 429 is retried at once with it). Every attempt passes
+the upstream's guard first (request budget, circuit breaker: see guard.py),
+and every response's rate-limit headers are read.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import structlog
 from multidict import CIMultiDict
 from yarl import URL
 
-from mirror.config import Secret, UpstreamSettings
+from mirror.config import Secret, StaticCredential, UpstreamSettings
 from mirror.errors import Denied, NameUnknown, TooManyRequests, UpstreamUnavailable
 from mirror.metrics import UPSTREAM_ERRORS, UPSTREAM_REQUESTS, UPSTREAM_RETRIES
 from mirror.upstream.auth import (
@@ -33,13 +35,13 @@ from mirror.upstream.auth import (
     TokenCache,
     TokenKey,
     TransientError,
-    basic_authorization,
     fetch_token,
     parse_www_authenticate,
     pick_challenge,
     token_key,
     transient_from,
 )
+from mirror.upstream.credentials import CredentialPool, make_source
 from mirror.upstream.guard import UpstreamGuard, parse_retry_after
 
 log = structlog.get_logger(__name__)
@@ -73,6 +75,8 @@ class _Attempt:
     auth_rounds: dict[Origin, int] = field(default_factory=dict)
     tokens_sent: dict[Origin, tuple[TokenKey, BearerToken]] = field(default_factory=dict)
     hops: int = 0
+    credential: str | None = None  # label of the credential in use
+    renewed: bool = False  # a rejected Basic credential was fetched afresh once
 
 
 class UpstreamClient:
@@ -100,10 +104,12 @@ class UpstreamClient:
         self._origin = origin_of(settings.url)
         self._tokens = TokenCache(clock)
         self._challenges: dict[Origin, Challenge] = {}
-        self._basic: Secret | None = None
+        credentials = settings.credentials
+        if not credentials and settings.username is not None and settings.password is not None:
+            credentials = (StaticCredential("static-0", settings.username, settings.password),)
+        self._credentials = CredentialPool(
+            settings.name, [make_source(c, settings.name) for c in credentials])
         self.guard = guard or UpstreamGuard(settings)
-        if settings.username is not None and settings.password is not None:
-            self._basic = basic_authorization(settings.username, settings.password)
 
     def __repr__(self) -> str:
         return f"UpstreamClient(name={self.name!r}, url={str(self._settings.url)!r})"
@@ -112,6 +118,11 @@ class UpstreamClient:
     def name(self) -> str:
         """The upstream's configured name."""
         return self._settings.name
+
+    @property
+    def credential(self) -> str | None:
+        """The label of the credential in use (``None``: anonymous), for logs and metrics."""
+        return self._credentials.active
 
     async def close(self) -> None:
         """Close the session if this client created it."""
@@ -156,6 +167,8 @@ class UpstreamClient:
                 or the breaker open.
         """
         url = self._v2_url(f"{repository}/{suffix}")
+        if method == "HEAD" and suffix.startswith("blobs/") and self._settings.blob_probe == "get":
+            method = "GET"  # ECR Public answers a blob HEAD with 401; only the headers are read
         return self._open(method, repository, url.extend_query(params or {}), headers or {}, retry,
                           background=background)
 
@@ -206,9 +219,11 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         """Retry loop around :meth:`_attempt`: transient errors and short 429s."""
         attempts = self._settings.retries + 1 if retry else 1
+        rotations = 0
         for attempt in range(1, attempts + 1):
             try:
-                state = _Attempt(repository, started=self._tokens.clock())
+                state = _Attempt(repository, started=self._tokens.clock(),
+                                 credential=self._credentials.active)
                 resp = await self._guarded(method, url, headers, state, background=background)
             except TransientError as exc:
                 UPSTREAM_ERRORS.labels(self.name, exc.reason).inc()
@@ -218,10 +233,15 @@ class UpstreamClient:
                 await self._pause(backoff_delay(attempt), exc.reason, attempt)
                 continue
             if resp.status != 429:
+                self._note_remaining(resp, state)
                 return resp
             wait = parse_retry_after(resp.headers.get("Retry-After"))
             resp.release()
             UPSTREAM_ERRORS.labels(self.name, "rate_limited").inc()
+            if attempt < attempts and rotations < len(self._credentials) - 1 and self._rotate(
+                    state.credential, "429"):
+                rotations += 1
+                continue
             if wait is None or wait > self._settings.max_retry_wait or attempt == attempts:
                 raise TooManyRequests(f"{self.name}: upstream rate limit reached",
                                       self.guard.client_retry_after(wait))
@@ -260,6 +280,22 @@ class UpstreamClient:
         finally:
             self.guard.settle(ticket, ok, rate_limited=limited, retry_after=retry_after)
 
+    def _note_remaining(self, resp: aiohttp.ClientResponse, state: _Attempt) -> None:
+        """Docker Hub's ``ratelimit-remaining: 0;w=21600``: the next request would be a 429."""
+        remaining = resp.headers.get("ratelimit-remaining")
+        if remaining is not None and remaining.split(";", 1)[0].strip() == "0":
+            self._rotate(state.credential, "remaining")
+
+    def _rotate(self, label: str | None, reason: str) -> bool:
+        """Switch away from a rate-limited credential; True if another one is now active."""
+        switching = label is not None and self._credentials.active == label
+        if not self._credentials.rate_limited(label, reason):
+            return False
+        if switching:
+            # Tokens were granted to the old credential and count against its limit.
+            self._tokens = TokenCache(self._tokens.clock)
+        return True
+
     async def _pause(self, delay: float, reason: str, attempt: int) -> None:
         UPSTREAM_RETRIES.labels(self.name).inc()
         log.warning("upstream_retry", registry=self.name, reason=reason, attempt=attempt,
@@ -274,10 +310,20 @@ class UpstreamClient:
             origin = origin_of(url)
             authorization = await self._authorization(origin, state)
             resp = await self._raw(method, url, self._headers(headers, authorization))
+            if origin == self._origin:
+                # Whose limit the headers speak of: the credential the request went with.
+                credential = state.credential if authorization is not None else None
+                self.guard.observe(resp.headers, credential or "anonymous")
             if resp.status in _REDIRECTS and "Location" in resp.headers:
                 method, url = self._redirect(method, url, resp, state)
             elif resp.status == 401:
+                if origin not in self._challenges and "WWW-Authenticate" not in resp.headers:
+                    await self._learn_challenge(url, origin)
                 self._on_unauthorized(resp, origin, authorization is not None, state)
+            elif resp.status == 400 and authorization and self._drop_stale_token(origin, state):
+                # ECR Public answers an expired token with 400 and no challenge, not 401
+                # (aws/containers-roadmap#2835): fetch a new one, once.
+                resp.release()
             elif resp.status == 403:
                 resp.release()
                 UPSTREAM_ERRORS.labels(self.name, "denied").inc()
@@ -298,14 +344,7 @@ class UpstreamClient:
             what = "upstream" if origin_of(url) == self._origin else "redirect target"
             raise transient_from(exc, what) from None
         UPSTREAM_REQUESTS.labels(self.name, method, str(resp.status)).inc()
-        if origin_of(url) == self._origin:
-            self.guard.observe(resp.headers, self._credential_label("Authorization" in headers))
         return resp
-
-    def _credential_label(self, authorized: bool) -> str:
-        """Whose rate limit a response speaks of: our username, or ``anonymous``."""
-        username = self._settings.username
-        return username if authorized and username and self._basic is not None else "anonymous"
 
     def _headers(self, extra: Mapping[str, str], authorization: str | None) -> CIMultiDict[str]:
         headers: CIMultiDict[str] = CIMultiDict({"User-Agent": USER_AGENT})
@@ -353,14 +392,34 @@ class UpstreamClient:
         challenge = offered or self._challenges.get(origin)
         if challenge is None or rounds > MAX_AUTH_ROUNDS or not self._can_answer(challenge, origin):
             self._deny(challenges, state.repository)
-        if sent_auth and not self._drop_stale_token(origin, state):
+        if sent_auth and not (self._drop_stale_token(origin, state)
+                              or self._renew_basic(challenge, state)):
             self._deny(challenges, state.repository)
         self._challenges[origin] = challenge
+
+    def _renew_basic(self, challenge: Challenge, state: _Attempt) -> bool:
+        """A rejected Basic credential that its source can fetch afresh (ECR, a helper):
+        once per try. A static one is rejected for good."""
+        if challenge.scheme != "basic" or state.renewed:
+            return False
+        state.renewed = True
+        return self._credentials.invalidate()
+
+    async def _learn_challenge(self, url: URL, origin: Origin) -> None:
+        """GCR may answer 401 with no challenge except on ``/v2/`` (containers/image
+        ``setupRequestAuth``): ask there, anonymously, and remember what it says."""
+        ping = self._v2_url("") if origin == self._origin else url.with_path("/v2/")
+        resp = await self._raw("GET", ping, self._headers({}, None))
+        challenges = parse_www_authenticate(resp.headers.getall("WWW-Authenticate", []))
+        resp.release()
+        challenge = pick_challenge(challenges)
+        if resp.status == 401 and challenge is not None and self._can_answer(challenge, origin):
+            self._challenges[origin] = challenge
 
     def _can_answer(self, challenge: Challenge, origin: Origin) -> bool:
         if challenge.scheme == "bearer":
             return True
-        return challenge.scheme == "basic" and origin == self._origin and self._basic is not None
+        return challenge.scheme == "basic" and origin == self._origin and len(self._credentials) > 0
 
     def _drop_stale_token(self, origin: Origin, state: _Attempt) -> bool:
         """After a 401 despite a token: drop it and return True if it predates this try.
@@ -392,9 +451,12 @@ class UpstreamClient:
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            return self._basic.reveal() if self._basic is not None else None
+            if origin != self._origin:
+                return None
+            basic = await self._credentials.authorization()
+            return basic.reveal() if basic is not None else None
         key = token_key(challenge, self._scopes(origin, state.repository, challenge))
-        credentials = self._token_credentials(origin, key[0])
+        credentials = await self._token_credentials(origin, key[0])
 
         async def fetch() -> BearerToken:
             try:
@@ -408,11 +470,11 @@ class UpstreamClient:
         state.tokens_sent[origin] = (key, token)
         return token.authorization()
 
-    def _token_credentials(self, origin: Origin, realm: str) -> Secret | None:
+    async def _token_credentials(self, origin: Origin, realm: str) -> Secret | None:
         """Our Basic credentials for a token realm: only for our own upstream's
         challenges, and never in clear text to an http realm of an https upstream."""
-        if origin != self._origin or self._basic is None:
+        if origin != self._origin or not len(self._credentials):
             return None
         if URL(realm).scheme != "https" and self._origin[0] == "https":
             return None
-        return self._basic
+        return await self._credentials.authorization()

@@ -172,8 +172,9 @@ class FakeRegistry:
                             "rate limit. You may increase the limit by authenticating."}]}
         return web.json_response(body, status=429, headers=headers)
 
-    async def _answer(self, request: web.Request) -> web.StreamResponse:
-        path = request.path
+    async def _answer(self, request: web.Request, path: str | None = None) -> web.StreamResponse:
+        """Answer from content; ``path`` replaces the request's (a registry under a prefix)."""
+        path = request.path if path is None else path
         if path == "/v2/":
             return web.json_response({})
         body, headers = self._lookup(path)

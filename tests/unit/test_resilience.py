@@ -7,6 +7,7 @@ none, and upstream must not be hammered while it is down."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -20,7 +21,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 from yarl import URL
 
-from mirror.config import BreakerSettings, BudgetSettings, Secret, UpstreamSettings
+from mirror.config import (
+    BreakerSettings,
+    BudgetSettings,
+    Secret,
+    StaticCredential,
+    UpstreamSettings,
+)
 from mirror.errors import TooManyRequests, UpstreamUnavailable
 from mirror.server.state import STATE
 from mirror.upstream import UpstreamClient
@@ -429,25 +436,37 @@ async def test_docker_hub_ratelimit_headers_become_gauges(make_mirror: MirrorFac
 
 async def test_ratelimit_gauges_are_per_credential_and_never_show_the_secret(
         aiohttp_server: Any) -> None:
-    password = "s3cret-password"
+    passwords = {"bot-a": "s3cret-a", "bot-b": "s3cret-b"}
+    remaining = {"bot-a": "0;w=21600", "bot-b": "99;w=21600"}
 
     async def registry(request: web.Request) -> web.Response:
-        limits = {"ratelimit-limit": "200;w=21600", "ratelimit-remaining": "150;w=21600"}
-        if request.headers.get("Authorization") is None:
+        header = request.headers.get("Authorization", "")
+        user = next((u for u, p in passwords.items()
+                     if header == "Basic " + base64.b64encode(f"{u}:{p}".encode()).decode()),
+                    None)
+        if user is None:
             return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="r"'})
-        return web.Response(body=b"{}", headers=limits)
+        return web.Response(body=b"{}", headers={"ratelimit-limit": "200;w=21600",
+                                                 "ratelimit-remaining": remaining[user]})
 
     app = web.Application()
     app.router.add_route("*", "/v2/{tail:.*}", registry)
     server = await aiohttp_server(app)
+    credentials = tuple(StaticCredential(f"hub-{u[-1]}", u, Secret(p))
+                        for u, p in passwords.items())
     client = UpstreamClient(UpstreamSettings(name="hub-creds", url=server.make_url(""),
-                                             username="ci-bot", password=Secret(password)))
+                                             credentials=credentials))
     try:
-        async with client.request("GET", "library/nginx", "manifests/latest") as resp:
-            assert resp.status == 200
+        for _ in range(2):  # bot-a reports 0 left: the second request goes as bot-b
+            async with client.request("GET", "library/nginx", "manifests/latest") as resp:
+                assert resp.status == 200
     finally:
         await client.close()
     assert sample("mirror_upstream_ratelimit_remaining", registry="hub-creds",
-                  credential="ci-bot") == 150
+                  credential="hub-a") == 0
+    assert sample("mirror_upstream_ratelimit_remaining", registry="hub-creds",
+                  credential="hub-b") == 99
+    assert sample("mirror_upstream_ratelimit_limit", registry="hub-creds",
+                  credential="hub-b") == 200
     exposition = "".join(str(m) for m in REGISTRY.collect())
-    assert password not in exposition
+    assert not any(p in exposition for p in passwords.values())
