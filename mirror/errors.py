@@ -19,10 +19,8 @@ and becomes a 500 with no details in the body.
     │   ├── ManifestInvalid         502 MANIFEST_INVALID (upstream sent bad bytes)
     │   ├── Unsupported             405 UNSUPPORTED (push, delete, ...)
     │   ├── Denied                  403 DENIED
-    │   ├── TooManyRequests         429 TOOMANYREQUESTS (with Retry-After): upstream's
-    │   │                           429, the mirror's request budget, or a breaker opened by 429s
-    │   └── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken;
-    │                               503 with Retry-After while the circuit breaker is open)
+    │   ├── TooManyRequests         429 TOOMANYREQUESTS (with Retry-After)
+    │   └── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken)
     └── FillError                   an upstream download failed after bytes went out
 """
 
@@ -130,7 +128,8 @@ class Denied(OciError):
 
 
 class TooManyRequests(OciError):
-    """Upstream rate-limited us and nothing cached can answer instead."""
+    """Upstream rate-limited us (or the mirror's own request budget for it is spent,
+    or its breaker opened after 429s) and nothing cached can answer instead."""
 
     code = "TOOMANYREQUESTS"
     status = 429
@@ -142,7 +141,8 @@ class TooManyRequests(OciError):
 
 
 class UpstreamUnavailable(OciError):
-    """Upstream refused, timed out, answered 5xx or sent something unusable."""
+    """Upstream refused, timed out, answered 5xx or sent something unusable; or its
+    circuit breaker is open (503 with ``Retry-After``)."""
 
     code = "UNAVAILABLE"
     status = 503

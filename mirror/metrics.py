@@ -56,16 +56,6 @@ CREDENTIAL_ROTATIONS = Counter(
     "(reason 429 or remaining).",
     ["registry", "reason"],
 )
-FILLS = Counter("mirror_fills_total", "Upstream blob downloads finished, by result.", ["result"])
-FILLS_IN_FLIGHT = Gauge("mirror_fills_in_flight", "Upstream blob downloads under way.")
-FILL_READERS = Gauge("mirror_fill_readers", "Clients reading an in-flight download right now.")
-FILL_JOINS = Counter(
-    "mirror_fill_joins_total", "Requests that joined a download another request started."
-)
-STALE_SERVED = Counter(
-    "mirror_stale_served_total", "Tags answered from cache because upstream failed.",
-    ["registry", "reason"],
-)
 BREAKER_STATE = Gauge(
     "mirror_upstream_breaker_state",
     "Circuit breaker of each upstream: 0 closed, 1 open (failing fast), 2 half-open (probing).",
@@ -104,6 +94,17 @@ RATELIMIT_WINDOW = Gauge(
     "Length of upstream's rate-limit window (the w= of ratelimit-limit), per credential.",
     ["registry", "credential"],
 )
+FILLS = Counter("mirror_fills_total", "Upstream blob downloads finished, by result.", ["result"])
+FILLS_IN_FLIGHT = Gauge("mirror_fills_in_flight", "Upstream blob downloads under way.")
+FILL_READERS = Gauge("mirror_fill_readers", "Clients reading an in-flight download right now.")
+FILL_JOINS = Counter(
+    "mirror_fill_joins_total", "Requests that joined a download another request started."
+)
+STALE_SERVED = Counter(
+    "mirror_stale_served_total", "Tags answered from cache because upstream failed.",
+    ["registry", "reason"],
+)
+
 
 @functools.lru_cache(maxsize=4096)
 def child(metric: Any, *labels: str) -> Any:
