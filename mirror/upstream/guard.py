@@ -187,12 +187,22 @@ class Ticket:
 
 
 class Breaker:
-    """Circuit breaker of one upstream (``upstreams[].breaker``)."""
+    """Circuit breaker of one upstream (``upstreams[].breaker``).
 
-    def __init__(self, registry: str, settings: BreakerSettings, clock: Clock) -> None:
+    Args:
+        registry: the upstream's name, for metrics and logs.
+        settings: failures, window and cool-down.
+        clock: monotonic clock.
+        max_wait: the longest an upstream ``Retry-After`` may stretch the
+            cool-down, and the longest ``Retry-After`` given to clients.
+    """
+
+    def __init__(self, registry: str, settings: BreakerSettings, clock: Clock,
+                 max_wait: float = 3600.0) -> None:
         self._registry = registry
         self._settings = settings
         self._clock = clock
+        self._max_wait = max_wait
         self.state = CLOSED
         self._failures: deque[float] = deque()
         self._opened_at = 0.0
@@ -202,13 +212,13 @@ class Breaker:
         self._retry_after: float | None = None
         metrics.BREAKER_STATE.labels(registry).set(0)
 
-    def check(self, cap: float) -> None:
+    def check(self) -> None:
         """Fail fast if :meth:`enter` would, without taking a probe slot."""
         remaining = self._opened_at + self._cool_down - self._clock()
         if (self.state == OPEN and remaining > 0) or (self.state == HALF_OPEN and self._probing):
-            self._refuse(remaining, cap)
+            self._refuse(remaining)
 
-    def enter(self, cap: float) -> Ticket:
+    def enter(self) -> Ticket:
         """Let an attempt through, or fail fast.
 
         Raises:
@@ -224,10 +234,10 @@ class Breaker:
         if self.state == HALF_OPEN and not self._probing:
             self._probing = True
             return Ticket(probe=True)
-        self._refuse(remaining, cap)
+        self._refuse(remaining)
 
-    def _refuse(self, remaining: float, cap: float) -> NoReturn:
-        wait = float(min(max(1, math.ceil(remaining)), max(1, math.ceil(cap))))
+    def _refuse(self, remaining: float) -> NoReturn:
+        wait = float(min(max(1, math.ceil(remaining)), max(1, math.ceil(self._max_wait))))
         if self._rate_limited:
             raise TooManyRequests(f"{self._registry}: upstream is rate-limiting the mirror; "
                                   "not asking again yet", wait)
@@ -261,7 +271,8 @@ class Breaker:
     def _open(self, reason: str) -> None:
         self._opened_at = self._clock()
         # Asking again before upstream's own Retry-After has passed only earns another 429.
-        self._cool_down = max(self._settings.cool_down, self._retry_after or 0.0)
+        stretch = min(self._retry_after or 0.0, self._max_wait)
+        self._cool_down = max(self._settings.cool_down, stretch)
         self._failures.clear()
         self._move(OPEN, reason=reason, cool_down=round(self._cool_down, 3),
                    cause="rate_limited" if self._rate_limited else "unavailable")
@@ -285,7 +296,8 @@ class UpstreamGuard:
 
     def __init__(self, settings: UpstreamSettings, clock: Clock = time.monotonic) -> None:
         self._settings = settings
-        self.breaker = Breaker(settings.name, settings.breaker, clock)
+        self.breaker = Breaker(settings.name, settings.breaker, clock,
+                               settings.max_client_retry_after)
         self.budget = Budget(settings.name, settings.budget, clock) if settings.budget else None
         self._ratelimits: dict[str, tuple[int | None, int | None]] = {}
 
@@ -302,11 +314,11 @@ class UpstreamGuard:
                 breaker is open after 429s.
             UpstreamUnavailable: the breaker is open.
         """
-        cap = self._settings.max_client_retry_after
-        self.breaker.check(cap)  # fail fast before spending budget
+        self.breaker.check()  # fail fast before spending budget
         if self.budget is not None:
-            await self.budget.acquire(background=background, cap=cap)
-        return self.breaker.enter(cap)
+            await self.budget.acquire(background=background,
+                                      cap=self._settings.max_client_retry_after)
+        return self.breaker.enter()
 
     def settle(self, ticket: Ticket, ok: bool | None, *, rate_limited: bool = False,
                retry_after: float | None = None) -> None:
@@ -324,8 +336,8 @@ class UpstreamGuard:
 
         Args:
             headers: the response headers.
-            credential: the credential's label: a username or ``anonymous``,
-                never a secret.
+            credential: the label of the credential the request went out with,
+                or ``anonymous``; never a secret.
         """
         limit = parse_ratelimit(headers.get("ratelimit-limit"))
         remaining = parse_ratelimit(headers.get("ratelimit-remaining"))

@@ -107,8 +107,9 @@ def test_client_retry_after_is_bounded() -> None:
 # --- breaker ----------------------------------------------------------------------
 
 
-def breaker(name: str, clock: Clock, failures: int = 3) -> Breaker:
-    return Breaker(name, BreakerSettings(failures=failures, window=10.0, cool_down=5.0), clock)
+def breaker(name: str, clock: Clock, failures: int = 3, max_wait: float = 600.0) -> Breaker:
+    return Breaker(name, BreakerSettings(failures=failures, window=10.0, cool_down=5.0), clock,
+                   max_wait)
 
 
 def test_breaker_opens_after_n_failures_in_a_row_and_fails_fast() -> None:
@@ -116,10 +117,10 @@ def test_breaker_opens_after_n_failures_in_a_row_and_fails_fast() -> None:
     b = breaker("brk-open", clock)
     with structlog.testing.capture_logs() as logs:
         for _ in range(3):
-            b.settle(b.enter(60), ok=False)
+            b.settle(b.enter(), ok=False)
     assert b.state == "open"
     with pytest.raises(UpstreamUnavailable) as info:
-        b.enter(60)
+        b.enter()
     assert info.value.status == 503 and info.value.headers["Retry-After"] == "5"
     assert sample("mirror_upstream_breaker_state", registry="brk-open") == 1
     assert sample("mirror_upstream_breaker_transitions_total", registry="brk-open",
@@ -131,33 +132,33 @@ def test_breaker_opens_after_n_failures_in_a_row_and_fails_fast() -> None:
 def test_a_success_resets_the_count_and_old_failures_fall_out_of_the_window() -> None:
     clock = Clock()
     b = breaker("brk-window", clock)
-    b.settle(b.enter(60), ok=False)
-    b.settle(b.enter(60), ok=False)
-    b.settle(b.enter(60), ok=True)
-    b.settle(b.enter(60), ok=False)
-    b.settle(b.enter(60), ok=False)
+    b.settle(b.enter(), ok=False)
+    b.settle(b.enter(), ok=False)
+    b.settle(b.enter(), ok=True)
+    b.settle(b.enter(), ok=False)
+    b.settle(b.enter(), ok=False)
     clock.now += 11  # the two failures are now older than the window
-    b.settle(b.enter(60), ok=False)
+    b.settle(b.enter(), ok=False)
     assert b.state == "closed"
-    b.settle(b.enter(60), ok=None)  # no verdict changes nothing
-    b.settle(b.enter(60), ok=False)
-    b.settle(b.enter(60), ok=False)
+    b.settle(b.enter(), ok=None)  # no verdict changes nothing
+    b.settle(b.enter(), ok=False)
+    b.settle(b.enter(), ok=False)
     assert b.state == "open"
 
 
 def test_half_open_lets_one_probe_through_and_its_success_closes() -> None:
     clock = Clock()
     b = breaker("brk-probe", clock, failures=1)
-    b.settle(b.enter(60), ok=False)
+    b.settle(b.enter(), ok=False)
     clock.now += 5
-    probe = b.enter(60)
+    probe = b.enter()
     assert probe.probe and b.state == "half_open"
     assert sample("mirror_upstream_breaker_state", registry="brk-probe") == 2
     with pytest.raises(UpstreamUnavailable):
-        b.enter(60)  # only one probe at a time
+        b.enter()  # only one probe at a time
     b.settle(probe, ok=True)
     assert b.state == "closed"
-    assert not b.enter(60).probe
+    assert not b.enter().probe
     assert sample("mirror_upstream_breaker_state", registry="brk-probe") == 0
     for state in ("open", "half_open", "closed"):
         assert sample("mirror_upstream_breaker_transitions_total", registry="brk-probe",
@@ -167,37 +168,48 @@ def test_half_open_lets_one_probe_through_and_its_success_closes() -> None:
 def test_failed_probe_reopens_and_a_cancelled_probe_frees_the_slot() -> None:
     clock = Clock()
     b = breaker("brk-reopen", clock, failures=1)
-    b.settle(b.enter(60), ok=False)
+    b.settle(b.enter(), ok=False)
     clock.now += 5
-    b.settle(b.enter(60), ok=False)
+    b.settle(b.enter(), ok=False)
     assert b.state == "open"
     with pytest.raises(UpstreamUnavailable):
-        b.enter(60)
+        b.enter()
     clock.now += 5
-    b.settle(b.enter(60), ok=None)  # the probe's caller went away
-    assert b.enter(60).probe
+    b.settle(b.enter(), ok=None)  # the probe's caller went away
+    assert b.enter().probe
 
 
 def test_breaker_opened_by_429s_answers_toomanyrequests_and_waits_out_retry_after() -> None:
     clock = Clock()
     b = breaker("brk-429", clock, failures=2)
     for _ in range(2):
-        b.settle(b.enter(600), ok=False, rate_limited=True, retry_after=120.0)
+        b.settle(b.enter(), ok=False, rate_limited=True, retry_after=120.0)
     with pytest.raises(TooManyRequests) as info:
-        b.enter(600)
+        b.enter()
     assert info.value.headers["Retry-After"] == "120"
     clock.now += 60  # past the cool-down, not past upstream's Retry-After
     with pytest.raises(TooManyRequests):
-        b.enter(600)
+        b.enter()
     clock.now += 60
-    assert b.enter(600).probe
+    assert b.enter().probe
+
+
+def test_an_enormous_retry_after_stretches_the_cool_down_only_to_the_bound() -> None:
+    clock = Clock()
+    b = breaker("brk-bound", clock, failures=1, max_wait=300.0)
+    b.settle(b.enter(), ok=False, rate_limited=True, retry_after=86400.0)
+    with pytest.raises(TooManyRequests) as info:
+        b.enter()
+    assert info.value.headers["Retry-After"] == "300"
+    clock.now += 300
+    assert b.enter().probe
 
 
 def test_zero_failures_disables_the_breaker() -> None:
     clock = Clock()
     b = breaker("brk-off", clock, failures=0)
     for _ in range(50):
-        b.settle(b.enter(60), ok=False)
+        b.settle(b.enter(), ok=False)
     assert b.state == "closed"
 
 
