@@ -56,6 +56,34 @@ STALE_SERVED = Counter(
     ["registry", "reason"],
 )
 
+S3_LOOKUPS = Counter(
+    "mirror_s3_lookups_total",
+    "Look-ups in the shared S3 tier after a local miss: hit, miss, or skipped (S3 is backing "
+    "off after a failure).",
+    ["kind", "result"],
+)
+S3_READ_BYTES = Counter(
+    "mirror_s3_read_bytes_total", "Blob bytes read from the shared S3 tier into local fills."
+)
+S3_UPLOADS = Counter(
+    "mirror_s3_uploads_total",
+    "Uploads to the shared S3 tier: ok, exists (another node had put it there), failed, "
+    "skipped (backing off, or too many uploads queued).",
+    ["kind", "result"],
+)
+S3_UPLOAD_BYTES = Counter(
+    "mirror_s3_upload_bytes_total", "Bytes uploaded to the shared S3 tier.", ["kind"]
+)
+S3_FAILURES = Counter(
+    "mirror_s3_failures_total",
+    "Failed S3 operations: head, get, read, put, upload, presign, delete, verify (an object "
+    "whose bytes are not its digest, removed from the bucket).",
+    ["operation"],
+)
+S3_REDIRECTS = Counter(
+    "mirror_s3_redirects_total", "Blob requests answered with a 307 to a presigned S3 URL."
+)
+
 
 @functools.lru_cache(maxsize=4096)
 def child(metric: Any, *labels: str) -> Any:
