@@ -262,6 +262,10 @@ _PREFIX_RE = re.compile(r"[A-Za-z0-9!_.*'()/-]*")
 def _s3(value: Any, env: Mapping[str, str], base: Path) -> S3Settings:
     key = "storage.s3"
     item = _mapping(value, key)
+    for plain in ("access_key_id", "secret_access_key"):
+        if plain in item:
+            raise ConfigError(f"{key}.{plain}", f"never put credentials in the file: use "
+                              f"{plain}_env or {plain}_file")
     _only_keys(item, key, _S3_KEYS)
     if "bucket" not in item:
         raise ConfigError(f"{key}.bucket", "required: the bucket that holds the shared tier")
