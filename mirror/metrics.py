@@ -21,7 +21,8 @@ REQUEST_SECONDS = Histogram(
 CACHE_RESULTS = Counter(
     "mirror_cache_results_total",
     "How requests were answered: hit, miss (this request started a fill), joined (it read an "
-    "in-flight fill), stale (served past the TTL because upstream failed).",
+    "in-flight fill), stale (served past the TTL because upstream failed), redirect (a 307 to "
+    "a presigned S3 URL).",
     ["kind", "result"],
 )
 SERVED_BYTES = Counter(

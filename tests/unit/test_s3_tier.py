@@ -25,6 +25,7 @@ from mirror.server.state import STATE
 from tests.support.fake import OCI_INDEX, OCI_MANIFEST, FakeRegistry, sha256
 from tests.support.net import free_port
 from tests.support.s3 import MotoS3, credential_files, s3_config
+from tests.support.throttle import ThrottledProxy
 from tests.unit.conftest import cache_files, mirror_settings
 
 Client = TestClient[Any, Any]
@@ -232,3 +233,29 @@ async def test_a_corrupt_object_in_s3_is_never_served_and_is_removed(
     response = await node.get(f"/v2/app/blobs/{digest}")
     assert response.status == 200
     assert await response.read() == layer
+
+
+async def test_s3_cut_mid_blob_the_fill_continues_from_upstream_with_range(
+        make_node: NodeFactory, fake: FakeRegistry, moto_s3: MotoS3) -> None:
+    big = _layers()[0]
+    digest = fake.add_blob(big)
+    fake.add_image("app", "v1", [big])
+    node_a = await make_node("a")
+    await _pull(node_a, "app", "v1")
+    await _drain(node_a)
+    # Node B reaches S3 through a slow proxy that the test then closes mid-blob.
+    proxy = ThrottledProxy("127.0.0.1", moto_s3.port, 2 * MiB)
+    proxy.start()
+    node_b = await make_node("b", endpoint_url=proxy.url)
+    failures = _metric("mirror_s3_failures_total", operation="read")
+    response = await node_b.get(f"/v2/app/blobs/{digest}")
+    assert response.status == 200
+    first = await response.content.readexactly(256 * 1024)
+    await asyncio.to_thread(proxy.stop)
+    rest = await response.read()
+    assert first + rest == big
+    assert _metric("mirror_s3_failures_total", operation="read") - failures == 1
+    resumed = [r for r in fake.requests if r.method == "GET" and digest in r.path][1:]
+    assert len(resumed) == 1
+    assert resumed[0].headers["Range"].startswith("bytes=")
+    assert resumed[0].headers["Range"] != "bytes=0-"
