@@ -103,6 +103,7 @@ class Fill:
         self.final: Path | None = None
         self._changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.source = ""  # where the bytes come from: a registry name, or "s3"
 
     def _notify(self) -> None:
         event, self._changed = self._changed, asyncio.Event()
@@ -233,6 +234,7 @@ class Fetcher:
         fd, temp = self.store.new_temp()
         os.close(fd)
         fill = Fill(digest, temp, expected_size)
+        fill.source = registry
         self._fills[digest] = fill
         fill.task = asyncio.ensure_future(self._run(fill, opener, registry))
         return fill, False

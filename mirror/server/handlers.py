@@ -111,6 +111,7 @@ async def blob(request: web.Request, state: MirrorState, target: Target) -> web.
     if fill is None:
         fill, joined = await state.blobs.fill(client, target.repository, target.digest)
     _record_cache(request, "blob", "joined" if joined else "miss", target.digest)
+    log_context(request)["source"] = fill.source
     size = await fill.wait_size()
     span = parse_range(request.headers.get("Range"), size)
     headers = blob_headers(target.digest, size, span)
