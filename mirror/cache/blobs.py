@@ -126,7 +126,7 @@ class BlobCache:
 
     async def upstream_size(self, client: RegistryClient, repository: str,
                             digest: Digest) -> int:
-        """Ask upstream for a blob's size without downloading it (for HEAD).
+        """A blob's size without downloading it (for HEAD): from S3, else upstream.
 
         Raises:
             BlobUnknown: upstream does not have it.

@@ -77,7 +77,7 @@ class Resolved:
 
 
 class ManifestCache:
-    """Answers manifest requests from memory, disk, or upstream, in that order."""
+    """Answers manifest requests from memory, disk, the shared tier, or upstream, in that order."""
 
     def __init__(self, store: FilesystemStore, tags: TagStore, settings: CacheSettings,
                  on_fetched: Callable[[dict[str, Any]], None] | None = None,

@@ -259,3 +259,19 @@ async def test_s3_cut_mid_blob_the_fill_continues_from_upstream_with_range(
     assert len(resumed) == 1
     assert resumed[0].headers["Range"].startswith("bytes=")
     assert resumed[0].headers["Range"] != "bytes=0-"
+
+
+async def test_upstream_down_a_second_node_still_serves_by_digest_from_s3(
+        make_node: NodeFactory, fake: FakeRegistry) -> None:
+    digest, body = fake.add_image("app", "v1", [b"layer-x", b"layer-y"])
+    node_a = await make_node("a")
+    through_a = await _pull(node_a, "app", "v1")
+    await _drain(node_a)
+    fake.fault(kind="status", status=503)
+    node_b = await make_node("b")
+    layer = json.loads(body)["layers"][0]["digest"]
+    head = await node_b.head(f"/v2/app/blobs/{layer}")  # cold on B: S3 answers the size
+    assert head.status == 200 and head.headers["Content-Length"] == str(len(b"layer-x"))
+    assert await _pull(node_b, "app", digest) == through_a
+    assert fake.count("HEAD", "/blobs/") == 0
+    assert fake.count("GET", "/blobs/") == 3  # node A's only
