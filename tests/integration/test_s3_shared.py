@@ -8,9 +8,12 @@ request at all; only tags are asked upstream (each node revalidates its tags).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,13 +27,15 @@ from tests.support.skopeo import child_manifests, manifest_digest, skopeo_copy, 
 pytestmark = pytest.mark.integration
 
 PREFIX = "region-eu"
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _node(name: str, registry: Registry, moto_s3: MotoS3, bucket: str,
-          tmp_path: Path) -> MirrorProcess:
+          tmp_path: Path, **s3_extra: Any) -> MirrorProcess:
     upstream = {"name": "registry.test", "url": registry.url, "default": True}
     config = mirror_config(free_port(), tmp_path / f"{name}-cache", [upstream])
-    config["storage"]["s3"] = s3_config(moto_s3, bucket, tmp_path / "creds", prefix=PREFIX)
+    config["storage"]["s3"] = s3_config(moto_s3, bucket, tmp_path / "creds", prefix=PREFIX,
+                                        **s3_extra)
     process = MirrorProcess(tmp_path / name, config)
     process.start()
     return process
@@ -100,3 +105,52 @@ def test_image_pulled_through_a_is_pulled_through_b_with_zero_upstream_blob_requ
     misses = [r for r in requests if r.get("route") == "blob" and r.get("cache") == "miss"]
     assert len(misses) == len(blobs)
     assert {r["source"] for r in misses} == {"s3"}
+
+
+def _peak_rss(pid: int | None) -> int:
+    """VmHWM of a process, in bytes."""
+    assert pid is not None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_64_mib_layer_goes_up_in_parts_and_comes_back_in_bounded_memory(
+        registry_anon: Registry, big_image: Image, moto_s3: MotoS3, tmp_path: Path) -> None:
+    bucket = moto_s3.new_bucket("big")
+    layer = big_image.layers[0]
+    key = f"{PREFIX}/blobs/sha256/{layer.digest.split(':')[1]}"
+    node_a = _node("a", registry_anon, moto_s3, bucket, tmp_path, part_size="8MiB")
+    try:
+        base_a = _peak_rss(node_a.pid)
+        assert _sha256_of(f"{node_a.url}/v2/{big_image.repo}/blobs/{layer.digest}") == layer.digest
+        _wait_for_uploads(moto_s3, bucket, {key})
+        peak_a = _peak_rss(node_a.pid)
+    finally:
+        node_a.stop()
+    # Over 64 MiB in 8 MiB parts: a multipart upload, whose ETag counts its parts.
+    etag = moto_s3.client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    assert int(etag.rsplit("-", 1)[1]) == -(-layer.size // (8 << 20))
+    mark = registry_anon.clear_log_mark()
+    node_b = _node("b", registry_anon, moto_s3, bucket, tmp_path)
+    try:
+        base_b = _peak_rss(node_b.pid)
+        assert _sha256_of(f"{node_b.url}/v2/{big_image.repo}/blobs/{layer.digest}") == layer.digest
+        peak_b = _peak_rss(node_b.pid)
+    finally:
+        node_b.stop()
+    assert registry_anon.count(path_contains="/blobs/", since=mark) == 0
+    print(f"\npeak RSS: A {base_a >> 20} -> {peak_a >> 20} MiB (fill, then upload), "
+          f"B {base_b >> 20} -> {peak_b >> 20} MiB (fill from S3)")
+    # Never the 64 MiB blob at once: B streams in chunks; A holds a few 8 MiB parts.
+    assert peak_b - base_b < 32 << 20
+    assert peak_a - base_a < 56 << 20
+
+
+def _sha256_of(url: str) -> str:
+    hasher = hashlib.sha256()
+    with _DIRECT.open(url, timeout=60) as response:
+        while chunk := response.read(1 << 20):
+            hasher.update(chunk)
+    return "sha256:" + hasher.hexdigest()
