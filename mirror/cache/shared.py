@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -217,7 +217,7 @@ class SharedTier:
         metrics.child(metrics.S3_UPLOAD_BYTES, "manifest").inc(len(data))
 
     # --- background work -------------------------------------------------------------
-    def _spawn(self, key: tuple[str, Digest], work: Any) -> None:
+    def _spawn(self, key: tuple[str, Digest], work: Coroutine[Any, Any, None]) -> None:
         if key in self._uploads:
             work.close()  # the same upload is already queued
             return
