@@ -162,8 +162,29 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """The shared S3 tier (``storage.s3``)."""
+
+    bucket: str
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: URL | None = None
+    access_key_id: Secret | None = None
+    secret_access_key: Secret | None = None
+    redirect: bool = False
+    redirect_ttl: float = 900.0
+    max_connections: int = 32
+    connect_timeout: float = 3.0
+    read_timeout: float = 30.0
+    failure_backoff: float = 15.0
+    part_size: int = 16 * 2**20
+    max_uploads: int = 4
+
+
+@dataclass(frozen=True)
 class StorageSettings:
     path: Path = Path("./mirror-data")
+    s3: S3Settings | None = None
 
 
 @dataclass(frozen=True)
@@ -258,7 +279,7 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
         listen_host=host,
         listen_port=port,
         tls=_tls(root.get("tls"), base),
-        storage=_storage(root.get("storage", {}), base),
+        storage=_storage(root.get("storage", {}), env, base),
         cache=_cache(root.get("cache", {})),
         upstreams=upstreams,
         log=_log(root.get("log", {})),
@@ -289,11 +310,86 @@ def _tls(value: Any, base: Path) -> TlsSettings | None:
     return TlsSettings(cert=cert, key=key)
 
 
-def _storage(value: Any, base: Path) -> StorageSettings:
+def _storage(value: Any, env: Mapping[str, str], base: Path) -> StorageSettings:
     storage = _mapping(value, "storage")
-    _only_keys(storage, "storage", {"path"})
+    _only_keys(storage, "storage", {"path", "s3"})
     path = Path(_string(storage.get("path", "./mirror-data"), "storage.path"))
-    return StorageSettings(path=path if path.is_absolute() else base / path)
+    s3 = _s3(storage["s3"], env, base) if storage.get("s3") is not None else None
+    return StorageSettings(path=path if path.is_absolute() else base / path, s3=s3)
+
+
+_S3_KEYS = {
+    "bucket", "prefix", "region", "endpoint_url", "access_key_id_env", "access_key_id_file",
+    "secret_access_key_env", "secret_access_key_file", "redirect", "redirect_ttl",
+    "max_connections", "connect_timeout", "read_timeout", "failure_backoff", "part_size",
+    "max_uploads",
+}
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9!_.*'()/-]*")
+
+
+def _s3(value: Any, env: Mapping[str, str], base: Path) -> S3Settings:
+    key = "storage.s3"
+    item = _mapping(value, key)
+    for plain in ("access_key_id", "secret_access_key"):
+        if plain in item:
+            raise ConfigError(f"{key}.{plain}", f"never put credentials in the file: use "
+                              f"{plain}_env or {plain}_file")
+    _only_keys(item, key, _S3_KEYS)
+    if "bucket" not in item:
+        raise ConfigError(f"{key}.bucket", "required: the bucket that holds the shared tier")
+    bucket = _string(item["bucket"], f"{key}.bucket")
+    if _BUCKET_RE.fullmatch(bucket) is None:
+        raise ConfigError(f"{key}.bucket", f"not an S3 bucket name (3-63 of a-z, 0-9, '.', "
+                          f"'-'): {bucket!r}")
+    prefix = _opt(item, "prefix", key, _string, "").strip("/")
+    if _PREFIX_RE.fullmatch(prefix) is None or ".." in prefix.split("/"):
+        raise ConfigError(f"{key}.prefix", f"not a plain key prefix: {prefix!r}")
+    key_id = _credential(item, key, "access_key_id", env, base)
+    secret = _credential(item, key, "secret_access_key", env, base)
+    if (key_id is None) != (secret is None):
+        raise ConfigError(key, "give both access_key_id_* and secret_access_key_*, or neither "
+                          "(the standard AWS chain)")
+    d = S3Settings
+    part_size = _opt(item, "part_size", key, parse_size, d.part_size)
+    if not 5 * 2**20 <= part_size <= 5 * 2**30:
+        raise ConfigError(f"{key}.part_size", "must be between 5MiB and 5GiB (S3's limits)")
+    redirect_ttl = _opt(item, "redirect_ttl", key, parse_duration, d.redirect_ttl)
+    if not 1 <= redirect_ttl <= 7 * 86400:
+        raise ConfigError(f"{key}.redirect_ttl", "must be between 1s and 7d (S3's limit)")
+    return S3Settings(
+        bucket=bucket,
+        prefix=prefix,
+        region=_opt(item, "region", key, _string, None),
+        endpoint_url=_url(item["endpoint_url"], f"{key}.endpoint_url")
+        if "endpoint_url" in item else None,
+        access_key_id=key_id,
+        secret_access_key=secret,
+        redirect=_opt(item, "redirect", key, _bool, d.redirect),
+        redirect_ttl=redirect_ttl,
+        max_connections=_opt(item, "max_connections", key, _positive, d.max_connections),
+        connect_timeout=_opt(item, "connect_timeout", key, parse_duration, d.connect_timeout),
+        read_timeout=_opt(item, "read_timeout", key, parse_duration, d.read_timeout),
+        failure_backoff=_opt(item, "failure_backoff", key, parse_duration, d.failure_backoff),
+        part_size=part_size,
+        max_uploads=_opt(item, "max_uploads", key, _positive, d.max_uploads),
+    )
+
+
+def _credential(item: dict[str, Any], key: str, name: str, env: Mapping[str, str],
+                base: Path) -> Secret | None:
+    """``<name>_env`` or ``<name>_file``, like an upstream's password."""
+    if f"{name}_env" in item and f"{name}_file" in item:
+        raise ConfigError(key, f"give {name}_env or {name}_file, not both")
+    if f"{name}_env" in item:
+        var = _string(item[f"{name}_env"], f"{key}.{name}_env")
+        if var not in env:
+            raise ConfigError(f"{key}.{name}_env", f"environment variable {var} is not set")
+        return Secret(env[var])
+    if f"{name}_file" in item:
+        path = _existing_file(item[f"{name}_file"], f"{key}.{name}_file", base)
+        return Secret(path.read_text().strip())
+    return None
 
 
 def _cache(value: Any) -> CacheSettings:

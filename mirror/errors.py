@@ -21,7 +21,9 @@ and becomes a 500 with no details in the body.
     │   ├── Denied                  403 DENIED
     │   ├── TooManyRequests         429 TOOMANYREQUESTS (with Retry-After)
     │   └── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken)
-    └── FillError                   an upstream download failed after bytes went out
+    ├── FillError                   an upstream download failed after bytes went out
+    └── StorageError                a storage backend refused or failed an operation
+        └── ContentMismatch         bytes written do not hash to the digest (never published)
 """
 
 from __future__ import annotations
@@ -157,3 +159,11 @@ class UpstreamUnavailable(OciError):
 
 class FillError(MirrorError):
     """An upstream download failed; readers must abort their connections."""
+
+
+class StorageError(MirrorError):
+    """A storage backend refused or failed an operation."""
+
+
+class ContentMismatch(StorageError):
+    """Bytes written for a digest do not match it (in size or hash); nothing was published."""

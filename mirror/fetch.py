@@ -30,6 +30,7 @@ import structlog
 from mirror import metrics
 from mirror.errors import BlobUnknown, FillError, OciError, UpstreamUnavailable
 from mirror.oci import Digest
+from mirror.storage.base import BodyReader, BodyResponse
 from mirror.storage.filesystem import FilesystemStore
 
 log = structlog.get_logger(__name__)
@@ -37,8 +38,9 @@ log = structlog.get_logger(__name__)
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-#: Opens the upstream body of a blob from a byte offset (0, or a resume point).
-UpstreamOpener = Callable[[int], AbstractAsyncContextManager[aiohttp.ClientResponse]]
+#: Opens the body of a blob from a byte offset (0, or a resume point): an upstream
+#: ``aiohttp.ClientResponse``, or any source with the same small interface (S3).
+UpstreamOpener = Callable[[int], AbstractAsyncContextManager[BodyResponse]]
 
 RESUME_ATTEMPTS = 3
 
@@ -101,6 +103,7 @@ class Fill:
         self.final: Path | None = None
         self._changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.source = ""  # where the bytes come from: a registry name, or "s3"
 
     def _notify(self) -> None:
         event, self._changed = self._changed, asyncio.Event()
@@ -231,6 +234,7 @@ class Fetcher:
         fd, temp = self.store.new_temp()
         os.close(fd)
         fill = Fill(digest, temp, expected_size)
+        fill.source = registry
         self._fills[digest] = fill
         fill.task = asyncio.ensure_future(self._run(fill, opener, registry))
         return fill, False
@@ -288,7 +292,7 @@ class Fetcher:
                             attempt=attempts)
                 await asyncio.sleep(0.05 * attempts)
 
-    async def _copy_body(self, fill: Fill, response: aiohttp.ClientResponse, registry: str,
+    async def _copy_body(self, fill: Fill, response: BodyResponse, registry: str,
                          writer: _TempWriter) -> None:
         upstream_bytes = metrics.UPSTREAM_BYTES.labels(registry)
         while True:
@@ -304,7 +308,7 @@ class Fetcher:
             raise aiohttp.ClientPayloadError(f"body ended at {fill.written} of {fill.size} bytes")
 
 
-def _check_response(response: aiohttp.ClientResponse, fill: Fill) -> None:
+def _check_response(response: BodyResponse, fill: Fill) -> None:
     """Accept a 200 for a fresh start, or a 206 that resumes exactly where we stopped."""
     if response.status == 404:
         raise BlobUnknown(f"blob {fill.digest} is unknown upstream")
@@ -326,7 +330,7 @@ def _check_response(response: aiohttp.ClientResponse, fill: Fill) -> None:
                               status=502)
 
 
-async def _read_chunk(content: aiohttp.StreamReader, size: int) -> bytes:
+async def _read_chunk(content: BodyReader, size: int) -> bytes:
     """Up to ``size`` bytes: waits for some, then takes whatever is buffered."""
     chunk = await content.read(size)
     if not chunk:

@@ -21,7 +21,8 @@ REQUEST_SECONDS = Histogram(
 CACHE_RESULTS = Counter(
     "mirror_cache_results_total",
     "How requests were answered: hit, miss (this request started a fill), joined (it read an "
-    "in-flight fill), stale (served past the TTL because upstream failed).",
+    "in-flight fill), stale (served past the TTL because upstream failed), redirect (a 307 to "
+    "a presigned S3 URL).",
     ["kind", "result"],
 )
 SERVED_BYTES = Counter(
@@ -103,6 +104,34 @@ FILL_JOINS = Counter(
 STALE_SERVED = Counter(
     "mirror_stale_served_total", "Tags answered from cache because upstream failed.",
     ["registry", "reason"],
+)
+
+S3_LOOKUPS = Counter(
+    "mirror_s3_lookups_total",
+    "Look-ups in the shared S3 tier after a local miss: hit, miss, or skipped (S3 is backing "
+    "off after a failure).",
+    ["kind", "result"],
+)
+S3_READ_BYTES = Counter(
+    "mirror_s3_read_bytes_total", "Blob bytes read from the shared S3 tier into local fills."
+)
+S3_UPLOADS = Counter(
+    "mirror_s3_uploads_total",
+    "Uploads to the shared S3 tier: ok, exists (another node had put it there), failed, "
+    "skipped (backing off, or too many uploads queued).",
+    ["kind", "result"],
+)
+S3_UPLOAD_BYTES = Counter(
+    "mirror_s3_upload_bytes_total", "Bytes uploaded to the shared S3 tier.", ["kind"]
+)
+S3_FAILURES = Counter(
+    "mirror_s3_failures_total",
+    "Failed S3 operations: head, get, read, put, upload, presign, delete, verify (an object "
+    "whose bytes are not its digest, removed from the bucket).",
+    ["operation"],
+)
+S3_REDIRECTS = Counter(
+    "mirror_s3_redirects_total", "Blob requests answered with a 307 to a presigned S3 URL."
 )
 
 

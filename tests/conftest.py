@@ -17,6 +17,7 @@ import pytest
 from tests.support.containerd import Containerd
 from tests.support.images import Image, Index, make_image, make_layer, standard_set
 from tests.support.registry import Registry
+from tests.support.s3 import MotoS3
 from tests.support.tokenserver import TokenServer
 
 
@@ -67,6 +68,15 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
     daemon.start()
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    """A real S3 API (moto's server mode) on a loopback port, shared by the session."""
+    server = MotoS3(tmp_path_factory.mktemp("moto"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

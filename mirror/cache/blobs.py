@@ -16,6 +16,7 @@ import aiohttp
 from cachetools import LRUCache
 
 from mirror.cache.manifests import RegistryClient
+from mirror.cache.shared import SharedTier
 from mirror.config import CacheSettings
 from mirror.errors import BlobUnknown, OciError, UpstreamUnavailable
 from mirror.fetch import Fetcher, Fill
@@ -35,8 +36,10 @@ class CachedBlob:
 class BlobCache:
     """Finds blobs locally and starts or joins fills for the rest."""
 
-    def __init__(self, store: FilesystemStore, fetcher: Fetcher, settings: CacheSettings) -> None:
+    def __init__(self, store: FilesystemStore, fetcher: Fetcher, settings: CacheSettings,
+                 shared: SharedTier | None = None) -> None:
         self._store = store
+        self._shared = shared
         self._fetcher = fetcher
         self._item_max = settings.memory_item_max_bytes
         self._sizes: LRUCache[Digest, int] = LRUCache(maxsize=200_000)
@@ -101,6 +104,10 @@ class BlobCache:
             # Retries before the first byte are the client's; a resume is ours.
             return client.request("GET", repository, f"blobs/{digest}", headers=headers)
 
+        if self._shared is not None:
+            # Local miss: S3 next, upstream last (and then shared through S3).
+            return await self._shared.fill(self._fetcher, digest, opener, client.name,
+                                           self._size_hints.get(digest))
         return await self._fetcher.start(digest, opener, client.name,
                                          expected_size=self._size_hints.get(digest))
 
@@ -119,12 +126,16 @@ class BlobCache:
 
     async def upstream_size(self, client: RegistryClient, repository: str,
                             digest: Digest) -> int:
-        """Ask upstream for a blob's size without downloading it (for HEAD).
+        """A blob's size without downloading it (for HEAD): from S3, else upstream.
 
         Raises:
             BlobUnknown: upstream does not have it.
             UpstreamUnavailable: upstream failed or sent no length.
         """
+        if self._shared is not None:
+            size = await self._shared.blob_size(digest)
+            if size is not None:
+                return size
         async with client.request("HEAD", repository, f"blobs/{digest}") as resp:
             if resp.status == 404:
                 raise BlobUnknown(f"blob {digest} is unknown upstream")

@@ -24,6 +24,7 @@ import structlog
 from cachetools import LRUCache, TTLCache
 
 from mirror import metrics
+from mirror.cache.shared import SharedTier
 from mirror.cache.tags import TagRecord, TagStore, tag_key
 from mirror.config import CacheSettings
 from mirror.errors import (
@@ -81,11 +82,13 @@ class Resolved:
 
 
 class ManifestCache:
-    """Answers manifest requests from memory, disk, or upstream, in that order."""
+    """Answers manifest requests from memory, disk, the shared tier, or upstream, in that order."""
 
     def __init__(self, store: FilesystemStore, tags: TagStore, settings: CacheSettings,
-                 on_fetched: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_fetched: Callable[[dict[str, Any]], None] | None = None,
+                 shared: SharedTier | None = None) -> None:
         self._on_fetched = on_fetched
+        self._shared = shared
         self._store = store
         self._tags = tags
         self._settings = settings
@@ -219,8 +222,22 @@ class ManifestCache:
         if missing_key in self._missing:
             raise ManifestUnknown(f"manifest {digest} is unknown upstream")
         manifest, joined = await self._by_digest.run(
-            digest, lambda: self._fetch(client, repository, str(digest), digest))
+            digest, lambda: self._fetch_digest(client, repository, digest))
         return manifest, "joined" if joined else "miss"
+
+    async def _fetch_digest(self, client: RegistryClient, repository: str,
+                            digest: Digest) -> Manifest:
+        """A manifest missing locally: from the shared tier if it has it, else upstream."""
+        if self._shared is not None:
+            found = await self._shared.get_manifest(digest)
+            if found is not None:
+                manifest = Manifest(digest, *found)
+                if self._on_fetched is not None:
+                    self._on_fetched(parse_manifest(manifest.data))
+                await asyncio.to_thread(self._store.write_manifest, digest, *found)
+                self._memory[digest] = manifest
+                return manifest
+        return await self._fetch(client, repository, str(digest), digest)
 
     async def _fetch(self, client: RegistryClient, repository: str, reference: str,
                      digest: Digest | None) -> Manifest:
@@ -241,6 +258,8 @@ class ManifestCache:
             self._on_fetched(parse_manifest(data))
         await asyncio.to_thread(self._store.write_manifest, actual, data, manifest.media_type)
         self._memory[actual] = manifest
+        if self._shared is not None:
+            self._shared.upload_manifest_later(actual, data, manifest.media_type)
         return manifest
 
 

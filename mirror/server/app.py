@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirror.cache.blobs import BlobCache
 from mirror.cache.manifests import ManifestCache
+from mirror.cache.shared import SharedTier
 from mirror.cache.tags import TagStore
 from mirror.config import Settings
 from mirror.fetch import Fetcher
@@ -20,14 +21,20 @@ from mirror.server.handlers import registry
 from mirror.server.middleware import add_api_version, observe
 from mirror.server.state import STATE, MirrorState, log_context
 from mirror.storage.filesystem import FilesystemStore
+from mirror.storage.s3 import open_s3
 from mirror.upstream import UpstreamClient
 
 log = structlog.get_logger(__name__)
+
+#: The shared S3 tier, when ``storage.s3`` is configured (started before the state).
+SHARED = web.AppKey("shared", SharedTier)
 
 
 def create_app(settings: Settings) -> web.Application:
     """Build the mirror's application; resources start with the app."""
     app = web.Application(middlewares=[observe], client_max_size=64 * 1024)
+    if settings.storage.s3 is not None:
+        app.cleanup_ctx.append(partial(_shared_tier, settings))
     app.cleanup_ctx.append(partial(_mirror_state, settings))
     app.on_response_prepare.append(add_api_version)
     app.router.add_get("/metrics", metrics_handler)
@@ -37,22 +44,37 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+async def _shared_tier(settings: Settings, app: web.Application) -> AsyncIterator[None]:
+    """The process's one S3 client; closed after the state, so fills end first."""
+    assert settings.storage.s3 is not None
+    async with open_s3(settings.storage.s3) as store:
+        tier = SharedTier(store, settings.storage.s3)
+        app[SHARED] = tier
+        log.info("s3_tier_started", bucket=store.bucket, prefix=store.prefix,
+                 endpoint=str(settings.storage.s3.endpoint_url or "aws"))
+        yield
+        await tier.close()
+
+
 async def _mirror_state(settings: Settings, app: web.Application) -> AsyncIterator[None]:
     store = FilesystemStore(settings.storage.path)
     removed = await asyncio.to_thread(store.prepare)
     tags = TagStore(store.tags)
     await tags.open()
     fetcher = Fetcher(store, settings.server.chunk_size)
-    blobs = BlobCache(store, fetcher, settings.cache)
+    shared = app.get(SHARED)
+    blobs = BlobCache(store, fetcher, settings.cache, shared)
     state = MirrorState(
         settings=settings,
         router=Router(settings.upstreams),
         store=store,
         tags=tags,
         fetcher=fetcher,
-        manifests=ManifestCache(store, tags, settings.cache, on_fetched=blobs.learn_sizes),
+        manifests=ManifestCache(store, tags, settings.cache, on_fetched=blobs.learn_sizes,
+                                shared=shared),
         blobs=blobs,
         clients={u.name: UpstreamClient(u) for u in settings.upstreams},
+        shared=shared,
     )
     app[STATE] = state
     state.ready = True

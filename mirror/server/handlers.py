@@ -99,10 +99,19 @@ async def blob(request: web.Request, state: MirrorState, target: Target) -> web.
                                       headers=blob_headers(target.digest, size, span))
         response.content_length = (span[1] - span[0]) if span else size
         return response
+    if fill is None and request.method == "GET" and state.shared is not None \
+            and state.shared.redirect:
+        url = await state.shared.presigned_url(target.digest)
+        if url is not None:
+            _record_cache(request, "blob", "redirect", target.digest)
+            metrics.S3_REDIRECTS.inc()
+            return web.Response(status=307, headers={"Location": url,
+                                                     "Docker-Content-Digest": str(target.digest)})
     joined = fill is not None
     if fill is None:
         fill, joined = await state.blobs.fill(client, target.repository, target.digest)
     _record_cache(request, "blob", "joined" if joined else "miss", target.digest)
+    log_context(request)["source"] = fill.source
     size = await fill.wait_size()
     span = parse_range(request.headers.get("Range"), size)
     headers = blob_headers(target.digest, size, span)

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from mirror.cache.blobs import BlobCache
 from mirror.cache.manifests import ManifestCache
+from mirror.cache.shared import SharedTier
 from mirror.cache.tags import TagStore
 from mirror.config import Settings
 from mirror.errors import NameUnknown
@@ -34,6 +35,7 @@ class MirrorState:
     manifests: ManifestCache
     blobs: BlobCache
     clients: dict[str, UpstreamClient] = field(default_factory=dict)
+    shared: SharedTier | None = None
     ready: bool = False
 
     def client(self, target: Target) -> UpstreamClient:
