@@ -345,8 +345,8 @@ def _s3(value: Any, env: Mapping[str, str], base: Path) -> S3Settings:
     prefix = _opt(item, "prefix", key, _string, "").strip("/")
     if _PREFIX_RE.fullmatch(prefix) is None or ".." in prefix.split("/"):
         raise ConfigError(f"{key}.prefix", f"not a plain key prefix: {prefix!r}")
-    key_id = _credential(item, key, "access_key_id", env, base)
-    secret = _credential(item, key, "secret_access_key", env, base)
+    key_id = _secret(item, key, "access_key_id", env, base)
+    secret = _secret(item, key, "secret_access_key", env, base)
     if (key_id is None) != (secret is None):
         raise ConfigError(key, "give both access_key_id_* and secret_access_key_*, or neither "
                           "(the standard AWS chain)")
@@ -376,9 +376,12 @@ def _s3(value: Any, env: Mapping[str, str], base: Path) -> S3Settings:
     )
 
 
-def _credential(item: dict[str, Any], key: str, name: str, env: Mapping[str, str],
-                base: Path) -> Secret | None:
-    """``<name>_env`` or ``<name>_file``, like an upstream's password."""
+def _secret(item: dict[str, Any], key: str, name: str, env: Mapping[str, str],
+            base: Path) -> Secret | None:
+    """``<name>_env`` or ``<name>_file``; never ``<name>`` itself in the file."""
+    if name in item:
+        raise ConfigError(f"{key}.{name}", f"never put a {name} in the file: "
+                          f"use {name}_env or {name}_file")
     if f"{name}_env" in item and f"{name}_file" in item:
         raise ConfigError(key, f"give {name}_env or {name}_file, not both")
     if f"{name}_env" in item:
@@ -679,22 +682,10 @@ def _with_default_ecr(credentials: tuple[CredentialSettings, ...], preset: Prese
 
 
 def _password(item: dict[str, Any], key: str, env: Mapping[str, str], base: Path) -> Secret | None:
-    if "password" in item:
-        raise ConfigError(f"{key}.password", "never put a password in the file: "
-                          "use password_env or password_file")
-    if "password_env" in item and "password_file" in item:
-        raise ConfigError(key, "give password_env or password_file, not both")
-    if "password_env" in item:
-        var = _string(item["password_env"], f"{key}.password_env")
-        if var not in env:
-            raise ConfigError(f"{key}.password_env", f"environment variable {var} is not set")
-        return Secret(env[var])
-    if "password_file" in item:
-        path = _existing_file(item["password_file"], f"{key}.password_file", base)
-        return Secret(path.read_text().strip())
-    if "username" in item:
+    password = _secret(item, key, "password", env, base)
+    if password is None and "username" in item:
         raise ConfigError(f"{key}.username", "a username needs password_env or password_file")
-    return None
+    return password
 
 
 def _json_file(path: Path, key: str) -> str:
