@@ -55,16 +55,10 @@ class DockerConfigSource:
         self._cache = CachedSecret(clock)
 
     async def authorization(self) -> Secret | None:
-        value = self._cache.fresh()
-        if value is not None:
-            return value
-        async with self._cache.lock:
-            value = self._cache.fresh()
-            if value is None:
-                value = await self._lookup()
-                self._cache.value = value
-                self._cache.until = self._cache.clock() + HELPER_REFRESH
-            return value
+        return await self._cache.get(self._lookup_kept)
+
+    async def _lookup_kept(self) -> tuple[Secret | None, float]:
+        return await self._lookup(), self._cache.clock() + HELPER_REFRESH
 
     def invalidate(self) -> bool:
         self._cache.drop()

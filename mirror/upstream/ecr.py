@@ -48,16 +48,11 @@ class EcrSource:
         self._cache = CachedSecret(self._now)
 
     async def authorization(self) -> Secret | None:
-        value = self._cache.fresh()
-        if value is not None:
-            return value
-        async with self._cache.lock:
-            value = self._cache.fresh()
-            if value is None:
-                value, expires_at = await self._fetch()
-                self._cache.value = value
-                self._cache.until = expires_at - self._settings.refresh_margin
-            return value
+        return await self._cache.get(self._fetch_kept)
+
+    async def _fetch_kept(self) -> tuple[Secret | None, float]:
+        value, expires_at = await self._fetch()
+        return value, expires_at - self._settings.refresh_margin
 
     def invalidate(self) -> bool:
         self._cache.drop()

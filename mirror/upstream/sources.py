@@ -9,7 +9,7 @@ in :class:`~mirror.config.Secret`; logs name a credential by its label only.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from mirror.config import Secret, StaticCredential
@@ -51,6 +51,10 @@ class StaticSource:
         return False
 
 
+#: Fetches a secret and says until when it may be kept.
+Fetch = Callable[[], Awaitable[tuple[Secret | None, float]]]
+
+
 class CachedSecret:
     """A value fetched under a lock and kept until ``until``, re-checked after locking."""
 
@@ -66,3 +70,15 @@ class CachedSecret:
     def drop(self) -> None:
         self.value = None
         self.until = 0.0
+
+    async def get(self, fetch: Fetch) -> Secret | None:
+        """The kept value, or a new one from ``fetch`` (value, kept until), fetched once."""
+        value = self.fresh()
+        if value is not None:
+            return value
+        async with self.lock:
+            value = self.fresh()
+            if value is None:
+                value, self.until = await fetch()
+                self.value = value
+            return value
