@@ -21,7 +21,8 @@ and becomes a 500 with no details in the body.
     │   ├── Denied                  403 DENIED
     │   ├── TooManyRequests         429 TOOMANYREQUESTS (with Retry-After)
     │   └── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken)
-    └── FillError                   an upstream download failed after bytes went out
+    ├── FillError                   an upstream download failed after bytes went out
+    └── CacheCommandError           a `mirror cache` command cannot do what was asked
 """
 
 from __future__ import annotations
@@ -152,3 +153,7 @@ class UpstreamUnavailable(OciError):
 
 class FillError(MirrorError):
     """An upstream download failed; readers must abort their connections."""
+
+
+class CacheCommandError(MirrorError):
+    """A ``mirror cache`` command cannot do what was asked (one readable line)."""

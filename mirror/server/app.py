@@ -11,15 +11,18 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirror.cache.blobs import BlobCache
+from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestCache
 from mirror.cache.tags import TagStore
 from mirror.config import Settings
 from mirror.fetch import Fetcher
+from mirror.oci import Digest
 from mirror.routing import Router
 from mirror.server.handlers import registry
 from mirror.server.middleware import add_api_version, observe
 from mirror.server.state import STATE, MirrorState, log_context
 from mirror.storage.filesystem import FilesystemStore
+from mirror.storage.index import Entry
 from mirror.upstream import UpstreamClient
 
 log = structlog.get_logger(__name__)
@@ -39,32 +42,60 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _mirror_state(settings: Settings, app: web.Application) -> AsyncIterator[None]:
     store = FilesystemStore(settings.storage.path)
-    removed = await asyncio.to_thread(store.prepare)
+    started = await asyncio.to_thread(store.startup)
     tags = TagStore(store.tags)
     await tags.open()
-    fetcher = Fetcher(store, settings.server.chunk_size)
-    blobs = BlobCache(store, fetcher, settings.cache)
+    evictor = Evictor(store, settings.storage)
+    fetcher = Fetcher(store, settings.server.chunk_size, space=evictor)
+    blobs = BlobCache(store, fetcher, settings.cache, on_hit=evictor.touch)
+    manifests = ManifestCache(store, tags, settings.cache, on_fetched=blobs.learn_sizes,
+                              on_hit=evictor.touch)
+    _wire_evictor(evictor, blobs, manifests)
     state = MirrorState(
         settings=settings,
         router=Router(settings.upstreams),
         store=store,
         tags=tags,
         fetcher=fetcher,
-        manifests=ManifestCache(store, tags, settings.cache, on_fetched=blobs.learn_sizes),
+        manifests=manifests,
         blobs=blobs,
+        evictor=evictor,
         clients={u.name: UpstreamClient(u) for u in settings.upstreams},
     )
     app[STATE] = state
+    evictor.start()
     state.ready = True
-    log.info("mirror_started", storage=str(store.root), stale_temp_removed=removed,
+    log.info("mirror_started", storage=str(store.root), stale_temp_removed=started.temp_removed,
+             cache_entries=started.entries, cache_bytes=started.bytes,
+             max_size=settings.storage.max_size, adopted=started.adopted,
+             dropped=started.dropped, size_mismatch=started.size_mismatch,
+             startup_seconds=round(started.seconds, 3),
              upstreams=[u.name for u in settings.upstreams])
     yield
     state.ready = False
     await fetcher.close()
     await state.manifests.close()
+    await evictor.stop()
     for client in state.clients.values():
         await client.close()
     await tags.close()
+    await asyncio.to_thread(store.index.close)
+
+
+def _wire_evictor(evictor: Evictor, blobs: BlobCache, manifests: ManifestCache) -> None:
+    """Tell the evictor what is in use, and the caches what was evicted."""
+
+    def in_use(digest: str) -> bool:
+        return blobs.busy(Digest.parse(digest))
+
+    def evicted(entry: Entry) -> None:
+        digest = Digest.parse(entry.digest)
+        if entry.kind == "blob":
+            blobs.forget(digest)
+        else:
+            manifests.forget(digest)
+
+    evictor.wire(in_use, evicted)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from mirror.cache.blobs import BlobCache
+from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestCache
 from mirror.cache.tags import TagStore
 from mirror.config import Settings
@@ -33,6 +34,7 @@ class MirrorState:
     fetcher: Fetcher
     manifests: ManifestCache
     blobs: BlobCache
+    evictor: Evictor
     clients: dict[str, UpstreamClient] = field(default_factory=dict)
     ready: bool = False
 
