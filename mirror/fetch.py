@@ -177,20 +177,28 @@ class Fill:
         """``chunk`` arrived while relaying: hand it to readers through the window."""
         self._window.append(chunk)
         self._window_bytes += len(chunk)
-        if self._window_bytes > RELAY_MAX_BYTES:
-            # Keep what the slowest reader still needs; late joiners are served
-            # only while nothing has been dropped.
-            low = min(self._positions.values(), default=self.written + len(chunk))
-            while self._window and self._window_start + len(self._window[0]) <= low:
-                dropped = self._window.popleft()
-                self._window_start += len(dropped)
-                self._window_bytes -= len(dropped)
         self.advance(len(chunk))
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop what every reader has passed, once the window is full.
+
+        Late joiners are served from the window only while nothing was dropped.
+        """
+        if self._window_bytes <= RELAY_MAX_BYTES:
+            return
+        low = min(self._positions.values(), default=self.written)
+        while self._window and self._window_start + len(self._window[0]) <= low:
+            dropped = self._window.popleft()
+            self._window_start += len(dropped)
+            self._window_bytes -= len(dropped)
 
     async def relay_backpressure(self) -> bool:
         """Wait while the window is full and readers lag; ``False`` if nobody can read on."""
+        self._trim()
         while self._window_bytes > RELAY_MAX_BYTES and self._positions:
             await self._moved.wait()
+            self._trim()
         orphaned = self.readers == 0 and self.relay_from is not None \
             and self._window_start > self.relay_from
         return not orphaned
@@ -296,6 +304,8 @@ class Fill:
                 data = await self._chunk(fd, offset, min(available, chunk_size))
                 if not data:
                     raise FillError(f"temp file of {self.digest} is shorter than announced")
+                self._positions[token] = offset + len(data)  # held in ``data`` now
+                self._notify_moved()
                 if offset + len(data) >= end:
                     # The last bytes go out only once the blob is verified: a
                     # client must never finish cleanly on bytes that prove wrong.

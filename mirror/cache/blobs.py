@@ -130,6 +130,11 @@ class BlobCache:
         """Whether the blob is being read or downloaded (never evicted then)."""
         return self._open[digest] > 0 or self._fetcher.busy(digest)
 
+    def clear_memory(self) -> None:
+        """Forget every size and byte held in memory (content was removed elsewhere)."""
+        self._sizes.clear()
+        self._memory.clear()
+
     def forget(self, digest: Digest) -> None:
         """Drop what memory knows of a blob (it was removed from disk)."""
         self._sizes.pop(digest, None)

@@ -45,6 +45,8 @@ class Evictor:
         self._settings = settings
         self._in_use = in_use
         self._on_evicted = on_evicted
+        self._on_external: Callable[[], None] = lambda: None
+        self._generation: int | None = None
         self._touched: dict[Key, float] = {}
         self._reserved = 0
         self._pinned_bytes = 0
@@ -53,10 +55,16 @@ class Evictor:
         self._task: asyncio.Task[None] | None = None
         metrics.CACHE_MAX_BYTES.set(settings.max_size or 0)
 
-    def wire(self, in_use: Callable[[str], bool], on_evicted: Callable[[Entry], None]) -> None:
-        """Set what is in use and who hears of evictions (the caches are built after us)."""
+    def wire(self, in_use: Callable[[str], bool], on_evicted: Callable[[Entry], None],
+             on_external: Callable[[], None] = lambda: None) -> None:
+        """Set what is in use and who hears of evictions (the caches are built after us).
+
+        ``on_external`` runs when another process removed content (``mirror
+        cache evict`` or ``fsck``): in-memory copies must be dropped.
+        """
         self._in_use = in_use
         self._on_evicted = on_evicted
+        self._on_external = on_external
 
     # --- the request path: no I/O ------------------------------------------------------
     def touch(self, kind: str, digest: str) -> None:
@@ -123,8 +131,7 @@ class Evictor:
             try:
                 await self.flush()
                 if time.monotonic() - refreshed > REFRESH_INTERVAL:
-                    await asyncio.to_thread(self._index.refresh_totals)
-                    self._pinned_bytes = await asyncio.to_thread(self._index.pinned_bytes)
+                    await self._refresh()
                     refreshed = time.monotonic()
                 await self.check()
                 failures = 0
@@ -134,6 +141,16 @@ class Evictor:
                             failures=failures)
                 await asyncio.sleep(min(0.5 * 2 ** failures, 30))
             self._publish_metrics()
+
+    async def _refresh(self) -> None:
+        """Re-read what other processes may have changed: totals, pins, removals."""
+        await asyncio.to_thread(self._index.refresh_totals)
+        self._pinned_bytes = await asyncio.to_thread(self._index.pinned_bytes)
+        generation = await asyncio.to_thread(self._index.generation)
+        if self._generation is not None and generation != self._generation:
+            log.info("cache_changed_elsewhere", hint="mirror cache evict or fsck removed content")
+            self._on_external()
+        self._generation = generation
 
     # --- eviction --------------------------------------------------------------------------
     async def flush(self) -> None:

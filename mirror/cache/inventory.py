@@ -198,6 +198,7 @@ class Inventory:
         entries = self._entries(resolved.keys)
         victims = [e for e in entries if e.digest not in pins]
         freed = self.store.evict(victims)
+        self.store.index.bump_generation()
         if resolved.tag is not None and ("manifest", resolved.root) not in {
                 e.key for e in entries if e.digest in pins}:
             with self._tags() as tags:
@@ -228,6 +229,8 @@ class Inventory:
             report["bytes"] += size
             if not ok:
                 report["removed"].append(f"{kind} {text}")
+        if report["removed"]:
+            self.store.index.bump_generation()
         return report
 
 

@@ -100,6 +100,10 @@ class ManifestCache:
         """Drop the in-memory copy of a manifest (it was evicted from disk)."""
         self._memory.pop(digest, None)
 
+    def clear_memory(self) -> None:
+        """Forget every manifest held in memory (content was removed elsewhere)."""
+        self._memory.clear()
+
     async def close(self) -> None:
         """Stop work under way (at shutdown)."""
         await self._by_digest.close()

@@ -95,7 +95,11 @@ def _wire_evictor(evictor: Evictor, blobs: BlobCache, manifests: ManifestCache) 
         else:
             manifests.forget(digest)
 
-    evictor.wire(in_use, evicted)
+    def changed_elsewhere() -> None:
+        blobs.clear_memory()
+        manifests.clear_memory()
+
+    evictor.wire(in_use, evicted, changed_elsewhere)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -201,6 +201,17 @@ class Index:
                               "ORDER BY last_use DESC").fetchall()
         return [_entry(r) for r in rows]
 
+    def generation(self) -> int:
+        """A counter another process bumps when it removes content (``mirror cache evict``)."""
+        with self._db() as db:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+    def bump_generation(self) -> None:
+        """Tell running servers that content went away behind their back."""
+        with self._db(write=True) as db:
+            current = int(db.execute("PRAGMA user_version").fetchone()[0])
+            db.execute(f"PRAGMA user_version = {(current + 1) % 2**31}")
+
     # --- pins --------------------------------------------------------------------------
     def pin(self, digests: Iterable[str], source: str) -> None:
         """Pin digests in the name of ``source`` (an image reference or a digest)."""
