@@ -214,13 +214,15 @@ class Inventory:
         """
         report: dict[str, Any] = {"checked": 0, "bytes": 0, "removed": [], "dropped": 0,
                                   "adopted": 0}
-        on_disk = self.store.scan()
+        present, unknown = self.store.scan()
         known = {e.key: e for e in self.store.index.all()}
-        report["dropped"] = len([k for k in known if k not in on_disk])
-        self.store.index.remove(k for k in known if k not in on_disk)
-        for (kind, text), (size, mtime) in sorted(on_disk.items()):
+        report["dropped"] = len([k for k in known if k not in present])
+        self.store.index.remove(k for k in known if k not in present)
+        for kind, text in sorted(present):
+            size = unknown[(kind, text)][0] if (kind, text) in unknown else known[(kind, text)].size
             if (kind, text) not in known:
-                self.store.index.add(kind, text, size, verified=False, last_use=mtime)
+                self.store.index.add(kind, text, size, verified=False,
+                                     last_use=unknown[(kind, text)][1])
                 report["adopted"] += 1
             ok = self.store.verify(kind, Digest.parse(text))
             if ok is None:

@@ -27,7 +27,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,18 +76,29 @@ class FilesystemStore:
         began = time.monotonic()
         removed = self.prepare()
         self.index.open()
-        found = self.scan()
-        result = self.index.reconcile(found)
+        known = self.index.sizes()
+        present, unknown = self.scan(known)
+        result = self.index.reconcile(known, present, unknown)
         for kind, digest in result.mismatched:
             self._unlink(kind, Digest.parse(digest))
         return Startup(removed, result.adopted, result.dropped, len(result.mismatched),
                        result.entries, result.bytes, time.monotonic() - began)
 
-    def scan(self) -> dict[Key, tuple[int, float]]:
-        """``(kind, digest) -> (size, mtime)`` of every stored file (os.scandir, no hashing).
+    def scan(self, known: Mapping[Key, int] | None = None
+             ) -> tuple[set[Key], dict[Key, tuple[int, float]]]:
+        """Every stored file, by ``os.scandir`` (no hashing).
 
-        A manifest without its ``.type`` file cannot be served and is removed.
+        Args:
+            known: the index's entries; their files are not stat-ed (a published
+                file never changes; fsck re-hashes them).
+
+        Returns:
+            The keys of every stored file, and ``(size, mtime)`` of the files
+            that are not in ``known``. A manifest without its ``.type`` file
+            cannot be served and is removed.
         """
+        known = known or {}
+        present: set[Key] = set()
         found: dict[Key, tuple[int, float]] = {}
         for kind, folder in KINDS.items():
             for algorithm, hex_dir in _subdirs(self.root / folder):
@@ -105,9 +116,12 @@ class FilesystemStore:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(entry.path)
                         continue
-                    stat = entry.stat(follow_symlinks=False)
-                    found[(kind, f"{algorithm}:{entry.name}")] = (stat.st_size, stat.st_mtime)
-        return found
+                    key = (kind, f"{algorithm}:{entry.name}")
+                    present.add(key)
+                    if key not in known:
+                        stat = entry.stat(follow_symlinks=False)
+                        found[key] = (stat.st_size, stat.st_mtime)
+        return present, found
 
     def prepare(self) -> int:
         """Create the layout and remove temp files left by a crash.

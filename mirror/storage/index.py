@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from mirror.oci import MANIFEST_MAX_BYTES
+
 BUSY_TIMEOUT = 30.0
 
 _SCHEMA = """
@@ -74,7 +76,7 @@ class Reconciled:
 
     adopted: int  # files without an entry, now indexed (unverified)
     dropped: int  # entries without a file, removed
-    mismatched: list[Key]  # files whose size differs from their entry: the caller deletes them
+    mismatched: list[Key]  # files whose size cannot be right: the caller deletes them
     entries: int
     bytes: int
 
@@ -249,29 +251,37 @@ class Index:
         return int(row[0])
 
     # --- start-up --------------------------------------------------------------------
-    def reconcile(self, on_disk: dict[Key, tuple[int, float]]) -> Reconciled:
+    def sizes(self) -> dict[Key, int]:
+        """``(kind, digest) -> size`` of every entry (one query, for start-up)."""
+        with self._db() as db:
+            return {(k, d): s for k, d, s in db.execute("SELECT kind, digest, size FROM entries")}
+
+    def reconcile(self, known: dict[Key, int], present: set[Key],
+                  unknown: dict[Key, tuple[int, float]]) -> Reconciled:
         """Make the index agree with the files found on disk.
 
         Args:
-            on_disk: ``(kind, digest) -> (size, mtime)`` of every stored file.
+            known: :meth:`sizes`, read before the disk was scanned.
+            present: every stored file's key.
+            unknown: ``(size, mtime)`` of stored files that have no entry.
 
         Returns:
-            What changed; files whose size disagrees with their entry are
-            listed for the caller to delete (a published file never changes).
+            What changed. ``mismatched`` lists files adopted with a size that
+            cannot be right (a manifest over the size limit): the caller deletes them.
         """
-        with self._db() as db:
-            known = {(k, d): s for k, d, s in
-                     db.execute("SELECT kind, digest, size FROM entries")}
-        dropped = [key for key in known if key not in on_disk]
-        mismatched = [key for key, size in known.items()
-                      if key in on_disk and on_disk[key][0] != size]
-        adopted = [(k, d, size, mtime, 0) for (k, d), (size, mtime) in on_disk.items()
-                   if (k, d) not in known]
+        dropped = [key for key in known if key not in present]
+        mismatched = [key for key, (size, _) in unknown.items()
+                      if key[0] == "manifest" and size > MANIFEST_MAX_BYTES]
+        adopted = [(k, d, size, mtime, 0) for (k, d), (size, mtime) in unknown.items()
+                   if (k, d) not in mismatched]
         with self._db(write=True) as db:
-            db.executemany("DELETE FROM entries WHERE kind=? AND digest=?", dropped + mismatched)
-            db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?)", adopted)
-        total, count = self.refresh_totals()
-        return Reconciled(len(adopted), len(dropped), mismatched, count, total)
+            db.executemany("DELETE FROM entries WHERE kind=? AND digest=?", dropped)
+            db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)", adopted)
+        self.total_bytes = sum(known.values()) - sum(known[k] for k in dropped) \
+            + sum(row[2] for row in adopted)
+        self.total_entries = len(known) - len(dropped) + len(adopted)
+        return Reconciled(len(adopted), len(dropped), mismatched, self.total_entries,
+                          self.total_bytes)
 
 
 def _entry(row: tuple[str, str, int, float, int]) -> Entry:

@@ -71,12 +71,12 @@ def test_startup_reconciles_index_with_disk(store: FilesystemStore) -> None:
 
     again = FilesystemStore(store.root)
     report = again.startup()
-    assert (report.temp_removed, report.adopted, report.dropped, report.size_mismatch) == \
-        (1, 1, 1, 1)
-    assert not store.blob_path(truncated).exists()
-    assert {e.digest for e in again.index.all()} == {str(kept), str(orphan)}
+    assert (report.temp_removed, report.adopted, report.dropped) == (1, 1, 1)
+    assert {e.digest for e in again.index.all()} == {str(kept), str(orphan), str(truncated)}
     assert again.blob_info(orphan) == (6, False)  # adopted: hashed before it is served
+    assert again.blob_info(truncated) == (5, False)  # size differs: hashed before served
     assert again.blob_info(kept) == (4, True)
+    assert again.verify("blob", truncated) is False and not store.blob_path(truncated).exists()
     assert list(again.tmp.iterdir()) == []
 
 
