@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 
-
 def build(root: Path, entries: int) -> list[Path]:
     """Write ``entries`` small blobs under ``root`` (no index)."""
     paths = []
