@@ -203,6 +203,11 @@ class Fill:
             and self._window_start > self.relay_from
         return not orphaned
 
+    async def unread(self) -> None:
+        """Wait until no reader reads this fill."""
+        while self.readers:
+            await self._moved.wait()
+
     def _from_window(self, offset: int, count: int) -> bytes:
         if offset < self._window_start:
             raise FillError(f"reader of {self.digest} fell behind the in-memory relay "
@@ -339,6 +344,7 @@ class Fetcher:
         self.chunk_size = chunk_size
         self.space: Space = space or Unbounded()
         self._fills: dict[Digest, Fill] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # every fill's task, joinable or not
         self._reading: Counter[Digest] = Counter()
 
     def current(self, digest: Digest) -> Fill | None:
@@ -377,11 +383,13 @@ class Fetcher:
         fill = Fill(digest, temp, expected_size, self._count_reader)
         self._fills[digest] = fill
         fill.task = asyncio.ensure_future(self._run(fill, opener, registry))
+        self._tasks.add(fill.task)
+        fill.task.add_done_callback(self._tasks.discard)
         return fill, False
 
     async def close(self) -> None:
         """Cancel every fill (at shutdown) and wait for their cleanup."""
-        tasks = [f.task for f in self._fills.values() if f.task is not None]
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -452,8 +460,7 @@ class Fetcher:
     async def _discard_after_readers(self, fill: Fill, writer: _TempWriter) -> None:
         """Delete an unkept blob's temp file once no reader needs it."""
         while True:
-            while fill.readers:
-                await fill._moved.wait()
+            await fill.unread()
             await asyncio.sleep(UNKEPT_GRACE)
             if not fill.readers:
                 break
