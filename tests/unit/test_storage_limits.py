@@ -95,6 +95,27 @@ async def test_concurrent_pulls_keep_disk_within_limit_plus_downloads(
     assert disk_bytes(root) <= limit
 
 
+async def test_a_blob_being_read_is_never_evicted(
+        make_mirror: MirrorFactory, fake: FakeRegistry, tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    mirror = await make_mirror(storage={"path": str(root), "max_size": 32 * MiB,
+                                        "high_watermark": 0.9, "low_watermark": 0.5})
+    data = os.urandom(24 * MiB)  # more than socket buffers hold: the send stays open
+    digest = fake.add_blob(data)
+    await pull(mirror, digest)
+    path = root / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    slow = await mirror.get(f"/v2/app/blobs/{digest}")  # headers only: the body waits
+    assert slow.status == 200
+    for _ in range(4):  # 16 MiB more: the blob being read is the least recently used
+        await pull(mirror, fake.add_blob(os.urandom(4 * MiB)))
+    assert path.exists()
+    assert await metric(mirror, "mirror_cache_evictions_total") > 0
+    assert sha256(await slow.read()) == digest
+    for _ in range(2):  # once it is read, it may go
+        await pull(mirror, fake.add_blob(os.urandom(4 * MiB)))
+    assert not path.exists()
+
+
 async def test_blob_larger_than_max_size_is_streamed_and_not_kept(
         make_mirror: MirrorFactory, fake: FakeRegistry, tmp_path: Path) -> None:
     root = tmp_path / "cache"
