@@ -173,37 +173,63 @@ async def test_adopted_large_blob_is_hashed_before_it_is_served(
 
 # --- a full disk -------------------------------------------------------------------------
 
+def _mount(kind: str, mount: Path, size_mib: int) -> None:
+    """Mount a small file system at ``mount``: a tmpfs, or ext4 on a loop device."""
+    mount.mkdir()
+    if kind == "tmpfs":
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(mount)]
+    else:
+        image = mount.with_suffix(".img")
+        with image.open("wb") as handle:
+            handle.truncate(size_mib * MiB)
+        made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True,
+                              check=False)
+        if made.returncode != 0:
+            pytest.skip(f"cannot make an ext4 image: {made.stderr.decode().strip()}")
+        command = ["mount", "-o", "loop", str(image), str(mount)]
+    result = subprocess.run(command, capture_output=True, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a {kind} here (needs root): {result.stderr.decode().strip()}")
+
+
+def _leave_free(mount: Path, free: int) -> None:
+    """Fill the file system at ``mount`` until about ``free`` bytes are left."""
+    stat = os.statvfs(mount)
+    with (mount / "filler").open("wb") as handle:
+        remaining = stat.f_bavail * stat.f_frsize - free
+        while remaining > 0:
+            remaining -= handle.write(b"\0" * min(remaining, MiB))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs: writes past it fail with ENOSPC (needs root; skipped otherwise)."""
     mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                            capture_output=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    _mount("tmpfs", mount, 16)
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-@pytest.fixture(params=["tmpfs", "failing-writes"])
+@pytest.fixture(params=["tmpfs", "ext4-loop", "failing-writes"])
 def full_disk(request: pytest.FixtureRequest, tmp_path: Path,
-              monkeypatch: pytest.MonkeyPatch) -> Callable[[int], Path]:
+              monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], Path]]:
     """A storage folder on which blob writes fail once ``free`` more bytes are written.
 
-    ``tmpfs`` is a real small file system (free space is what the tmpfs has);
-    ``failing-writes`` patches ``os.pwrite`` so writes under the folder fail.
+    ``tmpfs`` and ``ext4-loop`` are real small file systems made by the test
+    (root only); ``failing-writes`` patches ``os.pwrite`` so writes under the
+    folder fail, and runs anywhere.
     """
+    mount = tmp_path / "disk"
 
     def make(free: int) -> Path:
-        if request.param == "tmpfs":
-            disk: Path = request.getfixturevalue("small_disk")
-            filler = disk / "filler"
-            with filler.open("wb") as handle:  # leave ``free`` bytes on the 16 MiB disk
-                handle.write(b"\0" * (16 * MiB - free))
-            return disk / "cache"
+        if request.param != "failing-writes":
+            _mount(request.param, mount, 40)
+            _leave_free(mount, free)
+            return mount / "cache"
         folder = tmp_path / "failing"
         budget = [free]
         real = os.pwrite
@@ -219,7 +245,9 @@ def full_disk(request: pytest.FixtureRequest, tmp_path: Path,
         monkeypatch.setattr(os, "pwrite", pwrite)
         return folder / "cache"
 
-    return make
+    yield make
+    if os.path.ismount(mount):
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 async def test_disk_full_mid_download_relays_complete_bytes_and_keeps_nothing(
