@@ -64,7 +64,7 @@ class Space(Protocol):
 
     def fits(self, size: int) -> bool: ...
 
-    def reserve(self, size: int) -> None: ...
+    async def reserve(self, size: int) -> None: ...
 
     def release(self, size: int) -> None: ...
 
@@ -79,7 +79,7 @@ class Unbounded:
     def fits(self, size: int) -> bool:
         return True
 
-    def reserve(self, size: int) -> None:
+    async def reserve(self, size: int) -> None:
         return None
 
     def release(self, size: int) -> None:
@@ -475,7 +475,7 @@ class Fetcher:
                     _check_response(response, fill)
                     if not fill.reserved and fill.size and self.space.fits(fill.size):
                         fill.reserved = fill.size
-                        self.space.reserve(fill.size)
+                        await self.space.reserve(fill.size)
                     await self._copy_body(fill, response, registry, writer)
                 return
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,

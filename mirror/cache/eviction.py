@@ -2,9 +2,9 @@
 
 Above the high watermark, the least recently used content that is neither
 pinned nor in use (read by a client, or being downloaded) is deleted until the
-cache is under the low watermark. Fills in progress reserve their announced
-size when their headers arrive, so eviction makes room *before* they publish:
-the cache exceeds the limit by at most the blobs being downloaded.
+cache is under the low watermark. A fill reserves its announced size when the
+headers arrive and waits for that room to be made before it writes, so the
+cache exceeds the limit by at most the blobs being downloaded.
 
 Recency costs the request path one dict assignment (:meth:`Evictor.touch`);
 a background task writes the batch to the index every ``FLUSH_INTERVAL`` in
@@ -50,7 +50,6 @@ class Evictor:
         self._touched: dict[Key, float] = {}
         self._reserved = 0
         self._pinned_bytes = 0
-        self._kick = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         metrics.CACHE_MAX_BYTES.set(settings.max_size or 0)
@@ -75,12 +74,19 @@ class Evictor:
         """Whether a blob of ``size`` bytes can ever be kept (not over ``max_size``)."""
         return self._settings.max_size is None or size <= self._settings.max_size
 
-    def reserve(self, size: int) -> None:
-        """A download of ``size`` bytes started: make room for it now."""
+    async def reserve(self, size: int) -> None:
+        """A download of ``size`` bytes starts: make room for it before its bytes land.
+
+        Costs the download a few milliseconds only when the cache is over the
+        high watermark (a batch of unlinks and one index write, in a thread).
+        """
         self._reserved += size
         high = self._settings.high_bytes
         if high is not None and self._index.total_bytes + self._reserved > high:
-            self._kick.set()
+            try:
+                await self.check()
+            except Exception as exc:  # the download goes on; the loop retries eviction
+                log.warning("eviction_failed", error=str(exc) or type(exc).__name__)
 
     def release(self, size: int) -> None:
         """A download ended (published or not): its reservation is over."""
@@ -125,9 +131,7 @@ class Evictor:
         refreshed = 0.0
         failures = 0
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), FLUSH_INTERVAL)
-            self._kick.clear()
+            await asyncio.sleep(FLUSH_INTERVAL)
             try:
                 await self.flush()
                 if time.monotonic() - refreshed > REFRESH_INTERVAL:

@@ -42,7 +42,7 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _mirror_state(settings: Settings, app: web.Application) -> AsyncIterator[None]:
     store = FilesystemStore(settings.storage.path)
-    started = await asyncio.to_thread(store.startup)
+    removed = await asyncio.to_thread(store.open)
     tags = TagStore(store.tags)
     await tags.open()
     evictor = Evictor(store, settings.storage)
@@ -63,16 +63,13 @@ async def _mirror_state(settings: Settings, app: web.Application) -> AsyncIterat
         clients={u.name: UpstreamClient(u) for u in settings.upstreams},
     )
     app[STATE] = state
-    evictor.start()
+    reconciling = asyncio.create_task(_reconcile(store, evictor))
     state.ready = True
-    log.info("mirror_started", storage=str(store.root), stale_temp_removed=started.temp_removed,
-             cache_entries=started.entries, cache_bytes=started.bytes,
-             max_size=settings.storage.max_size, adopted=started.adopted,
-             dropped=started.dropped, size_mismatch=started.size_mismatch,
-             startup_seconds=round(started.seconds, 3),
-             upstreams=[u.name for u in settings.upstreams])
+    log.info("mirror_started", storage=str(store.root), stale_temp_removed=removed,
+             max_size=settings.storage.max_size, upstreams=[u.name for u in settings.upstreams])
     yield
     state.ready = False
+    await reconciling  # a thread cannot be cancelled; it is done within seconds
     await fetcher.close()
     await state.manifests.close()
     await evictor.stop()
@@ -80,6 +77,25 @@ async def _mirror_state(settings: Settings, app: web.Application) -> AsyncIterat
         await client.close()
     await tags.close()
     await asyncio.to_thread(store.index.close)
+
+
+async def _reconcile(store: FilesystemStore, evictor: Evictor) -> None:
+    """Make the index agree with the disk while already serving, then start eviction.
+
+    Serving before this is done is safe: a file the index does not know is
+    hashed before it is served, a missing one is fetched again. Eviction
+    waits, because it needs true totals.
+    """
+    try:
+        found = await asyncio.to_thread(store.reconcile)
+    except Exception as exc:
+        log.error("cache_reconcile_failed", error=str(exc) or type(exc).__name__,
+                  hint="eviction is off until a restart; mirror cache fsck repairs the index")
+        return
+    log.info("cache_reconciled", cache_entries=found.entries, cache_bytes=found.bytes,
+             adopted=found.adopted, dropped=found.dropped, size_mismatch=found.size_mismatch,
+             seconds=round(found.seconds, 3))
+    evictor.start()
 
 
 def _wire_evictor(evictor: Evictor, blobs: BlobCache, manifests: ManifestCache) -> None:

@@ -69,22 +69,41 @@ class FilesystemStore:
         self.index = index if index is not None else Index(root / "index.db")
 
     def startup(self) -> Startup:
-        """Prepare the layout, open the index and make it agree with the disk.
-
-        Removes partial temp files, drops entries whose file is gone, adopts
-        files that have no entry (marked unverified: hashed before they are
-        served) and deletes files whose size differs from their entry.
-        """
+        """:meth:`open`, then :meth:`reconcile`: the whole start-up in one call."""
         began = time.monotonic()
+        removed = self.open()
+        result = self.reconcile()
+        return Startup(removed, result.adopted, result.dropped, result.size_mismatch,
+                       result.entries, result.bytes, time.monotonic() - began)
+
+    def open(self) -> int:
+        """Prepare the layout (removing partial temp files) and open the index.
+
+        Enough to serve correctly: content the index does not vouch for is
+        hashed before it is served, and a missing file is fetched again.
+
+        Returns:
+            How many stale temp files were removed.
+        """
         removed = self.prepare()
         self.index.open()
+        return removed
+
+    def reconcile(self) -> Startup:
+        """Make the index agree with the disk (safe while serving).
+
+        Drops entries whose file is gone and adopts files that have no entry
+        (marked unverified: hashed before they are served).
+        """
+        began = time.monotonic()
         known = self.index.sizes()
         present, unknown = self.scan(known)
         result = self.index.reconcile(known, present, unknown)
         for kind, digest in result.mismatched:
             self._unlink(kind, Digest.parse(digest))
-        return Startup(removed, result.adopted, result.dropped, len(result.mismatched),
-                       result.entries, result.bytes, time.monotonic() - began)
+        total, entries = self.index.refresh_totals()  # includes what was stored meanwhile
+        return Startup(0, result.adopted, result.dropped, len(result.mismatched),
+                       entries, total, time.monotonic() - began)
 
     def scan(self, known: Mapping[Key, int] | None = None
              ) -> tuple[set[Key], dict[Key, tuple[int, float]]]:

@@ -130,9 +130,13 @@ def test_kill9_during_herd_download_then_restart_serves_correctly(
     url = f"{third.url}/v2/{big_image.repo}/blobs/{layer.digest}"
     assert asyncio.run(_herd(url, 3)) == [layer.digest] * 3
     assert registry_anon.count("GET", path_contains="/blobs/", since=mark) == 0
-    started = next(json.loads(line) for line in third.log_text().splitlines()
-                   if '"mirror_started"' in line)
-    assert started["cache_entries"] == 1 and started["adopted"] == 0
+    deadline = time.monotonic() + 10
+    while '"cache_reconciled"' not in third.log_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    reconciled = next(json.loads(line) for line in third.log_text().splitlines()
+                      if '"cache_reconciled"' in line)
+    assert reconciled["cache_entries"] == 1 and reconciled["adopted"] == 0
 
 
 def _pull(base: str, image: Image) -> None:
