@@ -103,11 +103,13 @@ def main() -> None:
         step = 100
         for path in paths[::step]:  # entries without a file
             path.unlink()
+        orphans = []
         for i in range(args.entries // step):  # files without an entry
             data = b"orphan-%d" % i
             hex_ = hashlib.sha256(data).hexdigest()
             (root / "blobs" / "sha256" / hex_[:2]).mkdir(parents=True, exist_ok=True)
-            (root / "blobs" / "sha256" / hex_[:2] / hex_).write_bytes(data)
+            orphans.append(root / "blobs" / "sha256" / hex_[:2] / hex_)
+            orphans[-1].write_bytes(data)
         (root / "tmp").mkdir(exist_ok=True)
         for i in range(100):
             (root / "tmp" / f"fill-{i}").write_bytes(os.urandom(1024))
@@ -115,6 +117,10 @@ def main() -> None:
         timed_start(root)
         print("serve  (mirror serve):     ", end="", flush=True)
         timed_serve(root)
+        print("serve  (empty cache):      ", end="", flush=True)
+        timed_serve(base / "empty")
+        for orphan in orphans:  # a reused --dir starts the next run as this one did
+            orphan.unlink()
     finally:
         if args.dir is None:
             shutil.rmtree(base, ignore_errors=True)
