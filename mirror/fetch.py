@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import errno
 import os
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -38,9 +38,10 @@ from typing import Any, Generic, Protocol, TypeVar
 import aiohttp
 import structlog
 
-from mirror import metrics
+from mirror import metrics, relay
 from mirror.errors import BlobUnknown, FillError, OciError, UpstreamUnavailable
 from mirror.oci import Digest
+from mirror.relay import RelayWindow
 from mirror.storage.filesystem import FilesystemStore
 
 log = structlog.get_logger(__name__)
@@ -52,8 +53,6 @@ V = TypeVar("V")
 UpstreamOpener = Callable[[int], AbstractAsyncContextManager[aiohttp.ClientResponse]]
 
 RESUME_ATTEMPTS = 3
-#: Bytes a relay keeps in memory for readers of a blob the full disk cannot hold.
-RELAY_MAX_BYTES = 64 << 20
 #: How long an unkept blob's temp file outlives its last reader (for late joiners).
 UNKEPT_GRACE = 1.0
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -150,10 +149,7 @@ class Fill:
         self.readers = 0
         self.final: Path | None = None
         self.reserved = 0
-        self.relay_from: int | None = None  # bytes from here on are in memory, not on disk
-        self._window: deque[bytes] = deque()
-        self._window_start = 0
-        self._window_bytes = 0
+        self.window: RelayWindow | None = None  # set when the disk is full
         self._positions: dict[object, int] = {}
         self._on_reader = on_reader
         self._changed = asyncio.Event()
@@ -168,40 +164,31 @@ class Fill:
         event, self._moved = self._moved, asyncio.Event()
         event.set()
 
+    @property
+    def relay_from(self) -> int | None:
+        """Where the disk stopped (bytes from here on are in memory), or ``None``."""
+        return self.window.start if self.window is not None else None
+
     def start_relay(self) -> None:
         """The disk is full: from now on bytes go to readers from memory."""
-        self.relay_from = self.written
-        self._window_start = self.written
+        self.window = RelayWindow(self.written, relay.RELAY_MAX_BYTES)
 
     def relay(self, chunk: bytes) -> None:
         """``chunk`` arrived while relaying: hand it to readers through the window."""
-        self._window.append(chunk)
-        self._window_bytes += len(chunk)
+        assert self.window is not None
+        self.window.append(chunk)
         self.advance(len(chunk))
-        self._trim()
-
-    def _trim(self) -> None:
-        """Drop what every reader has passed, once the window is full.
-
-        Late joiners are served from the window only while nothing was dropped.
-        """
-        if self._window_bytes <= RELAY_MAX_BYTES:
-            return
-        low = min(self._positions.values(), default=self.written)
-        while self._window and self._window_start + len(self._window[0]) <= low:
-            dropped = self._window.popleft()
-            self._window_start += len(dropped)
-            self._window_bytes -= len(dropped)
+        self.window.trim(self._positions.values(), self.written)
 
     async def relay_backpressure(self) -> bool:
         """Wait while the window is full and readers lag; ``False`` if nobody can read on."""
-        self._trim()
-        while self._window_bytes > RELAY_MAX_BYTES and self._positions:
+        window = self.window
+        assert window is not None
+        window.trim(self._positions.values(), self.written)
+        while window.full and self._positions:
             await self._moved.wait()
-            self._trim()
-        orphaned = self.readers == 0 and self.relay_from is not None \
-            and self._window_start > self.relay_from
-        return not orphaned
+            window.trim(self._positions.values(), self.written)
+        return not (self.readers == 0 and window.dropped)
 
     async def unread(self) -> None:
         """Wait until no reader reads this fill."""
@@ -209,15 +196,11 @@ class Fill:
             await self._moved.wait()
 
     def _from_window(self, offset: int, count: int) -> bytes:
-        if offset < self._window_start:
-            raise FillError(f"reader of {self.digest} fell behind the in-memory relay "
-                            "of a full disk")
-        position = self._window_start
-        for chunk in self._window:
-            if offset < position + len(chunk):
-                return chunk[offset - position:offset - position + count]
-            position += len(chunk)
-        raise FillError(f"relay of {self.digest} lost bytes at {offset}")
+        data = self.window.read(offset, count) if self.window is not None else None
+        if data is None:
+            raise FillError(f"reader of {self.digest} fell behind the in-memory relay of a "
+                            "full disk")
+        return data
 
     def set_size(self, size: int | None) -> None:
         """The total size became known (or is unknown until the end)."""

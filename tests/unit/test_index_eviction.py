@@ -12,6 +12,7 @@ from mirror import config
 from mirror.cache.eviction import Evictor
 from mirror.errors import ConfigError
 from mirror.oci import Digest
+from mirror.relay import RelayWindow
 from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.index import Index
 
@@ -155,3 +156,15 @@ def test_storage_config_is_validated_with_key_paths(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as error:
             parse(bad)
         assert error.value.key == key, bad
+
+
+def test_relay_window_keeps_what_the_slowest_reader_needs() -> None:
+    window = RelayWindow(start=100, max_bytes=6)
+    for chunk in (b"abcd", b"efgh", b"ijkl"):
+        window.append(chunk)
+    assert window.read(104, 6) == b"efgh"  # never across a chunk: the reader asks again
+    window.trim([106, 112], written=112)  # full (12 > 6): drop what both passed
+    assert window.read(100, 4) is None and window.dropped
+    assert window.read(106, 4) == b"gh"
+    window.trim([], written=112)  # nobody reads: everything may go
+    assert window.bytes == 0 and not window.full

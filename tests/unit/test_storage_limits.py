@@ -18,7 +18,7 @@ import pytest
 import structlog
 from aiohttp.test_utils import TestClient
 
-from mirror import fetch
+from mirror import relay
 from mirror.cache import eviction
 from mirror.cli import main
 from tests.support.fake import FakeRegistry, sha256
@@ -254,7 +254,7 @@ async def test_disk_full_mid_download_relays_complete_bytes_and_keeps_nothing(
         make_mirror: MirrorFactory, fake: FakeRegistry, full_disk: Callable[[int], Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
     root = full_disk(3 * MiB)
-    monkeypatch.setattr(fetch, "RELAY_MAX_BYTES", 512 * KiB)  # exercise the window's bound
+    monkeypatch.setattr(relay, "RELAY_MAX_BYTES", 512 * KiB)  # exercise the window's bound
     mirror = await make_mirror(storage={"path": str(root)})
     data = os.urandom(6 * MiB)
     digest = fake.add_blob(data)
