@@ -380,6 +380,7 @@ class Fetcher:
     async def _run(self, fill: Fill, opener: UpstreamOpener, registry: str) -> None:
         metrics.FILLS_IN_FLIGHT.inc()
         writer = _TempWriter(fill.temp, fill.digest)
+        unkept = None
         try:
             await self._download(fill, opener, registry, writer)
             durable = await asyncio.to_thread(writer.verify_and_close, fill.size,
@@ -389,9 +390,6 @@ class Fetcher:
             metrics.FILLS.labels("ok").inc()
             log.info("fill_done", digest=str(fill.digest), bytes=fill.written, registry=registry,
                      kept=unkept is None)
-            if unkept is not None:
-                self._forget(fill)
-                await self._discard_after_readers(fill, writer)
         except BaseException as exc:
             reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
             metrics.FILLS.labels(reason).inc()
@@ -408,6 +406,11 @@ class Fetcher:
             self._release(fill)
             metrics.FILLS_IN_FLIGHT.dec()
             self._forget(fill)
+        if unkept is not None:
+            try:
+                await self._discard_after_readers(fill)
+            finally:  # also at shutdown: open readers keep their bytes through their fd
+                await asyncio.shield(asyncio.to_thread(writer.discard))
 
     def _release(self, fill: Fill) -> None:
         if fill.reserved:
@@ -440,14 +443,13 @@ class Fetcher:
                           "disk_full": "the disk is full"}[reason])
         return reason
 
-    async def _discard_after_readers(self, fill: Fill, writer: _TempWriter) -> None:
-        """Delete an unkept blob's temp file once no reader needs it."""
+    async def _discard_after_readers(self, fill: Fill) -> None:
+        """Wait until no reader needs an unkept blob's temp file (and a grace for joiners)."""
         while True:
             await fill.unread()
             await asyncio.sleep(UNKEPT_GRACE)
             if not fill.readers:
                 break
-        await asyncio.to_thread(writer.discard)
 
     async def _download(self, fill: Fill, opener: UpstreamOpener, registry: str,
                         writer: _TempWriter) -> None:
