@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -200,3 +202,45 @@ def test_pulling_three_times_max_size_stays_within_it(
     assert evictions > 0
     # Everything still pulls correctly after all that eviction.
     _pull(mirror.url, pushed[0])
+
+
+def _cache_cli(config: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "mirror", "cache", *args, "--config",
+                             str(config)], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_pins_made_while_serving_hold_through_eviction_and_restarts(
+        registry_anon: Registry, processes: list[MirrorProcess], tmp_path: Path) -> None:
+    limit, layer_size = 12 * MiB, 3 * MiB
+    pinned, *others = [
+        make_image(f"pins/img{i}", "v1", layers=[make_layer(layer_size, seed=7000 + i)],
+                   fmt="docker") for i in range(9)]
+    for image in (pinned, *others):
+        registry_anon.push(image)
+    storage = tmp_path / "cache"
+    config = _config(free_port(), storage, registry_anon.url, max_size=limit)
+    mirror = MirrorProcess(tmp_path / "mirror", config)
+    mirror.start()
+    processes.append(mirror)
+    _pull(mirror.url, pinned)
+    out = _cache_cli(mirror.config_path, "pin", f"registry.test/{pinned.repo}:v1")
+    assert out.startswith(f"pinned registry.test/{pinned.repo}:v1: 3 item(s)")
+    mark = registry_anon.clear_log_mark()
+    for image in others:  # 24 MiB through a 12 MiB cache
+        _pull(mirror.url, image)
+    _pull(mirror.url, pinned)
+    assert registry_anon.count("GET", path_contains=f"/{pinned.repo}/", since=mark) == 0
+    mirror.stop()
+
+    again = MirrorProcess(tmp_path / "again", config)
+    again.start()
+    processes.append(again)
+    listing = _cache_cli(again.config_path, "ls")
+    assert f"registry.test/{pinned.repo}:v1" in listing
+    assert all(line.endswith("pinned") for line in listing.splitlines()
+               if any(blob.digest in line for blob in pinned.blobs()))
+    pinned_bytes = sum(b.size for b in pinned.blobs()) + pinned.manifest.size
+    assert f"pinned:      {pinned_bytes / MiB:.1f} MiB" in _cache_cli(again.config_path, "du")
