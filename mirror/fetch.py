@@ -137,7 +137,7 @@ class SingleFlight(Generic[K, V]):
 class Fill:
     """One download of one blob into a temp file, readable while it grows."""
 
-    def __init__(self, digest: Digest, temp: Path, expected_size: int | None,
+    def __init__(self, digest: Digest, temp: Path | None, expected_size: int | None,
                  on_reader: Callable[[Digest, int], None] | None = None) -> None:
         self.digest = digest
         self.temp = temp
@@ -250,6 +250,8 @@ class Fill:
         self._raise_if_failed(before_headers=False)
 
     def _open(self) -> int:
+        if self.temp is None:
+            return -1  # no room for even an empty temp file: every byte comes from memory
         try:
             return os.open(self.temp, os.O_RDONLY)
         except FileNotFoundError:
@@ -307,7 +309,8 @@ class Fill:
             if self._on_reader is not None:
                 self._on_reader(self.digest, -1)
             metrics.FILL_READERS.dec()
-            await asyncio.to_thread(os.close, fd)
+            if fd >= 0:
+                await asyncio.to_thread(os.close, fd)
 
     async def _chunk(self, fd: int, offset: int, count: int) -> bytes:
         relay_from = self.relay_from
@@ -361,8 +364,14 @@ class Fetcher:
             return existing, True
         # mkstemp is a single metadata call: cheap enough here, and readers
         # that join from now on need the file to exist.
-        fd, temp = self.store.new_temp()
-        os.close(fd)
+        temp: Path | None = None
+        try:
+            fd, temp = self.store.new_temp()
+            os.close(fd)
+        except OSError as exc:
+            if exc.errno not in _FULL:
+                raise
+            # Not even an empty file fits: the fill relays from memory from byte 0.
         fill = Fill(digest, temp, expected_size, self._count_reader)
         self._fills[digest] = fill
         fill.task = asyncio.ensure_future(self._run(fill, opener, registry))
@@ -420,21 +429,22 @@ class Fetcher:
     async def _publish(self, fill: Fill, durable: bool) -> str | None:
         """Publish a verified blob if it may be kept; else the reason it is not."""
         reason = None
-        if fill.relay_from is not None or not durable:
+        temp = fill.temp
+        if fill.relay_from is not None or not durable or temp is None:
             reason = "disk_full"
         elif not self.space.fits(fill.written):
             reason = "too_large"
         elif not await self.space.admit(fill.written):
             reason = "no_room"
-        if reason is None:
+        if reason is None and temp is not None:
             try:
-                fill.finish(await asyncio.to_thread(self.store.publish_blob, fill.temp,
-                                                    fill.digest))
+                fill.finish(await asyncio.to_thread(self.store.publish_blob, temp, fill.digest))
                 return None
             except OSError as exc:
                 if exc.errno not in _FULL:
                     raise
                 reason = "disk_full"
+        reason = reason or "disk_full"  # (no temp file means a full disk)
         fill.finish(None)
         metrics.NOT_KEPT.labels(reason).inc()
         log.warning("blob_not_kept", digest=str(fill.digest), bytes=fill.written, reason=reason,
@@ -570,7 +580,7 @@ async def _read_chunk(content: aiohttp.StreamReader, size: int) -> bytes:
 class _TempWriter:
     """Appends to a fill's temp file and hashes what it writes (runs in a thread)."""
 
-    def __init__(self, path: Path, digest: Digest) -> None:
+    def __init__(self, path: Path | None, digest: Digest) -> None:
         self.path = path
         self.digest = digest
         self._hasher: Any = digest.hasher()
@@ -580,6 +590,8 @@ class _TempWriter:
     def write(self, data: bytes) -> None:
         """Write ``data`` at the end of what was written before (a failed write is retried
         at the same offset: bytes a partial write left behind are overwritten)."""
+        if self.path is None:
+            raise OSError(errno.ENOSPC, "no temp file: the disk is full")
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY)
         view = memoryview(data)
@@ -605,18 +617,19 @@ class _TempWriter:
         Raises:
             UpstreamUnavailable: the bytes are not the blob that was asked for.
         """
-        durable = sync
-        if self._fd is None:
+        durable = sync and self.path is not None
+        if self._fd is None and self.path is not None:
             self._fd = os.open(self.path, os.O_WRONLY)
         try:
-            if sync:
+            if durable and self._fd is not None:
                 os.fsync(self._fd)
         except OSError as exc:
             if exc.errno not in _FULL:
                 raise
             durable = False
         finally:
-            os.close(self._fd)
+            if self._fd is not None:
+                os.close(self._fd)
             self._fd = None
         if expected_size is not None and self.size != expected_size:
             raise UpstreamUnavailable(f"upstream sent {self.size} bytes for a blob of "
@@ -633,5 +646,6 @@ class _TempWriter:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()

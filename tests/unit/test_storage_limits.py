@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestClient
 from mirror import relay
 from mirror.cache import eviction
 from mirror.cli import main
+from mirror.storage.filesystem import FilesystemStore
 from tests.support.fake import FakeRegistry, sha256
 from tests.unit.conftest import MirrorFactory
 
@@ -276,6 +277,23 @@ async def test_disk_full_mid_download_relays_complete_bytes_and_keeps_nothing(
     assert await pull(mirror, digest) == data
 
 
+async def test_no_room_for_even_a_temp_file_still_serves_complete_bytes(
+        make_mirror: MirrorFactory, fake: FakeRegistry, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_inode(_store: FilesystemStore) -> tuple[int, Path]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    mirror = await make_mirror()
+    monkeypatch.setattr(FilesystemStore, "new_temp", no_inode)
+    data = os.urandom(3 * MiB)
+    digest = fake.add_blob(data)
+    fake.fault(kind="drip", path="/blobs/", chunk=256 * KiB, delay=0.002)
+    bodies = await asyncio.gather(*(pull(mirror, digest) for _ in range(3)))
+    assert all(body == data for body in bodies)
+    assert fake.count("GET", "/blobs/") == 1
+    assert blob_files(tmp_path / "cache") == []
+
+
 async def test_disk_full_evicts_old_content_and_keeps_the_new_blob(
         make_mirror: MirrorFactory, fake: FakeRegistry, small_disk: Path) -> None:
     root = small_disk / "cache"
@@ -339,10 +357,14 @@ async def test_cache_commands_while_serving(make_mirror: MirrorFactory, fake: Fa
     assert "limit:       1.0 MiB" in capsys.readouterr().out
 
     assert await asyncio.to_thread(cli, root, "unpin", "fake.test/app:v1") == 0
-    assert await asyncio.to_thread(cli, root, "evict", "fake.test/app:v1") == 0
-    assert "evicted fake.test/app:v1" in capsys.readouterr().out
+    with structlog.testing.capture_logs() as logs:
+        assert await asyncio.to_thread(cli, root, "evict", "fake.test/app:v1") == 0
+        assert "evicted fake.test/app:v1" in capsys.readouterr().out
+        for _ in range(200):  # the server re-reads the index and drops its memory copies
+            if any(e["event"] == "cache_changed_elsewhere" for e in logs):
+                break
+            await asyncio.sleep(0.025)
     gets = fake.count("GET", "/blobs/")
-    await asyncio.sleep(0.3)  # the server re-reads the index and drops its memory copies
     await _pull_image(mirror, "v1")
     assert fake.count("GET", "/blobs/") > gets
 
