@@ -129,11 +129,11 @@ class Index:
 
     def refresh_totals(self) -> tuple[int, int]:
         """Re-read bytes and entries (another process may have changed them)."""
-        with self._db() as db:
+        with self._db() as db:  # totals change under the lock, with the rows
             count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries"
                                      ).fetchone()
-        self.total_entries, self.total_bytes = int(count), int(size)
-        return self.total_bytes, self.total_entries
+            self.total_entries, self.total_bytes = int(count), int(size)
+            return self.total_bytes, self.total_entries
 
     # --- entries ---------------------------------------------------------------------
     def add(self, kind: str, digest: str, size: int, *, verified: bool = True,
@@ -145,8 +145,8 @@ class Index:
                              (kind, digest)).fetchone()
             db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",
                        (kind, digest, size, now, int(verified)))
-        self.total_bytes += size - (old[0] if old else 0)
-        self.total_entries += 0 if old else 1
+            self.total_bytes += size - (old[0] if old else 0)
+            self.total_entries += 0 if old else 1
 
     def get(self, kind: str, digest: str) -> Entry | None:
         """The entry of one blob or manifest."""
@@ -172,8 +172,8 @@ class Index:
                 if row:
                     freed += row[0]
                     removed += 1
-        self.total_bytes -= freed
-        self.total_entries -= removed
+            self.total_bytes -= freed
+            self.total_entries -= removed
         return freed
 
     def set_verified(self, kind: str, digest: str) -> None:
