@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,13 +106,22 @@ async def test_a_blob_being_read_is_never_evicted(
     digest = fake.add_blob(data)
     await pull(mirror, digest)
     path = root / "blobs" / "sha256" / digest[7:9] / digest[7:]
-    slow = await mirror.get(f"/v2/app/blobs/{digest}")  # headers only: the body waits
-    assert slow.status == 200
+    # A client that reads the headers and then stops reading, with a small receive
+    # buffer: the mirror's send of 24 MiB stays open, its file too.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (mirror.host, mirror.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=64 * KiB)
+    writer.write(f"GET /v2/app/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert b" 200 " in await reader.readuntil(b"\r\n\r\n")
     for _ in range(4):  # 16 MiB more: the blob being read is the least recently used
         await pull(mirror, fake.add_blob(os.urandom(4 * MiB)))
     assert path.exists()
     assert await metric(mirror, "mirror_cache_evictions_total") > 0
-    assert sha256(await slow.read()) == digest
+    assert sha256(await reader.readexactly(len(data))) == digest
+    writer.close()
+    await asyncio.sleep(0.05)  # the mirror finishes the response and closes the file
     for _ in range(2):  # once it is read, it may go
         await pull(mirror, fake.add_blob(os.urandom(4 * MiB)))
     assert not path.exists()
@@ -166,7 +176,7 @@ async def test_adopted_large_blob_is_hashed_before_it_is_served(
     (root / "index.db").unlink()
     for extra in ("index.db-wal", "index.db-shm"):
         (root / extra).unlink(missing_ok=True)
-    path.write_bytes(data[:-1] + b"\0")
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # same size, one byte off
     second = await make_mirror()
     assert await pull(second, digest) == data
     assert fake.count("GET", "/blobs/") == 2
