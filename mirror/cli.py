@@ -4,6 +4,8 @@
 
     mirror serve [--config FILE] [--listen HOST:PORT] [--storage DIR]
     mirror config check FILE
+    mirror cache ls|du|fsck [--config FILE] [--storage DIR]
+    mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR]
 
 Errors are one readable line on stderr and a non-zero exit status.
 """
@@ -13,15 +15,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import ssl
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvloop
 from aiohttp import web
 
 from mirror import config, log
-from mirror.errors import ConfigError
+from mirror.cache.inventory import Inventory, human_size, human_time
+from mirror.errors import CacheCommandError, ConfigError, OciError
+from mirror.routing import Router
 from mirror.server.app import create_app
 
 
@@ -35,8 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mirror: config error: {exc}", file=sys.stderr)
         return 2
+    except CacheCommandError as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `mirror cache ls | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +67,33 @@ def _parser() -> argparse.ArgumentParser:
     check = cfg_commands.add_parser("check", help="validate a config file")
     check.add_argument("file", type=Path)
     check.set_defaults(func=_config_check)
+    _cache_parser(commands)
     return parser
+
+
+def _cache_parser(commands: Any) -> None:
+    cache = commands.add_parser("cache", help="inspect and manage the local cache (safe while "
+                                "the server runs)")
+    actions = cache.add_subparsers(required=True, metavar="ACTION")
+    helps = {
+        "ls": ("images and blobs with size and last use", _cache_ls, False),
+        "du": ("bytes used, pinned, and the limit", _cache_du, False),
+        "pin": ("keep an image (index, manifests, configs, layers) or a digest from eviction",
+                _cache_pin, True),
+        "unpin": ("drop the pins an image reference or digest made", _cache_unpin, True),
+        "evict": ("delete an image's or a digest's content now (pinned content stays)",
+                  _cache_evict, True),
+        "fsck": ("re-hash everything stored and remove what does not match", _cache_fsck,
+                 False),
+    }
+    for name, (text, func, takes_ref) in helps.items():
+        action = actions.add_parser(name, help=text)
+        if takes_ref:
+            action.add_argument("ref", help="an image reference (docker.io/library/nginx:1.27, "
+                                "nginx@sha256:...) or a digest (sha256:...)")
+        action.add_argument("--config", type=Path, help="YAML config, as for serve")
+        action.add_argument("--storage", type=Path, help="cache folder, overrides the config")
+        action.set_defaults(func=func)
 
 
 def load_settings(path: Path | None, listen: str | None = None,
@@ -70,7 +108,8 @@ def load_settings(path: Path | None, listen: str | None = None,
         host, port = config.parse_listen(listen)
         settings = dataclasses.replace(settings, listen_host=host, listen_port=port)
     if storage:
-        settings = dataclasses.replace(settings, storage=config.StorageSettings(path=storage))
+        settings = dataclasses.replace(settings,
+                                       storage=dataclasses.replace(settings.storage, path=storage))
     return settings
 
 
@@ -79,6 +118,117 @@ def _config_check(args: argparse.Namespace) -> int:
     names = ", ".join(u.name + (" (default)" if u.default else "") for u in settings.upstreams)
     print(f"{args.file}: ok; upstreams: {names}")
     return 0
+
+
+def _inventory(args: argparse.Namespace) -> Inventory:
+    settings = load_settings(args.config, storage=args.storage)
+    router = Router(settings.upstreams)
+
+    def parse_ref(text: str) -> tuple[str, str, str]:
+        name, at, reference = text.partition("@")
+        if not at:
+            slash, colon = text.rfind("/"), text.rfind(":")
+            name, reference = (text[:colon], text[colon + 1:]) if colon > slash \
+                else (text, "latest")
+        try:
+            target = router.route(f"/v2/{name}/manifests/{reference}")
+        except OciError as exc:
+            raise CacheCommandError(f"{text!r} is not an image reference this mirror serves: "
+                                    f"{exc.message}") from None
+        assert target.upstream is not None
+        return target.upstream.name, target.repository, target.reference
+
+    return Inventory(settings.storage, parse_ref)
+
+
+def _cache_ls(args: argparse.Namespace) -> int:
+    inventory = _inventory(args)
+    try:
+        pins = inventory.pinned()
+        images = inventory.images()
+        print(f"IMAGES ({len(images)})")
+        for ref, digest, size, pinned in images:
+            print(f"  {ref}  {digest}  {human_size(size)}{'  pinned' if pinned else ''}")
+        entries = inventory.entries()
+        print(f"CONTENT ({len(entries)}, most recently used first)")
+        for entry in entries:
+            print(f"  {entry.kind:<8} {entry.digest}  {human_size(entry.size):>10}  "
+                  f"{human_time(entry.last_use)}{'  pinned' if entry.digest in pins else ''}")
+    finally:
+        inventory.close()
+    return 0
+
+
+def _cache_du(args: argparse.Namespace) -> int:
+    inventory = _inventory(args)
+    try:
+        usage = inventory.usage()
+    finally:
+        inventory.close()
+    storage = inventory.settings
+    total = usage["blob_bytes"] + usage["manifest_bytes"]
+    print(f"cache:       {storage.path}")
+    print(f"content:     {human_size(total)} ({total} bytes) in "
+          f"{usage['blobs'] + usage['manifests']} entries")
+    print(f"  blobs:     {human_size(usage['blob_bytes'])} in {usage['blobs']}")
+    print(f"  manifests: {human_size(usage['manifest_bytes'])} in {usage['manifests']}")
+    print(f"pinned:      {human_size(usage['pinned_bytes'])}")
+    print(f"downloading: {human_size(usage['downloading_bytes'])}")
+    if storage.max_size is None:
+        print("limit:       none (storage.max_size is not set)")
+    else:
+        print(f"limit:       {human_size(storage.max_size)} ({100 * total / storage.max_size:.1f}"
+              f"% used; evicts above {storage.high_watermark:.0%} down to "
+              f"{storage.low_watermark:.0%})")
+    return 0
+
+
+def _cache_pin(args: argparse.Namespace) -> int:
+    inventory = _inventory(args)
+    try:
+        resolved, size = inventory.pin(args.ref)
+    finally:
+        inventory.close()
+    note = f"; {len(resolved.missing)} referenced item(s) not cached" if resolved.missing else ""
+    print(f"pinned {resolved.label}: {len(resolved.keys)} item(s), {human_size(size)}{note}")
+    return 0
+
+
+def _cache_unpin(args: argparse.Namespace) -> int:
+    inventory = _inventory(args)
+    try:
+        count = inventory.unpin(args.ref)
+    finally:
+        inventory.close()
+    if count == 0:
+        raise CacheCommandError(f"{args.ref} is not pinned")
+    print(f"unpinned {args.ref}: {count} pin(s) removed")
+    return 0
+
+
+def _cache_evict(args: argparse.Namespace) -> int:
+    inventory = _inventory(args)
+    try:
+        resolved, freed, kept = inventory.evict(args.ref)
+    finally:
+        inventory.close()
+    note = f"; {kept} pinned item(s) kept (unpin first)" if kept else ""
+    print(f"evicted {resolved.label}: {human_size(freed)} freed{note}")
+    return 0
+
+
+def _cache_fsck(args: argparse.Namespace) -> int:
+    inventory = _inventory(args)
+    try:
+        report = inventory.fsck()
+    finally:
+        inventory.close()
+    for item in report["removed"]:
+        print(f"removed {item}: its bytes do not match its digest")
+    print(f"fsck: checked {report['checked']} item(s), {human_size(report['bytes'])}; "
+          f"removed {len(report['removed'])} corrupt; dropped {report['dropped']} index "
+          f"entr(ies) without a file; adopted {report['adopted']} file(s) without an entry")
+    return 1 if report["removed"] else 0
 
 
 def _serve(args: argparse.Namespace) -> int:

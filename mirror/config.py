@@ -185,6 +185,19 @@ class S3Settings:
 class StorageSettings:
     path: Path = Path("./mirror-data")
     s3: S3Settings | None = None
+    max_size: int | None = None  # bytes; None: unbounded
+    high_watermark: float = 0.95  # evict when the cache holds more than this share of max_size
+    low_watermark: float = 0.85  # ... down to this share
+
+    @property
+    def high_bytes(self) -> int | None:
+        """Bytes above which eviction starts, or ``None`` when unbounded."""
+        return None if self.max_size is None else int(self.max_size * self.high_watermark)
+
+    @property
+    def low_bytes(self) -> int | None:
+        """Bytes eviction brings the cache down to, or ``None`` when unbounded."""
+        return None if self.max_size is None else int(self.max_size * self.low_watermark)
 
 
 @dataclass(frozen=True)
@@ -312,10 +325,27 @@ def _tls(value: Any, base: Path) -> TlsSettings | None:
 
 def _storage(value: Any, env: Mapping[str, str], base: Path) -> StorageSettings:
     storage = _mapping(value, "storage")
-    _only_keys(storage, "storage", {"path", "s3"})
+    _only_keys(storage, "storage", {"path", "s3", "max_size", "high_watermark", "low_watermark"})
     path = Path(_string(storage.get("path", "./mirror-data"), "storage.path"))
     s3 = _s3(storage["s3"], env, base) if storage.get("s3") is not None else None
-    return StorageSettings(path=path if path.is_absolute() else base / path, s3=s3)
+    max_size = _opt(storage, "max_size", "storage", parse_size, None)
+    if max_size == 0:
+        raise ConfigError("storage.max_size", "must be more than 0 (leave it out for no limit)")
+    d = StorageSettings
+    high = _opt(storage, "high_watermark", "storage", _fraction, d.high_watermark)
+    low = _opt(storage, "low_watermark", "storage", _fraction, d.low_watermark)
+    if low >= high:
+        raise ConfigError("storage.low_watermark",
+                          f"must be below storage.high_watermark ({low} >= {high})")
+    return StorageSettings(path=path if path.is_absolute() else base / path, s3=s3,
+                           max_size=max_size, high_watermark=high, low_watermark=low)
+
+
+def _fraction(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(key, f"expected a fraction of max_size above 0 and at most 1, "
+                          f"got {value!r}")
+    return float(value)
 
 
 _S3_KEYS = {

@@ -22,8 +22,9 @@ and becomes a 500 with no details in the body.
     │   ├── TooManyRequests         429 TOOMANYREQUESTS (with Retry-After)
     │   └── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken)
     ├── FillError                   an upstream download failed after bytes went out
-    └── StorageError                a storage backend refused or failed an operation
-        └── ContentMismatch         bytes written do not hash to the digest (never published)
+    ├── StorageError                a storage backend refused or failed an operation
+    │   └── ContentMismatch         bytes written do not hash to the digest (never published)
+    └── CacheCommandError           a `mirror cache` command cannot do what was asked
 """
 
 from __future__ import annotations
@@ -167,3 +168,7 @@ class StorageError(MirrorError):
 
 class ContentMismatch(StorageError):
     """Bytes written for a digest do not match it (in size or hash); nothing was published."""
+
+
+class CacheCommandError(MirrorError):
+    """A ``mirror cache`` command cannot do what was asked (one readable line)."""

@@ -133,6 +133,41 @@ S3_FAILURES = Counter(
 S3_REDIRECTS = Counter(
     "mirror_s3_redirects_total", "Blob requests answered with a 307 to a presigned S3 URL."
 )
+# --- the local cache: size, eviction, pins, disk full (mirror.cache.eviction) ----------
+CACHE_BYTES = Gauge("mirror_cache_bytes", "Bytes of verified content in the local cache.")
+CACHE_ENTRIES = Gauge("mirror_cache_entries", "Blobs and manifests in the local cache.")
+CACHE_MAX_BYTES = Gauge("mirror_cache_max_bytes", "storage.max_size (0: unbounded).")
+CACHE_PINNED_BYTES = Gauge("mirror_cache_pinned_bytes", "Bytes of cached content that is pinned.")
+CACHE_WATERMARK = Gauge(
+    "mirror_cache_watermark_state",
+    "0: below the low watermark, 1: between the watermarks, 2: above the high watermark.",
+)
+EVICTIONS = Counter(
+    "mirror_cache_evictions_total",
+    "Blobs and manifests evicted, by reason: watermark (LRU above the high watermark), "
+    "disk_full (to make room after ENOSPC), operator (mirror cache evict), corrupt (failed "
+    "a digest check).",
+    ["reason"],
+)
+EVICTED_BYTES = Counter(
+    "mirror_cache_evicted_bytes_total", "Bytes evicted, by reason (as above).", ["reason"]
+)
+DISK_FULL = Counter(
+    "mirror_storage_full_total",
+    "Writes that failed because the disk was full (ENOSPC/EDQUOT), by what the mirror did: "
+    "retried (after evicting), relayed (streamed on from memory, not kept), manifest (served "
+    "from memory, not kept), index (an index write failed).",
+    ["action"],
+)
+NOT_KEPT = Counter(
+    "mirror_blobs_not_kept_total",
+    "Blobs streamed to clients but not kept: too_large (over storage.max_size), no_room "
+    "(pinned or busy content leaves no room), disk_full.",
+    ["reason"],
+)
+CORRUPT = Counter(
+    "mirror_cache_corrupt_total", "Stored content found not to match its digest, and removed."
+)
 
 
 @functools.lru_cache(maxsize=4096)

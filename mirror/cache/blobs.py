@@ -3,11 +3,20 @@
 Blob content never changes, so a blob on disk is served without asking
 upstream. Sizes of known blobs and the bytes of small ones are kept in bounded
 in-memory caches so that a hot request costs no disk call on the event loop.
+
+A corrupted blob is never served as wrong bytes where it can be caught cheaply:
+small blobs are hashed when they are loaded into memory, and a blob the index
+does not vouch for (adopted at start-up after a crash) is hashed once before
+it is first served. A blob that fails is removed and fetched again. Large
+verified blobs are not re-hashed on every read (that would halve throughput);
+``mirror cache fsck`` re-hashes everything.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import IO, Any
@@ -19,7 +28,7 @@ from mirror.cache.manifests import RegistryClient
 from mirror.cache.shared import SharedTier
 from mirror.config import CacheSettings
 from mirror.errors import BlobUnknown, OciError, UpstreamUnavailable
-from mirror.fetch import Fetcher, Fill
+from mirror.fetch import Fetcher, Fill, SingleFlight
 from mirror.oci import Digest, referenced_digests
 from mirror.storage.filesystem import FilesystemStore
 
@@ -37,9 +46,13 @@ class BlobCache:
     """Finds blobs locally and starts or joins fills for the rest."""
 
     def __init__(self, store: FilesystemStore, fetcher: Fetcher, settings: CacheSettings,
-                 shared: SharedTier | None = None) -> None:
+                 shared: SharedTier | None = None,
+                 on_hit: Callable[[str, str], None] = lambda _k, _d: None) -> None:
         self._store = store
         self._shared = shared
+        self._on_hit = on_hit
+        self._open: Counter[Digest] = Counter()
+        self._verifying: SingleFlight[Digest, bool | None] = SingleFlight()
         self._fetcher = fetcher
         self._item_max = settings.memory_item_max_bytes
         self._sizes: LRUCache[Digest, int] = LRUCache(maxsize=200_000)
@@ -52,35 +65,78 @@ class BlobCache:
         """The blob if this node has it, with its bytes when it is small."""
         data = self._memory.get(digest)
         if data is not None:
+            self._on_hit("blob", str(digest))
             return CachedBlob(digest, len(data), data)
         size = self._sizes.get(digest)
         if size is None:
-            size = await asyncio.to_thread(self._store.blob_size, digest)
-            if size is None:
+            info = await asyncio.to_thread(self._store.blob_info, digest)
+            if info is None:
+                return None
+            size, verified = info
+            if not verified and size > self._item_max and not await self._verify(digest):
                 return None
             self._sizes[digest] = size
         if size <= self._item_max:
             data = await self._load(digest)
             if data is None:
                 return None
+        self._on_hit("blob", str(digest))
         return CachedBlob(digest, size, data)
 
+    async def _verify(self, digest: Digest) -> bool:
+        """Hash a blob the index does not vouch for (once, however many ask)."""
+        ok, _ = await self._verifying.run(
+            digest, lambda: asyncio.to_thread(self._store.verify, "blob", digest))
+        if not ok:
+            self.forget(digest)
+        return bool(ok)
+
     async def _load(self, digest: Digest) -> bytes | None:
-        try:
-            data = await asyncio.to_thread(self._store.blob_path(digest).read_bytes)
-        except FileNotFoundError:
+        data = await asyncio.to_thread(self._read_verified, digest)
+        if data is None:
             self.forget(digest)
             return None
         self._memory[digest] = data
         return data
 
-    async def open(self, blob: CachedBlob) -> IO[bytes] | None:
-        """An open file of a cached blob, or ``None`` when it vanished (evicted)."""
+    def _read_verified(self, digest: Digest) -> bytes | None:
         try:
-            return await asyncio.to_thread(open, self._store.blob_path(blob.digest), "rb")
+            data = self._store.blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+        if digest.matches(data):
+            return data
+        # Bit rot or tampering: remove it (counted and logged) so it is fetched again.
+        self._store.verify("blob", digest)
+        return None
+
+    async def open(self, blob: CachedBlob) -> IO[bytes] | None:
+        """An open file of a cached blob, or ``None`` when it vanished (evicted).
+
+        The caller calls :meth:`closed` when done: open blobs are never evicted.
+        """
+        try:
+            file = await asyncio.to_thread(open, self._store.blob_path(blob.digest), "rb")
         except FileNotFoundError:
             self.forget(blob.digest)
             return None
+        self._open[blob.digest] += 1
+        return file
+
+    def closed(self, digest: Digest) -> None:
+        """A file from :meth:`open` was closed."""
+        self._open[digest] -= 1
+        if self._open[digest] <= 0:
+            del self._open[digest]
+
+    def busy(self, digest: Digest) -> bool:
+        """Whether the blob is being read or downloaded (never evicted then)."""
+        return self._open[digest] > 0 or self._fetcher.busy(digest)
+
+    def clear_memory(self) -> None:
+        """Forget every size and byte held in memory (content was removed elsewhere)."""
+        self._sizes.clear()
+        self._memory.clear()
 
     def forget(self, digest: Digest) -> None:
         """Drop what memory knows of a blob (it was removed from disk)."""

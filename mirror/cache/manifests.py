@@ -13,6 +13,7 @@ mapping serves every client's Accept.
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -84,11 +85,13 @@ class Resolved:
 class ManifestCache:
     """Answers manifest requests from memory, disk, the shared tier, or upstream, in that order."""
 
-    def __init__(self, store: FilesystemStore, tags: TagStore, settings: CacheSettings,
+    def __init__(self, store: FilesystemStore, tags: TagStore, settings: CacheSettings, *,
                  on_fetched: Callable[[dict[str, Any]], None] | None = None,
-                 shared: SharedTier | None = None) -> None:
+                 shared: SharedTier | None = None,
+                 on_hit: Callable[[str, str], None] = lambda _k, _d: None) -> None:
         self._on_fetched = on_fetched
         self._shared = shared
+        self._on_hit = on_hit
         self._store = store
         self._tags = tags
         self._settings = settings
@@ -102,6 +105,14 @@ class ManifestCache:
         self._held: LRUCache[str, tuple[float, str]] = LRUCache(maxsize=100_000)
         self._by_digest: SingleFlight[Digest, Manifest] = SingleFlight()
         self._by_tag: SingleFlight[str, tuple[Manifest, str]] = SingleFlight()
+
+    def forget(self, digest: Digest) -> None:
+        """Drop the in-memory copy of a manifest (it was evicted from disk)."""
+        self._memory.pop(digest, None)
+
+    def clear_memory(self) -> None:
+        """Forget every manifest held in memory (content was removed elsewhere)."""
+        self._memory.clear()
 
     async def close(self) -> None:
         """Stop work under way (at shutdown)."""
@@ -212,11 +223,13 @@ class ManifestCache:
                           digest: Digest) -> tuple[Manifest, str]:
         found = self._memory.get(digest)
         if found is not None:
+            self._on_hit("manifest", str(digest))
             return found, "hit"
         stored = await asyncio.to_thread(self._store.read_manifest, digest)
         if stored is not None:
             found = Manifest(digest, *stored)
             self._memory[digest] = found
+            self._on_hit("manifest", str(digest))
             return found, "hit"
         missing_key = f"{client.name}/{repository}@{digest}"
         if missing_key in self._missing:
@@ -256,7 +269,15 @@ class ManifestCache:
         manifest = Manifest(actual, data, manifest_media_type(data, content_type))
         if self._on_fetched is not None:
             self._on_fetched(parse_manifest(data))
-        await asyncio.to_thread(self._store.write_manifest, actual, data, manifest.media_type)
+        try:
+            await asyncio.to_thread(self._store.write_manifest, actual, data, manifest.media_type)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Served from memory all the same; the next pull after eviction stores it.
+            metrics.DISK_FULL.labels("manifest").inc()
+            log.warning("storage_full", kind="manifest", digest=str(actual),
+                        action="served_from_memory_not_kept")
         self._memory[actual] = manifest
         if self._shared is not None:
             self._shared.upload_manifest_later(actual, data, manifest.media_type)

@@ -9,13 +9,19 @@ thread hop. SQLite calls run in a thread.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import diskcache
+import structlog
 from cachetools import LRUCache
+
+from mirror import metrics
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +80,11 @@ class TagStore:
         """Store a record in memory and on disk."""
         self._memory[key] = record
         if self._disk is not None:
-            await asyncio.to_thread(self._disk.set, key, asdict(record))
+            try:
+                await asyncio.to_thread(self._disk.set, key, asdict(record))
+            except sqlite3.OperationalError as exc:  # disk full: memory answers meanwhile
+                metrics.DISK_FULL.labels("index").inc()
+                log.warning("tag_record_not_stored", key=key, error=str(exc))
 
     async def delete(self, key: str) -> None:
         """Forget a tag (upstream says it no longer exists)."""

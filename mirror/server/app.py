@@ -11,16 +11,19 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirror.cache.blobs import BlobCache
+from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestCache
 from mirror.cache.shared import SharedTier
 from mirror.cache.tags import TagStore
 from mirror.config import Settings
 from mirror.fetch import Fetcher
+from mirror.oci import Digest
 from mirror.routing import Router
 from mirror.server.handlers import registry
 from mirror.server.middleware import add_api_version, observe
 from mirror.server.state import STATE, MirrorState, log_context
 from mirror.storage.filesystem import FilesystemStore
+from mirror.storage.index import Entry
 from mirror.storage.s3 import open_s3
 from mirror.upstream import UpstreamClient
 
@@ -58,35 +61,82 @@ async def _shared_tier(settings: Settings, app: web.Application) -> AsyncIterato
 
 async def _mirror_state(settings: Settings, app: web.Application) -> AsyncIterator[None]:
     store = FilesystemStore(settings.storage.path)
-    removed = await asyncio.to_thread(store.prepare)
+    removed = await asyncio.to_thread(store.open)
     tags = TagStore(store.tags)
     await tags.open()
-    fetcher = Fetcher(store, settings.server.chunk_size)
+    evictor = Evictor(store, settings.storage)
+    fetcher = Fetcher(store, settings.server.chunk_size, space=evictor)
     shared = app.get(SHARED)
-    blobs = BlobCache(store, fetcher, settings.cache, shared)
+    blobs = BlobCache(store, fetcher, settings.cache, shared, on_hit=evictor.touch)
+    manifests = ManifestCache(store, tags, settings.cache, on_fetched=blobs.learn_sizes,
+                              shared=shared, on_hit=evictor.touch)
+    _wire_evictor(evictor, blobs, manifests)
     state = MirrorState(
         settings=settings,
         router=Router(settings.upstreams),
         store=store,
         tags=tags,
         fetcher=fetcher,
-        manifests=ManifestCache(store, tags, settings.cache, on_fetched=blobs.learn_sizes,
-                                shared=shared),
+        manifests=manifests,
         blobs=blobs,
+        evictor=evictor,
         clients={u.name: UpstreamClient(u) for u in settings.upstreams},
         shared=shared,
     )
     app[STATE] = state
+    reconciling = asyncio.create_task(_reconcile(store, evictor))
     state.ready = True
     log.info("mirror_started", storage=str(store.root), stale_temp_removed=removed,
-             upstreams=[u.name for u in settings.upstreams])
+             max_size=settings.storage.max_size, upstreams=[u.name for u in settings.upstreams])
     yield
     state.ready = False
+    await reconciling  # a thread cannot be cancelled; it is done within seconds
     await fetcher.close()
     await state.manifests.close()
+    await evictor.stop()
     for client in state.clients.values():
         await client.close()
     await tags.close()
+    await asyncio.to_thread(store.index.close)
+
+
+async def _reconcile(store: FilesystemStore, evictor: Evictor) -> None:
+    """Make the index agree with the disk while already serving, then start eviction.
+
+    Serving before this is done is safe: a file the index does not know is
+    hashed before it is served, a missing one is fetched again. Eviction
+    waits, because it needs true totals.
+    """
+    try:
+        found = await asyncio.to_thread(store.reconcile)
+    except Exception as exc:
+        log.error("cache_reconcile_failed", error=str(exc) or type(exc).__name__,
+                  hint="eviction is off until a restart; mirror cache fsck repairs the index")
+        return
+    log.info("cache_reconciled", cache_entries=found.entries, cache_bytes=found.bytes,
+             adopted=found.adopted, dropped=found.dropped, size_mismatch=found.size_mismatch,
+             seconds=round(found.seconds, 3))
+    evictor.start()
+
+
+def _wire_evictor(evictor: Evictor, blobs: BlobCache, manifests: ManifestCache) -> None:
+    """Tell the evictor what is in use, and the caches what was evicted."""
+
+    def in_use(digest: str) -> bool:
+        return blobs.busy(Digest.parse(digest))
+
+    def evicted(entry: Entry) -> None:
+        digest = Digest.parse(entry.digest)
+        if entry.kind == "blob":
+            blobs.forget(digest)
+        else:
+            manifests.forget(digest)
+
+    def changed_elsewhere() -> None:
+        blobs.clear_memory()
+        manifests.clear_memory()
+
+    evictor.wire(in_use, evicted, changed_elsewhere)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -135,8 +135,10 @@ async def _cached_blob(request: web.Request, state: MirrorState,
     if file is None:
         return None
     metrics.child(metrics.SERVED_BYTES, "disk").inc(end - start)
+    digest = cached.digest
     return FileSliceResponse(file, start, end - start, status=status, headers=headers,
-                             chunk_size=state.settings.server.chunk_size)
+                             chunk_size=state.settings.server.chunk_size,
+                             on_close=lambda: state.blobs.closed(digest))
 
 
 async def tags_list(request: web.Request, state: MirrorState, target: Target) -> web.Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import IO
 
 from aiohttp import web
@@ -91,8 +92,10 @@ class FileSliceResponse(web.StreamResponse):
     """Sends a slice of an open file with sendfile, then closes the file."""
 
     def __init__(self, file: IO[bytes], offset: int, count: int, *, status: int,
-                 headers: dict[str, str], chunk_size: int) -> None:
+                 headers: dict[str, str], chunk_size: int,
+                 on_close: Callable[[], None] | None = None) -> None:
         super().__init__(status=status, headers=headers)
+        self._on_close = on_close
         self.content_length = count
         self._file = file
         self._offset = offset
@@ -112,6 +115,8 @@ class FileSliceResponse(web.StreamResponse):
             return writer
         finally:
             self._file.close()
+            if self._on_close is not None:
+                self._on_close()
 
     async def _send_body(self, request: web.BaseRequest,
                          writer: AbstractStreamWriter | None) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from mirror.cache.blobs import BlobCache
+from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestCache
 from mirror.cache.shared import SharedTier
 from mirror.cache.tags import TagStore
@@ -34,6 +35,7 @@ class MirrorState:
     fetcher: Fetcher
     manifests: ManifestCache
     blobs: BlobCache
+    evictor: Evictor
     clients: dict[str, UpstreamClient] = field(default_factory=dict)
     shared: SharedTier | None = None
     ready: bool = False

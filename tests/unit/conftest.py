@@ -35,7 +35,8 @@ def mirror_settings(storage: Path, upstream_url: str, **overrides: Any) -> confi
     }
     upstream.update(overrides.pop("upstream", {}))
     document: dict[str, Any] = {
-        "version": 1, "listen": "127.0.0.1:5000", "storage": {"path": str(storage)},
+        "version": 1, "listen": "127.0.0.1:5000",
+        "storage": {"path": str(storage), **overrides.pop("storage_options", {})},
         "upstreams": [upstream], "cache": {"tag_ttl": "5m", **overrides.pop("cache", {})},
         **overrides,
     }
@@ -48,6 +49,8 @@ def make_mirror(tmp_path: Path, upstream: TestServer, aiohttp_client: Any) -> Mi
 
     async def start(**overrides: Any) -> TestClient[Any, Any]:
         url = str(upstream.make_url("")).rstrip("/")
+        if "storage" in overrides:  # storage={...} adds to (or replaces) the default path
+            overrides["storage_options"] = overrides.pop("storage")
         settings = mirror_settings(tmp_path / "cache", url, **overrides)
         client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
         return client
