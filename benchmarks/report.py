@@ -24,11 +24,12 @@ METRICS: dict[str, tuple[str, bool]] = {
     "ttfb_p99_s": ("TTFB p99 s", False),
     "rps": ("req/s", True),
     "peak_rss_mib": ("peak RSS MiB", False),
+    "failed_transfers": ("failed transfers", False),
 }
 SHOWN: dict[str, tuple[str, ...]] = {
     "cold": ("wall_s", "mib_s", "upstream_ratio"),
     "warm": ("wall_s", "upstream_requests", "upstream_blob_requests"),
-    "herd": ("wall_s", "ttfb_p50_s", "ttfb_p99_s", "upstream_ratio"),
+    "herd": ("wall_s", "ttfb_p50_s", "ttfb_p99_s", "upstream_ratio", "failed_transfers"),
     "hot": ("mib_s", "rps"),
     "tags": ("rps", "upstream_requests"),
     "memory": ("peak_rss_mib",),
