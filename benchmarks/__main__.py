@@ -56,7 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=None,
                         help="seconds of each wrk run (default 5, smoke 1)")
     parser.add_argument("--connections", type=int, default=None,
-                        help="wrk keep-alive connections (default 8, smoke 2)")
+                        help="keep-alive connections of wrk, hey and the raw client (default 4, "
+                             "smoke 2)")
     parser.add_argument("--only", action="append", default=[],
                         choices=("cold", "warm", "herd", "hot", "tags", "memory"),
                         help="run only this scenario (repeatable)")

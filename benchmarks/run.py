@@ -38,7 +38,7 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
         herd_clients=pick(args.herd_clients, 20, 4),
         wan_rate=float(pick(args.wan_rate, 50 * MiB, 4 * MiB)),
         duration=pick(args.duration, 5, 1),
-        connections=pick(args.connections, 8, 2),
+        connections=pick(args.connections, 4, 2),
         only=frozenset(args.only),
         targets=targets,
     )
