@@ -2,8 +2,9 @@
 
 One repeat runs, for each target in turn, on a fresh instance each time:
 
-- ``serve``: cold pull of the set by 1 client, warm pull, hot blobs (wrk),
-  tag resolution (wrk); memory is sampled during the hot blobs;
+- ``serve``: cold pull of the set by 1 client, warm pull, hot blobs (raw
+  sockets for the big one, wrk for the small one), tag resolution (hey for
+  HEAD, wrk for GET); memory is sampled during the hot blobs;
 - ``cold4``: cold pull of the set by 4 clients;
 - ``herd``: N clients at once on the cold large layer, at loopback speed and
   through a throttle at the WAN rate; memory is sampled during the herd.
