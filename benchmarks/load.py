@@ -134,6 +134,11 @@ class PullClient:
         self.stats.bytes += size
         return bytes(kept), resp.headers.get("Content-Type", "")
 
+    async def manifest(self, repo: str, reference: str, digest: str) -> bytes:
+        """GET a manifest with the Accept types of a real client and verify it."""
+        body, _ = await self._fetch(repo, f"manifests/{reference}", digest, ACCEPT)
+        return body
+
     async def blob(self, repo: str, digest: str) -> None:
         """Download and verify one blob, unless this client has it already."""
         if digest in self.have:

@@ -27,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.load import ACCEPT, PullClient, PullStats, curl_herd, run_hey, run_raw, run_wrk
+from benchmarks.load import PullClient, PullStats, curl_herd, run_hey, run_raw, run_wrk
 from benchmarks.measure import RssSampler, UpstreamMeter, percentile
 from benchmarks.seed import ImageSet, MiB, pulled_bytes
 from benchmarks.targets import (
@@ -268,8 +268,7 @@ async def _herd(bench: Bench, target: Target, clients: int) -> tuple[list[float]
         # The verifier resolves the tag and reads the config like any client;
         # the herd is on the layer, which N-1 curl transfers and the verifier
         # request at the same moment.
-        await verifier._fetch(large.repo, f"manifests/{large.tag}", large.manifest.digest,
-                              ACCEPT)
+        await verifier.manifest(large.repo, large.tag, large.manifest.digest)
         await verifier.blob(large.repo, large.config.digest)
         verifier.stats.ttfb.clear()
         url = f"{target.url}/v2/{large.repo}/blobs/{layer.digest}"
