@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     note = chart(out / "chart.png", table_rows)
     print(text)
     print(f"\nsmall blob: {images.small_blob.size} B (an image config), hot blob: "
-          f"{images.hot_blob.size / MiB:.1f} MiB; {settings.repeat} repeat(s), medians; "
+          f"{images.hot_blob.size / 1024:,.0f} KiB; {settings.repeat} repeat(s), medians; "
           f"ratios are medians of per-repeat ours/peer.")
     print(f"results: {out / 'results.json'}, {out / 'table.md'}"
           + (f"; {note}" if note else f", {out / 'chart.png'}"))

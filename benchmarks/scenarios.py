@@ -27,7 +27,8 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.load import PullClient, PullStats, curl_herd, run_hey, run_raw, run_wrk
+from benchmarks.lean import curl_herd, run_hey, run_raw, run_wrk
+from benchmarks.load import PullClient, PullStats
 from benchmarks.measure import RssSampler, UpstreamMeter, percentile
 from benchmarks.seed import ImageSet, MiB, pulled_bytes
 from benchmarks.targets import (
