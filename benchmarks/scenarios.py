@@ -186,6 +186,23 @@ def _hot_blob(bench: Bench, target: Target, repeat: int) -> None:
         if bench.wants("memory"):
             bench.add("memory", f"hot {case}", target.name, repeat, PROC,
                       peak_rss_mib=rss.peak_mib, hwm_mib=rss.hwm_mib)
+    if bench.wants("hot") and target.name != SENDFILE:
+        _hot_manifest(bench, target, repeat)
+
+
+def _hot_manifest(bench: Bench, target: Target, repeat: int) -> None:
+    """A cached manifest by digest, with a client's Accept header, by wrk."""
+    image = bench.images.pull_set[0]
+    assert isinstance(image, Image)
+    url = f"{target.url}/v2/{image.repo}/manifests/{image.manifest.digest}"
+    headers = {"Accept": image.manifest.media_type, **bench.auth(target, image.repo)}
+    with UpstreamMeter(bench.upstream.reg) as meter:
+        result = run_wrk(url, method="GET", headers=headers,
+                         connections=bench.settings.connections,
+                         duration=bench.settings.duration)
+    bench.add("hot", "manifest by digest", target.name, repeat, WRK, rps=result.rps,
+              mib_s=result.rps * image.manifest.size / MiB, errors=result.errors,
+              upstream_requests=meter.traffic.requests)
 
 
 def _size(size: int) -> str:
@@ -333,12 +350,6 @@ def run_all(bench: Bench) -> list[Record]:
 
 def _applies(settings: RunSettings, scenario: str) -> list[str]:
     return [t for t in settings.targets if t in APPLIES[scenario]]
-
-
-def expected_cells(settings: RunSettings) -> set[tuple[str, str]]:
-    """``(scenario, target)`` pairs a run with ``settings`` must have figures for."""
-    wanted = settings.only or set(SCENARIOS)
-    return {(sc, t) for sc in wanted for t in _applies(settings, sc)}
 
 
 def as_json(records: list[Record]) -> list[dict[str, Any]]:
