@@ -31,6 +31,9 @@ if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
 fi
 if [ $want_test -eq 1 ]; then
     apt_install docker-registry skopeo containerd nginx apache2-utils wrk
+    # benchmarks/: curl drives the thundering herd, hey the HEAD requests (wrk's
+    # parser waits for a body after HEAD)
+    apt_install curl hey
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -108,6 +108,11 @@ class Registry:
         """``"http://127.0.0.1:PORT"``."""
         return f"http://{self.host}"
 
+    @property
+    def pid(self) -> int | None:
+        """The process id while running (for sampling its memory)."""
+        return self._proc.pid if self._proc is not None else None
+
     def _config(self) -> dict[str, object]:
         config: dict[str, object] = {
             "version": 0.1,

@@ -1,0 +1,1 @@
+"""Pull benchmarks: the mirror against Distribution's proxy and nginx (``python -m benchmarks``)."""

@@ -1,0 +1,58 @@
+"""The benchmarks' smoke mode, so that they never rot.
+
+It runs ``python -m benchmarks --smoke`` as a subprocess (the same code as a
+full run, tiny sizes) and checks that every scenario produced figures for
+every target it applies to and that no client accepted wrong bytes (the
+verifying client raises on any digest mismatch, failing the run). It never
+checks timing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.report import SHOWN
+from benchmarks.scenarios import APPLIES, SCENARIOS
+from tests.conftest import require_binary
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(600)
+def test_smoke_run_has_figures_for_every_scenario_and_target(tmp_path: Path) -> None:
+    for binary in ("docker-registry", "nginx", "wrk", "hey", "curl"):
+        require_binary(binary)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--no-setup", "--out", str(out),
+         "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=580, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    doc = json.loads((out / "results.json").read_text())
+    records = doc["records"]
+    for scenario in SCENARIOS:
+        for target in APPLIES[scenario]:
+            mine = [r for r in records if r["scenario"] == scenario and r["target"] == target]
+            assert mine, f"no figures for {scenario} on {target}"
+            for record in mine:
+                for metric in SHOWN[scenario]:
+                    value = record["metrics"].get(metric)
+                    assert value is not None and not math.isnan(value), (scenario, target,
+                                                                         metric, record)
+    # The verifying client read every byte of the set (it raises on a wrong digest).
+    unique = doc["meta"]["unique_set_bytes"] / 2**20
+    for record in records:
+        if record["scenario"] == "cold":
+            assert record["metrics"]["client_mib"] >= unique * 0.99, record
+    assert "ours/distribution" in proc.stdout
+    assert (out / "table.md").read_text().startswith("| scenario")
+    assert (out / "chart.png").stat().st_size > 0
