@@ -1,9 +1,8 @@
 """Response building: headers clients depend on, Range, sendfile, streaming.
 
-HEAD answers carry exactly the headers of GET. Cached blobs go out with
-``loop.sendfile`` on the stock asyncio loop, or in bounded chunks read in a
-thread under uvloop (which has no sendfile, and measured faster all the same);
-small ones from memory; in-flight ones from the growing temp file of their fill.
+HEAD answers carry exactly the headers of GET. Cached blobs go out with the
+kernel's sendfile (:mod:`mirror.server.sendfile`; bounded chunks under TLS),
+small ones from memory, in-flight ones from the growing temp file of their fill.
 """
 
 from __future__ import annotations
@@ -15,10 +14,12 @@ from typing import IO
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
 
 from mirror.errors import RangeInvalid
 from mirror.fetch import Fill
 from mirror.oci import Digest
+from mirror.server.sendfile import sendfile, socket_for_sendfile
 
 BLOB_CACHE_CONTROL = "max-age=31536000, immutable"
 
@@ -123,16 +124,14 @@ class FileSliceResponse(web.StreamResponse):
         transport = request.transport
         if transport is None or writer is None:
             raise ConnectionResetError("client went away")
-        loop = asyncio.get_running_loop()
-        if not hasattr(loop, "_sendfile_native"):
-            # uvloop has no sendfile; its copy path measured faster here anyway.
+        if isinstance(writer, StreamWriter):
+            writer.send_headers()  # on the wire before the kernel sends the body
+        sock_fd = socket_for_sendfile(transport)
+        if sock_fd is None:
+            # TLS, or headers still buffered: copy in bounded chunks read off the loop.
             await self._copy(writer)
             return
-        try:
-            await loop.sendfile(transport, self._file, self._offset, self._count, fallback=False)
-        except (NotImplementedError, RuntimeError):
-            # TLS transports cannot sendfile: copy in bounded chunks off the loop.
-            await self._copy(writer)
+        await sendfile(sock_fd, self._file.fileno(), self._offset, self._count)
 
     async def _copy(self, writer: AbstractStreamWriter) -> None:
         fd = self._file.fileno()

@@ -1,0 +1,129 @@
+"""Kernel sendfile on a client socket: exact bytes, slow readers, early hang-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from mirror.server.sendfile import sendfile, socket_for_sendfile
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _serve(handler: Handler) -> tuple[asyncio.Server, int]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, port
+
+
+@pytest.fixture
+def blob(tmp_path: Path) -> tuple[Path, bytes]:
+    data = os.urandom(12 * 2**20 + 123)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    return path, data
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_sends_exactly_the_slice_asked_for(blob: tuple[Path, bytes]) -> None:
+    path, data = blob
+    offset, count = 1000, len(data) - 5000
+
+    async def handler(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock_fd = socket_for_sendfile(writer.transport)
+        assert sock_fd is not None
+        with path.open("rb") as file:
+            await sendfile(sock_fd, file.fileno(), offset, count)
+        writer.close()
+
+    server, port = await _serve(handler)
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        got = await reader.read()
+        writer.close()
+    assert got == data[offset:offset + count]
+
+
+async def test_a_slow_reader_gets_every_byte(blob: tuple[Path, bytes]) -> None:
+    path, data = blob
+
+    async def handler(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock_fd = socket_for_sendfile(writer.transport)
+        assert sock_fd is not None
+        with path.open("rb") as file:
+            await sendfile(sock_fd, file.fileno(), 0, len(data))
+        writer.close()
+
+    server, port = await _serve(handler)
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**16)
+        parts = []
+        while chunk := await reader.read(2**16):
+            parts.append(chunk)
+            if len(parts) % 16 == 0:
+                await asyncio.sleep(0.01)  # the socket buffer fills; the sender must wait
+        writer.close()
+    assert b"".join(parts) == data
+
+
+async def test_a_client_that_hangs_up_ends_the_send_and_leaks_nothing(
+        blob: tuple[Path, bytes]) -> None:
+    path, data = blob
+    outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+    async def handler(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock_fd = socket_for_sendfile(writer.transport)
+        assert sock_fd is not None
+        try:
+            with path.open("rb") as file:
+                for _ in range(50):  # far more than the socket buffers hold
+                    await sendfile(sock_fd, file.fileno(), 0, len(data))
+            outcome.set_result(None)
+        except ConnectionResetError as exc:
+            outcome.set_result(exc)
+        finally:
+            writer.close()
+
+    before = _open_fds()
+    server, port = await _serve(handler)
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reader.readexactly(2**20)
+        writer.transport.abort()
+        error = await asyncio.wait_for(outcome, 10)
+    assert isinstance(error, ConnectionResetError)
+    await asyncio.sleep(0.05)
+    assert _open_fds() <= before
+
+
+async def test_a_file_shorter_than_announced_is_an_error(blob: tuple[Path, bytes]) -> None:
+    path, data = blob
+    outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+    async def handler(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock_fd = socket_for_sendfile(writer.transport)
+        assert sock_fd is not None
+        try:
+            with path.open("rb") as file:
+                await sendfile(sock_fd, file.fileno(), len(data) - 10, 100)
+            outcome.set_result(None)
+        except ConnectionResetError as exc:
+            outcome.set_result(exc)
+        finally:
+            writer.close()
+
+    server, port = await _serve(handler)
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        got = await reader.read()
+        writer.close()
+        error = await asyncio.wait_for(outcome, 10)
+    assert isinstance(error, ConnectionResetError)
+    assert got == data[-10:]
