@@ -1,0 +1,69 @@
+"""The small sections: ``tls``, ``cache``, ``log`` and ``server``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mirror.config.settings import CacheSettings, LogSettings, ServerSettings, TlsSettings
+from mirror.config.values import (
+    _existing_file,
+    _mapping,
+    _only_keys,
+    _opt,
+    _string,
+    parse_duration,
+    parse_size,
+)
+from mirror.errors import ConfigError
+
+
+def _tls(value: Any, base: Path) -> TlsSettings | None:
+    if value is None:
+        return None
+    tls = _mapping(value, "tls")
+    _only_keys(tls, "tls", {"cert", "key"})
+    cert = _existing_file(tls.get("cert"), "tls.cert", base)
+    key = _existing_file(tls.get("key"), "tls.key", base)
+    return TlsSettings(cert=cert, key=key)
+
+
+def _cache(value: Any) -> CacheSettings:
+    cache = _mapping(value, "cache")
+    keys = {"tag_ttl", "stale_if_error", "negative_ttl", "memory_max_size", "memory_item_max_size"}
+    _only_keys(cache, "cache", keys)
+    defaults = CacheSettings()
+    return CacheSettings(
+        tag_ttl=_opt(cache, "tag_ttl", "cache", parse_duration, defaults.tag_ttl),
+        stale_if_error=_opt(cache, "stale_if_error", "cache", parse_duration,
+                            defaults.stale_if_error),
+        negative_ttl=_opt(cache, "negative_ttl", "cache", parse_duration, defaults.negative_ttl),
+        memory_max_bytes=_opt(cache, "memory_max_size", "cache", parse_size,
+                              defaults.memory_max_bytes),
+        memory_item_max_bytes=_opt(cache, "memory_item_max_size", "cache", parse_size,
+                                   defaults.memory_item_max_bytes),
+    )
+
+
+def _log(value: Any) -> LogSettings:
+    log = _mapping(value, "log")
+    _only_keys(log, "log", {"level", "format"})
+    level = _string(log.get("level", "info"), "log.level").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log.level", f"expected debug, info, warning or error, got {level!r}")
+    fmt = _string(log.get("format", "auto"), "log.format").lower()
+    if fmt not in ("auto", "json", "console"):
+        raise ConfigError("log.format", f"expected auto, json or console, got {fmt!r}")
+    return LogSettings(level=level, format=fmt)
+
+
+def _server(value: Any) -> ServerSettings:
+    server = _mapping(value, "server")
+    _only_keys(server, "server", {"event_loop", "chunk_size"})
+    loop = _string(server.get("event_loop", "uvloop"), "server.event_loop").lower()
+    if loop not in ("asyncio", "uvloop"):
+        raise ConfigError("server.event_loop", f"expected asyncio or uvloop, got {loop!r}")
+    chunk = _opt(server, "chunk_size", "server", parse_size, ServerSettings.chunk_size)
+    if not 4096 <= chunk <= 16 * 2**20:
+        raise ConfigError("server.chunk_size", "must be between 4KiB and 16MiB")
+    return ServerSettings(event_loop=loop, chunk_size=chunk)

@@ -1,0 +1,226 @@
+"""The frozen, typed settings that :func:`mirror.config.parse` produces, and ``Secret``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from yarl import URL
+
+CONFIG_VERSION = 1
+DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
+
+
+class Secret:
+    """A credential value that never shows in a repr, a log or an error."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself, for the one place that sends it upstream."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class StaticCredential:
+    """A username and password (or token) from the config, the environment or a file."""
+
+    label: str
+    username: str
+    password: Secret
+
+
+@dataclass(frozen=True)
+class DockerConfigCredential:
+    """Credentials looked up in a Docker ``config.json`` when needed, the way Docker does:
+    ``credHelpers``/``credsStore`` helpers, else ``auths``."""
+
+    label: str
+    path: Path
+    server: str
+    helper_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class EcrCredential:
+    """Basic credentials from ECR ``GetAuthorizationToken`` (the standard AWS chain);
+    ``public`` asks ECR Public's API (``ecr-public``, in us-east-1) instead."""
+
+    label: str
+    region: str
+    registry_id: str | None = None
+    endpoint_url: str | None = None
+    profile: str | None = None
+    refresh_margin: float = 3600.0
+    public: bool = False
+
+
+CredentialSettings = StaticCredential | DockerConfigCredential | EcrCredential
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """A token bucket of upstream requests (see mirror/upstream/guard.py)."""
+
+    rate: float
+    burst: int
+    client_overdraft: float = 0.5
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    """When a circuit breaker opens and how long it stays open; ``failures=0`` disables it."""
+
+    failures: int = 5
+    window: float = 30.0
+    cool_down: float = 30.0
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """One upstream registry."""
+
+    name: str
+    url: URL
+    aliases: tuple[str, ...] = ()
+    default: bool = False
+    library_prefix: bool = False
+    username: str | None = None
+    password: Secret | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    retries: int = 3
+    max_connections: int = 32
+    max_retry_wait: float = 10.0
+    preset: str = "generic"
+    credentials: tuple[CredentialSettings, ...] = ()
+    blob_probe: str = "head"
+    budget: BudgetSettings | None = None
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    max_client_retry_after: float = 3600.0
+
+    @property
+    def host(self) -> str:
+        """``host[:port]`` of the upstream URL, as containerd sends it in ``ns``."""
+        port = "" if self.url.is_default_port() else f":{self.url.port}"
+        return f"{self.url.host}{port}"
+
+    def names(self) -> tuple[str, ...]:
+        """Every name a client may use for this upstream, lowercase."""
+        return tuple(dict.fromkeys(n.lower() for n in (self.name, *self.aliases, self.host)))
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """The shared S3 tier (``storage.s3``)."""
+
+    bucket: str
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: URL | None = None
+    access_key_id: Secret | None = None
+    secret_access_key: Secret | None = None
+    redirect: bool = False
+    redirect_ttl: float = 900.0
+    max_connections: int = 32
+    connect_timeout: float = 3.0
+    read_timeout: float = 30.0
+    failure_backoff: float = 15.0
+    part_size: int = 16 * 2**20
+    max_uploads: int = 4
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    path: Path = Path("./mirror-data")
+    s3: S3Settings | None = None
+    max_size: int | None = None  # bytes; None: unbounded
+    high_watermark: float = 0.95  # evict when the cache holds more than this share of max_size
+    low_watermark: float = 0.85  # ... down to this share
+
+    @property
+    def high_bytes(self) -> int | None:
+        """Bytes above which eviction starts, or ``None`` when unbounded."""
+        return None if self.max_size is None else int(self.max_size * self.high_watermark)
+
+    @property
+    def low_bytes(self) -> int | None:
+        """Bytes eviction brings the cache down to, or ``None`` when unbounded."""
+        return None if self.max_size is None else int(self.max_size * self.low_watermark)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    tag_ttl: float = 300.0
+    stale_if_error: float = 7 * 86400.0
+    negative_ttl: float = 15.0
+    memory_max_bytes: int = 256 * 2**20
+    memory_item_max_bytes: int = 1 * 2**20
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    event_loop: str = "uvloop"
+    chunk_size: int = 1 * 2**20
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the mirror needs to run, validated."""
+
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 5000
+    tls: TlsSettings | None = None
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    upstreams: tuple[UpstreamSettings, ...] = ()
+    log: LogSettings = field(default_factory=LogSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+    @property
+    def default_upstream(self) -> UpstreamSettings | None:
+        """The upstream for requests that name no registry."""
+        return next((u for u in self.upstreams if u.default), None)
+
+
+def docker_hub() -> UpstreamSettings:
+    """Docker Hub as the default upstream, as with no configuration at all."""
+    return UpstreamSettings(
+        name="docker.io",
+        url=URL("https://registry-1.docker.io"),
+        aliases=DOCKER_HUB_ALIASES,
+        default=True,
+        library_prefix=True,
+        preset="dockerhub",
+    )
+
+
+def default_settings() -> Settings:
+    """Settings for ``mirror serve`` with no config file."""
+    return Settings(upstreams=(docker_hub(),))

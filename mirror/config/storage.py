@@ -1,0 +1,106 @@
+"""The ``storage`` section: the local cache and its byte budget, and the S3 tier."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mirror.config.settings import S3Settings, StorageSettings
+from mirror.config.values import (
+    _bool,
+    _mapping,
+    _only_keys,
+    _opt,
+    _positive,
+    _secret,
+    _string,
+    _url,
+    parse_duration,
+    parse_size,
+)
+from mirror.errors import ConfigError
+
+
+def _storage(value: Any, env: Mapping[str, str], base: Path) -> StorageSettings:
+    storage = _mapping(value, "storage")
+    _only_keys(storage, "storage", {"path", "s3", "max_size", "high_watermark", "low_watermark"})
+    path = Path(_string(storage.get("path", "./mirror-data"), "storage.path"))
+    s3 = _s3(storage["s3"], env, base) if storage.get("s3") is not None else None
+    max_size = _opt(storage, "max_size", "storage", parse_size, None)
+    if max_size == 0:
+        raise ConfigError("storage.max_size", "must be more than 0 (leave it out for no limit)")
+    d = StorageSettings
+    high = _opt(storage, "high_watermark", "storage", _fraction, d.high_watermark)
+    low = _opt(storage, "low_watermark", "storage", _fraction, d.low_watermark)
+    if low >= high:
+        raise ConfigError("storage.low_watermark",
+                          f"must be below storage.high_watermark ({low} >= {high})")
+    return StorageSettings(path=path if path.is_absolute() else base / path, s3=s3,
+                           max_size=max_size, high_watermark=high, low_watermark=low)
+
+
+def _fraction(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(key, f"expected a fraction of max_size above 0 and at most 1, "
+                          f"got {value!r}")
+    return float(value)
+
+
+_S3_KEYS = {
+    "bucket", "prefix", "region", "endpoint_url", "access_key_id_env", "access_key_id_file",
+    "secret_access_key_env", "secret_access_key_file", "redirect", "redirect_ttl",
+    "max_connections", "connect_timeout", "read_timeout", "failure_backoff", "part_size",
+    "max_uploads",
+}
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9!_.*'()/-]*")
+
+
+def _s3(value: Any, env: Mapping[str, str], base: Path) -> S3Settings:
+    key = "storage.s3"
+    item = _mapping(value, key)
+    for plain in ("access_key_id", "secret_access_key"):
+        if plain in item:
+            raise ConfigError(f"{key}.{plain}", f"never put credentials in the file: use "
+                              f"{plain}_env or {plain}_file")
+    _only_keys(item, key, _S3_KEYS)
+    if "bucket" not in item:
+        raise ConfigError(f"{key}.bucket", "required: the bucket that holds the shared tier")
+    bucket = _string(item["bucket"], f"{key}.bucket")
+    if _BUCKET_RE.fullmatch(bucket) is None:
+        raise ConfigError(f"{key}.bucket", f"not an S3 bucket name (3-63 of a-z, 0-9, '.', "
+                          f"'-'): {bucket!r}")
+    prefix = _opt(item, "prefix", key, _string, "").strip("/")
+    if _PREFIX_RE.fullmatch(prefix) is None or ".." in prefix.split("/"):
+        raise ConfigError(f"{key}.prefix", f"not a plain key prefix: {prefix!r}")
+    key_id = _secret(item, key, "access_key_id", env, base)
+    secret = _secret(item, key, "secret_access_key", env, base)
+    if (key_id is None) != (secret is None):
+        raise ConfigError(key, "give both access_key_id_* and secret_access_key_*, or neither "
+                          "(the standard AWS chain)")
+    d = S3Settings
+    part_size = _opt(item, "part_size", key, parse_size, d.part_size)
+    if not 5 * 2**20 <= part_size <= 5 * 2**30:
+        raise ConfigError(f"{key}.part_size", "must be between 5MiB and 5GiB (S3's limits)")
+    redirect_ttl = _opt(item, "redirect_ttl", key, parse_duration, d.redirect_ttl)
+    if not 1 <= redirect_ttl <= 7 * 86400:
+        raise ConfigError(f"{key}.redirect_ttl", "must be between 1s and 7d (S3's limit)")
+    return S3Settings(
+        bucket=bucket,
+        prefix=prefix,
+        region=_opt(item, "region", key, _string, None),
+        endpoint_url=_url(item["endpoint_url"], f"{key}.endpoint_url")
+        if "endpoint_url" in item else None,
+        access_key_id=key_id,
+        secret_access_key=secret,
+        redirect=_opt(item, "redirect", key, _bool, d.redirect),
+        redirect_ttl=redirect_ttl,
+        max_connections=_opt(item, "max_connections", key, _positive, d.max_connections),
+        connect_timeout=_opt(item, "connect_timeout", key, parse_duration, d.connect_timeout),
+        read_timeout=_opt(item, "read_timeout", key, parse_duration, d.read_timeout),
+        failure_backoff=_opt(item, "failure_backoff", key, parse_duration, d.failure_backoff),
+        part_size=part_size,
+        max_uploads=_opt(item, "max_uploads", key, _positive, d.max_uploads),
+    )

@@ -1,0 +1,182 @@
+"""The ``upstreams`` section: registries, presets, request budgets and circuit breakers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from yarl import URL
+
+from mirror.config.credentials import _upstream_credentials, _with_default_ecr
+from mirror.config.settings import (
+    BreakerSettings,
+    BudgetSettings,
+    StaticCredential,
+    UpstreamSettings,
+    docker_hub,
+)
+from mirror.config.values import (
+    _bool,
+    _count,
+    _mapping,
+    _only_keys,
+    _opt,
+    _positive,
+    _registry_name,
+    _string,
+    _url,
+    parse_duration,
+    parse_rate,
+)
+from mirror.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mirror.upstream.presets import Preset
+
+
+def _upstreams(value: Any, env: Mapping[str, str], base: Path) -> tuple[UpstreamSettings, ...]:
+    if value is None:
+        return (docker_hub(),)
+    if not isinstance(value, list) or not value:
+        raise ConfigError("upstreams", "expected a non-empty list of registries")
+    upstreams = tuple(_upstream(item, f"upstreams[{i}]", env, base) for i, item in enumerate(value))
+    _check_unique_names(upstreams)
+    defaults = [u.name for u in upstreams if u.default]
+    if len(defaults) > 1:
+        raise ConfigError("upstreams", f"only one registry may be default, got {defaults}")
+    return upstreams
+
+
+_UPSTREAM_KEYS = {
+    "name", "url", "aliases", "default", "library_prefix", "username", "password_env",
+    "password_file", "connect_timeout", "read_timeout", "retries", "max_connections",
+    "max_retry_wait", "preset", "blob_probe", "credentials", "docker_config", "ecr",
+    "json_key_file",
+} | {"budget", "breaker", "max_client_retry_after"}
+
+
+def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> UpstreamSettings:
+    item = _mapping(value, key)
+    _only_keys(item, key, _UPSTREAM_KEYS)
+    name = _registry_name(item.get("name"), f"{key}.name")
+    url = _url(item["url"], f"{key}.url") if "url" in item else None
+    preset = _preset(item, key, name, url)
+    if url is None:
+        url = _preset_url(preset, name, key)
+    aliases_raw = item.get("aliases", [a for a in preset.aliases if a != name])
+    if not isinstance(aliases_raw, list):
+        raise ConfigError(f"{key}.aliases", "expected a list of names")
+    aliases = tuple(_registry_name(a, f"{key}.aliases[{i}]") for i, a in enumerate(aliases_raw))
+    blob_probe = _opt(item, "blob_probe", key, _string, preset.blob_probe).lower()
+    if blob_probe not in ("head", "get"):
+        raise ConfigError(f"{key}.blob_probe", f"expected head or get, got {blob_probe!r}")
+    host = _credential_host(name, url)
+    credentials = _upstream_credentials(item, key, env=env, base=base, preset=preset, host=host)
+    # The top-level username/password stay visible as such for older callers.
+    legacy = credentials[0] if credentials and "username" in item else None
+    if not isinstance(legacy, StaticCredential):
+        legacy = None
+    d = UpstreamSettings
+    return UpstreamSettings(
+        name=name,
+        url=url,
+        aliases=aliases,
+        default=_opt(item, "default", key, _bool, False),
+        library_prefix=_opt(item, "library_prefix", key, _bool, preset.library_prefix),
+        username=legacy.username if legacy else None,
+        password=legacy.password if legacy else None,
+        connect_timeout=_opt(item, "connect_timeout", key, parse_duration, d.connect_timeout),
+        read_timeout=_opt(item, "read_timeout", key, parse_duration, d.read_timeout),
+        retries=_opt(item, "retries", key, _count, d.retries),
+        max_connections=_opt(item, "max_connections", key, _positive, d.max_connections),
+        max_retry_wait=_opt(item, "max_retry_wait", key, parse_duration, d.max_retry_wait),
+        preset=preset.key,
+        credentials=_with_default_ecr(credentials, preset, host),
+        blob_probe=blob_probe,
+        **_guard(item, key),
+    )
+
+
+def _guard(item: dict[str, Any], key: str) -> dict[str, Any]:
+    """The budget, breaker and Retry-After bound of one upstream, as keyword arguments."""
+    cap = _opt(item, "max_client_retry_after", key, parse_duration,
+               UpstreamSettings.max_client_retry_after)
+    if cap < 1:
+        raise ConfigError(f"{key}.max_client_retry_after", "must be at least 1s")
+    return {
+        "budget": _budget(item["budget"], f"{key}.budget") if "budget" in item else None,
+        "breaker": _breaker(item.get("breaker"), f"{key}.breaker"),
+        "max_client_retry_after": cap,
+    }
+
+
+def _budget(value: Any, key: str) -> BudgetSettings:
+    budget = _mapping(value, key)
+    _only_keys(budget, key, {"rate", "burst", "client_overdraft"})
+    if "rate" not in budget:
+        raise ConfigError(f"{key}.rate", "required: requests per second, e.g. 20/s or 600/m")
+    rate = parse_rate(budget["rate"], f"{key}.rate")
+    burst = _opt(budget, "burst", key, _positive, max(1, math.ceil(rate)))
+    overdraft = budget.get("client_overdraft", BudgetSettings.client_overdraft)
+    if isinstance(overdraft, bool) or not isinstance(overdraft, int | float) \
+            or not 0 <= overdraft <= 10:
+        raise ConfigError(f"{key}.client_overdraft",
+                          f"expected a number from 0 to 10, got {overdraft!r}")
+    return BudgetSettings(rate=rate, burst=burst, client_overdraft=float(overdraft))
+
+
+def _breaker(value: Any, key: str) -> BreakerSettings:
+    breaker = _mapping(value, key)
+    _only_keys(breaker, key, {"failures", "window", "cool_down"})
+    d = BreakerSettings
+    window = _opt(breaker, "window", key, parse_duration, d.window)
+    cool_down = _opt(breaker, "cool_down", key, parse_duration, d.cool_down)
+    for name, seconds in (("window", window), ("cool_down", cool_down)):
+        if seconds <= 0:
+            raise ConfigError(f"{key}.{name}", "must be longer than 0s")
+    return BreakerSettings(failures=_opt(breaker, "failures", key, _count, d.failures),
+                           window=window, cool_down=cool_down)
+
+
+def _credential_host(name: str, url: URL) -> str:
+    """The host credentials are kept under (config.json key, ECR host): the name when it
+    is one (``url`` may point elsewhere, e.g. at a proxy), else the ``url``'s host."""
+    from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
+
+    if presets.looks_like_host(name):
+        return name
+    port = "" if url.is_default_port() else f":{url.port}"
+    return f"{url.host}{port}"
+
+
+def _preset(item: dict[str, Any], key: str, name: str, url: URL | None) -> Preset:
+    from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
+    explicit = _opt(item, "preset", key, _string, None)
+    try:
+        return presets.find(name, url.host if url else None, explicit and explicit.lower())
+    except KeyError:
+        known = ", ".join(p.key for p in presets.PRESETS)
+        raise ConfigError(f"{key}.preset",
+                          f"unknown preset {explicit!r} (known: {known})") from None
+
+
+def _preset_url(preset: Preset, name: str, key: str) -> URL:
+    from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
+    if preset.url is not None:
+        return URL(preset.url)
+    if presets.looks_like_host(name):
+        return URL(f"https://{name}")
+    raise ConfigError(f"{key}.url", f"required: {name!r} is not a host name and the "
+                      f"{preset.title} preset has no well-known address")
+
+
+def _check_unique_names(upstreams: tuple[UpstreamSettings, ...]) -> None:
+    seen: dict[str, str] = {}
+    for i, upstream in enumerate(upstreams):
+        for name in (upstream.name.lower(), *(a.lower() for a in upstream.aliases)):
+            if name in seen and seen[name] != upstream.name:
+                raise ConfigError(f"upstreams[{i}]", f"name {name!r} is already used by "
+                                  f"{seen[name]!r}")
+            seen[name] = upstream.name

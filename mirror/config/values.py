@@ -1,0 +1,174 @@
+"""The value grammars of the config (durations, sizes, rates, listen addresses) and the
+small validators every section uses; each error names the key path it is about."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from yarl import URL
+
+from mirror.config.settings import Secret
+from mirror.errors import ConfigError
+
+T = TypeVar("T")
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_RATE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/\s*(s|m|h))?")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_HOST_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?")
+
+
+def parse_listen(value: Any) -> tuple[str, int]:
+    """``(host, port)`` from ``HOST:PORT``.
+
+    Raises:
+        ConfigError: not HOST:PORT.
+    """
+    text = _string(value, "listen")
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError("listen", f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port_text)
+
+
+def parse_duration(value: Any, key: str = "") -> float:
+    """Seconds from ``90``, ``"30s"``, ``"5m"``, ``"2h"``, ``"7d"`` or ``"250ms"``.
+
+    Raises:
+        ConfigError: not a duration.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a duration like 30s or 5m, got {value!r}")
+    if isinstance(value, int | float) and value >= 0:
+        return float(value)
+    match = _DURATION_RE.fullmatch(str(value).strip())
+    if match is None:
+        raise ConfigError(key, f"expected a duration like 30s or 5m, got {value!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_size(value: Any, key: str = "") -> int:
+    """Bytes from ``1048576``, ``"512MiB"``, ``"50GiB"`` or ``"10GB"``.
+
+    Raises:
+        ConfigError: not a size.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE_RE.fullmatch(str(value).strip())
+    if match is None:
+        raise ConfigError(key, f"expected a size like 512MiB or 50GiB, got {value!r}")
+    unit = (match.group(2) or "b").lower()
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_rate(value: Any, key: str = "") -> float:
+    """Requests per second from ``20``, ``"20/s"``, ``"600/m"`` or ``"1000/h"``.
+
+    Raises:
+        ConfigError: not a rate, or not above zero.
+    """
+    match = None if isinstance(value, bool) else _RATE_RE.fullmatch(str(value).strip())
+    if match is None or float(match.group(1)) <= 0:
+        raise ConfigError(key, f"expected a rate above 0 like 20/s, 600/m or 1000/h, "
+                          f"got {value!r}")
+    return float(match.group(1)) / _RATE_UNITS[match.group(2)]
+
+
+def _secret(item: dict[str, Any], key: str, name: str, env: Mapping[str, str],
+            base: Path) -> Secret | None:
+    """``<name>_env`` or ``<name>_file``; never ``<name>`` itself in the file."""
+    if name in item:
+        raise ConfigError(f"{key}.{name}", f"never put a {name} in the file: "
+                          f"use {name}_env or {name}_file")
+    if f"{name}_env" in item and f"{name}_file" in item:
+        raise ConfigError(key, f"give {name}_env or {name}_file, not both")
+    if f"{name}_env" in item:
+        var = _string(item[f"{name}_env"], f"{key}.{name}_env")
+        if var not in env:
+            raise ConfigError(f"{key}.{name}_env", f"environment variable {var} is not set")
+        return Secret(env[var])
+    if f"{name}_file" in item:
+        path = _existing_file(item[f"{name}_file"], f"{key}.{name}_file", base)
+        return Secret(path.read_text().strip())
+    return None
+
+
+def _opt(item: dict[str, Any], name: str, key: str, convert: Callable[[Any, str], T],
+         default: T) -> T:
+    path = f"{key}.{name}" if key else name
+    return convert(item[name], path) if name in item else default
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _only_keys(item: dict[str, Any], key: str, allowed: set[str]) -> None:
+    for name in item:
+        if name not in allowed:
+            path = f"{key}.{name}" if key else str(name)
+            raise ConfigError(path, f"unknown key (expected one of {', '.join(sorted(allowed))})")
+
+
+def _string(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, f"expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _count(value: Any, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(key, f"expected a whole number >= 0, got {value!r}")
+    return value
+
+
+def _positive(value: Any, key: str) -> int:
+    if _count(value, key) == 0:
+        raise ConfigError(key, "must be at least 1")
+    return int(value)
+
+
+def _url(value: Any, key: str) -> URL:
+    text = _string(value, key)
+    url = URL(text)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(key, f"not an http(s) URL: {text!r}")
+    if url.query_string or url.fragment or url.user:
+        raise ConfigError(key, "must not carry a query, fragment or credentials")
+    return url.with_path(url.path.rstrip("/"))
+
+
+def _registry_name(value: Any, key: str) -> str:
+    name = _string(value, key).lower()
+    if _HOST_RE.fullmatch(name) is None:
+        raise ConfigError(key, f"not a registry name (letters, digits, '.', '-', optional :port): "
+                          f"{name!r}")
+    return name
+
+
+def _existing_file(value: Any, key: str, base: Path) -> Path:
+    path = Path(_string(value, key))
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise ConfigError(key, f"no such file: {path}")
+    return path

@@ -1,0 +1,43 @@
+"""Single-flight upstream fills with fan-out streaming and verification.
+
+One :class:`Fill` per digest downloads a blob into a temp file, hashing as it
+writes. Every request for that digest, the first and all later ones, reads the
+growing temp file through its own file descriptor and sends bytes as soon as
+they are on disk; nobody waits for the whole blob. Only a file whose size and
+digest match is published (atomic rename). When the download fails, every
+reader raises :class:`FillError` and aborts its connection, and the temp file
+is removed.
+
+The fill runs as a task owned by the :class:`Fetcher`, never by a request: a
+client that disconnects does not cancel a download that others are reading.
+A connection dropped mid-download is resumed with a ``Range`` request before
+readers are failed.
+
+Space is asked of a :class:`Space` (the evictor): a fill reserves its size when
+the headers arrive; a verified blob is published only if it may be kept,
+otherwise (larger than ``storage.max_size``, or no room left that eviction
+could make) it is streamed to its readers and deleted after them. When a write
+fails with ENOSPC, the fill asks for room and retries once; if the disk is
+still full it turns into a relay: the bytes already on disk are read from the
+temp file, the rest from a bounded window in memory that advances with the
+slowest reader. The blob is verified as always and never published.
+"""
+
+from mirror.fetch.body import UpstreamOpener
+from mirror.fetch.fetcher import RESUME_ATTEMPTS, UNKEPT_GRACE, Fetcher
+from mirror.fetch.fill import Fill
+from mirror.fetch.flight import SingleFlight
+from mirror.fetch.space import Space, Unbounded
+from mirror.fetch.writer import DigestMismatch
+
+__all__ = [
+    "RESUME_ATTEMPTS",
+    "UNKEPT_GRACE",
+    "DigestMismatch",
+    "Fetcher",
+    "Fill",
+    "SingleFlight",
+    "Space",
+    "Unbounded",
+    "UpstreamOpener",
+]

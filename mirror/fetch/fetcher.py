@@ -1,0 +1,252 @@
+"""The fetcher: owns every fill of this node, one per digest.
+
+It runs each fill as its own task, resumes a dropped download with a
+``Range`` request, reserves and admits bytes through a :class:`Space`, and
+handles a full disk (ENOSPC): make room and retry once, else relay from memory
+and keep nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from mirror import metrics
+from mirror.errors import UpstreamUnavailable
+from mirror.fetch.body import UpstreamOpener, check_response, read_chunk
+from mirror.fetch.fill import Fill
+from mirror.fetch.space import Space, Unbounded
+from mirror.fetch.writer import DISK_FULL_ERRNOS, DigestMismatch, TempWriter
+from mirror.oci import Digest
+from mirror.storage.base import BodyResponse
+from mirror.storage.filesystem import FilesystemStore
+
+log = structlog.get_logger(__name__)
+
+RESUME_ATTEMPTS = 3
+#: How long an unkept blob's temp file outlives its last reader (for late joiners).
+UNKEPT_GRACE = 1.0
+
+
+class Fetcher:
+    """Owns every fill of this node: one per digest."""
+
+    def __init__(self, store: FilesystemStore, chunk_size: int = 1 << 20,
+                 space: Space | None = None) -> None:
+        self.store = store
+        self.chunk_size = chunk_size
+        self.space: Space = space or Unbounded()
+        self._fills: dict[Digest, Fill] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # every fill's task, joinable or not
+        self._reading: Counter[Digest] = Counter()
+
+    def current(self, digest: Digest) -> Fill | None:
+        """The fill under way for ``digest``, if any."""
+        return self._fills.get(digest)
+
+    def busy(self, digest: Digest) -> bool:
+        """Whether ``digest`` is being downloaded or read from a fill."""
+        return digest in self._fills or self._reading[digest] > 0
+
+    def _count_reader(self, digest: Digest, delta: int) -> None:
+        self._reading[digest] += delta
+        if self._reading[digest] <= 0:
+            del self._reading[digest]
+
+    def _forget(self, fill: Fill) -> None:
+        """New requests for this digest no longer join ``fill``."""
+        if self._fills.get(fill.digest) is fill:
+            del self._fills[fill.digest]
+
+    async def start(self, digest: Digest, opener: UpstreamOpener, registry: str,
+                    expected_size: int | None = None) -> tuple[Fill, bool]:
+        """Join the fill of ``digest`` or start one.
+
+        Returns:
+            The fill, and whether this call joined one already under way.
+        """
+        existing = self._fills.get(digest)
+        if existing is not None:
+            metrics.FILL_JOINS.inc()
+            return existing, True
+        # mkstemp is a single metadata call: cheap enough here, and readers
+        # that join from now on need the file to exist.
+        temp: Path | None = None
+        try:
+            fd, temp = self.store.new_temp()
+            os.close(fd)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            # Not even an empty file fits: the fill relays from memory from byte 0.
+        fill = Fill(digest, temp, expected_size, self._count_reader)
+        fill.source = registry
+        self._fills[digest] = fill
+        fill.task = asyncio.ensure_future(self._run(fill, opener, registry))
+        self._tasks.add(fill.task)
+        fill.task.add_done_callback(self._tasks.discard)
+        return fill, False
+
+    async def close(self) -> None:
+        """Cancel every fill (at shutdown) and wait for their cleanup."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self, fill: Fill, opener: UpstreamOpener, registry: str) -> None:
+        metrics.FILLS_IN_FLIGHT.inc()
+        writer = TempWriter(fill.temp, fill.digest)
+        unkept = None
+        try:
+            await self._download(fill, opener, registry, writer)
+            durable = await asyncio.to_thread(writer.verify_and_close, fill.size,
+                                              fill.expected_size, fill.relay_from is None)
+            self._release(fill)
+            unkept = await self._publish(fill, durable)
+            metrics.FILLS.labels("ok").inc()
+            log.info("fill_done", digest=str(fill.digest), bytes=fill.written, registry=registry,
+                     kept=unkept is None)
+        except BaseException as exc:
+            reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
+            metrics.FILLS.labels(reason).inc()
+            if isinstance(exc, DigestMismatch):
+                metrics.UPSTREAM_ERRORS.labels(registry, "digest_mismatch").inc()
+            log.warning("fill_failed", digest=str(fill.digest), registry=registry,
+                        bytes=fill.written, error=str(exc) or type(exc).__name__)
+            # Clean up before telling readers, so no one sees a half-removed fill.
+            await asyncio.shield(asyncio.to_thread(writer.discard))
+            fill.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._release(fill)
+            metrics.FILLS_IN_FLIGHT.dec()
+            self._forget(fill)
+        if unkept is not None:
+            try:
+                await self._discard_after_readers(fill)
+            finally:  # also at shutdown: open readers keep their bytes through their fd
+                await asyncio.shield(asyncio.to_thread(writer.discard))
+
+    def _release(self, fill: Fill) -> None:
+        if fill.reserved:
+            self.space.release(fill.reserved)
+            fill.reserved = 0
+
+    async def _publish(self, fill: Fill, durable: bool) -> str | None:
+        """Publish a verified blob if it may be kept; else the reason it is not."""
+        reason = None
+        temp = fill.temp
+        if fill.relay_from is not None or not durable or temp is None:
+            reason = "disk_full"
+        elif not self.space.fits(fill.written):
+            reason = "too_large"
+        elif not await self.space.admit(fill.written):
+            reason = "no_room"
+        if reason is None and temp is not None:
+            try:
+                fill.finish(await asyncio.to_thread(self.store.publish_blob, temp, fill.digest))
+                return None
+            except OSError as exc:
+                if exc.errno not in DISK_FULL_ERRNOS:
+                    raise
+                reason = "disk_full"
+        reason = reason or "disk_full"  # (no temp file means a full disk)
+        fill.finish(None)
+        metrics.NOT_KEPT.labels(reason).inc()
+        log.warning("blob_not_kept", digest=str(fill.digest), bytes=fill.written, reason=reason,
+                    hint={"too_large": "the blob is larger than storage.max_size",
+                          "no_room": "pinned or busy content fills storage.max_size",
+                          "disk_full": "the disk is full"}[reason])
+        return reason
+
+    async def _discard_after_readers(self, fill: Fill) -> None:
+        """Wait until no reader needs an unkept blob's temp file (and a grace for joiners)."""
+        while True:
+            await fill.unread()
+            await asyncio.sleep(UNKEPT_GRACE)
+            if not fill.readers:
+                break
+
+    async def _download(self, fill: Fill, opener: UpstreamOpener, registry: str,
+                        writer: TempWriter) -> None:
+        attempts = 0
+        while True:
+            try:
+                async with opener(fill.written) as response:
+                    check_response(response, fill)
+                    if not fill.reserved and fill.size and self.space.fits(fill.size):
+                        fill.reserved = fill.size
+                        await self.space.reserve(fill.size)
+                    await self._copy_body(fill, response, registry, writer)
+                return
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
+                    TimeoutError) as exc:
+                attempts += 1
+                if attempts > RESUME_ATTEMPTS:
+                    metrics.UPSTREAM_ERRORS.labels(registry, "truncated").inc()
+                    raise UpstreamUnavailable(f"upstream connection lost after {fill.written} "
+                                              f"bytes: {type(exc).__name__}", status=502) from exc
+                log.warning("fill_resume", digest=str(fill.digest), offset=fill.written,
+                            attempt=attempts)
+                await asyncio.sleep(0.05 * attempts)
+
+    async def _copy_body(self, fill: Fill, response: BodyResponse, registry: str,
+                         writer: TempWriter) -> None:
+        upstream_bytes = metrics.UPSTREAM_BYTES.labels(registry)
+        while True:
+            chunk = await read_chunk(response.content, self.chunk_size)
+            if not chunk:
+                break
+            if fill.size is not None and fill.written + len(chunk) > fill.size:
+                raise UpstreamUnavailable("upstream sent more bytes than announced", status=502)
+            upstream_bytes.inc(len(chunk))
+            await self._store_chunk(fill, writer, chunk)
+        if fill.size is not None and fill.written < fill.size:
+            raise aiohttp.ClientPayloadError(f"body ended at {fill.written} of {fill.size} bytes")
+
+    async def _store_chunk(self, fill: Fill, writer: TempWriter, chunk: bytes) -> None:
+        if fill.relay_from is None:
+            try:
+                await asyncio.to_thread(writer.write, chunk)
+                fill.advance(len(chunk))
+                return
+            except OSError as exc:
+                if exc.errno not in DISK_FULL_ERRNOS:
+                    raise
+                if await self._room_after_full(fill, writer, chunk):
+                    return
+        await asyncio.to_thread(writer.hash_only, chunk)
+        fill.relay(chunk)
+        if not await fill.relay_backpressure():
+            raise UpstreamUnavailable("no reader is left for a blob the full disk cannot hold",
+                                      status=503)
+
+    async def _room_after_full(self, fill: Fill, writer: TempWriter, chunk: bytes) -> bool:
+        """ENOSPC: evict and retry the write once; else switch the fill to a relay."""
+        remaining = (fill.size - fill.written) if fill.size else len(chunk)
+        freed = await self.space.make_room(max(remaining, len(chunk)))
+        if freed > 0:
+            try:
+                await asyncio.to_thread(writer.write, chunk)
+            except OSError as exc:
+                if exc.errno not in DISK_FULL_ERRNOS:
+                    raise
+            else:
+                metrics.DISK_FULL.labels("retried").inc()
+                log.warning("storage_full", digest=str(fill.digest), offset=fill.written,
+                            action="evicted_and_retried", freed=freed)
+                fill.advance(len(chunk))
+                return True
+        metrics.DISK_FULL.labels("relayed").inc()
+        log.warning("storage_full", digest=str(fill.digest), offset=fill.written,
+                    action="relay_from_memory_not_kept", freed=freed, readers=fill.readers)
+        fill.start_relay()
+        self._forget(fill)
+        return False

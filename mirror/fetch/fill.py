@@ -1,0 +1,206 @@
+"""One fill: a blob's temp file, readable by every request while it grows.
+
+Readers follow the bytes on disk; when the disk is full (see
+:meth:`Fill.start_relay`) they read the rest from a bounded window in memory
+(:class:`mirror.relay.RelayWindow`) that the download waits on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from mirror import metrics, relay
+from mirror.errors import FillError, OciError
+from mirror.oci import Digest
+from mirror.relay import RelayWindow
+
+
+class Fill:
+    """One download of one blob into a temp file, readable while it grows."""
+
+    def __init__(self, digest: Digest, temp: Path | None, expected_size: int | None,
+                 on_reader: Callable[[Digest, int], None] | None = None) -> None:
+        self.digest = digest
+        self.temp = temp
+        self.expected_size = expected_size
+        self.size: int | None = None
+        self.written = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self.readers = 0
+        self.final: Path | None = None
+        self.reserved = 0
+        self.window: RelayWindow | None = None  # set when the disk is full
+        self._positions: dict[object, int] = {}
+        self._on_reader = on_reader
+        self._changed = asyncio.Event()
+        self._moved = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.source = ""  # where the bytes come from: a registry name, or "s3"
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    def _notify_moved(self) -> None:
+        event, self._moved = self._moved, asyncio.Event()
+        event.set()
+
+    @property
+    def relay_from(self) -> int | None:
+        """Where the disk stopped (bytes from here on are in memory), or ``None``."""
+        return self.window.start if self.window is not None else None
+
+    def start_relay(self) -> None:
+        """The disk is full: from now on bytes go to readers from memory."""
+        self.window = RelayWindow(self.written, relay.RELAY_MAX_BYTES)
+
+    def relay(self, chunk: bytes) -> None:
+        """``chunk`` arrived while relaying: hand it to readers through the window."""
+        assert self.window is not None
+        self.window.append(chunk)
+        self.advance(len(chunk))
+        self.window.trim(self._positions.values(), self.written)
+
+    async def relay_backpressure(self) -> bool:
+        """Wait while the window is full and readers lag; ``False`` if nobody can read on."""
+        window = self.window
+        assert window is not None
+        window.trim(self._positions.values(), self.written)
+        while window.full and self._positions:
+            await self._moved.wait()
+            window.trim(self._positions.values(), self.written)
+        return not (self.readers == 0 and window.dropped)
+
+    async def unread(self) -> None:
+        """Wait until no reader reads this fill."""
+        while self.readers:
+            await self._moved.wait()
+
+    def _from_window(self, offset: int, count: int) -> bytes:
+        data = self.window.read(offset, count) if self.window is not None else None
+        if data is None:
+            raise FillError(f"reader of {self.digest} fell behind the in-memory relay of a "
+                            "full disk")
+        return data
+
+    def set_size(self, size: int | None) -> None:
+        """The total size became known (or is unknown until the end)."""
+        self.size = size
+        self._notify()
+
+    def advance(self, count: int) -> None:
+        """``count`` more bytes are on disk."""
+        self.written += count
+        self._notify()
+
+    def finish(self, final: Path | None) -> None:
+        """The blob was verified and published at ``final`` (``None``: verified, not kept)."""
+        self.final = final
+        self.size = self.written
+        self.done = True
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        """The download failed: readers must abort."""
+        self.error = error
+        self.done = True
+        self._notify()
+
+    async def wait_size(self) -> int:
+        """Wait until the total size is known and return it.
+
+        Raises:
+            OciError: the fill failed before any byte arrived; the request can
+                still answer with a proper error.
+            FillError: it failed otherwise.
+        """
+        while True:
+            self._raise_if_failed(before_headers=True)
+            if self.size is not None:
+                return self.size
+            await self._changed.wait()
+
+    async def wait_done(self) -> None:
+        """Wait until the blob is verified and published.
+
+        Raises:
+            FillError: it failed.
+        """
+        while not self.done:
+            await self._changed.wait()
+        self._raise_if_failed(before_headers=False)
+
+    def _open(self) -> int:
+        if self.temp is None:
+            return -1  # no room for even an empty temp file: every byte comes from memory
+        try:
+            return os.open(self.temp, os.O_RDONLY)
+        except FileNotFoundError:
+            # Published (renamed) between joining and opening.
+            if self.final is None:
+                raise FillError(f"download of {self.digest} vanished") from None
+            return os.open(self.final, os.O_RDONLY)
+
+    def _raise_if_failed(self, *, before_headers: bool) -> None:
+        if self.error is None:
+            return
+        if before_headers and isinstance(self.error, OciError):
+            raise self.error
+        raise FillError(f"download of {self.digest} failed: {self.error}") from self.error
+
+    async def read(self, start: int, end: int, chunk_size: int) -> AsyncIterator[bytes]:
+        """Yield bytes ``start`` to ``end`` (exclusive) as they reach the disk.
+
+        Raises:
+            FillError: the download failed; the caller must abort its response.
+        """
+        fd = await asyncio.to_thread(self._open)
+        self.readers += 1
+        token = object()
+        if self._on_reader is not None:
+            self._on_reader(self.digest, 1)
+        metrics.FILL_READERS.inc()
+        try:
+            offset = start
+            if start >= end:
+                await self.wait_done()
+            while offset < end:
+                self._raise_if_failed(before_headers=False)
+                self._positions[token] = offset
+                self._notify_moved()
+                available = min(self.written, end) - offset
+                if available <= 0:
+                    await self._changed.wait()
+                    continue
+                data = await self._chunk(fd, offset, min(available, chunk_size))
+                if not data:
+                    raise FillError(f"temp file of {self.digest} is shorter than announced")
+                self._positions[token] = offset + len(data)  # held in ``data`` now
+                self._notify_moved()
+                if offset + len(data) >= end:
+                    # The last bytes go out only once the blob is verified: a
+                    # client must never finish cleanly on bytes that prove wrong.
+                    await self.wait_done()
+                offset += len(data)
+                yield data
+        finally:
+            self.readers -= 1
+            self._positions.pop(token, None)
+            self._notify_moved()
+            if self._on_reader is not None:
+                self._on_reader(self.digest, -1)
+            metrics.FILL_READERS.dec()
+            if fd >= 0:
+                await asyncio.to_thread(os.close, fd)
+
+    async def _chunk(self, fd: int, offset: int, count: int) -> bytes:
+        relay_from = self.relay_from
+        if relay_from is not None and offset >= relay_from:
+            return self._from_window(offset, count)
+        if relay_from is not None:
+            count = min(count, relay_from - offset)
+        return await asyncio.to_thread(os.pread, fd, count, offset)

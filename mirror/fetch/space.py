@@ -1,0 +1,38 @@
+"""The byte budget a fill asks for room (implemented by mirror.cache.eviction)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Space(Protocol):
+    """What fills ask of the cache's byte budget (see mirror.cache.eviction)."""
+
+    def fits(self, size: int) -> bool: ...
+
+    async def reserve(self, size: int) -> None: ...
+
+    def release(self, size: int) -> None: ...
+
+    async def admit(self, size: int) -> bool: ...
+
+    async def make_room(self, size: int) -> int: ...
+
+
+class Unbounded:
+    """No byte budget: everything fits, nothing is evicted."""
+
+    def fits(self, size: int) -> bool:
+        return True
+
+    async def reserve(self, size: int) -> None:
+        return None
+
+    def release(self, size: int) -> None:
+        return None
+
+    async def admit(self, size: int) -> bool:
+        return True
+
+    async def make_room(self, size: int) -> int:
+        return 0
