@@ -86,6 +86,7 @@ class Fetcher:
             # Not even an empty file fits: the fill relays from memory from byte 0.
         fill = Fill(digest, temp, expected_size, self._count_reader)
         fill.source = registry
+        fill.destination = self.store.blob_path(digest)
         self._fills[digest] = fill
         fill.task = asyncio.ensure_future(self._run(fill, opener, registry))
         self._tasks.add(fill.task)

@@ -32,6 +32,9 @@ class Fill:
         self.error: BaseException | None = None
         self.readers = 0
         self.final: Path | None = None
+        # Where a verified blob is renamed to; known before ``finish`` says so, for a
+        # reader that opens in the moment between the rename and ``finish``.
+        self.destination: Path | None = None
         self.reserved = 0
         self.window: RelayWindow | None = None  # set when the disk is full
         self._positions: dict[object, int] = {}
@@ -140,10 +143,15 @@ class Fill:
         try:
             return os.open(self.temp, os.O_RDONLY)
         except FileNotFoundError:
-            # Published (renamed) between joining and opening.
-            if self.final is None:
+            # Published (renamed) between joining and opening, maybe before
+            # ``finish`` ran on the loop.
+            published = self.final or self.destination
+            if published is None:
                 raise FillError(f"download of {self.digest} vanished") from None
-            return os.open(self.final, os.O_RDONLY)
+            try:
+                return os.open(published, os.O_RDONLY)
+            except FileNotFoundError:
+                raise FillError(f"download of {self.digest} vanished") from None
 
     def _raise_if_failed(self, *, before_headers: bool) -> None:
         if self.error is None:

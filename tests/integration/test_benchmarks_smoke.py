@@ -48,6 +48,11 @@ def test_smoke_run_has_figures_for_every_scenario_and_target(tmp_path: Path) -> 
                     value = record["metrics"].get(metric)
                     assert value is not None and not math.isnan(value), (scenario, target,
                                                                          metric, record)
+    # No herd transfer through the mirror was cut (a cut one got no wrong bytes, but
+    # a client that must retry is a failure of the mirror).
+    for record in records:
+        if record["scenario"] == "herd" and record["target"] == "mirror":
+            assert record["metrics"].get("failed_transfers", 0) == 0, record
     # The verifying client read every byte of the set (it raises on a wrong digest).
     unique = doc["meta"]["unique_set_bytes"] / 2**20
     for record in records:

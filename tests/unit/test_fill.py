@@ -1,0 +1,51 @@
+"""A fill's readers, around the moment the verified blob is renamed into place."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from mirror.errors import FillError
+from mirror.fetch import Fill
+from mirror.oci import Digest
+
+
+def _fill(tmp_path: Path, data: bytes) -> tuple[Fill, Path]:
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    temp = tmp_path / "fill-temp"
+    temp.write_bytes(data)
+    fill = Fill(digest, temp, len(data))
+    fill.size = len(data)
+    fill.advance(len(data))
+    return fill, tmp_path / "published"
+
+
+async def _read_all(fill: Fill, size: int) -> bytes:
+    return b"".join([chunk async for chunk in fill.read(0, size, 2**16)])
+
+
+async def test_a_reader_joining_between_rename_and_finish_reads_the_published_file(
+        tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    fill, published = _fill(tmp_path, data)
+    fill.destination = published
+    os.replace(fill.temp, published)  # renamed in a thread; finish() has not run yet
+    reading = asyncio.create_task(_read_all(fill, len(data)))
+    while fill.readers == 0 and not reading.done():
+        await asyncio.sleep(0.01)  # the reader opens its file in a thread
+    fill.finish(published)
+    assert await reading == data
+
+
+async def test_a_reader_finding_neither_file_gets_a_fill_error(tmp_path: Path) -> None:
+    data = os.urandom(1000)
+    fill, published = _fill(tmp_path, data)
+    fill.destination = published
+    assert fill.temp is not None
+    fill.temp.unlink()  # published and evicted at once: nothing to read
+    with pytest.raises(FillError):
+        await _read_all(fill, len(data))
