@@ -25,7 +25,7 @@ slowest reader. The blob is verified as always and never published.
 
 from mirror.fetch.body import UpstreamOpener
 from mirror.fetch.fetcher import RESUME_ATTEMPTS, UNKEPT_GRACE, Fetcher
-from mirror.fetch.fill import Fill
+from mirror.fetch.fill import FileSpan, Fill
 from mirror.fetch.flight import SingleFlight
 from mirror.fetch.space import Space, Unbounded
 from mirror.fetch.writer import DigestMismatch
@@ -35,6 +35,7 @@ __all__ = [
     "UNKEPT_GRACE",
     "DigestMismatch",
     "Fetcher",
+    "FileSpan",
     "Fill",
     "SingleFlight",
     "Space",

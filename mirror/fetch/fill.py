@@ -10,12 +10,25 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from mirror import metrics, relay
 from mirror.errors import FillError, OciError
 from mirror.oci import Digest
 from mirror.relay import RelayWindow
+
+#: The most bytes one :class:`FileSpan` covers (a reader far behind catches up in steps).
+SPAN_MAX = 16 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpan:
+    """Bytes of a fill that are on disk: ``count`` bytes of ``fd`` from ``offset``."""
+
+    fd: int
+    offset: int
+    count: int
 
 
 class Fill:
@@ -166,6 +179,19 @@ class Fill:
         Raises:
             FillError: the download failed; the caller must abort its response.
         """
+        async for piece in self.pieces(start, end, chunk_size, spans=False):
+            assert isinstance(piece, bytes)
+            yield piece
+
+    async def pieces(self, start: int, end: int, chunk_size: int, *,
+                     spans: bool) -> AsyncIterator[bytes | FileSpan]:
+        """Like :meth:`read`; with ``spans``, what is on disk comes as :class:`FileSpan`
+        (up to ``SPAN_MAX`` bytes each) for the caller to sendfile, and only bytes
+        relayed from memory after a full disk come as bytes.
+
+        The piece that reaches ``end`` is yielded only once the blob is verified:
+        a client must never finish cleanly on bytes that prove wrong.
+        """
         fd = await asyncio.to_thread(self._open)
         self.readers += 1
         token = object()
@@ -184,17 +210,22 @@ class Fill:
                 if available <= 0:
                     await self._changed.wait()
                     continue
-                data = await self._chunk(fd, offset, min(available, chunk_size))
-                if not data:
-                    raise FillError(f"temp file of {self.digest} is shorter than announced")
-                self._positions[token] = offset + len(data)  # held in ``data`` now
+                piece: bytes | FileSpan | None = None
+                if spans:
+                    piece = self._span(fd, offset, available)
+                if piece is None:
+                    data = await self._chunk(fd, offset, min(available, chunk_size))
+                    if not data:
+                        raise FillError(f"temp file of {self.digest} is shorter than announced")
+                    piece = data
+                count = piece.count if isinstance(piece, FileSpan) else len(piece)
+                self._positions[token] = offset + count  # in the caller's hands now
                 self._notify_moved()
-                if offset + len(data) >= end:
-                    # The last bytes go out only once the blob is verified: a
-                    # client must never finish cleanly on bytes that prove wrong.
+                if offset + count >= end:
                     await self.wait_done()
-                offset += len(data)
-                yield data
+                    self._raise_if_failed(before_headers=False)
+                offset += count
+                yield piece
         finally:
             self.readers -= 1
             self._positions.pop(token, None)
@@ -204,6 +235,17 @@ class Fill:
             metrics.FILL_READERS.dec()
             if fd >= 0:
                 await asyncio.to_thread(os.close, fd)
+
+    def _span(self, fd: int, offset: int, available: int) -> FileSpan | None:
+        """The bytes from ``offset`` that are on disk, or ``None`` (relayed from memory)."""
+        if fd < 0:
+            return None
+        relay_from = self.relay_from
+        if relay_from is not None:
+            if offset >= relay_from:
+                return None
+            available = min(available, relay_from - offset)
+        return FileSpan(fd, offset, min(available, SPAN_MAX))
 
     async def _chunk(self, fd: int, offset: int, count: int) -> bytes:
         relay_from = self.relay_from
