@@ -14,11 +14,13 @@ from mirror.fetch import Fill
 from mirror.oci import Digest
 
 
-def _fill(tmp_path: Path, data: bytes) -> tuple[Fill, Path]:
+def _fill(tmp_path: Path, data: bytes,
+          opened: asyncio.Event | None = None) -> tuple[Fill, Path]:
     digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
     temp = tmp_path / "fill-temp"
     temp.write_bytes(data)
-    fill = Fill(digest, temp, len(data))
+    fill = Fill(digest, temp, len(data),
+                on_reader=(lambda _d, _n: opened.set()) if opened is not None else None)
     fill.size = len(data)
     fill.advance(len(data))
     return fill, tmp_path / "published"
@@ -31,12 +33,12 @@ async def _read_all(fill: Fill, size: int) -> bytes:
 async def test_a_reader_joining_between_rename_and_finish_reads_the_published_file(
         tmp_path: Path) -> None:
     data = os.urandom(300_000)
-    fill, published = _fill(tmp_path, data)
+    opened = asyncio.Event()
+    fill, published = _fill(tmp_path, data, opened)
     fill.destination = published
     os.replace(fill.temp, published)  # renamed in a thread; finish() has not run yet
     reading = asyncio.create_task(_read_all(fill, len(data)))
-    while fill.readers == 0 and not reading.done():
-        await asyncio.sleep(0.01)  # the reader opens its file in a thread
+    await asyncio.wait_for(opened.wait(), 5)  # the reader opened its file (in a thread)
     fill.finish(published)
     assert await reading == data
 
