@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from mirror import config
 from mirror.server.app import create_app
+from tests.support.dialects import start_mirror, start_rig
 from tests.support.fake import FakeRegistry
 
 MirrorFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -67,3 +69,15 @@ def cache_files(root: Path) -> list[Path]:
     """Every file under the cache's content and temp folders."""
     return sorted(p for sub in ("blobs", "manifests", "tmp")
                   for p in (root / sub).rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def rig(aiohttp_server: Any) -> Any:
+    """Start a fake registry of one auth dialect (``tests.support.dialects``)."""
+    return partial(start_rig, aiohttp_server)
+
+
+@pytest.fixture
+def mirror_for(tmp_path: Path, aiohttp_client: Any) -> Any:
+    """Start a mirror app in front of a dialect rig."""
+    return partial(start_mirror, aiohttp_client, tmp_path)

@@ -10,7 +10,6 @@ import json
 import os
 import stat
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +30,10 @@ from tests.support.dialects import (
     basic_header,
     pull,
     seed,
-    start_mirror,
-    start_rig,
 )
 from tests.support.net import free_port
 
 SECRET = "s3cr3t-never-logged"
-
-
-@pytest.fixture
-def rig(aiohttp_server: Any) -> Any:
-    return partial(start_rig, aiohttp_server)
-
-
-@pytest.fixture
-def mirror_for(tmp_path: Path, aiohttp_client: Any) -> Any:
-    return partial(start_mirror, aiohttp_client, tmp_path)
 
 
 def sample(name: str, **labels: str) -> float:

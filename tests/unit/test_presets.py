@@ -10,7 +10,6 @@ are in ``tests/support/dialects.py``; their CDN refuses and records any
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,7 @@ from tests.support.dialects import (
     no_cdn_auth,
     pull,
     seed,
-    start_mirror,
-    start_rig,
 )
-
-
-@pytest.fixture
-def rig(aiohttp_server: Any) -> Any:
-    return partial(start_rig, aiohttp_server)
-
-
-@pytest.fixture
-def mirror_for(tmp_path: Path, aiohttp_client: Any) -> Any:
-    return partial(start_mirror, aiohttp_client, tmp_path)
-
 
 # --- Docker Hub ---------------------------------------------------------------
 

@@ -28,6 +28,24 @@ def blob(tmp_path: Path) -> tuple[Path, bytes]:
     return path, data
 
 
+def _recording(send: Callable[[int], Awaitable[None]],
+               outcome: asyncio.Future[BaseException | None]) -> Handler:
+    """A handler that runs ``send(sock_fd)`` and records how it ended."""
+
+    async def handler(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock_fd = socket_for_sendfile(writer.transport)
+        assert sock_fd is not None
+        try:
+            await send(sock_fd)
+            outcome.set_result(None)
+        except ConnectionResetError as exc:
+            outcome.set_result(exc)
+        finally:
+            writer.close()
+
+    return handler
+
+
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -78,21 +96,13 @@ async def test_a_client_that_hangs_up_ends_the_send_and_leaks_nothing(
     path, data = blob
     outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
 
-    async def handler(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock_fd = socket_for_sendfile(writer.transport)
-        assert sock_fd is not None
-        try:
-            with path.open("rb") as file:
-                for _ in range(50):  # far more than the socket buffers hold
-                    await sendfile(sock_fd, file.fileno(), 0, len(data))
-            outcome.set_result(None)
-        except ConnectionResetError as exc:
-            outcome.set_result(exc)
-        finally:
-            writer.close()
+    async def send(sock_fd: int) -> None:
+        with path.open("rb") as file:
+            for _ in range(50):  # far more than the socket buffers hold
+                await sendfile(sock_fd, file.fileno(), 0, len(data))
 
     before = _open_fds()
-    server, port = await _serve(handler)
+    server, port = await _serve(_recording(send, outcome))
     async with server:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         await reader.readexactly(2**20)
@@ -107,19 +117,11 @@ async def test_a_file_shorter_than_announced_is_an_error(blob: tuple[Path, bytes
     path, data = blob
     outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
 
-    async def handler(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock_fd = socket_for_sendfile(writer.transport)
-        assert sock_fd is not None
-        try:
-            with path.open("rb") as file:
-                await sendfile(sock_fd, file.fileno(), len(data) - 10, 100)
-            outcome.set_result(None)
-        except ConnectionResetError as exc:
-            outcome.set_result(exc)
-        finally:
-            writer.close()
+    async def send(sock_fd: int) -> None:
+        with path.open("rb") as file:
+            await sendfile(sock_fd, file.fileno(), len(data) - 10, 100)
 
-    server, port = await _serve(handler)
+    server, port = await _serve(_recording(send, outcome))
     async with server:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         got = await reader.read()
