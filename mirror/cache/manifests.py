@@ -13,7 +13,6 @@ mapping serves every client's Accept.
 from __future__ import annotations
 
 import asyncio
-import errno
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -34,7 +33,7 @@ from mirror.errors import (
     TooManyRequests,
     UpstreamUnavailable,
 )
-from mirror.fetch import SingleFlight
+from mirror.fetch import DISK_FULL_ERRNOS, SingleFlight
 from mirror.oci import (
     DOCKER_LIST,
     MANIFEST_MAX_BYTES,
@@ -244,12 +243,7 @@ class ManifestCache:
         if self._shared is not None:
             found = await self._shared.get_manifest(digest)
             if found is not None:
-                manifest = Manifest(digest, *found)
-                if self._on_fetched is not None:
-                    self._on_fetched(parse_manifest(manifest.data))
-                await asyncio.to_thread(self._store.write_manifest, digest, *found)
-                self._memory[digest] = manifest
-                return manifest
+                return await self._keep(Manifest(digest, *found))
         return await self._fetch(client, repository, str(digest), digest)
 
     async def _fetch(self, client: RegistryClient, repository: str, reference: str,
@@ -266,21 +260,26 @@ class ManifestCache:
             content_type = resp.headers.get("Content-Type")
             header = resp.headers.get("Docker-Content-Digest")
         actual = _verify_manifest(data, digest, header, client.name)
-        manifest = Manifest(actual, data, manifest_media_type(data, content_type))
+        manifest = await self._keep(Manifest(actual, data, manifest_media_type(data, content_type)))
+        if self._shared is not None:
+            self._shared.upload_manifest_later(actual, data, manifest.media_type)
+        return manifest
+
+    async def _keep(self, manifest: Manifest) -> Manifest:
+        """Learn from a verified manifest, store it on disk and in memory."""
         if self._on_fetched is not None:
-            self._on_fetched(parse_manifest(data))
+            self._on_fetched(parse_manifest(manifest.data))
         try:
-            await asyncio.to_thread(self._store.write_manifest, actual, data, manifest.media_type)
+            await asyncio.to_thread(self._store.write_manifest, manifest.digest, manifest.data,
+                                    manifest.media_type)
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno not in DISK_FULL_ERRNOS:
                 raise
             # Served from memory all the same; the next pull after eviction stores it.
             metrics.DISK_FULL.labels("manifest").inc()
-            log.warning("storage_full", kind="manifest", digest=str(actual),
+            log.warning("storage_full", kind="manifest", digest=str(manifest.digest),
                         action="served_from_memory_not_kept")
-        self._memory[actual] = manifest
-        if self._shared is not None:
-            self._shared.upload_manifest_later(actual, data, manifest.media_type)
+        self._memory[manifest.digest] = manifest
         return manifest
 
 

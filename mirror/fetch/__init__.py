@@ -28,9 +28,10 @@ from mirror.fetch.fetcher import RESUME_ATTEMPTS, UNKEPT_GRACE, Fetcher
 from mirror.fetch.fill import FileSpan, Fill
 from mirror.fetch.flight import SingleFlight
 from mirror.fetch.space import Space, Unbounded
-from mirror.fetch.writer import DigestMismatch
+from mirror.fetch.writer import DISK_FULL_ERRNOS, DigestMismatch
 
 __all__ = [
+    "DISK_FULL_ERRNOS",
     "RESUME_ATTEMPTS",
     "UNKEPT_GRACE",
     "DigestMismatch",
