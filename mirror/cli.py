@@ -2,12 +2,14 @@
 
 ::
 
+    mirror --version
     mirror serve [--config FILE] [--listen HOST:PORT] [--storage DIR]
     mirror config check FILE
     mirror cache ls|du|fsck [--config FILE] [--storage DIR]
     mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR]
 
-Errors are one readable line on stderr and a non-zero exit status.
+Errors are one readable line on stderr and a non-zero exit status. ``serve``
+reloads its TLS certificate and key on SIGHUP and stops gracefully on SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import ssl
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import structlog
 import uvloop
 from aiohttp import web
 
@@ -29,6 +32,8 @@ from mirror.cache.inventory import Inventory, human_size, human_time
 from mirror.errors import CacheCommandError, ConfigError, OciError
 from mirror.routing import Router
 from mirror.server.app import create_app
+from mirror.server.tls import ServerTls, reload_on_sighup
+from mirror.version import VERSION
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description="Pull-through OCI registry mirror")
+    parser.add_argument("--version", action="version", version=f"mirror {VERSION}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the mirror")
@@ -234,15 +240,23 @@ def _cache_fsck(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, args.listen, args.storage)
     log.setup(settings.log)
-    ssl_context = None
-    if settings.tls is not None:
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(settings.tls.cert, settings.tls.key)
+    tls = ServerTls(settings.tls) if settings.tls is not None else None
     loop_factory = None
     if settings.server.event_loop == "uvloop":
         loop_factory = uvloop.new_event_loop
     runner = asyncio.Runner(loop_factory=loop_factory)
-    web.run_app(create_app(settings), host=settings.listen_host, port=settings.listen_port,
-                ssl_context=ssl_context, access_log=None, print=None, shutdown_timeout=10,
-                loop=runner.get_loop())
+    app = create_app(settings)
+    reload_on_sighup(app, tls)
+    started = time.monotonic()
+    app.on_shutdown.append(_log_stopping)
+    web.run_app(app, host=settings.listen_host, port=settings.listen_port,
+                ssl_context=tls.context if tls else None, access_log=None, print=None,
+                shutdown_timeout=10, loop=runner.get_loop())
+    structlog.get_logger(__name__).info("mirror_stopped", version=VERSION,
+                                        uptime_seconds=round(time.monotonic() - started, 1))
     return 0
+
+
+async def _log_stopping(app: web.Application) -> None:
+    structlog.get_logger(__name__).info("mirror_stopping", version=VERSION,
+                                        hint="finishing requests for up to 10 s")

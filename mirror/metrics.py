@@ -7,9 +7,17 @@ fixed reason or result. Never a repository, a tag or a digest.
 from __future__ import annotations
 
 import functools
+import platform
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+from mirror.version import VERSION
+
+BUILD_INFO = Info(
+    "mirror_build", "The running mirror's version and its Python's, as labels (value 1)."
+)
+BUILD_INFO.info({"version": VERSION, "python": platform.python_version()})
 
 REQUESTS = Counter(
     "mirror_http_requests_total", "Client requests answered.", ["route", "method", "status"]

@@ -26,6 +26,7 @@ from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.index import Entry
 from mirror.storage.s3 import open_s3
 from mirror.upstream import UpstreamClient
+from mirror.version import VERSION
 
 log = structlog.get_logger(__name__)
 
@@ -86,7 +87,9 @@ async def _mirror_state(settings: Settings, app: web.Application) -> AsyncIterat
     app[STATE] = state
     reconciling = asyncio.create_task(_reconcile(store, evictor))
     state.ready = True
-    log.info("mirror_started", storage=str(store.root), stale_temp_removed=removed,
+    log.info("mirror_started", version=VERSION, listen=f"{settings.listen_host}:"
+             f"{settings.listen_port}", tls=settings.tls is not None,
+             storage=str(store.root), stale_temp_removed=removed,
              max_size=settings.storage.max_size, upstreams=[u.name for u in settings.upstreams])
     yield
     state.ready = False

@@ -51,8 +51,9 @@ class MirrorProcess:
 
     @property
     def url(self) -> str:
-        """``"http://127.0.0.1:PORT"``."""
-        return f"http://127.0.0.1:{self.port}"
+        """``"http://127.0.0.1:PORT"`` (``https`` when the config has a ``tls`` section)."""
+        scheme = "https" if self.config.get("tls") else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -103,6 +104,11 @@ class MirrorProcess:
                 proc.kill()
                 proc.wait(timeout=5)
         return proc.returncode
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` (e.g. SIGHUP) to the running process."""
+        assert self._proc is not None and self._proc.poll() is None, "not running"
+        self._proc.send_signal(signum)
 
     def kill9(self) -> None:
         """SIGKILL the process (a crash) and reap it."""

@@ -78,6 +78,7 @@ def skopeo_copy(
     override_arch: str | None = None,
     override_os: str | None = None,
     src_creds: tuple[str, str] | None = None,
+    cert_dir: Path | None = None,
     timeout: float = 120,
 ) -> Path:
     """Run ``skopeo copy docker://SRC dir:DEST`` hermetically.
@@ -90,6 +91,9 @@ def skopeo_copy(
         override_arch: ``--override-arch`` for picking a platform.
         override_os: ``--override-os`` for picking a platform.
         src_creds: ``(user, password)`` for ``--src-creds``.
+        cert_dir: verify the source's TLS certificate against the CA certificates
+            (``*.crt``) in this folder (``--src-cert-dir``); without it TLS is
+            not verified.
         timeout: seconds before the process is killed.
 
     Returns:
@@ -113,8 +117,11 @@ def skopeo_copy(
             "--registries-conf",
             str(conf),
             "copy",
-            "--src-tls-verify=false",
         ]
+        if cert_dir is None:
+            cmd.append("--src-tls-verify=false")
+        else:
+            cmd += ["--src-tls-verify=true", "--src-cert-dir", str(cert_dir)]
         if all_platforms:
             cmd.append("--all")
         if src_creds is not None:
