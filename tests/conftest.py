@@ -32,6 +32,7 @@ def require_binary(name: str) -> str:
                 "skopeo": "skopeo",
                 "htpasswd": "apache2-utils",
                 "containerd": "containerd",
+                "dockerd": "docker.io",
             }.get(name, name)
             + ")"
         )
