@@ -150,7 +150,17 @@ class Dockerd:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+        self._unmount_leftovers()
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _unmount_leftovers(self) -> None:
+        # dockerd leaves the nsfs mount of its default network namespace (and, if
+        # killed, its data-root bind mount) behind: unmount them, deepest first.
+        prefix = f"{self.root}/"
+        with open("/proc/self/mounts") as mounts:
+            points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+        for point in sorted(points, key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False, timeout=30)
 
     def env(self) -> dict[str, str]:
         """The environment for the docker client: this daemon, the classic builder."""
