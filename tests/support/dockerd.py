@@ -163,10 +163,15 @@ class Dockerd:
             subprocess.run(["umount", "-l", point], capture_output=True, check=False, timeout=30)
 
     def env(self) -> dict[str, str]:
-        """The environment for the docker client: this daemon, the classic builder."""
+        """The environment for the docker client: this daemon, its built-in BuildKit.
+
+        BuildKit, not the classic builder: on vfs the classic builder copies the
+        whole root filesystem for every instruction, even ENV or LABEL (141 s
+        against 29 s for the mirror's image on the 2-core test machine).
+        """
         return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.root),
                 "DOCKER_HOST": f"unix://{self.socket}", "DOCKER_CONFIG": str(self.root / "cli"),
-                "DOCKER_BUILDKIT": "0"}
+                "DOCKER_BUILDKIT": "1", "BUILDKIT_PROGRESS": "plain"}
 
     def run(self, *args: str, check: bool = True, timeout: float = 120,
             stdin: Path | None = None) -> subprocess.CompletedProcess[str]:

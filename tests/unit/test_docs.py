@@ -1,6 +1,6 @@
 """The docs stand alone in a fresh clone, and the deployment files are valid.
 
-Every relative link in the README, CHANGELOG and docs/ must name a file inside
+Every relative link in the READMEs, CHANGELOG and docs/ must name a file inside
 the repository (and a heading that exists, when it has an anchor). The
 systemd unit passes ``systemd-analyze verify``; the image's baked-in config
 passes ``mirror config check``.
@@ -22,7 +22,8 @@ _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*$", re.MULTILINE)
 
 
 def _markdown_files() -> list[Path]:
-    return [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "helm" / "mirror" / "README.md",
+            *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _anchors(path: Path) -> set[str]:
