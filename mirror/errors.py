@@ -20,10 +20,10 @@ and becomes a 500 with no details in the body.
     │   ├── Unsupported             405 UNSUPPORTED (push, delete, ...)
     │   ├── Denied                  403 DENIED
     │   ├── TooManyRequests         429 TOOMANYREQUESTS (with Retry-After)
-    │   └── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken)
+    │   ├── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken)
+    │   │   └── DigestMismatch      502: bytes of the wrong size or hash (never published)
     ├── FillError                   an upstream download failed after bytes went out
     ├── StorageError                a storage backend refused or failed an operation
-    │   └── ContentMismatch         bytes written do not hash to the digest (never published)
     └── CacheCommandError           a `mirror cache` command cannot do what was asked
 """
 
@@ -158,6 +158,16 @@ class UpstreamUnavailable(OciError):
         self.retry_after = retry_after
 
 
+class DigestMismatch(UpstreamUnavailable):
+    """Bytes from a source, or written to a store, are not the digest (wrong size or hash).
+
+    Nothing is published; a client that already got headers is cut off.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=502)
+
+
 class FillError(MirrorError):
     """An upstream download failed; readers must abort their connections."""
 
@@ -166,8 +176,6 @@ class StorageError(MirrorError):
     """A storage backend refused or failed an operation."""
 
 
-class ContentMismatch(StorageError):
-    """Bytes written for a digest do not match it (in size or hash); nothing was published."""
 
 
 class CacheCommandError(MirrorError):

@@ -106,6 +106,24 @@ STALE_SERVED = Counter(
     ["registry", "reason"],
 )
 
+# --- sources of content after a local miss (mirror.sources) --------------------------
+SOURCE_FILLS = Counter(
+    "mirror_source_fills_total",
+    "Blob fills and manifests taken from a source, by source kind (s3, upstream, memory, "
+    "peer, parent, bundle) and result: ok, absent (the source does not have it), failed "
+    "(broke off; the next source went on), rejected (wrong bytes; skipped for that digest).",
+    ["source", "result"],
+)
+SOURCE_BYTES = Counter(
+    "mirror_source_bytes_total", "Blob bytes read from each kind of source into fills.",
+    ["source"],
+)
+TASK_RESTARTS = Counter(
+    "mirror_task_restarts_total",
+    "Background loops (eviction, sync, peer health...) restarted after they failed.",
+    ["task"],
+)
+
 S3_LOOKUPS = Counter(
     "mirror_s3_lookups_total",
     "Look-ups in the shared S3 tier after a local miss: hit, miss, or skipped (S3 is backing "

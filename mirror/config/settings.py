@@ -157,6 +157,7 @@ class StorageSettings:
     max_size: int | None = None  # bytes; None: unbounded
     high_watermark: float = 0.95  # evict when the cache holds more than this share of max_size
     low_watermark: float = 0.85  # ... down to this share
+    relay_window: int = 64 * 2**20  # bytes a fill relays from memory when the disk is full
 
     @property
     def high_bytes(self) -> int | None:
@@ -188,6 +189,7 @@ class LogSettings:
 class ServerSettings:
     event_loop: str = "uvloop"
     chunk_size: int = 1 * 2**20
+    shutdown_grace: float = 10.0  # seconds downloads under way get to finish at shutdown
 
 
 @dataclass(frozen=True)

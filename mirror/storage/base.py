@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from mirror.errors import ContentMismatch
+from mirror.errors import DigestMismatch
 from mirror.oci import Digest
 
 
@@ -72,7 +72,7 @@ class BlobWriter(Protocol):
         """Verify size and digest, then publish the blob whole.
 
         Raises:
-            ContentMismatch: the bytes are not the blob; nothing was published
+            DigestMismatch: the bytes are not the blob; nothing was published
                 and the write is aborted.
         """
         ...
@@ -136,9 +136,9 @@ def check_content(digest: Digest, actual_hex: str, size: int, expected_size: int
     """Raise unless what was written is the blob.
 
     Raises:
-        ContentMismatch: wrong size or wrong hash.
+        DigestMismatch: wrong size or wrong hash.
     """
     if expected_size is not None and size != expected_size:
-        raise ContentMismatch(f"{size} bytes written for {digest}, expected {expected_size}")
+        raise DigestMismatch(f"{size} bytes written for {digest}, expected {expected_size}")
     if actual_hex != digest.hex:
-        raise ContentMismatch(f"bytes written do not hash to {digest}")
+        raise DigestMismatch(f"bytes written do not hash to {digest}")

@@ -212,10 +212,13 @@ async def test_tags_list_paginates_and_rewrites_link(mirror: Client, fake: FakeR
     assert missing.status == 404
 
 
-async def test_referrers_404_passes_through(mirror: Client, fake: FakeRegistry) -> None:
+async def test_referrers_without_the_api_upstream_is_an_empty_index(
+        mirror: Client, fake: FakeRegistry) -> None:
     digest = sha256(b"subject")
     response = await mirror.get(f"/v2/app/referrers/{digest}")
-    assert response.status == 404
+    assert response.status == 200
+    assert response.headers["Content-Type"] == OCI_INDEX
+    assert (await response.json())["manifests"] == []
 
 
 async def test_push_and_delete_are_unsupported(mirror: Client) -> None:

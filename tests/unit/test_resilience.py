@@ -29,9 +29,10 @@ from mirror.config import (
     UpstreamSettings,
 )
 from mirror.errors import TooManyRequests, UpstreamUnavailable
-from mirror.server.state import STATE
+from mirror.pull import Repo
+from mirror.server.state import NODE
 from mirror.upstream import UpstreamClient
-from mirror.upstream.guard import BackgroundRequests, UpstreamGuard
+from mirror.upstream.guard import UpstreamGuard
 from tests.support.fake import FakeRegistry, HubRateLimit
 from tests.unit.conftest import MirrorFactory
 
@@ -400,12 +401,12 @@ async def test_cache_work_through_the_background_view_waits_where_clients_are_re
         "budget": {"rate": "2/s", "burst": 1, "client_overdraft": 0}})
     for tag in ("v1", "v2", "v3"):
         fake.add_image("app", tag, [tag.encode()])
-    state = mirror.app[STATE]
-    client, clock = state.clients[REGISTRY_NAME], Clock()
-    client.guard = UpstreamGuard(state.settings.upstreams[0], clock=clock)
+    node = mirror.app[NODE]
+    client, clock = node.clients[REGISTRY_NAME], Clock()
+    client.guard = UpstreamGuard(node.settings.upstreams[0], clock=clock)
     assert (await mirror.get("/v2/app/manifests/v1")).status == 200  # the one token
     prefetch = asyncio.create_task(
-        state.manifests.by_tag(BackgroundRequests(client), "app", "v2", None))
+        node.pull.manifest(Repo(REGISTRY_NAME, "app"), "v2", background=True))
     refused = await mirror.get("/v2/app/manifests/v3")
     assert refused.status == 429 and await _error(refused) == "TOOMANYREQUESTS"
     assert not prefetch.done()
