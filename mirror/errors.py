@@ -9,6 +9,8 @@ and becomes a 500 with no details in the body.
     MirrorError
     ├── ConfigError                 a config file or value is wrong (names its key)
     ├── OciError                    rendered to clients as {"errors": [...]}
+    │   ├── RouteNotFound           404 NOT_FOUND (not a registry API path)
+    │   ├── PaginationNumberInvalid 400 PAGINATION_NUMBER_INVALID (a bad ?n=)
     │   ├── NameInvalid             400 NAME_INVALID
     │   ├── TagInvalid              400 TAG_INVALID
     │   ├── DigestInvalid           400 DIGEST_INVALID
@@ -23,6 +25,7 @@ and becomes a 500 with no details in the body.
     │   ├── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken)
     │   │   └── DigestMismatch      502: bytes of the wrong size or hash (never published)
     ├── FillError                   an upstream download failed after bytes went out
+    ├── TransientError              an upstream attempt worth retrying (never leaves the client)
     ├── StorageError                a storage backend refused or failed an operation
     └── CacheCommandError           a `mirror cache` command cannot do what was asked
 """
@@ -75,6 +78,18 @@ class OciError(MirrorError):
         if self.detail is not None:
             error["detail"] = self.detail
         return json.dumps({"errors": [error]}).encode()
+
+
+class RouteNotFound(OciError):
+    """Not a registry API path."""
+
+    code = "NOT_FOUND"
+    status = 404
+
+
+class PaginationNumberInvalid(OciError):
+    code = "PAGINATION_NUMBER_INVALID"
+    status = 400
 
 
 class NameInvalid(OciError):
@@ -170,6 +185,22 @@ class DigestMismatch(UpstreamUnavailable):
 
 class FillError(MirrorError):
     """An upstream download failed; readers must abort their connections."""
+
+
+class TransientError(MirrorError):
+    """A failure worth retrying: connection trouble, a timeout or a 5xx.
+
+    Args:
+        reason: metric reason, ``connect``, ``timeout`` or ``status_5xx``.
+        status: the HTTP status to report if retries run out (502, 503 or 504).
+        detail: a short description without URLs or credentials.
+    """
+
+    def __init__(self, reason: str, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.status = status
+        self.detail = detail
 
 
 class StorageError(MirrorError):

@@ -41,6 +41,7 @@ from mirror.storage.index import Entry
 from mirror.storage.s3 import open_s3
 from mirror.tasks import TaskGroup
 from mirror.upstream import UpstreamClient
+from mirror.upstream.guard import UpstreamGuard
 
 log = structlog.get_logger(__name__)
 
@@ -71,7 +72,9 @@ class Node:
         self.manifests = ManifestCache(self.store, self.tags, settings.cache,
                                        on_fetched=self.blobs.learn_sizes,
                                        on_hit=self.evictor.touch, clock=clock)
-        self.clients = {u.name: UpstreamClient(u) for u in settings.upstreams}
+        self.clients = {u.name: UpstreamClient(u, clock=clock.monotonic,
+                                               guard=UpstreamGuard(u, clock=clock.monotonic))
+                        for u in settings.upstreams}
         self.pull: PullService
 
     async def start(self) -> None:

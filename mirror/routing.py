@@ -23,7 +23,7 @@ from enum import Enum
 from yarl import URL
 
 from mirror.config import UpstreamSettings
-from mirror.errors import NameInvalid, NameUnknown, OciError, Unsupported
+from mirror.errors import NameInvalid, NameUnknown, RouteNotFound, Unsupported
 from mirror.oci import Digest, is_digest_reference, validate_name, validate_tag
 
 
@@ -33,13 +33,6 @@ class Kind(Enum):
     BLOB = "blob"
     TAGS = "tags"
     REFERRERS = "referrers"
-
-
-class RouteNotFound(OciError):
-    """Not a registry API path (404)."""
-
-    code = "NOT_FOUND"
-    status = 404
 
 
 # (kind, pattern, a substring the path must contain for the pattern to be tried)

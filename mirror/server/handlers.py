@@ -14,7 +14,13 @@ from aiohttp import web
 
 from mirror import metrics
 from mirror.cache.blobs import CachedBlob
-from mirror.errors import NameUnknown, OciError, TagInvalid, Unsupported
+from mirror.errors import (
+    NameUnknown,
+    OciError,
+    PaginationNumberInvalid,
+    TagInvalid,
+    Unsupported,
+)
 from mirror.oci import accepted_types
 from mirror.pull import BlobFlight, BlobRedirect, BlobSize, PullService, Repo
 from mirror.routing import Kind, Target, tags_link
@@ -31,11 +37,6 @@ from mirror.server.state import LOG, NODE, log_context
 JSON_TYPE = "application/json"
 #: The largest ``n`` a tag list request may ask for.
 TAGS_N_MAX = 100_000
-
-
-class PaginationNumberInvalid(OciError):
-    code = "PAGINATION_NUMBER_INVALID"
-    status = 400
 
 
 async def registry(request: web.Request) -> web.StreamResponse:

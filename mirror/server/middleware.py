@@ -49,7 +49,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     status = 500
     try:
-        response = await _answer(request, handler, request_id)
+        # Every log line under this request (retries, fills, S3) carries its id.
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            response = await _answer(request, handler, request_id)
         status = response.status
         response.headers["X-Request-Id"] = request_id
         return response

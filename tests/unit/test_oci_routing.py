@@ -10,11 +10,12 @@ from mirror.errors import (
     NameInvalid,
     NameUnknown,
     RangeInvalid,
+    RouteNotFound,
     TagInvalid,
     Unsupported,
 )
 from mirror.oci import Digest, accepted_types, validate_name, validate_tag
-from mirror.routing import Kind, RouteNotFound, Router, tags_link
+from mirror.routing import Kind, Router, tags_link
 from mirror.server.responses import parse_range
 
 HEX = "a" * 64
