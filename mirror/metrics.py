@@ -124,6 +124,27 @@ TASK_RESTARTS = Counter(
     ["task"],
 )
 
+# --- regional peers (mirror.cluster, mirror.sources.peer) ------------------------------
+PEER_MEMBERS = Gauge(
+    "mirror_peer_members", "Peers of this node's region: known, and healthy (in the hash).",
+    ["state"],
+)
+PEER_QUARANTINES = Counter(
+    "mirror_peer_quarantines_total", "Peers quarantined after they served wrong bytes."
+)
+PEER_DNS_FAILURES = Counter(
+    "mirror_peer_dns_failures_total", "Failed look-ups of the peers' DNS name (last answer kept)."
+)
+PEER_SERVED = Counter(
+    "mirror_peer_served_total",
+    "Requests this node answered for other nodes: peer (in its region, as owner) or child "
+    "(a node of a region whose parent this is).",
+    ["hop", "kind"],
+)
+PEER_REFUSED = Counter(
+    "mirror_peer_refused_total", "Peer API requests refused for a missing or bad token."
+)
+
 S3_LOOKUPS = Counter(
     "mirror_s3_lookups_total",
     "Look-ups in the shared S3 tier after a local miss: hit, miss, or skipped (S3 is backing "

@@ -21,6 +21,7 @@ import asyncio
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 
+import aiohttp
 import structlog
 
 from mirror.cache.blobs import BlobCache
@@ -28,6 +29,7 @@ from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestCache
 from mirror.cache.tags import TagStore
 from mirror.clock import SYSTEM, Clock
+from mirror.cluster import Membership, TokenSource
 from mirror.config import Settings
 from mirror.fetch import Fetcher
 from mirror.oci import Digest
@@ -35,6 +37,7 @@ from mirror.pull import PullService
 from mirror.routing import Router
 from mirror.sources import Source, SourceChain, UpstreamSource
 from mirror.sources.chain import Rejections
+from mirror.sources.peer import ParentSource, PeerSource
 from mirror.sources.s3 import S3Source
 from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.index import Entry
@@ -76,6 +79,11 @@ class Node:
                                                guard=UpstreamGuard(u, clock=clock.monotonic))
                         for u in settings.upstreams}
         self.pull: PullService
+        self.pull_for: dict[str, PullService] = {}
+        self.membership: Membership | None = None
+        self.tokens: TokenSource | None = None
+        self.peers: PeerSource | None = None
+        self.parents: ParentSource | None = None
 
     async def start(self) -> None:
         """Open storage and the S3 tier, build the pull service, start background work."""
@@ -87,8 +95,11 @@ class Node:
             self.s3 = S3Source(store, s3, self.clock)
             log.info("s3_tier_started", bucket=store.bucket, prefix=store.prefix,
                      endpoint=str(s3.endpoint_url or "aws"))
-        self.pull = PullService(self._chains(), self.manifests, self.blobs, redirector=self.s3,
+        await self._start_cluster()
+        chains = self._chains()
+        self.pull = PullService(chains["client"], self.manifests, self.blobs, redirector=self.s3,
                                 clock=self.clock, tag_list_ttl=self.settings.cache.tag_ttl)
+        self.pull_for = {hop: self.pull.with_chains(chains[hop]) for hop in ("peer", "child")}
         self._wire_evictor()
         self.tasks.spawn(self._reconcile_then_evict(), "reconcile")
         self.ready = True
@@ -96,13 +107,44 @@ class Node:
                  max_size=self.settings.storage.max_size,
                  upstreams=[u.name for u in self.settings.upstreams])
 
-    def _chains(self) -> dict[str, SourceChain]:
-        before: list[Source] = list(self._extra_sources)
-        if self.s3 is not None:
-            before.append(self.s3)
+    async def _start_cluster(self) -> None:
+        cluster = self.settings.cluster
+        if cluster is None:
+            return
+        assert cluster.self_url is not None
+        self.membership = membership = Membership(cluster, cluster.self_url, self.clock)
+        self.tokens = tokens = TokenSource(cluster, self.clock)
+        timeout = aiohttp.ClientTimeout(sock_connect=max(cluster.header_timeout, 0.5),
+                                        sock_read=cluster.read_timeout)
+        session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False, trust_env=False,
+                                        connector=aiohttp.TCPConnector(limit=256))
+        self._stack.push_async_callback(session.close)
+        self.peers = PeerSource(cluster, session, self.tokens, self.membership)
+        if cluster.parents:
+            self.parents = ParentSource(cluster, session, self.tokens, self.clock.monotonic)
+        await membership.refresh_dns()
+        await membership.check(session, tokens)  # the hash starts with who answers
+        self.tasks.loop("peers", lambda: membership.run(session, tokens))
+        log.info("cluster_joined", node_id=cluster.node_id, region=cluster.region,
+                 self_url=cluster.self_url, peers=self.membership.members,
+                 healthy=self.membership.healthy(), parents=list(cluster.parents))
+
+    def _chains(self) -> dict[str, dict[str, SourceChain]]:
+        """The sources of each registry for clients, for peers (this node is the owner:
+        no peers) and for child regions (no parents: requests never loop)."""
+        extra = list(self._extra_sources)
+        s3 = [self.s3] if self.s3 is not None else []
+        peers = [self.peers] if self.peers is not None else []
+        parents = [self.parents] if self.parents is not None else []
+        orders: dict[str, list[Source]] = {
+            "client": [*extra, *peers, *s3, *parents],
+            "peer": [*extra, *s3, *parents],
+            "child": [*extra, *peers, *s3],
+        }
         rejections = Rejections(clock=self.clock)
-        return {name: SourceChain(before, UpstreamSource(client), rejections)
-                for name, client in self.clients.items()}
+        return {hop: {name: SourceChain(before, UpstreamSource(client), rejections)
+                      for name, client in self.clients.items()}
+                for hop, before in orders.items()}
 
     async def stop(self) -> None:
         """Stop in the reverse order of :meth:`start`."""

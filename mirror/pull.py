@@ -17,6 +17,7 @@ single flight, verification, budgets and metrics hold for every one of them.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -110,6 +111,13 @@ class PullService:
         self._redirector = redirector if redirector is not None and redirector.redirect else None
         self._tag_lists: TTLCache[Repo, tuple[str, list[str]]] = TTLCache(
             maxsize=1000, ttl=max(tag_list_ttl, 0.001), timer=clock.monotonic)
+
+    def with_chains(self, chains: Mapping[str, SourceChain]) -> PullService:
+        """The same service (caches, fills, flights) filling misses from other chains: what a
+        node answers to its peers and child regions, whose requests must not loop back."""
+        view = copy.copy(self)
+        view.chains = dict(chains)
+        return view
 
     def chain(self, registry: str, background: bool = False) -> SourceChain:
         """The sources of a configured registry (for ``background`` work, its background view).

@@ -8,6 +8,7 @@ The full reference is ``docs/configuration.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from mirror.config.cluster import _cluster
 from mirror.config.sections import _cache, _log, _server, _tls
 from mirror.config.settings import (
     CONFIG_VERSION,
@@ -22,6 +24,7 @@ from mirror.config.settings import (
     BreakerSettings,
     BudgetSettings,
     CacheSettings,
+    ClusterSettings,
     CredentialSettings,
     DockerConfigCredential,
     EcrCredential,
@@ -56,6 +59,7 @@ __all__ = [
     "BreakerSettings",
     "BudgetSettings",
     "CacheSettings",
+    "ClusterSettings",
     "CredentialSettings",
     "DockerConfigCredential",
     "EcrCredential",
@@ -104,12 +108,15 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
     """
     root = _mapping(document, "")
     _only_keys(root, "", {"version", "listen", "tls", "storage", "cache", "upstreams",
-                          "log", "server"})
+                          "log", "server", "cluster"})
     version = root.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ConfigError("version", f"unsupported version {version!r} (this mirror reads 1)")
     host, port = parse_listen(root.get("listen", "0.0.0.0:5000"))
     upstreams = _upstreams(root.get("upstreams"), env, base)
+    cluster = _cluster(root.get("cluster"), env, base)
+    if cluster is not None and cluster.self_url is None:
+        cluster = dataclasses.replace(cluster, self_url=_self_url(cluster, host, port))
     return Settings(
         listen_host=host,
         listen_port=port,
@@ -119,4 +126,13 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
         upstreams=upstreams,
         log=_log(root.get("log", {})),
         server=_server(root.get("server", {})),
+        cluster=cluster,
     )
+
+
+def _self_url(cluster: ClusterSettings, host: str, port: int) -> str:
+    """How peers reach this node, when the config does not say: its listen address."""
+    if host in ("0.0.0.0", "::", "") and (cluster.peers or cluster.peers_dns):
+        raise ConfigError("cluster.self_url", "required when listening on every address: "
+                          "the URL peers reach this node at (e.g. from the pod's IP)")
+    return f"http://{host}:{port}"

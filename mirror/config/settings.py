@@ -193,6 +193,36 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class PeersDns:
+    """Peers from DNS: every address the name resolves to is a peer (a headless Service)."""
+
+    name: str
+    port: int
+    scheme: str = "http"
+    nameserver: str | None = None  # host:port; default: the system's resolver config
+    interval: float = 5.0  # seconds between look-ups
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """A node of a regional fleet: its peers, its parent regions, the peer credential."""
+
+    node_id: str
+    region: str
+    secret: Secret
+    self_url: str | None = None  # how peers reach this node (to skip itself in the list)
+    peers: tuple[str, ...] = ()  # static peer base URLs (this node may be among them)
+    peers_dns: PeersDns | None = None
+    parents: tuple[str, ...] = ()  # mirror URLs of other regions, nearest first
+    header_timeout: float = 0.3  # a peer that has not sent headers by then is skipped
+    read_timeout: float = 30.0
+    health_interval: float = 2.0
+    health_failures: int = 2  # failed checks in a row that take a peer out of the hash
+    quarantine: float = 300.0  # a peer that served wrong bytes is not asked for this long
+    token_ttl: float = 60.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the mirror needs to run, validated."""
 
@@ -204,6 +234,7 @@ class Settings:
     upstreams: tuple[UpstreamSettings, ...] = ()
     log: LogSettings = field(default_factory=LogSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    cluster: ClusterSettings | None = None
 
     @property
     def default_upstream(self) -> UpstreamSettings | None:

@@ -15,6 +15,7 @@ from mirror.config import Settings
 from mirror.node import Node
 from mirror.server.handlers import registry
 from mirror.server.middleware import add_api_version, observe
+from mirror.server.peer import PREFIX, peer_api
 from mirror.server.state import NODE, log_context
 from mirror.sources import Source
 
@@ -30,6 +31,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM,
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_route("*", PREFIX + "/{path:.*}", peer_api)
     app.router.add_route("*", "/{path:.*}", registry)
     return app
 

@@ -54,7 +54,7 @@ async def registry(request: web.Request) -> web.StreamResponse:
     if target.kind is Kind.PING:
         return _json(b"{}")
     pull = node.pull
-    repo = _repo(target)
+    repo = repo_of(target)
     if target.kind is Kind.MANIFEST:
         return await manifest(request, pull, repo, target)
     if target.kind is Kind.BLOB:
@@ -64,7 +64,8 @@ async def registry(request: web.Request) -> web.StreamResponse:
     return await referrers(request, pull, repo, target)
 
 
-def _repo(target: Target) -> Repo:
+def repo_of(target: Target) -> Repo:
+    """The repository of a configured registry that a target names."""
     if target.upstream is None:
         raise NameUnknown("the request names no configured registry")
     return Repo(target.upstream.name, target.repository)
@@ -86,17 +87,17 @@ async def manifest(request: web.Request, pull: PullService, repo: Repo,
 
 
 async def blob(request: web.Request, pull: PullService, repo: Repo,
-               target: Target) -> web.StreamResponse:
+               target: Target, *, redirect: bool = True) -> web.StreamResponse:
     """GET or HEAD a blob, as the pull service answers: a file, a fill, a redirect, a size."""
     assert target.digest is not None
     head = request.method == "HEAD"
-    answer = await pull.blob(repo, target.digest, head=head)
+    answer = await pull.blob(repo, target.digest, head=head, redirect=redirect)
     if isinstance(answer, CachedBlob):
         response = await _cached_blob(request, pull, answer)
         if response is not None:
             _record_cache(request, "blob", "hit", target.digest)
             return response
-        answer = await pull.blob(repo, target.digest, head=head)  # evicted meanwhile
+        answer = await pull.blob(repo, target.digest, head=head, redirect=redirect)  # evicted
     if isinstance(answer, BlobRedirect):
         _record_cache(request, "blob", "redirect", target.digest)
         metrics.S3_REDIRECTS.inc()

@@ -65,7 +65,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = context.get("route", "other")
         metrics.child(metrics.REQUESTS, route, request.method, str(status)).inc()
         metrics.child(metrics.REQUEST_SECONDS, route).observe(elapsed)
-        if route not in ("metrics", "health"):
+        if route not in ("metrics", "health", "peer_health"):
             log.info("request", request_id=request_id, method=request.method,
                      path=request.path[:300], status=status,
                      duration_ms=round(elapsed * 1000, 2), **context)

@@ -29,7 +29,7 @@ from mirror.clock import SYSTEM, Clock
 from mirror.config import S3Settings
 from mirror.oci import Digest
 from mirror.sources.base import ContentRef, FillResult
-from mirror.storage.base import BodyReader, BodyResponse
+from mirror.storage.base import BodyReader, BodyResponse, absent
 from mirror.storage.s3 import S3_ERRORS, S3Body, S3Store
 from mirror.tasks import TaskGroup
 
@@ -93,7 +93,7 @@ class S3Source:
     async def open_blob(self, ref: ContentRef, offset: int) -> AsyncIterator[BodyResponse]:
         """The blob's body from S3 (404 when absent or while S3 is backing off)."""
         if self._skipped("blob"):
-            yield S3Body(404, None, {}, _NoBody())
+            yield absent()
             return
         yielded = False
         try:
@@ -218,14 +218,6 @@ class S3Source:
 
 
 _BREAKS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
-
-
-class _NoBody:
-    async def read(self, n: int = -1) -> bytes:
-        return b""
-
-    def read_nowait(self, n: int = -1) -> bytes:
-        return b""
 
 
 class _CountingReader:
