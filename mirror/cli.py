@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -242,7 +243,11 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.server.event_loop == "uvloop":
         loop_factory = uvloop.new_event_loop
     runner = asyncio.Runner(loop_factory=loop_factory)
+    admin = settings.admin.listen if settings.admin is not None else None
+    # The admin address is a second socket of the same app: the edge middleware tells
+    # them apart by local port.
+    sock = [socket.create_server(admin, reuse_port=False)] if admin is not None else None
     web.run_app(create_app(settings), host=settings.listen_host, port=settings.listen_port,
-                ssl_context=ssl_context, access_log=None, print=None, shutdown_timeout=10,
-                loop=runner.get_loop())
+                sock=sock, ssl_context=ssl_context, access_log=None, print=None,
+                shutdown_timeout=10, loop=runner.get_loop())
     return 0

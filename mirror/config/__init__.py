@@ -15,6 +15,15 @@ from typing import Any
 
 import yaml
 
+from mirror.config.auth import (
+    AccessRule,
+    AdminSettings,
+    AuthSettings,
+    TokenSettings,
+    _access,
+    _admin,
+    _auth,
+)
 from mirror.config.sections import _cache, _log, _server, _tls
 from mirror.config.settings import (
     CONFIG_VERSION,
@@ -53,6 +62,9 @@ from mirror.errors import ConfigError
 __all__ = [
     "CONFIG_VERSION",
     "DOCKER_HUB_ALIASES",
+    "AccessRule",
+    "AdminSettings",
+    "AuthSettings",
     "BreakerSettings",
     "BudgetSettings",
     "CacheSettings",
@@ -67,6 +79,7 @@ __all__ = [
     "StaticCredential",
     "StorageSettings",
     "TlsSettings",
+    "TokenSettings",
     "UpstreamSettings",
     "default_settings",
     "docker_hub",
@@ -104,12 +117,14 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
     """
     root = _mapping(document, "")
     _only_keys(root, "", {"version", "listen", "tls", "storage", "cache", "upstreams",
-                          "log", "server"})
+                          "log", "server", "auth", "access", "admin"})
     version = root.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ConfigError("version", f"unsupported version {version!r} (this mirror reads 1)")
     host, port = parse_listen(root.get("listen", "0.0.0.0:5000"))
     upstreams = _upstreams(root.get("upstreams"), env, base)
+    auth = _access(root.get("access"), _auth(root.get("auth"), env, base),
+                   tuple(u.name for u in upstreams))
     return Settings(
         listen_host=host,
         listen_port=port,
@@ -119,4 +134,6 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
         upstreams=upstreams,
         log=_log(root.get("log", {})),
         server=_server(root.get("server", {})),
+        auth=auth,
+        admin=_admin(root["admin"], env, base, port) if "admin" in root else None,
     )

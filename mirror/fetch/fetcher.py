@@ -49,6 +49,10 @@ class Fetcher:
         """The fill under way for ``digest``, if any."""
         return self._fills.get(digest)
 
+    def fills(self) -> list[Fill]:
+        """Every download under way (for the status page)."""
+        return list(self._fills.values())
+
     def busy(self, digest: Digest) -> bool:
         """Whether ``digest`` is being downloaded or read from a fill."""
         return digest in self._fills or self._reading[digest] > 0

@@ -10,18 +10,23 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mirror import metrics
 from mirror.cache.blobs import BlobCache
 from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestCache
+from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
+from mirror.cache.membership import Membership
 from mirror.cache.shared import SharedTier
 from mirror.cache.tags import TagStore
 from mirror.config import Settings
 from mirror.fetch import Fetcher
 from mirror.oci import Digest
 from mirror.routing import Router
+from mirror.server.auth import edge, install
 from mirror.server.handlers import registry
 from mirror.server.middleware import add_api_version, observe
 from mirror.server.state import STATE, MirrorState, log_context
+from mirror.server.status import status_page
 from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.index import Entry
 from mirror.storage.s3 import open_s3
@@ -35,7 +40,8 @@ SHARED = web.AppKey("shared", SharedTier)
 
 def create_app(settings: Settings) -> web.Application:
     """Build the mirror's application; resources start with the app."""
-    app = web.Application(middlewares=[observe], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[observe, edge], client_max_size=64 * 1024)
+    install(app, settings)
     if settings.storage.s3 is not None:
         app.cleanup_ctx.append(partial(_shared_tier, settings))
     app.cleanup_ctx.append(partial(_mirror_state, settings))
@@ -43,6 +49,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/", status_page)
     app.router.add_route("*", "/{path:.*}", registry)
     return app
 
@@ -71,6 +78,8 @@ async def _mirror_state(settings: Settings, app: web.Application) -> AsyncIterat
     manifests = ManifestCache(store, tags, settings.cache, on_fetched=blobs.learn_sizes,
                               shared=shared, on_hit=evictor.touch)
     _wire_evictor(evictor, blobs, manifests)
+    membership = Membership(store.root / MEMBERSHIP_FILE)
+    await asyncio.to_thread(membership.open)
     state = MirrorState(
         settings=settings,
         router=Router(settings.upstreams),
@@ -82,14 +91,17 @@ async def _mirror_state(settings: Settings, app: web.Application) -> AsyncIterat
         evictor=evictor,
         clients={u.name: UpstreamClient(u) for u in settings.upstreams},
         shared=shared,
+        membership=membership,
     )
     app[STATE] = state
+    figures = asyncio.create_task(_registry_bytes(state))
     reconciling = asyncio.create_task(_reconcile(store, evictor))
     state.ready = True
     log.info("mirror_started", storage=str(store.root), stale_temp_removed=removed,
              max_size=settings.storage.max_size, upstreams=[u.name for u in settings.upstreams])
     yield
     state.ready = False
+    figures.cancel()
     await reconciling  # a thread cannot be cancelled; it is done within seconds
     await fetcher.close()
     await state.manifests.close()
@@ -98,6 +110,23 @@ async def _mirror_state(settings: Settings, app: web.Application) -> AsyncIterat
         await client.close()
     await tags.close()
     await asyncio.to_thread(store.index.close)
+    await asyncio.to_thread(membership.close)
+
+
+async def _registry_bytes(state: MirrorState, every: float = 60.0) -> None:
+    """Refresh ``mirror_registry_cache_bytes`` now and then (one query, in a thread)."""
+    assert state.membership is not None
+    names = [u.name for u in state.settings.upstreams]
+    while True:
+        try:
+            totals = await asyncio.to_thread(state.membership.bytes_by_registry,
+                                             state.store.index.path, names)
+        except Exception as exc:  # a figure, never a reason to stop serving
+            log.warning("registry_bytes_failed", error=str(exc) or type(exc).__name__)
+        else:
+            for registry, size in totals.items():
+                metrics.REGISTRY_CACHE_BYTES.labels(registry).set(size)
+        await asyncio.sleep(every)
 
 
 async def _reconcile(store: FilesystemStore, evictor: Evictor) -> None:

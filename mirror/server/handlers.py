@@ -15,6 +15,7 @@ from aiohttp import web
 
 from mirror import metrics
 from mirror.cache.blobs import CachedBlob
+from mirror.cache.membership import ensure_member
 from mirror.errors import (
     NameUnknown,
     OciError,
@@ -24,6 +25,7 @@ from mirror.errors import (
 )
 from mirror.oci import MANIFEST_MAX_BYTES, accepted_types
 from mirror.routing import Kind, Target, next_link
+from mirror.server.auth import authorize
 from mirror.server.responses import (
     FileSliceResponse,
     blob_headers,
@@ -44,6 +46,7 @@ async def registry(request: web.Request) -> web.StreamResponse:
     target = state.router.route(request.path, query)
     if request.method not in ("GET", "HEAD"):
         raise Unsupported("this mirror is read-only: only GET and HEAD are supported")
+    authorize(request, target)
     context = log_context(request)
     fields = {"route": target.kind.value,
               "registry": target.upstream.name if target.upstream else None,
@@ -65,6 +68,8 @@ async def manifest(request: web.Request, state: MirrorState, target: Target) -> 
     client = state.client(target)
     accepted = accepted_types(request.headers.getall("Accept", []))
     if target.digest is not None:
+        await ensure_member(state.membership, client, target.upstream, target.repository,
+                            target.digest, kind="manifest")
         resolved = await state.manifests.by_digest(client, target.repository, target.digest,
                                                    accepted)
     else:
@@ -72,17 +77,24 @@ async def manifest(request: web.Request, state: MirrorState, target: Target) -> 
                                                 accepted)
     found = resolved.manifest
     _record_cache(request, "manifest", resolved.cache, found.digest)
+    if state.membership is not None:
+        await state.membership.record_manifest(client.name, target.repository, found.digest,
+                                               found.data)
+    if target.digest is None:
+        state.popularity.record(f"{client.name}/{target.repository}:{target.reference}")
     headers = manifest_headers(found.digest, found.media_type, target.ns)
     if etag_matches(request, found.digest):
         return web.Response(status=304, headers=headers)
     if request.method == "GET":
-        metrics.child(metrics.SERVED_BYTES, "memory").inc(len(found.data))
+        _served(request, "memory", len(found.data))
     return web.Response(body=found.data, headers=headers)
 
 
 async def blob(request: web.Request, state: MirrorState, target: Target) -> web.StreamResponse:
     """GET or HEAD a blob: from cache, from a fill under way, or by starting one."""
     assert target.digest is not None
+    await ensure_member(state.membership, state.client(target), target.upstream,
+                        target.repository, target.digest, kind="blob")
     cached = await state.blobs.cached(target.digest)
     if cached is not None:
         response = await _cached_blob(request, state, cached)
@@ -116,7 +128,7 @@ async def blob(request: web.Request, state: MirrorState, target: Target) -> web.
     span = parse_range(request.headers.get("Range"), size)
     headers = blob_headers(target.digest, size, span)
     response = await stream_fill(request, fill, span, headers, state.settings.server.chunk_size)
-    metrics.child(metrics.SERVED_BYTES, "fill").inc(response.content_length or 0)
+    _served(request, "fill", response.content_length or 0)
     return response
 
 
@@ -129,12 +141,12 @@ async def _cached_blob(request: web.Request, state: MirrorState,
     if etag_matches(request, cached.digest) and span is None:
         return web.Response(status=304, headers=headers)
     if cached.data is not None:
-        metrics.child(metrics.SERVED_BYTES, "memory").inc(end - start)
+        _served(request, "memory", end - start)
         return web.Response(status=status, body=cached.data[start:end], headers=headers)
     file = await state.blobs.open(cached)
     if file is None:
         return None
-    metrics.child(metrics.SERVED_BYTES, "disk").inc(end - start)
+    _served(request, "disk", end - start)
     digest = cached.digest
     return FileSliceResponse(file, start, end - start, status=status, headers=headers,
                              chunk_size=state.settings.server.chunk_size,
@@ -228,4 +240,14 @@ def _record_cache(request: web.Request, kind: str, result: str, digest: object) 
     context = request.get(LOG)
     if context is not None:
         context.update(cache=result, digest=str(digest))
+        if context.get("registry"):
+            metrics.child(metrics.REGISTRY_CACHE_RESULTS, context["registry"], kind, result).inc()
+
+
+def _served(request: web.Request, source: str, count: int) -> None:
+    """Count body bytes sent, in total and for the request's registry."""
+    metrics.child(metrics.SERVED_BYTES, source).inc(count)
+    registry = log_context(request).get("registry")
+    if registry:
+        metrics.child(metrics.REGISTRY_SERVED_BYTES, registry, source).inc(count)
 

@@ -14,11 +14,13 @@ from aiohttp import web
 from mirror.cache.blobs import BlobCache
 from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestCache
+from mirror.cache.membership import Membership
 from mirror.cache.shared import SharedTier
 from mirror.cache.tags import TagStore
 from mirror.config import Settings
 from mirror.errors import NameUnknown
 from mirror.fetch import Fetcher
+from mirror.popularity import Popularity, TopCounter
 from mirror.routing import Router, Target
 from mirror.storage.filesystem import FilesystemStore
 from mirror.upstream import UpstreamClient
@@ -39,6 +41,8 @@ class MirrorState:
     clients: dict[str, UpstreamClient] = field(default_factory=dict)
     shared: SharedTier | None = None
     ready: bool = False
+    membership: Membership | None = None
+    popularity: Popularity = field(default_factory=TopCounter)
 
     def client(self, target: Target) -> UpstreamClient:
         """The upstream client a target routes to."""
