@@ -116,7 +116,7 @@ def _tokens(value: Any, env: Mapping[str, str], base: Path) -> tuple[TokenSettin
     for i, raw in enumerate(value):
         key = f"auth.tokens[{i}]"
         item = _mapping(raw, key)
-        _only_keys(item, key, {"name", "token_env", "token_file"})
+        _only_keys(item, key, {"name", "token", "token_env", "token_file"})  # token: refused below
         name = _user_name(item.get("name"), f"{key}.name")
         token = _secret(item, key, "token", env, base)
         if token is None:
