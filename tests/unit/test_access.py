@@ -6,7 +6,9 @@ request, so "touches nothing upstream" is a count.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import pytest
 import structlog
 
 from mirror import config, metrics
+from mirror.cli import main
 from mirror.config.auth import ANONYMOUS
 from mirror.errors import ConfigError
 from mirror.server.auth import Authenticator, Identity, admin_allowed, allowed
@@ -346,3 +349,36 @@ async def test_per_registry_figures_count_hits_and_bytes(
     assert total(metrics.REGISTRY_CACHE_RESULTS, registry="fake.test", kind="blob") \
         == results + 4
     assert total(metrics.REGISTRY_SERVED_BYTES, registry="fake.test") == served + 4000
+
+
+async def test_cache_ls_and_du_print_json_by_registry(
+        fake: FakeRegistry, make_mirror: MirrorFactory, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "cache"
+    mirror = await make_mirror()
+    _digest, manifest = fake.add_image("lib/app", "v1", [b"a" * 3000])
+    assert (await mirror.get("/v2/lib/app/manifests/v1")).status == 200
+    for descriptor in json.loads(manifest)["layers"]:
+        assert len(await (await mirror.get(f"/v2/lib/app/blobs/{descriptor['digest']}")
+                          ).read()) == 3000
+    config_file = tmp_path / "mirror.yaml"
+    config_file.write_text(f"version: 1\nstorage: {{path: {root}}}\n"
+                           "upstreams: [{name: fake.test, url: 'http://127.0.0.1:9', "
+                           "default: true}, {name: other.test, url: 'http://127.0.0.1:9'}]\n")
+    capsys.readouterr()
+
+    def run(*args: str) -> Any:
+        assert main(["cache", *args, "--json", "--config", str(config_file)]) == 0
+        out = capsys.readouterr().out
+        return json.loads(out[out.index("{"):])  # after any late server log line
+
+    usage = await asyncio.to_thread(run, "du")
+    assert usage["by_registry"]["fake.test"] == 3000 + len(manifest)
+    assert usage["by_registry"]["other.test"] == 0
+    assert usage["blob_bytes"] == 3000 and usage["manifests"] == 1
+    listing = await asyncio.to_thread(run, "ls")
+    assert [i["reference"] for i in listing["images"]["fake.test"]] == ["fake.test/lib/app:v1"]
+    assert {c["kind"]: c["registries"] for c in listing["content"]} == {
+        "blob": ["fake.test"], "manifest": ["fake.test"]}
+    assert main(["cache", "du", "--config", str(config_file)]) == 0
+    assert "fake.test" in capsys.readouterr().out
