@@ -16,6 +16,7 @@ from typing import Any
 import bcrypt
 import pytest
 import structlog
+import yaml
 
 from mirror import config, metrics
 from mirror.cli import main
@@ -382,3 +383,17 @@ async def test_cache_ls_and_du_print_json_by_registry(
         "blob": ["fake.test"], "manifest": ["fake.test"]}
     assert main(["cache", "du", "--config", str(config_file)]) == 0
     assert "fake.test" in capsys.readouterr().out
+
+
+def test_the_example_config_block_parses_when_uncommented(tmp_path: Path) -> None:
+    example = (Path(__file__).parents[2] / "config" / "mirror.example.yaml").read_text()
+    block = example.split("# --- who may pull what", 1)[1].split("\n", 1)[1]
+    text = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# "))
+    write_htpasswd(tmp_path, {"alice": "x"})
+    text = text.replace("/etc/mirror/htpasswd", str(tmp_path / "htpasswd"))
+    document = {**yaml.safe_load(text), "version": 1,
+                "upstreams": [{"name": "docker.io", "default": True}]}
+    settings = config.parse(document, env={"MIRROR_CI_TOKEN": TOKEN,
+                                           "MIRROR_ADMIN_TOKEN": ADMIN_TOKEN})
+    assert settings.auth is not None and len(settings.auth.access) == 2
+    assert settings.admin is not None and settings.admin.listen == ("127.0.0.1", 9100)
