@@ -4,10 +4,11 @@ The mirror runs as a process with ``auth`` (an htpasswd file written by
 Apache's ``htpasswd -B``, a static token) and ``access`` rules: alice may
 pull ``private/app`` and ``public/*``, bob only ``public/base``. Upstream is
 Distribution with Basic auth, so the mirror holds credentials and private
-content exists. skopeo logs in with ``--src-creds`` and with an ``auth.json``;
-containerd with a ``hosts.toml`` header; each with good, wrong and missing
-credentials. Wrong or missing credentials never reach upstream (counted in
-Distribution's access log); the mirror's log names the user, never the secret.
+content exists. skopeo logs in with ``--src-creds`` and with an ``auth.json``,
+podman with an ``auth.json``, containerd with a ``hosts.toml`` header; each
+with good, wrong and missing credentials. Wrong or missing credentials never
+reach upstream (counted in Distribution's access log); the mirror's log names
+the user, never the secret.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests.support.containerd import Containerd
 from tests.support.images import Image, make_image, make_layer
 from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
+from tests.support.podman import PodmanError, podman_binary, podman_pull
 from tests.support.registry import Registry
 from tests.support.skopeo import (
     SkopeoError,
@@ -182,3 +184,16 @@ def test_the_log_names_users_and_never_secrets(rig: Rig) -> None:
     assert any("containerd" in e["user_agent"] for e in requests)
     for secret in (*USERS.values(), CI_TOKEN, UPSTREAM_PASSWORD):
         assert secret not in text
+
+
+def test_podman_with_auth_json(rig: Rig, tmp_path: Path) -> None:
+    if podman_binary() is None:
+        pytest.fail("podman is not installed (scripts/setup.sh --test installs it)")
+    ref = f"{rig.host}/{rig.public.repo}:v1"
+    good = write_auth_json(tmp_path / "auth.json", rig.host, "bob", USERS["bob"])
+    assert podman_pull(ref, tmp_path / "good", authfile=good) == rig.public.manifest.digest
+    bad = write_auth_json(tmp_path / "bad.json", rig.host, "bob", "wrong")
+    with pytest.raises(PodmanError, match=r"(?i)unauthorized|authentication required"):
+        podman_pull(ref, tmp_path / "bad", authfile=bad)
+    with pytest.raises(PodmanError, match=r"(?i)unauthorized|authentication required"):
+        podman_pull(ref, tmp_path / "missing")
