@@ -71,6 +71,7 @@ class Htpasswd:
         self.path = path
         self._stamp: tuple[int, int] | None = None
         self._hashes: dict[str, bytes] = {}
+        self.dummy = b""  # checked for unknown users: they take as long as known ones
 
     def lookup(self, user: str) -> bytes | None:
         """The hash of ``user`` (blocking: stats, maybe re-reads the file)."""
@@ -82,6 +83,9 @@ class Htpasswd:
         if stamp != self._stamp:
             self._hashes = _read_htpasswd(self.path)
             self._stamp = stamp
+            cost = min((int(h[4:6]) for h in self._hashes.values() if h[4:6].isdigit()),
+                       default=10)
+            self.dummy = bcrypt.hashpw(b"no such user", bcrypt.gensalt(max(4, min(cost, 14))))
             log.info("htpasswd_loaded", path=str(self.path), users=len(self._hashes))
         return self._hashes.get(user)
 
@@ -169,9 +173,12 @@ class Authenticator:
     def _check_password(self, user: str, password: bytes) -> bool:
         assert self._htpasswd is not None
         hashed = self._htpasswd.lookup(user)
-        if hashed is None or len(password) > 72:  # bcrypt reads at most 72 bytes
+        if len(password) > 72:  # bcrypt reads at most 72 bytes
             return False
         try:
+            if hashed is None:
+                bcrypt.checkpw(password, self._htpasswd.dummy)
+                return False
             return bcrypt.checkpw(password, hashed)
         except ValueError:  # a corrupt hash in the file
             return False

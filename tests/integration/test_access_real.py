@@ -197,3 +197,36 @@ def test_podman_with_auth_json(rig: Rig, tmp_path: Path) -> None:
         podman_pull(ref, tmp_path / "bad", authfile=bad)
     with pytest.raises(PodmanError, match=r"(?i)unauthorized|authentication required"):
         podman_pull(ref, tmp_path / "missing")
+
+
+def test_admin_listen_and_token_in_a_real_process(rig: Rig, tmp_path: Path) -> None:
+    admin_port = free_port()
+    (tmp_path / "admin.token").write_text("admin-token-0123456789")
+    config = mirror_config(free_port(), tmp_path / "cache", [
+        {"name": rig.registry.host, "url": rig.registry.url, "default": True}])
+    config["admin"] = {"listen": f"127.0.0.1:{admin_port}",
+                       "token_file": str(tmp_path / "admin.token")}
+    mirror = MirrorProcess(tmp_path / "mirror", config)
+    mirror.start()
+    try:
+        admin = f"http://127.0.0.1:{admin_port}"
+        assert _status(f"{mirror.url}/metrics") == 404  # not on the clients' port
+        assert _status(f"{mirror.url}/") == 404
+        assert _status(f"{mirror.url}/v2/") == 200
+        assert _status(f"{admin}/metrics") == 401
+        headers = {"Authorization": "Bearer admin-token-0123456789"}
+        assert _status(f"{admin}/metrics", headers) == 200
+        assert _status(f"{admin}/", headers) == 200
+        assert _status(f"{admin}/v2/", headers) == 404  # no registry on the admin port
+        assert _status(f"{admin}/readyz") == 200
+    finally:
+        mirror.stop()
+
+
+def _status(url: str, headers: dict[str, str] | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
+                                    timeout=30) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
