@@ -24,6 +24,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+import structlog
 from cachetools import LRUCache
 
 from mirror import metrics
@@ -38,6 +39,8 @@ from mirror.errors import (
     UpstreamUnavailable,
 )
 from mirror.oci import UPSTREAM_ACCEPT, Digest, parse_manifest, referenced_digests
+
+log = structlog.get_logger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS members (
@@ -121,26 +124,36 @@ class Membership:
         await self.record(registry, repository, [*referenced, str(digest)])
 
     # --- blocking ------------------------------------------------------------------------
+    # A failing database (disk full, corrupt) never fails a pull: an unknown fact only
+    # costs one upstream HEAD, and a fact not written is learnt again.
     def _select(self, triple: Triple) -> bool:
         with self._lock:
             if self._conn is None:
                 return False
-            row = self._conn.execute(
-                "SELECT 1 FROM members WHERE registry=? AND repository=? AND digest=?",
-                triple).fetchone()
+            try:
+                row = self._conn.execute(
+                    "SELECT 1 FROM members WHERE registry=? AND repository=? AND digest=?",
+                    triple).fetchone()
+            except sqlite3.Error as exc:
+                log.warning("membership_read_failed", error=str(exc))
+                return False
         return row is not None
 
     def _insert(self, triples: list[Triple]) -> None:
         with self._lock:
             if self._conn is None:
                 return
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.executemany("INSERT OR IGNORE INTO members VALUES (?, ?, ?)", triples)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._conn.executemany("INSERT OR IGNORE INTO members VALUES (?, ?, ?)",
+                                           triples)
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                log.warning("membership_write_failed", error=str(exc), facts=len(triples))
 
     def bytes_by_registry(self, index_db: Path, configured: Iterable[str]) -> dict[str, int]:
         """Cached bytes per configured registry, and ``other`` for content known under none.

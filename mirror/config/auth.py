@@ -118,6 +118,8 @@ def _tokens(value: Any, env: Mapping[str, str], base: Path) -> tuple[TokenSettin
         item = _mapping(raw, key)
         _only_keys(item, key, {"name", "token", "token_env", "token_file"})  # token: refused below
         name = _user_name(item.get("name"), f"{key}.name")
+        if name == ANONYMOUS:
+            raise ConfigError(f"{key}.name", "anonymous means a client without credentials")
         token = _secret(item, key, "token", env, base)
         if token is None:
             raise ConfigError(key, "give token_env or token_file")

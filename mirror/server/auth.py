@@ -154,7 +154,7 @@ class Authenticator:
         except (binascii.Error, UnicodeDecodeError):
             return None
         user, sep, password = text.partition(":")
-        if not sep or not user:
+        if not sep or not user or user == ANONYMOUS:  # that name means "no credentials"
             return None
         if user in self._tokens:
             ok = hmac.compare_digest(password.encode(), self._tokens[user])
