@@ -19,6 +19,7 @@ import structlog
 import yaml
 
 from mirror import config, metrics
+from mirror.cache.membership import Membership
 from mirror.cli import main
 from mirror.config.auth import ANONYMOUS
 from mirror.errors import ConfigError
@@ -397,3 +398,19 @@ def test_the_example_config_block_parses_when_uncommented(tmp_path: Path) -> Non
                                            "MIRROR_ADMIN_TOKEN": ADMIN_TOKEN})
     assert settings.auth is not None and len(settings.auth.access) == 2
     assert settings.admin is not None and settings.admin.listen == ("127.0.0.1", 9100)
+
+
+async def test_a_failing_membership_database_never_fails_a_pull(tmp_path: Path) -> None:
+    membership = Membership(tmp_path / "membership.db")
+    await asyncio.to_thread(membership.open)
+    await membership.record("r", "a/b", ["sha256:1"])
+    assert await membership.known("r", "a/b", "sha256:1")
+    assert not await membership.known("r", "a/c", "sha256:1")
+    assert membership._conn is not None
+    membership._conn.execute("DROP TABLE members")  # as a corrupt file would fail
+    with structlog.testing.capture_logs() as logs:
+        assert not await membership.known("r", "x/y", "sha256:2")
+        await membership.record("r", "x/y", ["sha256:2"])
+    assert {e["event"] for e in logs} == {"membership_read_failed", "membership_write_failed"}
+    assert await membership.known("r", "x/y", "sha256:2")  # learnt in memory all the same
+    await asyncio.to_thread(membership.close)
