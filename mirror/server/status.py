@@ -190,10 +190,13 @@ def _health_section(state: MirrorState, names: list[str]) -> str:
         breaker = _BREAKER.get(int(total(metrics.BREAKER_STATE, registry=name)), "?")
         css = "ok" if breaker == "closed" else "bad"
         budget = state.settings.upstreams[names.index(name)].budget
-        if budget is None:
+        client = state.clients.get(name)
+        if budget is None or client is None or client.guard.budget is None:
             budget_text = "<span class=muted>no budget</span>"
         else:
-            budget_text = (f"{budget.rate:g}/s; waits "
+            level, burst = client.guard.budget.left()
+            budget_text = (f"<span class=budget-left>{int(level)}</span> of {int(burst)} left "
+                           f"at {budget.rate:g}/s; waits "
                            f"{int(total(metrics.BUDGET_WAITS, registry=name))}, refused "
                            f"{int(total(metrics.BUDGET_REFUSALS, registry=name))}")
         rows.append(f"<tr data-registry='{_e(name)}'><td><code>{_e(name)}</code></td>"

@@ -37,13 +37,14 @@ def test_top_counter_is_bounded_and_keeps_heavy_hitters() -> None:
     assert counter.top(1) == [("a", 10)]
 
 
-async def test_page_escapes_what_clients_named(fake: FakeRegistry,
-                                               make_mirror: MirrorFactory) -> None:
-    client = await make_mirror()
+async def test_page_escapes_what_clients_named_and_shows_the_budget(
+        fake: FakeRegistry, make_mirror: MirrorFactory) -> None:
+    client = await make_mirror(upstream={"budget": {"rate": "10/s", "burst": 20}})
     state = client.server.app[STATE]
     state.popularity.record("fake.test/<script>alert(1)</script>:v1")
     page = render(state)
     assert "<script>" not in page and "&lt;script&gt;" in page
+    assert re.search(r"<span class=budget-left>\d+</span> of 20 left at 10/s", page)
 
 
 @pytest.mark.integration
