@@ -1,6 +1,6 @@
 """Peers of a region: who they are, which are healthy, who owns a digest, and their tokens.
 
-No consensus, no leader, no gossip. Membership is the static peer list plus
+No consensus, no leader, no gossip. PeerSet is the static peer list plus
 every address a DNS name resolves to (a Kubernetes headless Service),
 re-resolved every few seconds. A member joins the hash only after it answered
 a health check, and leaves it after ``health_failures`` failed checks or
@@ -78,7 +78,7 @@ class _Member:
     quarantined_until: float = 0.0
 
 
-class Membership:
+class PeerSet:
     """The members of this node's region and their health."""
 
     def __init__(self, settings: ClusterSettings, self_url: str, clock: Clock = SYSTEM) -> None:

@@ -141,17 +141,19 @@ class Unsupported(OciError):
     status = 405
 
 
-class Denied(OciError):
-    code = "DENIED"
-    status = 403
-
-
 class Unauthorized(OciError):
+    """The client sent no credentials, or wrong ones; ``challenge`` tells it how to log in."""
+
     code = "UNAUTHORIZED"
     status = 401
 
     def __init__(self, message: str, challenge: str) -> None:
         super().__init__(message, headers={"WWW-Authenticate": challenge})
+
+
+class Denied(OciError):
+    code = "DENIED"
+    status = 403
 
 
 class TooManyRequests(OciError):

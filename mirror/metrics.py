@@ -208,6 +208,31 @@ CORRUPT = Counter(
     "mirror_cache_corrupt_total", "Stored content found not to match its digest, and removed."
 )
 
+# --- per registry (configured names only), for hit ratio and bytes saved per upstream ---
+REGISTRY_CACHE_RESULTS = Counter(
+    "mirror_registry_cache_results_total",
+    "mirror_cache_results_total by registry: how blob and manifest requests were answered.",
+    ["registry", "kind", "result"],
+)
+REGISTRY_SERVED_BYTES = Counter(
+    "mirror_registry_served_bytes_total",
+    "Body bytes sent to clients, by registry and where they came from: memory, disk (the "
+    "cache) or fill (a download under way).",
+    ["registry", "source"],
+)
+REGISTRY_CACHE_BYTES = Gauge(
+    "mirror_registry_cache_bytes",
+    "Bytes in the local cache known to belong to a registry (content of several registries "
+    "counts under each; other: known under none), refreshed every minute.",
+    ["registry"],
+)
+AUTH_FAILURES = Counter(
+    "mirror_auth_failures_total",
+    "Client requests refused: unauthorized (missing or wrong credentials), denied (no access "
+    "rule allows it), not_member (a digest asked under a repository that does not hold it).",
+    ["reason"],
+)
+
 
 @functools.lru_cache(maxsize=4096)
 def child(metric: Any, *labels: str) -> Any:

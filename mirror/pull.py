@@ -28,6 +28,8 @@ from yarl import URL
 
 from mirror.cache.blobs import BlobCache, CachedBlob
 from mirror.cache.manifests import ManifestCache, Resolved
+from mirror.cache.membership import Membership as RepoMembership
+from mirror.cache.membership import ensure_member
 from mirror.clock import SYSTEM, Clock
 from mirror.errors import (
     FillError,
@@ -104,10 +106,20 @@ class PullService:
 
     def __init__(self, chains: Mapping[str, SourceChain], manifests: ManifestCache,
                  blobs: BlobCache, *, redirector: S3Source | None = None,
-                 clock: Clock = SYSTEM, tag_list_ttl: float = 60.0) -> None:
+                 clock: Clock = SYSTEM, tag_list_ttl: float = 60.0,
+                 membership: RepoMembership | None = None,
+                 private: frozenset[str] = frozenset()) -> None:
+        """Args:
+            membership: which repository holds which digest; consulted for the
+                registries in ``private`` (those reached with credentials), so a
+                client that may pull one repository never gets another's private
+                content by naming its digest.
+        """
         self.chains = dict(chains)
         self.manifests = manifests
         self.blobs = blobs
+        self.membership = membership
+        self._private = private
         self._redirector = redirector if redirector is not None and redirector.redirect else None
         self._tag_lists: TTLCache[Repo, tuple[str, list[str]]] = TTLCache(
             maxsize=1000, ttl=max(tag_list_ttl, 0.001), timer=clock.monotonic)
@@ -147,8 +159,23 @@ class PullService:
         if isinstance(reference, str) and is_digest_reference(reference):
             reference = Digest.parse(reference)
         if isinstance(reference, Digest):
-            return await self.manifests.by_digest(origin, repo.repository, reference, accepted)
-        return await self.manifests.by_tag(origin, repo.repository, reference, accepted)
+            await self._member(repo, reference, "manifest")
+            resolved = await self.manifests.by_digest(origin, repo.repository, reference,
+                                                      accepted)
+        else:
+            resolved = await self.manifests.by_tag(origin, repo.repository, reference, accepted)
+        if self.membership is not None:
+            found = resolved.manifest
+            await self.membership.record_manifest(repo.registry, repo.repository, found.digest,
+                                                  found.data)
+        return resolved
+
+    async def _member(self, repo: Repo, digest: Digest, kind: str) -> None:
+        """Refuse content a private registry's repository is not known to hold (unless
+        upstream confirms it under that repository's scope)."""
+        if self.membership is not None and repo.registry in self._private:
+            await ensure_member(self.membership, self.chain(repo.registry).client,
+                                repo.repository, digest, kind=kind)
 
     # --- blobs ------------------------------------------------------------------------
     async def blob(self, repo: Repo, digest: Digest, *, head: bool = False,
@@ -164,6 +191,7 @@ class PullService:
             BlobUnknown: no source has it.
             UpstreamUnavailable, TooManyRequests: upstream failed.
         """
+        await self._member(repo, digest, "blob")
         cached = await self.blobs.cached(digest)
         if cached is not None:
             return cached

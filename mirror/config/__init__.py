@@ -16,6 +16,15 @@ from typing import Any
 
 import yaml
 
+from mirror.config.auth import (
+    AccessRule,
+    AdminSettings,
+    AuthSettings,
+    TokenSettings,
+    _access,
+    _admin,
+    _auth,
+)
 from mirror.config.cluster import _cluster
 from mirror.config.sections import _cache, _log, _server, _tls
 from mirror.config.settings import (
@@ -56,6 +65,9 @@ from mirror.errors import ConfigError
 __all__ = [
     "CONFIG_VERSION",
     "DOCKER_HUB_ALIASES",
+    "AccessRule",
+    "AdminSettings",
+    "AuthSettings",
     "BreakerSettings",
     "BudgetSettings",
     "CacheSettings",
@@ -71,6 +83,7 @@ __all__ = [
     "StaticCredential",
     "StorageSettings",
     "TlsSettings",
+    "TokenSettings",
     "UpstreamSettings",
     "default_settings",
     "docker_hub",
@@ -108,7 +121,7 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
     """
     root = _mapping(document, "")
     _only_keys(root, "", {"version", "listen", "tls", "storage", "cache", "upstreams",
-                          "log", "server", "cluster"})
+                          "log", "server", "cluster", "auth", "access", "admin"})
     version = root.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ConfigError("version", f"unsupported version {version!r} (this mirror reads 1)")
@@ -117,6 +130,8 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
     cluster = _cluster(root.get("cluster"), env, base)
     if cluster is not None and cluster.self_url is None:
         cluster = dataclasses.replace(cluster, self_url=_self_url(cluster, host, port))
+    auth = _access(root.get("access"), _auth(root.get("auth"), env, base),
+                   tuple(u.name for u in upstreams))
     return Settings(
         listen_host=host,
         listen_port=port,
@@ -127,6 +142,8 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
         log=_log(root.get("log", {})),
         server=_server(root.get("server", {})),
         cluster=cluster,
+        auth=auth,
+        admin=_admin(root["admin"], env, base, port) if "admin" in root else None,
     )
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from yarl import URL
+
+if TYPE_CHECKING:  # auth.py imports Secret from here
+    from mirror.config.auth import AdminSettings, AuthSettings
 
 CONFIG_VERSION = 1
 DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
@@ -235,6 +239,8 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     cluster: ClusterSettings | None = None
+    auth: AuthSettings | None = None  # None: anyone who reaches the port may pull
+    admin: AdminSettings | None = None  # None: /metrics and / on the main address, open
 
     @property
     def default_upstream(self) -> UpstreamSettings | None:

@@ -52,6 +52,10 @@ class Fetcher:
         """The fill under way for ``digest``, if any."""
         return self._fills.get(digest)
 
+    def fills(self) -> list[Fill]:
+        """Every download under way (for the status page)."""
+        return list(self._fills.values())
+
     def busy(self, digest: Digest) -> bool:
         """Whether ``digest`` is being downloaded or read from a fill."""
         return digest in self._fills or self._reading[digest] > 0
@@ -88,7 +92,7 @@ class Fetcher:
                 raise
             # Not even an empty file fits: the fill relays from memory from byte 0.
         fill = Fill(digest, temp, expected_size, self._count_reader, self.relay_max_bytes)
-        fill.source = registry
+        fill.registry = registry
         fill.destination = self.store.blob_path(digest)
         self._fills[digest] = fill
         fill.task = self._tasks.spawn(self._run(fill, opener, registry), "fill")

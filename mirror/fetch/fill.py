@@ -57,6 +57,7 @@ class Fill:
         self._changed = asyncio.Event()
         self._moved = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.registry = ""  # the registry it was asked of (a configured name)
         self.source = ""  # the kind of source the bytes come from: upstream, s3, ...
         self.ever_read = False  # a reader has taken bytes (the fill can no longer start over)
 

@@ -24,6 +24,7 @@ from mirror.errors import (
 from mirror.oci import accepted_types
 from mirror.pull import BlobFlight, BlobRedirect, BlobSize, PullService, Repo
 from mirror.routing import Kind, Target, tags_link
+from mirror.server.auth import authorize
 from mirror.server.responses import (
     FileSliceResponse,
     blob_headers,
@@ -46,6 +47,7 @@ async def registry(request: web.Request) -> web.StreamResponse:
     target = node.router.route(request.path, query)
     if request.method not in ("GET", "HEAD"):
         raise Unsupported("this mirror is read-only: only GET and HEAD are supported")
+    authorize(request, target)
     context = log_context(request)
     fields = {"route": target.kind.value,
               "registry": target.upstream.name if target.upstream else None,
@@ -78,11 +80,13 @@ async def manifest(request: web.Request, pull: PullService, repo: Repo,
     resolved = await pull.manifest(repo, target.digest or target.reference, accepted)
     found = resolved.manifest
     _record_cache(request, "manifest", resolved.cache, found.digest)
+    if target.digest is None:
+        request.app[NODE].popularity.record(f"{repo}:{target.reference}")
     headers = manifest_headers(found.digest, found.media_type, target.ns)
     if etag_matches(request, found.digest):
         return web.Response(status=304, headers=headers)
     if request.method == "GET":
-        metrics.child(metrics.SERVED_BYTES, "memory").inc(len(found.data))
+        _served(request, "memory", len(found.data))
     return web.Response(body=found.data, headers=headers)
 
 
@@ -120,7 +124,7 @@ async def blob(request: web.Request, pull: PullService, repo: Repo,
     headers = blob_headers(target.digest, size, span)
     chunk_size = request.app[NODE].settings.server.chunk_size
     response = await stream_fill(request, fill, span, headers, chunk_size)
-    metrics.child(metrics.SERVED_BYTES, "fill").inc(response.content_length or 0)
+    _served(request, "fill", response.content_length or 0)
     return response
 
 
@@ -133,12 +137,12 @@ async def _cached_blob(request: web.Request, pull: PullService,
     if etag_matches(request, cached.digest) and span is None:
         return web.Response(status=304, headers=headers)
     if cached.data is not None:
-        metrics.child(metrics.SERVED_BYTES, "memory").inc(end - start)
+        _served(request, "memory", end - start)
         return web.Response(status=status, body=cached.data[start:end], headers=headers)
     file = await pull.open_cached(cached)
     if file is None:
         return None
-    metrics.child(metrics.SERVED_BYTES, "disk").inc(end - start)
+    _served(request, "disk", end - start)
     digest = cached.digest
     return FileSliceResponse(file, start, end - start, status=status, headers=headers,
                              chunk_size=request.app[NODE].settings.server.chunk_size,
@@ -196,3 +200,13 @@ def _record_cache(request: web.Request, kind: str, result: str, digest: object) 
     context = request.get(LOG)
     if context is not None:
         context.update(cache=result, digest=str(digest))
+        if context.get("registry"):
+            metrics.child(metrics.REGISTRY_CACHE_RESULTS, context["registry"], kind, result).inc()
+
+
+def _served(request: web.Request, source: str, count: int) -> None:
+    """Count body bytes sent, in total and for the request's registry."""
+    metrics.child(metrics.SERVED_BYTES, source).inc(count)
+    registry = log_context(request).get("registry")
+    if registry:
+        metrics.child(metrics.REGISTRY_SERVED_BYTES, registry, source).inc(count)

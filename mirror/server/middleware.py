@@ -67,7 +67,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         metrics.child(metrics.REQUEST_SECONDS, route).observe(elapsed)
         if route not in ("metrics", "health", "peer_health"):
             log.info("request", request_id=request_id, method=request.method,
-                     path=request.path[:300], status=status,
+                     path=request.path[:300], status=status, client=request.remote,
+                     user_agent=request.headers.get("User-Agent", "")[:200],
                      duration_ms=round(elapsed * 1000, 2), **context)
 
 

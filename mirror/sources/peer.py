@@ -26,7 +26,7 @@ import aiohttp
 import structlog
 from cachetools import TTLCache
 
-from mirror.cluster import HOP_HEADER, Membership, TokenSource
+from mirror.cluster import HOP_HEADER, PeerSet, TokenSource
 from mirror.config import ClusterSettings
 from mirror.sources.base import ContentRef, PassiveSource
 from mirror.sources.upstream import read_limited
@@ -158,22 +158,22 @@ class PeerSource(_NodeSource):
     hop = "peer"
 
     def __init__(self, settings: ClusterSettings, session: aiohttp.ClientSession,
-                 token: TokenSource, membership: Membership) -> None:
+                 token: TokenSource, peers: PeerSet) -> None:
         super().__init__(settings, session, token)
-        self._membership = membership
+        self._peers = peers
 
     def _nodes(self, key: str) -> list[str]:
-        ranked = self._membership.ranked(key)
-        return ranked[:ranked.index(self._membership.self_url)]
+        ranked = self._peers.ranked(key)
+        return ranked[:ranked.index(self._peers.self_url)]
 
     def _failed(self, url: str, reason: str) -> None:
-        self._membership.failed(url, reason)
+        self._peers.failed(url, reason)
 
     def _succeeded(self, url: str) -> None:
-        self._membership.succeeded(url)
+        self._peers.succeeded(url)
 
     def _quarantine(self, url: str) -> None:
-        self._membership.quarantine(url)
+        self._peers.quarantine(url)
 
 
 class ParentSource(_NodeSource):

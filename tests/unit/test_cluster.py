@@ -9,7 +9,7 @@ import pytest
 
 from mirror import config
 from mirror.clock import ManualClock
-from mirror.cluster import Membership, rendezvous, sign_token, verify_token
+from mirror.cluster import PeerSet, rendezvous, sign_token, verify_token
 from mirror.errors import ConfigError
 
 SECRET = "0123456789abcdef-secret"
@@ -50,7 +50,7 @@ def test_a_member_enters_the_hash_when_healthy_and_leaves_after_failures() -> No
     clock = ManualClock()
     settings = _cluster(health_failures=2, quarantine="1m")
     peer = "http://127.0.0.3:5000"
-    members = Membership(settings, "http://127.0.0.2:5000", clock)
+    members = PeerSet(settings, "http://127.0.0.2:5000", clock)
     assert members.healthy() == []  # not before it answered a check
     members.succeeded(peer)
     assert members.healthy() == [peer]
