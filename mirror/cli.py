@@ -5,7 +5,8 @@
     mirror --version
     mirror serve [--config FILE] [--listen HOST:PORT] [--storage DIR]
     mirror config check FILE
-    mirror cache ls|du|fsck [--config FILE] [--storage DIR]
+    mirror cache ls|du [--json] [--config FILE] [--storage DIR]
+    mirror cache fsck [--config FILE] [--storage DIR]
     mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR]
 
 Errors are one readable line on stderr and a non-zero exit status. ``serve``
@@ -17,7 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -29,6 +32,8 @@ from aiohttp import web
 
 from mirror import config, log
 from mirror.cache.inventory import Inventory, human_size, human_time
+from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
+from mirror.cache.membership import Membership
 from mirror.errors import CacheCommandError, ConfigError, OciError
 from mirror.routing import Router
 from mirror.server.app import create_app
@@ -99,6 +104,9 @@ def _cache_parser(commands: Any) -> None:
                                 "nginx@sha256:...) or a digest (sha256:...)")
         action.add_argument("--config", type=Path, help="YAML config, as for serve")
         action.add_argument("--storage", type=Path, help="cache folder, overrides the config")
+        if name in ("ls", "du"):
+            action.add_argument("--json", action="store_true",
+                                help="print JSON, with a breakdown by registry")
         action.set_defaults(func=func)
 
 
@@ -148,6 +156,8 @@ def _inventory(args: argparse.Namespace) -> Inventory:
 
 
 def _cache_ls(args: argparse.Namespace) -> int:
+    if args.json:
+        return _print_json(_listing(args))
     inventory = _inventory(args)
     try:
         pins = inventory.pinned()
@@ -172,6 +182,10 @@ def _cache_du(args: argparse.Namespace) -> int:
     finally:
         inventory.close()
     storage = inventory.settings
+    by_registry = _bytes_by_registry(args)
+    if args.json:
+        return _print_json({**usage, "path": str(storage.path), "max_size": storage.max_size,
+                            "by_registry": by_registry})
     total = usage["blob_bytes"] + usage["manifest_bytes"]
     print(f"cache:       {storage.path}")
     print(f"content:     {human_size(total)} ({total} bytes) in "
@@ -186,6 +200,61 @@ def _cache_du(args: argparse.Namespace) -> int:
         print(f"limit:       {human_size(storage.max_size)} ({100 * total / storage.max_size:.1f}"
               f"% used; evicts above {storage.high_watermark:.0%} down to "
               f"{storage.low_watermark:.0%})")
+    print("by registry (content of several registries counts under each):")
+    for registry, size in by_registry.items():
+        print(f"  {registry:<30} {human_size(size):>10}")
+    return 0
+
+
+def _membership(args: argparse.Namespace) -> tuple[config.Settings, Membership | None]:
+    settings = load_settings(args.config, storage=args.storage)
+    path = settings.storage.path / MEMBERSHIP_FILE
+    if not path.is_file():
+        return settings, None
+    membership = Membership(path)
+    membership.open()
+    return settings, membership
+
+
+def _bytes_by_registry(args: argparse.Namespace) -> dict[str, int]:
+    settings, membership = _membership(args)
+    names = [u.name for u in settings.upstreams]
+    if membership is None:
+        return dict.fromkeys([*names, "other"], 0)
+    try:
+        return membership.bytes_by_registry(settings.storage.path / "index.db", names)
+    finally:
+        membership.close()
+
+
+def _listing(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``cache ls --json`` prints: images by registry, content with its registries."""
+    inventory = _inventory(args)
+    try:
+        pins = inventory.pinned()
+        images = inventory.images()
+        entries = inventory.entries()
+    finally:
+        inventory.close()
+    _settings, membership = _membership(args)
+    try:
+        owners = membership.registries_of() if membership is not None else {}
+    finally:
+        if membership is not None:
+            membership.close()
+    by_registry: dict[str, list[dict[str, Any]]] = {}
+    for ref, digest, size, pinned in images:
+        registry = ref.split("/", 1)[0]
+        by_registry.setdefault(registry, []).append(
+            {"reference": ref, "digest": digest, "bytes": size, "pinned": pinned})
+    content = [{"kind": e.kind, "digest": e.digest, "bytes": e.size, "last_use": e.last_use,
+                "pinned": e.digest in pins, "registries": sorted(owners.get(e.digest, ()))}
+               for e in entries]
+    return {"images": by_registry, "content": content}
+
+
+def _print_json(document: Any) -> int:
+    print(json.dumps(document, indent=2, sort_keys=True))
     return 0
 
 
@@ -245,11 +314,15 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.server.event_loop == "uvloop":
         loop_factory = uvloop.new_event_loop
     runner = asyncio.Runner(loop_factory=loop_factory)
+    admin = settings.admin.listen if settings.admin is not None else None
+    # The admin address is a second socket of the same app: the edge middleware tells
+    # them apart by local port.
+    sock = [socket.create_server(admin, reuse_port=False)] if admin is not None else None
     app = create_app(settings)
     reload_on_sighup(app, tls)
     started = time.monotonic()
     app.on_shutdown.append(_log_stopping)
-    web.run_app(app, host=settings.listen_host, port=settings.listen_port,
+    web.run_app(app, host=settings.listen_host, port=settings.listen_port, sock=sock,
                 ssl_context=tls.context if tls else None, access_log=None, print=None,
                 shutdown_timeout=10, loop=runner.get_loop())
     structlog.get_logger(__name__).info("mirror_stopped", version=VERSION,

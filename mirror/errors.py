@@ -9,6 +9,8 @@ and becomes a 500 with no details in the body.
     MirrorError
     ├── ConfigError                 a config file or value is wrong (names its key)
     ├── OciError                    rendered to clients as {"errors": [...]}
+    │   ├── RouteNotFound           404 NOT_FOUND (not a registry API path)
+    │   ├── PaginationNumberInvalid 400 PAGINATION_NUMBER_INVALID (a bad ?n=)
     │   ├── NameInvalid             400 NAME_INVALID
     │   ├── TagInvalid              400 TAG_INVALID
     │   ├── DigestInvalid           400 DIGEST_INVALID
@@ -19,11 +21,13 @@ and becomes a 500 with no details in the body.
     │   ├── ManifestInvalid         502 MANIFEST_INVALID (upstream sent bad bytes)
     │   ├── Unsupported             405 UNSUPPORTED (push, delete, ...)
     │   ├── Denied                  403 DENIED
+    │   ├── Unauthorized            401 UNAUTHORIZED (with a challenge)
     │   ├── TooManyRequests         429 TOOMANYREQUESTS (with Retry-After)
-    │   └── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken)
+    │   ├── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken)
+    │   │   └── DigestMismatch      502: bytes of the wrong size or hash (never published)
     ├── FillError                   an upstream download failed after bytes went out
+    ├── TransientError              an upstream attempt worth retrying (never leaves the client)
     ├── StorageError                a storage backend refused or failed an operation
-    │   └── ContentMismatch         bytes written do not hash to the digest (never published)
     └── CacheCommandError           a `mirror cache` command cannot do what was asked
 """
 
@@ -77,6 +81,18 @@ class OciError(MirrorError):
         return json.dumps({"errors": [error]}).encode()
 
 
+class RouteNotFound(OciError):
+    """Not a registry API path."""
+
+    code = "NOT_FOUND"
+    status = 404
+
+
+class PaginationNumberInvalid(OciError):
+    code = "PAGINATION_NUMBER_INVALID"
+    status = 400
+
+
 class NameInvalid(OciError):
     code = "NAME_INVALID"
     status = 400
@@ -125,6 +141,16 @@ class Unsupported(OciError):
     status = 405
 
 
+class Unauthorized(OciError):
+    """The client sent no credentials, or wrong ones; ``challenge`` tells it how to log in."""
+
+    code = "UNAUTHORIZED"
+    status = 401
+
+    def __init__(self, message: str, challenge: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": challenge})
+
+
 class Denied(OciError):
     code = "DENIED"
     status = 403
@@ -158,16 +184,40 @@ class UpstreamUnavailable(OciError):
         self.retry_after = retry_after
 
 
+class DigestMismatch(UpstreamUnavailable):
+    """Bytes from a source, or written to a store, are not the digest (wrong size or hash).
+
+    Nothing is published; a client that already got headers is cut off.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=502)
+
+
 class FillError(MirrorError):
     """An upstream download failed; readers must abort their connections."""
+
+
+class TransientError(MirrorError):
+    """A failure worth retrying: connection trouble, a timeout or a 5xx.
+
+    Args:
+        reason: metric reason, ``connect``, ``timeout`` or ``status_5xx``.
+        status: the HTTP status to report if retries run out (502, 503 or 504).
+        detail: a short description without URLs or credentials.
+    """
+
+    def __init__(self, reason: str, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.status = status
+        self.detail = detail
 
 
 class StorageError(MirrorError):
     """A storage backend refused or failed an operation."""
 
 
-class ContentMismatch(StorageError):
-    """Bytes written for a digest do not match it (in size or hash); nothing was published."""
 
 
 class CacheCommandError(MirrorError):

@@ -23,7 +23,7 @@ from enum import Enum
 from yarl import URL
 
 from mirror.config import UpstreamSettings
-from mirror.errors import NameInvalid, NameUnknown, OciError, Unsupported
+from mirror.errors import NameInvalid, NameUnknown, RouteNotFound, Unsupported
 from mirror.oci import Digest, is_digest_reference, validate_name, validate_tag
 
 
@@ -33,11 +33,6 @@ class Kind(Enum):
     BLOB = "blob"
     TAGS = "tags"
     REFERRERS = "referrers"
-
-
-class RouteNotFound(OciError):
-    code = "NOT_FOUND"
-    status = 404
 
 
 # (kind, pattern, a substring the path must contain for the pattern to be tried)
@@ -165,19 +160,12 @@ def _parse_rest(rest: str) -> tuple[Kind, str, str]:
     raise RouteNotFound(f"no such endpoint: /v2/{rest[:200]}")
 
 
-def next_link(target: Target, upstream_link: str | None) -> str | None:
-    """Rewrite an upstream ``Link: <...>; rel="next"`` into the client's layout.
+def tags_link(target: Target, n: int | None, last: str) -> str:
+    """The ``Link: <...>; rel="next"`` of a tag list page, in the client's own layout.
 
-    Only ``n`` and ``last`` are carried over; ``ns`` is kept when the client
-    used it.
+    ``ns`` is kept when the client used it.
     """
-    if not upstream_link:
-        return None
-    match = re.search(r"<([^>]*)>", upstream_link)
-    if match is None or 'rel="next"' not in upstream_link.replace(" ", ""):
-        return None
-    upstream_query = URL(match.group(1)).query
-    query = {k: upstream_query[k] for k in ("n", "last") if k in upstream_query}
+    query = {"last": last, **({"n": str(n)} if n is not None else {})}
     if target.ns:
         query["ns"] = target.ns
     url = URL(target.client_path("tags/list")).with_query(query)

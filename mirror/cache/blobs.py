@@ -17,19 +17,16 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import IO, Any
 
-import aiohttp
 from cachetools import LRUCache
 
-from mirror.cache.manifests import RegistryClient
-from mirror.cache.shared import SharedTier
 from mirror.config import CacheSettings
-from mirror.errors import BlobUnknown, OciError, UpstreamUnavailable
+from mirror.errors import BlobUnknown, OciError
 from mirror.fetch import Fetcher, Fill, SingleFlight
 from mirror.oci import Digest, referenced_digests
+from mirror.sources import ContentRef, SourceChain
 from mirror.storage.filesystem import FilesystemStore
 
 
@@ -46,10 +43,8 @@ class BlobCache:
     """Finds blobs locally and starts or joins fills for the rest."""
 
     def __init__(self, store: FilesystemStore, fetcher: Fetcher, settings: CacheSettings,
-                 shared: SharedTier | None = None,
                  on_hit: Callable[[str, str], None] = lambda _k, _d: None) -> None:
         self._store = store
-        self._shared = shared
         self._on_hit = on_hit
         self._open: Counter[Digest] = Counter()
         self._verifying: SingleFlight[Digest, bool | None] = SingleFlight()
@@ -147,25 +142,17 @@ class BlobCache:
         """The download under way for ``digest``, if any."""
         return self._fetcher.current(digest)
 
-    async def fill(self, client: RegistryClient, repository: str,
-                   digest: Digest) -> tuple[Fill, bool]:
-        """Join the download of ``digest`` or start one from ``client``.
+    async def fill(self, origin: SourceChain, ref: ContentRef) -> tuple[Fill, bool]:
+        """Join the download of ``ref.digest`` or start one through ``origin``'s sources.
 
         Returns:
             The fill, and whether this request joined one under way.
         """
-
-        def opener(offset: int) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-            headers = {"Range": f"bytes={offset}-"} if offset else None
-            # Retries before the first byte are the client's; a resume is ours.
-            return client.request("GET", repository, f"blobs/{digest}", headers=headers)
-
-        if self._shared is not None:
-            # Local miss: S3 next, upstream last (and then shared through S3).
-            return await self._shared.fill(self._fetcher, digest, opener, client.name,
-                                           self._size_hints.get(digest))
-        return await self._fetcher.start(digest, opener, client.name,
-                                         expected_size=self._size_hints.get(digest))
+        fill, joined = await self._fetcher.start(ref.digest, origin.opener(ref), origin.name,
+                                                 expected_size=self._size_hints.get(ref.digest))
+        if not joined:
+            origin.offer_blob(ref, fill)
+        return fill, joined
 
     def learn_sizes(self, document: dict[str, Any]) -> None:
         """Remember the blob sizes a manifest declares.
@@ -180,22 +167,14 @@ class BlobCache:
                 except OciError:
                     continue
 
-    async def upstream_size(self, client: RegistryClient, repository: str,
-                            digest: Digest) -> int:
-        """A blob's size without downloading it (for HEAD): from S3, else upstream.
+    async def source_size(self, origin: SourceChain, ref: ContentRef) -> int:
+        """A blob's size without downloading it (for HEAD), from the first source that has it.
 
         Raises:
-            BlobUnknown: upstream does not have it.
+            BlobUnknown: no source has it.
             UpstreamUnavailable: upstream failed or sent no length.
         """
-        if self._shared is not None:
-            size = await self._shared.blob_size(digest)
-            if size is not None:
-                return size
-        async with client.request("HEAD", repository, f"blobs/{digest}") as resp:
-            if resp.status == 404:
-                raise BlobUnknown(f"blob {digest} is unknown upstream")
-            if resp.status != 200 or resp.content_length is None:
-                raise UpstreamUnavailable(f"upstream answered {resp.status} to a blob HEAD "
-                                          "without a usable length", status=502)
-            return resp.content_length
+        size = await origin.blob_size(ref)
+        if size is None:
+            raise BlobUnknown(f"blob {ref.digest} is unknown upstream")
+        return size

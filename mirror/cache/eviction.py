@@ -51,7 +51,6 @@ class Evictor:
         self._reserved = 0
         self._pinned_bytes = 0
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
         metrics.CACHE_MAX_BYTES.set(settings.max_size or 0)
 
     def wire(self, in_use: Callable[[str], bool], on_evicted: Callable[[Entry], None],
@@ -112,22 +111,14 @@ class Evictor:
         return await self.evict_bytes(size, "disk_full")
 
     # --- lifetime ------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the background task (recency flush, totals, watermark)."""
-        self._publish_metrics()
-        self._task = asyncio.create_task(self._run())
-
     async def stop(self) -> None:
-        """Stop the task and write the last recency updates."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Write the last recency updates (after the node stopped :meth:`run`)."""
         with contextlib.suppress(Exception):
             await self.flush()
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """The background loop (recency flush, totals, watermark); the node owns its task."""
+        self._publish_metrics()
         refreshed = 0.0
         failures = 0
         while True:

@@ -8,6 +8,7 @@ The full reference is ``docs/configuration.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,16 @@ from typing import Any
 
 import yaml
 
+from mirror.config.auth import (
+    AccessRule,
+    AdminSettings,
+    AuthSettings,
+    TokenSettings,
+    _access,
+    _admin,
+    _auth,
+)
+from mirror.config.cluster import _cluster
 from mirror.config.sections import _cache, _log, _server, _tls
 from mirror.config.settings import (
     CONFIG_VERSION,
@@ -22,6 +33,7 @@ from mirror.config.settings import (
     BreakerSettings,
     BudgetSettings,
     CacheSettings,
+    ClusterSettings,
     CredentialSettings,
     DockerConfigCredential,
     EcrCredential,
@@ -53,9 +65,13 @@ from mirror.errors import ConfigError
 __all__ = [
     "CONFIG_VERSION",
     "DOCKER_HUB_ALIASES",
+    "AccessRule",
+    "AdminSettings",
+    "AuthSettings",
     "BreakerSettings",
     "BudgetSettings",
     "CacheSettings",
+    "ClusterSettings",
     "CredentialSettings",
     "DockerConfigCredential",
     "EcrCredential",
@@ -67,6 +83,7 @@ __all__ = [
     "StaticCredential",
     "StorageSettings",
     "TlsSettings",
+    "TokenSettings",
     "UpstreamSettings",
     "default_settings",
     "docker_hub",
@@ -104,12 +121,17 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
     """
     root = _mapping(document, "")
     _only_keys(root, "", {"version", "listen", "tls", "storage", "cache", "upstreams",
-                          "log", "server"})
+                          "log", "server", "cluster", "auth", "access", "admin"})
     version = root.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ConfigError("version", f"unsupported version {version!r} (this mirror reads 1)")
     host, port = parse_listen(root.get("listen", "0.0.0.0:5000"))
     upstreams = _upstreams(root.get("upstreams"), env, base)
+    cluster = _cluster(root.get("cluster"), env, base)
+    if cluster is not None and cluster.self_url is None:
+        cluster = dataclasses.replace(cluster, self_url=_self_url(cluster, host, port))
+    auth = _access(root.get("access"), _auth(root.get("auth"), env, base),
+                   tuple(u.name for u in upstreams))
     return Settings(
         listen_host=host,
         listen_port=port,
@@ -119,4 +141,15 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
         upstreams=upstreams,
         log=_log(root.get("log", {})),
         server=_server(root.get("server", {})),
+        cluster=cluster,
+        auth=auth,
+        admin=_admin(root["admin"], env, base, port) if "admin" in root else None,
     )
+
+
+def _self_url(cluster: ClusterSettings, host: str, port: int) -> str:
+    """How peers reach this node, when the config does not say: its listen address."""
+    if host in ("0.0.0.0", "::", "") and (cluster.peers or cluster.peers_dns):
+        raise ConfigError("cluster.self_url", "required when listening on every address: "
+                          "the URL peers reach this node at (e.g. from the pod's IP)")
+    return f"http://{host}:{port}"

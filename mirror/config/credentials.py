@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from mirror.config import presets
+from mirror.config.presets import Preset
 from mirror.config.settings import (
     CredentialSettings,
     DockerConfigCredential,
@@ -25,9 +27,6 @@ from mirror.config.values import (
     parse_duration,
 )
 from mirror.errors import ConfigError
-
-if TYPE_CHECKING:
-    from mirror.upstream.presets import Preset
 
 _CREDENTIAL_KINDS = ("username", "docker_config", "ecr", "json_key_file")
 
@@ -95,7 +94,6 @@ _ECR_KEYS = {"region", "registry_id", "endpoint_url", "profile", "refresh_margin
 
 
 def _ecr(value: Any, key: str, label: str, host: str) -> EcrCredential:
-    from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
     ecr = _mapping(value, key)
     _only_keys(ecr, key, _ECR_KEYS)
     public = host == presets.ECR_PUBLIC_HOST
@@ -117,7 +115,6 @@ def _ecr(value: Any, key: str, label: str, host: str) -> EcrCredential:
 
 def _with_default_ecr(credentials: tuple[CredentialSettings, ...], preset: Preset,
                       host: str) -> tuple[CredentialSettings, ...]:
-    from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
     """An ECR registry with no credentials configured gets them from the AWS chain."""
     if credentials or preset.key != "ecr":
         return credentials

@@ -59,11 +59,14 @@ def _log(value: Any) -> LogSettings:
 
 def _server(value: Any) -> ServerSettings:
     server = _mapping(value, "server")
-    _only_keys(server, "server", {"event_loop", "chunk_size"})
+    _only_keys(server, "server", {"event_loop", "chunk_size", "shutdown_grace"})
     loop = _string(server.get("event_loop", "uvloop"), "server.event_loop").lower()
     if loop not in ("asyncio", "uvloop"):
         raise ConfigError("server.event_loop", f"expected asyncio or uvloop, got {loop!r}")
     chunk = _opt(server, "chunk_size", "server", parse_size, ServerSettings.chunk_size)
     if not 4096 <= chunk <= 16 * 2**20:
         raise ConfigError("server.chunk_size", "must be between 4KiB and 16MiB")
-    return ServerSettings(event_loop=loop, chunk_size=chunk)
+    grace = _opt(server, "shutdown_grace", "server", parse_duration, ServerSettings.shutdown_grace)
+    if not 0 <= grace <= 3600:
+        raise ConfigError("server.shutdown_grace", "must be between 0s and 1h")
+    return ServerSettings(event_loop=loop, chunk_size=chunk, shutdown_grace=grace)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from yarl import URL
+
+if TYPE_CHECKING:  # auth.py imports Secret from here
+    from mirror.config.auth import AdminSettings, AuthSettings
 
 CONFIG_VERSION = 1
 DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
@@ -157,6 +161,7 @@ class StorageSettings:
     max_size: int | None = None  # bytes; None: unbounded
     high_watermark: float = 0.95  # evict when the cache holds more than this share of max_size
     low_watermark: float = 0.85  # ... down to this share
+    relay_window: int = 64 * 2**20  # bytes a fill relays from memory when the disk is full
 
     @property
     def high_bytes(self) -> int | None:
@@ -188,6 +193,37 @@ class LogSettings:
 class ServerSettings:
     event_loop: str = "uvloop"
     chunk_size: int = 1 * 2**20
+    shutdown_grace: float = 10.0  # seconds downloads under way get to finish at shutdown
+
+
+@dataclass(frozen=True)
+class PeersDns:
+    """Peers from DNS: every address the name resolves to is a peer (a headless Service)."""
+
+    name: str
+    port: int
+    scheme: str = "http"
+    nameserver: str | None = None  # host:port; default: the system's resolver config
+    interval: float = 5.0  # seconds between look-ups
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """A node of a regional fleet: its peers, its parent regions, the peer credential."""
+
+    node_id: str
+    region: str
+    secret: Secret
+    self_url: str | None = None  # how peers reach this node (to skip itself in the list)
+    peers: tuple[str, ...] = ()  # static peer base URLs (this node may be among them)
+    peers_dns: PeersDns | None = None
+    parents: tuple[str, ...] = ()  # mirror URLs of other regions, nearest first
+    header_timeout: float = 0.3  # a peer that has not sent headers by then is skipped
+    read_timeout: float = 30.0
+    health_interval: float = 2.0
+    health_failures: int = 2  # failed checks in a row that take a peer out of the hash
+    quarantine: float = 300.0  # a peer that served wrong bytes is not asked for this long
+    token_ttl: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +238,9 @@ class Settings:
     upstreams: tuple[UpstreamSettings, ...] = ()
     log: LogSettings = field(default_factory=LogSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    cluster: ClusterSettings | None = None
+    auth: AuthSettings | None = None  # None: anyone who reaches the port may pull
+    admin: AdminSettings | None = None  # None: /metrics and / on the main address, open
 
     @property
     def default_upstream(self) -> UpstreamSettings | None:

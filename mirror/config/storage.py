@@ -25,7 +25,8 @@ from mirror.errors import ConfigError
 
 def _storage(value: Any, env: Mapping[str, str], base: Path) -> StorageSettings:
     storage = _mapping(value, "storage")
-    _only_keys(storage, "storage", {"path", "s3", "max_size", "high_watermark", "low_watermark"})
+    _only_keys(storage, "storage", {"path", "s3", "max_size", "high_watermark", "low_watermark",
+                                      "relay_window"})
     path = Path(_string(storage.get("path", "./mirror-data"), "storage.path"))
     s3 = _s3(storage["s3"], env, base) if storage.get("s3") is not None else None
     max_size = _opt(storage, "max_size", "storage", parse_size, None)
@@ -37,8 +38,12 @@ def _storage(value: Any, env: Mapping[str, str], base: Path) -> StorageSettings:
     if low >= high:
         raise ConfigError("storage.low_watermark",
                           f"must be below storage.high_watermark ({low} >= {high})")
+    relay_window = _opt(storage, "relay_window", "storage", parse_size, d.relay_window)
+    if relay_window < 64 * 2**10:
+        raise ConfigError("storage.relay_window", "must be at least 64KiB")
     return StorageSettings(path=path if path.is_absolute() else base / path, s3=s3,
-                           max_size=max_size, high_watermark=high, low_watermark=low)
+                           max_size=max_size, high_watermark=high, low_watermark=low,
+                           relay_window=relay_window)
 
 
 def _fraction(value: Any, key: str) -> float:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from yarl import URL
 
+from mirror.config import presets
 from mirror.config.credentials import _upstream_credentials, _with_default_ecr
+from mirror.config.presets import Preset
 from mirror.config.settings import (
     BreakerSettings,
     BudgetSettings,
@@ -31,9 +33,6 @@ from mirror.config.values import (
     parse_rate,
 )
 from mirror.errors import ConfigError
-
-if TYPE_CHECKING:
-    from mirror.upstream.presets import Preset
 
 
 def _upstreams(value: Any, env: Mapping[str, str], base: Path) -> tuple[UpstreamSettings, ...]:
@@ -143,7 +142,6 @@ def _breaker(value: Any, key: str) -> BreakerSettings:
 def _credential_host(name: str, url: URL) -> str:
     """The host credentials are kept under (config.json key, ECR host): the name when it
     is one (``url`` may point elsewhere, e.g. at a proxy), else the ``url``'s host."""
-    from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
 
     if presets.looks_like_host(name):
         return name
@@ -152,7 +150,6 @@ def _credential_host(name: str, url: URL) -> str:
 
 
 def _preset(item: dict[str, Any], key: str, name: str, url: URL | None) -> Preset:
-    from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
     explicit = _opt(item, "preset", key, _string, None)
     try:
         return presets.find(name, url.host if url else None, explicit and explicit.lower())
@@ -163,7 +160,6 @@ def _preset(item: dict[str, Any], key: str, name: str, url: URL | None) -> Prese
 
 
 def _preset_url(preset: Preset, name: str, key: str) -> URL:
-    from mirror.upstream import presets  # noqa: PLC0415  (mirror.upstream imports config)
     if preset.url is not None:
         return URL(preset.url)
     if presets.looks_like_host(name):

@@ -23,12 +23,13 @@ temp file, the rest from a bounded window in memory that advances with the
 slowest reader. The blob is verified as always and never published.
 """
 
+from mirror.errors import DigestMismatch
 from mirror.fetch.body import UpstreamOpener
 from mirror.fetch.fetcher import RESUME_ATTEMPTS, UNKEPT_GRACE, Fetcher
 from mirror.fetch.fill import FileSpan, Fill
 from mirror.fetch.flight import SingleFlight
 from mirror.fetch.space import Space, Unbounded
-from mirror.fetch.writer import DISK_FULL_ERRNOS, DigestMismatch
+from mirror.storage.writer import DISK_FULL_ERRNOS
 
 __all__ = [
     "DISK_FULL_ERRNOS",

@@ -17,14 +17,16 @@ import aiohttp
 import structlog
 
 from mirror import metrics
-from mirror.errors import UpstreamUnavailable
+from mirror.errors import DigestMismatch, UpstreamUnavailable
 from mirror.fetch.body import UpstreamOpener, check_response, read_chunk
 from mirror.fetch.fill import Fill
+from mirror.fetch.relay import RELAY_MAX_BYTES
 from mirror.fetch.space import Space, Unbounded
-from mirror.fetch.writer import DISK_FULL_ERRNOS, DigestMismatch, TempWriter
 from mirror.oci import Digest
 from mirror.storage.base import BodyResponse
 from mirror.storage.filesystem import FilesystemStore
+from mirror.storage.writer import DISK_FULL_ERRNOS, TempWriter
+from mirror.tasks import TaskGroup
 
 log = structlog.get_logger(__name__)
 
@@ -37,17 +39,22 @@ class Fetcher:
     """Owns every fill of this node: one per digest."""
 
     def __init__(self, store: FilesystemStore, chunk_size: int = 1 << 20,
-                 space: Space | None = None) -> None:
+                 space: Space | None = None, relay_max_bytes: int = RELAY_MAX_BYTES) -> None:
         self.store = store
         self.chunk_size = chunk_size
         self.space: Space = space or Unbounded()
+        self.relay_max_bytes = relay_max_bytes
         self._fills: dict[Digest, Fill] = {}
-        self._tasks: set[asyncio.Task[None]] = set()  # every fill's task, joinable or not
+        self._tasks = TaskGroup("fills")  # every fill's task, joinable or not
         self._reading: Counter[Digest] = Counter()
 
     def current(self, digest: Digest) -> Fill | None:
         """The fill under way for ``digest``, if any."""
         return self._fills.get(digest)
+
+    def fills(self) -> list[Fill]:
+        """Every download under way (for the status page)."""
+        return list(self._fills.values())
 
     def busy(self, digest: Digest) -> bool:
         """Whether ``digest`` is being downloaded or read from a fill."""
@@ -84,35 +91,28 @@ class Fetcher:
             if exc.errno not in DISK_FULL_ERRNOS:
                 raise
             # Not even an empty file fits: the fill relays from memory from byte 0.
-        fill = Fill(digest, temp, expected_size, self._count_reader)
-        fill.source = registry
+        fill = Fill(digest, temp, expected_size, self._count_reader, self.relay_max_bytes)
+        fill.registry = registry
         fill.destination = self.store.blob_path(digest)
         self._fills[digest] = fill
-        fill.task = asyncio.ensure_future(self._run(fill, opener, registry))
-        self._tasks.add(fill.task)
-        fill.task.add_done_callback(self._tasks.discard)
+        fill.task = self._tasks.spawn(self._run(fill, opener, registry), "fill")
         return fill, False
 
-    async def close(self) -> None:
-        """Cancel every fill (at shutdown) and wait for their cleanup."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def close(self, grace: float = 0.0) -> None:
+        """At shutdown: give fills ``grace`` seconds, cancel the rest, await their cleanup."""
+        await self._tasks.close(grace)
 
     async def _run(self, fill: Fill, opener: UpstreamOpener, registry: str) -> None:
         metrics.FILLS_IN_FLIGHT.inc()
         writer = TempWriter(fill.temp, fill.digest)
         unkept = None
         try:
-            await self._download(fill, opener, registry, writer)
-            durable = await asyncio.to_thread(writer.verify_and_close, fill.size,
-                                              fill.expected_size, fill.relay_from is None)
+            durable = await self._download_verified(fill, opener, registry, writer)
             self._release(fill)
             unkept = await self._publish(fill, durable)
             metrics.FILLS.labels("ok").inc()
             log.info("fill_done", digest=str(fill.digest), bytes=fill.written, registry=registry,
-                     kept=unkept is None)
+                     source=fill.source, kept=unkept is None)
         except BaseException as exc:
             reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
             metrics.FILLS.labels(reason).inc()
@@ -134,6 +134,28 @@ class Fetcher:
                 await self._discard_after_readers(fill)
             finally:  # also at shutdown: open readers keep their bytes through their fd
                 await asyncio.shield(asyncio.to_thread(writer.discard))
+
+    async def _download_verified(self, fill: Fill, opener: UpstreamOpener, registry: str,
+                                 writer: TempWriter) -> bool:
+        """Download and verify; start over from the next source after wrong bytes, while
+        no reader has seen any (a reader that has must be cut instead).
+
+        Returns:
+            Whether the verified bytes are durable on disk.
+        """
+        while True:
+            await self._download(fill, opener, registry, writer)
+            try:
+                return await asyncio.to_thread(writer.verify_and_close, fill.size,
+                                               fill.expected_size, fill.relay_from is None)
+            except DigestMismatch:
+                wrong_bytes = getattr(opener, "wrong_bytes", None)
+                again = wrong_bytes() if wrong_bytes is not None else False
+                if not again or fill.ever_read or fill.relay_from is not None:
+                    raise
+                log.warning("fill_restart", digest=str(fill.digest), rejected=fill.source)
+                await asyncio.to_thread(writer.restart)
+                fill.restart()
 
     def _release(self, fill: Fill) -> None:
         if fill.reserved:
@@ -181,6 +203,7 @@ class Fetcher:
         while True:
             try:
                 async with opener(fill.written) as response:
+                    fill.source = getattr(opener, "source", "") or registry
                     check_response(response, fill)
                     if not fill.reserved and fill.size and self.space.fits(fill.size):
                         fill.reserved = fill.size
@@ -200,14 +223,12 @@ class Fetcher:
 
     async def _copy_body(self, fill: Fill, response: BodyResponse, registry: str,
                          writer: TempWriter) -> None:
-        upstream_bytes = metrics.UPSTREAM_BYTES.labels(registry)
         while True:
             chunk = await read_chunk(response.content, self.chunk_size)
             if not chunk:
                 break
             if fill.size is not None and fill.written + len(chunk) > fill.size:
                 raise UpstreamUnavailable("upstream sent more bytes than announced", status=502)
-            upstream_bytes.inc(len(chunk))
             await self._store_chunk(fill, writer, chunk)
         if fill.size is not None and fill.written < fill.size:
             raise aiohttp.ClientPayloadError(f"body ended at {fill.written} of {fill.size} bytes")

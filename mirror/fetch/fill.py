@@ -2,7 +2,7 @@
 
 Readers follow the bytes on disk; when the disk is full (see
 :meth:`Fill.start_relay`) they read the rest from a bounded window in memory
-(:class:`mirror.relay.RelayWindow`) that the download waits on.
+(:class:`mirror.fetch.relay.RelayWindow`) that the download waits on.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirror import metrics, relay
+from mirror import metrics
 from mirror.errors import FillError, OciError
+from mirror.fetch.relay import RELAY_MAX_BYTES, RelayWindow
 from mirror.oci import Digest
-from mirror.relay import RelayWindow
 
 #: The most bytes one :class:`FileSpan` covers (a reader far behind catches up in steps).
 SPAN_MAX = 16 * 2**20
@@ -35,7 +35,8 @@ class Fill:
     """One download of one blob into a temp file, readable while it grows."""
 
     def __init__(self, digest: Digest, temp: Path | None, expected_size: int | None,
-                 on_reader: Callable[[Digest, int], None] | None = None) -> None:
+                 on_reader: Callable[[Digest, int], None] | None = None,
+                 relay_max_bytes: int = RELAY_MAX_BYTES) -> None:
         self.digest = digest
         self.temp = temp
         self.expected_size = expected_size
@@ -50,12 +51,15 @@ class Fill:
         self.destination: Path | None = None
         self.reserved = 0
         self.window: RelayWindow | None = None  # set when the disk is full
+        self._relay_max_bytes = relay_max_bytes
         self._positions: dict[object, int] = {}
         self._on_reader = on_reader
         self._changed = asyncio.Event()
         self._moved = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
-        self.source = ""  # where the bytes come from: a registry name, or "s3"
+        self.registry = ""  # the registry it was asked of (a configured name)
+        self.source = ""  # the kind of source the bytes come from: upstream, s3, ...
+        self.ever_read = False  # a reader has taken bytes (the fill can no longer start over)
 
     def _notify(self) -> None:
         event, self._changed = self._changed, asyncio.Event()
@@ -72,7 +76,7 @@ class Fill:
 
     def start_relay(self) -> None:
         """The disk is full: from now on bytes go to readers from memory."""
-        self.window = RelayWindow(self.written, relay.RELAY_MAX_BYTES)
+        self.window = RelayWindow(self.written, self._relay_max_bytes)
 
     def relay(self, chunk: bytes) -> None:
         """``chunk`` arrived while relaying: hand it to readers through the window."""
@@ -111,6 +115,13 @@ class Fill:
     def advance(self, count: int) -> None:
         """``count`` more bytes are on disk."""
         self.written += count
+        self._notify()
+
+    def restart(self) -> None:
+        """Start over from byte 0 (wrong bytes from a source, before any reader took some)."""
+        assert not self.ever_read
+        self.written = 0
+        self.size = None
         self._notify()
 
     def finish(self, final: Path | None) -> None:
@@ -192,6 +203,7 @@ class Fill:
         The piece that reaches ``end`` is yielded only once the blob is verified:
         a client must never finish cleanly on bytes that prove wrong.
         """
+        self.ever_read = True
         fd = await asyncio.to_thread(self._open)
         self.readers += 1
         token = object()

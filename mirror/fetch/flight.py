@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
+from mirror.tasks import TaskGroup
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -17,8 +19,9 @@ class SingleFlight(Generic[K, V]):
     but never cancels the work others wait on.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "flight") -> None:
         self._tasks: dict[K, asyncio.Task[V]] = {}
+        self._group = TaskGroup(name)
 
     def in_flight(self, key: K) -> bool:
         """Whether work for ``key`` is under way."""
@@ -33,14 +36,15 @@ class SingleFlight(Generic[K, V]):
         task = self._tasks.get(key)
         joined = task is not None
         if task is None:
-            task = asyncio.ensure_future(work())
+            task = self._group.spawn(_call(work))
             self._tasks[key] = task
             task.add_done_callback(lambda _t: self._tasks.pop(key, None))
         return await asyncio.shield(task), joined
 
     async def close(self) -> None:
         """Cancel and await everything under way (at shutdown)."""
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._group.close()
+
+
+async def _call(work: Callable[[], Awaitable[V]]) -> V:
+    return await work()

@@ -1,16 +1,15 @@
-"""Handlers of the OCI pull API: ping, manifests, blobs, tags, referrers.
+"""Handlers of the OCI pull API: adapters that parse, call the pull service, and render.
 
-Each handler gets a parsed :class:`~mirror.routing.Target` and answers from
-the cache layer. Handlers record what they did in the request's log context
-(``request[LOG]``), which the middleware writes as one line per request.
+Each handler gets a parsed :class:`~mirror.routing.Target`, asks
+:class:`~mirror.pull.PullService` (which decides where content comes from),
+and renders the answer. Handlers record what they did in the request's log
+context (``request[LOG]``), which the middleware writes as one line per request.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from mirror import metrics
@@ -18,12 +17,14 @@ from mirror.cache.blobs import CachedBlob
 from mirror.errors import (
     NameUnknown,
     OciError,
+    PaginationNumberInvalid,
     TagInvalid,
     Unsupported,
-    UpstreamUnavailable,
 )
-from mirror.oci import MANIFEST_MAX_BYTES, accepted_types
-from mirror.routing import Kind, Target, next_link
+from mirror.oci import accepted_types
+from mirror.pull import BlobFlight, BlobRedirect, BlobSize, PullService, Repo
+from mirror.routing import Kind, Target, tags_link
+from mirror.server.auth import authorize
 from mirror.server.responses import (
     FileSliceResponse,
     blob_headers,
@@ -32,18 +33,21 @@ from mirror.server.responses import (
     parse_range,
     stream_fill,
 )
-from mirror.server.state import LOG, STATE, MirrorState, log_context
+from mirror.server.state import LOG, NODE, log_context
 
 JSON_TYPE = "application/json"
+#: The largest ``n`` a tag list request may ask for.
+TAGS_N_MAX = 100_000
 
 
 async def registry(request: web.Request) -> web.StreamResponse:
     """Dispatch every ``/v2`` request (and ``/<prefix>/v2``) to its handler."""
-    state = request.app[STATE]
+    node = request.app[NODE]
     query = {"ns": request.query["ns"]} if "ns" in request.query else None
-    target = state.router.route(request.path, query)
+    target = node.router.route(request.path, query)
     if request.method not in ("GET", "HEAD"):
         raise Unsupported("this mirror is read-only: only GET and HEAD are supported")
+    authorize(request, target)
     context = log_context(request)
     fields = {"route": target.kind.value,
               "registry": target.upstream.name if target.upstream else None,
@@ -51,76 +55,80 @@ async def registry(request: web.Request) -> web.StreamResponse:
     context.update({k: v for k, v in fields.items() if v})
     if target.kind is Kind.PING:
         return _json(b"{}")
+    pull = node.pull
+    repo = repo_of(target)
     if target.kind is Kind.MANIFEST:
-        return await manifest(request, state, target)
+        return await manifest(request, pull, repo, target)
     if target.kind is Kind.BLOB:
-        return await blob(request, state, target)
+        return await blob(request, pull, repo, target)
     if target.kind is Kind.TAGS:
-        return await tags_list(request, state, target)
-    return await referrers(request, state, target)
+        return await tags_list(request, pull, repo, target)
+    return await referrers(request, pull, repo, target)
 
 
-async def manifest(request: web.Request, state: MirrorState, target: Target) -> web.Response:
+def repo_of(target: Target) -> Repo:
+    """The repository of a configured registry that a target names."""
+    if target.upstream is None:
+        raise NameUnknown("the request names no configured registry")
+    return Repo(target.upstream.name, target.repository)
+
+
+async def manifest(request: web.Request, pull: PullService, repo: Repo,
+                   target: Target) -> web.Response:
     """GET or HEAD a manifest by tag or digest; HEAD has exactly GET's headers."""
-    client = state.client(target)
     accepted = accepted_types(request.headers.getall("Accept", []))
-    if target.digest is not None:
-        resolved = await state.manifests.by_digest(client, target.repository, target.digest,
-                                                   accepted)
-    else:
-        resolved = await state.manifests.by_tag(client, target.repository, target.reference,
-                                                accepted)
+    resolved = await pull.manifest(repo, target.digest or target.reference, accepted)
     found = resolved.manifest
     _record_cache(request, "manifest", resolved.cache, found.digest)
+    if target.digest is None:
+        request.app[NODE].popularity.record(f"{repo}:{target.reference}")
     headers = manifest_headers(found.digest, found.media_type, target.ns)
     if etag_matches(request, found.digest):
         return web.Response(status=304, headers=headers)
     if request.method == "GET":
-        metrics.child(metrics.SERVED_BYTES, "memory").inc(len(found.data))
+        _served(request, "memory", len(found.data))
     return web.Response(body=found.data, headers=headers)
 
 
-async def blob(request: web.Request, state: MirrorState, target: Target) -> web.StreamResponse:
-    """GET or HEAD a blob: from cache, from a fill under way, or by starting one."""
+async def blob(request: web.Request, pull: PullService, repo: Repo,
+               target: Target, *, redirect: bool = True) -> web.StreamResponse:
+    """GET or HEAD a blob, as the pull service answers: a file, a fill, a redirect, a size."""
     assert target.digest is not None
-    cached = await state.blobs.cached(target.digest)
-    if cached is not None:
-        response = await _cached_blob(request, state, cached)
+    head = request.method == "HEAD"
+    answer = await pull.blob(repo, target.digest, head=head, redirect=redirect)
+    if isinstance(answer, CachedBlob):
+        response = await _cached_blob(request, pull, answer)
         if response is not None:
             _record_cache(request, "blob", "hit", target.digest)
             return response
-    client = state.client(target)
-    fill = state.blobs.in_flight(target.digest)
-    if fill is None and request.method == "HEAD":
-        size = await state.blobs.upstream_size(client, target.repository, target.digest)
+        answer = await pull.blob(repo, target.digest, head=head, redirect=redirect)  # evicted
+    if isinstance(answer, BlobRedirect):
+        _record_cache(request, "blob", "redirect", target.digest)
+        metrics.S3_REDIRECTS.inc()
+        return web.Response(status=307, headers={"Location": answer.url,
+                                                 "Docker-Content-Digest": str(target.digest)})
+    if isinstance(answer, BlobSize):
         _record_cache(request, "blob", "miss", target.digest)
-        span = parse_range(request.headers.get("Range"), size)
+        span = parse_range(request.headers.get("Range"), answer.size)
         response = web.StreamResponse(status=206 if span else 200,
-                                      headers=blob_headers(target.digest, size, span))
-        response.content_length = (span[1] - span[0]) if span else size
+                                      headers=blob_headers(target.digest, answer.size, span))
+        response.content_length = (span[1] - span[0]) if span else answer.size
         return response
-    if fill is None and request.method == "GET" and state.shared is not None \
-            and state.shared.redirect:
-        url = await state.shared.presigned_url(target.digest)
-        if url is not None:
-            _record_cache(request, "blob", "redirect", target.digest)
-            metrics.S3_REDIRECTS.inc()
-            return web.Response(status=307, headers={"Location": url,
-                                                     "Docker-Content-Digest": str(target.digest)})
-    joined = fill is not None
-    if fill is None:
-        fill, joined = await state.blobs.fill(client, target.repository, target.digest)
-    _record_cache(request, "blob", "joined" if joined else "miss", target.digest)
-    log_context(request)["source"] = fill.source
+    if not isinstance(answer, BlobFlight):
+        raise OciError(f"blob {target.digest} vanished while it was being answered")
+    fill = answer.fill
+    _record_cache(request, "blob", "joined" if answer.joined else "miss", target.digest)
     size = await fill.wait_size()
+    log_context(request)["source"] = fill.source
     span = parse_range(request.headers.get("Range"), size)
     headers = blob_headers(target.digest, size, span)
-    response = await stream_fill(request, fill, span, headers, state.settings.server.chunk_size)
-    metrics.child(metrics.SERVED_BYTES, "fill").inc(response.content_length or 0)
+    chunk_size = request.app[NODE].settings.server.chunk_size
+    response = await stream_fill(request, fill, span, headers, chunk_size)
+    _served(request, "fill", response.content_length or 0)
     return response
 
 
-async def _cached_blob(request: web.Request, state: MirrorState,
+async def _cached_blob(request: web.Request, pull: PullService,
                        cached: CachedBlob) -> web.StreamResponse | None:
     span = parse_range(request.headers.get("Range"), cached.size)
     headers = blob_headers(cached.digest, cached.size, span)
@@ -129,94 +137,58 @@ async def _cached_blob(request: web.Request, state: MirrorState,
     if etag_matches(request, cached.digest) and span is None:
         return web.Response(status=304, headers=headers)
     if cached.data is not None:
-        metrics.child(metrics.SERVED_BYTES, "memory").inc(end - start)
+        _served(request, "memory", end - start)
         return web.Response(status=status, body=cached.data[start:end], headers=headers)
-    file = await state.blobs.open(cached)
+    file = await pull.open_cached(cached)
     if file is None:
         return None
-    metrics.child(metrics.SERVED_BYTES, "disk").inc(end - start)
+    _served(request, "disk", end - start)
     digest = cached.digest
     return FileSliceResponse(file, start, end - start, status=status, headers=headers,
-                             chunk_size=state.settings.server.chunk_size,
-                             on_close=lambda: state.blobs.closed(digest))
+                             chunk_size=request.app[NODE].settings.server.chunk_size,
+                             on_close=lambda: pull.closed(digest))
 
 
-async def tags_list(request: web.Request, state: MirrorState, target: Target) -> web.Response:
-    """The upstream tag list, paginated with ``n`` and ``last``, ``Link`` rewritten."""
-    params = _pagination(request)
-    client = state.client(target)
-    async with client.request("GET", target.repository, "tags/list", params=params) as resp:
-        if resp.status == 404:
-            raise NameUnknown(f"repository {target.repository!r} is unknown upstream")
-        body = await _small_body(resp, "tag list")
-        link = next_link(target, resp.headers.get("Link"))
-    _check_json(body, "tag list")
-    headers = {"Link": link} if link else {}
+async def tags_list(request: web.Request, pull: PullService, repo: Repo,
+                    target: Target) -> web.Response:
+    """A page of the tag list (``n``, ``last``), with ``Link`` to the next page."""
+    n, last = _pagination(request)
+    page = await pull.tags(repo, n, last)
+    body = _dumps({"name": page.name, "tags": page.tags})
+    headers = {}
+    if page.next_last is not None:
+        headers["Link"] = tags_link(target, page.n, page.next_last)
     return _json(body, headers)
 
 
-async def referrers(request: web.Request, state: MirrorState, target: Target) -> web.Response:
-    """The upstream referrers index; an upstream 404 is passed through unchanged."""
-    params = {"artifactType": request.query["artifactType"]} \
-        if "artifactType" in request.query else None
-    client = state.client(target)
-    async with client.request("GET", target.repository, f"referrers/{target.reference}",
-                              params=params) as resp:
-        status = resp.status
-        if status not in (200, 404):
-            raise UpstreamUnavailable(f"upstream answered {status} for referrers", status=502)
-        body = await _small_body(resp, "referrers index", allow_status=(200, 404))
-        content_type = resp.headers.get("Content-Type", JSON_TYPE)
-        filters = resp.headers.get("OCI-Filters-Applied")
-    headers = {"Content-Type": content_type}
-    if filters:
-        headers["OCI-Filters-Applied"] = filters
-    return web.Response(status=status, body=body, headers=headers)
+async def referrers(request: web.Request, pull: PullService, repo: Repo,
+                    target: Target) -> web.Response:
+    """The image index of the manifests that refer to a digest (empty when none)."""
+    assert target.digest is not None
+    artifact_type = request.query.get("artifactType") or None
+    found = await pull.referrers(repo, target.digest, artifact_type)
+    headers = {"Content-Type": "application/vnd.oci.image.index.v1+json"}
+    if found.filtered:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    return web.Response(body=found.body, headers=headers)
 
 
-def _pagination(request: web.Request) -> dict[str, str]:
-    params: dict[str, str] = {}
+def _pagination(request: web.Request) -> tuple[int | None, str | None]:
+    n: int | None = None
     if "n" in request.query:
-        n = request.query["n"]
-        if not n.isdigit() or int(n) > 100_000:
-            raise PaginationNumberInvalid(f"n must be a whole number up to 100000, got {n[:20]!r}")
-        params["n"] = n
-    if "last" in request.query:
-        last = request.query["last"]
-        if len(last) > 128:
-            raise TagInvalid("last is longer than a tag can be")
-        params["last"] = last
-    return params
+        text = request.query["n"]
+        if not (text.isascii() and text.isdigit()) or int(text) > TAGS_N_MAX:
+            raise PaginationNumberInvalid(
+                f"n must be a whole number up to {TAGS_N_MAX}, got {text[:20]!r}")
+        n = int(text)
+    last = request.query.get("last")
+    if last is not None and len(last) > 128:
+        raise TagInvalid("last is longer than a tag can be")
+    return n, last
 
 
-class PaginationNumberInvalid(OciError):
-    code = "PAGINATION_NUMBER_INVALID"
-    status = 400
-
-
-async def _small_body(resp: aiohttp.ClientResponse, what: str,
-                      allow_status: tuple[int, ...] = (200,)) -> bytes:
-    if resp.status not in allow_status:
-        raise UpstreamUnavailable(f"upstream answered {resp.status} for the {what}", status=502)
-    if resp.content_length is not None and resp.content_length > MANIFEST_MAX_BYTES:
-        raise UpstreamUnavailable(f"upstream {what} is too large", status=502)
-    try:
-        data = await resp.content.read(MANIFEST_MAX_BYTES + 1)
-        while len(data) <= MANIFEST_MAX_BYTES and (more := await resp.content.read(65536)):
-            data += more
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-        raise UpstreamUnavailable(f"upstream {what} broke off", status=502) from exc
-    if len(data) > MANIFEST_MAX_BYTES:
-        raise UpstreamUnavailable(f"upstream {what} is too large", status=502)
-    return data
-
-
-def _check_json(body: bytes, what: str) -> Any:
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise UpstreamUnavailable(f"upstream sent a {what} that is not JSON",
-                                  status=502) from None
+def _dumps(document: object) -> bytes:
+    return json.dumps(document).encode()
 
 
 def _json(body: bytes, headers: dict[str, str] | None = None) -> web.Response:
@@ -228,4 +200,13 @@ def _record_cache(request: web.Request, kind: str, result: str, digest: object) 
     context = request.get(LOG)
     if context is not None:
         context.update(cache=result, digest=str(digest))
+        if context.get("registry"):
+            metrics.child(metrics.REGISTRY_CACHE_RESULTS, context["registry"], kind, result).inc()
 
+
+def _served(request: web.Request, source: str, count: int) -> None:
+    """Count body bytes sent, in total and for the request's registry."""
+    metrics.child(metrics.SERVED_BYTES, source).inc(count)
+    registry = log_context(request).get("registry")
+    if registry:
+        metrics.child(metrics.REGISTRY_SERVED_BYTES, registry, source).inc(count)

@@ -49,7 +49,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     status = 500
     try:
-        response = await _answer(request, handler, request_id)
+        # Every log line under this request (retries, fills, S3) carries its id.
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            response = await _answer(request, handler, request_id)
         status = response.status
         response.headers["X-Request-Id"] = request_id
         return response
@@ -63,9 +65,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = context.get("route", "other")
         metrics.child(metrics.REQUESTS, route, request.method, str(status)).inc()
         metrics.child(metrics.REQUEST_SECONDS, route).observe(elapsed)
-        if route not in ("metrics", "health"):
+        if route not in ("metrics", "health", "peer_health"):
             log.info("request", request_id=request_id, method=request.method,
-                     path=request.path[:300], status=status,
+                     path=request.path[:300], status=status, client=request.remote,
+                     user_agent=request.headers.get("User-Agent", "")[:200],
                      duration_ms=round(elapsed * 1000, 2), **context)
 
 

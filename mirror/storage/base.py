@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Protocol
 
-from mirror.errors import ContentMismatch
+from mirror.errors import DigestMismatch
 from mirror.oci import Digest
 
 
@@ -61,6 +62,31 @@ class BodyResponse(Protocol):
     def content(self) -> BodyReader: ...
 
 
+@dataclass
+class Body:
+    """A plain response-like body (see :class:`BodyResponse`)."""
+
+    status: int
+    content_length: int | None
+    headers: Mapping[str, str]
+    content: BodyReader
+
+
+class EmptyReader:
+    """The reader of a body with no bytes."""
+
+    async def read(self, n: int = -1) -> bytes:
+        return b""
+
+    def read_nowait(self, n: int = -1) -> bytes:
+        return b""
+
+
+def absent() -> Body:
+    """The answer of a source that does not have the blob (404, no body)."""
+    return Body(404, None, {}, EmptyReader())
+
+
 class BlobWriter(Protocol):
     """One write of one blob: invisible until committed, verified on commit."""
 
@@ -72,7 +98,7 @@ class BlobWriter(Protocol):
         """Verify size and digest, then publish the blob whole.
 
         Raises:
-            ContentMismatch: the bytes are not the blob; nothing was published
+            DigestMismatch: the bytes are not the blob; nothing was published
                 and the write is aborted.
         """
         ...
@@ -136,9 +162,9 @@ def check_content(digest: Digest, actual_hex: str, size: int, expected_size: int
     """Raise unless what was written is the blob.
 
     Raises:
-        ContentMismatch: wrong size or wrong hash.
+        DigestMismatch: wrong size or wrong hash.
     """
     if expected_size is not None and size != expected_size:
-        raise ContentMismatch(f"{size} bytes written for {digest}, expected {expected_size}")
+        raise DigestMismatch(f"{size} bytes written for {digest}, expected {expected_size}")
     if actual_hex != digest.hex:
-        raise ContentMismatch(f"bytes written do not hash to {digest}")
+        raise DigestMismatch(f"bytes written do not hash to {digest}")

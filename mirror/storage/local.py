@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from mirror.errors import BlobUnknown
 from mirror.oci import Digest
-from mirror.storage.base import BodyResponse, check_content
+from mirror.storage.base import BodyResponse
 from mirror.storage.filesystem import FilesystemStore
+from mirror.storage.writer import TempWriter
 
 
 class LocalContentStore:
@@ -35,7 +36,8 @@ class LocalContentStore:
     async def begin_blob(self, digest: Digest,
                          expected_size: int | None = None) -> LocalBlobWriter:
         fd, temp = await asyncio.to_thread(self.store.new_temp)
-        return LocalBlobWriter(self.store, digest, fd, temp, expected_size)
+        os.close(fd)
+        return LocalBlobWriter(self.store, digest, temp, expected_size)
 
     async def read_blob(self, digest: Digest, start: int = 0, end: int | None = None,
                         chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
@@ -135,31 +137,23 @@ class _FileReader:
 
 
 class LocalBlobWriter:
-    """A temp file that becomes the blob on commit (atomic rename)."""
+    """A :class:`~mirror.storage.writer.TempWriter` that becomes the blob on commit."""
 
-    def __init__(self, store: FilesystemStore, digest: Digest, fd: int, temp: Path,
+    def __init__(self, store: FilesystemStore, digest: Digest, temp: Path,
                  expected_size: int | None) -> None:
         self._store = store
-        self._digest = digest
-        self._fd: int | None = fd
-        self._temp = temp
+        self._writer = TempWriter(temp, digest)
         self._expected = expected_size
-        self._hasher: Any = digest.hasher()
-        self._size = 0
+        self._open = True
 
     async def write(self, data: bytes) -> None:
-        await asyncio.to_thread(self._write, data)
-
-    def _write(self, data: bytes) -> None:
-        if self._fd is None:
+        if not self._open:
             raise ValueError("write after commit or abort")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-        self._hasher.update(data)
-        self._size += len(data)
+        await asyncio.to_thread(self._writer.write, data)
 
     async def commit(self) -> None:
+        if not self._open:
+            raise ValueError("commit after commit or abort")
         try:
             await asyncio.to_thread(self._commit)
         except BaseException:
@@ -167,22 +161,11 @@ class LocalBlobWriter:
             raise
 
     def _commit(self) -> None:
-        if self._fd is None:
-            raise ValueError("commit after commit or abort")
-        check_content(self._digest, self._hasher.hexdigest(), self._size, self._expected)
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        self._store.publish_blob(self._temp, self._digest)
+        self._writer.verify_and_close(None, self._expected)
+        assert self._writer.path is not None
+        self._store.publish_blob(self._writer.path, self._writer.digest)
+        self._open = False
 
     async def abort(self) -> None:
-        await asyncio.to_thread(self._abort)
-
-    def _abort(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
-        with contextlib.suppress(FileNotFoundError):
-            self._temp.unlink()
-
+        self._open = False
+        await asyncio.to_thread(self._writer.discard)

@@ -132,7 +132,7 @@ class S3Store:
             The bytes uploaded.
 
         Raises:
-            ContentMismatch: the file is not the blob (nothing was published).
+            DigestMismatch: the file is not the blob (nothing was published).
         """
         handle = await asyncio.to_thread(path.open, "rb")
         try:

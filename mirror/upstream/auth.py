@@ -24,7 +24,7 @@ import structlog
 from yarl import URL
 
 from mirror.config import Secret
-from mirror.errors import Denied, TooManyRequests, UpstreamUnavailable
+from mirror.errors import Denied, TooManyRequests, TransientError, UpstreamUnavailable
 from mirror.metrics import TOKEN_FETCHES
 from mirror.upstream.guard import parse_retry_after
 
@@ -39,22 +39,6 @@ _SCHEME_RE = re.compile(r"\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)(?=\s|,|$)")
 _PARAM_RE = re.compile(
     r"""\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,"]*)\s*(?:,|$)"""
 )
-
-
-class TransientError(Exception):
-    """A failure worth retrying: connection trouble, a timeout or a 5xx.
-
-    Args:
-        reason: metric reason, ``connect``, ``timeout`` or ``status_5xx``.
-        status: the HTTP status to report if retries run out (502, 503 or 504).
-        detail: a short description without URLs or credentials.
-    """
-
-    def __init__(self, reason: str, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.status = status
-        self.detail = detail
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,19 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from mirror.config import Secret, StaticCredential, UpstreamSettings
-from mirror.errors import Denied, NameUnknown, TooManyRequests, UpstreamUnavailable
+from mirror.errors import (
+    Denied,
+    NameUnknown,
+    TooManyRequests,
+    TransientError,
+    UpstreamUnavailable,
+)
 from mirror.metrics import UPSTREAM_ERRORS, UPSTREAM_REQUESTS, UPSTREAM_RETRIES
 from mirror.upstream.auth import (
     BearerToken,
     Challenge,
     TokenCache,
     TokenKey,
-    TransientError,
     fetch_token,
     parse_www_authenticate,
     pick_challenge,

@@ -142,6 +142,10 @@ class Budget:
                                       clock) if share > 0 else None
         self._queue = asyncio.Lock()
 
+    def left(self) -> tuple[float, float]:
+        """Requests the budget has now, and its burst (for the status page)."""
+        return self._bucket.level(), self._bucket.capacity
+
     async def acquire(self, *, background: bool, cap: float) -> None:
         """Spend one token for one upstream request.
 

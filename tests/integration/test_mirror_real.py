@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from tests.support.containerd import Containerd
-from tests.support.images import Image, Index
+from tests.support.images import Blob, Image, Index, make_image, make_layer
 from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
 from tests.support.registry import Registry
@@ -242,3 +242,73 @@ def test_restart_serves_from_disk_and_upstream_down_serves_stale(
     body = json.loads(error.value.read())
     error.value.close()
     assert body["errors"][0]["code"] == "UNAVAILABLE"
+
+
+# --- conformance beyond the upstream: tag pages and referrers ---------------------------
+
+
+def _get_json(url: str) -> tuple[Any, dict[str, str]]:
+    with _DIRECT.open(url, timeout=30) as resp:
+        return json.loads(resp.read()), dict(resp.headers)
+
+
+def test_tag_list_pages_are_cut_here_when_distribution_ignores_last(
+        registry_anon: Registry, start_mirror: StartMirror) -> None:
+
+    image = make_image("pages/app", "a", layers=[make_layer(1000, 71)], fmt="oci")
+    registry_anon.push(image)
+    tags = ["a", "b", "c", "d", "e", "v1.0", "v10", "v2"]
+    registry_anon.push_raw("pages/app", [], [(image.manifest, tag) for tag in tags[1:]])
+    mirror = start_mirror(registry_anon.url)
+    seen: list[str] = []
+    url = f"{mirror.url}/v2/pages/app/tags/list?n=3"
+    for _ in range(10):
+        body, headers = _get_json(url)
+        assert len(body["tags"]) <= 3
+        seen.extend(body["tags"])
+        link = headers.get("Link")
+        if link is None:
+            break
+        url = mirror.url + link[link.index("<") + 1:link.index(">")]
+    assert seen == sorted(tags)
+    body, _ = _get_json(f"{mirror.url}/v2/pages/app/tags/list?last=d")
+    assert body["tags"] == ["e", "v1.0", "v10", "v2"]
+
+
+def test_referrers_from_the_tag_schema_when_the_upstream_has_no_api(
+        registry_anon: Registry, start_mirror: StartMirror) -> None:
+
+    subject = make_image("signed/app", "v1", layers=[make_layer(2000, 72)], fmt="oci")
+    registry_anon.push(subject)
+    empty = Blob.of(b"{}", "application/vnd.oci.empty.v1+json")
+    artifacts, blobs, manifests = [], [empty], []
+    for artifact_type, payload in (
+            ("application/vnd.dev.cosign.artifact.sig.v1+json", b"signature"),
+            ("application/spdx+json", b'{"spdxVersion": "SPDX-2.3"}')):
+        layer = Blob.of(payload, artifact_type)
+        document = {"schemaVersion": 2, "mediaType": OCI_MANIFEST_TYPE,
+                    "artifactType": artifact_type, "config": empty.descriptor(),
+                    "layers": [layer.descriptor()], "subject": subject.manifest.descriptor()}
+        manifest = Blob.of(json.dumps(document).encode(), OCI_MANIFEST_TYPE)
+        blobs.append(layer)
+        manifests.append((manifest, manifest.digest))
+        artifacts.append({**manifest.descriptor(), "artifactType": artifact_type})
+    # What cosign and oras push to a registry without the referrers API.
+    index = Blob.of(json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX_TYPE,
+                                "manifests": artifacts}).encode(), OCI_INDEX_TYPE)
+    manifests.append((index, "sha256-" + subject.manifest.digest.split(":")[1]))
+    registry_anon.push_raw("signed/app", blobs, manifests)
+    mirror = start_mirror(registry_anon.url)
+    base = f"{mirror.url}/v2/signed/app/referrers/{subject.manifest.digest}"
+    body, headers = _get_json(base)
+    assert headers["Content-Type"] == OCI_INDEX_TYPE
+    assert [m["digest"] for m in body["manifests"]] == [a["digest"] for a in artifacts]
+    body, headers = _get_json(base + "?artifactType=application/spdx%2Bjson")
+    assert [m["artifactType"] for m in body["manifests"]] == ["application/spdx+json"]
+    assert headers["OCI-Filters-Applied"] == "artifactType"
+    body, _ = _get_json(f"{mirror.url}/v2/signed/app/referrers/{subject.config.digest}")
+    assert body == {"schemaVersion": 2, "mediaType": OCI_INDEX_TYPE, "manifests": []}
+
+
+OCI_MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX_TYPE = "application/vnd.oci.image.index.v1+json"

@@ -99,7 +99,7 @@ def test_image_pulled_through_a_is_pulled_through_b_with_zero_upstream_blob_requ
              if '"event": "fill_done"' in line]
     blobs = {blob.digest for item in std_images for blob in item.blobs()}
     assert {f["digest"] for f in fills} == blobs
-    assert {f["registry"] for f in fills} == {"s3"}
+    assert {f["source"] for f in fills} == {"s3"}
     requests = [json.loads(line) for line in node_b.log_text().splitlines()
                 if '"event": "request"' in line]
     misses = [r for r in requests if r.get("route") == "blob" and r.get("cache") == "miss"]

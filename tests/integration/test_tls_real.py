@@ -131,7 +131,7 @@ def test_sighup_loads_a_new_certificate_and_keeps_open_connections(
 
     _replace(second.cert_path, live_cert)
     _replace(second.key_path, live_key)
-    tls_mirror.signal(signal.SIGHUP)
+    tls_mirror.send_signal(signal.SIGHUP)
     _wait_event(tls_mirror, "tls_reloaded", 1)
     assert _presented_serial(tls_mirror.port) == second.serial != before
 
@@ -144,7 +144,7 @@ def test_sighup_loads_a_new_certificate_and_keeps_open_connections(
 
     # A key that does not match is refused; the running certificate stays.
     _replace(first.key_path, live_key)
-    tls_mirror.signal(signal.SIGHUP)
+    tls_mirror.send_signal(signal.SIGHUP)
     _wait_event(tls_mirror, "tls_reload_failed", 1)
     assert _presented_serial(tls_mirror.port) == second.serial
     assert len(_events(tls_mirror, "tls_reloaded")) == 1
@@ -157,7 +157,7 @@ def test_sighup_without_tls_is_logged_and_serving_goes_on(
                                                              [upstream]))
     mirror.start()
     try:
-        mirror.signal(signal.SIGHUP)
+        mirror.send_signal(signal.SIGHUP)
         _wait_event(mirror, "sighup_ignored", 1)
         started = _events(mirror, "mirror_started")[0]
         assert started["tls"] is False

@@ -64,19 +64,27 @@ class Containerd:
         path = self.workdir / "containerd.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
-    def hosts_dir(self, registry_host: str, mirror_url: str, ca: Path | None = None) -> Path:
+    def hosts_dir(self, registry_host: str, mirror_url: str,
+                  headers: dict[str, str] | None = None, name: str = "certs.d",
+                  ca: Path | None = None) -> Path:
         """A ``hosts.toml`` sending ``registry_host`` to the mirror and nowhere else.
 
         The registry's own ``server`` is a closed port, so a mirror failure
-        fails the pull instead of falling back. ``ca``: the CA certificate
-        that an https mirror's certificate is verified against.
+        fails the pull instead of falling back. ``headers`` go on every request
+        to the mirror (``[host."...".header]``: how a node passes credentials
+        to a mirror); ``name`` is the folder, for several configurations;
+        ``ca``: the CA certificate an https mirror's certificate is verified against.
         """
-        folder = self.workdir / "certs.d"
+        folder = self.workdir / name
         (folder / registry_host).mkdir(parents=True, exist_ok=True)
-        trust = f'  ca = "{ca}"\n' if ca is not None else ""
-        (folder / registry_host / "hosts.toml").write_text(
-            'server = "http://127.0.0.1:1"\n'
-            f'[host."{mirror_url}"]\n  capabilities = ["pull", "resolve"]\n{trust}')
+        text = ('server = "http://127.0.0.1:1"\n'
+                f'[host."{mirror_url}"]\n  capabilities = ["pull", "resolve"]\n')
+        if ca is not None:
+            text += f'  ca = "{ca}"\n'
+        if headers:
+            text += f'[host."{mirror_url}".header]\n' + "".join(
+                f'  {key} = "{value}"\n' for key, value in headers.items())
+        (folder / registry_host / "hosts.toml").write_text(text)
         return folder
 
     def fetch(self, ref: str, hosts_dir: Path, namespace: str = "test",

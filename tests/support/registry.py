@@ -259,6 +259,18 @@ class Registry:
         finally:
             pusher.close()
 
+    def push_raw(self, repo: str, blobs: list[Blob],
+                 manifests: list[tuple[Blob, str]]) -> None:
+        """Push blobs, then manifests under their references (artifacts, extra tags)."""
+        pusher = _Pusher(self, repo)
+        try:
+            for blob in blobs:
+                pusher.blob(blob)
+            for manifest, reference in manifests:
+                pusher.manifest(manifest, reference)
+        finally:
+            pusher.close()
+
     def auth_header(self, repo: str, actions: str = "pull,push") -> dict[str, str]:
         """Return the Authorization header this registry needs for ``repo``, if any."""
         if self.token is not None:

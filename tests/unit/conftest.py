@@ -11,11 +11,18 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from mirror import config
+from mirror.clock import SYSTEM, Clock, ManualClock
 from mirror.server.app import create_app
 from tests.support.dialects import start_mirror, start_rig
 from tests.support.fake import FakeRegistry
 
 MirrorFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """Time that moves only when a test says so (pass it to ``make_mirror``)."""
+    return ManualClock()
 
 
 @pytest.fixture
@@ -40,6 +47,8 @@ def mirror_settings(storage: Path, upstream_url: str, **overrides: Any) -> confi
         "version": 1, "listen": "127.0.0.1:5000",
         "storage": {"path": str(storage), **overrides.pop("storage_options", {})},
         "upstreams": [upstream], "cache": {"tag_ttl": "5m", **overrides.pop("cache", {})},
+        # a test that ends with a download under way need not wait for it
+        "server": {"shutdown_grace": "0s", **overrides.pop("server", {})},
         **overrides,
     }
     return config.parse(document, env={})
@@ -49,12 +58,12 @@ def mirror_settings(storage: Path, upstream_url: str, **overrides: Any) -> confi
 def make_mirror(tmp_path: Path, upstream: TestServer, aiohttp_client: Any) -> MirrorFactory:
     """Start a mirror app in front of ``upstream``; keyword args override settings."""
 
-    async def start(**overrides: Any) -> TestClient[Any, Any]:
+    async def start(clock: Clock = SYSTEM, **overrides: Any) -> TestClient[Any, Any]:
         url = str(upstream.make_url("")).rstrip("/")
         if "storage" in overrides:  # storage={...} adds to (or replaces) the default path
             overrides["storage_options"] = overrides.pop("storage")
         settings = mirror_settings(tmp_path / "cache", url, **overrides)
-        client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+        client: TestClient[Any, Any] = await aiohttp_client(create_app(settings, clock=clock))
         return client
 
     return start

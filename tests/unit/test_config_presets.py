@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 from mirror import config
-from mirror.config import DockerConfigCredential, EcrCredential, StaticCredential
+from mirror.config import DockerConfigCredential, EcrCredential, StaticCredential, presets
 from mirror.errors import ConfigError
-from mirror.upstream import presets
 
 ECR = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
 

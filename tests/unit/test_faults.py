@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from mirror.clock import ManualClock
 from tests.support.fake import FakeRegistry, sha256
 from tests.unit.conftest import MirrorFactory, cache_files
 
@@ -121,12 +122,13 @@ async def test_short_retry_after_is_waited_out(mirror: Client, fake: FakeRegistr
     assert (await mirror.get("/v2/app/manifests/v1")).status == 200
 
 
-async def test_429_while_tag_is_cached_serves_the_cached_tag(make_mirror: MirrorFactory,
+async def test_429_while_tag_is_cached_serves_the_cached_tag(
+        clock: ManualClock, make_mirror: MirrorFactory,
                                                              fake: FakeRegistry) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "50ms"})
+    mirror = await make_mirror(clock=clock, cache={"tag_ttl": "50ms"})
     digest, _ = fake.add_image("app", "v1", [b"x"])
     await mirror.get("/v2/app/manifests/v1")
-    await asyncio.sleep(0.06)
+    clock.advance(0.06)
     fake.fault(kind="status", status=429, headers={"Retry-After": "3600"}, path="/manifests/")
     response = await mirror.get("/v2/app/manifests/v1")
     assert response.status == 200
@@ -135,15 +137,15 @@ async def test_429_while_tag_is_cached_serves_the_cached_tag(make_mirror: Mirror
     assert 'mirror_stale_served_total{reason="rate_limited"' in text
 
 
-async def test_upstream_down_serves_stale_tag_and_cached_blobs(
+async def test_upstream_down_serves_stale_tag_and_cached_blobs(clock: ManualClock,
         make_mirror: MirrorFactory, fake: FakeRegistry, upstream: TestServer) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "50ms"})
+    mirror = await make_mirror(clock=clock, cache={"tag_ttl": "50ms"})
     digest, data = fake.add_image("app", "v1", [b"layer"])
     layer = json.loads(data)["layers"][0]["digest"]
     await mirror.get("/v2/app/manifests/v1")
     await (await mirror.get(f"/v2/app/blobs/{layer}")).read()
     await upstream.close()
-    await asyncio.sleep(0.06)
+    clock.advance(0.06)
     response = await mirror.get("/v2/app/manifests/v1")
     assert response.status == 200
     assert response.headers["Docker-Content-Digest"] == digest
@@ -163,13 +165,14 @@ async def test_upstream_down_with_nothing_cached_is_a_clear_error(
     assert cache_files(tmp_path / "cache") == []
 
 
-async def test_stale_limit_is_respected(make_mirror: MirrorFactory, fake: FakeRegistry,
+async def test_stale_limit_is_respected(
+        clock: ManualClock, make_mirror: MirrorFactory, fake: FakeRegistry,
                                         upstream: TestServer) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "10ms", "stale_if_error": "20ms"})
+    mirror = await make_mirror(clock=clock, cache={"tag_ttl": "10ms", "stale_if_error": "20ms"})
     fake.add_image("app", "v1", [b"x"])
     await mirror.get("/v2/app/manifests/v1")
     await upstream.close()
-    await asyncio.sleep(0.05)
+    clock.advance(0.05)
     assert (await mirror.get("/v2/app/manifests/v1")).status == 503
 
 

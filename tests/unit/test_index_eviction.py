@@ -11,8 +11,8 @@ import pytest
 from mirror import config
 from mirror.cache.eviction import Evictor
 from mirror.errors import ConfigError
+from mirror.fetch.relay import RelayWindow
 from mirror.oci import Digest
-from mirror.relay import RelayWindow
 from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.index import Index
 

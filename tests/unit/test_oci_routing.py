@@ -10,11 +10,12 @@ from mirror.errors import (
     NameInvalid,
     NameUnknown,
     RangeInvalid,
+    RouteNotFound,
     TagInvalid,
     Unsupported,
 )
 from mirror.oci import Digest, accepted_types, validate_name, validate_tag
-from mirror.routing import Kind, RouteNotFound, Router, next_link
+from mirror.routing import Kind, Router, tags_link
 from mirror.server.responses import parse_range
 
 HEX = "a" * 64
@@ -123,9 +124,8 @@ def test_no_default_registry() -> None:
 
 def test_link_is_rewritten_to_the_clients_layout() -> None:
     target = _router().route("/ghcr/v2/org/app/tags/list", {"ns": "ghcr.io"})
-    link = next_link(target, '</v2/org/app/tags/list?last=b&n=2&x=1>; rel="next"')
-    assert link == '</ghcr/v2/org/app/tags/list?n=2&last=b&ns=ghcr.io>; rel="next"'
-    assert next_link(target, None) is None
+    link = tags_link(target, 2, "b")
+    assert link == '</ghcr/v2/org/app/tags/list?last=b&n=2&ns=ghcr.io>; rel="next"'
 
 
 @pytest.mark.parametrize(("header", "expected"), [

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from mirror.clock import ManualClock
 from tests.support.fake import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -90,36 +91,37 @@ async def test_second_pull_never_reaches_upstream_for_content(mirror: Client,
     assert fake.count("GET", "/manifests/") == 1
 
 
-async def test_tag_inside_ttl_is_answered_locally_and_revalidated_after(
+async def test_tag_inside_ttl_is_answered_locally_and_revalidated_after(clock: ManualClock,
         make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "200ms"})
+    mirror = await make_mirror(clock=clock, cache={"tag_ttl": "200ms"})
     fake.add_image("app", "v1", [b"x"])
     await mirror.get("/v2/app/manifests/v1")
     await mirror.get("/v2/app/manifests/v1")
     assert fake.count(contains="/manifests/v1") == 1
-    await asyncio.sleep(0.25)
+    clock.advance(0.25)
     assert (await mirror.get("/v2/app/manifests/v1")).status == 200
     assert fake.count("HEAD", "/manifests/v1") == 1
     assert fake.count("GET", "/manifests/v1") == 1
 
 
-async def test_moved_tag_is_followed_after_ttl(make_mirror: MirrorFactory,
+async def test_moved_tag_is_followed_after_ttl(clock: ManualClock, make_mirror: MirrorFactory,
                                                fake: FakeRegistry) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "100ms"})
+    mirror = await make_mirror(clock=clock, cache={"tag_ttl": "100ms"})
     fake.add_image("app", "v1", [b"old"])
     await mirror.get("/v2/app/manifests/v1")
     new_digest, _ = fake.add_image("app", "v1", [b"new"])
-    await asyncio.sleep(0.15)
+    clock.advance(0.15)
     response = await mirror.get("/v2/app/manifests/v1")
     assert response.headers["Docker-Content-Digest"] == new_digest
 
 
-async def test_concurrent_stale_tag_requests_cause_one_head(make_mirror: MirrorFactory,
+async def test_concurrent_stale_tag_requests_cause_one_head(
+        clock: ManualClock, make_mirror: MirrorFactory,
                                                             fake: FakeRegistry) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "100ms"})
+    mirror = await make_mirror(clock=clock, cache={"tag_ttl": "100ms"})
     fake.add_image("app", "v1", [b"x"])
     await mirror.get("/v2/app/manifests/v1")
-    await asyncio.sleep(0.15)
+    clock.advance(0.15)
     responses = await asyncio.gather(*(mirror.get("/v2/app/manifests/v1") for _ in range(100)))
     assert {r.status for r in responses} == {200}
     assert fake.count("HEAD", "/manifests/v1") == 1
@@ -212,10 +214,13 @@ async def test_tags_list_paginates_and_rewrites_link(mirror: Client, fake: FakeR
     assert missing.status == 404
 
 
-async def test_referrers_404_passes_through(mirror: Client, fake: FakeRegistry) -> None:
+async def test_referrers_without_the_api_upstream_is_an_empty_index(
+        mirror: Client, fake: FakeRegistry) -> None:
     digest = sha256(b"subject")
     response = await mirror.get(f"/v2/app/referrers/{digest}")
-    assert response.status == 404
+    assert response.status == 200
+    assert response.headers["Content-Type"] == OCI_INDEX
+    assert (await response.json())["manifests"] == []
 
 
 async def test_push_and_delete_are_unsupported(mirror: Client) -> None:

@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 from yarl import URL
 
+from mirror.clock import ManualClock
 from mirror.config import (
     BreakerSettings,
     BudgetSettings,
@@ -29,9 +30,10 @@ from mirror.config import (
     UpstreamSettings,
 )
 from mirror.errors import TooManyRequests, UpstreamUnavailable
-from mirror.server.state import STATE
+from mirror.pull import Repo
+from mirror.server.state import NODE
 from mirror.upstream import UpstreamClient
-from mirror.upstream.guard import BackgroundRequests, UpstreamGuard
+from mirror.upstream.guard import UpstreamGuard
 from tests.support.fake import FakeRegistry, HubRateLimit
 from tests.unit.conftest import MirrorFactory
 
@@ -56,8 +58,8 @@ async def _error(response: aiohttp.ClientResponse) -> str:
 
 
 async def test_429_storm_never_reaches_clients_of_cached_tags_and_stops_asking_upstream(
-        make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "50ms"},
+        clock: ManualClock, make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
+    mirror = await make_mirror(clock=clock, cache={"tag_ttl": "50ms"},
                                upstream={"breaker": {"failures": 3, "cool_down": "1m"}})
     cached, _ = fake.add_image("app", "v1", [b"one"])
     tags = [f"v{i}" for i in range(2, 12)]
@@ -81,7 +83,7 @@ async def test_429_storm_never_reaches_clients_of_cached_tags_and_stops_asking_u
     assert sample("mirror_upstream_breaker_state", registry=REGISTRY_NAME) == 1
     # The storm: the cached tag is answered every time (stale: not even its
     # free HEAD goes out), the others keep getting TOOMANYREQUESTS.
-    await asyncio.sleep(0.06)
+    clock.advance(0.06)
     heads = fake.count("HEAD", "/manifests/")
     storm = await asyncio.gather(*(pull(ref) for ref in ["v1"] * 40 + tags * 4))
     assert all(r == (200, "", None) for r in storm[:40])
@@ -93,14 +95,14 @@ async def test_429_storm_never_reaches_clients_of_cached_tags_and_stops_asking_u
     assert response.headers["Docker-Content-Digest"] == cached
 
 
-async def test_429_on_every_request_serves_the_cached_tag_and_blob(
+async def test_429_on_every_request_serves_the_cached_tag_and_blob(clock: ManualClock,
         make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "50ms"})
+    mirror = await make_mirror(clock=clock, cache={"tag_ttl": "50ms"})
     digest, data = fake.add_image("app", "v1", [b"layer"])
     layer = json.loads(data)["layers"][0]["digest"]
     await mirror.get("/v2/app/manifests/v1")
     await (await mirror.get(f"/v2/app/blobs/{layer}")).read()
-    await asyncio.sleep(0.06)
+    clock.advance(0.06)
     # The abuse limit: a bare 429 on everything, with no Retry-After.
     fake.fault(kind="status", status=429)
     stale_before = sample("mirror_stale_served_total", registry=REGISTRY_NAME,
@@ -114,21 +116,21 @@ async def test_429_on_every_request_serves_the_cached_tag_and_blob(
                   reason="rate_limited") - stale_before == 2
 
 
-async def test_tag_moved_upstream_while_pulls_are_limited_serves_the_old_digest(
+async def test_tag_moved_upstream_while_pulls_are_limited_serves_the_old_digest(clock: ManualClock,
         make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "50ms"})
+    mirror = await make_mirror(clock=clock, cache={"tag_ttl": "50ms"})
     old, _ = fake.add_image("app", "v1", [b"old"])
     assert (await mirror.get("/v2/app/manifests/v1")).status == 200
     new, _ = fake.add_image("app", "v1", [b"new"])  # the tag moves upstream
     fake.ratelimit = HubRateLimit(limit=100, remaining=0)
-    await asyncio.sleep(0.06)
+    clock.advance(0.06)
     # The free HEAD sees the new digest; the GET of it is refused: the old one is served.
     response = await mirror.get("/v2/app/manifests/v1")
     assert response.status == 200 and response.headers["Docker-Content-Digest"] == old
     assert fake.count("HEAD", "/manifests/v1") == 1
     assert fake.count("GET", f"/manifests/{new}") == 1
     fake.ratelimit = None
-    await asyncio.sleep(0.06)  # past the hold-off (at most the TTL): the tag moves on
+    clock.advance(0.06)  # past the hold-off (at most the TTL): the tag moves on
     response = await mirror.get("/v2/app/manifests/v1")
     assert response.headers["Docker-Content-Digest"] == new
 
@@ -177,9 +179,9 @@ async def test_token_endpoint_429_is_toomanyrequests_not_denied(
 # --- the circuit breaker -----------------------------------------------------------
 
 
-async def test_breaker_opens_fails_fast_probes_and_closes(
+async def test_breaker_opens_fails_fast_probes_and_closes(clock: ManualClock,
         make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
-    mirror = await make_mirror(upstream={"retries": 0, "breaker": {
+    mirror = await make_mirror(clock=clock, upstream={"retries": 0, "breaker": {
         "failures": 2, "window": "10s", "cool_down": "500ms"}})
     fake.add_image("app", "v1", [b"x"])
     fake.fault(kind="status", status=503, path="/manifests/")
@@ -196,14 +198,14 @@ async def test_breaker_opens_fails_fast_probes_and_closes(
         assert fake.count("GET", "/manifests/") == 2
         assert sample("mirror_upstream_breaker_state", registry=REGISTRY_NAME) == 1
         # Half-open: the probe fails, the breaker opens again.
-        await asyncio.sleep(0.55)
+        clock.advance(0.55)
         assert (await mirror.get("/v2/app/manifests/v1")).status == 502
         assert fake.count("GET", "/manifests/") == 3
         assert (await mirror.get("/v2/app/manifests/v1")).status == 503
         assert fake.count("GET", "/manifests/") == 3
         # Upstream is back: the next probe succeeds and closes the breaker.
         fake.faults.clear()
-        await asyncio.sleep(0.55)
+        clock.advance(0.55)
         assert (await mirror.get("/v2/app/manifests/v1")).status == 200
         assert sample("mirror_upstream_breaker_state", registry=REGISTRY_NAME) == 0
     assert transitions("open") - opened == 2
@@ -215,31 +217,31 @@ async def test_breaker_opens_fails_fast_probes_and_closes(
                       "upstream_breaker_closed"]
 
 
-async def test_only_one_probe_while_half_open(make_mirror: MirrorFactory,
+async def test_only_one_probe_while_half_open(clock: ManualClock, make_mirror: MirrorFactory,
                                               fake: FakeRegistry) -> None:
-    mirror = await make_mirror(upstream={"retries": 0, "breaker": {
+    mirror = await make_mirror(clock=clock, upstream={"retries": 0, "breaker": {
         "failures": 1, "cool_down": "100ms"}})
     for i in range(10):
         fake.add_image("app", f"t{i}", [b"x"])
     fake.fault(kind="status", status=503, path="/manifests/", times=1)
     assert (await mirror.get("/v2/app/manifests/t0")).status == 502
-    await asyncio.sleep(0.15)
+    clock.advance(0.15)
     fake.fault(kind="slow", path="/manifests/", delay=0.8)
     statuses = await asyncio.gather(*(mirror.get(f"/v2/app/manifests/t{i}") for i in range(10)))
     assert sorted(s.status for s in statuses) == [200] + [503] * 9
     assert fake.count("GET", "/manifests/") == 2
 
 
-async def test_outage_with_refused_connections_serves_stale_and_stops_connecting(
+async def test_outage_with_refused_connections_serves_stale_and_stops_connecting(clock: ManualClock,
         make_mirror: MirrorFactory, fake: FakeRegistry, upstream: TestServer) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "50ms"},
+    mirror = await make_mirror(clock=clock, cache={"tag_ttl": "50ms"},
                                upstream={"retries": 0, "breaker": {"failures": 2}})
     digests = {}
     for tag in ("a", "b", "c"):
         digests[tag], _ = fake.add_image("app", tag, [tag.encode()])
         assert (await mirror.get(f"/v2/app/manifests/{tag}")).status == 200
     await upstream.close()
-    await asyncio.sleep(0.06)
+    clock.advance(0.06)
     refused = sample("mirror_upstream_errors_total", registry=REGISTRY_NAME, reason="connect")
     for _ in range(3):
         for tag in ("a", "b", "c"):
@@ -276,12 +278,12 @@ async def test_no_retries_once_the_breaker_opens() -> None:
 # --- coalescing --------------------------------------------------------------------
 
 
-async def test_hundred_concurrent_requests_for_a_stale_tag_send_one_head(
+async def test_hundred_concurrent_requests_for_a_stale_tag_send_one_head(clock: ManualClock,
         make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "300ms"})
+    mirror = await make_mirror(clock=clock, cache={"tag_ttl": "300ms"})
     digest, _ = fake.add_image("app", "v1", [b"x"])
     assert (await mirror.get("/v2/app/manifests/v1")).status == 200
-    await asyncio.sleep(0.35)
+    clock.advance(0.35)
     # A slow HEAD keeps the revalidation open while all hundred requests arrive.
     fake.fault(kind="slow", path="/manifests/v1", method="HEAD", delay=1.0)
     responses = await asyncio.gather(*(mirror.get("/v2/app/manifests/v1") for _ in range(100)))
@@ -292,23 +294,18 @@ async def test_hundred_concurrent_requests_for_a_stale_tag_send_one_head(
 
 
 async def test_failed_revalidation_is_not_repeated_by_every_request_of_the_window(
-        make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "1s"},
+        clock: ManualClock, make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
+    mirror = await make_mirror(clock=clock, cache={"tag_ttl": "1s"},
                                upstream={"retries": 0, "breaker": {"failures": 0}})
     digest, _ = fake.add_image("app", "v1", [b"x"])
     assert (await mirror.get("/v2/app/manifests/v1")).status == 200
-    await asyncio.sleep(1.05)
+    clock.advance(1.05)
     fake.fault(kind="status", status=503, path="/manifests/v1", method="HEAD")
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    served = 0
-    while loop.time() - started < 0.5:  # inside one window (1 s: the TTL here)
+    for _ in range(20):  # inside one window (1 s: the TTL here; the clock stands still)
         response = await mirror.get("/v2/app/manifests/v1")
         assert response.headers["Docker-Content-Digest"] == digest
-        served += 1
-    assert served > 1
     assert fake.count("HEAD", "/manifests/v1") == 1
-    await asyncio.sleep(1.05)  # the next window asks again
+    clock.advance(1.05)  # the next window asks again
     assert (await mirror.get("/v2/app/manifests/v1")).status == 200
     assert fake.count("HEAD", "/manifests/v1") == 2
 
@@ -377,15 +374,15 @@ async def test_client_requests_past_the_overdraft_fail_fast(
     assert int(info.value.headers["Retry-After"]) >= 1
 
 
-async def test_budget_refusal_serves_a_cached_tag_stale(
+async def test_budget_refusal_serves_a_cached_tag_stale(clock: ManualClock,
         make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
-    mirror = await make_mirror(cache={"tag_ttl": "50ms"}, upstream={
+    mirror = await make_mirror(clock=clock, cache={"tag_ttl": "50ms"}, upstream={
         "budget": {"rate": "1/h", "burst": 2, "client_overdraft": 0}})
     digest, _ = fake.add_image("app", "v1", [b"x"])
     assert (await mirror.get("/v2/app/manifests/v1")).status == 200  # tag GET + nothing else
-    await asyncio.sleep(0.06)
+    clock.advance(0.06)
     assert (await mirror.get("/v2/app/manifests/v1")).status == 200  # the HEAD: budget spent
-    await asyncio.sleep(0.06)
+    clock.advance(0.06)
     response = await mirror.get("/v2/app/manifests/v1")
     assert response.status == 200 and response.headers["Docker-Content-Digest"] == digest
     assert fake.count(contains="/manifests/") == 2
@@ -400,12 +397,12 @@ async def test_cache_work_through_the_background_view_waits_where_clients_are_re
         "budget": {"rate": "2/s", "burst": 1, "client_overdraft": 0}})
     for tag in ("v1", "v2", "v3"):
         fake.add_image("app", tag, [tag.encode()])
-    state = mirror.app[STATE]
-    client, clock = state.clients[REGISTRY_NAME], Clock()
-    client.guard = UpstreamGuard(state.settings.upstreams[0], clock=clock)
+    node = mirror.app[NODE]
+    client, clock = node.clients[REGISTRY_NAME], Clock()
+    client.guard = UpstreamGuard(node.settings.upstreams[0], clock=clock)
     assert (await mirror.get("/v2/app/manifests/v1")).status == 200  # the one token
     prefetch = asyncio.create_task(
-        state.manifests.by_tag(BackgroundRequests(client), "app", "v2", None))
+        node.pull.manifest(Repo(REGISTRY_NAME, "app"), "v2", background=True))
     refused = await mirror.get("/v2/app/manifests/v3")
     assert refused.status == 429 and await _error(refused) == "TOOMANYREQUESTS"
     assert not prefetch.done()

@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY
 
 from mirror import config
 from mirror.server.app import create_app
-from mirror.server.state import STATE
+from mirror.server.state import NODE
 from tests.support.fake import OCI_INDEX, OCI_MANIFEST, FakeRegistry, sha256
 from tests.support.net import free_port
 from tests.support.s3 import MotoS3, credential_files, s3_config
@@ -65,9 +65,9 @@ def _metric(name: str, **labels: str) -> float:
 
 
 async def _drain(node: Client) -> None:
-    shared = node.server.app[STATE].shared
-    assert shared is not None
-    await shared.drain()
+    s3 = node.server.app[NODE].s3
+    assert s3 is not None
+    await s3.drain()
 
 
 def _layers() -> list[bytes]:

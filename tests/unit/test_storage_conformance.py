@@ -1,6 +1,6 @@
 """One conformance suite for every storage backend (mirror.storage.base.ContentStore).
 
-The same tests run against the local folder and against S3 (moto's real S3 API
+The same tests run against the in-memory twin, the local folder and S3 (moto's real S3 API
 on a loopback port, never a patched client): write, verify, publish, abort,
 ranged reads, list, delete, and readers of a growing blob filled from the
 backend through the single-flight machinery.
@@ -19,12 +19,13 @@ import pytest
 from yarl import URL
 
 from mirror.config import S3Settings, Secret
-from mirror.errors import BlobUnknown, ContentMismatch
+from mirror.errors import BlobUnknown, DigestMismatch
 from mirror.fetch import Fetcher
 from mirror.oci import Digest
 from mirror.storage.base import BodyResponse, ContentStore
 from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.local import LocalContentStore
+from mirror.storage.memory import MemoryStore
 from mirror.storage.s3 import S3Body, S3Store, open_s3
 from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3
 
@@ -38,8 +39,11 @@ def _blob(size: int, seed: int = 1) -> tuple[bytes, Digest]:
     return data, Digest.of(data)
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+@pytest.fixture(params=["memory", "filesystem", "s3"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ContentStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
     if request.param == "filesystem":
         store = FilesystemStore(tmp_path / "fs")
         await asyncio.to_thread(store.prepare)
@@ -102,12 +106,12 @@ async def test_wrong_bytes_are_refused_and_never_published(backend: ContentStore
     data, digest = _blob(50_000, seed=3)
     writer = await backend.begin_blob(digest)
     await writer.write(data[:-1] + bytes([data[-1] ^ 1]))
-    with pytest.raises(ContentMismatch):
+    with pytest.raises(DigestMismatch):
         await writer.commit()
     assert await backend.blob_size(digest) is None
     writer = await backend.begin_blob(digest, expected_size=len(data) + 1)
     await writer.write(data)
-    with pytest.raises(ContentMismatch):
+    with pytest.raises(DigestMismatch):
         await writer.commit()
     assert await backend.blob_size(digest) is None
     assert digest not in await _listed(backend, "blob")

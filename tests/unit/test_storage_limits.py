@@ -19,7 +19,6 @@ import pytest
 import structlog
 from aiohttp.test_utils import TestClient
 
-from mirror import relay
 from mirror.cache import eviction
 from mirror.cli import main
 from mirror.storage.filesystem import FilesystemStore
@@ -265,8 +264,8 @@ async def test_disk_full_mid_download_relays_complete_bytes_and_keeps_nothing(
         make_mirror: MirrorFactory, fake: FakeRegistry, full_disk: Callable[[int], Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
     root = full_disk(3 * MiB)
-    monkeypatch.setattr(relay, "RELAY_MAX_BYTES", 512 * KiB)  # exercise the window's bound
-    mirror = await make_mirror(storage={"path": str(root)})
+    # a small relay window exercises the window's bound
+    mirror = await make_mirror(storage={"path": str(root), "relay_window": "512KiB"})
     data = os.urandom(6 * MiB)
     digest = fake.add_blob(data)
     fake.fault(kind="drip", path="/blobs/", chunk=256 * KiB, delay=0.002)

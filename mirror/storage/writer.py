@@ -1,6 +1,9 @@
-"""The temp file of a fill: written in order, hashed as written, verified at the end.
+"""The one blob writer: a temp file in the store's own folder, written in order, hashed
+as written, verified at the end; the store publishes it by rename only after that.
 
-A write that fails with ENOSPC or EDQUOT (:data:`DISK_FULL_ERRNOS`) is the
+Used by fills (:mod:`mirror.fetch`) and by the local store's
+:class:`~mirror.storage.local.LocalBlobWriter` (imports, tier-to-tier copies). A write
+that fails with ENOSPC or EDQUOT (:data:`DISK_FULL_ERRNOS`) is the
 fetcher's to handle: it makes room and retries, or relays from memory and only
 hashes what it could not write (:meth:`TempWriter.hash_only`).
 """
@@ -13,18 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mirror.errors import UpstreamUnavailable
+from mirror.errors import DigestMismatch
 from mirror.oci import Digest
 
 #: The errors of a write that found the disk (or the quota) full.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-class DigestMismatch(UpstreamUnavailable):
-    """Upstream sent bytes whose hash is not the digest asked for."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=502)
 
 
 class TempWriter:
@@ -65,7 +61,7 @@ class TempWriter:
             Whether the bytes are durable on disk (``False``: fsync found the disk full).
 
         Raises:
-            UpstreamUnavailable: the bytes are not the blob that was asked for.
+            DigestMismatch: the bytes are not the blob that was asked for.
         """
         durable = sync and self.path is not None
         if self._fd is None and self.path is not None:
@@ -82,14 +78,22 @@ class TempWriter:
                 os.close(self._fd)
             self._fd = None
         if expected_size is not None and self.size != expected_size:
-            raise UpstreamUnavailable(f"upstream sent {self.size} bytes for a blob of "
-                                      f"{expected_size}", status=502)
+            raise DigestMismatch(f"{self.size} bytes arrived for a blob of {expected_size}")
         if size is not None and self.size != size:
-            raise UpstreamUnavailable(f"upstream sent {self.size} bytes, announced {size}",
-                                      status=502)
+            raise DigestMismatch(f"{self.size} bytes arrived, {size} were announced")
         if self._hasher.hexdigest() != self.digest.hex:
-            raise DigestMismatch(f"upstream sent bytes that do not match {self.digest}")
+            raise DigestMismatch(f"the bytes that arrived do not hash to {self.digest}")
         return durable
+
+    def restart(self) -> None:
+        """Forget everything written: the next write starts the file again at byte 0."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.path is not None:
+            os.truncate(self.path, 0)
+        self._hasher = self.digest.hasher()
+        self.size = 0
 
     def discard(self) -> None:
         if self._fd is not None:

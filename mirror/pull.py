@@ -1,0 +1,391 @@
+"""The pull service: the one way in for every caller, with no HTTP in it.
+
+HTTP handlers, warming, peers and bundle export all pull through here, so
+single flight, verification, budgets and metrics hold for every one of them.
+
+::
+
+    manifest(repo, tag | digest, accepted)  -> Resolved (bytes, media type, cache result)
+    blob(repo, digest)                      -> CachedBlob  a verified file (or bytes) here
+                                             | BlobFlight  a growing fill to follow
+                                             | BlobRedirect a presigned URL (S3 tier)
+                                             | BlobSize    HEAD of a blob not here yet
+    fetch_blob(repo, digest)                -> CachedBlob, waiting for the whole fill
+    tags(repo, n, last)                     -> TagPage, paginated here when upstream won't
+    referrers(repo, digest, artifact_type)  -> Referrers, from the API or the tag schema
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import IO, Any
+
+from cachetools import TTLCache
+from yarl import URL
+
+from mirror.cache.blobs import BlobCache, CachedBlob
+from mirror.cache.manifests import ManifestCache, Resolved
+from mirror.cache.membership import Membership as RepoMembership
+from mirror.cache.membership import ensure_member
+from mirror.clock import SYSTEM, Clock
+from mirror.errors import (
+    FillError,
+    ManifestUnknown,
+    NameUnknown,
+    UpstreamUnavailable,
+)
+from mirror.fetch import Fill
+from mirror.oci import OCI_INDEX, Digest, is_digest_reference, parse_manifest
+from mirror.sources import ContentRef, SourceChain
+from mirror.sources.s3 import S3Source
+from mirror.sources.upstream import check_status, read_limited
+
+#: Pages of an upstream tag list followed to paginate it here, at most.
+TAG_PAGES_MAX = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Repo:
+    """A repository of a configured registry (``library/`` already added for Docker Hub)."""
+
+    registry: str
+    repository: str
+
+    def __str__(self) -> str:
+        return f"{self.registry}/{self.repository}"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobFlight:
+    """A fill under way: follow it. ``joined`` when another caller started it."""
+
+    fill: Fill
+    joined: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRedirect:
+    """Fetch the blob from this URL instead (a presigned S3 URL; no credentials in it)."""
+
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobSize:
+    """A blob that is not here, and its size (the answer to a HEAD)."""
+
+    size: int
+
+
+BlobAnswer = CachedBlob | BlobFlight | BlobRedirect | BlobSize
+
+
+@dataclass(frozen=True, slots=True)
+class TagPage:
+    """One page of a repository's tags, and where the next one starts (``None``: last)."""
+
+    name: str
+    tags: list[str]
+    next_last: str | None = None
+    n: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Referrers:
+    """An image index of the manifests that refer to a digest."""
+
+    body: bytes
+    filtered: bool  # artifactType was applied (upstream or here)
+
+
+class PullService:
+    """Answers pulls from the cache, from fills under way, or through the sources."""
+
+    def __init__(self, chains: Mapping[str, SourceChain], manifests: ManifestCache,
+                 blobs: BlobCache, *, redirector: S3Source | None = None,
+                 clock: Clock = SYSTEM, tag_list_ttl: float = 60.0,
+                 membership: RepoMembership | None = None,
+                 private: frozenset[str] = frozenset()) -> None:
+        """Args:
+            membership: which repository holds which digest; consulted for the
+                registries in ``private`` (those reached with credentials), so a
+                client that may pull one repository never gets another's private
+                content by naming its digest.
+        """
+        self.chains = dict(chains)
+        self.manifests = manifests
+        self.blobs = blobs
+        self.membership = membership
+        self._private = private
+        self._redirector = redirector if redirector is not None and redirector.redirect else None
+        self._tag_lists: TTLCache[Repo, tuple[str, list[str]]] = TTLCache(
+            maxsize=1000, ttl=max(tag_list_ttl, 0.001), timer=clock.monotonic)
+
+    def with_chains(self, chains: Mapping[str, SourceChain]) -> PullService:
+        """The same service (caches, fills, flights) filling misses from other chains: what a
+        node answers to its peers and child regions, whose requests must not loop back."""
+        view = copy.copy(self)
+        view.chains = dict(chains)
+        return view
+
+    def chain(self, registry: str, background: bool = False) -> SourceChain:
+        """The sources of a configured registry (for ``background`` work, its background view).
+
+        Raises:
+            NameUnknown: no such registry is configured.
+        """
+        chain = self.chains.get(registry)
+        if chain is None:
+            raise NameUnknown(f"no registry named {registry[:100]!r} is configured")
+        return chain.in_background() if background else chain
+
+    # --- manifests --------------------------------------------------------------------
+    async def manifest(self, repo: Repo, reference: str | Digest,
+                       accepted: frozenset[str] | None = None, *,
+                       background: bool = False) -> Resolved:
+        """A manifest by tag (negotiated against ``accepted``) or by digest.
+
+        Args:
+            background: no client waits (warming): the upstream's background budget.
+
+        Raises:
+            ManifestUnknown: no such manifest, or none the caller accepts.
+            UpstreamUnavailable, TooManyRequests: upstream failed and nothing cached answers.
+        """
+        origin = self.chain(repo.registry, background)
+        if isinstance(reference, str) and is_digest_reference(reference):
+            reference = Digest.parse(reference)
+        if isinstance(reference, Digest):
+            await self._member(repo, reference, "manifest")
+            resolved = await self.manifests.by_digest(origin, repo.repository, reference,
+                                                      accepted)
+        else:
+            resolved = await self.manifests.by_tag(origin, repo.repository, reference, accepted)
+        if self.membership is not None:
+            found = resolved.manifest
+            await self.membership.record_manifest(repo.registry, repo.repository, found.digest,
+                                                  found.data)
+        return resolved
+
+    async def _member(self, repo: Repo, digest: Digest, kind: str) -> None:
+        """Refuse content a private registry's repository is not known to hold (unless
+        upstream confirms it under that repository's scope)."""
+        if self.membership is not None and repo.registry in self._private:
+            await ensure_member(self.membership, self.chain(repo.registry).client,
+                                repo.repository, digest, kind=kind)
+
+    # --- blobs ------------------------------------------------------------------------
+    async def blob(self, repo: Repo, digest: Digest, *, head: bool = False,
+                   redirect: bool = True, background: bool = False) -> BlobAnswer:
+        """Where a blob's bytes are: here, in a fill under way, or to be fetched.
+
+        Args:
+            head: only the size is wanted: a blob not here is not downloaded.
+            redirect: a presigned S3 redirect is an acceptable answer.
+            background: no client waits (warming): the upstream's background budget.
+
+        Raises:
+            BlobUnknown: no source has it.
+            UpstreamUnavailable, TooManyRequests: upstream failed.
+        """
+        await self._member(repo, digest, "blob")
+        cached = await self.blobs.cached(digest)
+        if cached is not None:
+            return cached
+        origin = self.chain(repo.registry, background)
+        fill = self.blobs.in_flight(digest)
+        if fill is not None:
+            return BlobFlight(fill, joined=True)
+        ref = ContentRef(repo.registry, repo.repository, digest)
+        if head:
+            return BlobSize(await self.blobs.source_size(origin, ref))
+        if redirect and self._redirector is not None:
+            url = await self._redirector.presigned_url(digest)
+            if url is not None:
+                return BlobRedirect(url)
+        fill, joined = await self.blobs.fill(origin, ref)
+        return BlobFlight(fill, joined)
+
+    async def fetch_blob(self, repo: Repo, digest: Digest, *,
+                         background: bool = True) -> CachedBlob | None:
+        """Make sure the blob is here, waiting for its fill (warming, export).
+
+        A fill cut because a source sent wrong bytes is tried once more (that
+        source is skipped then).
+
+        Returns:
+            The cached blob, or ``None`` when it was verified but could not be kept.
+
+        Raises:
+            BlobUnknown, UpstreamUnavailable, TooManyRequests, FillError.
+        """
+        for attempt in range(2):
+            answer = await self.blob(repo, digest, redirect=False, background=background)
+            if isinstance(answer, CachedBlob):
+                return answer
+            assert isinstance(answer, BlobFlight)
+            try:
+                await answer.fill.wait_done()
+            except FillError:
+                if attempt:
+                    raise
+                continue
+            return await self.blobs.cached(digest)
+        return None  # pragma: no cover (the loop returns or raises)
+
+    async def open_cached(self, blob: CachedBlob) -> IO[bytes] | None:
+        """An open file of a cached blob (``None``: evicted meanwhile); call :meth:`closed`."""
+        return await self.blobs.open(blob)
+
+    def closed(self, digest: Digest) -> None:
+        """A file from :meth:`open_cached` was closed."""
+        self.blobs.closed(digest)
+
+    # --- tag lists ----------------------------------------------------------------------
+    async def tags(self, repo: Repo, n: int | None = None, last: str | None = None) -> TagPage:
+        """A page of tags in lexical order, ``n`` at most, after ``last``.
+
+        Upstream is asked with the same ``n`` and ``last``; when it ignores them (Distribution
+        2.8 ignores ``last``), the whole list is read (cached briefly) and paginated here.
+
+        Raises:
+            NameUnknown: upstream does not know the repository.
+            UpstreamUnavailable: upstream failed or sent something that is not a tag list.
+        """
+        params = {k: str(v) for k, v in (("n", n), ("last", last)) if v is not None}
+        name, tags, link = await self._tag_list(repo, params)
+        if _honoured(tags, n, last):
+            next_n, next_last = _next_from_link(link)
+            return TagPage(name, tags, next_last, next_n if next_last else None)
+        name, every = await self.all_tags(repo)
+        return _paginate(name, every, n, last)
+
+    async def all_tags(self, repo: Repo) -> tuple[str, list[str]]:
+        """Every tag of a repository, sorted, following upstream's pages (cached briefly)."""
+        cached = self._tag_lists.get(repo)
+        if cached is not None:
+            return cached
+        name, tags, link = await self._tag_list(repo, {})
+        every = list(tags)
+        for _ in range(TAG_PAGES_MAX):
+            n, last = _next_from_link(link)
+            if last is None:
+                break
+            params = {"last": last, **({"n": str(n)} if n else {})}
+            _, tags, link = await self._tag_list(repo, params)
+            every.extend(tags)
+        result = (name, sorted(set(every)))
+        self._tag_lists[repo] = result
+        return result
+
+    async def _tag_list(self, repo: Repo,
+                        params: dict[str, str]) -> tuple[str, list[str], str | None]:
+        client = self.chain(repo.registry).client
+        async with client.request("GET", repo.repository, "tags/list", params=params) as resp:
+            if resp.status == 404:
+                raise NameUnknown(f"repository {repo.repository!r} is unknown upstream")
+            check_status(resp, client.name, "tag list")
+            body = await read_limited(resp, "tag list")
+            link = resp.headers.get("Link")
+        name, tags = _parse_tag_list(body, repo.repository)
+        return name, tags, link
+
+    # --- referrers ----------------------------------------------------------------------
+    async def referrers(self, repo: Repo, digest: Digest,
+                        artifact_type: str | None = None) -> Referrers:
+        """The manifests that refer to ``digest``: from upstream's referrers API, else from
+        the referrers tag schema (an index under the tag ``<alg>-<hex>``), else none.
+
+        Raises:
+            UpstreamUnavailable: upstream failed or sent something that is not an index.
+        """
+        client = self.chain(repo.registry).client
+        params = {"artifactType": artifact_type} if artifact_type else None
+        async with client.request("GET", repo.repository, f"referrers/{digest}",
+                                  params=params) as resp:
+            if resp.status not in (200, 404):
+                raise UpstreamUnavailable(f"upstream answered {resp.status} for referrers",
+                                          status=502)
+            body = await read_limited(resp, "referrers index") if resp.status == 200 else None
+            applied = "artifactType" in resp.headers.get("OCI-Filters-Applied", "")
+        if body is not None:
+            index = _parse_index(body, "upstream referrers")
+            if artifact_type and not applied:
+                return Referrers(_index_body(_filtered(index, artifact_type)), True)
+            return Referrers(body, bool(artifact_type))
+        manifests = await self._referrers_by_tag(repo, digest)
+        if artifact_type:
+            manifests = _filtered({"manifests": manifests}, artifact_type)
+        return Referrers(_index_body(manifests), bool(artifact_type))
+
+    async def _referrers_by_tag(self, repo: Repo, digest: Digest) -> list[dict[str, Any]]:
+        try:
+            resolved = await self.manifest(repo, f"{digest.algorithm}-{digest.hex}")
+        except ManifestUnknown:
+            return []
+        if resolved.manifest.media_type != OCI_INDEX:
+            return []
+        manifests = parse_manifest(resolved.manifest.data).get("manifests")
+        return [m for m in manifests if isinstance(m, dict)] if isinstance(manifests, list) \
+            else []
+
+
+def _parse_tag_list(body: bytes, repository: str) -> tuple[str, list[str]]:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    tags = document.get("tags") if isinstance(document, dict) else None
+    if not isinstance(document, dict) or not isinstance(tags, list | None) or \
+            not all(isinstance(t, str) for t in tags or []):
+        raise UpstreamUnavailable("upstream sent a tag list that is not one", status=502)
+    name = document.get("name")
+    return (name if isinstance(name, str) else repository), list(tags or [])
+
+
+def _honoured(tags: list[str], n: int | None, last: str | None) -> bool:
+    """Whether upstream applied ``n`` and ``last`` itself."""
+    return (n is None or len(tags) <= n) and (last is None or all(t > last for t in tags))
+
+
+def _paginate(name: str, tags: list[str], n: int | None, last: str | None) -> TagPage:
+    after = [t for t in tags if last is None or t > last]
+    if n is None or len(after) <= n:
+        return TagPage(name, after)
+    page = after[:n]
+    return TagPage(name, page, page[-1] if page else None, n)
+
+
+def _next_from_link(link: str | None) -> tuple[int | None, str | None]:
+    """``n`` and ``last`` of an upstream ``Link: <...>; rel="next"`` header."""
+    if not link or 'rel="next"' not in link.replace(" ", ""):
+        return None, None
+    start, end = link.find("<"), link.find(">")
+    if start < 0 or end < start:
+        return None, None
+    query = URL(link[start + 1:end]).query
+    n = query.get("n", "")
+    return (int(n) if n.isascii() and n.isdigit() else None), query.get("last")
+
+
+def _parse_index(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict) or not isinstance(document.get("manifests", []), list):
+        raise UpstreamUnavailable(f"{what} is not an image index", status=502)
+    return document
+
+
+def _filtered(index: Mapping[str, Any], artifact_type: str) -> list[dict[str, Any]]:
+    return [m for m in index.get("manifests") or [] if isinstance(m, dict)
+            and m.get("artifactType") == artifact_type]
+
+
+def _index_body(manifests: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                       "manifests": manifests}).encode()
