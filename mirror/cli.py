@@ -22,7 +22,6 @@ import json
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -320,13 +319,10 @@ def _serve(args: argparse.Namespace) -> int:
     sock = [socket.create_server(admin, reuse_port=False)] if admin is not None else None
     app = create_app(settings)
     reload_on_sighup(app, tls)
-    started = time.monotonic()
-    app.on_shutdown.append(_log_stopping)
+    app.on_shutdown.append(_log_stopping)  # the node logs mirror_stopped when it is done
     web.run_app(app, host=settings.listen_host, port=settings.listen_port, sock=sock,
                 ssl_context=tls.context if tls else None, access_log=None, print=None,
                 shutdown_timeout=10, loop=runner.get_loop())
-    structlog.get_logger(__name__).info("mirror_stopped", version=VERSION,
-                                        uptime_seconds=round(time.monotonic() - started, 1))
     return 0
 
 

@@ -175,7 +175,7 @@ class Node:
         await self.tags.close()
         await asyncio.to_thread(self.store.index.close)
         await asyncio.to_thread(self.repos.close)
-        log.info("mirror_stopped")
+        log.info("mirror_stopped", version=VERSION)
 
     async def _reconcile_then_evict(self) -> None:
         """Make the index agree with the disk while already serving, then run eviction.

@@ -48,7 +48,8 @@ FULL = [
 ]
 EXPECTED = {
     "single": ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Service"],
-    "regional": ["ConfigMap", "PodDisruptionBudget", "Service", "Service", "StatefulSet"],
+    "regional": ["ConfigMap", "PodDisruptionBudget", "Secret", "Service", "Service",
+                 "StatefulSet"],
     "edge": ["ConfigMap", "ConfigMap", "DaemonSet", "Service"],
 }
 WORKLOAD = {"single": "Deployment", "regional": "StatefulSet", "edge": "DaemonSet"}
@@ -86,7 +87,13 @@ def _config_check(config_text: str, folder: Path, tls: bool) -> str:
         (folder / "tls").mkdir()
         for name in ("tls.crt", "tls.key"):
             (folder / "tls" / name).write_text("PEM\n")
-    env = {**os.environ, "HUB_TOKEN": "secret-from-the-pod-env"}
+    return _check_file(path)
+
+
+def _check_file(path: Path) -> str:
+    """``mirror config check`` with the environment the chart gives the pod."""
+    env = {**os.environ, "HUB_TOKEN": "secret-from-the-pod-env",
+           "MIRROR_PEER_SECRET": "a-peer-secret-of-the-region"}
     proc = subprocess.run([sys.executable, "-m", "mirror", "config", "check", str(path)],
                           capture_output=True, text=True, env=env, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -135,8 +142,11 @@ def _check_pod(pod: dict[str, Any], tls: bool) -> None:
         assert env["HUB_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hub", "key": "token"}
 
 
-def test_regional_mode_has_peers_by_dns_a_budget_and_a_volume_per_pod(helm_bin: Path) -> None:
-    docs = _render(helm_bin, "regional", "--set", "regional.replicas=5")
+def test_regional_mode_has_peers_by_dns_a_budget_and_a_volume_per_pod(
+        helm_bin: Path, tmp_path: Path) -> None:
+    docs = _render(helm_bin, "regional", "--set", "regional.replicas=5",
+                   "--set", "regional.region=eu-west",
+                   "--set-json", 'regional.parents=["https://mirror.us-east.example.com"]')
     sts = _one(docs, "StatefulSet")
     peers = _one(docs, "Service", "-peers")
     assert sts["spec"]["replicas"] == 5
@@ -145,8 +155,44 @@ def test_regional_mode_has_peers_by_dns_a_budget_and_a_volume_per_pod(helm_bin: 
     assert [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]] == ["cache"]
     pdb = _one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
-    config = _one(docs, "ConfigMap")["data"]["mirror.yaml"]
-    assert f"{peers['metadata']['name']}.registry.svc" in config  # named for operators
+
+    data = _one(docs, "ConfigMap")["data"]
+    cluster = yaml.safe_load(data["mirror.yaml"])["cluster"]
+    assert cluster["peers_dns"] == {"name": f"{peers['metadata']['name']}.registry.svc"
+                                    ".cluster.local", "port": 5000, "scheme": "http"}
+    assert cluster["region"] == "eu-west"
+    assert cluster["parents"] == ["https://mirror.us-east.example.com"]
+    secret = _one(docs, "Secret")
+    (mirror,) = sts["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in mirror["env"]}
+    assert env["MIRROR_PEER_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == \
+        secret["metadata"]["name"]
+    assert mirror["args"][-1] == "/etc/mirror/run/mirror.yaml"
+
+    # What the init container does in each pod, with the chart's own script.
+    (tmp_path / "config").mkdir()
+    (tmp_path / "run").mkdir()
+    for name, text in data.items():
+        (tmp_path / "config" / name).write_text(text)
+    for pod_ip, url in (("127.0.0.2", "http://127.0.0.2:5000"), ("fd00::7", "http://[fd00::7]:5000")):
+        env_vars = {"PATH": os.environ["PATH"], "POD_IP": pod_ip,
+                    "SRC": str(tmp_path / "config" / "mirror.yaml"),
+                    "DEST": str(tmp_path / "run" / "mirror.yaml")}
+        subprocess.run(["sh", str(tmp_path / "config" / "render-config.sh")], env=env_vars,
+                       check=True, timeout=30)
+        rendered = (tmp_path / "run" / "mirror.yaml").read_text()
+        assert yaml.safe_load(rendered)["cluster"]["self_url"] == url
+        assert "upstreams: docker.io (default)" in _check_file(tmp_path / "run" / "mirror.yaml")
+
+
+def test_regional_mode_with_a_peer_secret_of_its_own(helm_bin: Path) -> None:
+    docs = _render(helm_bin, "regional", "--set", "regional.peerSecret.secretName=region-key",
+                   "--set", "regional.peerSecret.key=token")
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    (mirror,) = _one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in mirror["env"]}
+    assert env["MIRROR_PEER_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "region-key",
+                                                                       "key": "token"}
 
 
 def test_single_mode_can_use_an_existing_claim(helm_bin: Path) -> None:

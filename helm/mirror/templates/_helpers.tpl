@@ -35,6 +35,14 @@ app.kubernetes.io/component: {{ .Values.mode }}
 {{- printf "%s-peers" (include "mirror.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{- define "mirror.peersDns" -}}
+{{- printf "%s.%s.svc.%s" (include "mirror.peersService" .) .Release.Namespace .Values.regional.clusterDomain -}}
+{{- end -}}
+
+{{- define "mirror.peerSecretName" -}}
+{{- .Values.regional.peerSecret.secretName | default (printf "%s-peer" (include "mirror.fullname" .)) -}}
+{{- end -}}
+
 {{- define "mirror.scheme" -}}
 {{- if .Values.tls.enabled }}HTTPS{{ else }}HTTP{{ end -}}
 {{- end -}}
@@ -55,6 +63,13 @@ app.kubernetes.io/component: {{ .Values.mode }}
 {{- if .Values.config.server }}{{ $_ := set $config "server" .Values.config.server }}{{ end -}}
 {{- if .Values.tls.enabled -}}
 {{- $_ := set $config "tls" (dict "cert" "../tls/tls.crt" "key" "../tls/tls.key") -}}
+{{- end -}}
+{{- if eq .Values.mode "regional" -}}
+{{- $scheme := include "mirror.scheme" . | lower -}}
+{{- $dns := dict "name" (include "mirror.peersDns" .) "port" (int .Values.config.port) "scheme" $scheme -}}
+{{- $cluster := dict "region" .Values.regional.region "peers_dns" $dns "secret_env" "MIRROR_PEER_SECRET" "self_url" (printf "%s://POD_IP:%d" $scheme (int .Values.config.port)) -}}
+{{- with .Values.regional.parents }}{{ $_ := set $cluster "parents" . }}{{ end -}}
+{{- $_ := set $config "cluster" $cluster -}}
 {{- end -}}
 {{- $config = mergeOverwrite $config (deepCopy .Values.extraConfig) -}}
 {{- toYaml $config -}}
@@ -89,7 +104,7 @@ containers:
   - name: mirror
     image: "{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}"
     imagePullPolicy: {{ .Values.image.pullPolicy }}
-    args: ["serve", "--config", "/etc/mirror/config/mirror.yaml"]
+    args: ["serve", "--config", "/etc/mirror/{{ ternary "run" "config" (eq .Values.mode "regional") }}/mirror.yaml"]
     ports:
       - name: registry
         containerPort: {{ .Values.config.port }}
@@ -100,6 +115,13 @@ containers:
     env:
       - name: MIRROR_HEALTHCHECK_URL
         value: "{{ lower $scheme }}://127.0.0.1:{{ .Values.config.port }}/healthz"
+      {{- if eq .Values.mode "regional" }}
+      - name: MIRROR_PEER_SECRET
+        valueFrom:
+          secretKeyRef:
+            name: {{ include "mirror.peerSecretName" . }}
+            key: {{ .Values.regional.peerSecret.key }}
+      {{- end }}
       {{- range .Values.secretEnv }}
       - name: {{ .name }}
         valueFrom:
@@ -140,6 +162,11 @@ containers:
         mountPath: /var/lib/mirror
       - name: tmp
         mountPath: /tmp
+      {{- if eq .Values.mode "regional" }}
+      - name: run
+        mountPath: /etc/mirror/run
+        readOnly: true
+      {{- end }}
       {{- if .Values.tls.enabled }}
       - name: tls
         mountPath: /etc/mirror/tls
@@ -158,6 +185,11 @@ containers:
 - name: tmp
   emptyDir:
     sizeLimit: 64Mi
+{{- if eq .Values.mode "regional" }}
+- name: run
+  emptyDir:
+    sizeLimit: 1Mi
+{{- end }}
 {{- if .Values.tls.enabled }}
 - name: tls
   secret:
