@@ -87,6 +87,12 @@ class Digest:
         return hashlib.new(self.algorithm, data).hexdigest() == self.hex
 
 
+def is_number(text: str) -> bool:
+    """Whether ``text`` is a whole number in ASCII digits, the only numbers HTTP and the
+    distribution spec know (``str.isdigit`` also takes ``²``, ``٣`` and full-width digits)."""
+    return text.isascii() and text.isdigit()
+
+
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid repository name.
 

@@ -29,6 +29,7 @@ from mirror.config.values import (
     _url,
     parse_duration,
     parse_rate,
+    parse_timeout,
 )
 from mirror.errors import ConfigError
 
@@ -87,8 +88,8 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
         library_prefix=_opt(item, "library_prefix", key, _bool, preset.library_prefix),
         username=legacy.username if legacy else None,
         password=legacy.password if legacy else None,
-        connect_timeout=_opt(item, "connect_timeout", key, parse_duration, d.connect_timeout),
-        read_timeout=_opt(item, "read_timeout", key, parse_duration, d.read_timeout),
+        connect_timeout=_opt(item, "connect_timeout", key, parse_timeout, d.connect_timeout),
+        read_timeout=_opt(item, "read_timeout", key, parse_timeout, d.read_timeout),
         retries=_opt(item, "retries", key, _count, d.retries),
         max_connections=_opt(item, "max_connections", key, _positive, d.max_connections),
         max_retry_wait=_opt(item, "max_retry_wait", key, parse_duration, d.max_retry_wait),
@@ -173,10 +174,12 @@ def _preset_url(preset: Preset, name: str, key: str) -> URL:
 
 
 def _check_unique_names(upstreams: tuple[UpstreamSettings, ...]) -> None:
-    seen: dict[str, str] = {}
+    """Every name and alias means one upstream: two entries named alike would mix one's
+    settings with the other's URL."""
+    seen: dict[str, int] = {}
     for i, upstream in enumerate(upstreams):
-        for name in (upstream.name.lower(), *(a.lower() for a in upstream.aliases)):
-            if name in seen and seen[name] != upstream.name:
+        for name in dict.fromkeys((upstream.name.lower(), *(a.lower() for a in upstream.aliases))):
+            if name in seen:
                 raise ConfigError(f"upstreams[{i}]", f"name {name!r} is already used by "
-                                  f"{seen[name]!r}")
-            seen[name] = upstream.name
+                                  f"upstreams[{seen[name]}] ({upstreams[seen[name]].name!r})")
+            seen[name] = i

@@ -22,11 +22,12 @@ from mirror.errors import (
     Unsupported,
     UpstreamUnavailable,
 )
-from mirror.oci import MANIFEST_MAX_BYTES, accepted_types
+from mirror.oci import MANIFEST_MAX_BYTES, accepted_types, is_number
 from mirror.routing import Kind, Target, next_link
 from mirror.server.responses import (
     FileSliceResponse,
     blob_headers,
+    bytes_response,
     etag_matches,
     manifest_headers,
     parse_range,
@@ -130,7 +131,7 @@ async def _cached_blob(request: web.Request, state: MirrorState,
         return web.Response(status=304, headers=headers)
     if cached.data is not None:
         metrics.child(metrics.SERVED_BYTES, "memory").inc(end - start)
-        return web.Response(status=status, body=cached.data[start:end], headers=headers)
+        return bytes_response(status, cached.data[start:end], headers)
     file = await state.blobs.open(cached)
     if file is None:
         return None
@@ -178,7 +179,7 @@ def _pagination(request: web.Request) -> dict[str, str]:
     params: dict[str, str] = {}
     if "n" in request.query:
         n = request.query["n"]
-        if not n.isdigit() or int(n) > 100_000:
+        if not is_number(n) or int(n) > 100_000:
             raise PaginationNumberInvalid(f"n must be a whole number up to 100000, got {n[:20]!r}")
         params["n"] = n
     if "last" in request.query:

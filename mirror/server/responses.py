@@ -18,7 +18,7 @@ from aiohttp.http_writer import StreamWriter
 
 from mirror.errors import RangeInvalid
 from mirror.fetch import Fill
-from mirror.oci import Digest
+from mirror.oci import Digest, is_number
 from mirror.server.sendfile import sendfile, socket_for_sendfile
 
 BLOB_CACHE_CONTROL = "max-age=31536000, immutable"
@@ -37,7 +37,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not header or not header.startswith("bytes=") or "," in header:
         return None
     first, sep, last = header[6:].strip().partition("-")
-    if not sep or not (first.isdigit() or (not first and last.isdigit())):
+    if not sep or not (is_number(first) or (not first and is_number(last))):
         return None
     if not first:
         suffix = int(last)
@@ -45,7 +45,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise RangeInvalid("empty suffix range", size)
         return max(size - suffix, 0), size
     start = int(first)
-    if last and not last.isdigit():
+    if last and not is_number(last):
         return None
     end = min(int(last) + 1, size) if last else size
     if last and int(last) < start:
@@ -67,6 +67,13 @@ def blob_headers(digest: Digest, size: int, span: tuple[int, int] | None) -> dic
     if span is not None:
         headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{size}"
     return headers
+
+
+def bytes_response(status: int, body: bytes, headers: dict[str, str]) -> web.Response:
+    """An answer from memory whose ``Content-Length`` is always there, 0 included
+    (aiohttp leaves it out of a HEAD with an empty body: clients then wait for one)."""
+    return web.Response(status=status, body=body,
+                        headers={**headers, "Content-Length": str(len(body))})
 
 
 def manifest_headers(digest: Digest, media_type: str, ns: str | None) -> dict[str, str]:

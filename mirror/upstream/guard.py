@@ -44,6 +44,7 @@ import structlog
 from mirror import metrics
 from mirror.config import BreakerSettings, BudgetSettings, UpstreamSettings
 from mirror.errors import TooManyRequests, UpstreamUnavailable
+from mirror.oci import is_number
 
 log = structlog.get_logger(__name__)
 
@@ -80,14 +81,13 @@ def parse_ratelimit(value: str | None) -> tuple[int, int | None] | None:
     if not value:
         return None
     head, *params = value.split(";")
-    try:
-        count = int(head.strip())
-    except ValueError:
+    if not is_number(head.strip()):
         return None
+    count = int(head.strip())
     window = None
     for param in params:
         name, _, raw = param.strip().partition("=")
-        if name.strip().lower() == "w" and raw.strip().isdigit():
+        if name.strip().lower() == "w" and is_number(raw.strip()):
             window = int(raw.strip())
     return (count, window) if count >= 0 else None
 

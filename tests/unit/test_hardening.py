@@ -1,0 +1,127 @@
+"""Issue 10: what a hostile client, a bad upstream and a careless config found.
+
+Each test names the item of the issue it covers; each failed before its fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from mirror import config
+from mirror.cli import main
+from mirror.errors import ConfigError
+from tests.support.fake import FakeRegistry, sha256
+
+Client = TestClient[Any, Any]
+EMPTY = sha256(b"")
+
+
+# --- item 5: only ASCII digits are numbers ---------------------------------------------------
+@pytest.mark.parametrize("value", ["²-5", "٣-5", "\uff11-5", "0-²", "-²", "0-٣"])
+async def test_item05_range_with_unicode_digits_is_ignored(mirror: Client, fake: FakeRegistry,
+                                                           value: str) -> None:
+    digest = fake.add_blob(b"0123456789")
+    await (await mirror.get(f"/v2/app/blobs/{digest}")).read()  # cached from now on
+    response = await mirror.get(f"/v2/app/blobs/{digest}", headers={"Range": f"bytes={value}"})
+    assert response.status == 200  # an unparsable Range is ignored (RFC 9110)
+    assert await response.read() == b"0123456789"
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "\uff11\uff10"])
+async def test_item05_tag_list_n_with_unicode_digits_is_400(mirror: Client, fake: FakeRegistry,
+                                                            value: str) -> None:
+    fake.add_image("app", "v1", [b"a"])
+    response = await mirror.get("/v2/app/tags/list", params={"n": value})
+    assert response.status == 400
+    assert (await response.json())["errors"][0]["code"] == "PAGINATION_NUMBER_INVALID"
+    assert fake.count(contains="/tags/list") == 0
+
+
+# --- item 6: two upstreams with one name ----------------------------------------------------
+def test_item06_duplicate_upstream_names_are_refused() -> None:
+    with pytest.raises(ConfigError) as error:
+        config.parse({"upstreams": [{"name": "r", "url": "http://a"},
+                                    {"name": "r", "url": "http://b"}]}, env={})
+    assert error.value.key == "upstreams[1]" and "upstreams[0]" in str(error.value)
+
+
+# --- item 7: durations and sizes within sane bounds -------------------------------------------
+@pytest.mark.parametrize(("entry", "key"), [
+    ({"read_timeout": float("inf")}, "upstreams[0].read_timeout"),
+    ({"read_timeout": float("nan")}, "upstreams[0].read_timeout"),
+    ({"read_timeout": 0}, "upstreams[0].read_timeout"),
+    ({"read_timeout": "0s"}, "upstreams[0].read_timeout"),
+    ({"connect_timeout": "2h"}, "upstreams[0].connect_timeout"),
+    ({"max_retry_wait": -1}, "upstreams[0].max_retry_wait"),
+    ({"breaker": {"cool_down": float("inf")}}, "upstreams[0].breaker.cool_down"),
+])
+def test_item07_upstream_durations_are_bounded(entry: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        config.parse({"upstreams": [{"name": "r", "url": "http://a", **entry}]}, env={})
+    assert error.value.key == key
+
+
+@pytest.mark.parametrize("value", ["9" * 400, int("9" * 400), "9" * 400 + "GiB", "2EiB",
+                                   "1e30"])
+def test_item07_huge_sizes_name_their_key(value: Any) -> None:
+    with pytest.raises(ConfigError) as error:
+        config.parse({"storage": {"max_size": value}}, env={})
+    assert error.value.key == "storage.max_size"
+
+
+def test_item07_cache_durations_are_finite() -> None:
+    with pytest.raises(ConfigError) as error:
+        config.parse({"cache": {"tag_ttl": float("inf")}}, env={})
+    assert error.value.key == "cache.tag_ttl"
+    assert config.parse({"cache": {"stale_if_error": "30d"}}, env={}).cache.stale_if_error \
+        == 30 * 86400
+
+
+# --- item 10 (second half): duplicate YAML keys -----------------------------------------------
+def test_item10_duplicate_yaml_keys_are_refused(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text("version: 1\nstorage: {path: /a}\ncache: {tag_ttl: 1m}\n"
+                    "storage: {path: /b}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'storage'"):
+        config.load(path)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("upstreams:\n  - name: r\n    url: http://a\n    url: http://b\n")
+    assert main(["config", "check", str(nested)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "duplicate key 'url'" in err
+
+
+def test_item10_yaml_merge_keys_still_work(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text("x-defaults: &d {read_timeout: 5s, retries: 1}\n"
+                    "upstreams:\n  - <<: *d\n    name: r\n    url: http://a\n    retries: 2\n")
+    with pytest.raises(ConfigError, match="x-defaults"):  # unknown top-level key, not a dup
+        config.load(path)
+
+
+# --- item 8 (config file half): not UTF-8 ------------------------------------------------------
+def test_item08_config_not_utf8_is_one_line(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("version: 1\n# caf\xe9\n".encode("latin-1"))
+    assert main(["config", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not UTF-8" in err
+
+
+# --- item 13: HEAD of the empty blob --------------------------------------------------------
+async def test_item13_head_of_empty_blob_has_content_length_zero(mirror: Client,
+                                                                 fake: FakeRegistry) -> None:
+    fake.add_blob(b"")
+    before = await mirror.head(f"/v2/app/blobs/{EMPTY}")  # not cached yet: asks upstream
+    assert before.status == 200 and before.headers.get("Content-Length") == "0"
+    get = await mirror.get(f"/v2/app/blobs/{EMPTY}")
+    assert get.status == 200 and await get.read() == b""
+    assert get.headers.get("Content-Length") == "0"
+    cached = await mirror.head(f"/v2/app/blobs/{EMPTY}")
+    assert cached.status == 200 and cached.headers.get("Content-Length") == "0"
