@@ -66,6 +66,15 @@ def backoff_delay(attempt: int) -> float:
     return min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
+class _Request:
+    """One request, whatever its retries: what the breaker counts."""
+
+    __slots__ = ("forgiven",)
+
+    def __init__(self) -> None:
+        self.forgiven = False  # its 5xx were found to be about it, not about the registry
+
+
 @dataclass
 class _Attempt:
     """State of one try at a request: auth rounds per origin, redirect hops."""
@@ -77,6 +86,7 @@ class _Attempt:
     hops: int = 0
     credential: str | None = None  # label of the credential in use
     renewed: bool = False  # a rejected Basic credential was fetched afresh once
+    request: _Request | None = None  # shared by every try of one request
 
 
 class UpstreamClient:
@@ -110,6 +120,7 @@ class UpstreamClient:
         self._credentials = CredentialPool(
             settings.name, [make_source(c, settings.name) for c in credentials])
         self.guard = guard or UpstreamGuard(settings)
+        self._health: asyncio.Future[bool] | None = None
 
     def __repr__(self) -> str:
         return f"UpstreamClient(name={self.name!r}, url={str(self._settings.url)!r})"
@@ -220,10 +231,11 @@ class UpstreamClient:
         """Retry loop around :meth:`_attempt`: transient errors and short 429s."""
         attempts = self._settings.retries + 1 if retry else 1
         rotations = 0
+        request = _Request()  # the breaker counts this request's retries as one failure
         for attempt in range(1, attempts + 1):
             try:
                 state = _Attempt(repository, started=self._tokens.clock(),
-                                 credential=self._credentials.active)
+                                 credential=self._credentials.active, request=request)
                 resp = await self._guarded(method, url, headers, state, background=background)
             except TransientError as exc:
                 UPSTREAM_ERRORS.labels(self.name, exc.reason).inc()
@@ -255,19 +267,31 @@ class UpstreamClient:
         """:meth:`_attempt` admitted by the guard, its outcome reported to the breaker.
 
         Connection errors, timeouts, 5xx and 429 count as failures; any other
-        answer, a refusal included, shows upstream is up.
+        answer, a refusal included, shows upstream is up. A 5xx that would open
+        the breaker is checked against ``/v2/`` first (see guard.py).
         """
         ticket = await self.guard.admit(background=background)
         ok: bool | None = None
-        limited, retry_after = False, None
+        limited, retry_after, suspect = False, None, False
         try:
             resp = await self._attempt(method, url, headers, state)
             ok = resp.status != 429
             if not ok:
                 limited, retry_after = True, parse_retry_after(resp.headers.get("Retry-After"))
             return resp
-        except TransientError:
-            ok = False
+        except TransientError as exc:
+            ok, suspect = False, exc.reason == "status_5xx"
+            request = state.request
+            if suspect and request is not None and request.forgiven:
+                ok = None
+            elif suspect and request is not None and not ticket.probe \
+                    and self.guard.would_open(request) and await self._registry_answers():
+                ok, request.forgiven = None, True
+                self.guard.forgive()
+                log.warning("upstream_5xx_not_counted", registry=self.name,
+                            repository=state.repository,
+                            hint="/v2/ answers: the 5xx are about these requests, not the "
+                                 "registry's health; the circuit breaker stays closed")
             raise
         except TooManyRequests as exc:  # the token endpoint's 429
             ok, limited, retry_after = False, True, exc.retry_after
@@ -278,7 +302,25 @@ class UpstreamClient:
             ok = True
             raise
         finally:
-            self.guard.settle(ticket, ok, rate_limited=limited, retry_after=retry_after)
+            self.guard.settle(ticket, ok, rate_limited=limited, retry_after=retry_after,
+                              request=state.request, suspect=suspect)
+
+    async def _registry_answers(self) -> bool:
+        """Whether upstream's ``/v2/`` answers below 500 (401 included): the registry is up.
+
+        One check at a time; concurrent callers share it.
+        """
+        if self._health is None or self._health.done():
+            self._health = asyncio.ensure_future(self._check_v2())
+        return await asyncio.shield(self._health)
+
+    async def _check_v2(self) -> bool:
+        try:
+            resp = await self._raw("GET", self._v2_url(""), self._headers({}, None))
+        except TransientError:
+            return False
+        resp.release()
+        return resp.status < 500
 
     def _note_remaining(self, resp: aiohttp.ClientResponse, state: _Attempt) -> None:
         """Docker Hub's ``ratelimit-remaining: 0;w=21600``: the next request would be a 429."""

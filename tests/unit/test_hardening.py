@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client import REGISTRY
 
 from mirror import config
 from mirror.cli import main
 from mirror.errors import ConfigError
 from tests.support.fake import FakeRegistry, sha256
+from tests.unit.conftest import MirrorFactory
 
 Client = TestClient[Any, Any]
 EMPTY = sha256(b"")
@@ -125,3 +127,51 @@ async def test_item13_head_of_empty_blob_has_content_length_zero(mirror: Client,
     assert get.headers.get("Content-Length") == "0"
     cached = await mirror.head(f"/v2/app/blobs/{EMPTY}")
     assert cached.status == 200 and cached.headers.get("Content-Length") == "0"
+
+
+# --- item 1: anonymous clients cannot open a registry's circuit breaker -------------------------
+def _breaker_state() -> float:
+    return REGISTRY.get_sample_value("mirror_upstream_breaker_state",
+                                     {"registry": "fake.test"}) or 0.0
+
+
+async def test_item01_bad_names_that_upstream_fails_on_never_open_the_breaker(
+        make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
+    mirror = await make_mirror(upstream={"retries": 2, "breaker": {"failures": 2,
+                                                                   "cool_down": "1h"}})
+    fake.add_image("app", "v1", [b"x"])
+    evil = "a" * 240
+    fake.fault(kind="status", status=500, path=f"/{evil}/")  # upstream chokes on the name
+    for _ in range(6):
+        assert (await mirror.get(f"/v2/{evil}/manifests/v1")).status == 502
+    assert fake.count("GET", f"/{evil}/manifests/") == 18  # each tried 3 times
+    assert _breaker_state() == 0
+    good = await mirror.get("/v2/app/manifests/v1")
+    assert good.status == 200  # not 503 "circuit open" for everyone else
+    # /v2/ was asked once per would-be opening, not once per failure.
+    assert fake.count("GET", "/v2/") - fake.count("GET", "/v2/a") == 3
+
+
+async def test_item01_retries_of_one_request_count_once(make_mirror: MirrorFactory,
+                                                        fake: FakeRegistry) -> None:
+    mirror = await make_mirror(upstream={"retries": 2, "breaker": {"failures": 2,
+                                                                   "cool_down": "1h"}})
+    fake.fault(kind="status", status=503, path="/v2/")  # the whole registry is down
+    assert (await mirror.get("/v2/app/manifests/v1")).status == 502
+    assert fake.count("GET", "/manifests/") == 3
+    assert _breaker_state() == 0  # one failed request, however many tries
+    assert (await mirror.get("/v2/app/manifests/v2")).status == 502
+    assert _breaker_state() == 1  # a real outage still opens it
+    fast = await mirror.get("/v2/app/manifests/v3")
+    assert fast.status == 503 and fake.count("GET", "/manifests/") == 4  # no more tries
+
+
+async def test_item01_names_are_checked_after_library_is_added(make_mirror: MirrorFactory,
+                                                               fake: FakeRegistry) -> None:
+    mirror = await make_mirror(upstream={"library_prefix": True})
+    for name in ("a" * 255, "a" * 248):
+        response = await mirror.get(f"/v2/{name}/manifests/v1")
+        assert response.status == 400
+        assert (await response.json())["errors"][0]["code"] == "NAME_INVALID"
+    assert (await mirror.get(f"/v2/{'a' * 247}/manifests/v1")).status == 404  # 255 in all
+    assert fake.count(contains="/manifests/") == 1
