@@ -88,10 +88,8 @@ class SharedTier:
         """
         if fetcher.current(digest) is None:
             size = await self.blob_size(digest)
-            if size is not None and expected_size is not None and size != expected_size:
-                await self._drop_bad_blob(digest, f"{size} bytes in S3, the manifest says "
-                                                  f"{expected_size}")
-                size = None
+            # A manifest's size is only a hint (anyone's manifest may declare any size):
+            # S3's object is judged by its digest on the way in, not by the hint.
             if size is not None and fetcher.current(digest) is None:
                 opener = self._opener(digest, upstream)
                 fill, joined = await fetcher.start(digest, opener, SOURCE, size)

@@ -20,6 +20,7 @@ from mirror import metrics
 from mirror.errors import UpstreamUnavailable
 from mirror.fetch.body import UpstreamOpener, check_response, read_chunk
 from mirror.fetch.fill import Fill
+from mirror.fetch.hints import SizeHints
 from mirror.fetch.space import Space, Unbounded
 from mirror.fetch.writer import DISK_FULL_ERRNOS, DigestMismatch, TempWriter
 from mirror.oci import Digest
@@ -37,8 +38,9 @@ class Fetcher:
     """Owns every fill of this node: one per digest."""
 
     def __init__(self, store: FilesystemStore, chunk_size: int = 1 << 20,
-                 space: Space | None = None) -> None:
+                 space: Space | None = None, hints: SizeHints | None = None) -> None:
         self.store = store
+        self.hints = hints or SizeHints()  # sizes from manifests (see hints.py)
         self.chunk_size = chunk_size
         self.space: Space = space or Unbounded()
         self._fills: dict[Digest, Fill] = {}
@@ -120,6 +122,9 @@ class Fetcher:
                 metrics.UPSTREAM_ERRORS.labels(registry, "digest_mismatch").inc()
             log.warning("fill_failed", digest=str(fill.digest), registry=registry,
                         bytes=fill.written, error=str(exc) or type(exc).__name__)
+            if fill.expected_size is not None:
+                # It streamed on a manifest's size and failed: the hint may be why.
+                self.hints.drop(fill.digest, fill.hint)
             # Clean up before telling readers, so no one sees a half-removed fill.
             await asyncio.shield(asyncio.to_thread(writer.discard))
             fill.fail(exc)
@@ -182,6 +187,8 @@ class Fetcher:
             try:
                 async with opener(fill.written) as response:
                     check_response(response, fill)
+                    if fill.hint_wrong:
+                        self._wrong_hint(fill, response.content_length)
                     if not fill.reserved and fill.size and self.space.fits(fill.size):
                         fill.reserved = fill.size
                         await self.space.reserve(fill.size)
@@ -197,6 +204,15 @@ class Fetcher:
                 log.warning("fill_resume", digest=str(fill.digest), offset=fill.written,
                             attempt=attempts)
                 await asyncio.sleep(0.05 * attempts)
+
+    def _wrong_hint(self, fill: Fill, length: int | None) -> None:
+        """A manifest declared another size than upstream sends: the digest will tell."""
+        fill.hint_wrong = False
+        self.hints.drop(fill.digest, fill.hint)
+        metrics.UPSTREAM_ERRORS.labels(fill.source, "size_hint_wrong").inc()
+        log.warning("size_hint_ignored", digest=str(fill.digest), size_hint=fill.hint,
+                    upstream_length=length, hint="a manifest declared another size for this "
+                    "digest; upstream's length is used and the bytes are verified")
 
     async def _copy_body(self, fill: Fill, response: BodyResponse, registry: str,
                          writer: TempWriter) -> None:

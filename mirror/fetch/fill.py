@@ -38,7 +38,9 @@ class Fill:
                  on_reader: Callable[[Digest, int], None] | None = None) -> None:
         self.digest = digest
         self.temp = temp
-        self.expected_size = expected_size
+        self.expected_size = expected_size  # a size hint; None once upstream says a length
+        self.hint = expected_size  # the hint this fill started with
+        self.hint_wrong = False  # upstream's Content-Length contradicted the hint
         self.size: int | None = None
         self.written = 0
         self.done = False

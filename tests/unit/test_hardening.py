@@ -5,9 +5,13 @@ Each test names the item of the issue it covers; each failed before its fix.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY
@@ -15,7 +19,7 @@ from prometheus_client import REGISTRY
 from mirror import config
 from mirror.cli import main
 from mirror.errors import ConfigError
-from tests.support.fake import FakeRegistry, sha256
+from tests.support.fake import OCI_MANIFEST, FakeRegistry, sha256
 from tests.unit.conftest import MirrorFactory
 
 Client = TestClient[Any, Any]
@@ -175,3 +179,41 @@ async def test_item01_names_are_checked_after_library_is_added(make_mirror: Mirr
         assert (await response.json())["errors"][0]["code"] == "NAME_INVALID"
     assert (await mirror.get(f"/v2/{'a' * 247}/manifests/v1")).status == 404  # 255 in all
     assert fake.count(contains="/manifests/") == 1
+
+
+# --- item 2: one repository's manifest cannot make a blob unfetchable ---------------------------
+def _evil_manifest(fake: FakeRegistry, repo: str, digest: str, size: int) -> None:
+    """A manifest in another repository declaring a known layer with a wrong size."""
+    config_blob = fake.add_blob(b'{"os":"linux"}')
+    document = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": config_blob, "size": 14},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                            "digest": digest, "size": size}]}
+    fake.add_manifest(repo, json.dumps(document).encode(), OCI_MANIFEST, "v1")
+
+
+async def test_item02_wrong_size_in_another_manifest_does_not_break_the_blob(
+        mirror: Client, fake: FakeRegistry) -> None:
+    layer = os.urandom(1234)
+    _, manifest = fake.add_image("app", "v1", [layer])
+    digest = json.loads(manifest)["layers"][0]["digest"]
+    _evil_manifest(fake, "evil", digest, 11378048)
+    assert (await mirror.get("/v2/evil/manifests/v1")).status == 200  # the hint is learned
+    response = await mirror.get(f"/v2/app/blobs/{digest}")
+    assert response.status == 200
+    assert await response.read() == layer
+
+
+async def test_item02_wrong_hint_without_content_length_heals(mirror: Client,
+                                                              fake: FakeRegistry) -> None:
+    layer = os.urandom(200_000)
+    _, manifest = fake.add_image("app", "v1", [layer])
+    digest = json.loads(manifest)["layers"][0]["digest"]
+    _evil_manifest(fake, "evil", digest, 100)
+    fake.fault(kind="chunked", path="/blobs/", chunk=64 << 10, delay=0.001)
+    assert (await mirror.get("/v2/evil/manifests/v1")).status == 200
+    with contextlib.suppress(aiohttp.ClientPayloadError):
+        await (await mirror.get(f"/v2/app/blobs/{digest}")).read()  # may be cut: 100 promised
+    again = await mirror.get(f"/v2/app/blobs/{digest}")
+    assert again.status == 200 and await again.read() == layer  # the wrong hint was dropped
