@@ -244,5 +244,5 @@ def _serve(args: argparse.Namespace) -> int:
     runner = asyncio.Runner(loop_factory=loop_factory)
     web.run_app(create_app(settings), host=settings.listen_host, port=settings.listen_port,
                 ssl_context=ssl_context, access_log=None, print=None, shutdown_timeout=10,
-                loop=runner.get_loop())
+                loop=runner.get_loop(), handler_cancellation=True)
     return 0

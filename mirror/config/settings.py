@@ -109,6 +109,7 @@ class UpstreamSettings:
     password: Secret | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    request_timeout: float = 60.0  # the whole of a manifest, tag list or referrers request
     retries: int = 3
     max_connections: int = 32
     max_retry_wait: float = 10.0

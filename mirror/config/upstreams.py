@@ -52,9 +52,9 @@ def _upstreams(value: Any, env: Mapping[str, str], base: Path) -> tuple[Upstream
 
 _UPSTREAM_KEYS = {
     "name", "url", "aliases", "default", "library_prefix", "username", "password_env",
-    "password_file", "connect_timeout", "read_timeout", "retries", "max_connections",
-    "max_retry_wait", "preset", "blob_probe", "credentials", "docker_config", "ecr",
-    "json_key_file",
+    "password_file", "connect_timeout", "read_timeout", "request_timeout", "retries",
+    "max_connections", "max_retry_wait", "preset", "blob_probe", "credentials",
+    "docker_config", "ecr", "json_key_file",
 } | {"budget", "breaker", "max_client_retry_after"}
 
 
@@ -90,6 +90,7 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
         password=legacy.password if legacy else None,
         connect_timeout=_opt(item, "connect_timeout", key, parse_timeout, d.connect_timeout),
         read_timeout=_opt(item, "read_timeout", key, parse_timeout, d.read_timeout),
+        request_timeout=_opt(item, "request_timeout", key, parse_timeout, d.request_timeout),
         retries=_opt(item, "retries", key, _count, d.retries),
         max_connections=_opt(item, "max_connections", key, _positive, d.max_connections),
         max_retry_wait=_opt(item, "max_retry_wait", key, parse_duration, d.max_retry_wait),

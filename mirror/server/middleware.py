@@ -8,6 +8,7 @@ the request id and becomes a 500 with no details in the body.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
@@ -57,6 +58,11 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         context["error"] = str(exc)
         if request.transport is not None:
             request.transport.close()
+        raise
+    except asyncio.CancelledError:
+        # The client went away (handler_cancellation): what it asked for is dropped,
+        # except a blob fill, which the fetcher owns.
+        status, context["error"] = 499, "client went away"
         raise
     finally:
         elapsed = time.perf_counter() - started

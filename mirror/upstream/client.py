@@ -180,8 +180,11 @@ class UpstreamClient:
         url = self._v2_url(f"{repository}/{suffix}")
         if method == "HEAD" and suffix.startswith("blobs/") and self._settings.blob_probe == "get":
             method = "GET"  # ECR Public answers a blob HEAD with 401; only the headers are read
+        # Small answers have a total deadline, so a drip cannot hold a pooled connection;
+        # a blob takes as long as it takes (read_timeout bounds each silence).
+        deadline = None if suffix.startswith("blobs/") else self._settings.request_timeout
         return self._open(method, repository, url.extend_query(params or {}), headers or {}, retry,
-                          background=background)
+                          background=background, deadline=deadline)
 
     async def ping(self, *, background: bool = False) -> None:
         """GET ``/v2/`` with authentication.
@@ -190,7 +193,8 @@ class UpstreamClient:
             UpstreamUnavailable: the upstream is down or did not answer 2xx;
                 otherwise like :meth:`request`.
         """
-        async with self._open("GET", "", self._v2_url(""), {}, True, background=background) as resp:
+        async with self._open("GET", "", self._v2_url(""), {}, True, background=background,
+                              deadline=self._settings.request_timeout) as resp:
             if not 200 <= resp.status < 300:
                 raise UpstreamUnavailable(f"{self.name}: /v2/ answered {resp.status}", status=502)
 
@@ -203,13 +207,28 @@ class UpstreamClient:
     @asynccontextmanager
     async def _open(
         self, method: str, repository: str, url: URL, headers: Mapping[str, str], retry: bool,
-        *, background: bool = False,
+        *, background: bool = False, deadline: float | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        resp = await self._send(method, repository, url, headers, retry, background=background)
+        """The response, released at the end; with ``deadline``, the whole exchange (retries,
+        waits and the caller's reading of the body) must end within it.
+
+        Raises:
+            UpstreamUnavailable: (504) the deadline passed.
+        """
         try:
-            yield resp
-        finally:
-            resp.release()
+            async with asyncio.timeout(deadline):
+                resp = await self._send(method, repository, url, headers, retry,
+                                        background=background)
+                try:
+                    yield resp
+                finally:
+                    resp.release()
+        except TimeoutError:
+            if deadline is None:
+                raise
+            UPSTREAM_ERRORS.labels(self.name, "timeout").inc()
+            raise UpstreamUnavailable(f"{self.name}: no complete answer within {deadline:g}s "
+                                      "(request_timeout)", status=504) from None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:

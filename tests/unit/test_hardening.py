@@ -5,6 +5,7 @@ Each test names the item of the issue it covers; each failed before its fix.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -19,6 +20,7 @@ from prometheus_client import REGISTRY
 from mirror import config
 from mirror.cli import main
 from mirror.errors import ConfigError
+from mirror.fetch import SingleFlight
 from tests.support.fake import OCI_MANIFEST, FakeRegistry, sha256
 from tests.unit.conftest import MirrorFactory
 
@@ -217,3 +219,47 @@ async def test_item02_wrong_hint_without_content_length_heals(mirror: Client,
         await (await mirror.get(f"/v2/app/blobs/{digest}")).read()  # may be cut: 100 promised
     again = await mirror.get(f"/v2/app/blobs/{digest}")
     assert again.status == 200 and await again.read() == layer  # the wrong hint was dropped
+
+
+# --- item 3: total deadlines, and work nobody waits for is cancelled ----------------------------
+async def test_item03_manifests_and_tag_lists_have_a_total_deadline(make_mirror: MirrorFactory,
+                                                                   fake: FakeRegistry) -> None:
+    mirror = await make_mirror(upstream={"request_timeout": "1s", "retries": 0})
+    fake.add_image("app", "v1", [b"x"])
+    fake.fault(kind="drip", path="/app/", chunk=1, delay=0.2)  # never silent, never done
+    for path in ("/v2/app/manifests/v1", "/v2/app/tags/list"):
+        response = await mirror.get(path)
+        assert response.status == 504, path
+        assert "request_timeout" in (await response.json())["errors"][0]["message"]
+    async with asyncio.timeout(10):
+        await fake.wait_for(lambda: fake.cut_short == 2)  # both upstream connections closed
+
+
+async def test_item03_single_flight_cancels_work_nobody_waits_for() -> None:
+    flight: SingleFlight[str, str] = SingleFlight(cancel_abandoned=True)
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def work() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "never"
+
+    first = asyncio.ensure_future(flight.run("k", work))
+    second = asyncio.ensure_future(flight.run("k", work))
+    await started.wait()
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    assert not cancelled.is_set() and flight.in_flight("k")  # the second still waits
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
+    await cancelled.wait()
+    assert not flight.in_flight("k")
+    assert await flight.run("k", _answer) == ("fresh", False)  # a new caller starts afresh
+
+
+async def _answer() -> str:
+    return "fresh"
