@@ -116,6 +116,7 @@ class UpstreamSettings:
     preset: str = "generic"
     credentials: tuple[CredentialSettings, ...] = ()
     blob_probe: str = "head"
+    redirect_hosts: tuple[str, ...] = ()  # more hosts that may answer unverifiable requests
     budget: BudgetSettings | None = None
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     max_client_retry_after: float = 3600.0

@@ -54,7 +54,7 @@ _UPSTREAM_KEYS = {
     "name", "url", "aliases", "default", "library_prefix", "username", "password_env",
     "password_file", "connect_timeout", "read_timeout", "request_timeout", "retries",
     "max_connections", "max_retry_wait", "preset", "blob_probe", "credentials",
-    "docker_config", "ecr", "json_key_file",
+    "docker_config", "ecr", "json_key_file", "redirect_hosts",
 } | {"budget", "breaker", "max_client_retry_after"}
 
 
@@ -70,6 +70,7 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
     if not isinstance(aliases_raw, list):
         raise ConfigError(f"{key}.aliases", "expected a list of names")
     aliases = tuple(_registry_name(a, f"{key}.aliases[{i}]") for i, a in enumerate(aliases_raw))
+    redirect_hosts = _names(item.get("redirect_hosts", []), f"{key}.redirect_hosts")
     blob_probe = _opt(item, "blob_probe", key, _string, preset.blob_probe).lower()
     if blob_probe not in ("head", "get"):
         raise ConfigError(f"{key}.blob_probe", f"expected head or get, got {blob_probe!r}")
@@ -97,8 +98,15 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
         preset=preset.key,
         credentials=_with_default_ecr(credentials, preset, host),
         blob_probe=blob_probe,
+        redirect_hosts=redirect_hosts,
         **_guard(item, key),
     )
+
+
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, "expected a list of host names (host or host:port)")
+    return tuple(_registry_name(v, f"{key}[{i}]") for i, v in enumerate(value))
 
 
 def _guard(item: dict[str, Any], key: str) -> dict[str, Any]:

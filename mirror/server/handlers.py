@@ -7,9 +7,6 @@ the cache layer. Handlers record what they did in the request's log context
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import aiohttp
 from aiohttp import web
 
@@ -34,6 +31,7 @@ from mirror.server.responses import (
     stream_fill,
 )
 from mirror.server.state import LOG, STATE, MirrorState, log_context
+from mirror.upstream import bodies
 
 JSON_TYPE = "application/json"
 
@@ -151,7 +149,7 @@ async def tags_list(request: web.Request, state: MirrorState, target: Target) ->
             raise NameUnknown(f"repository {target.repository!r} is unknown upstream")
         body = await _small_body(resp, "tag list")
         link = next_link(target, resp.headers.get("Link"))
-    _check_json(body, "tag list")
+    bodies.tag_list(body)
     headers = {"Link": link} if link else {}
     return _json(body, headers)
 
@@ -169,6 +167,8 @@ async def referrers(request: web.Request, state: MirrorState, target: Target) ->
         body = await _small_body(resp, "referrers index", allow_status=(200, 404))
         content_type = resp.headers.get("Content-Type", JSON_TYPE)
         filters = resp.headers.get("OCI-Filters-Applied")
+    if status == 200:
+        bodies.referrers_index(body)
     headers = {"Content-Type": content_type}
     if filters:
         headers["OCI-Filters-Applied"] = filters
@@ -210,14 +210,6 @@ async def _small_body(resp: aiohttp.ClientResponse, what: str,
     if len(data) > MANIFEST_MAX_BYTES:
         raise UpstreamUnavailable(f"upstream {what} is too large", status=502)
     return data
-
-
-def _check_json(body: bytes, what: str) -> Any:
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise UpstreamUnavailable(f"upstream sent a {what} that is not JSON",
-                                  status=502) from None
 
 
 def _json(body: bytes, headers: dict[str, str] | None = None) -> web.Response:

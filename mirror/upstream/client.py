@@ -29,6 +29,8 @@ from yarl import URL
 from mirror.config import Secret, StaticCredential, UpstreamSettings
 from mirror.errors import Denied, NameUnknown, TooManyRequests, UpstreamUnavailable
 from mirror.metrics import UPSTREAM_ERRORS, UPSTREAM_REQUESTS, UPSTREAM_RETRIES
+from mirror.oci import is_digest_reference
+from mirror.upstream import presets
 from mirror.upstream.auth import (
     BearerToken,
     Challenge,
@@ -61,6 +63,32 @@ def origin_of(url: URL) -> Origin:
     return (url.scheme, (url.host or "").lower(), url.port)
 
 
+def confined(suffix: str) -> bool:
+    """Whether a request's redirects must stay on the registry's own hosts.
+
+    A blob, or a manifest by digest, is verified by its digest wherever it comes
+    from (a CDN); a tag list, a referrers index or a manifest by tag cannot be
+    verified, so only the registry itself may answer it.
+    """
+    if suffix.startswith("blobs/"):
+        return False
+    if suffix.startswith("manifests/"):
+        return not is_digest_reference(suffix[len("manifests/"):])
+    return True
+
+
+def own_hosts(settings: UpstreamSettings) -> frozenset[str]:
+    """``host[:port]`` names that are the registry itself: its URL, its aliases, the
+    hosts its preset knows (Docker Hub's ``registry-1.docker.io`` and friends), and
+    ``redirect_hosts`` from the config."""
+    preset = presets.BY_KEY.get(settings.preset)
+    names = {settings.host.lower(), *(a.lower() for a in settings.aliases),
+             *settings.redirect_hosts}
+    if preset is not None:
+        names.update(n.lower() for n in preset.names)
+    return frozenset(names)
+
+
 def backoff_delay(attempt: int) -> float:
     """Exponential backoff with jitter: about 0.1 s, 0.2 s, 0.4 s... capped at 2 s."""
     return min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
@@ -87,6 +115,7 @@ class _Attempt:
     credential: str | None = None  # label of the credential in use
     renewed: bool = False  # a rejected Basic credential was fetched afresh once
     request: _Request | None = None  # shared by every try of one request
+    confined: bool = True  # redirects only to the registry's own hosts (see confined())
 
 
 class UpstreamClient:
@@ -121,6 +150,9 @@ class UpstreamClient:
             settings.name, [make_source(c, settings.name) for c in credentials])
         self.guard = guard or UpstreamGuard(settings)
         self._health: asyncio.Future[bool] | None = None
+        self._own_hosts = own_hosts(settings)
+        preset = presets.BY_KEY.get(settings.preset)
+        self._redirect_pattern = preset.redirect_hosts if preset is not None else None
 
     def __repr__(self) -> str:
         return f"UpstreamClient(name={self.name!r}, url={str(self._settings.url)!r})"
@@ -184,7 +216,7 @@ class UpstreamClient:
         # a blob takes as long as it takes (read_timeout bounds each silence).
         deadline = None if suffix.startswith("blobs/") else self._settings.request_timeout
         return self._open(method, repository, url.extend_query(params or {}), headers or {}, retry,
-                          background=background, deadline=deadline)
+                          background=background, deadline=deadline, confined=confined(suffix))
 
     async def ping(self, *, background: bool = False) -> None:
         """GET ``/v2/`` with authentication.
@@ -207,7 +239,7 @@ class UpstreamClient:
     @asynccontextmanager
     async def _open(
         self, method: str, repository: str, url: URL, headers: Mapping[str, str], retry: bool,
-        *, background: bool = False, deadline: float | None = None,
+        *, background: bool = False, deadline: float | None = None, confined: bool = True,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """The response, released at the end; with ``deadline``, the whole exchange (retries,
         waits and the caller's reading of the body) must end within it.
@@ -218,7 +250,7 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(deadline):
                 resp = await self._send(method, repository, url, headers, retry,
-                                        background=background)
+                                        background=background, confined=confined)
                 try:
                     yield resp
                 finally:
@@ -245,7 +277,7 @@ class UpstreamClient:
 
     async def _send(
         self, method: str, repository: str, url: URL, headers: Mapping[str, str], retry: bool,
-        *, background: bool = False,
+        *, background: bool = False, confined: bool = True,
     ) -> aiohttp.ClientResponse:
         """Retry loop around :meth:`_attempt`: transient errors and short 429s."""
         attempts = self._settings.retries + 1 if retry else 1
@@ -254,7 +286,8 @@ class UpstreamClient:
         for attempt in range(1, attempts + 1):
             try:
                 state = _Attempt(repository, started=self._tokens.clock(),
-                                 credential=self._credentials.active, request=request)
+                                 credential=self._credentials.active, request=request,
+                                 confined=confined)
                 resp = await self._guarded(method, url, headers, state, background=background)
             except TransientError as exc:
                 UPSTREAM_ERRORS.labels(self.name, exc.reason).inc()
@@ -435,11 +468,28 @@ class UpstreamClient:
                                       status=502) from None
         if next_url.scheme not in ("http", "https"):
             raise UpstreamUnavailable(f"{self.name}: redirect to a non-HTTP URL", status=502)
+        if state.confined and not self._is_own(next_url):
+            UPSTREAM_ERRORS.labels(self.name, "bad_content").inc()
+            log.warning("upstream_redirect_refused", registry=self.name, host=next_url.host,
+                        hint="tag lists, referrers and manifests by tag are not verifiable "
+                             "by digest: they are taken from the registry's own hosts only")
+            raise UpstreamUnavailable(f"{self.name}: redirected to a host that is not the "
+                                      "registry's own", status=502)
         if resp.status == 303 and method != "HEAD":
             method = "GET"
         log.debug("upstream_redirect", registry=self.name, status=resp.status,
                   host=next_url.host, hop=state.hops)
         return method, next_url
+
+    def _is_own(self, url: URL) -> bool:
+        """Whether ``url`` is on one of the registry's own hosts, with no downgrade to http."""
+        if url.scheme == "http" and self._origin[0] == "https":
+            return False
+        host = (url.host or "").lower()
+        port = "" if url.is_default_port() else f":{url.port}"
+        pattern = self._redirect_pattern
+        return f"{host}{port}" in self._own_hosts or (
+            pattern is not None and port == "" and pattern.fullmatch(host) is not None)
 
     def _on_unauthorized(
         self, resp: aiohttp.ClientResponse, origin: Origin, sent_auth: bool, state: _Attempt

@@ -263,3 +263,69 @@ async def test_item03_single_flight_cancels_work_nobody_waits_for() -> None:
 
 async def _answer() -> str:
     return "fresh"
+
+
+# --- item 4: unverifiable answers come from the registry's own hosts, in their own shape ------
+async def _elsewhere(aiohttp_server: Any) -> tuple[FakeRegistry, str]:
+    """Another registry on another origin, holding a different app:v1."""
+    other = FakeRegistry()
+    other.add_image("app", "v1", [b"not what upstream has"])
+    other.tags["app"] = ["evil"]
+    server = await aiohttp_server(other.app())
+    return other, str(server.make_url("")).rstrip("/")
+
+
+@pytest.mark.parametrize("path", ["/v2/app/tags/list", "/v2/app/manifests/v1",
+                                  f"/v2/app/referrers/{EMPTY}"])
+async def test_item04_unverifiable_answers_do_not_follow_redirects_off_the_registry(
+        mirror: Client, fake: FakeRegistry, aiohttp_server: Any, path: str) -> None:
+    fake.add_image("app", "v1", [b"x"])
+    other, base = await _elsewhere(aiohttp_server)
+    fake.fault(kind="status", status=307, path=path, headers={"Location": base + path})
+    response = await mirror.get(path)
+    assert response.status == 502
+    assert "not the registry's own" in (await response.json())["errors"][0]["message"]
+    assert other.count() == 0
+    fake.faults.clear()
+    if "manifests" in path:  # nothing was stored or tagged: the real one is served now
+        assert (await mirror.get(path)).headers["Docker-Content-Digest"] \
+            == sha256(fake.manifests[("app", "v1")][0])
+
+
+async def test_item04_blobs_and_manifests_by_digest_still_follow_redirects(
+        mirror: Client, fake: FakeRegistry, aiohttp_server: Any) -> None:
+    other, base = await _elsewhere(aiohttp_server)
+    digest, _ = other.add_image("app", None, [b"layer"])
+    blob = other.add_blob(b"a blob on a CDN")
+    for ref in (f"manifests/{digest}", f"blobs/{blob}"):
+        fake.fault(kind="status", status=307, path=f"/v2/app/{ref}",
+                   headers={"Location": f"{base}/v2/app/{ref}"})
+        assert (await mirror.get(f"/v2/app/{ref}")).status == 200  # verified by digest
+    same_host = "/v2/moved/tags/list"
+    fake.tags["moved"] = ["v9"]
+    fake.fault(kind="status", status=307, path="/v2/app/tags/list",
+               headers={"Location": same_host})
+    listed = await mirror.get("/v2/app/tags/list")
+    assert listed.status == 200 and (await listed.json())["tags"] == ["v9"]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v2/app/tags/list", b'{"repositories": ["a"]}'),
+    ("/v2/app/tags/list", b'{"name": "app", "tags": "v1"}'),
+    ("/v2/app/tags/list", b"[]"),
+    (f"/v2/app/referrers/{EMPTY}", b'{"name": "app", "tags": []}'),
+    (f"/v2/app/referrers/{EMPTY}",
+     b'{"schemaVersion": 2, "mediaType": "text/html", "manifests": []}'),
+    ("/v2/app/manifests/v1", b'{"schemaVersion": 2, "mediaType": "text/html", "layers": []}'),
+    ("/v2/app/manifests/v1", b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image'
+                             b'.manifest.v1+json", "layers": "none"}'),
+    ("/v2/app/manifests/v1", b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image'
+                             b'.index.v1+json", "manifests": [1, 2]}'),
+])
+async def test_item04_answers_must_have_the_shape_asked_for(mirror: Client, fake: FakeRegistry,
+                                                            path: str, body: bytes) -> None:
+    fake.fault(kind="status", status=200, path=path, body=body,
+               headers={"Content-Type": "application/json"})
+    response = await mirror.get(path)
+    assert response.status == 502
+    assert (await response.json())["errors"][0]["code"] in ("UNAVAILABLE", "MANIFEST_INVALID")
