@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from aiohttp import web
 
 from mirror import config, log
 from mirror.cache.inventory import Inventory, human_size, human_time
+from mirror.config import checks
 from mirror.errors import CacheCommandError, ConfigError, OciError
 from mirror.routing import Router
 from mirror.server.app import create_app
@@ -115,6 +115,7 @@ def load_settings(path: Path | None, listen: str | None = None,
 
 def _config_check(args: argparse.Namespace) -> int:
     settings = config.load(args.file)
+    checks.check_machine(settings)
     names = ", ".join(u.name + (" (default)" if u.default else "") for u in settings.upstreams)
     print(f"{args.file}: ok; upstreams: {names}")
     return 0
@@ -233,16 +234,17 @@ def _cache_fsck(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, args.listen, args.storage)
+    # Every problem found here is one line and exit 2 (main); the port is bound before
+    # the app starts, so ``mirror_started`` is never logged by a mirror that cannot listen.
+    checks.check_storage(settings.storage.path, create=True)
+    ssl_context = checks.tls_context(settings.tls) if settings.tls is not None else None
+    sock = checks.bind(settings.listen_host, settings.listen_port)
     log.setup(settings.log)
-    ssl_context = None
-    if settings.tls is not None:
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(settings.tls.cert, settings.tls.key)
     loop_factory = None
     if settings.server.event_loop == "uvloop":
         loop_factory = uvloop.new_event_loop
     runner = asyncio.Runner(loop_factory=loop_factory)
-    web.run_app(create_app(settings), host=settings.listen_host, port=settings.listen_port,
-                ssl_context=ssl_context, access_log=None, print=None, shutdown_timeout=10,
-                loop=runner.get_loop(), handler_cancellation=True)
+    web.run_app(create_app(settings), sock=sock, ssl_context=ssl_context, access_log=None,
+                print=None, shutdown_timeout=10, loop=runner.get_loop(),
+                handler_cancellation=True)
     return 0

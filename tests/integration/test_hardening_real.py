@@ -8,12 +8,21 @@ show (a body dripping one byte at a time).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.support.fake import FakeRegistry
 from tests.support.mirrorproc import MirrorProcess, mirror_config
@@ -64,3 +73,73 @@ async def test_item03_clients_that_leave_free_the_upstream_pool(aiohttp_server: 
     lines = [json.loads(line) for line in mirror.log_text().splitlines() if line.startswith("{")]
     gone = [e for e in lines if e.get("event") == "request" and e.get("status") == 499]
     assert len(gone) == 4 and all(e["error"] == "client went away" for e in gone)
+
+
+# --- item 8: start-up problems are one line, exit 2, and nothing claims to have started ----------
+def _serve(workdir: Path, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "mirror.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "mirror", "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def _one_line_exit_2(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr and "mirror_started" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_item08_port_in_use_is_one_line_and_never_started(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = mirror_config(port, tmp_path / "cache",
+                               [_fake_upstream("http://127.0.0.1:1")])
+        result = _serve(tmp_path, config)
+    _one_line_exit_2(result, "listen:", f"127.0.0.1:{port}", "in use")
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "proc"])
+def test_item08_bad_storage_path_is_one_line(tmp_path: Path, where: str) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    storage = {"file": a_file, "under_file": a_file / "cache",
+               "proc": Path("/proc/mirror-cache-here")}[where]
+    config = mirror_config(free_port(), storage, [_fake_upstream("http://127.0.0.1:1")])
+    _one_line_exit_2(_serve(tmp_path, config), "storage.path:")
+    if where != "proc":  # config check finds it too, without creating anything
+        path = tmp_path / "mirror.yaml"
+        check = subprocess.run([sys.executable, "-m", "mirror", "config", "check", str(path)],
+                               capture_output=True, text=True, timeout=60, check=False)
+        _one_line_exit_2(check, "storage.path:")
+
+
+def test_item09_tls_key_that_does_not_match_the_certificate(tmp_path: Path) -> None:
+    for name in ("one", "two"):
+        _self_signed(tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+    config = mirror_config(free_port(), tmp_path / "cache", [_fake_upstream("http://127.0.0.1:1")])
+    config["tls"] = {"cert": str(tmp_path / "one.crt"), "key": str(tmp_path / "two.key")}
+    result = _serve(tmp_path, config)
+    _one_line_exit_2(result, "tls:", "does not match")
+    check = subprocess.run([sys.executable, "-m", "mirror", "config", "check",
+                            str(tmp_path / "mirror.yaml")],
+                           capture_output=True, text=True, timeout=60, check=False)
+    _one_line_exit_2(check, "tls:", "does not match")
+
+
+def _self_signed(cert_path: Path, key_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mirror.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
