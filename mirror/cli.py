@@ -5,7 +5,7 @@
     mirror serve [--config FILE] [--listen HOST:PORT] [--storage DIR]
     mirror config check FILE
     mirror cache ls|du|fsck [--config FILE] [--storage DIR]
-    mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR]
+    mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR] [--shared]
 
 Errors are one readable line on stderr and a non-zero exit status.
 """
@@ -81,18 +81,22 @@ def _cache_parser(commands: Any) -> None:
         "pin": ("keep an image (index, manifests, configs, layers) or a digest from eviction",
                 _cache_pin, True),
         "unpin": ("drop the pins an image reference or digest made", _cache_unpin, True),
-        "evict": ("delete an image's or a digest's content now (pinned content stays)",
-                  _cache_evict, True),
+        "evict": ("delete an image's or a digest's content now (pinned content, and "
+                  "content other cached images use, stays)", _cache_evict, True),
         "fsck": ("re-hash everything stored and remove what does not match", _cache_fsck,
                  False),
     }
     for name, (text, func, takes_ref) in helps.items():
         action = actions.add_parser(name, help=text)
         if takes_ref:
-            action.add_argument("ref", help="an image reference (docker.io/library/nginx:1.27, "
+            action.add_argument("ref", help="an image reference in any form Docker takes "
+                                "(nginx:1.27, library/nginx:1.27, docker.io/nginx:1.27, "
                                 "nginx@sha256:...) or a digest (sha256:...)")
         action.add_argument("--config", type=Path, help="YAML config, as for serve")
         action.add_argument("--storage", type=Path, help="cache folder, overrides the config")
+        if name == "evict":
+            action.add_argument("--shared", action="store_true",
+                                help="also delete layers and configs other cached images use")
         action.set_defaults(func=func)
 
 
@@ -198,23 +202,26 @@ def _cache_pin(args: argparse.Namespace) -> int:
 def _cache_unpin(args: argparse.Namespace) -> int:
     inventory = _inventory(args)
     try:
-        count = inventory.unpin(args.ref)
+        label, count = inventory.unpin(args.ref)
     finally:
         inventory.close()
     if count == 0:
-        raise CacheCommandError(f"{args.ref} is not pinned")
-    print(f"unpinned {args.ref}: {count} pin(s) removed")
+        raise CacheCommandError(f"{label} is not pinned")
+    print(f"unpinned {label}: {count} pin(s) removed")
     return 0
 
 
 def _cache_evict(args: argparse.Namespace) -> int:
     inventory = _inventory(args)
     try:
-        resolved, freed, kept = inventory.evict(args.ref)
+        done = inventory.evict(args.ref, shared=args.shared)
     finally:
         inventory.close()
-    note = f"; {kept} pinned item(s) kept (unpin first)" if kept else ""
-    print(f"evicted {resolved.label}: {human_size(freed)} freed{note}")
+    note = f"; {done.kept_pinned} pinned item(s) kept (unpin first)" if done.kept_pinned else ""
+    if done.kept_shared:
+        note += (f"; {done.kept_shared} item(s) kept that other cached images use "
+                 "(--shared removes them too)")
+    print(f"evicted {done.resolved.label}: {human_size(done.freed)} freed{note}")
     return 0
 
 

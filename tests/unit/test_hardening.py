@@ -329,3 +329,69 @@ async def test_item04_answers_must_have_the_shape_asked_for(mirror: Client, fake
     response = await mirror.get(path)
     assert response.status == 502
     assert (await response.json())["errors"][0]["code"] in ("UNAVAILABLE", "MANIFEST_INVALID")
+
+
+# --- item 9: the cache commands take every name Docker takes; evict keeps shared layers ----------
+def _hub_cli(root: Path, *args: str) -> int:
+    """``mirror cache ARGS`` with Docker Hub configured, as an operator of a Hub mirror runs it."""
+    config = root.parent / "hub.yaml"
+    config.write_text("version: 1\nupstreams: [{name: docker.io, url: 'http://127.0.0.1:9', "
+                      "default: true}]\n")
+    return main(["cache", *args, "--config", str(config), "--storage", str(root)])
+
+
+async def _pull_all(mirror: Client, name: str, tag: str) -> str:
+    response = await mirror.get(f"/v2/{name}/manifests/{tag}",
+                                headers={"Accept": OCI_MANIFEST})
+    manifest = await response.json()
+    for blob in [manifest["config"], *manifest["layers"]]:
+        assert await (await mirror.get(f"/v2/{name}/blobs/{blob['digest']}")).read()
+    return str(response.headers["Docker-Content-Digest"])
+
+
+async def test_item09_every_docker_name_form_pins_and_unpins_the_same_image(
+        make_mirror: MirrorFactory, fake: FakeRegistry, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "cache"
+    mirror = await make_mirror(upstream={"name": "docker.io", "library_prefix": True})
+    fake.add_image("library/small-04", "v1", [os.urandom(1000)])
+    digest = await _pull_all(mirror, "small-04", "v1")
+    forms = ["small-04:v1", "library/small-04:v1", "docker.io/small-04:v1",
+             "docker.io/library/small-04:v1", "index.docker.io/small-04:v1"]
+    for pin_form in forms:
+        for unpin_form in forms:
+            assert await asyncio.to_thread(_hub_cli, root, "pin", pin_form) == 0
+            assert await asyncio.to_thread(_hub_cli, root, "unpin", unpin_form) == 0, unpin_form
+            assert "unpinned docker.io/library/small-04:v1" in capsys.readouterr().out
+    assert await asyncio.to_thread(_hub_cli, root, "pin", f"small-04@{digest}") == 0
+    assert await asyncio.to_thread(_hub_cli, root, "unpin",
+                                   f"docker.io/library/small-04@{digest}") == 0
+    assert await asyncio.to_thread(_hub_cli, root, "pin", digest) == 0
+    assert await asyncio.to_thread(_hub_cli, root, "unpin", digest) == 0
+    capsys.readouterr()
+    assert await asyncio.to_thread(_hub_cli, root, "unpin", "small-04:v1") == 1
+    assert capsys.readouterr().err == \
+        "mirror: docker.io/library/small-04:v1 is not pinned\n"
+
+
+async def test_item09_evict_keeps_what_other_images_share_unless_told(
+        make_mirror: MirrorFactory, fake: FakeRegistry, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "cache"
+    mirror = await make_mirror(upstream={"name": "docker.io", "library_prefix": True})
+    base, own_a, own_b = os.urandom(5000), os.urandom(3000), os.urandom(3000)
+    fake.add_image("library/a", "v1", [base, own_a])
+    fake.add_image("library/b", "v1", [base, own_b])
+    await _pull_all(mirror, "a", "v1")
+    await _pull_all(mirror, "b", "v1")
+
+    def stored(data: bytes) -> bool:
+        hexdigest = sha256(data)[7:]
+        return (root / "blobs" / "sha256" / hexdigest[:2] / hexdigest).exists()
+
+    assert await asyncio.to_thread(_hub_cli, root, "evict", "a:v1") == 0
+    out = capsys.readouterr().out
+    assert "2 item(s) kept that other cached images use" in out  # the base layer, the config
+    assert stored(base) and not stored(own_a) and stored(own_b)
+    assert await asyncio.to_thread(_hub_cli, root, "evict", "--shared", "b:v1") == 0
+    assert not stored(base) and not stored(own_b)
