@@ -20,6 +20,7 @@ from mirror.errors import RangeInvalid
 from mirror.fetch import Fill
 from mirror.oci import Digest, is_number
 from mirror.server.sendfile import sendfile, socket_for_sendfile
+from mirror.server.state import log_context
 
 BLOB_CACHE_CONTROL = "max-age=31536000, immutable"
 
@@ -117,6 +118,8 @@ class FileSliceResponse(web.StreamResponse):
         self._sent = True
         try:
             writer = await super().prepare(request)
+            if isinstance(request, web.Request):
+                log_context(request)["sent_status"] = self.status  # what a cut client saw
             if request.method != "HEAD" and self._count:
                 await self._send_body(request, writer)
                 await super().write_eof()
@@ -169,6 +172,7 @@ async def stream_fill(request: web.Request, fill: Fill, span: tuple[int, int] | 
     response = web.StreamResponse(status=206 if span else 200, headers=headers)
     response.content_length = end - start
     writer = await response.prepare(request)
+    log_context(request)["sent_status"] = response.status  # what a cut client saw
     if request.method == "HEAD":
         return response
     if isinstance(writer, StreamWriter):

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY
 
@@ -395,3 +396,22 @@ async def test_item09_evict_keeps_what_other_images_share_unless_told(
     assert stored(base) and not stored(own_a) and stored(own_b)
     assert await asyncio.to_thread(_hub_cli, root, "evict", "--shared", "b:v1") == 0
     assert not stored(base) and not stored(own_b)
+
+
+# --- item 10: the access line of a cut fill says what the client saw -----------------------------
+async def test_item10_fill_cut_after_headers_is_logged_as_the_client_saw_it(
+        mirror: Client, fake: FakeRegistry) -> None:
+    data = os.urandom(2 << 20)
+    digest = fake.add_blob(data)
+    fake.fault(kind="drop", path="/blobs/", after=500_000)  # every try, resumes included
+    with structlog.testing.capture_logs() as logs:
+        response = await mirror.get(f"/v2/app/blobs/{digest}")
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+        async with asyncio.timeout(10):
+            while not any(e["event"] == "request" for e in logs):
+                await asyncio.sleep(0.01)  # the line is written when the handler ends
+    line, = [e for e in logs if e["event"] == "request"]
+    assert line["status"] == 200 and line["cut"] is True
+    assert "connection lost" in line["error"] and "sent_status" not in line
