@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,9 +20,13 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY
 
 from mirror import config
+from mirror.cache.eviction import Evictor
 from mirror.cli import main
+from mirror.config import StorageSettings
 from mirror.errors import ConfigError
 from mirror.fetch import SingleFlight
+from mirror.oci import Digest
+from mirror.storage.filesystem import FilesystemStore
 from tests.support.fake import OCI_MANIFEST, FakeRegistry, sha256
 from tests.unit.conftest import MirrorFactory
 
@@ -404,14 +409,43 @@ async def test_item10_fill_cut_after_headers_is_logged_as_the_client_saw_it(
     data = os.urandom(2 << 20)
     digest = fake.add_blob(data)
     fake.fault(kind="drop", path="/blobs/", after=500_000)  # every try, resumes included
-    with structlog.testing.capture_logs() as logs:
+    logged = asyncio.Event()
+
+    def notice(_logger: Any, _method: str, event: Any) -> Any:
+        if event.get("event") == "request":
+            logged.set()
+        return event
+
+    with structlog.testing.capture_logs(processors=[notice]) as logs:
         response = await mirror.get(f"/v2/app/blobs/{digest}")
         assert response.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
         async with asyncio.timeout(10):
-            while not any(e["event"] == "request" for e in logs):
-                await asyncio.sleep(0.01)  # the line is written when the handler ends
+            await logged.wait()  # the line is written when the handler ends
     line, = [e for e in logs if e["event"] == "request"]
     assert line["status"] == 200 and line["cut"] is True
     assert "connection lost" in line["error"] and "sent_status" not in line
+
+
+# --- item 11: eviction stops at the low watermark however many fills reserve at once ----------
+async def test_item11_concurrent_reservations_evict_down_to_low_watermark_once(
+        tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path / "cache")
+    store.startup()
+    for i in range(95):  # 950,000 bytes: right at the high watermark
+        data = i.to_bytes(4, "big") * 2500
+        fd, temp = store.new_temp()
+        os.write(fd, data)
+        os.close(fd)
+        store.publish_blob(temp, Digest("sha256", hashlib.sha256(data).hexdigest()))
+    settings = StorageSettings(path=store.root, max_size=1_000_000, high_watermark=0.95,
+                               low_watermark=0.85)
+    evictor = Evictor(store, settings)
+    await asyncio.gather(*(evictor.reserve(20_000) for _ in range(5)))
+    # The first reservation took it over the high watermark: eviction made room down to
+    # the low one (850,000 with what was reserved then), and the four others found room.
+    # Each evicting the whole excess it saw before the lock took it to 150,000.
+    assert 750_000 <= store.index.total_bytes <= 850_000
+    assert store.index.total_bytes + 100_000 <= 950_000
+    store.index.close()
