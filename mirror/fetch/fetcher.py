@@ -73,7 +73,7 @@ class Fetcher:
             The fill, and whether this call joined one already under way.
         """
         existing = self._fills.get(digest)
-        if existing is not None:
+        if existing is not None and existing.joinable:
             metrics.FILL_JOINS.inc()
             return existing, True
         # mkstemp is a single metadata call: cheap enough here, and readers
@@ -150,7 +150,7 @@ class Fetcher:
         reason = None
         temp = fill.temp
         if fill.relay_from is not None or not durable or temp is None:
-            reason = "disk_full"
+            reason = fill.relay_reason or "disk_full"
         elif not self.space.fits(fill.written):
             reason = "too_large"
         elif not await self.space.admit(fill.written):
@@ -189,6 +189,9 @@ class Fetcher:
                     check_response(response, fill)
                     if fill.hint_wrong:
                         self._wrong_hint(fill, response.content_length)
+                    if fill.size is not None and fill.written == 0 \
+                            and not self.space.fits(fill.size):
+                        self._relay_too_large(fill)
                     if not fill.reserved and fill.size and self.space.fits(fill.size):
                         fill.reserved = fill.size
                         await self.space.reserve(fill.size)
@@ -204,6 +207,15 @@ class Fetcher:
                 log.warning("fill_resume", digest=str(fill.digest), offset=fill.written,
                             attempt=attempts)
                 await asyncio.sleep(0.05 * attempts)
+
+    def _relay_too_large(self, fill: Fill) -> None:
+        """A blob larger than ``storage.max_size`` is never kept: rather than write it
+        whole and delete it, hand it to its readers from memory from here on (from the
+        first byte when its length is known up front)."""
+        fill.start_relay(reason="too_large")
+        log.info("blob_relayed", digest=str(fill.digest), size=fill.size, offset=fill.written,
+                 reason="too_large", hint="larger than storage.max_size: streamed from "
+                 "memory to its readers, not written to disk")
 
     def _wrong_hint(self, fill: Fill, length: int | None) -> None:
         """A manifest declared another size than upstream sends: the digest will tell."""
@@ -229,6 +241,8 @@ class Fetcher:
             raise aiohttp.ClientPayloadError(f"body ended at {fill.written} of {fill.size} bytes")
 
     async def _store_chunk(self, fill: Fill, writer: TempWriter, chunk: bytes) -> None:
+        if fill.relay_from is None and not self.space.fits(fill.written + len(chunk)):
+            self._relay_too_large(fill)  # no length was announced: found out on the way
         if fill.relay_from is None:
             try:
                 await asyncio.to_thread(writer.write, chunk)
@@ -242,7 +256,7 @@ class Fetcher:
         await asyncio.to_thread(writer.hash_only, chunk)
         fill.relay(chunk)
         if not await fill.relay_backpressure():
-            raise UpstreamUnavailable("no reader is left for a blob the full disk cannot hold",
+            raise UpstreamUnavailable("no reader is left for a blob that is not kept",
                                       status=503)
 
     async def _room_after_full(self, fill: Fill, writer: TempWriter, chunk: bytes) -> bool:

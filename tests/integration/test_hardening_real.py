@@ -8,11 +8,15 @@ show (a body dripping one byte at a time).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import hashlib
 import json
 import socket
 import subprocess
 import sys
+import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +29,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.support.fake import FakeRegistry
+from tests.support.images import Image, make_image, make_layer
 from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
+from tests.support.registry import Registry
 
 pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
 
 
 def _fake_upstream(url: str, **options: Any) -> dict[str, Any]:
@@ -143,3 +151,77 @@ def _self_signed(cert_path: Path, key_path: Path) -> None:
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
+
+
+# --- item 12: a blob larger than max_size never lands on disk -----------------------------------
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _pull_image(base: str, image: Image) -> None:
+    accept = {"Accept": image.manifest.media_type}
+    request = urllib.request.Request(f"{base}/v2/{image.repo}/manifests/{image.tag}",
+                                     headers=accept)
+    with _DIRECT.open(request, timeout=60) as response:
+        assert response.headers["Docker-Content-Digest"] == image.manifest.digest
+    for blob in image.blobs():
+        hasher = hashlib.sha256()
+        with _DIRECT.open(f"{base}/v2/{image.repo}/blobs/{blob.digest}", timeout=60) as response:
+            while chunk := response.read(1 << 20):
+                hasher.update(chunk)
+        assert "sha256:" + hasher.hexdigest() == blob.digest
+
+
+def _bytes_on_disk(root: Path) -> int:
+    total = 0
+    for path in root.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):  # a file went away while we walked
+            if path.is_file() and path.name != "index.db" and "tags" not in path.parts:
+                total += path.stat().st_size
+    return total
+
+
+def test_item12_a_blob_larger_than_max_size_is_relayed_never_written(
+        registry_anon: Registry, big_image: Image, tmp_path: Path) -> None:
+    limit, layer, parallel = 24 * MiB, 4 * MiB, 3
+    small = [make_image(f"cap/img{i}", "v1", layers=[make_layer(layer, seed=12_000 + i)],
+                        fmt="docker") for i in range(6)]
+    for image in small:
+        registry_anon.push(image)
+    images = [big_image, *small]  # the big one's 64 MiB layer is over the cap
+    total = sum(b.size for image in images for b in image.blobs())
+    assert total >= 3 * limit and big_image.layers[0].size > limit
+    storage = tmp_path / "cache"
+    config = mirror_config(free_port(), storage, [{"name": "registry.test", "default": True,
+                                                    "url": registry_anon.url}])
+    config["storage"].update(max_size=limit, high_watermark=0.9, low_watermark=0.7)
+    mirror = MirrorProcess(tmp_path / "mirror", config)
+    mirror.start()
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _bytes_on_disk(storage))
+            stop.wait(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for start in range(0, len(images), parallel):
+            threads = [threading.Thread(target=_pull_image, args=(mirror.url, image))
+                       for image in images[start:start + parallel]]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+        _pull_image(mirror.url, big_image)  # again: still complete and verified
+    finally:
+        stop.set()
+        sampler.join()
+        mirror.stop()
+    print(f"\ncap with a blob over it: pulled {total / MiB:.1f} MiB (one 64 MiB layer) through "
+          f"a {limit / MiB:.0f} MiB cache; peak on disk {peak[0] / MiB:.2f} MiB")
+    # Only the fills that will be kept may add to the limit: never the 64 MiB layer.
+    assert peak[0] <= limit + (parallel - 1) * (layer + MiB)
+    lines = [json.loads(line) for line in mirror.log_text().splitlines() if line.startswith("{")]
+    relayed = [e for e in lines if e.get("event") == "blob_relayed"]
+    assert relayed and all(e["offset"] == 0 and e["reason"] == "too_large" for e in relayed)

@@ -449,3 +449,18 @@ async def test_item11_concurrent_reservations_evict_down_to_low_watermark_once(
     assert 750_000 <= store.index.total_bytes <= 850_000
     assert store.index.total_bytes + 100_000 <= 950_000
     store.index.close()
+
+
+# --- item 12 (in process): a blob with no length stops being written at the cap -------------
+async def test_item12_blob_without_length_is_relayed_from_the_cap_on(
+        make_mirror: MirrorFactory, fake: FakeRegistry, tmp_path: Path) -> None:
+    mirror = await make_mirror(storage={"max_size": "256KiB"})
+    data = os.urandom(1 << 20)
+    digest = fake.add_blob(data)
+    fake.fault(kind="chunked", path="/blobs/", chunk=64 << 10, delay=0.001)
+    with structlog.testing.capture_logs() as logs:
+        response = await mirror.get(f"/v2/app/blobs/{digest}")
+        assert await response.read() == data
+    relayed, = [e for e in logs if e["event"] == "blob_relayed"]
+    assert relayed["offset"] <= 256 << 10 and relayed["reason"] == "too_large"
+    assert not any((tmp_path / "cache" / "blobs").rglob(digest[7:]))
