@@ -59,17 +59,23 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     except (FillError, ConnectionResetError) as exc:
         # After the headers: the line says what the client saw, and why it was cut.
         status = context.get("sent_status", 499 if isinstance(exc, ConnectionResetError) else 500)
-        context.update(cut=True, error=str(exc) or type(exc).__name__)
+        if isinstance(exc, FillError) or not context.get("sent_all"):
+            context.update(cut=True, error=str(exc) or type(exc).__name__)
         if isinstance(exc, FillError) and request.transport is not None:
             request.transport.close()
         raise
     except asyncio.CancelledError:
         # The client went away (handler_cancellation): what it asked for is dropped,
-        # except a blob fill, which the fetcher owns.
-        status, context["error"] = 499, "client went away"
+        # except a blob fill, which the fetcher owns. The line says what it had seen.
+        status = context.get("sent_status", 499)
+        if not context.get("sent_all"):
+            context["error"] = "client went away"
+            if status != 499:
+                context["cut"] = True
         raise
     finally:
         context.pop("sent_status", None)
+        context.pop("sent_all", None)
         elapsed = time.perf_counter() - started
         route = context.get("route", "other")
         metrics.child(metrics.REQUESTS, route, request.method, str(status)).inc()

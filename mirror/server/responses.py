@@ -17,7 +17,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 
 from mirror.errors import RangeInvalid
-from mirror.fetch import Fill
+from mirror.fetch import FileSpan, Fill
 from mirror.oci import Digest, is_number
 from mirror.server.sendfile import sendfile, socket_for_sendfile
 from mirror.server.state import log_context
@@ -122,6 +122,7 @@ class FileSliceResponse(web.StreamResponse):
                 log_context(request)["sent_status"] = self.status  # what a cut client saw
             if request.method != "HEAD" and self._count:
                 await self._send_body(request, writer)
+                _sent_all(request)
                 await super().write_eof()
             return writer
         finally:
@@ -179,6 +180,7 @@ async def stream_fill(request: web.Request, fill: Fill, span: tuple[int, int] | 
         writer.send_headers()
     transport = request.transport
     sock_fd = socket_for_sendfile(transport) if transport is not None else None
+    sent = start
     async for piece in fill.pieces(start, end, chunk_size, spans=sock_fd is not None):
         if isinstance(piece, bytes):
             await response.write(piece)
@@ -188,5 +190,14 @@ async def stream_fill(request: web.Request, fill: Fill, span: tuple[int, int] | 
         else:  # bytes still buffered in the transport: never overtake them
             await response.write(await asyncio.to_thread(os.pread, piece.fd, piece.count,
                                                          piece.offset))
+        sent += piece.count if isinstance(piece, FileSpan) else len(piece)
+        if sent >= end:
+            _sent_all(request)  # a client that hangs up now has had everything
     await response.write_eof()
     return response
+
+
+def _sent_all(request: web.BaseRequest) -> None:
+    """The whole body is on its way: the request's log line must not call it cut."""
+    if isinstance(request, web.Request):
+        log_context(request)["sent_all"] = True
