@@ -210,8 +210,12 @@ class Fetcher:
 
     def _relay_too_large(self, fill: Fill) -> None:
         """A blob larger than ``storage.max_size`` is never kept: rather than write it
-        whole and delete it, hand it to its readers from memory from here on (from the
-        first byte when its length is known up front)."""
+        whole and delete it, hand it to its readers from memory from its first byte.
+
+        Only when its length is known before the first byte (upstream's
+        Content-Length, or a manifest's size): readers of a blob of unknown length
+        wait for the end, which a bounded window cannot hold for them.
+        """
         fill.start_relay(reason="too_large")
         log.info("blob_relayed", digest=str(fill.digest), size=fill.size, offset=fill.written,
                  reason="too_large", hint="larger than storage.max_size: streamed from "
@@ -241,8 +245,6 @@ class Fetcher:
             raise aiohttp.ClientPayloadError(f"body ended at {fill.written} of {fill.size} bytes")
 
     async def _store_chunk(self, fill: Fill, writer: TempWriter, chunk: bytes) -> None:
-        if fill.relay_from is None and not self.space.fits(fill.written + len(chunk)):
-            self._relay_too_large(fill)  # no length was announced: found out on the way
         if fill.relay_from is None:
             try:
                 await asyncio.to_thread(writer.write, chunk)

@@ -451,16 +451,18 @@ async def test_item11_concurrent_reservations_evict_down_to_low_watermark_once(
     store.index.close()
 
 
-# --- item 12 (in process): a blob with no length stops being written at the cap -------------
-async def test_item12_blob_without_length_is_relayed_from_the_cap_on(
+# --- item 12 (in process): known from the manifest only, the size is enough --------------------
+async def test_item12_blob_sized_by_its_manifest_is_relayed_from_the_first_byte(
         make_mirror: MirrorFactory, fake: FakeRegistry, tmp_path: Path) -> None:
     mirror = await make_mirror(storage={"max_size": "256KiB"})
     data = os.urandom(1 << 20)
-    digest = fake.add_blob(data)
-    fake.fault(kind="chunked", path="/blobs/", chunk=64 << 10, delay=0.001)
+    _, manifest = fake.add_image("app", "v1", [data])
+    digest = json.loads(manifest)["layers"][0]["digest"]
+    fake.fault(kind="chunked", path="/blobs/", chunk=64 << 10, delay=0.001)  # no length
+    assert (await mirror.get("/v2/app/manifests/v1")).status == 200
     with structlog.testing.capture_logs() as logs:
         response = await mirror.get(f"/v2/app/blobs/{digest}")
         assert await response.read() == data
     relayed, = [e for e in logs if e["event"] == "blob_relayed"]
-    assert relayed["offset"] <= 256 << 10 and relayed["reason"] == "too_large"
+    assert relayed["offset"] == 0 and relayed["reason"] == "too_large"
     assert not any((tmp_path / "cache" / "blobs").rglob(digest[7:]))
