@@ -29,8 +29,6 @@ from yarl import URL
 from mirror.config import Secret, StaticCredential, UpstreamSettings
 from mirror.errors import Denied, NameUnknown, TooManyRequests, UpstreamUnavailable
 from mirror.metrics import UPSTREAM_ERRORS, UPSTREAM_REQUESTS, UPSTREAM_RETRIES
-from mirror.oci import is_digest_reference
-from mirror.upstream import presets
 from mirror.upstream.auth import (
     BearerToken,
     Challenge,
@@ -45,6 +43,7 @@ from mirror.upstream.auth import (
 )
 from mirror.upstream.credentials import CredentialPool, make_source
 from mirror.upstream.guard import UpstreamGuard, parse_retry_after
+from mirror.upstream.hosts import OwnHosts, confined
 
 log = structlog.get_logger(__name__)
 
@@ -61,32 +60,6 @@ Origin = tuple[str, str, int | None]
 def origin_of(url: URL) -> Origin:
     """Scheme, host and port (default ports made explicit) of ``url``."""
     return (url.scheme, (url.host or "").lower(), url.port)
-
-
-def confined(suffix: str) -> bool:
-    """Whether a request's redirects must stay on the registry's own hosts.
-
-    A blob, or a manifest by digest, is verified by its digest wherever it comes
-    from (a CDN); a tag list, a referrers index or a manifest by tag cannot be
-    verified, so only the registry itself may answer it.
-    """
-    if suffix.startswith("blobs/"):
-        return False
-    if suffix.startswith("manifests/"):
-        return not is_digest_reference(suffix[len("manifests/"):])
-    return True
-
-
-def own_hosts(settings: UpstreamSettings) -> frozenset[str]:
-    """``host[:port]`` names that are the registry itself: its URL, its aliases, the
-    hosts its preset knows (Docker Hub's ``registry-1.docker.io`` and friends), and
-    ``redirect_hosts`` from the config."""
-    preset = presets.BY_KEY.get(settings.preset)
-    names = {settings.host.lower(), *(a.lower() for a in settings.aliases),
-             *settings.redirect_hosts}
-    if preset is not None:
-        names.update(n.lower() for n in preset.names)
-    return frozenset(names)
 
 
 def backoff_delay(attempt: int) -> float:
@@ -115,7 +88,7 @@ class _Attempt:
     credential: str | None = None  # label of the credential in use
     renewed: bool = False  # a rejected Basic credential was fetched afresh once
     request: _Request | None = None  # shared by every try of one request
-    confined: bool = True  # redirects only to the registry's own hosts (see confined())
+    confined: bool = True  # redirects only to the registry's own hosts (see hosts.py)
 
 
 class UpstreamClient:
@@ -150,9 +123,7 @@ class UpstreamClient:
             settings.name, [make_source(c, settings.name) for c in credentials])
         self.guard = guard or UpstreamGuard(settings)
         self._health: asyncio.Future[bool] | None = None
-        self._own_hosts = own_hosts(settings)
-        preset = presets.BY_KEY.get(settings.preset)
-        self._redirect_pattern = preset.redirect_hosts if preset is not None else None
+        self._own_hosts = OwnHosts(settings)
 
     def __repr__(self) -> str:
         return f"UpstreamClient(name={self.name!r}, url={str(self._settings.url)!r})"
@@ -468,7 +439,7 @@ class UpstreamClient:
                                       status=502) from None
         if next_url.scheme not in ("http", "https"):
             raise UpstreamUnavailable(f"{self.name}: redirect to a non-HTTP URL", status=502)
-        if state.confined and not self._is_own(next_url):
+        if state.confined and next_url not in self._own_hosts:
             UPSTREAM_ERRORS.labels(self.name, "bad_content").inc()
             log.warning("upstream_redirect_refused", registry=self.name, host=next_url.host,
                         hint="tag lists, referrers and manifests by tag are not verifiable "
@@ -480,16 +451,6 @@ class UpstreamClient:
         log.debug("upstream_redirect", registry=self.name, status=resp.status,
                   host=next_url.host, hop=state.hops)
         return method, next_url
-
-    def _is_own(self, url: URL) -> bool:
-        """Whether ``url`` is on one of the registry's own hosts, with no downgrade to http."""
-        if url.scheme == "http" and self._origin[0] == "https":
-            return False
-        host = (url.host or "").lower()
-        port = "" if url.is_default_port() else f":{url.port}"
-        pattern = self._redirect_pattern
-        return f"{host}{port}" in self._own_hosts or (
-            pattern is not None and port == "" and pattern.fullmatch(host) is not None)
 
     def _on_unauthorized(
         self, resp: aiohttp.ClientResponse, origin: Origin, sent_auth: bool, state: _Attempt
