@@ -7,7 +7,7 @@
     mirror config check FILE
     mirror cache ls|du [--json] [--config FILE] [--storage DIR]
     mirror cache fsck [--config FILE] [--storage DIR]
-    mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR]
+    mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR] [--shared]
 
 Errors are one readable line on stderr and a non-zero exit status. ``serve``
 reloads its TLS certificate and key on SIGHUP and stops gracefully on SIGTERM.
@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from mirror import config, log
 from mirror.cache.inventory import Inventory, human_size, human_time
 from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
 from mirror.cache.membership import Membership
+from mirror.config import checks
 from mirror.errors import CacheCommandError, ConfigError, OciError
 from mirror.routing import Router
 from mirror.server.app import create_app
@@ -91,21 +91,25 @@ def _cache_parser(commands: Any) -> None:
         "pin": ("keep an image (index, manifests, configs, layers) or a digest from eviction",
                 _cache_pin, True),
         "unpin": ("drop the pins an image reference or digest made", _cache_unpin, True),
-        "evict": ("delete an image's or a digest's content now (pinned content stays)",
-                  _cache_evict, True),
+        "evict": ("delete an image's or a digest's content now (pinned content, and "
+                  "content other cached images use, stays)", _cache_evict, True),
         "fsck": ("re-hash everything stored and remove what does not match", _cache_fsck,
                  False),
     }
     for name, (text, func, takes_ref) in helps.items():
         action = actions.add_parser(name, help=text)
         if takes_ref:
-            action.add_argument("ref", help="an image reference (docker.io/library/nginx:1.27, "
+            action.add_argument("ref", help="an image reference in any form Docker takes "
+                                "(nginx:1.27, library/nginx:1.27, docker.io/nginx:1.27, "
                                 "nginx@sha256:...) or a digest (sha256:...)")
         action.add_argument("--config", type=Path, help="YAML config, as for serve")
         action.add_argument("--storage", type=Path, help="cache folder, overrides the config")
         if name in ("ls", "du"):
             action.add_argument("--json", action="store_true",
                                 help="print JSON, with a breakdown by registry")
+        if name == "evict":
+            action.add_argument("--shared", action="store_true",
+                                help="also delete layers and configs other cached images use")
         action.set_defaults(func=func)
 
 
@@ -128,6 +132,7 @@ def load_settings(path: Path | None, listen: str | None = None,
 
 def _config_check(args: argparse.Namespace) -> int:
     settings = config.load(args.file)
+    checks.check_machine(settings)
     names = ", ".join(u.name + (" (default)" if u.default else "") for u in settings.upstreams)
     print(f"{args.file}: ok; upstreams: {names}")
     return 0
@@ -271,23 +276,26 @@ def _cache_pin(args: argparse.Namespace) -> int:
 def _cache_unpin(args: argparse.Namespace) -> int:
     inventory = _inventory(args)
     try:
-        count = inventory.unpin(args.ref)
+        label, count = inventory.unpin(args.ref)
     finally:
         inventory.close()
     if count == 0:
-        raise CacheCommandError(f"{args.ref} is not pinned")
-    print(f"unpinned {args.ref}: {count} pin(s) removed")
+        raise CacheCommandError(f"{label} is not pinned")
+    print(f"unpinned {label}: {count} pin(s) removed")
     return 0
 
 
 def _cache_evict(args: argparse.Namespace) -> int:
     inventory = _inventory(args)
     try:
-        resolved, freed, kept = inventory.evict(args.ref)
+        done = inventory.evict(args.ref, shared=args.shared)
     finally:
         inventory.close()
-    note = f"; {kept} pinned item(s) kept (unpin first)" if kept else ""
-    print(f"evicted {resolved.label}: {human_size(freed)} freed{note}")
+    note = f"; {done.kept_pinned} pinned item(s) kept (unpin first)" if done.kept_pinned else ""
+    if done.kept_shared:
+        note += (f"; {done.kept_shared} item(s) kept that other cached images use "
+                 "(--shared removes them too)")
+    print(f"evicted {done.resolved.label}: {human_size(done.freed)} freed{note}")
     return 0
 
 
@@ -307,22 +315,29 @@ def _cache_fsck(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, args.listen, args.storage)
+    # Every problem found here is one line and exit 2 (main); the port is bound before
+    # the app starts, so ``mirror_started`` is never logged by a mirror that cannot listen.
+    checks.check_storage(settings.storage.path, create=True)
+    ssl_context = checks.tls_context(settings.tls) if settings.tls is not None else None
+    sock = checks.bind(settings.listen_host, settings.listen_port)
     log.setup(settings.log)
-    tls = ServerTls(settings.tls) if settings.tls is not None else None
     loop_factory = None
     if settings.server.event_loop == "uvloop":
         loop_factory = uvloop.new_event_loop
     runner = asyncio.Runner(loop_factory=loop_factory)
-    admin = settings.admin.listen if settings.admin is not None else None
-    # The admin address is a second socket of the same app: the edge middleware tells
-    # them apart by local port.
-    sock = [socket.create_server(admin, reuse_port=False)] if admin is not None else None
+    socks = [sock]
+    if settings.admin is not None and settings.admin.listen is not None:
+        # The admin address is a second socket of the same app: the edge middleware tells
+        # them apart by local port.
+        socks.append(checks.bind(*settings.admin.listen))
     app = create_app(settings)
+    # The listener keeps this one context; SIGHUP loads a renewed pair into it.
+    tls = ServerTls(settings.tls, ssl_context) if settings.tls and ssl_context else None
     reload_on_sighup(app, tls)
     app.on_shutdown.append(_log_stopping)  # the node logs mirror_stopped when it is done
-    web.run_app(app, host=settings.listen_host, port=settings.listen_port, sock=sock,
-                ssl_context=tls.context if tls else None, access_log=None, print=None,
-                shutdown_timeout=10, loop=runner.get_loop())
+    web.run_app(app, sock=socks, ssl_context=ssl_context, access_log=None,
+                print=None, shutdown_timeout=10, loop=runner.get_loop(),
+                handler_cancellation=True)
     return 0
 
 

@@ -45,7 +45,7 @@ UPSTREAM_BYTES = Counter(
 UPSTREAM_ERRORS = Counter(
     "mirror_upstream_errors_total",
     "Upstream failures: connect, timeout, status_5xx, rate_limited, denied, bad_content, "
-    "truncated, digest_mismatch.",
+    "truncated, digest_mismatch, size_hint_wrong (a manifest declared another size).",
     ["registry", "reason"],
 )
 UPSTREAM_RETRIES = Counter(

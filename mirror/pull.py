@@ -38,10 +38,11 @@ from mirror.errors import (
     UpstreamUnavailable,
 )
 from mirror.fetch import Fill
-from mirror.oci import OCI_INDEX, Digest, is_digest_reference, parse_manifest
+from mirror.oci import OCI_INDEX, Digest, is_digest_reference, is_number, parse_manifest
 from mirror.sources import ContentRef, SourceChain
 from mirror.sources.s3 import S3Source
 from mirror.sources.upstream import check_status, read_limited
+from mirror.upstream import bodies
 
 #: Pages of an upstream tag list followed to paginate it here, at most.
 TAG_PAGES_MAX = 20
@@ -290,8 +291,8 @@ class PullService:
             check_status(resp, client.name, "tag list")
             body = await read_limited(resp, "tag list")
             link = resp.headers.get("Link")
-        name, tags = _parse_tag_list(body, repo.repository)
-        return name, tags, link
+        document = bodies.tag_list(body)
+        return document["name"], list(document.get("tags") or []), link
 
     # --- referrers ----------------------------------------------------------------------
     async def referrers(self, repo: Repo, digest: Digest,
@@ -312,7 +313,7 @@ class PullService:
             body = await read_limited(resp, "referrers index") if resp.status == 200 else None
             applied = "artifactType" in resp.headers.get("OCI-Filters-Applied", "")
         if body is not None:
-            index = _parse_index(body, "upstream referrers")
+            index = bodies.referrers_index(body)
             if artifact_type and not applied:
                 return Referrers(_index_body(_filtered(index, artifact_type)), True)
             return Referrers(body, bool(artifact_type))
@@ -331,19 +332,6 @@ class PullService:
         manifests = parse_manifest(resolved.manifest.data).get("manifests")
         return [m for m in manifests if isinstance(m, dict)] if isinstance(manifests, list) \
             else []
-
-
-def _parse_tag_list(body: bytes, repository: str) -> tuple[str, list[str]]:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        document = None
-    tags = document.get("tags") if isinstance(document, dict) else None
-    if not isinstance(document, dict) or not isinstance(tags, list | None) or \
-            not all(isinstance(t, str) for t in tags or []):
-        raise UpstreamUnavailable("upstream sent a tag list that is not one", status=502)
-    name = document.get("name")
-    return (name if isinstance(name, str) else repository), list(tags or [])
 
 
 def _honoured(tags: list[str], n: int | None, last: str | None) -> bool:
@@ -368,17 +356,7 @@ def _next_from_link(link: str | None) -> tuple[int | None, str | None]:
         return None, None
     query = URL(link[start + 1:end]).query
     n = query.get("n", "")
-    return (int(n) if n.isascii() and n.isdigit() else None), query.get("last")
-
-
-def _parse_index(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        document = None
-    if not isinstance(document, dict) or not isinstance(document.get("manifests", []), list):
-        raise UpstreamUnavailable(f"{what} is not an image index", status=502)
-    return document
+    return (int(n) if is_number(n) else None), query.get("last")
 
 
 def _filtered(index: Mapping[str, Any], artifact_type: str) -> list[dict[str, Any]]:

@@ -103,14 +103,43 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         ConfigError: the file cannot be read, is not YAML, or is invalid.
     """
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path} is not UTF-8 text (byte {exc.start} is "
+                          f"0x{exc.object[exc.start]:02x})") from None
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError("", f"{path} is not valid YAML: {_one_line(exc)}") from None
     return parse(document or {}, env=os.environ if env is None else env, base=path.parent)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (YAML says keys
+    are unique; PyYAML silently keeps the last, so half of a config would be ignored)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: later keys may override merged ones
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what and where."""
+    return " ".join(str(exc).split())
 
 
 def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> Settings:

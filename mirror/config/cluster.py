@@ -56,7 +56,8 @@ def _cluster(value: Any, env: Mapping[str, str], base: Path) -> ClusterSettings 
         node_id=node_id,
         region=_opt(item, "region", key, _string, "default"),
         secret=secret,
-        self_url=_base_url(item["self_url"], f"{key}.self_url") if "self_url" in item else None,
+        self_url=_base_url(_expand(item["self_url"], env, f"{key}.self_url"), f"{key}.self_url")
+        if "self_url" in item else None,
         peers=peers,
         peers_dns=dns,
         parents=parents,
@@ -67,6 +68,19 @@ def _cluster(value: Any, env: Mapping[str, str], base: Path) -> ClusterSettings 
         quarantine=_bounded(item, "quarantine", key, d.quarantine, 0, 86400),
         token_ttl=_bounded(item, "token_ttl", key, d.token_ttl, 5, 3600),
     )
+
+
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: Any, env: Mapping[str, str], key: str) -> str:
+    """``${NAME}`` replaced by the environment variable (the pod's IP in Kubernetes)."""
+    def variable(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in env:
+            raise ConfigError(key, f"environment variable {name} is not set")
+        return env[name]
+    return _VAR_RE.sub(variable, _string(value, key))
 
 
 def _list(value: Any, key: str) -> list[Any]:

@@ -113,12 +113,14 @@ class UpstreamSettings:
     password: Secret | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    request_timeout: float = 60.0  # the whole of a manifest, tag list or referrers request
     retries: int = 3
     max_connections: int = 32
     max_retry_wait: float = 10.0
     preset: str = "generic"
     credentials: tuple[CredentialSettings, ...] = ()
     blob_probe: str = "head"
+    redirect_hosts: tuple[str, ...] = ()  # more hosts that may answer unverifiable requests
     budget: BudgetSettings | None = None
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     max_client_retry_after: float = 3600.0

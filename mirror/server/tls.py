@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from mirror.config import TlsSettings
+from mirror.config.checks import tls_context
 from mirror.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -28,18 +29,15 @@ log = structlog.get_logger(__name__)
 class ServerTls:
     """The listening socket's TLS context and the files it was loaded from.
 
-    Raises:
-        ConfigError: at construction, when the first pair does not load.
+    Args:
+        settings: the ``tls`` section (certificate and key paths).
+        context: the context the listener uses, already loaded from them
+            (:func:`mirror.config.checks.tls_context`).
     """
 
-    def __init__(self, settings: TlsSettings) -> None:
+    def __init__(self, settings: TlsSettings, context: ssl.SSLContext) -> None:
         self.settings = settings
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            self.context.load_cert_chain(settings.cert, settings.key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError("tls", f"cannot load the certificate {settings.cert} with the "
-                              f"key {settings.key}: {exc}") from None
+        self.context = context
 
     def reload(self) -> bool:
         """Load the certificate and key files again into the live context.
@@ -50,9 +48,9 @@ class ServerTls:
         """
         cert, key = self.settings.cert, self.settings.key
         try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+            tls_context(self.settings)  # a trial in a scratch context: a bad pair stops here
             self.context.load_cert_chain(cert, key)
-        except (OSError, ssl.SSLError) as exc:
+        except (ConfigError, OSError, ssl.SSLError) as exc:
             log.error("tls_reload_failed", cert=str(cert), key=str(key),
                       error=str(exc) or type(exc).__name__,
                       hint="the previous certificate stays in use")

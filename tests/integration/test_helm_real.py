@@ -84,16 +84,17 @@ def _config_check(config_text: str, folder: Path, tls: bool) -> str:
     path = folder / "config" / "mirror.yaml"
     path.write_text(config_text)
     if tls:  # the Secret's files, mounted beside the config in the pod
+        served = TestCA(folder / "ca").issue("mirror.registry.svc")
         (folder / "tls").mkdir()
-        for name in ("tls.crt", "tls.key"):
-            (folder / "tls" / name).write_text("PEM\n")
+        (folder / "tls" / "tls.crt").write_bytes(served.cert_path.read_bytes())
+        (folder / "tls" / "tls.key").write_bytes(served.key_path.read_bytes())
     return _check_file(path)
 
 
-def _check_file(path: Path) -> str:
+def _check_file(path: Path, **extra_env: str) -> str:
     """``mirror config check`` with the environment the chart gives the pod."""
-    env = {**os.environ, "HUB_TOKEN": "secret-from-the-pod-env",
-           "MIRROR_PEER_SECRET": "a-peer-secret-of-the-region"}
+    env = {**os.environ, "HUB_TOKEN": "secret-from-the-pod-env", "POD_IP": "127.0.0.2",
+           "MIRROR_PEER_SECRET": "a-peer-secret-of-the-region", **extra_env}
     proc = subprocess.run([sys.executable, "-m", "mirror", "config", "check", str(path)],
                           capture_output=True, text=True, env=env, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -167,22 +168,17 @@ def test_regional_mode_has_peers_by_dns_a_budget_and_a_volume_per_pod(
     env = {e["name"]: e for e in mirror["env"]}
     assert env["MIRROR_PEER_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == \
         secret["metadata"]["name"]
-    assert mirror["args"][-1] == "/etc/mirror/run/mirror.yaml"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert cluster["self_url"] == "http://${POD_IP}:5000"  # expanded by the mirror at start
 
-    # What the init container does in each pod, with the chart's own script.
-    (tmp_path / "config").mkdir()
-    (tmp_path / "run").mkdir()
-    for name, text in data.items():
-        (tmp_path / "config" / name).write_text(text)
-    for pod_ip, url in (("127.0.0.2", "http://127.0.0.2:5000"), ("fd00::7", "http://[fd00::7]:5000")):
-        env_vars = {"PATH": os.environ["PATH"], "POD_IP": pod_ip,
-                    "SRC": str(tmp_path / "config" / "mirror.yaml"),
-                    "DEST": str(tmp_path / "run" / "mirror.yaml")}
-        subprocess.run(["sh", str(tmp_path / "config" / "render-config.sh")], env=env_vars,
-                       check=True, timeout=30)
-        rendered = (tmp_path / "run" / "mirror.yaml").read_text()
-        assert yaml.safe_load(rendered)["cluster"]["self_url"] == url
-        assert "upstreams: docker.io (default)" in _check_file(tmp_path / "run" / "mirror.yaml")
+    path = tmp_path / "mirror.yaml"
+    path.write_text(data["mirror.yaml"])
+    assert "upstreams: docker.io (default)" in _check_file(path, POD_IP="127.0.0.2")
+    env_without_ip = {k: v for k, v in os.environ.items() if k != "POD_IP"}
+    proc = subprocess.run([sys.executable, "-m", "mirror", "config", "check", str(path)],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**env_without_ip, "MIRROR_PEER_SECRET": "x" * 20})
+    assert proc.returncode == 2 and "POD_IP is not set" in proc.stderr
 
 
 def test_regional_mode_with_a_peer_secret_of_its_own(helm_bin: Path) -> None:

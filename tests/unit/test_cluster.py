@@ -91,3 +91,9 @@ def test_self_url_is_required_when_listening_everywhere_with_peers() -> None:
         config.parse(document, env={"S": SECRET})
     assert info.value.key == "cluster.self_url"
     assert _cluster().self_url == "http://127.0.0.2:5000"
+    document["cluster"] = {"secret_env": "S", "self_url": "http://${POD_IP}:5000"}  # type: ignore[index]
+    settings = config.parse(document, env={"S": SECRET, "POD_IP": "127.0.0.7"})
+    assert settings.cluster is not None and settings.cluster.self_url == "http://127.0.0.7:5000"
+    with pytest.raises(ConfigError) as missing:
+        config.parse(document, env={"S": SECRET})
+    assert missing.value.key == "cluster.self_url"

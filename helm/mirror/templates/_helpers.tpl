@@ -67,7 +67,7 @@ app.kubernetes.io/component: {{ .Values.mode }}
 {{- if eq .Values.mode "regional" -}}
 {{- $scheme := include "mirror.scheme" . | lower -}}
 {{- $dns := dict "name" (include "mirror.peersDns" .) "port" (int .Values.config.port) "scheme" $scheme -}}
-{{- $cluster := dict "region" .Values.regional.region "peers_dns" $dns "secret_env" "MIRROR_PEER_SECRET" "self_url" (printf "%s://POD_IP:%d" $scheme (int .Values.config.port)) -}}
+{{- $cluster := dict "region" .Values.regional.region "peers_dns" $dns "secret_env" "MIRROR_PEER_SECRET" "self_url" (printf "%s://${POD_IP}:%d" $scheme (int .Values.config.port)) -}}
 {{- with .Values.regional.parents }}{{ $_ := set $cluster "parents" . }}{{ end -}}
 {{- $_ := set $config "cluster" $cluster -}}
 {{- end -}}
@@ -104,7 +104,7 @@ containers:
   - name: mirror
     image: "{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}"
     imagePullPolicy: {{ .Values.image.pullPolicy }}
-    args: ["serve", "--config", "/etc/mirror/{{ ternary "run" "config" (eq .Values.mode "regional") }}/mirror.yaml"]
+    args: ["serve", "--config", "/etc/mirror/config/mirror.yaml"]
     ports:
       - name: registry
         containerPort: {{ .Values.config.port }}
@@ -116,6 +116,10 @@ containers:
       - name: MIRROR_HEALTHCHECK_URL
         value: "{{ lower $scheme }}://127.0.0.1:{{ .Values.config.port }}/healthz"
       {{- if eq .Values.mode "regional" }}
+      - name: POD_IP  # cluster.self_url: how the peers reach this pod
+        valueFrom:
+          fieldRef:
+            fieldPath: status.podIP
       - name: MIRROR_PEER_SECRET
         valueFrom:
           secretKeyRef:
@@ -162,11 +166,6 @@ containers:
         mountPath: /var/lib/mirror
       - name: tmp
         mountPath: /tmp
-      {{- if eq .Values.mode "regional" }}
-      - name: run
-        mountPath: /etc/mirror/run
-        readOnly: true
-      {{- end }}
       {{- if .Values.tls.enabled }}
       - name: tls
         mountPath: /etc/mirror/tls
@@ -185,11 +184,6 @@ containers:
 - name: tmp
   emptyDir:
     sizeLimit: 64Mi
-{{- if eq .Values.mode "regional" }}
-- name: run
-  emptyDir:
-    sizeLimit: 1Mi
-{{- end }}
 {{- if .Values.tls.enabled }}
 - name: tls
   secret:
