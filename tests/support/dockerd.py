@@ -10,7 +10,10 @@ into its own daemon with ``docker import``.
 The daemon runs with its own data-root, exec-root, pidfile, socket and
 ``daemon.json`` in a temp folder, the ``vfs`` storage driver (no kernel
 overlay needed), no iptables rules and no bridge: containers use the host's
-network. Everything is removed when it stops.
+network. Its data-root is a tmpfs where one can be mounted: vfs copies the
+whole root filesystem for every layer and container, and deleting those
+copies from a disk took two minutes on a loaded 2-core machine, where
+unmounting a tmpfs takes none. Everything is removed when it stops.
 """
 
 from __future__ import annotations
@@ -102,9 +105,10 @@ def _docker_client() -> str:
 class Dockerd:
     """``dockerd`` with everything of its own under a temp folder; stopped by PID."""
 
-    def __init__(self) -> None:
+    def __init__(self, tmpfs_size: str = "8g") -> None:
         # A short path: the socket paths under it must stay below 108 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="dkr-", dir="/tmp"))
+        self.tmpfs_size = tmpfs_size
         self.socket = self.root / "docker.sock"
         self.log_path = self.root / "dockerd.log"
         self._client = _docker_client()
@@ -118,8 +122,13 @@ class Dockerd:
         """
         config = self.root / "daemon.json"
         config.write_text("{}\n")  # never the machine's /etc/docker/daemon.json
+        data = self.root / "data"
+        data.mkdir()
+        # Pages are used only as files are written; without a tmpfs, the disk serves.
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.tmpfs_size},mode=0710",
+                        "tmpfs", str(data)], capture_output=True, check=False, timeout=30)
         cmd = ["dockerd", "--config-file", str(config),
-               "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
+               "--data-root", str(data), "--exec-root", str(self.root / "exec"),
                "--pidfile", str(self.root / "docker.pid"), "--host", f"unix://{self.socket}",
                "--storage-driver", "vfs", "--iptables=false", "--ip-masq=false",
                "--bridge", "none", "--userland-proxy=false", "--log-level", "warn"]
@@ -154,8 +163,8 @@ class Dockerd:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _unmount_leftovers(self) -> None:
-        # dockerd leaves the nsfs mount of its default network namespace (and, if
-        # killed, its data-root bind mount) behind: unmount them, deepest first.
+        # The data-root tmpfs, and what dockerd leaves: the nsfs mount of its default
+        # network namespace (and, if killed, its data-root bind mount). Deepest first.
         prefix = f"{self.root}/"
         with open("/proc/self/mounts") as mounts:
             points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
