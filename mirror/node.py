@@ -8,7 +8,10 @@
       S3 tier (optional)                fills: ``server.shutdown_grace``, then cancelled
       caches, fetcher, sources          in-flight manifest/tag work cancelled
       upstream clients, pull service    S3 uploads: given a grace, then cancelled
+      popularity, sync records          popularity and sync records saved
       background: reconcile -> eviction upstream clients, tag records, index closed
+                  popularity saver,
+                  sync loop (if `sync:`)
 
 Every background task runs in the node's :class:`~mirror.tasks.TaskGroup`: a
 loop that fails is restarted with backoff and counted. Requests never wait on
@@ -28,7 +31,7 @@ from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestCache
 from mirror.cache.tags import TagStore
 from mirror.clock import SYSTEM, Clock
-from mirror.config import Settings
+from mirror.config import Settings, SyncSettings
 from mirror.fetch import Fetcher
 from mirror.oci import Digest
 from mirror.pull import PullService
@@ -39,11 +42,16 @@ from mirror.sources.s3 import S3Source
 from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.index import Entry
 from mirror.storage.s3 import open_s3
+from mirror.sync import Popularity, SyncService
 from mirror.tasks import TaskGroup
 from mirror.upstream import UpstreamClient
 from mirror.upstream.guard import UpstreamGuard
 
 log = structlog.get_logger(__name__)
+
+#: Seconds between saves of the popularity counts (when they changed).
+POPULARITY_SAVE_EVERY = 15.0
+
 
 class Node:
     """One mirror process: storage, caches, sources, upstream clients, background tasks."""
@@ -75,7 +83,12 @@ class Node:
         self.clients = {u.name: UpstreamClient(u, clock=clock.monotonic,
                                                guard=UpstreamGuard(u, clock=clock.monotonic))
                         for u in settings.upstreams}
+        sync = settings.sync or SyncSettings()
+        self.popularity = Popularity(settings.storage.path / "sync" / "popularity.json",
+                                     window=sync.popular.window,
+                                     max_entries=sync.popular.max_entries, clock=clock)
         self.pull: PullService
+        self.sync: SyncService
 
     async def start(self) -> None:
         """Open storage and the S3 tier, build the pull service, start background work."""
@@ -91,6 +104,7 @@ class Node:
                                 clock=self.clock, tag_list_ttl=self.settings.cache.tag_ttl)
         self._wire_evictor()
         self.tasks.spawn(self._reconcile_then_evict(), "reconcile")
+        await self._start_sync()
         self.ready = True
         log.info("mirror_started", storage=str(self.store.root), stale_temp_removed=removed,
                  max_size=self.settings.storage.max_size,
@@ -104,10 +118,39 @@ class Node:
         return {name: SourceChain(before, UpstreamSource(client), rejections)
                 for name, client in self.clients.items()}
 
+    async def _start_sync(self) -> None:
+        """Popularity counts and the sync records are loaded; the sync loop runs only when
+        ``sync:`` is configured (``mirror warm`` works without it)."""
+        await asyncio.to_thread(self.popularity.load)
+        self.sync = SyncService(self.settings.sync or SyncSettings(), self.pull, self.router,
+                                clients=self.clients, index=self.store.index,
+                                popularity=self.popularity,
+                                state_path=self.settings.storage.path / "sync" / "state.json",
+                                clock=self.clock)
+        await self.sync.load()
+        self.tasks.loop("popularity", self._save_popularity_forever)
+        if self.settings.sync is not None:
+            self.tasks.loop("sync", self.sync.run)
+            log.info("sync_started", rules=[r.name for r in self.settings.sync.rules],
+                     popular_top=self.settings.sync.popular.top)
+
+    async def _save_popularity_forever(self) -> None:
+        while True:
+            await asyncio.sleep(POPULARITY_SAVE_EVERY)
+            await self.save_popularity()
+
+    async def save_popularity(self) -> None:
+        """Save the popularity counts if they changed (pruned to their bound first)."""
+        if not self.popularity.dirty:
+            return
+        self.popularity.prune()
+        await asyncio.to_thread(self.popularity.save, self.popularity.snapshot())
+
     async def stop(self) -> None:
         """Stop in the reverse order of :meth:`start`."""
         self.ready = False
         await self.tasks.close()
+        await self.save_popularity()
         await self.fetcher.close(self.settings.server.shutdown_grace)
         await self.manifests.close()
         await self.evictor.stop()

@@ -26,12 +26,17 @@ from mirror.config.settings import (
     DockerConfigCredential,
     EcrCredential,
     LogSettings,
+    PopularSettings,
     S3Settings,
+    Schedule,
     Secret,
     ServerSettings,
     Settings,
     StaticCredential,
     StorageSettings,
+    SyncRule,
+    SyncSettings,
+    TagSet,
     TlsSettings,
     UpstreamSettings,
     default_settings,
@@ -39,6 +44,7 @@ from mirror.config.settings import (
 )
 from mirror.config.storage import _S3_KEYS as _S3_KEYS  # the tests read the accepted keys
 from mirror.config.storage import _storage
+from mirror.config.sync import _sync
 from mirror.config.upstreams import _upstreams
 from mirror.config.values import (
     _mapping,
@@ -60,12 +66,17 @@ __all__ = [
     "DockerConfigCredential",
     "EcrCredential",
     "LogSettings",
+    "PopularSettings",
     "S3Settings",
+    "Schedule",
     "Secret",
     "ServerSettings",
     "Settings",
     "StaticCredential",
     "StorageSettings",
+    "SyncRule",
+    "SyncSettings",
+    "TagSet",
     "TlsSettings",
     "UpstreamSettings",
     "default_settings",
@@ -104,7 +115,7 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
     """
     root = _mapping(document, "")
     _only_keys(root, "", {"version", "listen", "tls", "storage", "cache", "upstreams",
-                          "log", "server"})
+                          "log", "server", "sync"})
     version = root.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ConfigError("version", f"unsupported version {version!r} (this mirror reads 1)")
@@ -119,4 +130,5 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
         upstreams=upstreams,
         log=_log(root.get("log", {})),
         server=_server(root.get("server", {})),
+        sync=_sync(root.get("sync"), {n: u.name for u in upstreams for n in u.names()}),
     )
