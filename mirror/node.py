@@ -57,12 +57,15 @@ class Node:
     """One mirror process: storage, caches, sources, upstream clients, background tasks."""
 
     def __init__(self, settings: Settings, *, clock: Clock = SYSTEM,
-                 extra_sources: Sequence[Source] = ()) -> None:
+                 extra_sources: Sequence[Source] = (), sync_loop: bool = True) -> None:
         """Args:
             settings: validated settings.
             clock: the time every TTL and schedule reads (tests pass a manual one).
             extra_sources: sources asked before S3 and upstream (tests; imported bundles).
+            sync_loop: run the scheduled sync loop when ``sync:`` is configured (commands
+                that warm once, like ``mirror warm``, pass ``False``).
         """
+        self._sync_loop = sync_loop
         self.settings = settings
         self.clock = clock
         self.router = Router(settings.upstreams)
@@ -129,7 +132,7 @@ class Node:
                                 clock=self.clock)
         await self.sync.load()
         self.tasks.loop("popularity", self._save_popularity_forever)
-        if self.settings.sync is not None:
+        if self.settings.sync is not None and self._sync_loop:
             self.tasks.loop("sync", self.sync.run)
             log.info("sync_started", rules=[r.name for r in self.settings.sync.rules],
                      popular_top=self.settings.sync.popular.top)

@@ -32,6 +32,7 @@ from mirror.errors import (
     FillError,
     ManifestUnknown,
     NameUnknown,
+    TooManyRequests,
     UpstreamUnavailable,
 )
 from mirror.fetch import Fill
@@ -208,7 +209,9 @@ class PullService:
             assert isinstance(answer, BlobFlight)
             try:
                 await answer.fill.wait_done()
-            except FillError:
+            except FillError as exc:
+                if isinstance(exc.__cause__, TooManyRequests):
+                    raise exc.__cause__ from None  # asking again now only earns another 429
                 if attempt:
                     raise
                 continue

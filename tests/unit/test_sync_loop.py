@@ -1,0 +1,252 @@
+"""The sync loop on a node in front of the in-process fake upstream, on a manual clock:
+what one pass fetches, what an unchanged tag costs, and the faults a real registry cannot
+be made to show (429 mid-sync, an outage, a cut mid-blob, a rate-limit floor)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+from prometheus_client import REGISTRY
+
+from mirror.clock import ManualClock
+from mirror.node import Node
+from mirror.oci import Digest
+from mirror.pull import Repo
+from mirror.sync import SyncService
+from tests.support.fake import FakeRegistry, HubRateLimit
+from tests.unit.conftest import mirror_settings
+
+APP = Repo("fake.test", "app")
+SyncFactory = Callable[..., Awaitable[tuple[Node, SyncService]]]
+WATCH = {"name": "app", "registry": "fake.test", "repositories": ["app"], "tags": ["v1"],
+         "platforms": ["linux/amd64"]}
+
+
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+async def make_sync(tmp_path: Path, upstream: TestServer,
+                    clock: ManualClock) -> AsyncIterator[SyncFactory]:
+    """A started node and a sync service over it whose loop is not running: the test
+    runs passes itself (``run_once``)."""
+    nodes: list[Node] = []
+
+    async def start(sync: dict[str, Any] | None = None, **overrides: Any) -> tuple[Node,
+                                                                                     SyncService]:
+        url = str(upstream.make_url("")).rstrip("/")
+        settings = mirror_settings(tmp_path / "cache", url, sync=sync or {"rules": [WATCH]},
+                                   **overrides)
+        assert settings.sync is not None
+        node = Node(dataclasses.replace(settings, sync=None), clock=clock)
+        await node.start()
+        nodes.append(node)
+        service = SyncService(settings.sync, node.pull, node.router, clients=node.clients,
+                              index=node.store.index, popularity=node.popularity,
+                              state_path=tmp_path / "cache" / "sync" / "state.json", clock=clock)
+        await service.load()
+        return node, service
+
+    yield start
+    for node in nodes:
+        await node.stop()
+
+
+def _multi_arch(fake: FakeRegistry, tag: str, seed: bytes) -> dict[str, list[str]]:
+    """An index under ``tag`` with an amd64 and an arm64 image; their blob digests."""
+    amd, amd_body = fake.add_image("app", None, [seed + b"-amd-1", seed + b"-amd-2"])
+    arm, arm_body = fake.add_image("app", None, [seed + b"-arm"], arch="arm64")
+    fake.add_index("app", tag, [(amd, amd_body, "amd64"), (arm, arm_body, "arm64")])
+    blobs = {arch: [d["digest"] for d in [json.loads(body)["config"],
+                                          *json.loads(body)["layers"]]]
+             for arch, body in (("amd64", amd_body), ("arm64", arm_body))}
+    return blobs
+
+
+def _held(node: Node, digests: list[str]) -> list[bool]:
+    return [node.store.blob_path(Digest.parse(d)).exists() for d in digests]
+
+
+async def test_one_pass_warms_the_selected_platform_and_an_unchanged_tag_costs_one_head(
+        make_sync: SyncFactory, fake: FakeRegistry, clock: ManualClock) -> None:
+    blobs = _multi_arch(fake, "v1", b"one")
+    node, sync = await make_sync()
+    report = await sync.run_once()
+    assert report["counts"] == {"warmed": 1}
+    assert all(_held(node, blobs["amd64"])) and not any(_held(node, blobs["arm64"]))
+    assert fake.count("GET", "/blobs/") == 3
+    pins = node.store.index.pins()
+    assert all(any(s.startswith("warm-until:") for s in pins[d]) for d in blobs["amd64"])
+
+    clock.advance(120)  # past `recheck`: the tag is asked again
+    fake.requests.clear()
+    report = await sync.run_once()
+    assert report["counts"] == {"present": 1}
+    assert [(r.method, r.path) for r in fake.requests] == [("HEAD", "/v2/app/manifests/v1")]
+
+    fresh = _multi_arch(fake, "v1", b"two")  # the tag moves upstream
+    clock.advance(120)
+    lag_before = _metric("mirror_sync_lag_seconds_count")
+    report = await sync.run_once()
+    assert report["counts"] == {"warmed": 1}
+    assert all(_held(node, fresh["amd64"])) and not any(_held(node, fresh["arm64"]))
+    assert _metric("mirror_sync_lag_seconds_count") == lag_before + 1
+    record = sync.records["fake.test/app:v1"]
+    assert record.held == record.digest and record.result == "warmed"
+
+
+async def test_dry_run_counts_what_would_be_fetched_and_fetches_no_blob(
+        make_sync: SyncFactory, fake: FakeRegistry) -> None:
+    _multi_arch(fake, "v1", b"dry")
+    _, sync = await make_sync()
+    report = await sync.run_once(dry_run=True)
+    assert report["counts"] == {"planned": 1}
+    assert report["results"][0]["missing_blobs"] == 3
+    assert report["missing_bytes"] > 0
+    assert fake.count("GET", "/blobs/") == 0
+    assert not sync.records
+
+
+async def test_semver_rule_and_a_missing_repository_do_not_stop_the_rest(
+        make_sync: SyncFactory, fake: FakeRegistry) -> None:
+    for tag in ("1.9", "1.25.3", "1.26.0-rc1", "2.0", "latest", "v1.27"):
+        fake.add_image("app", tag, [tag.encode()])
+    rules = [{"name": "gone", "registry": "fake.test", "repositories": ["nothing/here"],
+              "tags": [{"semver": ">=1"}]},
+             {"name": "semver", "registry": "fake.test", "repositories": ["app"],
+              "tags": [{"semver": ">=1.25 <2"}]}]
+    _, sync = await make_sync({"rules": rules})
+    report = await sync.run_once()
+    results = {r["ref"]: r for r in report["results"]}
+    assert set(results) == {"fake.test/nothing/here", "fake.test/app:v1.27",
+                            "fake.test/app:1.25.3"}
+    assert "repository not found" in results["fake.test/nothing/here"]["reason"]
+    assert results["fake.test/app:v1.27"]["result"] == "warmed"
+    assert fake.count("GET", "/tags/list") == 2
+
+
+async def test_429_mid_sync_pauses_until_retry_after_then_resumes(
+        make_sync: SyncFactory, fake: FakeRegistry, clock: ManualClock) -> None:
+    blobs = _multi_arch(fake, "v1", b"limited")
+    layer = blobs["amd64"][1]
+    fake.fault(kind="status", path=f"/blobs/{layer}", status=429, times=1,
+               headers={"Retry-After": "120"})
+    node, sync = await make_sync()
+    report = await sync.run_once()
+    assert report["counts"] == {"deferred": 1}
+    assert sync.budget.paused("fake.test") > 0
+
+    clock.advance(30)  # still paused: nothing is asked upstream at all
+    fake.requests.clear()
+    assert (await sync.run_once())["counts"] == {"deferred": 1}
+    assert fake.requests == []
+
+    clock.advance(100)
+    assert (await sync.run_once())["counts"] == {"warmed": 1}
+    assert all(_held(node, blobs["amd64"]))
+
+
+async def test_outage_during_a_sync_fails_the_reference_and_clients_are_still_served(
+        make_sync: SyncFactory, fake: FakeRegistry, clock: ManualClock) -> None:
+    _multi_arch(fake, "v1", b"outage")
+    node, sync = await make_sync()
+    assert (await sync.run_once())["counts"] == {"warmed": 1}
+    fake.fault(kind="status", status=503)  # everything fails from now on
+    clock.advance(120)
+    report = await sync.run_once()  # the tag is answered stale: what is held stays held
+    assert report["counts"] == {"present": 1}
+    resolved = await node.pull.manifest(APP, "v1")
+    assert resolved.cache in ("hit", "stale")
+
+
+async def test_ratelimit_floor_stops_fetching_but_not_checking(
+        make_sync: SyncFactory, fake: FakeRegistry) -> None:
+    _multi_arch(fake, "v1", b"floor")
+    fake.ratelimit = HubRateLimit(limit=100, remaining=5)
+    _, sync = await make_sync({"rules": [WATCH], "ratelimit_floor": 10})
+    report = await sync.run_once()
+    assert report["counts"] == {"deferred": 1}
+    assert "ratelimit floor" in report["results"][0]["reason"]
+    assert fake.count("GET", "/blobs/") == 0
+
+
+async def test_a_warm_cut_by_a_restart_resumes_with_only_what_is_missing(
+        make_sync: SyncFactory, fake: FakeRegistry, tmp_path: Path) -> None:
+    blobs = _multi_arch(fake, "v1", b"restart" * 1000)
+    cut = blobs["amd64"][1]
+    fake.fault(kind="drop", path=f"/blobs/{cut}", after=100, times=10)
+    node, sync = await make_sync()
+    report = await sync.run_once()
+    assert report["counts"] == {"failed": 1}
+    assert _held(node, blobs["amd64"]) == [True, False, True]  # nothing half-published
+    await node.stop()
+
+    fake.faults.clear()
+    fake.requests.clear()
+    node, sync = await make_sync()  # the restart: same storage, records read back
+    assert sync.records["fake.test/app:v1"].result == "failed"
+    assert (await sync.run_once())["counts"] == {"warmed": 1}
+    assert fake.count("GET", "/blobs/") == 1 and fake.count("GET", cut) == 1
+    assert all(_held(node, blobs["amd64"]))
+    assert not list((tmp_path / "cache" / "tmp").iterdir())  # no temp file left behind
+
+
+async def test_popular_keeps_the_most_pulled_tags_warm(
+        make_sync: SyncFactory, fake: FakeRegistry) -> None:
+    _multi_arch(fake, "v1", b"pop")
+    fake.add_image("app", "v2", [b"v2-layer"])
+    fake.add_image("app", "v3", [b"v3-layer"])
+    node, sync = await make_sync({"popular": {"top": 2}})
+    for tag, pulls in (("v1", 3), ("v2", 2), ("v3", 1)):
+        resolved = await node.pull.manifest(APP, tag)
+        for _ in range(pulls):
+            node.popularity.tag_pulled("fake.test", "app", tag, resolved.manifest)
+    report = await sync.run_once()
+    assert sorted(r["ref"] for r in report["results"]) == ["fake.test/app:v1",
+                                                           "fake.test/app:v2"]
+    assert report["counts"] == {"warmed": 2}
+
+
+async def test_pulls_are_counted_and_shown_at_the_admin_api(
+        make_mirror: Any, fake: FakeRegistry) -> None:
+    _multi_arch(fake, "v1", b"admin")
+    mirror = await make_mirror()
+    accept = {"Accept": "application/vnd.oci.image.index.v1+json"}
+    for _ in range(2):
+        index = await (await mirror.get("/v2/app/manifests/v1", headers=accept)).json()
+    arm = next(m["digest"] for m in index["manifests"]
+               if m["platform"]["architecture"] == "arm64")
+    assert (await mirror.get(f"/v2/app/manifests/{arm}")).status == 200
+    popular = await (await mirror.get("/admin/popular?top=5")).json()
+    assert popular["top"] == [{"registry": "fake.test", "repository": "app", "tag": "v1",
+                               "score": 2.0}]
+    assert popular["platforms"] == {"fake.test/app": {"linux/arm64": 1.0}}
+    assert (await mirror.get("/admin/popular?top=x")).status == 400
+
+    status = await (await mirror.get("/admin/sync")).json()
+    assert status["enabled"] is False
+
+
+async def test_admin_warm_streams_progress_and_lists_failures(
+        make_mirror: Any, fake: FakeRegistry) -> None:
+    blobs = _multi_arch(fake, "v1", b"warm")
+    mirror = await make_mirror()
+    response = await mirror.post("/admin/warm", json={
+        "refs": ["app:v1", "app:nope", "Not A Ref"], "platforms": ["linux/arm64"]})
+    assert response.status == 200
+    events = [json.loads(line) for line in (await response.text()).splitlines()]
+    end = events[-1]
+    assert end["event"] == "end"
+    assert sorted(f["ref"] for f in end["failed"]) == ["Not A Ref", "fake.test/app:nope"]
+    assert [e["event"] for e in events if e.get("ref") == "fake.test/app:v1"] == [
+        "plan", "blob", "blob", "done"]
+    assert fake.count("GET", blobs["arm64"][1]) == 1 and fake.count("GET", blobs["amd64"][1]) == 0
+    bad = await mirror.post("/admin/warm", json={"refs": "app:v1"})
+    assert bad.status == 400
