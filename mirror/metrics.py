@@ -199,7 +199,7 @@ CORRUPT = Counter(
 # --- warming: the sync loop and `mirror warm` (mirror.sync) ----------------------------
 SYNC_IMAGES = Counter(
     "mirror_sync_images_total",
-    "Images (one platform's manifest, config and layers) warming handled: warmed (fetched "
+    "Image references warming handled (the selected platforms of each): warmed (fetched "
     "now), present (already held), failed.",
     ["result"],
 )
