@@ -188,7 +188,7 @@ class Warmer:
         else:
             images.append((digest, document))
         if job.referrers:
-            for subject in [digest, *(d for d, _ in images)]:
+            for subject in dict.fromkeys([digest, *(d for d, _ in images)]):
                 images.extend(await self._referrers(job.repo, subject, plan))
         for _, image in images:
             for kind, blob, size in _descriptors(image):

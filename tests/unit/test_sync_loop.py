@@ -4,6 +4,7 @@ be made to show (429 mid-sync, an outage, a cut mid-blob, a rate-limit floor).""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,11 +19,13 @@ from mirror.clock import ManualClock
 from mirror.node import Node
 from mirror.oci import Digest
 from mirror.pull import Repo
+from mirror.server.state import NODE
 from mirror.sync import SyncService
-from tests.support.fake import FakeRegistry, HubRateLimit
+from tests.support.fake import OCI_INDEX, OCI_MANIFEST, FakeRegistry, HubRateLimit
 from tests.unit.conftest import mirror_settings
 
 APP = Repo("fake.test", "app")
+SIG = "application/vnd.dev.cosign.artifact.sig.v1+json"
 SyncFactory = Callable[..., Awaitable[tuple[Node, SyncService]]]
 WATCH = {"name": "app", "registry": "fake.test", "repositories": ["app"], "tags": ["v1"],
          "platforms": ["linux/amd64"]}
@@ -250,3 +253,67 @@ async def test_admin_warm_streams_progress_and_lists_failures(
     assert fake.count("GET", blobs["arm64"][1]) == 1 and fake.count("GET", blobs["amd64"][1]) == 0
     bad = await mirror.post("/admin/warm", json={"refs": "app:v1"})
     assert bad.status == 400
+
+
+async def test_referrers_are_warmed_when_the_rule_says_so(
+        make_sync: SyncFactory, fake: FakeRegistry, clock: ManualClock) -> None:
+    image, image_body = fake.add_image("app", "signed", [b"signed-layer"])
+    signature = fake.add_blob(b"a signature")
+    empty = fake.add_blob(b"{}")
+    artifact = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": SIG,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty,
+                   "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": signature, "size": 11}],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": image, "size": len(image_body)},
+    }).encode()
+    artifact_digest = fake.add_manifest("app", artifact, OCI_MANIFEST)
+    referrers = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": artifact_digest, "size": len(artifact),
+         "artifactType": SIG}]}).encode()
+    # Distribution 2.8 has no referrers API: the referrers tag schema answers.
+    fake.add_manifest("app", referrers, OCI_INDEX, tag=image.replace(":", "-"))
+    rule = {**WATCH, "tags": ["signed"]}
+    node, sync = await make_sync({"rules": [rule]})
+    await sync.run_once()
+    assert not node.store.blob_path(Digest.parse(signature)).exists()
+
+    sync.settings = dataclasses.replace(
+        sync.settings, rules=(dataclasses.replace(sync.settings.rules[0], referrers=True),))
+    clock.advance(120)
+    report = await sync.run_once()
+    assert report["counts"] == {"warmed": 1}
+    assert node.store.blob_path(Digest.parse(signature)).exists()
+    assert report["results"][0]["manifests"] == 2
+
+
+async def test_warm_pins_expire_and_upstream_requests_are_counted_as_sync(
+        make_sync: SyncFactory, fake: FakeRegistry, clock: ManualClock) -> None:
+    blobs = _multi_arch(fake, "v1", b"pins")
+    before = _metric("mirror_upstream_requests_by_caller_total", registry="fake.test",
+                     caller="sync")
+    node, sync = await make_sync({"rules": [{**WATCH, "protect": "1h"}]})
+    await sync.run_once()
+    spent = _metric("mirror_upstream_requests_by_caller_total", registry="fake.test",
+                    caller="sync") - before
+    assert spent == len(fake.requests)  # every request of the pass, blob fills included
+    pinned = node.store.index.pins()
+    assert set(blobs["amd64"]) <= set(pinned)
+    assert node.store.index.sweep_expired(clock.time() + 3599) == 0
+    assert node.store.index.sweep_expired(clock.time() + 3601) == 5  # index, manifest, 3 blobs
+    assert not set(blobs["amd64"]) & set(node.store.index.pins())
+
+
+async def test_the_node_runs_the_loop_only_when_sync_is_configured(
+        make_mirror: Any, fake: FakeRegistry, tmp_path: Path) -> None:
+    blobs = _multi_arch(fake, "v1", b"loop")
+    mirror = await make_mirror(sync={"rules": [WATCH]})
+    node = mirror.server.app[NODE]
+    state = tmp_path / "cache" / "sync" / "state.json"
+    for _ in range(250):  # the loop's first pass runs at start, and saves its records
+        if state.is_file():
+            break
+        await asyncio.sleep(0.02)
+    assert node.sync.records["fake.test/app:v1"].result == "warmed"
+    assert all(_held(node, blobs["amd64"]))
+    assert json.loads(state.read_text())["records"][0]["ref"] == "fake.test/app:v1"
