@@ -18,7 +18,7 @@ single flight, verification, budgets and metrics hold for every one of them.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -189,12 +189,17 @@ class PullService:
         fill, joined = await self.blobs.fill(origin, ref)
         return BlobFlight(fill, joined)
 
-    async def fetch_blob(self, repo: Repo, digest: Digest, *,
-                         background: bool = True) -> CachedBlob | None:
+    async def fetch_blob(self, repo: Repo, digest: Digest, *, background: bool = True,
+                         pace: Callable[[int], Awaitable[None]] | None = None,
+                         ) -> CachedBlob | None:
         """Make sure the blob is here, waiting for its fill (warming, export).
 
         A fill cut because a source sent wrong bytes is tried once more (that
         source is skipped then).
+
+        Args:
+            pace: awaited with the size of each chunk a fill this call started reads,
+                while no client reads that fill (a bandwidth cap for warming).
 
         Returns:
             The cached blob, or ``None`` when it was verified but could not be kept.
@@ -207,6 +212,8 @@ class PullService:
             if isinstance(answer, CachedBlob):
                 return answer
             assert isinstance(answer, BlobFlight)
+            if pace is not None and not answer.joined:
+                answer.fill.pace = pace
             try:
                 await answer.fill.wait_done()
             except FillError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,13 +248,23 @@ class PopularSettings:
     protect: float = 86400.0
 
 
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
+         "armv7l": "arm/v7", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def own_platform() -> str:
+    """``linux/<arch>`` of this machine: the platform warmed when nothing says which."""
+    return f"linux/{_ARCH.get(platform.machine().lower(), 'amd64')}"
+
+
 @dataclass(frozen=True)
 class SyncSettings:
     """``sync``: rules, popularity, and the budget warming may use."""
 
     rules: tuple[SyncRule, ...] = ()
     popular: PopularSettings = field(default_factory=PopularSettings)
-    platforms: tuple[str, ...] = ("linux/amd64",)
+    platforms: tuple[str, ...] = field(default_factory=lambda: (own_platform(),))
+    protect: float = 86400.0  # what `mirror warm` pins for (rules have their own)
     concurrency: int = 2  # images warmed at once
     blob_concurrency: int = 4  # blobs fetched at once, over every image
     bandwidth: int | None = None  # bytes per second of blob fetches started; None: no cap

@@ -6,7 +6,6 @@ that a bad one is a config error naming its key, not a failure at 3 a.m.
 
 from __future__ import annotations
 
-import platform as host_platform
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +19,7 @@ from mirror.config.settings import (
     SyncRule,
     SyncSettings,
     TagSet,
+    own_platform,
 )
 from mirror.config.values import (
     _bool,
@@ -37,15 +37,6 @@ from mirror.errors import ConfigError
 _PLATFORM_RE = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")
 _WINDOW_RE = re.compile(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})")
 _REPO_GLOB_RE = re.compile(r"[a-z0-9._/*?\[\]-]+")
-_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
-         "armv7l": "arm/v7", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
-
-
-def own_platform() -> str:
-    """``linux/<arch>`` of this machine: the default platform warmed."""
-    return f"linux/{_ARCH.get(host_platform.machine().lower(), 'amd64')}"
-
-
 def _sync(value: Any, registries: dict[str, str]) -> SyncSettings | None:
     """``sync`` (``None`` when absent); ``registries`` maps every upstream name and alias to
     the upstream's configured name."""
@@ -70,6 +61,7 @@ def _sync(value: Any, registries: dict[str, str]) -> SyncSettings | None:
         rules=rules,
         popular=_popular(sync.get("popular"), default_protect),
         platforms=_platforms(sync.get("platforms"), "sync.platforms") or (own_platform(),),
+        protect=default_protect,
         concurrency=_opt(sync, "concurrency", "sync", _positive, SyncSettings.concurrency),
         blob_concurrency=_opt(sync, "blob_concurrency", "sync", _positive,
                               SyncSettings.blob_concurrency),

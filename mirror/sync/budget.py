@@ -5,9 +5,9 @@ Every upstream request warming makes already goes through the registry's
 clients' overdraft). On top of that:
 
 - ``concurrency`` images and ``blob_concurrency`` blob fetches at once;
-- ``bandwidth``: the bytes of blob fetches started per second (a blob waits until
-  the bucket can pay for it; a blob bigger than a second's worth starts when the
-  bucket is full and leaves it in debt);
+- ``bandwidth``: bytes per second over every warming download: each chunk a fill
+  started by warming reads waits for the bucket, until a client joins that fill
+  (then it runs at full speed: a client waits for it);
 - a pause per registry after a 429, until its Retry-After;
 - a floor under Docker Hub's ``ratelimit-remaining`` (read from the guard, which
   reads every response's headers): below it, nothing is fetched, tags are still
@@ -30,7 +30,11 @@ RATE_LIMITED, FLOOR = "rate_limited", "ratelimit_floor"
 
 
 class Bandwidth:
-    """Bytes per second of fetches started (real time: it paces real transfers)."""
+    """A byte rate shared by every warming download (real time: it paces real transfers).
+
+    A chunk waits until the bucket holds its size (or a second's worth, for a chunk
+    bigger than that), then takes it, leaving the bucket in debt if need be.
+    """
 
     def __init__(self, rate: int | None) -> None:
         self.rate = rate
@@ -39,7 +43,7 @@ class Bandwidth:
         self._lock = asyncio.Lock()
 
     async def spend(self, size: int) -> None:
-        """Wait until ``size`` bytes may start."""
+        """Wait until ``size`` bytes may go."""
         if not self.rate:
             return
         async with self._lock:  # first come, first served

@@ -216,7 +216,7 @@ class SyncService:
                 (), self.popularity.platforms(repo.registry, repo.repository),
                 self.settings.platforms)
             jobs.append(WarmJob(repo, reference, chosen, referrers,
-                                self.settings.popular.protect if protect is None else protect,
+                                self.settings.protect if protect is None else protect,
                                 (MANUAL,)))
         results += await asyncio.gather(*(self._check_and_warm(j, progress=progress)
                                           for j in jobs))

@@ -10,7 +10,8 @@
       pin everything until now + protect (before fetching: nothing warmed is evicted
              while the rest comes in)
       blobs not held yet: fetched with fetch_blob(background=True), under the blob
-             cap and the bandwidth cap, one failure not stopping the others
+             cap, each fill paced by the bandwidth cap while no client reads it, one
+             failure not stopping the others
 
 Everything goes through :class:`~mirror.pull.PullService` with ``background=True``:
 the single flight, verification and budgets of client pulls hold, and a client
@@ -229,8 +230,9 @@ class Warmer:
         async with self.budget.blobs:
             if self.budget.paused(job.repo.registry):
                 raise Deferred(f"{job.repo.registry}: paused after a 429")
-            await self.budget.bandwidth.spend(size)
-            await self.pull.fetch_blob(job.repo, Digest.parse(blob), background=True)
+            pace = self.budget.bandwidth.spend if self.budget.bandwidth.rate else None
+            await self.pull.fetch_blob(job.repo, Digest.parse(blob), background=True,
+                                       pace=pace)
         if progress is not None:
             progress({"ref": job.label, "event": "blob", "digest": blob, "size": size})
         return size

@@ -317,3 +317,18 @@ async def test_the_node_runs_the_loop_only_when_sync_is_configured(
     assert node.sync.records["fake.test/app:v1"].result == "warmed"
     assert all(_held(node, blobs["amd64"]))
     assert json.loads(state.read_text())["records"][0]["ref"] == "fake.test/app:v1"
+
+
+async def test_a_paced_fill_paces_every_chunk_while_no_client_reads_it(
+        make_sync: SyncFactory, fake: FakeRegistry) -> None:
+    data = bytes(range(256)) * 12_000  # about 3 MiB: several chunks
+    digest = fake.add_blob(data)
+    node, _ = await make_sync()
+    paced: list[int] = []
+
+    async def pace(size: int) -> None:
+        paced.append(size)
+
+    await node.pull.fetch_blob(APP, Digest.parse(digest), pace=pace)
+    assert sum(paced) == len(data) and len(paced) > 1
+    assert node.store.blob_path(Digest.parse(digest)).read_bytes() == data
