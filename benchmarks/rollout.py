@@ -3,6 +3,7 @@
 ::
 
     python3 -m benchmarks.rollout                  # 20 clients, 3 x 32 MiB layers, WAN 50MiB/s
+    python3 -m benchmarks.rollout --ttfb --bandwidth 20MiB --repeat 3   # what README shows
     python3 -m benchmarks.rollout --smoke          # tiny sizes, seconds (CI)
 
 A real Distribution upstream behind the WAN-like throttle (``benchmarks/throttled.py``,
@@ -33,6 +34,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,6 +78,18 @@ class Figures:
         return self.rollout_s / self.warm_s if self.warm_s else float("nan")
 
 
+def _median(runs: list[Figures]) -> Figures:
+    """The median of each figure over repeated runs of one mode."""
+    def mid(values: list[float]) -> float:
+        return statistics.median(values)
+
+    lags = [r.lag_s for r in runs if r.lag_s is not None]
+    return Figures(runs[0].mode, mid([r.rollout_s for r in runs]), mid([r.warm_s for r in runs]),
+                   mid([r.ttfb_p99_s for r in runs]),
+                   int(max(r.upstream_blob_requests for r in runs)),
+                   int(mid([r.upstream_bytes for r in runs])), mid(lags) if lags else None)
+
+
 def _index(seed: int, layers: int, size: int) -> Index:
     images = [make_image(REPO, TAG, fmt="oci", arch=arch,
                          layers=[make_layer(size, seed * 100 + k * 10 + i)
@@ -97,7 +111,8 @@ def _throttle(registry: Registry, rate: float) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-def _mirror(workdir: Path, upstream_url: str, sync: bool) -> MirrorProcess:
+def _mirror(workdir: Path, upstream_url: str, sync: bool,
+            bandwidth: int | None = None) -> MirrorProcess:
     config = mirror_config(free_port(), workdir / "cache",
                            [{"name": UPSTREAM, "url": upstream_url, "default": True}])
     config["cache"] = {"tag_ttl": "2s"}
@@ -106,6 +121,8 @@ def _mirror(workdir: Path, upstream_url: str, sync: bool) -> MirrorProcess:
         config["sync"] = {"recheck": "0s", "rules": [{
             "name": "rollout", "registry": UPSTREAM, "repositories": [REPO], "tags": [TAG],
             "platforms": ["linux/amd64"], "interval": "1s"}]}
+        if bandwidth:
+            config["sync"]["bandwidth"] = bandwidth
     return MirrorProcess(workdir, config)
 
 
@@ -173,8 +190,9 @@ async def _ttfb_loop(url: str, digest: str, seconds: float) -> list[float]:
 
 
 def run_ttfb(registry: Registry, upstream_url: str, workdir: Path,
-             args: argparse.Namespace) -> tuple[float, float]:
-    """TTFB p99 of a cached blob: idle, then during a warm of a large image."""
+             args: argparse.Namespace, bandwidth: int | None) -> tuple[float, float]:
+    """TTFB p99 of a cached blob: idle, then during a warm of a large image (a fresh
+    mirror each time, so the large image is cold)."""
     small = make_image(f"{REPO}-ttfb", "small", fmt="oci", layers=[make_layer(1 << 20, 9901)])
     pieces = max(1, args.warm_size // (64 << 20))  # random layers of at most 64 MiB each
     large = make_image(f"{REPO}-ttfb", "large", fmt="oci",
@@ -182,7 +200,8 @@ def run_ttfb(registry: Registry, upstream_url: str, workdir: Path,
                                for i in range(pieces)])
     registry.push(small)
     registry.push(large)
-    mirror = _mirror(workdir / "ttfb", upstream_url, sync=True)
+    mirror = _mirror(workdir / f"ttfb-{bandwidth or 0}", upstream_url, sync=True,
+                     bandwidth=bandwidth)
     mirror.start(timeout=30)
     try:
         asyncio.run(_pull_all_ref(mirror.url, small))
@@ -207,7 +226,7 @@ async def _pull_all_ref(url: str, image: Image) -> None:
         await client.pull(image.repo, image.tag, image.manifest.digest)
 
 
-def _table(figures: list[Figures], ttfb: tuple[float, float] | None,
+def _table(figures: list[Figures], ttfb: dict[str, tuple[float, float]],
            args: argparse.Namespace) -> str:
     rows = [f"rollout: {args.clients} clients pull {REPO}:{TAG} (linux/amd64, {args.layers} "
             f"layers of {args.layer_size / 2**20:g} MiB) right after the tag moved; upstream "
@@ -220,11 +239,14 @@ def _table(figures: list[Figures], ttfb: tuple[float, float] | None,
         rows.append(f"| {f.mode} | {f.rollout_s:.2f} | {f.warm_s:.2f} | {f.ratio:.2f}x | "
                     f"{f.ttfb_p99_s:.3f} | {f.upstream_blob_requests} | "
                     f"{f.upstream_bytes / 2**20:.1f} | {lag} |")
-    if ttfb is not None:
-        idle, busy = ttfb
-        rows += ["", f"client TTFB p99 of a cached 1 MiB blob: idle {idle * 1000:.2f} ms, "
-                 f"during a warm of a {args.warm_size / 2**20:g} MiB image "
-                 f"{busy * 1000:.2f} ms ({busy / idle:.2f}x)"]
+    if ttfb:
+        rows += ["", f"client TTFB p99 of a cached 1 MiB blob, idle and during a warm of a "
+                 f"{args.warm_size / 2**20:g} MiB image:", "",
+                 "| sync.bandwidth | idle ms | during the warm ms | ratio |",
+                 "| --- | --- | --- | --- |"]
+        for cap, (idle, busy) in ttfb.items():
+            rows.append(f"| {cap} | {idle * 1000:.2f} | {busy * 1000:.2f} | "
+                        f"{busy / idle:.2f}x |")
     return "\n".join(rows)
 
 
@@ -240,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-size", type=parse_size, default=512 << 20)
     parser.add_argument("--ttfb-seconds", type=float, default=5.0,
                         help="how long idle TTFB is sampled")
+    parser.add_argument("--bandwidth", type=parse_size, default=None,
+                        help="with --ttfb: measure again with this sync.bandwidth")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of both modes (medians)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     parser.add_argument("--out", type=Path, help="write the table and figures here")
     args = parser.parse_args(argv)
@@ -251,22 +276,29 @@ def main(argv: list[str] | None = None) -> int:
     registry.start()
     try:
         with _throttle(registry, args.wan_rate) as upstream_url:
-            figures = [run_mode(mode, registry, upstream_url, workdir, args, seed=80 + 10 * n)
-                       for n, mode in enumerate(("off", "on"))]
-            print(_table(figures, None, args), flush=True)
-            ttfb = run_ttfb(registry, upstream_url, workdir, args) if args.ttfb else None
+            runs = [[run_mode(mode, registry, upstream_url, workdir / str(r), args,
+                              seed=80 + 10 * n + 100 * r)
+                     for n, mode in enumerate(("off", "on"))] for r in range(args.repeat)]
+            figures = [_median([run[n] for run in runs]) for n in range(2)]
+            print(_table(figures, {}, args), flush=True)
+            ttfb: dict[str, tuple[float, float]] = {}
+            caps = [None, args.bandwidth] if args.bandwidth else [None]
+            for cap in caps if args.ttfb else []:
+                label = f"{cap / 2**20:g} MiB/s" if cap else "none"
+                ttfb[label] = run_ttfb(registry, upstream_url, workdir, args, cap)
     finally:
         registry.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     table = _table(figures, ttfb, args)
-    if ttfb is not None:
-        print(table.rsplit("\n", 1)[1])
+    if ttfb:
+        print(table[table.index("client TTFB"):])
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "rollout.md").write_text(table + "\n")
-        document: dict[str, Any] = {"figures": [f.__dict__ for f in figures],
-                                    "ttfb_p99_idle_s": ttfb[0] if ttfb else None,
-                                    "ttfb_p99_warming_s": ttfb[1] if ttfb else None}
+        document: dict[str, Any] = {
+            "figures": [f.__dict__ for f in figures], "repeat": args.repeat,
+            "ttfb_p99_s": {cap: {"idle": idle, "warming": busy}
+                           for cap, (idle, busy) in ttfb.items()}}
         (args.out / "rollout.json").write_text(json.dumps(document, indent=2))
     return 0
 

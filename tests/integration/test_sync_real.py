@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
 from tests.support.registry import Registry
 from tests.support.skopeo import manifest_digest, skopeo_copy, write_registries_conf
+from tests.support.throttle import ThrottledProxy
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +32,8 @@ def start_mirror(tmp_path: Path) -> Iterator[StartMirror]:
     """Start a mirror with a ``sync`` section in front of a registry (stopped at the end)."""
     started: list[MirrorProcess] = []
 
-    def start(registry: Registry, sync: dict[str, Any], workdir: str = "mirror") -> MirrorProcess:
-        upstream = {"name": UPSTREAM, "url": registry.url, "default": True}
+    def start(upstream_url: str, sync: dict[str, Any], workdir: str = "mirror") -> MirrorProcess:
+        upstream = {"name": UPSTREAM, "url": upstream_url, "default": True}
         config = mirror_config(free_port(), tmp_path / "cache", [upstream])
         config["sync"] = sync
         process = MirrorProcess(tmp_path / workdir, config)
@@ -80,7 +82,7 @@ def test_watched_tag_is_warmed_for_its_platform_only_and_the_pull_asks_upstream_
     registry_anon.push(_two_platforms(repo, "live", seed=7101))
     rule = {"name": "watched", "registry": UPSTREAM, "repositories": [repo], "tags": ["live"],
             "platforms": ["linux/arm64"], "interval": "1h"}
-    mirror = start_mirror(registry_anon, {"rules": [rule], "recheck": "0s"})
+    mirror = start_mirror(registry_anon.url, {"rules": [rule], "recheck": "0s"})
 
     fresh = _two_platforms(repo, "live", seed=7102)  # a new digest under the watched tag
     registry_anon.push(fresh)
@@ -129,7 +131,7 @@ def test_popular_keeps_the_two_most_pulled_warm_across_a_tag_change_and_a_restar
         registry_anon.push(make_image(repo, "v1", fmt="oci",
                                       layers=[make_layer(30_000, 7300 + n)]))
     sync = {"popular": {"top": 2, "interval": "1h"}, "recheck": "0s"}
-    mirror = start_mirror(registry_anon, sync)
+    mirror = start_mirror(registry_anon.url, sync)
     conf = write_registries_conf(tmp_path / "registries.conf", UPSTREAM,
                                  mirror.url.removeprefix("http://"))
     for repo, pulls in repos.items():
@@ -142,7 +144,7 @@ def test_popular_keeps_the_two_most_pulled_warm_across_a_tag_change_and_a_restar
              for n, repo in enumerate(repos)}
     for image in fresh.values():
         registry_anon.push(image)
-    mirror = start_mirror(registry_anon, sync, workdir="mirror-again")
+    mirror = start_mirror(registry_anon.url, sync, workdir="mirror-again")
     code, out = _mirror_cli("sync", "status", "--json", config=mirror.config_path)
     assert code == 0, out
     top = json.loads(out[out.index("{"):])["popular"]["top"]
@@ -160,10 +162,45 @@ def test_mirror_warm_reports_failures_with_a_non_zero_exit(
     repo = "sync/warm-cmd"
     index = _two_platforms(repo, "v1", seed=7501)
     registry_anon.push(index)
-    mirror = start_mirror(registry_anon, {})
+    mirror = start_mirror(registry_anon.url, {})
     code, out = _mirror_cli("warm", f"{UPSTREAM}/{repo}:v1", f"{UPSTREAM}/{repo}:missing",
                             "--platform", "linux/amd64", config=mirror.config_path)
     assert code == 1, out
     assert f"failed: {UPSTREAM}/{repo}:missing" in out
     assert "1 of 2 image(s) held" in out
     assert all(_held(tmp_path / "cache", d) for d in _blobs(index.children[0]))
+
+
+def test_a_warm_killed_midway_resumes_after_the_restart_with_what_is_missing(
+        registry_anon: Registry, start_mirror: StartMirror, tmp_path: Path) -> None:
+    repo = "sync/killed"
+    image = make_image(repo, "v1", fmt="oci",
+                       layers=[make_layer(4 << 20, 7600 + i) for i in range(3)])
+    registry_anon.push(image)
+    throttle = ThrottledProxy("127.0.0.1", registry_anon.port, 4 << 20)  # 1 s per layer
+    throttle.start()
+    try:
+        sync = {"blob_concurrency": 1, "rules": [
+            {"name": "killed", "registry": UPSTREAM, "repositories": [repo], "tags": ["v1"]}]}
+        mirror = start_mirror(throttle.url, sync)
+        storage = tmp_path / "cache"
+        blobs = _blobs(image)
+        deadline = time.monotonic() + 60
+        while sum(_held(storage, d) for d in blobs) < 2:  # config and one layer: midway
+            assert time.monotonic() < deadline, mirror.log_tail()
+            time.sleep(0.05)
+        held_before = {d for d in blobs if _held(storage, d)}
+        mark = registry_anon.clear_log_mark()
+        mirror.kill9()
+        assert held_before != set(blobs)
+
+        mirror = start_mirror(throttle.url, sync, workdir="mirror-restarted")
+        report = _sync_once(mirror)  # runs after (or is) the loop's first pass
+        assert report["counts"] in ({"warmed": 1}, {"present": 1}), report
+        assert all(_held(storage, d) for d in blobs)
+        assert not list((storage / "tmp").iterdir())  # nothing half-written left behind
+        fetched_again = [d for d in held_before
+                         if registry_anon.count("GET", f"/blobs/{d}", since=mark)]
+        assert fetched_again == []
+    finally:
+        throttle.stop()
