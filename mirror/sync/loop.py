@@ -247,6 +247,10 @@ class SyncService:
             repo = Repo(rule.registry, repository)
             available: list[str] | None = None
             if needs_tag_list(rule):
+                if self.budget.paused(rule.registry):
+                    failures.append(WarmResult(f"{repo}", result="deferred", reason=(
+                        f"{rule.registry}: paused after a 429; tags not listed")))
+                    continue
                 try:
                     available = await self._tag_list(repo)
                 except (OciError, TooManyRequests) as exc:

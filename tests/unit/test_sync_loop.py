@@ -332,3 +332,20 @@ async def test_a_paced_fill_paces_every_chunk_while_no_client_reads_it(
     await node.pull.fetch_blob(APP, Digest.parse(digest), pace=pace)
     assert sum(paced) == len(data) and len(paced) > 1
     assert node.store.blob_path(Digest.parse(digest)).read_bytes() == data
+
+
+async def test_a_429_on_a_tag_list_defers_the_rule_without_asking_again(
+        make_sync: SyncFactory, fake: FakeRegistry, clock: ManualClock) -> None:
+    fake.add_image("app", "1.0", [b"one"])
+    fake.fault(kind="status", path="/tags/list", status=429, times=1,
+               headers={"Retry-After": "300"})
+    rule = {"name": "semver", "registry": "fake.test", "repositories": ["app"],
+            "tags": [{"semver": ">=1"}]}
+    _, sync = await make_sync({"rules": [rule]})
+    assert (await sync.run_once())["counts"] == {"deferred": 1}
+    fake.requests.clear()
+    clock.advance(60)
+    assert (await sync.run_once())["counts"] == {"deferred": 1}
+    assert fake.requests == []
+    clock.advance(300)
+    assert (await sync.run_once())["counts"] == {"warmed": 1}
