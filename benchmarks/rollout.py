@@ -3,7 +3,7 @@
 ::
 
     python3 -m benchmarks.rollout                  # 20 clients, 3 x 32 MiB layers, WAN 50MiB/s
-    python3 -m benchmarks.rollout --ttfb --bandwidth 20MiB --repeat 3   # what README shows
+    python3 -m benchmarks.rollout --ttfb --bandwidth 20MiB --repeat 2   # what README shows
     python3 -m benchmarks.rollout --smoke          # tiny sizes, seconds (CI)
 
 A real Distribution upstream behind the WAN-like throttle (``benchmarks/throttled.py``,
@@ -228,19 +228,22 @@ async def _pull_all_ref(url: str, image: Image) -> None:
 
 def _table(figures: list[Figures], ttfb: dict[str, tuple[float, float]],
            args: argparse.Namespace) -> str:
-    rows = [f"rollout: {args.clients} clients pull {REPO}:{TAG} (linux/amd64, {args.layers} "
-            f"layers of {args.layer_size / 2**20:g} MiB) right after the tag moved; upstream "
-            f"throttled to {args.wan_rate / 2**20:g} MiB/s per connection", "",
-            "| sync | rollout wall s | warm pull wall s | rollout / warm | TTFB p99 s "
-            "| upstream blob requests | upstream MiB | lag tag moved -> held s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows: list[str] = []
+    if figures:
+        rows += [f"rollout: {args.clients} clients pull {REPO}:{TAG} (linux/amd64, "
+                 f"{args.layers} layers of {args.layer_size / 2**20:g} MiB) right after the "
+                 f"tag moved; upstream throttled to {args.wan_rate / 2**20:g} MiB/s per "
+                 "connection", "",
+                 "| sync | rollout wall s | warm pull wall s | rollout / warm | TTFB p99 s "
+                 "| upstream blob requests | upstream MiB | lag tag moved -> held s |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for f in figures:
         lag = f"{f.lag_s:.2f}" if f.lag_s is not None else "-"
         rows.append(f"| {f.mode} | {f.rollout_s:.2f} | {f.warm_s:.2f} | {f.ratio:.2f}x | "
                     f"{f.ttfb_p99_s:.3f} | {f.upstream_blob_requests} | "
                     f"{f.upstream_bytes / 2**20:.1f} | {lag} |")
     if ttfb:
-        rows += ["", f"client TTFB p99 of a cached 1 MiB blob, idle and during a warm of a "
+        rows += [f"client TTFB p99 of a cached 1 MiB blob, idle and during a warm of a "
                  f"{args.warm_size / 2**20:g} MiB image:", "",
                  "| sync.bandwidth | idle ms | during the warm ms | ratio |",
                  "| --- | --- | --- | --- |"]
@@ -262,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-size", type=parse_size, default=512 << 20)
     parser.add_argument("--ttfb-seconds", type=float, default=5.0,
                         help="how long idle TTFB is sampled")
-    parser.add_argument("--bandwidth", type=parse_size, default=None,
-                        help="with --ttfb: measure again with this sync.bandwidth")
+    parser.add_argument("--bandwidth", type=parse_size, action="append", default=[],
+                        help="with --ttfb: measure again with this sync.bandwidth (repeatable)")
+    parser.add_argument("--ttfb-only", action="store_true", help="only the TTFB measurement")
     parser.add_argument("--repeat", type=int, default=1, help="runs of both modes (medians)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     parser.add_argument("--out", type=Path, help="write the table and figures here")
@@ -278,18 +282,19 @@ def main(argv: list[str] | None = None) -> int:
         with _throttle(registry, args.wan_rate) as upstream_url:
             runs = [[run_mode(mode, registry, upstream_url, workdir / str(r), args,
                               seed=80 + 10 * n + 100 * r)
-                     for n, mode in enumerate(("off", "on"))] for r in range(args.repeat)]
-            figures = [_median([run[n] for run in runs]) for n in range(2)]
-            print(_table(figures, {}, args), flush=True)
+                     for n, mode in enumerate(("off", "on"))]
+                    for r in range(0 if args.ttfb_only else args.repeat)]
+            figures = [_median([run[n] for run in runs]) for n in range(2)] if runs else []
+            if figures:
+                print(_table(figures, {}, args) + "\n", flush=True)
             ttfb: dict[str, tuple[float, float]] = {}
-            caps = [None, args.bandwidth] if args.bandwidth else [None]
-            for cap in caps if args.ttfb else []:
+            for cap in [None, *args.bandwidth] if args.ttfb or args.ttfb_only else []:
                 label = f"{cap / 2**20:g} MiB/s" if cap else "none"
                 ttfb[label] = run_ttfb(registry, upstream_url, workdir, args, cap)
     finally:
         registry.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    table = _table(figures, ttfb, args)
+    table = _table(figures, ttfb, args).replace("|\nclient TTFB", "|\n\nclient TTFB")
     if ttfb:
         print(table[table.index("client TTFB"):])
     if args.out is not None:
