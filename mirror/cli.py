@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "with_settings", False):
             settings = load_settings(args.config, storage=args.storage)
-            log.setup(dataclasses.replace(settings.log, level="warning"))
+            # What failed is in the command's own summary; the log would say it twice.
+            log.setup(dataclasses.replace(settings.log, level="error"))
             result: int = args.func(args, settings)
             return result
         result = args.func(args)

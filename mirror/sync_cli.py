@@ -195,13 +195,17 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     else:
         root = settings.storage.path / "sync"
         state = read_json(root / "state.json") or {}
+        rules = settings.sync.rules if settings.sync is not None else ()
         status = {"enabled": settings.sync is not None, "source": str(root),
+                  "rules": [{"name": r.name, "next_run": None,
+                             "schedule": {"interval": r.schedule.interval,
+                                          "cron": r.schedule.cron}} for r in rules],
                   "records": state.get("records") or [], "last_run": state.get("last_run"),
                   "popular": _popular_from_file(root / "popularity.json")}
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    _print_status(status, settings)
+    _print_status(status)
     return 0
 
 
@@ -211,11 +215,16 @@ def _popular_from_file(path: Path) -> dict[str, Any]:
     return popularity.as_json(20)
 
 
-def _print_status(status: dict[str, Any], settings: Settings) -> None:
-    print(f"sync: {'on' if status.get('enabled') else 'off (no sync section)'}")
+def _print_status(status: dict[str, Any]) -> None:
+    source = f"; no server answered, read from {status['source']}" if status.get("source") \
+        else ""
+    print(f"sync: {'on' if status.get('enabled') else 'off (no sync section)'}{source}")
     for rule in status.get("rules") or []:
-        when = human_time(rule["next_run"]) if rule.get("next_run") else "at start"
-        print(f"  rule {rule['name']}: next run {when}")
+        schedule = rule.get("schedule") or {}
+        every = f"cron {schedule['cron']}" if schedule.get("cron") else \
+            f"every {schedule.get('interval') or 0:g}s"
+        when = f", next run {human_time(rule['next_run'])}" if rule.get("next_run") else ""
+        print(f"  rule {rule['name']}: {every}{when}")
     for name, state in (status.get("registries") or {}).items():
         paused = state.get("paused_seconds") or 0
         print(f"  {name}: ratelimit-remaining {state.get('ratelimit_remaining')}"
