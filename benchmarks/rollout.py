@@ -3,6 +3,7 @@
 ::
 
     python3 -m benchmarks.rollout                  # 20 clients, 3 x 32 MiB layers, WAN 50MiB/s
+    python3 -m benchmarks.rollout --ttfb-only --bandwidth 10MiB --bandwidth 20MiB --ttfb-seconds 10
     python3 -m benchmarks.rollout --ttfb --bandwidth 20MiB --repeat 2   # what README shows
     python3 -m benchmarks.rollout --smoke          # tiny sizes, seconds (CI)
 
@@ -15,9 +16,9 @@ to new layers and:
 - ``off``: the clients pull once the tag TTL has passed: the first ones start the
   upstream downloads, the rest join them.
 - ``on``: the mirror's sync loop watches the tag (``interval: 1s``, ``recheck: 0s``,
-  linux/amd64): the rollout starts once ``/admin/sync`` reports the new digest held
-  (that wait is reported as the lag), as a deployment starts some time after CI
-  pushed.
+  linux/amd64, no bandwidth cap): the rollout starts once ``/admin/sync`` reports
+  the new digest held (that wait is reported as the lag), as a deployment starts
+  some time after CI pushed.
 
 Then every client pulls again (everything cached): the warm pull the rollout is
 compared to. Figures: rollout wall time, its ratio to the warm pull, TTFB p99, and
@@ -123,8 +124,7 @@ def _mirror(workdir: Path, upstream_url: str, sync: bool,
         config["sync"] = {"recheck": "0s", "rules": [{
             "name": "rollout", "registry": UPSTREAM, "repositories": [REPO], "tags": [TAG],
             "platforms": ["linux/amd64"], "interval": "1s"}]}
-        if bandwidth:
-            config["sync"]["bandwidth"] = bandwidth
+        config["sync"]["bandwidth"] = bandwidth or 0  # 0: no cap
     return MirrorProcess(workdir, config)
 
 

@@ -267,7 +267,7 @@ class SyncSettings:
     protect: float = 86400.0  # what `mirror warm` pins for (rules have their own)
     concurrency: int = 2  # images warmed at once
     blob_concurrency: int = 4  # blobs fetched at once, over every image
-    bandwidth: int | None = None  # bytes per second of blob fetches started; None: no cap
+    bandwidth: int | None = 10 * 2**20  # bytes per second over warming downloads; None: no cap
     ratelimit_floor: int = 10  # stop while upstream's ratelimit-remaining is below this
     recheck: float = 60.0  # a tag checked this recently is not asked upstream again
     off_peak: tuple[tuple[int, int], ...] = ()  # (start, end) minutes of the day, UTC

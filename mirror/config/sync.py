@@ -56,7 +56,7 @@ def _sync(value: Any, registries: dict[str, str]) -> SyncSettings | None:
     names = [r.name for r in rules]
     if len(set(names)) != len(names):
         raise ConfigError("sync.rules", "rule names must be unique")
-    bandwidth = _opt(sync, "bandwidth", "sync", parse_size, None)
+    bandwidth = _opt(sync, "bandwidth", "sync", parse_size, SyncSettings.bandwidth)
     return SyncSettings(
         rules=rules,
         popular=_popular(sync.get("popular"), default_protect),
