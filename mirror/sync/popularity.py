@@ -38,6 +38,7 @@ from cachetools import LRUCache
 
 from mirror.cache.manifests import Manifest
 from mirror.clock import SYSTEM, Clock
+from mirror.errors import ManifestInvalid
 from mirror.oci import INDEX_TYPES, parse_manifest
 from mirror.sync.rules import Platform
 
@@ -119,7 +120,11 @@ class Popularity:
         digest = str(manifest.digest)
         if manifest.media_type in INDEX_TYPES and digest not in self._children:
             self._children[digest] = None
-            for entry in parse_manifest(manifest.data).get("manifests") or []:
+            try:
+                entries = parse_manifest(manifest.data).get("manifests") or []
+            except ManifestInvalid:  # counting never fails a pull
+                return
+            for entry in entries if isinstance(entries, list) else []:
                 platform = Platform.of(entry) if isinstance(entry, dict) else None
                 child = entry.get("digest") if isinstance(entry, dict) else None
                 if platform is not None and platform.os != "unknown" and isinstance(child, str):

@@ -133,3 +133,10 @@ def test_popularity_counts_decay_and_survive_a_restart(tmp_path: Path) -> None:
     assert [p.repository for p in again.top(5)] == ["library/a", "library/b"]
     assert again.platforms("docker.io", "library/a") == ["linux/arm64"]
     assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_counting_a_pull_of_an_odd_index_never_fails() -> None:
+    popularity = Popularity(None)
+    for data in (b"not json", b'{"manifests": "nope"}', b'{"manifests": [1, {"digest": 2}]}'):
+        popularity.tag_pulled("r", "a", "t", Manifest(Digest.of(data), data, OCI_INDEX))
+    assert round(popularity.top(1)[0].score) == 3  # (the real clock moved a little)
