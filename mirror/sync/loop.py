@@ -159,18 +159,29 @@ class SyncService:
     async def run(self) -> None:
         """The scheduled loop (the node's ``sync`` task); runs until cancelled."""
         while True:
-            now = self._clock.time()
-            due = self._due(now)
-            if due:
-                off_peak = not in_windows(self.settings.off_peak, now)
-                for registry in {r.registry for r in self.settings.rules}:
-                    metrics.SYNC_PAUSED.labels(registry, "off_peak").set(int(off_peak))
-                if off_peak:
-                    self._schedule(due, now)
-                else:
-                    await self.run_once(names=due)
-            await asyncio.to_thread(self._index.sweep_expired, self._clock.time())
+            await self.tick()
             await asyncio.sleep(self._sleep_for(self._clock.time()))
+
+    async def tick(self) -> dict[str, Any] | None:
+        """Run the rules that are due, if inside the off-peak windows (outside them they
+        are skipped to their next time); sweep expired warming pins.
+
+        Returns:
+            The run's report, or ``None`` when nothing ran.
+        """
+        now = self._clock.time()
+        due = self._due(now)
+        report = None
+        if due:
+            off_peak = not in_windows(self.settings.off_peak, now)
+            for registry in {r.registry for r in self.settings.rules}:
+                metrics.SYNC_PAUSED.labels(registry, "off_peak").set(int(off_peak))
+            if off_peak:
+                self._schedule(due, now)
+            else:
+                report = await self.run_once(names=due)
+        await asyncio.to_thread(self._index.sweep_expired, self._clock.time())
+        return report
 
     # --- runs -------------------------------------------------------------------------------
     async def run_once(self, *, dry_run: bool = False,

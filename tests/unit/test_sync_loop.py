@@ -349,3 +349,23 @@ async def test_a_429_on_a_tag_list_defers_the_rule_without_asking_again(
     assert fake.requests == []
     clock.advance(300)
     assert (await sync.run_once())["counts"] == {"warmed": 1}
+
+
+async def test_ticks_follow_the_schedule_and_the_off_peak_windows(
+        make_sync: SyncFactory, fake: FakeRegistry, clock: ManualClock) -> None:
+    _multi_arch(fake, "v1", b"tick")
+    # The manual clock starts at 1,000,000 s after the epoch: 13:46 UTC.
+    rule = {**WATCH, "interval": "10m"}
+    _, sync = await make_sync({"rules": [rule], "off_peak": ["22:00-06:00"]})
+    assert await sync.tick() is None  # due, but outside the window: skipped to its next time
+    assert fake.requests == []
+    clock.advance(9 * 3600)  # 22:46 UTC: inside the window
+    report = await sync.tick()
+    assert report is not None and report["counts"] == {"warmed": 1}
+    fake.requests.clear()
+    clock.advance(60)
+    assert await sync.tick() is None  # not due again before 10 minutes
+    assert fake.requests == []
+    clock.advance(600)
+    report = await sync.tick()
+    assert report is not None and report["counts"] == {"present": 1}
