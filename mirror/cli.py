@@ -4,8 +4,9 @@
 
     mirror serve [--config FILE] [--listen HOST:PORT] [--storage DIR]
     mirror config check FILE
-    mirror cache ls|du|fsck [--config FILE] [--storage DIR]
-    mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR]
+    mirror cache ls|du [--json] [--config FILE] [--storage DIR]
+    mirror cache fsck [--config FILE] [--storage DIR]
+    mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR] [--shared]
     mirror warm REF... [--platform OS/ARCH]... [--referrers] [--server URL] [--config FILE]
     mirror sync --once [--dry-run] | status  [--json] [--server URL] [--config FILE]
 
@@ -17,8 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import os
-import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ from aiohttp import web
 
 from mirror import config, log, sync_cli
 from mirror.cache.inventory import Inventory, human_size, human_time
+from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
+from mirror.cache.membership import Membership
+from mirror.config import checks
 from mirror.errors import CacheCommandError, ConfigError, OciError
 from mirror.routing import Router
 from mirror.server.app import create_app
@@ -97,18 +101,25 @@ def _cache_parser(commands: Any) -> None:
         "pin": ("keep an image (index, manifests, configs, layers) or a digest from eviction",
                 _cache_pin, True),
         "unpin": ("drop the pins an image reference or digest made", _cache_unpin, True),
-        "evict": ("delete an image's or a digest's content now (pinned content stays)",
-                  _cache_evict, True),
+        "evict": ("delete an image's or a digest's content now (pinned content, and "
+                  "content other cached images use, stays)", _cache_evict, True),
         "fsck": ("re-hash everything stored and remove what does not match", _cache_fsck,
                  False),
     }
     for name, (text, func, takes_ref) in helps.items():
         action = actions.add_parser(name, help=text)
         if takes_ref:
-            action.add_argument("ref", help="an image reference (docker.io/library/nginx:1.27, "
+            action.add_argument("ref", help="an image reference in any form Docker takes "
+                                "(nginx:1.27, library/nginx:1.27, docker.io/nginx:1.27, "
                                 "nginx@sha256:...) or a digest (sha256:...)")
         action.add_argument("--config", type=Path, help="YAML config, as for serve")
         action.add_argument("--storage", type=Path, help="cache folder, overrides the config")
+        if name in ("ls", "du"):
+            action.add_argument("--json", action="store_true",
+                                help="print JSON, with a breakdown by registry")
+        if name == "evict":
+            action.add_argument("--shared", action="store_true",
+                                help="also delete layers and configs other cached images use")
         action.set_defaults(func=func)
 
 
@@ -131,6 +142,7 @@ def load_settings(path: Path | None, listen: str | None = None,
 
 def _config_check(args: argparse.Namespace) -> int:
     settings = config.load(args.file)
+    checks.check_machine(settings)
     names = ", ".join(u.name + (" (default)" if u.default else "") for u in settings.upstreams)
     print(f"{args.file}: ok; upstreams: {names}")
     return 0
@@ -158,6 +170,8 @@ def _inventory(args: argparse.Namespace) -> Inventory:
 
 
 def _cache_ls(args: argparse.Namespace) -> int:
+    if args.json:
+        return _print_json(_listing(args))
     inventory = _inventory(args)
     try:
         pins = inventory.pinned()
@@ -182,6 +196,10 @@ def _cache_du(args: argparse.Namespace) -> int:
     finally:
         inventory.close()
     storage = inventory.settings
+    by_registry = _bytes_by_registry(args)
+    if args.json:
+        return _print_json({**usage, "path": str(storage.path), "max_size": storage.max_size,
+                            "by_registry": by_registry})
     total = usage["blob_bytes"] + usage["manifest_bytes"]
     print(f"cache:       {storage.path}")
     print(f"content:     {human_size(total)} ({total} bytes) in "
@@ -196,6 +214,61 @@ def _cache_du(args: argparse.Namespace) -> int:
         print(f"limit:       {human_size(storage.max_size)} ({100 * total / storage.max_size:.1f}"
               f"% used; evicts above {storage.high_watermark:.0%} down to "
               f"{storage.low_watermark:.0%})")
+    print("by registry (content of several registries counts under each):")
+    for registry, size in by_registry.items():
+        print(f"  {registry:<30} {human_size(size):>10}")
+    return 0
+
+
+def _membership(args: argparse.Namespace) -> tuple[config.Settings, Membership | None]:
+    settings = load_settings(args.config, storage=args.storage)
+    path = settings.storage.path / MEMBERSHIP_FILE
+    if not path.is_file():
+        return settings, None
+    membership = Membership(path)
+    membership.open()
+    return settings, membership
+
+
+def _bytes_by_registry(args: argparse.Namespace) -> dict[str, int]:
+    settings, membership = _membership(args)
+    names = [u.name for u in settings.upstreams]
+    if membership is None:
+        return dict.fromkeys([*names, "other"], 0)
+    try:
+        return membership.bytes_by_registry(settings.storage.path / "index.db", names)
+    finally:
+        membership.close()
+
+
+def _listing(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``cache ls --json`` prints: images by registry, content with its registries."""
+    inventory = _inventory(args)
+    try:
+        pins = inventory.pinned()
+        images = inventory.images()
+        entries = inventory.entries()
+    finally:
+        inventory.close()
+    _settings, membership = _membership(args)
+    try:
+        owners = membership.registries_of() if membership is not None else {}
+    finally:
+        if membership is not None:
+            membership.close()
+    by_registry: dict[str, list[dict[str, Any]]] = {}
+    for ref, digest, size, pinned in images:
+        registry = ref.split("/", 1)[0]
+        by_registry.setdefault(registry, []).append(
+            {"reference": ref, "digest": digest, "bytes": size, "pinned": pinned})
+    content = [{"kind": e.kind, "digest": e.digest, "bytes": e.size, "last_use": e.last_use,
+                "pinned": e.digest in pins, "registries": sorted(owners.get(e.digest, ()))}
+               for e in entries]
+    return {"images": by_registry, "content": content}
+
+
+def _print_json(document: Any) -> int:
+    print(json.dumps(document, indent=2, sort_keys=True))
     return 0
 
 
@@ -213,23 +286,26 @@ def _cache_pin(args: argparse.Namespace) -> int:
 def _cache_unpin(args: argparse.Namespace) -> int:
     inventory = _inventory(args)
     try:
-        count = inventory.unpin(args.ref)
+        label, count = inventory.unpin(args.ref)
     finally:
         inventory.close()
     if count == 0:
-        raise CacheCommandError(f"{args.ref} is not pinned")
-    print(f"unpinned {args.ref}: {count} pin(s) removed")
+        raise CacheCommandError(f"{label} is not pinned")
+    print(f"unpinned {label}: {count} pin(s) removed")
     return 0
 
 
 def _cache_evict(args: argparse.Namespace) -> int:
     inventory = _inventory(args)
     try:
-        resolved, freed, kept = inventory.evict(args.ref)
+        done = inventory.evict(args.ref, shared=args.shared)
     finally:
         inventory.close()
-    note = f"; {kept} pinned item(s) kept (unpin first)" if kept else ""
-    print(f"evicted {resolved.label}: {human_size(freed)} freed{note}")
+    note = f"; {done.kept_pinned} pinned item(s) kept (unpin first)" if done.kept_pinned else ""
+    if done.kept_shared:
+        note += (f"; {done.kept_shared} item(s) kept that other cached images use "
+                 "(--shared removes them too)")
+    print(f"evicted {done.resolved.label}: {human_size(done.freed)} freed{note}")
     return 0
 
 
@@ -249,16 +325,22 @@ def _cache_fsck(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, args.listen, args.storage)
+    # Every problem found here is one line and exit 2 (main); the port is bound before
+    # the app starts, so ``mirror_started`` is never logged by a mirror that cannot listen.
+    checks.check_storage(settings.storage.path, create=True)
+    ssl_context = checks.tls_context(settings.tls) if settings.tls is not None else None
+    sock = checks.bind(settings.listen_host, settings.listen_port)
     log.setup(settings.log)
-    ssl_context = None
-    if settings.tls is not None:
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(settings.tls.cert, settings.tls.key)
     loop_factory = None
     if settings.server.event_loop == "uvloop":
         loop_factory = uvloop.new_event_loop
     runner = asyncio.Runner(loop_factory=loop_factory)
-    web.run_app(create_app(settings), host=settings.listen_host, port=settings.listen_port,
-                ssl_context=ssl_context, access_log=None, print=None, shutdown_timeout=10,
-                loop=runner.get_loop())
+    socks = [sock]
+    if settings.admin is not None and settings.admin.listen is not None:
+        # The admin address is a second socket of the same app: the edge middleware tells
+        # them apart by local port.
+        socks.append(checks.bind(*settings.admin.listen))
+    web.run_app(create_app(settings), sock=socks, ssl_context=ssl_context, access_log=None,
+                print=None, shutdown_timeout=10, loop=runner.get_loop(),
+                handler_cancellation=True)
     return 0

@@ -46,7 +46,7 @@ UPSTREAM_BYTES = Counter(
 UPSTREAM_ERRORS = Counter(
     "mirror_upstream_errors_total",
     "Upstream failures: connect, timeout, status_5xx, rate_limited, denied, bad_content, "
-    "truncated, digest_mismatch.",
+    "truncated, digest_mismatch, size_hint_wrong (a manifest declared another size).",
     ["registry", "reason"],
 )
 UPSTREAM_RETRIES = Counter(
@@ -133,6 +133,27 @@ TASK_RESTARTS = Counter(
     ["task"],
 )
 
+# --- regional peers (mirror.cluster, mirror.sources.peer) ------------------------------
+PEER_MEMBERS = Gauge(
+    "mirror_peer_members", "Peers of this node's region: known, and healthy (in the hash).",
+    ["state"],
+)
+PEER_QUARANTINES = Counter(
+    "mirror_peer_quarantines_total", "Peers quarantined after they served wrong bytes."
+)
+PEER_DNS_FAILURES = Counter(
+    "mirror_peer_dns_failures_total", "Failed look-ups of the peers' DNS name (last answer kept)."
+)
+PEER_SERVED = Counter(
+    "mirror_peer_served_total",
+    "Requests this node answered for other nodes: peer (in its region, as owner) or child "
+    "(a node of a region whose parent this is).",
+    ["hop", "kind"],
+)
+PEER_REFUSED = Counter(
+    "mirror_peer_refused_total", "Peer API requests refused for a missing or bad token."
+)
+
 S3_LOOKUPS = Counter(
     "mirror_s3_lookups_total",
     "Look-ups in the shared S3 tier after a local miss: hit, miss, or skipped (S3 is backing "
@@ -196,6 +217,30 @@ CORRUPT = Counter(
     "mirror_cache_corrupt_total", "Stored content found not to match its digest, and removed."
 )
 
+# --- per registry (configured names only), for hit ratio and bytes saved per upstream ---
+REGISTRY_CACHE_RESULTS = Counter(
+    "mirror_registry_cache_results_total",
+    "mirror_cache_results_total by registry: how blob and manifest requests were answered.",
+    ["registry", "kind", "result"],
+)
+REGISTRY_SERVED_BYTES = Counter(
+    "mirror_registry_served_bytes_total",
+    "Body bytes sent to clients, by registry and where they came from: memory, disk (the "
+    "cache) or fill (a download under way).",
+    ["registry", "source"],
+)
+REGISTRY_CACHE_BYTES = Gauge(
+    "mirror_registry_cache_bytes",
+    "Bytes in the local cache known to belong to a registry (content of several registries "
+    "counts under each; other: known under none), refreshed every minute.",
+    ["registry"],
+)
+AUTH_FAILURES = Counter(
+    "mirror_auth_failures_total",
+    "Client requests refused: unauthorized (missing or wrong credentials), denied (no access "
+    "rule allows it), not_member (a digest asked under a repository that does not hold it).",
+    ["reason"],
+)
 # --- warming: the sync loop and `mirror warm` (mirror.sync) ----------------------------
 SYNC_IMAGES = Counter(
     "mirror_sync_images_total",

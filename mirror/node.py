@@ -24,13 +24,19 @@ import asyncio
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 
+import aiohttp
 import structlog
 
+from mirror import metrics
 from mirror.cache.blobs import BlobCache
 from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestCache
+from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
+from mirror.cache.membership import Membership as RepoMembership
+from mirror.cache.membership import holds_private
 from mirror.cache.tags import TagStore
 from mirror.clock import SYSTEM, Clock
+from mirror.cluster import PeerSet, TokenSource
 from mirror.config import Settings, SyncSettings
 from mirror.fetch import Fetcher
 from mirror.oci import Digest
@@ -38,6 +44,7 @@ from mirror.pull import PullService
 from mirror.routing import Router
 from mirror.sources import Source, SourceChain, UpstreamSource
 from mirror.sources.chain import Rejections
+from mirror.sources.peer import ParentSource, PeerSource
 from mirror.sources.s3 import S3Source
 from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.index import Entry
@@ -86,12 +93,19 @@ class Node:
         self.clients = {u.name: UpstreamClient(u, clock=clock.monotonic,
                                                guard=UpstreamGuard(u, clock=clock.monotonic))
                         for u in settings.upstreams}
+        self.repos = RepoMembership(self.store.root / MEMBERSHIP_FILE)
         sync = settings.sync or SyncSettings()
+        # Pull counts for the status page, the admin API and the sync loop's `popular`.
         self.popularity = Popularity(settings.storage.path / "sync" / "popularity.json",
                                      window=sync.popular.window,
                                      max_entries=sync.popular.max_entries, clock=clock)
         self.pull: PullService
         self.sync: SyncService
+        self.pull_for: dict[str, PullService] = {}
+        self.peer_set: PeerSet | None = None
+        self.tokens: TokenSource | None = None
+        self.peers: PeerSource | None = None
+        self.parents: ParentSource | None = None
 
     async def start(self) -> None:
         """Open storage and the S3 tier, build the pull service, start background work."""
@@ -103,23 +117,61 @@ class Node:
             self.s3 = S3Source(store, s3, self.clock)
             log.info("s3_tier_started", bucket=store.bucket, prefix=store.prefix,
                      endpoint=str(s3.endpoint_url or "aws"))
-        self.pull = PullService(self._chains(), self.manifests, self.blobs, redirector=self.s3,
-                                clock=self.clock, tag_list_ttl=self.settings.cache.tag_ttl)
+        await self._start_cluster()
+        chains = self._chains()
+        await asyncio.to_thread(self.repos.open)
+        private = frozenset(u.name for u in self.settings.upstreams if holds_private(u))
+        self.pull = PullService(chains["client"], self.manifests, self.blobs, redirector=self.s3,
+                                clock=self.clock, tag_list_ttl=self.settings.cache.tag_ttl,
+                                membership=self.repos, private=private)
+        self.pull_for = {hop: self.pull.with_chains(chains[hop]) for hop in ("peer", "child")}
         self._wire_evictor()
         self.tasks.spawn(self._reconcile_then_evict(), "reconcile")
+        self.tasks.loop("registry_bytes", self._registry_bytes)
         await self._start_sync()
         self.ready = True
         log.info("mirror_started", storage=str(self.store.root), stale_temp_removed=removed,
                  max_size=self.settings.storage.max_size,
                  upstreams=[u.name for u in self.settings.upstreams])
 
-    def _chains(self) -> dict[str, SourceChain]:
-        before: list[Source] = list(self._extra_sources)
-        if self.s3 is not None:
-            before.append(self.s3)
+    async def _start_cluster(self) -> None:
+        cluster = self.settings.cluster
+        if cluster is None:
+            return
+        assert cluster.self_url is not None
+        self.peer_set = peer_set = PeerSet(cluster, cluster.self_url, self.clock)
+        self.tokens = tokens = TokenSource(cluster, self.clock)
+        timeout = aiohttp.ClientTimeout(sock_connect=max(cluster.header_timeout, 0.5),
+                                        sock_read=cluster.read_timeout)
+        session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False, trust_env=False,
+                                        connector=aiohttp.TCPConnector(limit=256))
+        self._stack.push_async_callback(session.close)
+        self.peers = PeerSource(cluster, session, self.tokens, peer_set)
+        if cluster.parents:
+            self.parents = ParentSource(cluster, session, self.tokens, self.clock.monotonic)
+        await peer_set.refresh_dns()
+        await peer_set.check(session, tokens)  # the hash starts with who answers
+        self.tasks.loop("peers", lambda: peer_set.run(session, tokens))
+        log.info("cluster_joined", node_id=cluster.node_id, region=cluster.region,
+                 self_url=cluster.self_url, peers=self.peer_set.members,
+                 healthy=self.peer_set.healthy(), parents=list(cluster.parents))
+
+    def _chains(self) -> dict[str, dict[str, SourceChain]]:
+        """The sources of each registry for clients, for peers (this node is the owner:
+        no peers) and for child regions (no parents: requests never loop)."""
+        extra = list(self._extra_sources)
+        s3 = [self.s3] if self.s3 is not None else []
+        peers = [self.peers] if self.peers is not None else []
+        parents = [self.parents] if self.parents is not None else []
+        orders: dict[str, list[Source]] = {
+            "client": [*extra, *peers, *s3, *parents],
+            "peer": [*extra, *s3, *parents],
+            "child": [*extra, *peers, *s3],
+        }
         rejections = Rejections(clock=self.clock)
-        return {name: SourceChain(before, UpstreamSource(client), rejections)
-                for name, client in self.clients.items()}
+        return {hop: {name: SourceChain(before, UpstreamSource(client), rejections)
+                      for name, client in self.clients.items()}
+                for hop, before in orders.items()}
 
     async def _start_sync(self) -> None:
         """Popularity counts and the sync records are loaded; the sync loop runs only when
@@ -164,6 +216,7 @@ class Node:
             await client.close()
         await self.tags.close()
         await asyncio.to_thread(self.store.index.close)
+        await asyncio.to_thread(self.repos.close)
         log.info("mirror_stopped")
 
     async def _reconcile_then_evict(self) -> None:
@@ -182,6 +235,20 @@ class Node:
         log.info("cache_reconciled", cache_entries=found.entries, cache_bytes=found.bytes,
                  adopted=found.adopted, dropped=found.dropped,
                  size_mismatch=found.size_mismatch, seconds=round(found.seconds, 3))
+
+    async def _registry_bytes(self, every: float = 60.0) -> None:
+        """Refresh ``mirror_registry_cache_bytes`` now and then (one query, in a thread)."""
+        names = [u.name for u in self.settings.upstreams]
+        while True:
+            try:
+                totals = await asyncio.to_thread(self.repos.bytes_by_registry,
+                                                 self.store.index.path, names)
+            except Exception as exc:  # a figure, never a reason to stop serving
+                log.warning("registry_bytes_failed", error=str(exc) or type(exc).__name__)
+            else:
+                for registry, size in totals.items():
+                    metrics.REGISTRY_CACHE_BYTES.labels(registry).set(size)
+            await asyncio.sleep(every)
 
     def _wire_evictor(self) -> None:
         """Tell the evictor what is in use, and the caches what was evicted."""

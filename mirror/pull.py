@@ -17,6 +17,7 @@ single flight, verification, budgets and metrics hold for every one of them.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from yarl import URL
 
 from mirror.cache.blobs import BlobCache, CachedBlob
 from mirror.cache.manifests import ManifestCache, Resolved
+from mirror.cache.membership import Membership as RepoMembership
+from mirror.cache.membership import ensure_member
 from mirror.clock import SYSTEM, Clock
 from mirror.errors import (
     FillError,
@@ -36,10 +39,11 @@ from mirror.errors import (
     UpstreamUnavailable,
 )
 from mirror.fetch import Fill
-from mirror.oci import OCI_INDEX, Digest, is_digest_reference, parse_manifest
+from mirror.oci import OCI_INDEX, Digest, is_digest_reference, is_number, parse_manifest
 from mirror.sources import ContentRef, SourceChain
 from mirror.sources.s3 import S3Source
 from mirror.sources.upstream import check_status, read_limited
+from mirror.upstream import bodies
 
 #: Pages of an upstream tag list followed to paginate it here, at most.
 TAG_PAGES_MAX = 20
@@ -104,13 +108,30 @@ class PullService:
 
     def __init__(self, chains: Mapping[str, SourceChain], manifests: ManifestCache,
                  blobs: BlobCache, *, redirector: S3Source | None = None,
-                 clock: Clock = SYSTEM, tag_list_ttl: float = 60.0) -> None:
+                 clock: Clock = SYSTEM, tag_list_ttl: float = 60.0,
+                 membership: RepoMembership | None = None,
+                 private: frozenset[str] = frozenset()) -> None:
+        """Args:
+            membership: which repository holds which digest; consulted for the
+                registries in ``private`` (those reached with credentials), so a
+                client that may pull one repository never gets another's private
+                content by naming its digest.
+        """
         self.chains = dict(chains)
         self.manifests = manifests
         self.blobs = blobs
+        self.membership = membership
+        self._private = private
         self._redirector = redirector if redirector is not None and redirector.redirect else None
         self._tag_lists: TTLCache[Repo, tuple[str, list[str]]] = TTLCache(
             maxsize=1000, ttl=max(tag_list_ttl, 0.001), timer=clock.monotonic)
+
+    def with_chains(self, chains: Mapping[str, SourceChain]) -> PullService:
+        """The same service (caches, fills, flights) filling misses from other chains: what a
+        node answers to its peers and child regions, whose requests must not loop back."""
+        view = copy.copy(self)
+        view.chains = dict(chains)
+        return view
 
     def chain(self, registry: str, background: bool = False) -> SourceChain:
         """The sources of a configured registry (for ``background`` work, its background view).
@@ -140,8 +161,23 @@ class PullService:
         if isinstance(reference, str) and is_digest_reference(reference):
             reference = Digest.parse(reference)
         if isinstance(reference, Digest):
-            return await self.manifests.by_digest(origin, repo.repository, reference, accepted)
-        return await self.manifests.by_tag(origin, repo.repository, reference, accepted)
+            await self._member(repo, reference, "manifest")
+            resolved = await self.manifests.by_digest(origin, repo.repository, reference,
+                                                      accepted)
+        else:
+            resolved = await self.manifests.by_tag(origin, repo.repository, reference, accepted)
+        if self.membership is not None:
+            found = resolved.manifest
+            await self.membership.record_manifest(repo.registry, repo.repository, found.digest,
+                                                  found.data)
+        return resolved
+
+    async def _member(self, repo: Repo, digest: Digest, kind: str) -> None:
+        """Refuse content a private registry's repository is not known to hold (unless
+        upstream confirms it under that repository's scope)."""
+        if self.membership is not None and repo.registry in self._private:
+            await ensure_member(self.membership, self.chain(repo.registry).client,
+                                repo.repository, digest, kind=kind)
 
     async def revalidate(self, repo: Repo, tag: str, max_age: float, *,
                          background: bool = True) -> Resolved:
@@ -172,6 +208,7 @@ class PullService:
             BlobUnknown: no source has it.
             UpstreamUnavailable, TooManyRequests: upstream failed.
         """
+        await self._member(repo, digest, "blob")
         cached = await self.blobs.cached(digest)
         if cached is not None:
             return cached
@@ -283,8 +320,8 @@ class PullService:
             check_status(resp, client.name, "tag list")
             body = await read_limited(resp, "tag list")
             link = resp.headers.get("Link")
-        name, tags = _parse_tag_list(body, repo.repository)
-        return name, tags, link
+        document = bodies.tag_list(body)
+        return document["name"], list(document.get("tags") or []), link
 
     # --- referrers ----------------------------------------------------------------------
     async def referrers(self, repo: Repo, digest: Digest, artifact_type: str | None = None,
@@ -308,7 +345,7 @@ class PullService:
             body = await read_limited(resp, "referrers index") if resp.status == 200 else None
             applied = "artifactType" in resp.headers.get("OCI-Filters-Applied", "")
         if body is not None:
-            index = _parse_index(body, "upstream referrers")
+            index = bodies.referrers_index(body)
             if artifact_type and not applied:
                 return Referrers(_index_body(_filtered(index, artifact_type)), True)
             return Referrers(body, bool(artifact_type))
@@ -329,19 +366,6 @@ class PullService:
         manifests = parse_manifest(resolved.manifest.data).get("manifests")
         return [m for m in manifests if isinstance(m, dict)] if isinstance(manifests, list) \
             else []
-
-
-def _parse_tag_list(body: bytes, repository: str) -> tuple[str, list[str]]:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        document = None
-    tags = document.get("tags") if isinstance(document, dict) else None
-    if not isinstance(document, dict) or not isinstance(tags, list | None) or \
-            not all(isinstance(t, str) for t in tags or []):
-        raise UpstreamUnavailable("upstream sent a tag list that is not one", status=502)
-    name = document.get("name")
-    return (name if isinstance(name, str) else repository), list(tags or [])
 
 
 def _honoured(tags: list[str], n: int | None, last: str | None) -> bool:
@@ -366,17 +390,7 @@ def _next_from_link(link: str | None) -> tuple[int | None, str | None]:
         return None, None
     query = URL(link[start + 1:end]).query
     n = query.get("n", "")
-    return (int(n) if n.isascii() and n.isdigit() else None), query.get("last")
-
-
-def _parse_index(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        document = None
-    if not isinstance(document, dict) or not isinstance(document.get("manifests", []), list):
-        raise UpstreamUnavailable(f"{what} is not an image index", status=502)
-    return document
+    return (int(n) if is_number(n) else None), query.get("last")
 
 
 def _filtered(index: Mapping[str, Any], artifact_type: str) -> list[dict[str, Any]]:

@@ -1,11 +1,12 @@
 """``mirror warm`` and ``mirror sync``: warming on demand, one sync pass, sync status.
 
 A server that is running owns the cache: when one answers (``--server URL``, or the
-``listen`` address of the config on loopback), the command asks it through its admin
-API (``POST /admin/warm``, ``POST /admin/sync``, ``GET /admin/sync``), so its single
-flight, budgets and records hold. Otherwise the command builds a node of its own on
-the storage folder (without the scheduled loop) and does the work itself; the index
-is SQLite in WAL mode and every blob is published by an atomic rename, as for
+config's ``admin.listen`` or else ``listen`` address, on loopback), the command asks
+it through its admin API (``POST /admin/warm``, ``POST /admin/sync``,
+``GET /admin/sync``; with ``admin.token`` when one is set), so its single flight,
+budgets and records hold. Otherwise the command builds a node of its own on the
+storage folder (without the scheduled loop) and does the work itself; the index is
+SQLite in WAL mode and every blob is published by an atomic rename, as for
 ``mirror cache``, so a server started meanwhile is safe.
 """
 
@@ -72,7 +73,7 @@ def warm_command(args: argparse.Namespace, settings: Settings) -> int:
     view = ProgressView(sys.stdout)
     server = _server(args, settings)
     if server is not None:
-        for event in _post_lines(f"{server}/admin/warm", body):
+        for event in _post_lines(f"{server}/admin/warm", settings, body):
             if event.get("event") == "end":
                 return _summary(event.get("results") or [], sys.stdout)
             view.update(event)
@@ -154,7 +155,7 @@ def sync_command(args: argparse.Namespace, settings: Settings) -> int:
         raise CacheCommandError("the config has no sync section: no rules to run")
     server = _server(args, settings)
     if server is not None:
-        report = _request(f"{server}/admin/sync", {"dry_run": args.dry_run})
+        report = _request(f"{server}/admin/sync", settings, {"dry_run": args.dry_run})
     else:
         async def local() -> dict[str, Any]:
             node = Node(settings, sync_loop=False)
@@ -191,7 +192,7 @@ def _print_report(report: dict[str, Any]) -> None:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     server = _server(args, settings)
     if server is not None:
-        status = _request(f"{server}/admin/sync")
+        status = _request(f"{server}/admin/sync", settings)
     else:
         root = settings.storage.path / "sync"
         state = read_json(root / "state.json") or {}
@@ -257,10 +258,12 @@ def _server(args: argparse.Namespace, settings: Settings) -> str | None:
         if _probe(url) is None:
             raise CacheCommandError(f"no mirror answers at {url}")
         return url
-    host = settings.listen_host
+    host, port = settings.listen_host, settings.listen_port
+    if settings.admin is not None and settings.admin.listen is not None:
+        host, port = settings.admin.listen  # the admin API answers only there
     host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
     scheme = "https" if settings.tls is not None else "http"
-    url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{settings.listen_port}"
+    url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
     return url if _probe(url) == 200 else None
 
 
@@ -285,10 +288,13 @@ def _probe(url: str) -> int | None:
         return None
 
 
-def _open(url: str, body: dict[str, Any] | None) -> Any:
+def _open(url: str, body: dict[str, Any] | None, token: str | None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
-                                     headers={"Content-Type": "application/json"})
+                                     headers=headers)
     try:
         return urllib.request.urlopen(request, timeout=3600, context=_context(url))
     except urllib.error.HTTPError as exc:
@@ -298,16 +304,24 @@ def _open(url: str, body: dict[str, Any] | None) -> Any:
         raise CacheCommandError(f"{url}: {exc}") from None
 
 
-def _request(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    with _open(url, body) as resp:
+def _token(settings: Settings) -> str | None:
+    """The admin token the admin API wants, if the config sets one."""
+    admin = settings.admin
+    return admin.token.reveal() if admin is not None and admin.token is not None else None
+
+
+def _request(url: str, settings: Settings, body: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    with _open(url, body, _token(settings)) as resp:
         document = json.loads(resp.read())
     if not isinstance(document, dict):
         raise CacheCommandError(f"{url} did not answer a JSON object")
     return document
 
 
-def _post_lines(url: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    with _open(url, body) as resp:
+def _post_lines(url: str, settings: Settings,
+                body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    with _open(url, body, _token(settings)) as resp:
         for line in resp:
             if line.strip():
                 yield json.loads(line)

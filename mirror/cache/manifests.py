@@ -92,8 +92,10 @@ class ManifestCache:
         )
         # tag key -> (monotonic time until which not to revalidate, stale reason)
         self._held: LRUCache[str, tuple[float, str]] = LRUCache(maxsize=100_000)
-        self._by_digest: SingleFlight[Digest, Manifest] = SingleFlight()
-        self._by_tag: SingleFlight[str, tuple[Manifest, str]] = SingleFlight()
+        # Work no request waits for any more is cancelled: it would only hold a connection.
+        self._by_digest: SingleFlight[Digest, Manifest] = SingleFlight(cancel_abandoned=True)
+        self._by_tag: SingleFlight[str, tuple[Manifest, str]] = SingleFlight(
+            cancel_abandoned=True)
 
     def forget(self, digest: Digest) -> None:
         """Drop the in-memory copy of a manifest (it was evicted from disk)."""

@@ -5,8 +5,12 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from yarl import URL
+
+if TYPE_CHECKING:  # auth.py imports Secret from here
+    from mirror.config.auth import AdminSettings, AuthSettings
 
 CONFIG_VERSION = 1
 DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
@@ -110,12 +114,14 @@ class UpstreamSettings:
     password: Secret | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    request_timeout: float = 60.0  # the whole of a manifest, tag list or referrers request
     retries: int = 3
     max_connections: int = 32
     max_retry_wait: float = 10.0
     preset: str = "generic"
     credentials: tuple[CredentialSettings, ...] = ()
     blob_probe: str = "head"
+    redirect_hosts: tuple[str, ...] = ()  # more hosts that may answer unverifiable requests
     budget: BudgetSettings | None = None
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     max_client_retry_after: float = 3600.0
@@ -275,6 +281,36 @@ class SyncSettings:
 
 
 @dataclass(frozen=True)
+class PeersDns:
+    """Peers from DNS: every address the name resolves to is a peer (a headless Service)."""
+
+    name: str
+    port: int
+    scheme: str = "http"
+    nameserver: str | None = None  # host:port; default: the system's resolver config
+    interval: float = 5.0  # seconds between look-ups
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """A node of a regional fleet: its peers, its parent regions, the peer credential."""
+
+    node_id: str
+    region: str
+    secret: Secret
+    self_url: str | None = None  # how peers reach this node (to skip itself in the list)
+    peers: tuple[str, ...] = ()  # static peer base URLs (this node may be among them)
+    peers_dns: PeersDns | None = None
+    parents: tuple[str, ...] = ()  # mirror URLs of other regions, nearest first
+    header_timeout: float = 0.3  # a peer that has not sent headers by then is skipped
+    read_timeout: float = 30.0
+    health_interval: float = 2.0
+    health_failures: int = 2  # failed checks in a row that take a peer out of the hash
+    quarantine: float = 300.0  # a peer that served wrong bytes is not asked for this long
+    token_ttl: float = 60.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the mirror needs to run, validated."""
 
@@ -286,6 +322,9 @@ class Settings:
     upstreams: tuple[UpstreamSettings, ...] = ()
     log: LogSettings = field(default_factory=LogSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    cluster: ClusterSettings | None = None
+    auth: AuthSettings | None = None  # None: anyone who reaches the port may pull
+    admin: AdminSettings | None = None  # None: /metrics and / on the main address, open
     sync: SyncSettings | None = None
 
     @property

@@ -288,7 +288,7 @@ class SyncService:
     def _popular_jobs(self) -> list[WarmJob]:
         popular = self.settings.popular
         jobs = []
-        for item in self.popularity.top(popular.top) if popular.top else []:
+        for item in self.popularity.top_tags(popular.top) if popular.top else []:
             platforms = self.popularity.platforms(item.registry, item.repository,
                                                   popular.platforms_max)
             jobs.append(WarmJob(Repo(item.registry, item.repository), item.tag,

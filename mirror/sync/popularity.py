@@ -130,6 +130,15 @@ class Popularity:
                 if platform is not None and platform.os != "unknown" and isinstance(child, str):
                     self._children[child] = (registry, repository, str(platform))
 
+    def record(self, image: str) -> None:
+        """Count one pull of ``registry/repository:tag`` (the status page's interface,
+        :class:`mirror.popularity.Popularity`); platforms are not learnt this way."""
+        name, _, tag = image.rpartition(":")
+        registry, _, repository = name.partition("/")
+        if registry and repository and tag:
+            self._tags.add((registry, repository, tag), self._clock.time())
+            self.dirty = True
+
     def manifest_pulled(self, digest: str) -> None:
         """A client fetched a manifest by digest: count its platform if it is an index's
         child we know."""
@@ -139,7 +148,13 @@ class Popularity:
             self.dirty = True
 
     # --- readers ------------------------------------------------------------------------
-    def top(self, n: int, registry: str | None = None) -> list[Popular]:
+    def top(self, count: int) -> list[tuple[str, int]]:
+        """The ``count`` most pulled images as ``(registry/repository:tag, pulls)``, pulls
+        rounded (the status page's interface)."""
+        return [(f"{p.registry}/{p.repository}:{p.tag}", round(p.score))
+                for p in self.top_tags(count)]
+
+    def top_tags(self, n: int, registry: str | None = None) -> list[Popular]:
         """The ``n`` most-pulled tags (of one registry, or of all)."""
         now = self._clock.time()
         ranked = [(k, s) for k, s in self._tags.ranked(now) if registry in (None, k[0])]
@@ -163,7 +178,7 @@ class Popularity:
         for (registry, repository, platform), score in self._platforms.ranked(now):
             platforms.setdefault(f"{registry}/{repository}", {})[platform] = round(score, 3)
         return {"window_seconds": self._tags.window, "tracked_tags": len(self._tags.items),
-                "top": [p.as_json() for p in self.top(top)], "platforms": platforms}
+                "top": [p.as_json() for p in self.top_tags(top)], "platforms": platforms}
 
     # --- persistence (blocking: run in a thread) --------------------------------------------
     def prune(self) -> None:

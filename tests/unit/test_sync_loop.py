@@ -369,3 +369,15 @@ async def test_ticks_follow_the_schedule_and_the_off_peak_windows(
     clock.advance(600)
     report = await sync.tick()
     assert report is not None and report["counts"] == {"present": 1}
+
+
+async def test_the_admin_api_wants_the_admin_token_when_one_is_set(
+        make_mirror: Any, tmp_path: Path) -> None:
+    token = tmp_path / "admin-token"
+    token.write_text("a-long-enough-admin-token")
+    mirror = await make_mirror(admin={"token_file": str(token)})
+    assert (await mirror.get("/admin/popular")).status == 401
+    assert (await mirror.post("/admin/warm", json={"refs": ["app:v1"]})).status == 401
+    bearer = {"Authorization": "Bearer a-long-enough-admin-token"}
+    ok = await mirror.get("/admin/popular", headers=bearer)
+    assert ok.status == 200

@@ -121,16 +121,16 @@ def test_popularity_counts_decay_and_survive_a_restart(tmp_path: Path) -> None:
     for _ in range(3):
         popularity.tag_pulled("docker.io", "library/b", "1", index)
     popularity.tag_pulled("docker.io", "library/c", "1", index)
-    assert [p.repository for p in popularity.top(3)] == ["library/a", "library/b", "library/c"]
+    assert [p.repository for p in popularity.top_tags(3)] == ["library/a", "library/b", "library/c"]
     assert popularity.platforms("docker.io", "library/a") == ["linux/arm64"]
     clock.advance(3600)  # one window: every score is e^-1 of what it was
-    assert round(popularity.top(1)[0].score, 3) == round(5 / 2.718281828, 3)
+    assert round(popularity.top_tags(1)[0].score, 3) == round(5 / 2.718281828, 3)
 
     popularity.prune()  # bounded to 2 tags: c, the weakest, goes
     popularity.save(popularity.snapshot())
     again = Popularity(path, window=3600, max_entries=2, clock=clock)
     again.load()
-    assert [p.repository for p in again.top(5)] == ["library/a", "library/b"]
+    assert [p.repository for p in again.top_tags(5)] == ["library/a", "library/b"]
     assert again.platforms("docker.io", "library/a") == ["linux/arm64"]
     assert not list(path.parent.glob(".*.tmp"))
 
@@ -139,4 +139,4 @@ def test_counting_a_pull_of_an_odd_index_never_fails() -> None:
     popularity = Popularity(None)
     for data in (b"not json", b'{"manifests": "nope"}', b'{"manifests": [1, {"digest": 2}]}'):
         popularity.tag_pulled("r", "a", "t", Manifest(Digest.of(data), data, OCI_INDEX))
-    assert round(popularity.top(1)[0].score) == 3  # (the real clock moved a little)
+    assert round(popularity.top_tags(1)[0].score) == 3  # (the real clock moved a little)
