@@ -8,6 +8,8 @@
     mirror cache ls|du [--json] [--config FILE] [--storage DIR]
     mirror cache fsck [--config FILE] [--storage DIR]
     mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR] [--shared]
+    mirror warm REF... [--platform OS/ARCH]... [--referrers] [--server URL] [--config FILE]
+    mirror sync --once [--dry-run] | status  [--json] [--server URL] [--config FILE]
 
 Errors are one readable line on stderr and a non-zero exit status. ``serve``
 reloads its TLS certificate and key on SIGHUP and stops gracefully on SIGTERM.
@@ -28,7 +30,7 @@ import structlog
 import uvloop
 from aiohttp import web
 
-from mirror import config, log
+from mirror import config, log, sync_cli
 from mirror.cache.inventory import Inventory, human_size, human_time
 from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
 from mirror.cache.membership import Membership
@@ -45,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        result: int = args.func(args)
+        if getattr(args, "with_settings", False):
+            settings = load_settings(args.config, storage=args.storage)
+            # What failed is in the command's own summary; the log would say it twice.
+            log.setup(dataclasses.replace(settings.log, level="error"))
+            result: int = args.func(args, settings)
+            return result
+        result = args.func(args)
         return result
     except ConfigError as exc:
         print(f"mirror: config error: {exc}", file=sys.stderr)
@@ -78,7 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     check.set_defaults(func=_config_check)
     _cache_parser(commands)
+    sync_cli.add_parsers(commands, _warm_options)
     return parser
+
+
+def _warm_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config, as for serve")
+    parser.add_argument("--storage", type=Path, help="cache folder, overrides the config")
+    sync_cli.add_server_option(parser)
+    parser.set_defaults(with_settings=True)
 
 
 def _cache_parser(commands: Any) -> None:

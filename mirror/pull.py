@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -35,6 +35,7 @@ from mirror.errors import (
     FillError,
     ManifestUnknown,
     NameUnknown,
+    TooManyRequests,
     UpstreamUnavailable,
 )
 from mirror.fetch import Fill
@@ -178,6 +179,21 @@ class PullService:
             await ensure_member(self.membership, self.chain(repo.registry).client,
                                 repo.repository, digest, kind=kind)
 
+    async def revalidate(self, repo: Repo, tag: str, max_age: float, *,
+                         background: bool = True) -> Resolved:
+        """A tag confirmed upstream unless it was checked within ``max_age`` seconds (by
+        anyone): one HEAD, joined with a client's revalidation of the same tag under way.
+
+        The manifest is fetched only when the tag moved (or was never seen). Warming
+        watches tags with this.
+
+        Raises:
+            ManifestUnknown: the tag does not exist (any more).
+            UpstreamUnavailable, TooManyRequests: upstream failed and nothing cached answers.
+        """
+        origin = self.chain(repo.registry, background)
+        return await self.manifests.by_tag(origin, repo.repository, tag, None, max_age=max_age)
+
     # --- blobs ------------------------------------------------------------------------
     async def blob(self, repo: Repo, digest: Digest, *, head: bool = False,
                    redirect: bool = True, background: bool = False) -> BlobAnswer:
@@ -210,12 +226,17 @@ class PullService:
         fill, joined = await self.blobs.fill(origin, ref)
         return BlobFlight(fill, joined)
 
-    async def fetch_blob(self, repo: Repo, digest: Digest, *,
-                         background: bool = True) -> CachedBlob | None:
+    async def fetch_blob(self, repo: Repo, digest: Digest, *, background: bool = True,
+                         pace: Callable[[int], Awaitable[None]] | None = None,
+                         ) -> CachedBlob | None:
         """Make sure the blob is here, waiting for its fill (warming, export).
 
         A fill cut because a source sent wrong bytes is tried once more (that
         source is skipped then).
+
+        Args:
+            pace: awaited with the size of each chunk a fill this call started reads,
+                while no client reads that fill (a bandwidth cap for warming).
 
         Returns:
             The cached blob, or ``None`` when it was verified but could not be kept.
@@ -228,9 +249,13 @@ class PullService:
             if isinstance(answer, CachedBlob):
                 return answer
             assert isinstance(answer, BlobFlight)
+            if pace is not None and not answer.joined:
+                answer.fill.pace = pace
             try:
                 await answer.fill.wait_done()
-            except FillError:
+            except FillError as exc:
+                if isinstance(exc.__cause__, TooManyRequests):
+                    raise exc.__cause__ from None  # asking again now only earns another 429
                 if attempt:
                     raise
                 continue
@@ -264,27 +289,31 @@ class PullService:
         name, every = await self.all_tags(repo)
         return _paginate(name, every, n, last)
 
-    async def all_tags(self, repo: Repo) -> tuple[str, list[str]]:
-        """Every tag of a repository, sorted, following upstream's pages (cached briefly)."""
+    async def all_tags(self, repo: Repo, *, background: bool = False) -> tuple[str, list[str]]:
+        """Every tag of a repository, sorted, following upstream's pages (cached briefly).
+
+        Args:
+            background: no client waits (warming): the upstream's background budget.
+        """
         cached = self._tag_lists.get(repo)
         if cached is not None:
             return cached
-        name, tags, link = await self._tag_list(repo, {})
+        name, tags, link = await self._tag_list(repo, {}, background)
         every = list(tags)
         for _ in range(TAG_PAGES_MAX):
             n, last = _next_from_link(link)
             if last is None:
                 break
             params = {"last": last, **({"n": str(n)} if n else {})}
-            _, tags, link = await self._tag_list(repo, params)
+            _, tags, link = await self._tag_list(repo, params, background)
             every.extend(tags)
         result = (name, sorted(set(every)))
         self._tag_lists[repo] = result
         return result
 
-    async def _tag_list(self, repo: Repo,
-                        params: dict[str, str]) -> tuple[str, list[str], str | None]:
-        client = self.chain(repo.registry).client
+    async def _tag_list(self, repo: Repo, params: dict[str, str],
+                        background: bool = False) -> tuple[str, list[str], str | None]:
+        client = self.chain(repo.registry, background).client
         async with client.request("GET", repo.repository, "tags/list", params=params) as resp:
             if resp.status == 404:
                 raise NameUnknown(f"repository {repo.repository!r} is unknown upstream")
@@ -295,15 +324,18 @@ class PullService:
         return document["name"], list(document.get("tags") or []), link
 
     # --- referrers ----------------------------------------------------------------------
-    async def referrers(self, repo: Repo, digest: Digest,
-                        artifact_type: str | None = None) -> Referrers:
+    async def referrers(self, repo: Repo, digest: Digest, artifact_type: str | None = None,
+                        *, background: bool = False) -> Referrers:
         """The manifests that refer to ``digest``: from upstream's referrers API, else from
         the referrers tag schema (an index under the tag ``<alg>-<hex>``), else none.
+
+        Args:
+            background: no client waits (warming): the upstream's background budget.
 
         Raises:
             UpstreamUnavailable: upstream failed or sent something that is not an index.
         """
-        client = self.chain(repo.registry).client
+        client = self.chain(repo.registry, background).client
         params = {"artifactType": artifact_type} if artifact_type else None
         async with client.request("GET", repo.repository, f"referrers/{digest}",
                                   params=params) as resp:
@@ -317,14 +349,16 @@ class PullService:
             if artifact_type and not applied:
                 return Referrers(_index_body(_filtered(index, artifact_type)), True)
             return Referrers(body, bool(artifact_type))
-        manifests = await self._referrers_by_tag(repo, digest)
+        manifests = await self._referrers_by_tag(repo, digest, background)
         if artifact_type:
             manifests = _filtered({"manifests": manifests}, artifact_type)
         return Referrers(_index_body(manifests), bool(artifact_type))
 
-    async def _referrers_by_tag(self, repo: Repo, digest: Digest) -> list[dict[str, Any]]:
+    async def _referrers_by_tag(self, repo: Repo, digest: Digest,
+                                background: bool = False) -> list[dict[str, Any]]:
         try:
-            resolved = await self.manifest(repo, f"{digest.algorithm}-{digest.hex}")
+            resolved = await self.manifest(repo, f"{digest.algorithm}-{digest.hex}",
+                                           background=background)
         except ManifestUnknown:
             return []
         if resolved.manifest.media_type != OCI_INDEX:

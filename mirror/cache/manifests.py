@@ -125,8 +125,12 @@ class ManifestCache:
         return Resolved(manifest, cache)
 
     async def by_tag(self, origin: SourceChain, repository: str, tag: str,
-                     accepted: frozenset[str] | None) -> Resolved:
+                     accepted: frozenset[str] | None, max_age: float | None = None) -> Resolved:
         """A manifest by tag, negotiated against the client's Accept set.
+
+        Args:
+            max_age: revalidate upstream when the record is older than this (default: the
+                tag TTL); a check under way for the same tag is joined, not repeated.
 
         Raises:
             ManifestUnknown: the tag does not exist, or no representation the
@@ -136,7 +140,8 @@ class ManifestCache:
         """
         key = tag_key(origin.name, repository, tag)
         record = await self._tags.get(key)
-        if record is not None and record.age(self._clock.time()) < self._settings.tag_ttl:
+        ttl = self._settings.tag_ttl if max_age is None else max_age
+        if record is not None and record.age(self._clock.time()) < ttl:
             digest = Digest.parse(record.digest)
             manifest, cache = await self._get_digest(origin, repository, digest)
         else:

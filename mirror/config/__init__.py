@@ -38,12 +38,17 @@ from mirror.config.settings import (
     DockerConfigCredential,
     EcrCredential,
     LogSettings,
+    PopularSettings,
     S3Settings,
+    Schedule,
     Secret,
     ServerSettings,
     Settings,
     StaticCredential,
     StorageSettings,
+    SyncRule,
+    SyncSettings,
+    TagSet,
     TlsSettings,
     UpstreamSettings,
     default_settings,
@@ -51,6 +56,7 @@ from mirror.config.settings import (
 )
 from mirror.config.storage import _S3_KEYS as _S3_KEYS  # the tests read the accepted keys
 from mirror.config.storage import _storage
+from mirror.config.sync import _sync
 from mirror.config.upstreams import _upstreams
 from mirror.config.values import (
     _mapping,
@@ -76,12 +82,17 @@ __all__ = [
     "DockerConfigCredential",
     "EcrCredential",
     "LogSettings",
+    "PopularSettings",
     "S3Settings",
+    "Schedule",
     "Secret",
     "ServerSettings",
     "Settings",
     "StaticCredential",
     "StorageSettings",
+    "SyncRule",
+    "SyncSettings",
+    "TagSet",
     "TlsSettings",
     "TokenSettings",
     "UpstreamSettings",
@@ -150,7 +161,7 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
     """
     root = _mapping(document, "")
     _only_keys(root, "", {"version", "listen", "tls", "storage", "cache", "upstreams",
-                          "log", "server", "cluster", "auth", "access", "admin"})
+                          "log", "server", "cluster", "auth", "access", "admin", "sync"})
     version = root.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ConfigError("version", f"unsupported version {version!r} (this mirror reads 1)")
@@ -173,6 +184,7 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
         cluster=cluster,
         auth=auth,
         admin=_admin(root["admin"], env, base, port) if "admin" in root else None,
+        sync=_sync(root.get("sync"), {n: u.name for u in upstreams for n in u.names()}),
     )
 
 

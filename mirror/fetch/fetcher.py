@@ -263,6 +263,8 @@ class Fetcher:
             if fill.size is not None and fill.written + len(chunk) > fill.size:
                 raise UpstreamUnavailable("upstream sent more bytes than announced", status=502)
             await self._store_chunk(fill, writer, chunk)
+            if fill.pace is not None and not fill.readers:
+                await fill.pace(len(chunk))
         if fill.size is not None and fill.written < fill.size:
             raise aiohttp.ClientPayloadError(f"body ended at {fill.written} of {fill.size} bytes")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +67,9 @@ class Fill:
         self.registry = ""  # the registry it was asked of (a configured name)
         self.source = ""  # the kind of source the bytes come from: upstream, s3, ...
         self.ever_read = False  # a reader has taken bytes (the fill can no longer start over)
+        # Paces the download while no client reads it (warming's bandwidth cap): awaited
+        # with each chunk's size; a client that joins lifts it at once.
+        self.pace: Callable[[int], Awaitable[None]] | None = None
 
     def _notify(self) -> None:
         event, self._changed = self._changed, asyncio.Event()

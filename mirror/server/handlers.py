@@ -81,8 +81,11 @@ async def manifest(request: web.Request, pull: PullService, repo: Repo,
     resolved = await pull.manifest(repo, target.digest or target.reference, accepted)
     found = resolved.manifest
     _record_cache(request, "manifest", resolved.cache, found.digest)
+    popularity = request.app[NODE].popularity
     if target.digest is None:
-        request.app[NODE].popularity.record(f"{repo}:{target.reference}")
+        popularity.tag_pulled(repo.registry, repo.repository, target.reference, found)
+    elif request.method == "GET":
+        popularity.manifest_pulled(str(found.digest))
     headers = manifest_headers(found.digest, found.media_type, target.ns)
     if etag_matches(request, found.digest):
         return web.Response(status=304, headers=headers)

@@ -34,7 +34,14 @@ from mirror.errors import (
     TransientError,
     UpstreamUnavailable,
 )
-from mirror.metrics import UPSTREAM_ERRORS, UPSTREAM_REQUESTS, UPSTREAM_RETRIES
+from mirror.metrics import (
+    CALLER,
+    UPSTREAM_BY_CALLER,
+    UPSTREAM_ERRORS,
+    UPSTREAM_REQUESTS,
+    UPSTREAM_RETRIES,
+    child,
+)
 from mirror.upstream.auth import (
     BearerToken,
     Challenge,
@@ -414,6 +421,7 @@ class UpstreamClient:
             what = "upstream" if origin_of(url) == self._origin else "redirect target"
             raise transient_from(exc, what) from None
         UPSTREAM_REQUESTS.labels(self.name, method, str(resp.status)).inc()
+        child(UPSTREAM_BY_CALLER, self.name, CALLER.get()).inc()
         return resp
 
     def _headers(self, extra: Mapping[str, str], authorization: str | None) -> CIMultiDict[str]:
