@@ -77,9 +77,16 @@ class Node:
                         for u in settings.upstreams}
         self.pull: PullService
 
-    async def start(self) -> None:
-        """Open storage and the S3 tier, build the pull service, start background work."""
-        removed = await asyncio.to_thread(self.store.open)
+    async def start(self, *, exclusive: bool = True) -> None:
+        """Open storage and the S3 tier, build the pull service, start background work.
+
+        Args:
+            exclusive: this process owns the storage (``mirror serve``): stale temp
+                files are removed and reconcile and eviction run. ``False`` for CLI
+                commands that may run beside a server (``mirror export``): storage is
+                opened as the ``mirror cache`` commands open it, with no background work.
+        """
+        removed = await asyncio.to_thread(self.store.open if exclusive else self.store.open_shared)
         await self.tags.open()
         if self.settings.storage.s3 is not None:
             s3 = self.settings.storage.s3
@@ -90,6 +97,9 @@ class Node:
         self.pull = PullService(self._chains(), self.manifests, self.blobs, redirector=self.s3,
                                 clock=self.clock, tag_list_ttl=self.settings.cache.tag_ttl)
         self._wire_evictor()
+        if not exclusive:
+            self.ready = True
+            return
         self.tasks.spawn(self._reconcile_then_evict(), "reconcile")
         self.ready = True
         log.info("mirror_started", storage=str(self.store.root), stale_temp_removed=removed,
