@@ -96,9 +96,11 @@ class Planner:
         assert target.upstream is not None
         repo = Repo(target.upstream.name, target.repository)
         tag = None if target.digest is not None else target.reference
+        before = set(self.plan.manifests)
         digest = await self._reference(repo, tag, target.reference, text)
         if self._referrers:
-            await self._add_referrers(repo, digest)
+            tree = [d for d in self.plan.manifests if d not in before and d != digest]
+            await self._add_referrers(repo, [digest, *tree])
 
     async def _reference(self, repo: Repo, tag: str | None, reference: str,
                          text: str) -> str:
@@ -150,9 +152,9 @@ class Planner:
         return any(want[0] == have[0] and want[1] == have[1]
                    and (len(want) < 3 or want[2] == have[2]) for want in self._platforms)
 
-    async def _add_referrers(self, repo: Repo, digest: str) -> None:
-        """Signatures, SBOMs, attestations: the referrers API and cosign's tags."""
-        subjects = [digest] + [d for d in self.plan.manifests if d != digest]
+    async def _add_referrers(self, repo: Repo, subjects: list[str]) -> None:
+        """Signatures, SBOMs, attestations of an image and its children: the referrers
+        API (or its tag schema) and cosign's ``sha256-<hex>.sig|.att|.sbom`` tags."""
         try:
             for subject in subjects:
                 found = await self._pull.referrers(repo, Digest.parse(subject))

@@ -21,6 +21,7 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.support.containerd import Containerd
-from tests.support.images import Image, Index, make_image, make_layer
+from tests.support.images import Blob, Image, Index, make_image, make_layer
 from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
 from tests.support.registry import Registry
@@ -47,6 +48,9 @@ from tests.support.skopeo import (
 pytestmark = pytest.mark.integration
 
 UPSTREAM = "registry.test"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class CountingPort:
@@ -327,6 +331,58 @@ def test_kill_9_during_import_then_a_second_run_finishes(
     target = _serve(tmp_path, offline)
     try:
         _skopeo_verify(target, big_image, tmp_path / "big")
+    finally:
+        target.stop()
+    assert offline_port.connections == 0
+
+
+def _artifact(layer: bytes, layer_type: str, subject: Blob | None = None) -> tuple[Blob, Blob,
+                                                                                   Blob]:
+    """A cosign-like artifact manifest: an empty config, one layer, maybe a subject."""
+    config = Blob.of(b"{}", "application/vnd.oci.image.config.v1+json")
+    blob = Blob.of(layer, layer_type)
+    document: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                                "config": config.descriptor(), "layers": [blob.descriptor()]}
+    if subject is not None:
+        document["subject"] = subject.descriptor()
+    return config, blob, Blob.of(json.dumps(document).encode(), OCI_MANIFEST)
+
+
+def test_referrers_and_cosign_tags_come_along_and_are_served_offline(
+        tmp_path: Path, registry_anon: Registry, offline_port: CountingPort) -> None:
+    image = make_image("signed/app", "v1", layers=[make_layer(50_000, seed=7201)], fmt="oci")
+    registry_anon.push(image)
+    hex_ = image.manifest.digest[7:]
+    sig_config, sig_layer, signature = _artifact(b'{"critical": {}}',
+                                                 "application/vnd.dev.cosign.simplesigning.v1+json")
+    _, sbom_layer, sbom = _artifact(b'{"spdxVersion": "SPDX-2.3"}',
+                                    "application/spdx+json", subject=image.manifest)
+    # Distribution 2.8 has no referrers API: the referrers tag schema stands in for it.
+    schema = Blob.of(json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {**sbom.descriptor(), "artifactType": "application/spdx+json"}]}).encode(), OCI_INDEX)
+    registry_anon.push_raw("signed/app", [sig_config, sig_layer, sbom_layer],
+                           [(signature, f"sha256-{hex_}.sig"), (sbom, sbom.digest),
+                            (schema, f"sha256-{hex_}")])
+    online = _config(tmp_path, "online", registry_anon.url)
+    bundle = tmp_path / "signed.tar"
+    mirror_cli("export", "--config", online, "signed/app:v1", "--referrers", "-o", bundle, "-q")
+    names, document = _read_bundle(bundle)
+    for blob in (signature, sig_layer, sbom, sbom_layer, schema):
+        assert f"blobs/sha256/{blob.digest[7:]}" in names
+    tags = {r["tag"] for r in document["references"]}
+    assert tags == {"v1", f"sha256-{hex_}.sig", f"sha256-{hex_}"}
+
+    offline = _config(tmp_path, "offline", f"http://127.0.0.1:{offline_port.port}",
+                      tag_ttl="1h")
+    mirror_cli("import", "--config", offline, bundle, "-q")
+    target = _serve(tmp_path, offline)
+    try:
+        accept = {"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
+        for reference, blob in ((f"sha256-{hex_}.sig", signature), (sbom.digest, sbom),
+                                (f"sha256-{hex_}", schema)):
+            with _DIRECT.open(urllib.request.Request(
+                    f"{target.url}/v2/signed/app/manifests/{reference}", headers=accept)) as resp:
+                assert resp.read() == blob.data
     finally:
         target.stop()
     assert offline_port.connections == 0
