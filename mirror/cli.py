@@ -26,12 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import uvloop
-from aiohttp import web
-
 from mirror import config, log
-from mirror.bundle.export import Planner
-from mirror.bundle.export import write as export_write
 from mirror.bundle.importer import Importer, read_bundle_json
 from mirror.bundle.importer import Report as ImportReport
 from mirror.bundle.manifest import BundleManifest, key_id, load_private_key, load_public_key
@@ -39,9 +34,7 @@ from mirror.bundle.parts import expand
 from mirror.bundle.progress import Progress
 from mirror.cache.inventory import Inventory, human_size, human_time
 from mirror.errors import BundleError, CacheCommandError, ConfigError, OciError
-from mirror.node import Node
 from mirror.routing import Router
-from mirror.server.app import create_app
 from mirror.storage.filesystem import FilesystemStore
 
 
@@ -298,6 +291,11 @@ def _cache_fsck(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import uvloop  # noqa: PLC0415 (see _export_async: the server's imports, only to serve)
+    from aiohttp import web  # noqa: PLC0415
+
+    from mirror.server.app import create_app  # noqa: PLC0415
+
     settings = load_settings(args.config, args.listen, args.storage)
     log.setup(settings.log)
     ssl_context = None
@@ -350,6 +348,12 @@ def _base_bundle(path: Path) -> BundleManifest:
 
 async def _export_async(args: argparse.Namespace, settings: config.Settings, refs: list[str],
                         key: Any, *, base: BundleManifest | None, max_part: int | None) -> int:
+    # Imported here: the pull service brings the S3 client (botocore: half a second), which
+    # `mirror import` and the cache commands do not need.
+    from mirror.bundle.export import Planner  # noqa: PLC0415
+    from mirror.bundle.export import write as export_write  # noqa: PLC0415
+    from mirror.node import Node  # noqa: PLC0415
+
     node = Node(settings)
     await node.start(exclusive=False)
     try:

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from mirror.bundle import layout
 from mirror.bundle.manifest import BundleManifest, verify
-from mirror.bundle.parts import Input
+from mirror.bundle.parts import WRITEBACK_EVERY, Input, start_writeback
 from mirror.cache.tags import TagRecord, tag_key
 from mirror.errors import BundleError, DigestMismatch, OciError
 from mirror.oci import MANIFEST_MAX_BYTES, Digest, manifest_media_type, parse_manifest
@@ -193,11 +193,17 @@ class Importer:
         fd, name = tempfile.mkstemp(dir=self._store.tmp, prefix=TEMP_PREFIX)
         os.close(fd)
         writer = TempWriter(Path(name), digest)
+        kick = os.open(name, os.O_RDONLY)
         try:
             handle = tar.extractfile(member)
+            flushed = 0
             while chunk := handle.read(layout.CHUNK):
                 writer.write(chunk)
-            writer.verify_and_close(None, member.size)
+                if writer.size - flushed >= WRITEBACK_EVERY:
+                    start_writeback(kick, flushed, writer.size - flushed)
+                    flushed = writer.size
+            # Synced in apply, just before its rename: the disk writes meanwhile.
+            writer.verify_and_close(None, member.size, sync=False)
         except DigestMismatch:
             writer.discard()
             raise BundleError(f"blob {digest} does not hash to its name (tampered or "
@@ -208,6 +214,8 @@ class Importer:
         except BaseException:
             writer.discard()
             raise
+        finally:
+            os.close(kick)
         return Path(name)
 
     # --- check -----------------------------------------------------------------------------
@@ -243,6 +251,7 @@ class Importer:
         report.skipped = len(read.cached)
         for digest, (temp, size) in list(read.staged.items()):
             if digest not in manifests:
+                _fsync(temp)
                 self._store.publish_blob(temp, Digest.parse(digest))
                 report.blobs_new += 1
                 report.bytes_new += size
@@ -403,6 +412,14 @@ class _Walk:
         except FileNotFoundError:
             return None
         return data if digest.matches(data) else None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _tree(root: str, manifests: dict[str, tuple[bytes, str]]) -> set[str]:

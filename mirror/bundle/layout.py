@@ -1,10 +1,13 @@
 """The OCI image layout as a tar stream: written in order, read in order, checked entry by entry.
 
 Writing builds each entry's header with :class:`tarfile.TarInfo` (PAX format) and copies
-the bytes after it in bounded chunks; zstd (fast level, all cores) when the file name ends
-in ``.zst``. Reading goes through :mod:`tarfile` in stream mode (``r|``), so neither side
-seeks, holds a blob in memory or needs the archive on a seekable disk. Everything here
-blocks: callers on an event loop run it in a thread.
+the bytes after it in the kernel (``copy_file_range``) or in bounded chunks; zstd level 3
+on one thread when the file name ends in ``.zst`` (layers are compressed already: more
+threads or levels bought no speed and doubled the memory, measured). Reading goes through
+:mod:`tarfile` over a forward-only stream (``r:`` with seeks that only skip ahead: its
+``r|`` mode costs three extra copies of every byte), so neither side seeks back, holds a
+blob in memory or needs the archive on a seekable disk. Everything here blocks: callers
+on an event loop run it in a thread.
 
 Entries are refused before any byte of them is used when their name is absolute or has
 ``..``, when they are links or devices, or when a name comes twice (see :func:`entries`).
@@ -12,7 +15,9 @@ Entries are refused before any byte of them is used when their name is absolute 
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import re
 import tarfile
 from collections.abc import Iterator
@@ -45,6 +50,8 @@ class Sink(Protocol):
 
     def flush(self) -> None: ...
 
+    def copy_from(self, source: Any, size: int) -> bool: ...
+
 
 class LayoutWriter:
     """Writes a tar of an OCI layout, entry by entry, into ``sink``."""
@@ -53,7 +60,7 @@ class LayoutWriter:
         self._sink = sink
         self._zstd: Any = None
         if compress:
-            self._zstd = zstandard.ZstdCompressor(level=level, threads=-1).stream_writer(
+            self._zstd = zstandard.ZstdCompressor(level=level).stream_writer(
                 sink, closefd=False, write_return_read=True)  # type: ignore[arg-type]
         self._out: Any = self._zstd if self._zstd is not None else sink
         self.written = 0  # uncompressed bytes of the tar so far
@@ -87,6 +94,10 @@ class LayoutWriter:
             BundleError: the file ended before ``size`` bytes (it changed under us).
         """
         self._header(name, size)
+        if self._zstd is None and self._sink.copy_from(file, size):
+            self.written += size
+            self._pad(size)
+            return
         left = size
         while left:
             data = file.read(min(CHUNK, left))
@@ -157,35 +168,80 @@ class _Unzstd:
         except zstandard.ZstdError as exc:
             raise BundleError(f"the bundle's zstd stream is corrupt: {exc}") from None
 
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
+
+class _Forward:
+    """A stream that can only go forward: what :mod:`tarfile` needs to read in order.
+
+    tarfile's ``r|`` mode copies every byte three times through its own buffer; its
+    ``r:`` mode reads a member's bytes straight from here, and its seeks are all forward
+    (skipping bytes is reading them), so the archive still never needs to be seekable.
+    """
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        """``size`` bytes, fewer only at the end (tarfile takes a short read for one)."""
+        data: bytes = self._raw.read(size)
+        if 0 < len(data) < size:
+            pieces = [data]
+            got = len(data)
+            while got < size and (more := self._raw.read(size - got)):
+                pieces.append(more)
+                got += len(more)
+            data = b"".join(pieces)
+        self.position += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset if whence == 0 else self.position + offset
+        if whence not in (0, 1) or target < self.position:
+            raise OSError("a bundle is read in order: no seeking back")
+        while self.position < target:
+            if not self.read(min(CHUNK, target - self.position)):
+                break
+        return self.position
 
 
 def open_stream(raw: Any) -> tuple[tarfile.TarFile, Any]:
-    """A stream-mode tar reader over ``raw`` (plain, zstd, gzip or xz); and what to drain.
+    """A tar reader over ``raw`` (plain, zstd, gzip or xz) that reads in order; and the
+    stream to drain after it.
 
     Raises:
         BundleError: not a tar archive.
     """
-    head = raw.read(4)
-    peeked = _Peek(raw, head)
-    source: Any = _Unzstd(peeked) if head == ZSTD_MAGIC else peeked
+    head = raw.read(6)
+    peeked: Any = _Peek(raw, head)
+    source: Any = peeked
+    if head.startswith(ZSTD_MAGIC):
+        source = _Unzstd(peeked)
+    elif head.startswith(b"\x1f\x8b"):
+        source = gzip.GzipFile(fileobj=peeked, mode="rb")
+    elif head.startswith(b"\xfd7zXZ"):
+        source = lzma.LZMAFile(peeked)  # noqa: SIM115 (read to its end by drain())
+    stream: Any = _Forward(source)
     try:
-        tar = tarfile.open(fileobj=source, mode="r|" if head == ZSTD_MAGIC else "r|*",  # noqa: SIM115 (closed by the caller)
-                           bufsize=CHUNK)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+        tar = tarfile.open(fileobj=stream, mode="r:")  # noqa: SIM115 (closed by the caller)
+    except (tarfile.TarError, EOFError, OSError, lzma.LZMAError) as exc:
         raise BundleError(f"not a tar archive (plain, .zst, .gz or .xz): {exc}") from None
-    return tar, source
+    return tar, stream
 
 
-def drain(source: Any) -> None:
-    """Read the rest of the stream after the tar's end (part checksums, zstd frame end)."""
-    if isinstance(source, _Unzstd):
-        source.drain()
-    else:
-        while source.read(CHUNK):
+def drain(stream: Any) -> None:
+    """Read the rest of the stream after the tar's end (part checksums, zstd frame end).
+
+    Raises:
+        BundleError: the compressed stream is cut short or corrupt.
+    """
+    try:
+        while stream.read(CHUNK):
             pass
+    except (EOFError, OSError, lzma.LZMAError) as exc:
+        raise BundleError(f"the bundle is truncated or corrupt: {exc}") from None
 
 
 def entries(tar: tarfile.TarFile) -> Iterator[tuple[str, tarfile.TarInfo]]:
@@ -210,7 +266,7 @@ def entries(tar: tarfile.TarFile) -> Iterator[tuple[str, tarfile.TarInfo]]:
                 raise BundleError(f"entry {name!r} comes twice in the archive")
             seen.add(name)
             yield name, member
-    except (tarfile.TarError, EOFError) as exc:
+    except (tarfile.TarError, EOFError, lzma.LZMAError, OSError) as exc:
         raise BundleError(f"the bundle is truncated or corrupt: {exc}") from None
 
 

@@ -25,6 +25,17 @@ from typing import Any
 from mirror.errors import BundleError
 
 PART_SUFFIX = re.compile(r"\.(\d{3,})$")
+#: Written bytes after which the kernel is asked to start writing them back (so the final
+#: fsync does not wait for the whole file, and the bundle does not crowd the page cache).
+WRITEBACK_EVERY = 64 << 20
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing back a range of a file now, without waiting (Linux: FADV_DONTNEED
+    starts the writeback of dirty pages, then drops the clean ones)."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 class Output:
@@ -35,9 +46,11 @@ class Output:
             raise BundleError("--max-part-size must be more than 0 bytes")
         self.path = path
         self._max = max_part_size
-        self._parts: list[tuple[Path, Path, Any]] = []  # (temp, final, sha256)
+        self._parts: list[tuple[Path, Path, Any]] = []  # (temp, final, sha256 or None)
         self._file: Any = None
         self._room = 0
+        self._flushed = 0  # bytes of the current file whose writeback was started
+        self._written = 0  # bytes of the current file
         self.size = 0
 
     def _next_part(self) -> None:
@@ -48,9 +61,14 @@ class Output:
             self.path.with_name(f"{self.path.name}.{number:03d}")
         fd, temp = tempfile.mkstemp(dir=self.path.parent or Path("."),
                                     prefix=f".{final.name}.", suffix=".partial")
-        self._file = os.fdopen(fd, "wb")
-        self._parts.append((Path(temp), final, hashlib.sha256()))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # a bundle is a file to hand over, not a secret
+        self._file = os.fdopen(fd, "wb", buffering=0)
+        self._parts.append((Path(temp), final,
+                            hashlib.sha256() if self._max is not None else None))
         self._room = self._max if self._max is not None else -1
+        self._flushed = self._written = 0
 
     def write(self, data: bytes | memoryview) -> int:
         """Append ``data`` (a new part starts when the current one is full)."""
@@ -62,13 +80,48 @@ class Output:
             if self._room == 0:
                 self._next_part()
             chunk = view if self._room < 0 else view[:self._room]
-            self._file.write(chunk)
-            self._parts[-1][2].update(chunk)
+            done = 0
+            while done < len(chunk):
+                done += self._file.write(chunk[done:])
+            if self._parts[-1][2] is not None:
+                self._parts[-1][2].update(chunk)
             if self._room > 0:
                 self._room -= len(chunk)
             view = view[len(chunk):]
+            self._advance(len(chunk))
         self.size += written
         return written
+
+    def _advance(self, count: int) -> None:
+        self._written += count
+        if self._written - self._flushed >= WRITEBACK_EVERY:
+            start_writeback(self._file.fileno(), self._flushed, self._written - self._flushed)
+            self._flushed = self._written
+
+    def copy_from(self, source: Any, size: int) -> bool:
+        """Copy ``size`` bytes from an open file in the kernel (one output file only).
+
+        Returns:
+            ``False`` when this output cannot (parts are hashed here): write() instead.
+        """
+        if self._max is not None or not hasattr(os, "copy_file_range"):
+            return False
+        if self._file is None:
+            self._next_part()
+        left = size
+        while left:
+            try:
+                copied = os.copy_file_range(source.fileno(), self._file.fileno(), left)
+            except OSError:
+                if left != size:
+                    raise
+                return False  # another file system, or no support: the caller writes
+            if copied == 0:
+                raise BundleError(f"a cached file ended {left} bytes early")
+            left -= copied
+            self._advance(copied)
+        self.size += size
+        return True
 
     def flush(self) -> None:
         """Flush the current file (tarfile and zstandard call it)."""
@@ -92,7 +145,8 @@ class Output:
             done.append(final)
         if self._max is not None:
             listing = self.path.with_name(self.path.name + ".sha256")
-            text = "".join(f"{h.hexdigest()}  {final.name}\n" for _, final, h in self._parts)
+            text = "".join(f"{h.hexdigest()}  {final.name}\n" for _, final, h in self._parts
+                           if h is not None)
             listing.write_text(text)
             done.append(listing)
         return done
