@@ -7,7 +7,7 @@
     mirror cache ls|du|fsck [--config FILE] [--storage DIR]
     mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR]
     mirror export REF... | --from-file LIST [--platform P]... [--referrers]
-                  [--since PREV/bundle.json] [--max-part-size SIZE] [--sign-key KEY]
+                  [--since PREVIOUS] [--max-part-size SIZE] [--sign-key KEY]
                   [--dry-run] -o FILE.tar[.zst]
     mirror import FILE... [--verify-key PUB] [--pin] [--tags fresh|stale]
                   [--repository REGISTRY/REPO]
@@ -120,8 +120,9 @@ def _bundle_parsers(commands: Any) -> None:
     export.add_argument("--referrers", action="store_true",
                         help="bring signatures, SBOMs and attestations (referrers API and "
                         "cosign's sha256-<hex>.sig/.att/.sbom tags)")
-    export.add_argument("--since", type=Path, metavar="PREV/bundle.json",
-                        help="leave out blobs a previous bundle shipped (a differential)")
+    export.add_argument("--since", type=Path, metavar="PREVIOUS",
+                        help="a previous bundle (or its bundle.json): leave out the blobs it "
+                        "and its bases shipped (a differential)")
     export.add_argument("--max-part-size", metavar="SIZE",
                         help="split into FILE.001, FILE.002 ... of at most SIZE (4GiB), with "
                         "FILE.sha256 listing each part's checksum")
