@@ -8,9 +8,11 @@ in ``tests/integration/test_bundle_real.py``.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,13 +24,13 @@ import zstandard
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mirror import cli
+from mirror import cli, config
 from mirror.bundle import layout
 from mirror.bundle.importer import Importer
 from mirror.bundle.manifest import BundleManifest, sign
 from mirror.bundle.parts import Output, expand
 from mirror.clock import ManualClock
-from mirror.errors import BundleError
+from mirror.errors import BundleError, OciError
 from mirror.oci import Digest
 from mirror.routing import Router
 from mirror.storage.filesystem import FilesystemStore
@@ -319,3 +321,30 @@ async def test_an_imported_tag_is_served_while_upstream_fails(
     for blob in image.blobs():
         resp = await client.get(f"/v2/{image.repo}/blobs/{blob.digest}")
         assert resp.status == 200 and await resp.read() == blob.data
+
+
+def test_gzip_and_xz_layouts_import(tmp_path: Path) -> None:
+    data = _tar(_entries(_image()))
+    assert _import(tmp_path / "gz", gzip.compress(data), "b.tar.gz").blobs_new == 3
+    assert _import(tmp_path / "xz", lzma.compress(data), "b.tar.xz").blobs_new == 3
+
+
+@pytest.mark.parametrize("text", ["nginx:1", "library/nginx:1", "docker.io/nginx:1",
+                                  "index.docker.io/library/nginx:1",
+                                  "registry-1.docker.io/library/nginx:1"])
+def test_references_are_normalised_as_docker_does(text: str) -> None:
+    router = Router(config.default_settings().upstreams)
+    target = router.image(text)
+    assert target.upstream is not None
+    assert (target.upstream.name, target.repository, target.reference) == \
+        ("docker.io", "library/nginx", "1")
+
+
+def test_references_by_digest_and_default_tag() -> None:
+    router = Router(config.default_settings().upstreams)
+    digest = "sha256:" + "a" * 64
+    assert router.image(f"nginx@{digest}").reference == digest
+    assert router.image(f"nginx:1@{digest}").digest == Digest.parse(digest)
+    assert router.image("org/app").reference == "latest"
+    with pytest.raises(OciError):
+        router.image("quay.io/org/app:1")  # not a configured registry
