@@ -265,6 +265,7 @@ def entries(tar: tarfile.TarFile) -> Iterator[tuple[str, tarfile.TarInfo]]:
             if name in seen:
                 raise BundleError(f"entry {name!r} comes twice in the archive")
             seen.add(name)
+            tar.members.clear()  # type: ignore[attr-defined]  # else it keeps every header read
             yield name, member
     except (tarfile.TarError, EOFError, lzma.LZMAError, OSError) as exc:
         raise BundleError(f"the bundle is truncated or corrupt: {exc}") from None

@@ -141,6 +141,19 @@ def test_a_good_bundle_is_published_with_its_tag_and_is_idempotent(tmp_path: Pat
     assert not list((tmp_path / "cache" / "tmp").iterdir())
 
 
+def test_pin_keeps_the_whole_image(tmp_path: Path) -> None:
+    image = _image()
+    _import(tmp_path, _tar(_entries(image)), pin=True)
+    store = _store(tmp_path)
+    try:
+        pins = store.index.pins()
+    finally:
+        store.index.close()
+    assert set(pins) == {image.manifest.digest, image.config.digest,
+                         *(b.digest for b in image.layers)}
+    assert all(sources == [f"{REGISTRY}/app/web:v1"] for sources in pins.values())
+
+
 def test_zstd_and_parts_round_trip(tmp_path: Path) -> None:
     image = _image()
     out = Output(tmp_path / "b.tar.zst", max_part_size=4000)
