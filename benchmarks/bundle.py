@@ -11,8 +11,13 @@ to each size. Per size and repeat:
   its figure is the cold one again, run again)
 - export .zst:   ``mirror export -o FILE.tar.zst`` from the cache (skopeo writes no zstd)
 - import:        ``mirror import`` of the tar into an empty cache, against ``skopeo copy
-  oci-archive:... dir:`` of each archive (both read a local tar, check every digest and
-  write every blob to local disk); and ``mirror import`` of the .zst
+  oci-archive:... dir:`` of each archive (both read a local tar from the disk, not the
+  page cache, check every digest and write every blob to local disk); and ``mirror
+  import`` of the .zst
+
+Before each step, dirty pages are written out (not timed): our side fsyncs what it
+writes (a bundle, a cache entry), skopeo does not, and its writeback would otherwise be
+paid by the step after it.
 
 Throughput is bundle bytes over wall time; peak memory is the highest summed RSS of the
 process tree (sampled from /proc every 20 ms). Usage, from the repository root::
@@ -88,6 +93,18 @@ def _timed(cmd: Sequence[str | Path], env: dict[str, str] | None = None) -> tupl
     return time.monotonic() - began, rss.peak_mib
 
 
+def _cold(paths: Sequence[Path]) -> None:
+    """Drop files from the page cache: each import reads its bundle from the disk, as one
+    carried in would be (the export left ours out of the cache already, skopeo's not)."""
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def _timed_all(cmds: list[list[str | Path]], env: dict[str, str]) -> tuple[float, float]:
     """Several commands one after the other: total wall seconds, highest peak RSS."""
     runs = [_timed(cmd, env) for cmd in cmds]
@@ -132,6 +149,7 @@ def run_size(registry: Registry, size: int, repeat: int, work: Path) -> list[dic
         }
         figures[("export", "warm", "skopeo")] = figures[("export", "cold", "skopeo")]
         shutil.rmtree(cache)
+        _cold([bundle, zst, *archives])
         figures[("import", "tar", "mirror")] = _timed(_mirror("import", "--config", config,
                                                               bundle))
         shutil.rmtree(cache)

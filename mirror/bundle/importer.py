@@ -40,7 +40,14 @@ from mirror.bundle.manifest import BundleManifest, verify
 from mirror.bundle.parts import WRITEBACK_EVERY, Input, start_writeback
 from mirror.cache.tags import TagRecord, tag_key
 from mirror.errors import BundleError, DigestMismatch, OciError
-from mirror.oci import MANIFEST_MAX_BYTES, Digest, manifest_media_type, parse_manifest
+from mirror.oci import (
+    MANIFEST_MAX_BYTES,
+    Digest,
+    manifest_media_type,
+    parse_manifest,
+    validate_name,
+    validate_tag,
+)
 from mirror.routing import Router
 from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.writer import TempWriter
@@ -241,6 +248,8 @@ class Importer:
             raise BundleError(f"{len(walk.missing)} item(s) this bundle needs are neither in "
                               "it nor in the cache (import the bundles it is based on first): "
                               + ", ".join(sorted(walk.missing)))
+        for ref in bundle.references if bundle is not None else []:
+            _check_reference(ref, walk.manifests)
         return walk.manifests, walk.order
 
     # --- apply -----------------------------------------------------------------------------
@@ -328,6 +337,23 @@ class Importer:
                 report.tags.append(label)
         finally:
             cache.close()
+
+
+def _check_reference(ref: dict[str, Any], manifests: dict[str, tuple[bytes, str]]) -> None:
+    """A reference of bundle.json names a valid repository and tag, and an image here.
+
+    Raises:
+        BundleError: it does not.
+    """
+    try:
+        validate_name(ref["repository"])
+        if ref.get("tag") is not None:
+            validate_tag(ref["tag"])
+    except OciError as exc:
+        raise BundleError(f"bundle.json reference {ref['name']!r}: {exc.message}") from None
+    if ref["digest"] not in manifests:
+        raise BundleError(f"bundle.json names {ref['digest']} for {ref['name']!r}, which "
+                          "index.json does not lead to")
 
 
 def read_bundle_json(files: list[Path]) -> bytes:

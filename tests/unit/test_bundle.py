@@ -244,6 +244,11 @@ BAD: dict[str, tuple[Callable[[], bytes], str]] = {
                         "is not listed in bundle.json"),
     "listed blob missing": (lambda: _tar(_entries(_image())[:-1]), "the bundle is truncated"),
     "not a tar": (lambda: b"hello" * 1000, "not a tar archive"),
+    "bad tag in bundle.json": (lambda: _tar(_entries(_image(), edit=lambda b: b.references[0]
+                                                     .update(tag="../x"))), "invalid tag"),
+    "reference to no image": (lambda: _tar(_entries(_image(), edit=lambda b: b.references[0]
+                                                    .update(digest="sha256:" + "0" * 64))),
+                              "which index.json does not lead to"),
     "zstd cut short": (lambda: zstandard.ZstdCompressor().compress(
         _tar(_entries(_image())))[:-50], "truncated"),
 }
