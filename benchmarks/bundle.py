@@ -19,8 +19,10 @@ Before each step, dirty pages are written out (not timed): our side fsyncs what 
 writes (a bundle, a cache entry), skopeo does not, and its writeback would otherwise be
 paid by the step after it.
 
-Throughput is bundle bytes over wall time; peak memory is the highest summed RSS of the
-process tree (sampled from /proc every 20 ms). Usage, from the repository root::
+Throughput is bundle bytes over wall time ("MiB/s"), and over the time until what was
+written is on disk ("MiB/s on disk": ours fsync before they return; skopeo does not, so
+its outputs are fsync'ed after it returns, timed); peak memory is the highest summed RSS
+of the process tree (sampled from /proc every 20 ms). Usage, from the repository root::
 
     .venv/bin/python -m benchmarks.bundle [--sizes 256MiB,1GiB] [--repeat 3] [--out DIR]
 """
@@ -76,8 +78,14 @@ def _seed(registry: Registry, size: int, tag: str, workdir: Path) -> list[Image]
     return images
 
 
-def _timed(cmd: Sequence[str | Path], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Run ``cmd``; returns wall seconds and peak RSS (MiB) of its process tree.
+Timing = tuple[float, float, float]  # wall seconds, peak RSS MiB, seconds until on disk
+
+
+def _timed(cmd: Sequence[str | Path], env: dict[str, str] | None = None,
+           durable: Sequence[Path] = ()) -> Timing:
+    """Run ``cmd``; returns wall seconds, peak RSS (MiB) of its process tree, and the
+    seconds until what it wrote is on disk (``durable``: its outputs, fsync'ed after it;
+    ours fsync their own).
 
     Dirty pages of the step before are written out first (not timed): skopeo does not
     fsync what it writes, and its writeback would otherwise be paid by the next step.
@@ -90,7 +98,13 @@ def _timed(cmd: Sequence[str | Path], env: dict[str, str] | None = None) -> tupl
         _, err = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{err.decode()[-2000:]}")
-    return time.monotonic() - began, rss.peak_mib
+    ended = time.monotonic()
+    for path in durable:
+        for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+            fd = os.open(file, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+    return ended - began, rss.peak_mib, time.monotonic() - began
 
 
 def _cold(paths: Sequence[Path]) -> None:
@@ -105,10 +119,11 @@ def _cold(paths: Sequence[Path]) -> None:
             os.close(fd)
 
 
-def _timed_all(cmds: list[list[str | Path]], env: dict[str, str]) -> tuple[float, float]:
-    """Several commands one after the other: total wall seconds, highest peak RSS."""
-    runs = [_timed(cmd, env) for cmd in cmds]
-    return sum(r[0] for r in runs), max(r[1] for r in runs)
+def _timed_all(cmds: list[tuple[list[str | Path], Path]], env: dict[str, str]) -> Timing:
+    """Several commands one after the other, each with its output: total wall seconds,
+    highest peak RSS, total seconds until on disk."""
+    runs = [_timed(cmd, env, [out]) for cmd, out in cmds]
+    return sum(r[0] for r in runs), max(r[1] for r in runs), sum(r[2] for r in runs)
 
 
 def _skopeo_env(home: Path) -> dict[str, str]:
@@ -139,8 +154,8 @@ def run_size(registry: Registry, size: int, repeat: int, work: Path) -> list[dic
             ("export", "cold", "mirror"): _timed(_mirror("export", "--config", config, *refs,
                                                          "-o", bundle)),
             ("export", "cold", "skopeo"): _timed_all([
-                ["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
-                 f"docker://{registry.host}/{ref}", f"oci-archive:{archive}:{ref}"]
+                (["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+                  f"docker://{registry.host}/{ref}", f"oci-archive:{archive}:{ref}"], archive)
                 for ref, archive in zip(refs, archives, strict=True)], env),
             ("export", "warm", "mirror"): _timed(_mirror("export", "--config", config, *refs,
                                                          "-o", bundle)),
@@ -157,13 +172,14 @@ def run_size(registry: Registry, size: int, repeat: int, work: Path) -> list[dic
                                                                zst))
         dirs = [work / f"dir-{k}" for k in range(IMAGES)]
         figures[("import", "tar", "skopeo")] = _timed_all([
-            ["skopeo", "--insecure-policy", "copy", f"oci-archive:{archive}", f"dir:{out}"]
-            for archive, out in zip(archives, dirs, strict=True)], env)
+            (["skopeo", "--insecure-policy", "copy", f"oci-archive:{archive}", f"dir:{out}"],
+             out) for archive, out in zip(archives, dirs, strict=True)], env)
         bundle_bytes = bundle.stat().st_size
-        for (step, case, tool), (seconds, rss) in figures.items():
+        for (step, case, tool), (seconds, rss, durable) in figures.items():
             records.append({"size": size, "repeat": n, "step": step, "case": case,
                             "tool": tool, "seconds": seconds, "rss_mib": rss,
                             "mib_s": bundle_bytes / MiB / seconds,
+                            "durable_mib_s": bundle_bytes / MiB / durable,
                             "bundle_bytes": bundle_bytes,
                             "zst_bytes": zst.stat().st_size})
         for path in (bundle, zst, *archives, *dirs, cache):
@@ -186,11 +202,13 @@ def table(records: list[dict[str, Any]]) -> str:
     """A markdown table: medians of each figure, and mirror/skopeo."""
     lines = ["| bundle | step | case | metric | mirror | skopeo | mirror/skopeo |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
+    metrics = (("mib_s", "MiB/s ↑"), ("durable_mib_s", "MiB/s on disk ↑"),
+               ("rss_mib", "peak RSS MiB ↓"))
     cases = [("export", "cold"), ("export", "warm"), ("export", ".zst warm"),
              ("import", "tar"), ("import", ".zst")]
     for size in sorted({r["size"] for r in records}):
         for step, case in cases:
-            for metric, label in (("mib_s", "MiB/s ↑"), ("rss_mib", "peak RSS MiB ↓")):
+            for metric, label in metrics:
                 ours = _value(records, (size, step, case, "mirror"), metric)
                 theirs = _value(records, (size, step, case, "skopeo"), metric)
                 ratio = f"{ours / theirs:.2f}x" if ours and theirs else "-"
