@@ -38,7 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ def _seed(registry: Registry, size: int, tag: str, workdir: Path) -> list[Image]
 
 
 Timing = tuple[float, float, float]  # wall seconds, peak RSS MiB, seconds until on disk
+Key = tuple[str, str, str]  # step, case, tool
 
 
 def _timed(cmd: Sequence[str | Path], env: dict[str, str] | None = None,
@@ -119,7 +121,7 @@ def _cold(paths: Sequence[Path]) -> None:
             os.close(fd)
 
 
-def _timed_all(cmds: list[tuple[list[str | Path], Path]], env: dict[str, str]) -> Timing:
+def _timed_all(cmds: Sequence[tuple[Sequence[str | Path], Path]], env: dict[str, str]) -> Timing:
     """Several commands one after the other, each with its output: total wall seconds,
     highest peak RSS, total seconds until on disk."""
     runs = [_timed(cmd, env, [out]) for cmd, out in cmds]
@@ -150,30 +152,37 @@ def run_size(registry: Registry, size: int, repeat: int, work: Path) -> list[dic
             {"name": "registry.test", "url": registry.url, "default": True}])))
         bundle, zst = work / "b.tar", work / "b.tar.zst"
         archives = [work / f"skopeo-{k}.tar" for k in range(IMAGES)]
-        figures = {
-            ("export", "cold", "mirror"): _timed(_mirror("export", "--config", config, *refs,
-                                                         "-o", bundle)),
-            ("export", "cold", "skopeo"): _timed_all([
-                (["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
-                  f"docker://{registry.host}/{ref}", f"oci-archive:{archive}:{ref}"], archive)
-                for ref, archive in zip(refs, archives, strict=True)], env),
-            ("export", "warm", "mirror"): _timed(_mirror("export", "--config", config, *refs,
-                                                         "-o", bundle)),
-            ("export", ".zst warm", "mirror"): _timed(_mirror("export", "--config", config,
-                                                              *refs, "-o", zst)),
-        }
+        dirs = [work / f"dir-{k}" for k in range(IMAGES)]
+        skopeo_export = [
+            (["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+              f"docker://{registry.host}/{ref}", f"oci-archive:{archive}:{ref}"], archive)
+            for ref, archive in zip(refs, archives, strict=True)]
+        skopeo_import = [
+            (["skopeo", "--insecure-policy", "copy", f"oci-archive:{archive}", f"dir:{out}"],
+             out) for archive, out in zip(archives, dirs, strict=True)]
+        exports: list[tuple[Key, Callable[[], Timing]]] = [
+            (("export", "cold", "mirror"),
+             partial(_timed, _mirror("export", "--config", config, *refs, "-o", bundle))),
+            (("export", "cold", "skopeo"), partial(_timed_all, skopeo_export, env))]
+        imports: list[tuple[Key, Callable[[], Timing]]] = [
+            (("import", "tar", "mirror"),
+             partial(_timed, _mirror("import", "--config", config, bundle))),
+            (("import", "tar", "skopeo"), partial(_timed_all, skopeo_import, env))]
+        if n % 2:  # every other repeat, skopeo goes first: no side gains from the order
+            exports.reverse()
+            imports.reverse()
+        figures = {key: step() for key, step in exports}
+        figures[("export", "warm", "mirror")] = _timed(_mirror("export", "--config", config,
+                                                               *refs, "-o", bundle))
+        figures[("export", ".zst warm", "mirror")] = _timed(_mirror(
+            "export", "--config", config, *refs, "-o", zst))
         figures[("export", "warm", "skopeo")] = figures[("export", "cold", "skopeo")]
         shutil.rmtree(cache)
         _cold([bundle, zst, *archives])
-        figures[("import", "tar", "mirror")] = _timed(_mirror("import", "--config", config,
-                                                              bundle))
+        figures.update({key: step() for key, step in imports})
         shutil.rmtree(cache)
         figures[("import", ".zst", "mirror")] = _timed(_mirror("import", "--config", config,
                                                                zst))
-        dirs = [work / f"dir-{k}" for k in range(IMAGES)]
-        figures[("import", "tar", "skopeo")] = _timed_all([
-            (["skopeo", "--insecure-policy", "copy", f"oci-archive:{archive}", f"dir:{out}"],
-             out) for archive, out in zip(archives, dirs, strict=True)], env)
         bundle_bytes = bundle.stat().st_size
         for (step, case, tool), (seconds, rss, durable) in figures.items():
             records.append({"size": size, "repeat": n, "step": step, "case": case,

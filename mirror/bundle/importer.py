@@ -233,6 +233,10 @@ class Importer:
         if bundle is not None:
             bundle.check_file(layout.OCI_LAYOUT, read.small[layout.OCI_LAYOUT])
             bundle.check_file(layout.INDEX, read.small[layout.INDEX])
+            unlisted = [d for d in [*read.staged, *read.cached] if d not in bundle.blobs]
+            if unlisted:  # bundle.json came after them: checked here instead
+                raise BundleError(f"{unlisted[0]} is in the archive but not listed in "
+                                  "bundle.json")
             absent = [d for d in bundle.blobs if d not in read.staged and d not in read.cached]
             if absent:
                 raise BundleError(f"the bundle is truncated: bundle.json lists {len(absent)} "
