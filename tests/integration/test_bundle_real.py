@@ -291,11 +291,12 @@ def test_differential_holds_only_new_blobs_and_needs_its_base(
     cache = tmp_path / "offline-cache"
     assert not any((cache / "blobs").rglob("*")) and not any((cache / "manifests").rglob("*"))
 
-    mirror_cli("import", "--config", offline, first, second, "-q")
+    mirror_cli("import", "--config", offline, first, "-q")
     target = _serve(tmp_path, offline)
     try:
-        _skopeo_verify(target, v2, tmp_path / "v2")
         _skopeo_verify(target, v1, tmp_path / "v1")
+        mirror_cli("import", "--config", offline, second, "-q")  # beside the running server
+        _skopeo_verify(target, v2, tmp_path / "v2")
     finally:
         target.stop()
     assert offline_port.connections == 0

@@ -29,6 +29,7 @@ from mirror.bundle import layout
 from mirror.bundle.importer import Importer
 from mirror.bundle.manifest import BundleManifest, sign
 from mirror.bundle.parts import Output, expand
+from mirror.bundle.progress import Progress
 from mirror.clock import ManualClock
 from mirror.errors import BundleError, OciError
 from mirror.oci import Digest
@@ -366,3 +367,14 @@ def test_references_by_digest_and_default_tag() -> None:
     assert router.image("org/app").reference == "latest"
     with pytest.raises(OciError):
         router.image("quay.io/org/app:1")  # not a configured registry
+
+
+def test_progress_is_plain_lines_when_not_a_terminal() -> None:
+    out = io.StringIO()
+    bar = Progress("import b.tar", 1000, stream=out)
+    for done in range(0, 1001, 50):
+        bar.set(done)
+    bar.finish()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 11 and "\r" not in out.getvalue()
+    assert lines[0].startswith("import b.tar [---") and "100%" in lines[-1]
