@@ -142,6 +142,15 @@ def test_a_good_bundle_is_published_with_its_tag_and_is_idempotent(tmp_path: Pat
     assert not list((tmp_path / "cache" / "tmp").iterdir())
 
 
+def test_a_registry_not_configured_here_imports_content_without_its_tag(
+        tmp_path: Path) -> None:
+    image = _image()
+    report = _import(tmp_path, _tar(_entries(image, edit=lambda b: b.references[0].update(
+        registry="other.test", name="other.test/app/web:v1"))))
+    assert report.blobs_new == 3 and report.tags == []
+    assert "registry 'other.test' is not configured here" in report.notes[0]
+
+
 def test_pin_keeps_the_whole_image(tmp_path: Path) -> None:
     image = _image()
     _import(tmp_path, _tar(_entries(image)), pin=True)
