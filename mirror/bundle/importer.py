@@ -38,15 +38,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mirror.bundle import layout
 from mirror.bundle.manifest import BundleManifest, verify
 from mirror.bundle.parts import WRITEBACK_EVERY, Input, start_writeback
+from mirror.bundle.walk import Walk, check_reference, parse_digest
+from mirror.bundle.walk import tree as walk_tree
 from mirror.cache.tags import TagRecord, tag_key
 from mirror.errors import BundleError, DigestMismatch, OciError
 from mirror.oci import (
-    MANIFEST_MAX_BYTES,
     Digest,
-    manifest_media_type,
-    parse_manifest,
-    validate_name,
-    validate_tag,
 )
 from mirror.routing import Router
 from mirror.storage.filesystem import FilesystemStore
@@ -166,7 +163,7 @@ class Importer:
                 if match is None:
                     continue  # not part of a layout (oras's ingest/ leftovers): never used
                 self._before_blobs(read)
-                digest = _digest(f"{match.group(1)}:{match.group(2)}", name)
+                digest = parse_digest(f"{match.group(1)}:{match.group(2)}", name)
                 self._entry(tar, member, digest, read)
                 self.progress(stream.read_bytes, stream.total)
             layout.drain(source)
@@ -241,7 +238,8 @@ class Importer:
             if absent:
                 raise BundleError(f"the bundle is truncated: bundle.json lists {len(absent)} "
                                   f"blob(s) the archive does not hold: {', '.join(absent)}")
-        walk = _Walk(self._store, read)
+        listed = bundle.blobs.keys() | bundle.omitted.keys() if bundle is not None else set()
+        walk = Walk(self._store, read.staged, set(listed))
         for descriptor in descriptors:
             walk.visit(descriptor, required=True)
         if bundle is not None:
@@ -253,7 +251,7 @@ class Importer:
                               "it nor in the cache (import the bundles it is based on first): "
                               + ", ".join(sorted(walk.missing)))
         for ref in bundle.references if bundle is not None else []:
-            _check_reference(ref, walk.manifests)
+            check_reference(ref, walk.manifests)
         return walk.manifests, walk.order
 
     # --- apply -----------------------------------------------------------------------------
@@ -277,7 +275,7 @@ class Importer:
         refs = self._references(read, manifests, report)
         if self._pin:
             for label, digest in refs:
-                tree = _tree(digest, manifests)
+                tree = walk_tree(digest, manifests)
                 self._store.index.pin(sorted(tree), label)
                 report.pinned += 1
         self._record_tags(refs, manifests, report)
@@ -343,23 +341,6 @@ class Importer:
             cache.close()
 
 
-def _check_reference(ref: dict[str, Any], manifests: dict[str, tuple[bytes, str]]) -> None:
-    """A reference of bundle.json names a valid repository and tag, and an image here.
-
-    Raises:
-        BundleError: it does not.
-    """
-    try:
-        validate_name(ref["repository"])
-        if ref.get("tag") is not None:
-            validate_tag(ref["tag"])
-    except OciError as exc:
-        raise BundleError(f"bundle.json reference {ref['name']!r}: {exc.message}") from None
-    if ref["digest"] not in manifests:
-        raise BundleError(f"bundle.json names {ref['digest']} for {ref['name']!r}, which "
-                          "index.json does not lead to")
-
-
 def read_bundle_json(files: list[Path]) -> bytes:
     """The ``bundle.json`` of a bundle (read from its start; the rest is not read).
 
@@ -379,103 +360,9 @@ def read_bundle_json(files: list[Path]) -> bytes:
     raise BundleError(f"{files[0]}: no bundle.json (not made by mirror export)")
 
 
-class _Walk:
-    """Every manifest reachable from index.json, and what of it is missing."""
-
-    def __init__(self, store: FilesystemStore, read: _Read) -> None:
-        self._store = store
-        self._read = read
-        listed = read.bundle.blobs.keys() | read.bundle.omitted.keys() if read.bundle else set()
-        self._listed: set[str] = set(listed)
-        self.manifests: dict[str, tuple[bytes, str]] = {}
-        self.order: list[str] = []  # children before parents
-        self.missing: set[str] = set()
-
-    def have(self, digest: str) -> bool:
-        """In the bundle, or in the cache (as a blob or a manifest)."""
-        if digest in self._read.staged or digest in self.manifests:
-            return True
-        parsed = _digest(digest, digest)
-        return self._store.blob_size(parsed) is not None or \
-            self._store.manifest_path(parsed).is_file()
-
-    def visit(self, descriptor: dict[str, Any], required: bool) -> None:
-        digest = descriptor.get("digest")
-        if not isinstance(digest, str) or digest in self.manifests:
-            return
-        data = self._load(digest)
-        if data is None:
-            # A layout may leave children out (platforms not selected): not an error
-            # unless bundle.json says it should be here.
-            if required or digest in self._listed:
-                self.missing.add(digest)
-            return
-        try:
-            media_type = manifest_media_type(data, descriptor.get("mediaType"))
-            document = parse_manifest(data)
-        except OciError as exc:
-            raise BundleError(f"manifest {digest}: {exc.message}") from None
-        self.manifests[digest] = (data, media_type)
-        for child in document.get("manifests") or []:
-            if isinstance(child, dict):
-                self.visit(child, required=False)
-        config = document.get("config")
-        for blob in ([config] if isinstance(config, dict) else []) + \
-                [b for b in document.get("layers") or [] if isinstance(b, dict)]:
-            if isinstance(blob.get("digest"), str) and not self.have(blob["digest"]):
-                self.missing.add(blob["digest"])
-        self.order.append(digest)
-
-    def _load(self, text: str) -> bytes | None:
-        digest = _digest(text, text)
-        staged = self._read.staged.get(text)
-        path = staged[0] if staged is not None else None
-        if path is None:
-            stored = self._store.read_manifest(digest)
-            if stored is not None:
-                return stored[0]
-            path = self._store.blob_path(digest)
-        try:
-            if path.stat().st_size > MANIFEST_MAX_BYTES:
-                raise BundleError(f"manifest {text} is larger than {MANIFEST_MAX_BYTES} bytes")
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        return data if digest.matches(data) else None
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _tree(root: str, manifests: dict[str, tuple[bytes, str]]) -> set[str]:
-    """Every digest an image's manifest reaches (manifests of the bundle, blobs)."""
-    found: set[str] = set()
-    pending = [root]
-    while pending:
-        digest = pending.pop()
-        if digest in found:
-            continue
-        found.add(digest)
-        if digest in manifests:
-            document = parse_manifest(manifests[digest][0])
-            pending += [m["digest"] for m in document.get("manifests") or []
-                        if isinstance(m, dict) and m.get("digest") in manifests]
-            config = document.get("config")
-            for blob in ([config] if isinstance(config, dict) else []) + \
-                    list(document.get("layers") or []):
-                if isinstance(blob, dict) and isinstance(blob.get("digest"), str):
-                    found.add(blob["digest"])
-    return found
-
-
-def _digest(text: str, where: str) -> Digest:
-    try:
-        return Digest.parse(text)
-    except OciError as exc:
-        raise BundleError(f"{where}: {exc.message}") from None
-
