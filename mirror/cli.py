@@ -4,8 +4,11 @@
 
     mirror serve [--config FILE] [--listen HOST:PORT] [--storage DIR]
     mirror config check FILE
-    mirror cache ls|du|fsck [--config FILE] [--storage DIR]
-    mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR]
+    mirror cache ls|du [--json] [--config FILE] [--storage DIR]
+    mirror cache fsck [--config FILE] [--storage DIR]
+    mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR] [--shared]
+    mirror warm REF... [--platform OS/ARCH]... [--referrers] [--server URL] [--config FILE]
+    mirror sync --once [--dry-run] | status  [--json] [--server URL] [--config FILE]
     mirror export REF... | --from-file LIST [--platform P]... [--referrers]
                   [--since PREVIOUS] [--max-part-size SIZE] [--sign-key KEY]
                   [--dry-run] -o FILE.tar[.zst]
@@ -20,21 +23,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import os
-import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
-from mirror import config, log
+import uvloop
+from aiohttp import web
+
+from mirror import config, log, sync_cli
+from mirror.bundle.export import Planner
+from mirror.bundle.export import write as export_write
 from mirror.bundle.importer import Importer, read_bundle_json
 from mirror.bundle.importer import Report as ImportReport
 from mirror.bundle.manifest import BundleManifest, key_id, load_private_key, load_public_key
 from mirror.bundle.parts import expand
 from mirror.bundle.progress import Progress
 from mirror.cache.inventory import Inventory, human_size, human_time
+from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
+from mirror.cache.membership import Membership
+from mirror.config import checks
 from mirror.errors import BundleError, CacheCommandError, ConfigError, OciError
+from mirror.node import Node
 from mirror.routing import Router
+from mirror.server.app import create_app
 from mirror.storage.filesystem import FilesystemStore
 
 
@@ -43,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        result: int = args.func(args)
+        if getattr(args, "with_settings", False):
+            settings = load_settings(args.config, storage=args.storage)
+            # What failed is in the command's own summary; the log would say it twice.
+            log.setup(dataclasses.replace(settings.log, level="error"))
+            result: int = args.func(args, settings)
+            return result
+        result = args.func(args)
         return result
     except ConfigError as exc:
         print(f"mirror: config error: {exc}", file=sys.stderr)
@@ -75,8 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     check.set_defaults(func=_config_check)
     _cache_parser(commands)
+    sync_cli.add_parsers(commands, _warm_options)
     _bundle_parsers(commands)
     return parser
+
+
+def _warm_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config, as for serve")
+    parser.add_argument("--storage", type=Path, help="cache folder, overrides the config")
+    sync_cli.add_server_option(parser)
+    parser.set_defaults(with_settings=True)
 
 
 def _cache_parser(commands: Any) -> None:
@@ -89,18 +116,25 @@ def _cache_parser(commands: Any) -> None:
         "pin": ("keep an image (index, manifests, configs, layers) or a digest from eviction",
                 _cache_pin, True),
         "unpin": ("drop the pins an image reference or digest made", _cache_unpin, True),
-        "evict": ("delete an image's or a digest's content now (pinned content stays)",
-                  _cache_evict, True),
+        "evict": ("delete an image's or a digest's content now (pinned content, and "
+                  "content other cached images use, stays)", _cache_evict, True),
         "fsck": ("re-hash everything stored and remove what does not match", _cache_fsck,
                  False),
     }
     for name, (text, func, takes_ref) in helps.items():
         action = actions.add_parser(name, help=text)
         if takes_ref:
-            action.add_argument("ref", help="an image reference (docker.io/library/nginx:1.27, "
+            action.add_argument("ref", help="an image reference in any form Docker takes "
+                                "(nginx:1.27, library/nginx:1.27, docker.io/nginx:1.27, "
                                 "nginx@sha256:...) or a digest (sha256:...)")
         action.add_argument("--config", type=Path, help="YAML config, as for serve")
         action.add_argument("--storage", type=Path, help="cache folder, overrides the config")
+        if name in ("ls", "du"):
+            action.add_argument("--json", action="store_true",
+                                help="print JSON, with a breakdown by registry")
+        if name == "evict":
+            action.add_argument("--shared", action="store_true",
+                                help="also delete layers and configs other cached images use")
         action.set_defaults(func=func)
 
 
@@ -180,6 +214,7 @@ def load_settings(path: Path | None, listen: str | None = None,
 
 def _config_check(args: argparse.Namespace) -> int:
     settings = config.load(args.file)
+    checks.check_machine(settings)
     names = ", ".join(u.name + (" (default)" if u.default else "") for u in settings.upstreams)
     print(f"{args.file}: ok; upstreams: {names}")
     return 0
@@ -202,6 +237,8 @@ def _inventory(args: argparse.Namespace) -> Inventory:
 
 
 def _cache_ls(args: argparse.Namespace) -> int:
+    if args.json:
+        return _print_json(_listing(args))
     inventory = _inventory(args)
     try:
         pins = inventory.pinned()
@@ -226,6 +263,10 @@ def _cache_du(args: argparse.Namespace) -> int:
     finally:
         inventory.close()
     storage = inventory.settings
+    by_registry = _bytes_by_registry(args)
+    if args.json:
+        return _print_json({**usage, "path": str(storage.path), "max_size": storage.max_size,
+                            "by_registry": by_registry})
     total = usage["blob_bytes"] + usage["manifest_bytes"]
     print(f"cache:       {storage.path}")
     print(f"content:     {human_size(total)} ({total} bytes) in "
@@ -240,6 +281,61 @@ def _cache_du(args: argparse.Namespace) -> int:
         print(f"limit:       {human_size(storage.max_size)} ({100 * total / storage.max_size:.1f}"
               f"% used; evicts above {storage.high_watermark:.0%} down to "
               f"{storage.low_watermark:.0%})")
+    print("by registry (content of several registries counts under each):")
+    for registry, size in by_registry.items():
+        print(f"  {registry:<30} {human_size(size):>10}")
+    return 0
+
+
+def _membership(args: argparse.Namespace) -> tuple[config.Settings, Membership | None]:
+    settings = load_settings(args.config, storage=args.storage)
+    path = settings.storage.path / MEMBERSHIP_FILE
+    if not path.is_file():
+        return settings, None
+    membership = Membership(path)
+    membership.open()
+    return settings, membership
+
+
+def _bytes_by_registry(args: argparse.Namespace) -> dict[str, int]:
+    settings, membership = _membership(args)
+    names = [u.name for u in settings.upstreams]
+    if membership is None:
+        return dict.fromkeys([*names, "other"], 0)
+    try:
+        return membership.bytes_by_registry(settings.storage.path / "index.db", names)
+    finally:
+        membership.close()
+
+
+def _listing(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``cache ls --json`` prints: images by registry, content with its registries."""
+    inventory = _inventory(args)
+    try:
+        pins = inventory.pinned()
+        images = inventory.images()
+        entries = inventory.entries()
+    finally:
+        inventory.close()
+    _settings, membership = _membership(args)
+    try:
+        owners = membership.registries_of() if membership is not None else {}
+    finally:
+        if membership is not None:
+            membership.close()
+    by_registry: dict[str, list[dict[str, Any]]] = {}
+    for ref, digest, size, pinned in images:
+        registry = ref.split("/", 1)[0]
+        by_registry.setdefault(registry, []).append(
+            {"reference": ref, "digest": digest, "bytes": size, "pinned": pinned})
+    content = [{"kind": e.kind, "digest": e.digest, "bytes": e.size, "last_use": e.last_use,
+                "pinned": e.digest in pins, "registries": sorted(owners.get(e.digest, ()))}
+               for e in entries]
+    return {"images": by_registry, "content": content}
+
+
+def _print_json(document: Any) -> int:
+    print(json.dumps(document, indent=2, sort_keys=True))
     return 0
 
 
@@ -257,23 +353,26 @@ def _cache_pin(args: argparse.Namespace) -> int:
 def _cache_unpin(args: argparse.Namespace) -> int:
     inventory = _inventory(args)
     try:
-        count = inventory.unpin(args.ref)
+        label, count = inventory.unpin(args.ref)
     finally:
         inventory.close()
     if count == 0:
-        raise CacheCommandError(f"{args.ref} is not pinned")
-    print(f"unpinned {args.ref}: {count} pin(s) removed")
+        raise CacheCommandError(f"{label} is not pinned")
+    print(f"unpinned {label}: {count} pin(s) removed")
     return 0
 
 
 def _cache_evict(args: argparse.Namespace) -> int:
     inventory = _inventory(args)
     try:
-        resolved, freed, kept = inventory.evict(args.ref)
+        done = inventory.evict(args.ref, shared=args.shared)
     finally:
         inventory.close()
-    note = f"; {kept} pinned item(s) kept (unpin first)" if kept else ""
-    print(f"evicted {resolved.label}: {human_size(freed)} freed{note}")
+    note = f"; {done.kept_pinned} pinned item(s) kept (unpin first)" if done.kept_pinned else ""
+    if done.kept_shared:
+        note += (f"; {done.kept_shared} item(s) kept that other cached images use "
+                 "(--shared removes them too)")
+    print(f"evicted {done.resolved.label}: {human_size(done.freed)} freed{note}")
     return 0
 
 
@@ -292,24 +391,25 @@ def _cache_fsck(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvloop  # noqa: PLC0415 (see _export_async: the server's imports, only to serve)
-    from aiohttp import web  # noqa: PLC0415
-
-    from mirror.server.app import create_app  # noqa: PLC0415
-
     settings = load_settings(args.config, args.listen, args.storage)
+    # Every problem found here is one line and exit 2 (main); the port is bound before
+    # the app starts, so ``mirror_started`` is never logged by a mirror that cannot listen.
+    checks.check_storage(settings.storage.path, create=True)
+    ssl_context = checks.tls_context(settings.tls) if settings.tls is not None else None
+    sock = checks.bind(settings.listen_host, settings.listen_port)
     log.setup(settings.log)
-    ssl_context = None
-    if settings.tls is not None:
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(settings.tls.cert, settings.tls.key)
     loop_factory = None
     if settings.server.event_loop == "uvloop":
         loop_factory = uvloop.new_event_loop
     runner = asyncio.Runner(loop_factory=loop_factory)
-    web.run_app(create_app(settings), host=settings.listen_host, port=settings.listen_port,
-                ssl_context=ssl_context, access_log=None, print=None, shutdown_timeout=10,
-                loop=runner.get_loop())
+    socks = [sock]
+    if settings.admin is not None and settings.admin.listen is not None:
+        # The admin address is a second socket of the same app: the edge middleware tells
+        # them apart by local port.
+        socks.append(checks.bind(*settings.admin.listen))
+    web.run_app(create_app(settings), sock=socks, ssl_context=ssl_context, access_log=None,
+                print=None, shutdown_timeout=10, loop=runner.get_loop(),
+                handler_cancellation=True)
     return 0
 
 
@@ -349,12 +449,6 @@ def _base_bundle(path: Path) -> BundleManifest:
 
 async def _export_async(args: argparse.Namespace, settings: config.Settings, refs: list[str],
                         key: Any, *, base: BundleManifest | None, max_part: int | None) -> int:
-    # Imported here: the pull service brings the S3 client (botocore: half a second), which
-    # `mirror import` and the cache commands do not need.
-    from mirror.bundle.export import Planner  # noqa: PLC0415
-    from mirror.bundle.export import write as export_write  # noqa: PLC0415
-    from mirror.node import Node  # noqa: PLC0415
-
     node = Node(settings)
     await node.start(exclusive=False)
     try:

@@ -21,6 +21,7 @@ and becomes a 500 with no details in the body.
     │   ├── ManifestInvalid         502 MANIFEST_INVALID (upstream sent bad bytes)
     │   ├── Unsupported             405 UNSUPPORTED (push, delete, ...)
     │   ├── Denied                  403 DENIED
+    │   ├── Unauthorized            401 UNAUTHORIZED (with a challenge)
     │   ├── TooManyRequests         429 TOOMANYREQUESTS (with Retry-After)
     │   ├── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken)
     │   │   └── DigestMismatch      502: bytes of the wrong size or hash (never published)
@@ -139,6 +140,16 @@ class ManifestInvalid(OciError):
 class Unsupported(OciError):
     code = "UNSUPPORTED"
     status = 405
+
+
+class Unauthorized(OciError):
+    """The client sent no credentials, or wrong ones; ``challenge`` tells it how to log in."""
+
+    code = "UNAUTHORIZED"
+    status = 401
+
+    def __init__(self, message: str, challenge: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": challenge})
 
 
 class Denied(OciError):

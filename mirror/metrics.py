@@ -7,6 +7,7 @@ fixed reason or result. Never a repository, a tag or a digest.
 from __future__ import annotations
 
 import functools
+from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -31,13 +32,21 @@ SERVED_BYTES = Counter(
 UPSTREAM_REQUESTS = Counter(
     "mirror_upstream_requests_total", "Requests sent upstream.", ["registry", "method", "status"]
 )
+#: Who an upstream request is for: ``client`` unless set (warming sets ``sync``). Tasks
+#: started under it (a fill a warm began) inherit it.
+CALLER: ContextVar[str] = ContextVar("mirror_caller", default="client")
+UPSTREAM_BY_CALLER = Counter(
+    "mirror_upstream_requests_by_caller_total",
+    "Requests sent upstream, by whom they were for: client (a pull) or sync (warming).",
+    ["registry", "caller"],
+)
 UPSTREAM_BYTES = Counter(
     "mirror_upstream_bytes_total", "Body bytes received from upstream.", ["registry"]
 )
 UPSTREAM_ERRORS = Counter(
     "mirror_upstream_errors_total",
     "Upstream failures: connect, timeout, status_5xx, rate_limited, denied, bad_content, "
-    "truncated, digest_mismatch.",
+    "truncated, digest_mismatch, size_hint_wrong (a manifest declared another size).",
     ["registry", "reason"],
 )
 UPSTREAM_RETRIES = Counter(
@@ -124,6 +133,27 @@ TASK_RESTARTS = Counter(
     ["task"],
 )
 
+# --- regional peers (mirror.cluster, mirror.sources.peer) ------------------------------
+PEER_MEMBERS = Gauge(
+    "mirror_peer_members", "Peers of this node's region: known, and healthy (in the hash).",
+    ["state"],
+)
+PEER_QUARANTINES = Counter(
+    "mirror_peer_quarantines_total", "Peers quarantined after they served wrong bytes."
+)
+PEER_DNS_FAILURES = Counter(
+    "mirror_peer_dns_failures_total", "Failed look-ups of the peers' DNS name (last answer kept)."
+)
+PEER_SERVED = Counter(
+    "mirror_peer_served_total",
+    "Requests this node answered for other nodes: peer (in its region, as owner) or child "
+    "(a node of a region whose parent this is).",
+    ["hop", "kind"],
+)
+PEER_REFUSED = Counter(
+    "mirror_peer_refused_total", "Peer API requests refused for a missing or bad token."
+)
+
 S3_LOOKUPS = Counter(
     "mirror_s3_lookups_total",
     "Look-ups in the shared S3 tier after a local miss: hit, miss, or skipped (S3 is backing "
@@ -185,6 +215,62 @@ NOT_KEPT = Counter(
 )
 CORRUPT = Counter(
     "mirror_cache_corrupt_total", "Stored content found not to match its digest, and removed."
+)
+
+# --- per registry (configured names only), for hit ratio and bytes saved per upstream ---
+REGISTRY_CACHE_RESULTS = Counter(
+    "mirror_registry_cache_results_total",
+    "mirror_cache_results_total by registry: how blob and manifest requests were answered.",
+    ["registry", "kind", "result"],
+)
+REGISTRY_SERVED_BYTES = Counter(
+    "mirror_registry_served_bytes_total",
+    "Body bytes sent to clients, by registry and where they came from: memory, disk (the "
+    "cache) or fill (a download under way).",
+    ["registry", "source"],
+)
+REGISTRY_CACHE_BYTES = Gauge(
+    "mirror_registry_cache_bytes",
+    "Bytes in the local cache known to belong to a registry (content of several registries "
+    "counts under each; other: known under none), refreshed every minute.",
+    ["registry"],
+)
+AUTH_FAILURES = Counter(
+    "mirror_auth_failures_total",
+    "Client requests refused: unauthorized (missing or wrong credentials), denied (no access "
+    "rule allows it), not_member (a digest asked under a repository that does not hold it).",
+    ["reason"],
+)
+# --- warming: the sync loop and `mirror warm` (mirror.sync) ----------------------------
+SYNC_IMAGES = Counter(
+    "mirror_sync_images_total",
+    "Image references warming handled (the selected platforms of each): warmed (fetched "
+    "now), present (already held), failed.",
+    ["result"],
+)
+SYNC_BYTES = Counter(
+    "mirror_sync_bytes_total",
+    "Blob bytes of warmed images: warmed (fetched now) or present (already held).",
+    ["result"],
+)
+SYNC_CHECKS = Counter(
+    "mirror_sync_tag_checks_total",
+    "Watched tags checked: unchanged (one HEAD, nothing else), moved (a new digest), new "
+    "(first seen), failed.",
+    ["result"],
+)
+SYNC_LAG = Histogram(
+    "mirror_sync_lag_seconds",
+    "From the last check that saw a tag's old digest to the mirror holding all of the new "
+    "digest's selected content (an upper bound of the lag behind upstream).",
+    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400),
+)
+SYNC_PAUSED = Gauge(
+    "mirror_sync_paused",
+    "1 while warming from a registry is paused: rate_limited (after a 429, until its "
+    "Retry-After), ratelimit_floor (ratelimit-remaining below sync.ratelimit_floor), "
+    "off_peak (outside sync.off_peak).",
+    ["registry", "reason"],
 )
 
 

@@ -8,7 +8,10 @@
       S3 tier (optional)                fills: ``server.shutdown_grace``, then cancelled
       caches, fetcher, sources          in-flight manifest/tag work cancelled
       upstream clients, pull service    S3 uploads: given a grace, then cancelled
+      popularity, sync records          popularity and sync records saved
       background: reconcile -> eviction upstream clients, tag records, index closed
+                  popularity saver,
+                  sync loop (if `sync:`)
 
 Every background task runs in the node's :class:`~mirror.tasks.TaskGroup`: a
 loop that fails is restarted with backoff and counted. Requests never wait on
@@ -21,40 +24,55 @@ import asyncio
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 
+import aiohttp
 import structlog
 
+from mirror import metrics
 from mirror.cache.blobs import BlobCache
 from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestCache
+from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
+from mirror.cache.membership import Membership as RepoMembership
+from mirror.cache.membership import holds_private
 from mirror.cache.tags import TagStore
 from mirror.clock import SYSTEM, Clock
-from mirror.config import Settings
+from mirror.cluster import PeerSet, TokenSource
+from mirror.config import Settings, SyncSettings
 from mirror.fetch import Fetcher
 from mirror.oci import Digest
 from mirror.pull import PullService
 from mirror.routing import Router
 from mirror.sources import Source, SourceChain, UpstreamSource
 from mirror.sources.chain import Rejections
+from mirror.sources.peer import ParentSource, PeerSource
 from mirror.sources.s3 import S3Source
 from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.index import Entry
 from mirror.storage.s3 import open_s3
+from mirror.sync import Popularity, SyncService
 from mirror.tasks import TaskGroup
 from mirror.upstream import UpstreamClient
 from mirror.upstream.guard import UpstreamGuard
 
 log = structlog.get_logger(__name__)
 
+#: Seconds between saves of the popularity counts (when they changed).
+POPULARITY_SAVE_EVERY = 15.0
+
+
 class Node:
     """One mirror process: storage, caches, sources, upstream clients, background tasks."""
 
     def __init__(self, settings: Settings, *, clock: Clock = SYSTEM,
-                 extra_sources: Sequence[Source] = ()) -> None:
+                 extra_sources: Sequence[Source] = (), sync_loop: bool = True) -> None:
         """Args:
             settings: validated settings.
             clock: the time every TTL and schedule reads (tests pass a manual one).
             extra_sources: sources asked before S3 and upstream (tests; imported bundles).
+            sync_loop: run the scheduled sync loop when ``sync:`` is configured (commands
+                that warm once, like ``mirror warm``, pass ``False``).
         """
+        self._sync_loop = sync_loop
         self.settings = settings
         self.clock = clock
         self.router = Router(settings.upstreams)
@@ -75,7 +93,19 @@ class Node:
         self.clients = {u.name: UpstreamClient(u, clock=clock.monotonic,
                                                guard=UpstreamGuard(u, clock=clock.monotonic))
                         for u in settings.upstreams}
+        self.repos = RepoMembership(self.store.root / MEMBERSHIP_FILE)
+        sync = settings.sync or SyncSettings()
+        # Pull counts for the status page, the admin API and the sync loop's `popular`.
+        self.popularity = Popularity(settings.storage.path / "sync" / "popularity.json",
+                                     window=sync.popular.window,
+                                     max_entries=sync.popular.max_entries, clock=clock)
         self.pull: PullService
+        self.sync: SyncService
+        self.pull_for: dict[str, PullService] = {}
+        self.peer_set: PeerSet | None = None
+        self.tokens: TokenSource | None = None
+        self.peers: PeerSource | None = None
+        self.parents: ParentSource | None = None
 
     async def start(self, *, exclusive: bool = True) -> None:
         """Open storage and the S3 tier, build the pull service, start background work.
@@ -94,30 +124,98 @@ class Node:
             self.s3 = S3Source(store, s3, self.clock)
             log.info("s3_tier_started", bucket=store.bucket, prefix=store.prefix,
                      endpoint=str(s3.endpoint_url or "aws"))
-        self.pull = PullService(self._chains(), self.manifests, self.blobs, redirector=self.s3,
-                                clock=self.clock, tag_list_ttl=self.settings.cache.tag_ttl)
+        await self._start_cluster()
+        chains = self._chains()
+        await asyncio.to_thread(self.repos.open)
+        private = frozenset(u.name for u in self.settings.upstreams if holds_private(u))
+        self.pull = PullService(chains["client"], self.manifests, self.blobs, redirector=self.s3,
+                                clock=self.clock, tag_list_ttl=self.settings.cache.tag_ttl,
+                                membership=self.repos, private=private)
+        self.pull_for = {hop: self.pull.with_chains(chains[hop]) for hop in ("peer", "child")}
         self._wire_evictor()
         if not exclusive:
             self.ready = True
             return
         self.tasks.spawn(self._reconcile_then_evict(), "reconcile")
+        self.tasks.loop("registry_bytes", self._registry_bytes)
+        await self._start_sync()
         self.ready = True
         log.info("mirror_started", storage=str(self.store.root), stale_temp_removed=removed,
                  max_size=self.settings.storage.max_size,
                  upstreams=[u.name for u in self.settings.upstreams])
 
-    def _chains(self) -> dict[str, SourceChain]:
-        before: list[Source] = list(self._extra_sources)
-        if self.s3 is not None:
-            before.append(self.s3)
+    async def _start_cluster(self) -> None:
+        cluster = self.settings.cluster
+        if cluster is None:
+            return
+        assert cluster.self_url is not None
+        self.peer_set = peer_set = PeerSet(cluster, cluster.self_url, self.clock)
+        self.tokens = tokens = TokenSource(cluster, self.clock)
+        timeout = aiohttp.ClientTimeout(sock_connect=max(cluster.header_timeout, 0.5),
+                                        sock_read=cluster.read_timeout)
+        session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False, trust_env=False,
+                                        connector=aiohttp.TCPConnector(limit=256))
+        self._stack.push_async_callback(session.close)
+        self.peers = PeerSource(cluster, session, self.tokens, peer_set)
+        if cluster.parents:
+            self.parents = ParentSource(cluster, session, self.tokens, self.clock.monotonic)
+        await peer_set.refresh_dns()
+        await peer_set.check(session, tokens)  # the hash starts with who answers
+        self.tasks.loop("peers", lambda: peer_set.run(session, tokens))
+        log.info("cluster_joined", node_id=cluster.node_id, region=cluster.region,
+                 self_url=cluster.self_url, peers=self.peer_set.members,
+                 healthy=self.peer_set.healthy(), parents=list(cluster.parents))
+
+    def _chains(self) -> dict[str, dict[str, SourceChain]]:
+        """The sources of each registry for clients, for peers (this node is the owner:
+        no peers) and for child regions (no parents: requests never loop)."""
+        extra = list(self._extra_sources)
+        s3 = [self.s3] if self.s3 is not None else []
+        peers = [self.peers] if self.peers is not None else []
+        parents = [self.parents] if self.parents is not None else []
+        orders: dict[str, list[Source]] = {
+            "client": [*extra, *peers, *s3, *parents],
+            "peer": [*extra, *s3, *parents],
+            "child": [*extra, *peers, *s3],
+        }
         rejections = Rejections(clock=self.clock)
-        return {name: SourceChain(before, UpstreamSource(client), rejections)
-                for name, client in self.clients.items()}
+        return {hop: {name: SourceChain(before, UpstreamSource(client), rejections)
+                      for name, client in self.clients.items()}
+                for hop, before in orders.items()}
+
+    async def _start_sync(self) -> None:
+        """Popularity counts and the sync records are loaded; the sync loop runs only when
+        ``sync:`` is configured (``mirror warm`` works without it)."""
+        await asyncio.to_thread(self.popularity.load)
+        self.sync = SyncService(self.settings.sync or SyncSettings(), self.pull, self.router,
+                                clients=self.clients, index=self.store.index,
+                                popularity=self.popularity,
+                                state_path=self.settings.storage.path / "sync" / "state.json",
+                                clock=self.clock)
+        await self.sync.load()
+        self.tasks.loop("popularity", self._save_popularity_forever)
+        if self.settings.sync is not None and self._sync_loop:
+            self.tasks.loop("sync", self.sync.run)
+            log.info("sync_started", rules=[r.name for r in self.settings.sync.rules],
+                     popular_top=self.settings.sync.popular.top)
+
+    async def _save_popularity_forever(self) -> None:
+        while True:
+            await asyncio.sleep(POPULARITY_SAVE_EVERY)
+            await self.save_popularity()
+
+    async def save_popularity(self) -> None:
+        """Save the popularity counts if they changed (pruned to their bound first)."""
+        if not self.popularity.dirty:
+            return
+        self.popularity.prune()
+        await asyncio.to_thread(self.popularity.save, self.popularity.snapshot())
 
     async def stop(self) -> None:
         """Stop in the reverse order of :meth:`start`."""
         self.ready = False
         await self.tasks.close()
+        await self.save_popularity()
         await self.fetcher.close(self.settings.server.shutdown_grace)
         await self.manifests.close()
         await self.evictor.stop()
@@ -128,6 +226,7 @@ class Node:
             await client.close()
         await self.tags.close()
         await asyncio.to_thread(self.store.index.close)
+        await asyncio.to_thread(self.repos.close)
         log.info("mirror_stopped")
 
     async def _reconcile_then_evict(self) -> None:
@@ -146,6 +245,20 @@ class Node:
         log.info("cache_reconciled", cache_entries=found.entries, cache_bytes=found.bytes,
                  adopted=found.adopted, dropped=found.dropped,
                  size_mismatch=found.size_mismatch, seconds=round(found.seconds, 3))
+
+    async def _registry_bytes(self, every: float = 60.0) -> None:
+        """Refresh ``mirror_registry_cache_bytes`` now and then (one query, in a thread)."""
+        names = [u.name for u in self.settings.upstreams]
+        while True:
+            try:
+                totals = await asyncio.to_thread(self.repos.bytes_by_registry,
+                                                 self.store.index.path, names)
+            except Exception as exc:  # a figure, never a reason to stop serving
+                log.warning("registry_bytes_failed", error=str(exc) or type(exc).__name__)
+            else:
+                for registry, size in totals.items():
+                    metrics.REGISTRY_CACHE_BYTES.labels(registry).set(size)
+            await asyncio.sleep(every)
 
     def _wire_evictor(self) -> None:
         """Tell the evictor what is in use, and the caches what was evicted."""

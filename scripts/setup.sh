@@ -3,7 +3,8 @@
 #   scripts/setup.sh          the virtualenv with the mirror (enough to run it)
 #   scripts/setup.sh --test   also the test tools and the real programs the tests
 #                             drive: Distribution (docker-registry), skopeo, containerd, nginx,
-#                             htpasswd (apache2-utils) and wrk.
+#                             htpasswd (apache2-utils), wrk, chromium, promtool
+#                             (prometheus) and podman.
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,10 @@ if [ $want_test -eq 1 ]; then
     # benchmarks/: curl drives the thundering herd, hey the HEAD requests (wrk's
     # parser waits for a body after HEAD)
     apt_install curl hey
+    # the status page is checked in a real headless browser; promtool checks the alert rules
+    apt_install chromium prometheus
+    # podman logs in to the mirror with an auth.json (tests/integration/test_access_real.py)
+    apt_install podman
 fi
 
 if [ ! -x .venv/bin/python ]; then

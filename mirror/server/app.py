@@ -13,9 +13,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mirror.clock import SYSTEM, Clock
 from mirror.config import Settings
 from mirror.node import Node
+from mirror.server import admin
+from mirror.server.auth import edge, install
 from mirror.server.handlers import registry
 from mirror.server.middleware import add_api_version, observe
+from mirror.server.peer import PREFIX, peer_api
 from mirror.server.state import NODE, log_context
+from mirror.server.status import status_page
 from mirror.sources import Source
 
 log = structlog.get_logger(__name__)
@@ -24,12 +28,22 @@ log = structlog.get_logger(__name__)
 def create_app(settings: Settings, *, clock: Clock = SYSTEM,
                extra_sources: Sequence[Source] = ()) -> web.Application:
     """Build the mirror's application; the node starts and stops with the app."""
-    app = web.Application(middlewares=[observe], client_max_size=64 * 1024)
+    # The edge check only when there is something to check: one middleware less per request.
+    guarded = settings.auth is not None or settings.admin is not None
+    app = web.Application(middlewares=[observe, edge] if guarded else [observe],
+                          client_max_size=64 * 1024)
+    install(app, settings)
     app.cleanup_ctx.append(partial(_node, settings, clock, tuple(extra_sources)))
     app.on_response_prepare.append(add_api_version)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_route("*", PREFIX + "/{path:.*}", peer_api)
+    app.router.add_get("/", status_page)
+    app.router.add_get("/admin/popular", admin.popular)
+    app.router.add_get("/admin/sync", admin.sync_status)
+    app.router.add_post("/admin/sync", admin.sync_run)
+    app.router.add_post("/admin/warm", admin.warm)
     app.router.add_route("*", "/{path:.*}", registry)
     return app
 

@@ -21,12 +21,14 @@ from mirror.errors import (
     TagInvalid,
     Unsupported,
 )
-from mirror.oci import accepted_types
+from mirror.oci import accepted_types, is_number
 from mirror.pull import BlobFlight, BlobRedirect, BlobSize, PullService, Repo
 from mirror.routing import Kind, Target, tags_link
+from mirror.server.auth import authorize
 from mirror.server.responses import (
     FileSliceResponse,
     blob_headers,
+    bytes_response,
     etag_matches,
     manifest_headers,
     parse_range,
@@ -46,6 +48,7 @@ async def registry(request: web.Request) -> web.StreamResponse:
     target = node.router.route(request.path, query)
     if request.method not in ("GET", "HEAD"):
         raise Unsupported("this mirror is read-only: only GET and HEAD are supported")
+    authorize(request, target)
     context = log_context(request)
     fields = {"route": target.kind.value,
               "registry": target.upstream.name if target.upstream else None,
@@ -54,7 +57,7 @@ async def registry(request: web.Request) -> web.StreamResponse:
     if target.kind is Kind.PING:
         return _json(b"{}")
     pull = node.pull
-    repo = _repo(target)
+    repo = repo_of(target)
     if target.kind is Kind.MANIFEST:
         return await manifest(request, pull, repo, target)
     if target.kind is Kind.BLOB:
@@ -64,7 +67,8 @@ async def registry(request: web.Request) -> web.StreamResponse:
     return await referrers(request, pull, repo, target)
 
 
-def _repo(target: Target) -> Repo:
+def repo_of(target: Target) -> Repo:
+    """The repository of a configured registry that a target names."""
     if target.upstream is None:
         raise NameUnknown("the request names no configured registry")
     return Repo(target.upstream.name, target.repository)
@@ -77,26 +81,31 @@ async def manifest(request: web.Request, pull: PullService, repo: Repo,
     resolved = await pull.manifest(repo, target.digest or target.reference, accepted)
     found = resolved.manifest
     _record_cache(request, "manifest", resolved.cache, found.digest)
+    popularity = request.app[NODE].popularity
+    if target.digest is None:
+        popularity.tag_pulled(repo.registry, repo.repository, target.reference, found)
+    elif request.method == "GET":
+        popularity.manifest_pulled(str(found.digest))
     headers = manifest_headers(found.digest, found.media_type, target.ns)
     if etag_matches(request, found.digest):
         return web.Response(status=304, headers=headers)
     if request.method == "GET":
-        metrics.child(metrics.SERVED_BYTES, "memory").inc(len(found.data))
+        _served(request, "memory", len(found.data))
     return web.Response(body=found.data, headers=headers)
 
 
 async def blob(request: web.Request, pull: PullService, repo: Repo,
-               target: Target) -> web.StreamResponse:
+               target: Target, *, redirect: bool = True) -> web.StreamResponse:
     """GET or HEAD a blob, as the pull service answers: a file, a fill, a redirect, a size."""
     assert target.digest is not None
     head = request.method == "HEAD"
-    answer = await pull.blob(repo, target.digest, head=head)
+    answer = await pull.blob(repo, target.digest, head=head, redirect=redirect)
     if isinstance(answer, CachedBlob):
         response = await _cached_blob(request, pull, answer)
         if response is not None:
             _record_cache(request, "blob", "hit", target.digest)
             return response
-        answer = await pull.blob(repo, target.digest, head=head)  # evicted meanwhile
+        answer = await pull.blob(repo, target.digest, head=head, redirect=redirect)  # evicted
     if isinstance(answer, BlobRedirect):
         _record_cache(request, "blob", "redirect", target.digest)
         metrics.S3_REDIRECTS.inc()
@@ -119,7 +128,7 @@ async def blob(request: web.Request, pull: PullService, repo: Repo,
     headers = blob_headers(target.digest, size, span)
     chunk_size = request.app[NODE].settings.server.chunk_size
     response = await stream_fill(request, fill, span, headers, chunk_size)
-    metrics.child(metrics.SERVED_BYTES, "fill").inc(response.content_length or 0)
+    _served(request, "fill", response.content_length or 0)
     return response
 
 
@@ -132,12 +141,12 @@ async def _cached_blob(request: web.Request, pull: PullService,
     if etag_matches(request, cached.digest) and span is None:
         return web.Response(status=304, headers=headers)
     if cached.data is not None:
-        metrics.child(metrics.SERVED_BYTES, "memory").inc(end - start)
-        return web.Response(status=status, body=cached.data[start:end], headers=headers)
+        _served(request, "memory", end - start)
+        return bytes_response(status, cached.data[start:end], headers)
     file = await pull.open_cached(cached)
     if file is None:
         return None
-    metrics.child(metrics.SERVED_BYTES, "disk").inc(end - start)
+    _served(request, "disk", end - start)
     digest = cached.digest
     return FileSliceResponse(file, start, end - start, status=status, headers=headers,
                              chunk_size=request.app[NODE].settings.server.chunk_size,
@@ -172,7 +181,7 @@ def _pagination(request: web.Request) -> tuple[int | None, str | None]:
     n: int | None = None
     if "n" in request.query:
         text = request.query["n"]
-        if not (text.isascii() and text.isdigit()) or int(text) > TAGS_N_MAX:
+        if not is_number(text) or int(text) > TAGS_N_MAX:
             raise PaginationNumberInvalid(
                 f"n must be a whole number up to {TAGS_N_MAX}, got {text[:20]!r}")
         n = int(text)
@@ -195,3 +204,13 @@ def _record_cache(request: web.Request, kind: str, result: str, digest: object) 
     context = request.get(LOG)
     if context is not None:
         context.update(cache=result, digest=str(digest))
+        if context.get("registry"):
+            metrics.child(metrics.REGISTRY_CACHE_RESULTS, context["registry"], kind, result).inc()
+
+
+def _served(request: web.Request, source: str, count: int) -> None:
+    """Count body bytes sent, in total and for the request's registry."""
+    metrics.child(metrics.SERVED_BYTES, source).inc(count)
+    registry = log_context(request).get("registry")
+    if registry:
+        metrics.child(metrics.REGISTRY_SERVED_BYTES, registry, source).inc(count)

@@ -182,8 +182,12 @@ class ChainOpener:
             try:
                 yield response
             except BREAKS as exc:
-                if index < len(self._sources) - 1:
-                    _failed(self._sources[index], self._ref, exc)
+                source = self._sources[index]
+                fail_over = getattr(source, "fail_over", None)
+                if fail_over is not None and fail_over(self._ref):
+                    pass  # the same source resumes from another of its nodes
+                elif index < len(self._sources) - 1:
+                    _failed(source, self._ref, exc)
                     self._index = index + 1  # the resume goes to the next source
                 raise
 

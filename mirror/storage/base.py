@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Protocol
 
 from mirror.errors import DigestMismatch
@@ -59,6 +60,31 @@ class BodyResponse(Protocol):
 
     @property
     def content(self) -> BodyReader: ...
+
+
+@dataclass
+class Body:
+    """A plain response-like body (see :class:`BodyResponse`)."""
+
+    status: int
+    content_length: int | None
+    headers: Mapping[str, str]
+    content: BodyReader
+
+
+class EmptyReader:
+    """The reader of a body with no bytes."""
+
+    async def read(self, n: int = -1) -> bytes:
+        return b""
+
+    def read_nowait(self, n: int = -1) -> bytes:
+        return b""
+
+
+def absent() -> Body:
+    """The answer of a source that does not have the blob (404, no body)."""
+    return Body(404, None, {}, EmptyReader())
 
 
 class BlobWriter(Protocol):

@@ -7,14 +7,14 @@ Blobs are whole ``bytes`` here: meant for tests and small content, never for the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from mirror.errors import BlobUnknown
 from mirror.oci import Digest
-from mirror.storage.base import BodyResponse, check_content
+from mirror.storage.base import Body, BodyResponse, absent, check_content
 
 
 class MemoryStore:
@@ -45,11 +45,11 @@ class MemoryStore:
     async def open_blob(self, digest: Digest, offset: int = 0) -> AsyncIterator[BodyResponse]:
         data = self.blobs.get(digest)
         if data is None:
-            yield MemoryBody(404, None, {}, _Reader(b""))
+            yield absent()
             return
         size = len(data)
         headers = {"Content-Range": f"bytes {offset}-{size - 1}/{size}"} if offset else {}
-        yield MemoryBody(206 if offset else 200, size - offset, headers, _Reader(data[offset:]))
+        yield Body(206 if offset else 200, size - offset, headers, _Reader(data[offset:]))
 
     async def get_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
         return self.manifests.get(digest)
@@ -98,16 +98,6 @@ class MemoryBlobWriter:
 
     async def abort(self) -> None:
         self._parts = None
-
-
-@dataclass
-class MemoryBody:
-    """Bytes as a response-like body (see :class:`~mirror.storage.base.BodyResponse`)."""
-
-    status: int
-    content_length: int | None
-    headers: Mapping[str, str]
-    content: _Reader
 
 
 @dataclass

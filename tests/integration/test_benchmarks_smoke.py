@@ -64,6 +64,22 @@ def test_smoke_run_has_figures_for_every_scenario_and_target(tmp_path: Path) -> 
 
 
 @pytest.mark.timeout(300)
+def test_rollout_smoke_run_with_sync_asks_upstream_for_no_blob(tmp_path: Path) -> None:
+    require_binary("docker-registry")
+    out = tmp_path / "rollout"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.rollout", "--smoke", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    figures = {f["mode"]: f for f in json.loads((out / "rollout.json").read_text())["figures"]}
+    assert figures["off"]["upstream_blob_requests"] > 0
+    assert figures["on"]["upstream_blob_requests"] == 0
+    assert figures["on"]["lag_s"] is not None
+    assert "| sync |" in proc.stdout
+
+
+@pytest.mark.timeout(300)
 def test_bundle_benchmark_smoke_has_every_figure(tmp_path: Path) -> None:
     for binary in ("docker-registry", "skopeo"):
         require_binary(binary)

@@ -64,17 +64,23 @@ class Containerd:
         path = self.workdir / "containerd.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
-    def hosts_dir(self, registry_host: str, mirror_url: str) -> Path:
+    def hosts_dir(self, registry_host: str, mirror_url: str,
+                  headers: dict[str, str] | None = None, name: str = "certs.d") -> Path:
         """A ``hosts.toml`` sending ``registry_host`` to the mirror and nowhere else.
 
         The registry's own ``server`` is a closed port, so a mirror failure
-        fails the pull instead of falling back.
+        fails the pull instead of falling back. ``headers`` go on every request
+        to the mirror (``[host."...".header]``: how a node passes credentials
+        to a mirror); ``name`` is the folder, for several configurations.
         """
-        folder = self.workdir / "certs.d"
+        folder = self.workdir / name
         (folder / registry_host).mkdir(parents=True, exist_ok=True)
-        (folder / registry_host / "hosts.toml").write_text(
-            'server = "http://127.0.0.1:1"\n'
-            f'[host."{mirror_url}"]\n  capabilities = ["pull", "resolve"]\n')
+        text = ('server = "http://127.0.0.1:1"\n'
+                f'[host."{mirror_url}"]\n  capabilities = ["pull", "resolve"]\n')
+        if headers:
+            text += f'[host."{mirror_url}".header]\n' + "".join(
+                f'  {key} = "{value}"\n' for key, value in headers.items())
+        (folder / registry_host / "hosts.toml").write_text(text)
         return folder
 
     def fetch(self, ref: str, hosts_dir: Path, namespace: str = "test",

@@ -38,7 +38,7 @@ class MirrorProcess:
 
     Args:
         workdir: folder for ``mirror.yaml`` and ``mirror.log``.
-        config: the config dict; its ``listen`` must be ``"127.0.0.1:PORT"``.
+        config: the config dict; its ``listen`` is ``"127.0.0.X:PORT"``.
     """
 
     def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
@@ -46,13 +46,14 @@ class MirrorProcess:
         self.config = config
         self.config_path = workdir / "mirror.yaml"
         self.log_path = workdir / "mirror.log"
-        self.port = int(str(config["listen"]).rsplit(":", 1)[1])
+        self.host, _, port = str(config["listen"]).rpartition(":")
+        self.port = int(port)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        """``"http://127.0.0.1:PORT"``."""
-        return f"http://127.0.0.1:{self.port}"
+        """``"http://HOST:PORT"`` of its listen address (127.0.0.1 unless set otherwise)."""
+        return f"http://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -103,6 +104,16 @@ class MirrorProcess:
                 proc.kill()
                 proc.wait(timeout=5)
         return proc.returncode
+
+    def pause(self) -> None:
+        """SIGSTOP: the port stays open but nothing answers (a blocked peer)."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
 
     def kill9(self) -> None:
         """SIGKILL the process (a crash) and reap it."""

@@ -10,7 +10,9 @@ to the internet.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -78,6 +80,7 @@ def skopeo_copy(
     override_arch: str | None = None,
     override_os: str | None = None,
     src_creds: tuple[str, str] | None = None,
+    src_authfile: Path | None = None,
     timeout: float = 120,
 ) -> Path:
     """Run ``skopeo copy docker://SRC dir:DEST`` hermetically.
@@ -90,6 +93,8 @@ def skopeo_copy(
         override_arch: ``--override-arch`` for picking a platform.
         override_os: ``--override-os`` for picking a platform.
         src_creds: ``(user, password)`` for ``--src-creds``.
+        src_authfile: an ``auth.json`` (as ``podman login`` writes it) for
+            ``--src-authfile``.
         timeout: seconds before the process is killed.
 
     Returns:
@@ -119,6 +124,8 @@ def skopeo_copy(
             cmd.append("--all")
         if src_creds is not None:
             cmd += ["--src-creds", ":".join(src_creds)]
+        if src_authfile is not None:
+            cmd += ["--src-authfile", str(src_authfile)]
         global_flags = []
         if override_arch:
             global_flags += ["--override-arch", override_arch]
@@ -194,3 +201,10 @@ def child_manifests(dest_dir: Path) -> dict[str, int]:
             assert actual == match[1], f"{path}: content hashes to sha256:{actual}"
             found[f"sha256:{actual}"] = path.stat().st_size
     return found
+
+
+def write_auth_json(path: Path, host: str, user: str, password: str) -> Path:
+    """An ``auth.json`` holding credentials for ``host``, as ``podman login`` writes it."""
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    path.write_text(json.dumps({"auths": {host: {"auth": token}}}))
+    return path

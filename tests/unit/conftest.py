@@ -47,6 +47,8 @@ def mirror_settings(storage: Path, upstream_url: str, **overrides: Any) -> confi
         "version": 1, "listen": "127.0.0.1:5000",
         "storage": {"path": str(storage), **overrides.pop("storage_options", {})},
         "upstreams": [upstream], "cache": {"tag_ttl": "5m", **overrides.pop("cache", {})},
+        # a test that ends with a download under way need not wait for it
+        "server": {"shutdown_grace": "0s", **overrides.pop("server", {})},
         **overrides,
     }
     return config.parse(document, env={})

@@ -1,0 +1,253 @@
+"""Who may use the mirror: the ``auth``, ``access`` and ``admin`` sections.
+
+``auth`` names the clients (an htpasswd file of bcrypt entries, static tokens,
+anonymous on or off, groups); ``access`` lists what they may pull (allow rules:
+who, registries, repository globs; anything no rule allows is denied once
+``auth`` is set); ``admin`` keeps ``/metrics`` and the status page on their own
+address or behind a token. The checks live in :mod:`mirror.server.auth`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mirror.config.settings import Secret
+from mirror.config.values import (
+    _bool,
+    _existing_file,
+    _mapping,
+    _only_keys,
+    _opt,
+    _secret,
+    _string,
+    parse_duration,
+    parse_listen,
+)
+from mirror.errors import ConfigError
+
+#: The identity of a request that carries no credentials (when ``auth.anonymous``).
+ANONYMOUS = "anonymous"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+_WHO_KINDS = ("user", "group")
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """A static bearer token and the user name it stands for."""
+
+    name: str
+    token: Secret
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """One allow rule: ``who`` may pull ``repositories`` (globs) of ``registries``.
+
+    ``who`` holds ``user:NAME``, ``group:NAME``, ``anonymous``, ``authenticated``
+    (any client with valid credentials) or ``*`` (everyone, anonymous too).
+    ``registries`` holds configured registry names or ``*``.
+    """
+
+    who: tuple[str, ...]
+    registries: tuple[str, ...] = ("*",)
+    repositories: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Client authentication and the access rules that apply once it is on."""
+
+    realm: str = "mirror"
+    htpasswd: Path | None = None
+    tokens: tuple[TokenSettings, ...] = ()
+    anonymous: bool = False
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    access: tuple[AccessRule, ...] = ()
+    cache_ttl: float = 60.0  # how long a verified password is remembered (bcrypt is slow)
+
+    def groups_of(self, user: str) -> frozenset[str]:
+        """The groups ``user`` is a member of."""
+        return frozenset(g for g, members in self.groups.items() if user in members)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """Where ``/metrics`` and the status page ``/`` answer, and the token they want."""
+
+    listen: tuple[str, int] | None = None  # None: on the main address
+    token: Secret | None = None
+
+
+def _auth(value: Any, env: Mapping[str, str], base: Path) -> AuthSettings | None:
+    """The ``auth`` section with its ``access`` rules (given at the top level)."""
+    if value is None:
+        return None
+    auth = _mapping(value, "auth")
+    _only_keys(auth, "auth", {"realm", "htpasswd", "tokens", "anonymous", "groups", "access",
+                              "cache_ttl"})
+    if "access" in auth:
+        raise ConfigError("auth.access", "access rules go in the top-level access: section")
+    htpasswd = None
+    if "htpasswd" in auth:
+        htpasswd = _existing_file(auth["htpasswd"], "auth.htpasswd", base)
+        _check_htpasswd(htpasswd, "auth.htpasswd")
+    tokens = _tokens(auth.get("tokens"), env, base)
+    anonymous = _opt(auth, "anonymous", "auth", _bool, False)
+    if htpasswd is None and not tokens and not anonymous:
+        raise ConfigError("auth", "no way in: give htpasswd, tokens or anonymous: true")
+    realm = _opt(auth, "realm", "auth", _string, "mirror")
+    if '"' in realm or "\\" in realm:
+        raise ConfigError("auth.realm", "must not contain quotes or backslashes")
+    return AuthSettings(realm=realm, htpasswd=htpasswd, tokens=tokens, anonymous=anonymous,
+                        groups=_groups(auth.get("groups")),
+                        cache_ttl=_opt(auth, "cache_ttl", "auth", parse_duration, 60.0))
+
+
+def _tokens(value: Any, env: Mapping[str, str], base: Path) -> tuple[TokenSettings, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError("auth.tokens", "expected a list of {name, token_env | token_file}")
+    found: list[TokenSettings] = []
+    for i, raw in enumerate(value):
+        key = f"auth.tokens[{i}]"
+        item = _mapping(raw, key)
+        _only_keys(item, key, {"name", "token", "token_env", "token_file"})  # token: refused below
+        name = _user_name(item.get("name"), f"{key}.name")
+        if name == ANONYMOUS:
+            raise ConfigError(f"{key}.name", "anonymous means a client without credentials")
+        token = _secret(item, key, "token", env, base)
+        if token is None:
+            raise ConfigError(key, "give token_env or token_file")
+        if len(token.reveal()) < 16:
+            raise ConfigError(key, "the token is shorter than 16 characters: too easy to guess")
+        found.append(TokenSettings(name, token))
+    names = [t.name for t in found]
+    if len(set(names)) != len(names):
+        raise ConfigError("auth.tokens", f"names must be unique, got {names}")
+    return tuple(found)
+
+
+def _groups(value: Any) -> dict[str, tuple[str, ...]]:
+    groups = _mapping(value, "auth.groups")
+    found: dict[str, tuple[str, ...]] = {}
+    for name, members in groups.items():
+        key = f"auth.groups.{name}"
+        _user_name(name, key)
+        if not isinstance(members, list) or not members:
+            raise ConfigError(key, "expected a non-empty list of user names")
+        found[str(name)] = tuple(_user_name(m, f"{key}[{i}]") for i, m in enumerate(members))
+    return found
+
+
+def _access(value: Any, auth: AuthSettings | None,
+            registries: tuple[str, ...]) -> AuthSettings | None:
+    """The top-level ``access`` rules, attached to the auth settings they need."""
+    if value is None:
+        if auth is not None:
+            raise ConfigError("access", "auth: is set but no access: rule allows anything; "
+                              "to let every client pull everything: access: [{who: ['*']}]")
+        return None
+    if auth is None:
+        raise ConfigError("access", "access rules need an auth: section (who is the client?)")
+    if not isinstance(value, list) or not value:
+        raise ConfigError("access", "expected a non-empty list of rules")
+    rules = tuple(_rule(raw, f"access[{i}]", auth, registries) for i, raw in enumerate(value))
+    return AuthSettings(realm=auth.realm, htpasswd=auth.htpasswd, tokens=auth.tokens,
+                        anonymous=auth.anonymous, groups=auth.groups, access=rules,
+                        cache_ttl=auth.cache_ttl)
+
+
+def _rule(raw: Any, key: str, auth: AuthSettings, registries: tuple[str, ...]) -> AccessRule:
+    item = _mapping(raw, key)
+    _only_keys(item, key, {"who", "registries", "repositories"})
+    if "who" not in item:
+        raise ConfigError(f"{key}.who", "required: user:NAME, group:NAME, anonymous, "
+                          "authenticated or *")
+    who = tuple(_who(w, f"{key}.who[{i}]", auth) for i, w in enumerate(_list(item["who"],
+                                                                              f"{key}.who")))
+    regs = tuple(_rule_registry(r, f"{key}.registries[{i}]", registries)
+                 for i, r in enumerate(_list(item.get("registries", ["*"]), f"{key}.registries")))
+    repos = tuple(_glob(r, f"{key}.repositories[{i}]")
+                  for i, r in enumerate(_list(item.get("repositories", ["*"]),
+                                              f"{key}.repositories")))
+    return AccessRule(who=who, registries=regs, repositories=repos)
+
+
+def _who(value: Any, key: str, auth: AuthSettings) -> str:
+    text = _string(value, key)
+    if text in ("*", ANONYMOUS, "authenticated"):
+        return text
+    kind, sep, name = text.partition(":")
+    if not sep or kind not in _WHO_KINDS:
+        raise ConfigError(key, f"expected user:NAME, group:NAME, anonymous, authenticated or *, "
+                          f"got {text!r}")
+    _user_name(name, key)
+    if kind == "group" and name not in auth.groups:
+        raise ConfigError(key, f"no group {name!r} under auth.groups")
+    return text
+
+
+def _rule_registry(value: Any, key: str, registries: tuple[str, ...]) -> str:
+    name = _string(value, key).lower()
+    if name != "*" and name not in registries:
+        raise ConfigError(key, f"{name!r} is not a configured registry (expected one of "
+                          f"{', '.join(registries) or 'none'}, or *)")
+    return name
+
+
+def _glob(value: Any, key: str) -> str:
+    text = _string(value, key)
+    if text.startswith("/") or " " in text:
+        raise ConfigError(key, f"expected a repository glob like library/* or org/app, "
+                          f"got {text!r}")
+    return text
+
+
+def _list(value: Any, key: str) -> list[Any]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, "expected a non-empty list")
+    return value
+
+
+def _user_name(value: Any, key: str) -> str:
+    text = _string(value, key)
+    if _NAME_RE.fullmatch(text) is None:
+        raise ConfigError(key, f"not a user or group name (letters, digits, . _ @ -): {text!r}")
+    return text
+
+
+def _check_htpasswd(path: Path, key: str) -> None:
+    """Every entry must be bcrypt (``htpasswd -B``): the others are weak or unsupported."""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        user, sep, hashed = line.strip().partition(":")
+        if not sep or not user:
+            raise ConfigError(key, f"{path} line {number}: expected user:hash")
+        if not hashed.startswith(("$2y$", "$2b$", "$2a$")):
+            raise ConfigError(key, f"{path} line {number} ({user}): not a bcrypt entry; "
+                              "write it with htpasswd -B")
+
+
+def _admin(value: Any, env: Mapping[str, str], base: Path, main_port: int) -> AdminSettings:
+    admin = _mapping(value, "admin")
+    _only_keys(admin, "admin", {"listen", "token_env", "token_file"})
+    listen = None
+    if "listen" in admin:
+        try:
+            listen = parse_listen(admin["listen"])
+        except ConfigError as exc:
+            raise ConfigError("admin.listen", exc.message) from None
+        if listen[1] == main_port:
+            raise ConfigError("admin.listen", "must be another port than listen")
+    token = _secret(admin, "admin", "token", env, base)
+    if token is not None and len(token.reveal()) < 16:
+        raise ConfigError("admin", "the token is shorter than 16 characters: too easy to guess")
+    return AdminSettings(listen=listen, token=token)
