@@ -157,12 +157,12 @@ class Planner:
         API (or its tag schema) and cosign's ``sha256-<hex>.sig|.att|.sbom`` tags."""
         try:
             for subject in subjects:
-                found = await self._pull.referrers(repo, Digest.parse(subject))
+                found = await self._pull.referrers(repo, Digest.parse(subject), background=True)
                 for descriptor in parse_manifest(found.body).get("manifests") or []:
                     if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"),
                                                                    str):
                         await self._referrer(repo, descriptor)
-            _, tags = await self._pull.all_tags(repo)
+            _, tags = await self._pull.all_tags(repo, background=True)
         except MirrorError as exc:
             raise BundleError(f"{repo}: cannot list referrers: {_why(exc)}") from None
         wanted = {s.replace(":", "-", 1) for s in subjects}
