@@ -10,6 +10,11 @@
     mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR] [--shared]
     mirror warm REF... [--platform OS/ARCH]... [--referrers] [--server URL] [--config FILE]
     mirror sync --once [--dry-run] | status  [--json] [--server URL] [--config FILE]
+    mirror export REF... | --from-file LIST [--platform P]... [--referrers]
+                  [--since PREVIOUS] [--max-part-size SIZE] [--sign-key KEY]
+                  [--dry-run] -o FILE.tar[.zst]
+    mirror import FILE... [--verify-key PUB] [--pin] [--tags fresh|stale]
+                  [--repository REGISTRY/REPO]
 
 Errors are one readable line on stderr and a non-zero exit status. ``serve``
 reloads its TLS certificate and key on SIGHUP and stops gracefully on SIGTERM.
@@ -31,14 +36,23 @@ import uvloop
 from aiohttp import web
 
 from mirror import config, log, sync_cli
+from mirror.bundle.export import Planner
+from mirror.bundle.export import write as export_write
+from mirror.bundle.importer import Importer, read_bundle_json
+from mirror.bundle.importer import Report as ImportReport
+from mirror.bundle.manifest import BundleManifest, key_id, load_private_key, load_public_key
+from mirror.bundle.parts import expand
+from mirror.bundle.progress import Progress
 from mirror.cache.inventory import Inventory, human_size, human_time
 from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
 from mirror.cache.membership import Membership
 from mirror.config import checks
-from mirror.errors import CacheCommandError, ConfigError, OciError
+from mirror.errors import BundleError, CacheCommandError, ConfigError, OciError
+from mirror.node import Node
 from mirror.routing import Router
 from mirror.server.app import create_app
 from mirror.server.tls import ServerTls, reload_on_sighup
+from mirror.storage.filesystem import FilesystemStore
 from mirror.version import VERSION
 
 
@@ -58,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mirror: config error: {exc}", file=sys.stderr)
         return 2
-    except CacheCommandError as exc:
+    except (CacheCommandError, BundleError) as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -87,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_config_check)
     _cache_parser(commands)
     sync_cli.add_parsers(commands, _warm_options)
+    _bundle_parsers(commands)
     return parser
 
 
@@ -129,6 +144,63 @@ def _cache_parser(commands: Any) -> None:
         action.set_defaults(func=func)
 
 
+def _bundle_parsers(commands: Any) -> None:
+    export = commands.add_parser(
+        "export", help="write images to an OCI image-layout tar for an air-gapped site",
+        description="Write images (through this mirror's cache, fetching what is missing) "
+        "to an OCI image layout in a tar, with bundle.json listing every blob. Safe while "
+        "the server runs.")
+    export.add_argument("refs", nargs="*", metavar="REF",
+                        help="nginx:1.27, ghcr.io/org/app:v1, app@sha256:... (as docker pull)")
+    export.add_argument("--from-file", type=Path, metavar="LIST",
+                        help="a file of references, one a line (# comments)")
+    export.add_argument("--platform", action="append", default=[], metavar="OS/ARCH[/VAR]",
+                        help="only these platforms of multi-platform images (repeatable; "
+                        "the index bytes are kept as they are)")
+    export.add_argument("--referrers", action="store_true",
+                        help="bring signatures, SBOMs and attestations (referrers API and "
+                        "cosign's sha256-<hex>.sig/.att/.sbom tags)")
+    export.add_argument("--since", type=Path, metavar="PREVIOUS",
+                        help="a previous bundle (or its bundle.json): leave out the blobs it "
+                        "and its bases shipped (a differential)")
+    export.add_argument("--max-part-size", metavar="SIZE",
+                        help="split into FILE.001, FILE.002 ... of at most SIZE (4GiB), with "
+                        "FILE.sha256 listing each part's checksum")
+    export.add_argument("--sign-key", type=Path, metavar="KEY",
+                        help="ed25519 private key (PEM) to sign bundle.json with")
+    export.add_argument("--dry-run", action="store_true",
+                        help="say what would be exported and how many bytes, write nothing")
+    export.add_argument("-o", "--output", type=Path, metavar="FILE.tar[.zst]",
+                        help="the bundle (.zst: zstd-compressed)")
+    export.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    export.add_argument("--config", type=Path, help="YAML config, as for serve")
+    export.add_argument("--storage", type=Path, help="cache folder, overrides the config")
+    export.set_defaults(func=_export)
+
+    imp = commands.add_parser(
+        "import", help="load bundles (ours, skopeo's oci-archive, oras's layout) into the cache",
+        description="Verify bundles and load them into the cache, with their tags, so that "
+        "this mirror serves them without its upstreams. Nothing is published from a bad "
+        "bundle; a second run after an interruption finishes the job. Safe while the "
+        "server runs.")
+    imp.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                     help="FILE.tar[.zst|.gz] or its first part FILE.001; several in order")
+    imp.add_argument("--verify-key", type=Path, metavar="PUB",
+                     help="refuse a bundle not signed by this ed25519 public key (PEM)")
+    imp.add_argument("--pin", action="store_true", help="pin imported images (never evicted)")
+    imp.add_argument("--tags", choices=("fresh", "stale"), default="fresh",
+                     help="fresh: imported tags are answered without upstream for "
+                     "cache.tag_ttl, then revalidated; stale: revalidated at their first "
+                     "pull when upstream is reachable. Either way served while it is not "
+                     "(up to cache.stale_if_error)")
+    imp.add_argument("--repository", metavar="REGISTRY/REPO",
+                     help="where bare-tag ref names of another tool's layout belong")
+    imp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    imp.add_argument("--config", type=Path, help="YAML config, as for serve")
+    imp.add_argument("--storage", type=Path, help="cache folder, overrides the config")
+    imp.set_defaults(func=_import)
+
+
 def load_settings(path: Path | None, listen: str | None = None,
                   storage: Path | None = None) -> config.Settings:
     """Settings from a file (or the defaults) with command-line overrides.
@@ -159,13 +231,8 @@ def _inventory(args: argparse.Namespace) -> Inventory:
     router = Router(settings.upstreams)
 
     def parse_ref(text: str) -> tuple[str, str, str]:
-        name, at, reference = text.partition("@")
-        if not at:
-            slash, colon = text.rfind("/"), text.rfind(":")
-            name, reference = (text[:colon], text[colon + 1:]) if colon > slash \
-                else (text, "latest")
         try:
-            target = router.route(f"/v2/{name}/manifests/{reference}")
+            target = router.image(text)
         except OciError as exc:
             raise CacheCommandError(f"{text!r} is not an image reference this mirror serves: "
                                     f"{exc.message}") from None
@@ -360,3 +427,116 @@ def _serve(args: argparse.Namespace) -> int:
 async def _log_stopping(app: web.Application) -> None:
     structlog.get_logger(__name__).info("mirror_stopping", version=VERSION,
                                         hint="finishing requests for up to 10 s")
+
+
+def _export(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, storage=args.storage)
+    log.setup(config.LogSettings(level="warning", format=settings.log.format))
+    refs = list(args.refs)
+    if args.from_file is not None:
+        try:
+            lines = args.from_file.read_text().splitlines()
+        except OSError as exc:
+            raise BundleError(f"{args.from_file}: {exc.strerror}") from None
+        refs += [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+    if not refs:
+        raise BundleError("nothing to export: name images, or --from-file LIST")
+    if args.output is None and not args.dry_run:
+        raise BundleError("say where the bundle goes: -o FILE.tar or FILE.tar.zst")
+    if args.output is not None and not args.output.parent.resolve().is_dir():
+        raise BundleError(f"{args.output.parent}: no such folder")
+    key = load_private_key(args.sign_key) if args.sign_key else None
+    base = _base_bundle(args.since) if args.since is not None else None
+    max_part = config.parse_size(args.max_part_size, "--max-part-size") \
+        if args.max_part_size else None
+    return asyncio.run(_export_async(args, settings, refs, key, base=base, max_part=max_part))
+
+
+def _base_bundle(path: Path) -> BundleManifest:
+    """The bundle.json given to ``--since``, or the one inside a bundle given instead."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(1)
+    except OSError as exc:
+        raise BundleError(f"{path}: {exc.strerror}") from None
+    data = path.read_bytes() if data == b"{" else read_bundle_json(expand([path])[0])
+    return BundleManifest.parse(data, str(path))
+
+
+async def _export_async(args: argparse.Namespace, settings: config.Settings, refs: list[str],
+                        key: Any, *, base: BundleManifest | None, max_part: int | None) -> int:
+    node = Node(settings)
+    await node.start(exclusive=False)
+    try:
+        planner = Planner(node.pull, node.router, args.platform, args.referrers)
+        for ref in refs:
+            await planner.add(ref)
+        if base is not None:
+            planner.since(base)
+        plan = planner.plan
+        for item in plan.references:
+            print(f"  {item['name']}  {item['digest']}")
+        blobs = len(plan.manifests) + len(plan.blobs) - len(plan.omitted)
+        omitted = sum(plan.omitted.values())
+        print(f"{len(plan.references)} reference(s), {len(plan.manifests)} manifest(s), "
+              f"{len(plan.blobs)} blob(s); {blobs} to write, {human_size(plan.included())}"
+              + (f"; {len(plan.omitted)} left out ({human_size(omitted)}, in base "
+                 f"{base.id} seq {base.sequence})" if base is not None else ""))
+        if args.dry_run:
+            return 0
+        bar = Progress("export", plan.included(), quiet=args.quiet)
+        files = await export_write(node.pull, plan, args.output, platforms=args.platform,
+                                   base=base, max_part_size=max_part, key=key,
+                                   progress=lambda done, _total: bar.set(done))
+        bar.finish()
+    finally:
+        await node.stop()
+    for file in files:
+        print(f"wrote {file} ({human_size(file.stat().st_size)})")
+    if key is not None:
+        print(f"signed bundle.json with key {key_id(key.public_key())}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, storage=args.storage)
+    key = load_public_key(args.verify_key) if args.verify_key else None
+    groups = expand(args.files)
+    store = FilesystemStore(settings.storage.path)
+    store.open_shared()
+    try:
+        importer = Importer(store, Router(settings.upstreams), verify_key=key, pin=args.pin,
+                            tag_state=args.tags, tag_ttl=settings.cache.tag_ttl,
+                            repository=args.repository)
+        with importer.locked():
+            for group in groups:
+                bar = Progress(f"import {group[0].name}", 1, quiet=args.quiet)
+
+                def step(done: int, total: int, bar: Progress = bar) -> None:
+                    bar.total = max(total, 1)
+                    bar.set(done)
+
+                importer.progress = step
+                report = importer.run(group)
+                bar.finish()
+                _print_import(group[0], report)
+    finally:
+        store.index.close()
+    return 0
+
+
+def _print_import(file: Path, report: ImportReport) -> None:
+    if report.key_id is not None:
+        print(f"{file}: signature of bundle.json verified with key {report.key_id}")
+    elif report.signed:
+        print(f"{file}: bundle.json is signed; no --verify-key given, so not checked")
+    bundle = f" (bundle {report.bundle_id} seq {report.sequence})" if report.bundle_id else ""
+    print(f"imported {file}{bundle}: {report.blobs_new} new blob(s) and "
+          f"{report.manifests_new} manifest(s), {human_size(report.bytes_new)}, each hashed "
+          f"and verified; {report.skipped} already cached")
+    for tag in report.tags:
+        print(f"  tag {tag}")
+    if report.pinned:
+        print(f"  pinned {report.pinned} image(s)")
+    for note in report.notes:
+        print(f"  note: {note}")

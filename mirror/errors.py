@@ -28,7 +28,8 @@ and becomes a 500 with no details in the body.
     ├── FillError                   an upstream download failed after bytes went out
     ├── TransientError              an upstream attempt worth retrying (never leaves the client)
     ├── StorageError                a storage backend refused or failed an operation
-    └── CacheCommandError           a `mirror cache` command cannot do what was asked
+    ├── CacheCommandError           a `mirror cache` command cannot do what was asked
+    └── BundleError                 a bundle cannot be exported or imported (one readable line)
 """
 
 from __future__ import annotations
@@ -222,3 +223,7 @@ class StorageError(MirrorError):
 
 class CacheCommandError(MirrorError):
     """A ``mirror cache`` command cannot do what was asked (one readable line)."""
+
+
+class BundleError(MirrorError):
+    """``mirror export`` or ``mirror import`` cannot do what was asked (one readable line)."""

@@ -108,9 +108,16 @@ class Node:
         self.peers: PeerSource | None = None
         self.parents: ParentSource | None = None
 
-    async def start(self) -> None:
-        """Open storage and the S3 tier, build the pull service, start background work."""
-        removed = await asyncio.to_thread(self.store.open)
+    async def start(self, *, exclusive: bool = True) -> None:
+        """Open storage and the S3 tier, build the pull service, start background work.
+
+        Args:
+            exclusive: this process owns the storage (``mirror serve``): stale temp
+                files are removed and reconcile and eviction run. ``False`` for CLI
+                commands that may run beside a server (``mirror export``): storage is
+                opened as the ``mirror cache`` commands open it, with no background work.
+        """
+        removed = await asyncio.to_thread(self.store.open if exclusive else self.store.open_shared)
         await self.tags.open()
         if self.settings.storage.s3 is not None:
             s3 = self.settings.storage.s3
@@ -127,6 +134,9 @@ class Node:
                                 membership=self.repos, private=private)
         self.pull_for = {hop: self.pull.with_chains(chains[hop]) for hop in ("peer", "child")}
         self._wire_evictor()
+        if not exclusive:
+            self.ready = True
+            return
         self.tasks.spawn(self._reconcile_then_evict(), "reconcile")
         self.tasks.loop("registry_bytes", self._registry_bytes)
         await self._start_sync()

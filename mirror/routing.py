@@ -107,6 +107,31 @@ class Router:
             validate_tag(reference)
         return Target(kind, upstream, repository, reference, digest, client_name, prefix, ns)
 
+    def image(self, text: str) -> Target:
+        """Parse an image reference in any form Docker accepts into a manifest :class:`Target`.
+
+        ``nginx``, ``nginx:1``, ``library/nginx:1``, ``docker.io/nginx:1``,
+        ``ghcr.io/org/app@sha256:...`` and ``app:1@sha256:...`` (the digest wins), the
+        registry named as configured (name or alias) or left out for the default one.
+
+        Raises:
+            NameInvalid, NameUnknown, TagInvalid, DigestInvalid: not a reference to an
+                image of a configured registry.
+        """
+        text = text.strip()
+        name, at, reference = text.partition("@")
+        slash, colon = name.rfind("/"), name.rfind(":")
+        if colon > slash:
+            name, tag = name[:colon], name[colon + 1:]
+            reference = reference if at else tag
+        elif not at:
+            reference = "latest"
+        if not name or not reference:
+            raise NameInvalid(f"invalid image reference {text[:150]!r}")
+        target = self.route(f"/v2/{name}/manifests/{reference}")
+        assert target.upstream is not None
+        return target
+
     def _explicit_upstream(self, prefix: str | None, ns: str | None) -> UpstreamSettings | None:
         by_prefix = by_ns = None
         if prefix is not None:

@@ -89,6 +89,17 @@ class FilesystemStore:
         self.index.open()
         return removed
 
+    def open_shared(self) -> int:
+        """Open the index and the layout beside a server that may be using them.
+
+        Unlike :meth:`open`, ``tmp/`` is left alone: its files may be a running
+        server's downloads. For the CLI (``mirror export``, ``mirror import``).
+        """
+        for sub in ("blobs", "manifests", "tags", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.index.open()
+        return 0
+
     def reconcile(self) -> Startup:
         """Make the index agree with the disk (safe while serving).
 

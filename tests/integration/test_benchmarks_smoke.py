@@ -77,3 +77,23 @@ def test_rollout_smoke_run_with_sync_asks_upstream_for_no_blob(tmp_path: Path) -
     assert figures["on"]["upstream_blob_requests"] == 0
     assert figures["on"]["lag_s"] is not None
     assert "| sync |" in proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_bundle_benchmark_smoke_has_every_figure(tmp_path: Path) -> None:
+    for binary in ("docker-registry", "skopeo"):
+        require_binary(binary)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bundle", "--sizes", "4MiB", "--repeat", "1",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    records = json.loads((out / "results.json").read_text())
+    cases = {(r["step"], r["case"], r["tool"]) for r in records}
+    assert cases == {("export", "cold", "mirror"), ("export", "cold", "skopeo"),
+                     ("export", "warm", "mirror"), ("export", "warm", "skopeo"),
+                     ("export", ".zst warm", "mirror"), ("import", "tar", "mirror"),
+                     ("import", ".zst", "mirror"), ("import", "tar", "skopeo")}
+    assert all(r["mib_s"] > 0 and r["rss_mib"] > 0 for r in records)

@@ -16,6 +16,7 @@ RANKS = {
     "server": 90,
     "node": 80,
     "sync": 75,
+    "bundle": 75,
     "pull": 70,
     "cache": 60,
     "fetch": 50,

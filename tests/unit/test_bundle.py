@@ -1,0 +1,389 @@
+"""Bundles in process: every bad bundle refused with one line and nothing published; parts;
+imported tags served while the upstream fails.
+
+Bundles are built here entry by entry (the way ``mirror export`` lays them out, or broken
+on purpose); the export's planning through the pull service runs against real Distribution
+in ``tests/integration/test_bundle_real.py``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import pytest
+import zstandard
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from mirror import cli, config
+from mirror.bundle import layout
+from mirror.bundle.importer import Importer
+from mirror.bundle.manifest import BundleManifest, sign
+from mirror.bundle.parts import Output, expand
+from mirror.bundle.progress import Progress
+from mirror.clock import ManualClock
+from mirror.errors import BundleError, OciError
+from mirror.oci import Digest
+from mirror.routing import Router
+from mirror.storage.filesystem import FilesystemStore
+from tests.support.fake import FakeRegistry
+from tests.support.images import Image, make_image, make_layer
+from tests.unit.conftest import cache_files, mirror_settings
+
+Entries = list[tuple[str, bytes]]
+REGISTRY = "fake.test"
+
+
+def _image(tag: str = "v1", seed: int = 1) -> Image:
+    return make_image("app/web", tag, layers=[make_layer(3000, seed), make_layer(5000, seed + 1)],
+                      fmt="oci")
+
+
+def _entries(image: Image, key: Ed25519PrivateKey | None = None,
+             edit: Callable[[BundleManifest], None] = lambda _b: None) -> Entries:
+    """The entries of a bundle of ``image`` as mirror export writes them."""
+    name = f"{REGISTRY}/{image.repo}:{image.tag}"
+    index = json.dumps({"schemaVersion": 2, "manifests": [{
+        **image.manifest.descriptor(), "annotations": {layout.REF_NAME: name}}]}).encode()
+    blobs = [image.manifest, image.config, *image.layers]
+    bundle = BundleManifest(tool_version="test", references=[{
+        "name": name, "registry": REGISTRY, "repository": image.repo, "tag": image.tag,
+        "digest": image.manifest.digest, "mediaType": image.manifest.media_type,
+        "size": image.manifest.size}])
+    for file, data in ((layout.OCI_LAYOUT, layout.LAYOUT_BYTES), (layout.INDEX, index)):
+        bundle.files[file] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    bundle.blobs = {b.digest: b.size for b in blobs}
+    edit(bundle)
+    data = bundle.to_bytes()
+    entries = [(layout.OCI_LAYOUT, layout.LAYOUT_BYTES), (layout.BUNDLE, data)]
+    if key is not None:
+        entries.append((layout.SIGNATURE, sign(data, key)))
+    entries.append((layout.INDEX, index))
+    return entries + [(layout.blob_name(b.digest), b.data) for b in blobs]
+
+
+def _tar(entries: Entries, extra: Callable[[tarfile.TarFile], None] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if extra is not None:
+            extra(tar)
+    return buffer.getvalue()
+
+
+def _store(tmp_path: Path) -> FilesystemStore:
+    store = FilesystemStore(tmp_path / "cache")
+    store.open_shared()
+    return store
+
+
+def _importer(store: FilesystemStore, **kwargs: Any) -> Importer:
+    settings = mirror_settings(store.root, "http://127.0.0.1:1")
+    return Importer(store, Router(settings.upstreams), **kwargs)
+
+
+def _import(tmp_path: Path, data: bytes, name: str = "bundle.tar", **kwargs: Any) -> Any:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / name
+    path.write_bytes(data)
+    store = _store(tmp_path)
+    try:
+        importer = _importer(store, **kwargs)
+        with importer.locked():
+            return importer.run([path])
+    finally:
+        store.index.close()
+
+
+def _nothing_published(tmp_path: Path) -> None:
+    assert cache_files(tmp_path / "cache") == []
+    with diskcache.Cache(str(tmp_path / "cache" / "tags")) as tags:
+        assert len(tags) == 0
+
+
+def _keypair(tmp_path: Path, name: str = "key") -> tuple[Ed25519PrivateKey, Path]:
+    key = Ed25519PrivateKey.generate()
+    public = tmp_path / f"{name}.pub"
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key, public
+
+
+def _public(path: Path) -> Any:
+    return serialization.load_pem_public_key(path.read_bytes())
+
+
+# --- a good bundle -------------------------------------------------------------------------
+def test_a_good_bundle_is_published_with_its_tag_and_is_idempotent(tmp_path: Path) -> None:
+    image = _image()
+    data = _tar(_entries(image))
+    report = _import(tmp_path, data)
+    assert report.blobs_new == 3 and report.manifests_new == 1
+    assert report.tags == [f"{REGISTRY}/app/web:v1"]
+    store = FilesystemStore(tmp_path / "cache")
+    for blob in image.blobs():
+        assert store.blob_path(Digest.parse(blob.digest)).read_bytes() == blob.data
+    assert store.read_manifest(Digest.parse(image.manifest.digest)) == (
+        image.manifest.data, image.manifest.media_type)
+    again = _import(tmp_path, data)
+    assert again.blobs_new == 0 and again.manifests_new == 0 and again.skipped == 4
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
+
+
+def test_a_registry_not_configured_here_imports_content_without_its_tag(
+        tmp_path: Path) -> None:
+    image = _image()
+    report = _import(tmp_path, _tar(_entries(image, edit=lambda b: b.references[0].update(
+        registry="other.test", name="other.test/app/web:v1"))))
+    assert report.blobs_new == 3 and report.tags == []
+    assert "registry 'other.test' is not configured here" in report.notes[0]
+
+
+def test_pin_keeps_the_whole_image(tmp_path: Path) -> None:
+    image = _image()
+    _import(tmp_path, _tar(_entries(image)), pin=True)
+    store = _store(tmp_path)
+    try:
+        pins = store.index.pins()
+    finally:
+        store.index.close()
+    assert set(pins) == {image.manifest.digest, image.config.digest,
+                         *(b.digest for b in image.layers)}
+    assert all(sources == [f"{REGISTRY}/app/web:v1"] for sources in pins.values())
+
+
+def test_zstd_and_parts_round_trip(tmp_path: Path) -> None:
+    image = _image()
+    out = Output(tmp_path / "b.tar.zst", max_part_size=4000)
+    writer = layout.LayoutWriter(out, compress=True)
+    for name, data in _entries(image):
+        writer.add_bytes(name, data)
+    writer.close()
+    files = out.commit()
+    assert files[-1].name == "b.tar.zst.sha256" and len(files) > 2
+    assert not list(tmp_path.glob(".*partial"))
+    groups = expand([files[0]])
+    assert groups == [files[:-1]]
+    store = _store(tmp_path)
+    importer = _importer(store)
+    with importer.locked():
+        report = importer.run(groups[0])
+    assert report.blobs_new == 3 and report.tags
+
+
+def test_a_damaged_part_is_refused(tmp_path: Path) -> None:
+    out = Output(tmp_path / "b.tar", max_part_size=6000)
+    writer = layout.LayoutWriter(out, compress=False)
+    for name, data in _entries(_image()):
+        writer.add_bytes(name, data)
+    writer.close()
+    files = out.commit()
+    second = bytearray(files[1].read_bytes())
+    second[100] ^= 1
+    files[1].write_bytes(bytes(second))
+    store = _store(tmp_path)
+    with pytest.raises(BundleError, match=r"b\.tar\.002: its sha256 is not the one"):
+        _importer(store).run(files[:-1])
+    assert cache_files(tmp_path / "cache") == []
+
+
+# --- bad bundles: one line, nothing published ----------------------------------------------
+def _flip_layer(entries: Entries) -> Entries:
+    name, data = entries[-1]
+    return [*entries[:-1], (name, data[:-1] + bytes([data[-1] ^ 1]))]
+
+
+def _with(entries: Entries, name: str, data: bytes) -> Entries:
+    return [(n, data if n == name else d) for n, d in entries]
+
+
+def _link(kind: bytes) -> Callable[[tarfile.TarFile], None]:
+    def add(tar: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo("blobs/sha256/" + "0" * 64)
+        info.type = kind
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    return add
+
+
+def _absurd_index() -> bytes:
+    """oci-layout, bundle.json, then an index.json header announcing 3 GiB."""
+    out = b""
+    for name, data in _entries(_image())[:2]:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        out += info.tobuf(tarfile.PAX_FORMAT) + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+    info = tarfile.TarInfo(layout.INDEX)
+    info.size = 3 << 30
+    return out + info.tobuf(tarfile.PAX_FORMAT) + bytes(4096)
+
+
+BAD: dict[str, tuple[Callable[[], bytes], str]] = {
+    "truncated": (lambda: _tar(_entries(_image()))[:9000], "truncated"),
+    "tampered blob": (lambda: _tar(_flip_layer(_entries(_image()))),
+                      "does not hash to its name"),
+    "tampered index.json": (lambda: _tar(_with(_entries(_image()), layout.INDEX,
+                                               b'{"schemaVersion":2,"manifests":[]}')),
+                            "index.json does not match the sha256 in bundle.json"),
+    "dot-dot": (lambda: _tar([*_entries(_image()), ("blobs/../../etc/evil", b"x")]),
+                "has '..' in its path"),
+    "absolute": (lambda: _tar([("/etc/evil", b"x"), *_entries(_image())]),
+                 "has an absolute path"),
+    "symlink": (lambda: _tar(_entries(_image()), _link(tarfile.SYMTYPE)), "is a link"),
+    "hardlink": (lambda: _tar(_entries(_image()), _link(tarfile.LNKTYPE)), "is a link"),
+    "duplicate": (lambda: _tar([*_entries(_image()), _entries(_image())[-1]]),
+                  "comes twice"),
+    "unknown version": (lambda: _tar(_with(_entries(_image()), layout.BUNDLE,
+                                           b'{"bundleVersion": 99}')),
+                        "bundleVersion 99; this mirror reads version 1"),
+    "absurd index.json": (_absurd_index, "index.json is 3221225472 bytes"),
+    "blob not listed": (lambda: _tar([*_entries(_image()), (layout.blob_name(
+        "sha256:" + hashlib.sha256(b"extra").hexdigest()), b"extra")]),
+                        "is not listed in bundle.json"),
+    "listed blob missing": (lambda: _tar(_entries(_image())[:-1]), "the bundle is truncated"),
+    "not a tar": (lambda: b"hello" * 1000, "not a tar archive"),
+    "bad tag in bundle.json": (lambda: _tar(_entries(_image(), edit=lambda b: b.references[0]
+                                                     .update(tag="../x"))), "invalid tag"),
+    "reference to no image": (lambda: _tar(_entries(_image(), edit=lambda b: b.references[0]
+                                                    .update(digest="sha256:" + "0" * 64))),
+                              "which index.json does not lead to"),
+    "zstd cut short": (lambda: zstandard.ZstdCompressor().compress(
+        _tar(_entries(_image())))[:-50], "truncated"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_bundle_publishes_nothing(tmp_path: Path, case: str) -> None:
+    make, message = BAD[case]
+    with pytest.raises(BundleError, match=message):
+        _import(tmp_path, make())
+    _nothing_published(tmp_path)
+
+
+def test_a_layout_missing_a_layer_fails_listing_it(tmp_path: Path) -> None:
+    image = _image()
+    entries = [e for e in _entries(image) if e[0] != layout.BUNDLE
+               and e[0] != layout.blob_name(image.layers[1].digest)]
+    with pytest.raises(BundleError, match=image.layers[1].digest):
+        _import(tmp_path, _tar(entries))
+    _nothing_published(tmp_path)
+
+
+def test_signatures(tmp_path: Path) -> None:
+    key, public = _keypair(tmp_path)
+    _, other = _keypair(tmp_path, "other")
+    image = _image()
+    signed = _entries(image, key)
+    report = _import(tmp_path / "ok", _tar(signed), verify_key=_public(public))
+    assert report.key_id is not None and report.key_id.startswith("sha256:")
+
+    cases = {
+        "unsigned": (_tar(_entries(image)), public, "not signed"),
+        "other key": (_tar(signed), other, "signed by key sha256:"),
+        "tampered bundle.json": (_tar(_with(signed, layout.BUNDLE, signed[1][1].replace(
+            b'"sequence": 0', b'"sequence": 7'))), public, "does not verify with key"),
+        "tampered signature": (_tar(_with(signed, layout.SIGNATURE, sign(b"other", key))),
+                               public, "does not verify with key"),
+    }
+    for case, (data, pub, message) in cases.items():
+        folder = tmp_path / case.replace(" ", "-")
+        folder.mkdir()
+        with pytest.raises(BundleError, match=message):
+            _import(folder, data, verify_key=_public(pub))
+        _nothing_published(folder)
+
+
+def test_cli_says_one_line_and_exits_non_zero(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(_tar(_flip_layer(_entries(_image()))))
+    config = tmp_path / "mirror.yaml"
+    config.write_text(json.dumps({"version": 1, "storage": {"path": str(tmp_path / "cache")},
+                                  "upstreams": [{"name": REGISTRY, "url": "http://127.0.0.1:1",
+                                                 "default": True}]}))
+    assert cli.main(["import", "--config", str(config), str(bad), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mirror: blob sha256:") and err.count("\n") == 1
+    assert cache_files(tmp_path / "cache") == []
+
+
+# --- imported tags offline -----------------------------------------------------------------
+@pytest.mark.parametrize("state", ["fresh", "stale"])
+async def test_an_imported_tag_is_served_while_upstream_fails(
+        tmp_path: Path, make_mirror: Any, fake: FakeRegistry, clock: ManualClock,
+        state: str) -> None:
+    image = _image()
+    path = tmp_path / "b.tar"
+    path.write_bytes(_tar(_entries(image)))
+    store = _store(tmp_path)
+    importer = _importer(store, tag_state=state, tag_ttl=300.0, clock=clock.time)
+    with importer.locked():
+        importer.run([path])
+    store.index.close()
+    fake.fault(kind="status", status=503)
+    client = await make_mirror(clock=clock)
+    accept = {"Accept": image.manifest.media_type}
+    resp = await client.get(f"/v2/{image.repo}/manifests/v1", headers=accept)
+    assert resp.status == 200
+    assert resp.headers["Docker-Content-Digest"] == image.manifest.digest
+    if state == "fresh":
+        assert fake.count() == 0  # answered from the import, upstream not asked
+    else:
+        assert fake.count() > 0  # revalidation tried, failed, imported digest served
+    clock.advance(3600)  # past tag_ttl: revalidation fails, the imported digest is served
+    resp = await client.get(f"/v2/{image.repo}/manifests/v1", headers=accept)
+    assert resp.status == 200
+    assert resp.headers["Docker-Content-Digest"] == image.manifest.digest
+    for blob in image.blobs():
+        resp = await client.get(f"/v2/{image.repo}/blobs/{blob.digest}")
+        assert resp.status == 200 and await resp.read() == blob.data
+
+
+def test_gzip_and_xz_layouts_import(tmp_path: Path) -> None:
+    data = _tar(_entries(_image()))
+    assert _import(tmp_path / "gz", gzip.compress(data), "b.tar.gz").blobs_new == 3
+    assert _import(tmp_path / "xz", lzma.compress(data), "b.tar.xz").blobs_new == 3
+
+
+@pytest.mark.parametrize("text", ["nginx:1", "library/nginx:1", "docker.io/nginx:1",
+                                  "index.docker.io/library/nginx:1",
+                                  "registry-1.docker.io/library/nginx:1"])
+def test_references_are_normalised_as_docker_does(text: str) -> None:
+    router = Router(config.default_settings().upstreams)
+    target = router.image(text)
+    assert target.upstream is not None
+    assert (target.upstream.name, target.repository, target.reference) == \
+        ("docker.io", "library/nginx", "1")
+
+
+def test_references_by_digest_and_default_tag() -> None:
+    router = Router(config.default_settings().upstreams)
+    digest = "sha256:" + "a" * 64
+    assert router.image(f"nginx@{digest}").reference == digest
+    assert router.image(f"nginx:1@{digest}").digest == Digest.parse(digest)
+    assert router.image("org/app").reference == "latest"
+    with pytest.raises(OciError):
+        router.image("quay.io/org/app:1")  # not a configured registry
+
+
+def test_progress_is_plain_lines_when_not_a_terminal() -> None:
+    out = io.StringIO()
+    bar = Progress("import b.tar", 1000, stream=out)
+    for done in range(0, 1001, 50):
+        bar.set(done)
+    bar.finish()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 11 and "\r" not in out.getvalue()
+    assert lines[0].startswith("import b.tar [---") and "100%" in lines[-1]
