@@ -18,13 +18,13 @@ background work; they only use the pull service.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 
 import aiohttp
 import structlog
 
-from mirror import metrics
+from mirror import metrics, worker
 from mirror.cache.blobs import BlobCache
 from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestCache
@@ -71,7 +71,9 @@ class Node:
         self.s3: S3Source | None = None
         self._extra_sources = tuple(extra_sources)
         self._stack = AsyncExitStack()
-        self.store = FilesystemStore(settings.storage.path)
+        self.worker = worker.current()
+        self.store = FilesystemStore(settings.storage.path,
+                                     temp_folder=self.worker.temp_folder)
         self.tags = TagStore(self.store.tags)
         self.evictor = Evictor(self.store, settings.storage)
         self.fetcher = Fetcher(self.store, settings.server.chunk_size, space=self.evictor,
@@ -85,6 +87,9 @@ class Node:
                         for u in settings.upstreams}
         self.repos = RepoMembership(self.store.root / MEMBERSHIP_FILE)
         self.popularity: Popularity = TopCounter()
+        #: Called with a digest removed from the cache, or ``None``: content went away
+        #: elsewhere (another process): copies kept in memory above the caches drop it.
+        self.on_removed: list[Callable[[str | None], None]] = []
         self.pull: PullService
         self.pull_for: dict[str, PullService] = {}
         self.peer_set: PeerSet | None = None
@@ -182,6 +187,9 @@ class Node:
         waits, because it needs true totals. A failed reconcile is retried with
         backoff (eviction stays off only until it succeeds).
         """
+        if not self.worker.evicts:  # another worker reconciles and evicts for the node
+            self.tasks.loop("recency", lambda: self.evictor.run(evict=False))
+            return
         await self.tasks.loop("reconcile", self._reconcile)
         self.tasks.loop("eviction", self.evictor.run)
 
@@ -212,15 +220,23 @@ class Node:
         def in_use(digest: str) -> bool:
             return blobs.busy(Digest.parse(digest))
 
+        listeners = self.on_removed
+
         def evicted(entry: Entry) -> None:
             digest = Digest.parse(entry.digest)
             if entry.kind == "blob":
                 blobs.forget(digest)
             else:
                 manifests.forget(digest)
+            for listener in listeners:
+                listener(entry.digest)
 
         def changed_elsewhere() -> None:
             blobs.clear_memory()
             manifests.clear_memory()
+            for listener in listeners:
+                listener(None)
 
         self.evictor.wire(in_use, evicted, changed_elsewhere)
+        # Other workers hold memory copies too: they hear of evictions as of `cache evict`.
+        self.evictor.shared = self.worker.count > 1
