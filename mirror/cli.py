@@ -28,11 +28,13 @@ import uvloop
 from aiohttp import web
 
 from mirror import config, log
+from mirror import worker as this_worker
 from mirror.cache.inventory import Inventory, human_size, human_time
 from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
 from mirror.cache.membership import Membership
 from mirror.errors import CacheCommandError, ConfigError, OciError
 from mirror.routing import Router
+from mirror.server import workers
 from mirror.server.app import create_app
 
 
@@ -303,6 +305,9 @@ def _cache_fsck(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, args.listen, args.storage)
     log.setup(settings.log)
+    worker = this_worker.current()
+    if settings.server.workers > 1 and worker.count == 1:
+        return workers.Supervisor(settings, _serve_argv(args)).run()
     ssl_context = None
     if settings.tls is not None:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -315,7 +320,21 @@ def _serve(args: argparse.Namespace) -> int:
     # The admin address is a second socket of the same app: the edge middleware tells
     # them apart by local port.
     sock = [socket.create_server(admin, reuse_port=False)] if admin is not None else None
-    web.run_app(create_app(settings), host=settings.listen_host, port=settings.listen_port,
+    host: str | None = settings.listen_host
+    port: int | None = settings.listen_port
+    if worker.count > 1:  # a worker: the supervisor's sockets, listening already
+        host, port, sock = None, None, this_worker.inherited_sockets()
+    web.run_app(create_app(settings), host=host, port=port,
                 sock=sock, ssl_context=ssl_context, access_log=None, print=None,
                 shutdown_timeout=10, loop=runner.get_loop())
     return 0
+
+
+def _serve_argv(args: argparse.Namespace) -> list[str]:
+    """The ``mirror`` arguments that start a worker with the same settings."""
+    argv = ["serve"]
+    for flag, value in (("--config", args.config), ("--listen", args.listen),
+                        ("--storage", args.storage)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv

@@ -194,6 +194,7 @@ class ServerSettings:
     event_loop: str = "uvloop"
     chunk_size: int = 1 * 2**20
     shutdown_grace: float = 10.0  # seconds downloads under way get to finish at shutdown
+    workers: int = 1  # processes serving one port (SO_REUSEPORT) and one storage folder
 
 
 @dataclass(frozen=True)
