@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import structlog
 import uvloop
 from aiohttp import web
 
@@ -324,6 +325,7 @@ def _serve(args: argparse.Namespace) -> int:
     port: int | None = settings.listen_port
     if worker.count > 1:  # a worker: the supervisor's sockets, listening already
         host, port, sock = None, None, this_worker.inherited_sockets()
+        structlog.contextvars.bind_contextvars(worker=worker.index)  # on its every log line
     web.run_app(create_app(settings), host=host, port=port,
                 sock=sock, ssl_context=ssl_context, access_log=None, print=None,
                 shutdown_timeout=10, loop=runner.get_loop())

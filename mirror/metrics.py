@@ -105,6 +105,11 @@ FILLS_IN_FLIGHT = Gauge("mirror_fills_in_flight", "Upstream blob downloads under
     multiprocess_mode="livesum")
 FILL_READERS = Gauge("mirror_fill_readers", "Clients reading an in-flight download right now.",
     multiprocess_mode="livesum")
+FILL_TAKEOVERS = Counter(
+    "mirror_fill_takeovers_total",
+    "Downloads another worker process claimed and stopped without publishing (it died), "
+    "taken over from the bytes it left.",
+)
 FILL_JOINS = Counter(
     "mirror_fill_joins_total", "Requests that joined a download another request started."
 )

@@ -36,6 +36,7 @@ from mirror.clock import SYSTEM, Clock
 from mirror.cluster import PeerSet, TokenSource
 from mirror.config import Settings
 from mirror.fetch import Fetcher
+from mirror.fetch.claim import ClaimingFetcher, Claims
 from mirror.oci import Digest
 from mirror.popularity import Popularity, TopCounter
 from mirror.pull import PullService
@@ -78,6 +79,11 @@ class Node:
         self.evictor = Evictor(self.store, settings.storage)
         self.fetcher = Fetcher(self.store, settings.server.chunk_size, space=self.evictor,
                                relay_max_bytes=settings.storage.relay_window)
+        if self.worker.count > 1:  # one download per digest for the node, not per process
+            self.fetcher = ClaimingFetcher(
+                self.store, settings.server.chunk_size, space=self.evictor,
+                relay_max_bytes=settings.storage.relay_window,
+                claims=Claims(settings.storage.path / "tmp" / "claims"))
         self.blobs = BlobCache(self.store, self.fetcher, settings.cache, on_hit=self.evictor.touch)
         self.manifests = ManifestCache(self.store, self.tags, settings.cache,
                                        on_fetched=self.blobs.learn_sizes,
