@@ -6,6 +6,8 @@ per node, not per process.
     tmp/claims/<alg>-<hex>.claim   flock(LOCK_EX) held by the worker that fills the digest
     tmp/claims/<alg>-<hex>.part    the growing file, at a name every worker knows
     tmp/claims/<alg>-<hex>.size    the announced size, once known (written, then renamed)
+    tmp/claims/<alg>-<hex>.ok      the bytes verified but are not kept (larger than
+                                   storage.max_size, no room): followers finish on them
 
 The claimer downloads as a lone process would, into the ``.part`` file, and publishes it
 by rename only after verification. A worker that finds the claim held follows instead:
@@ -68,10 +70,20 @@ class Claim:
         temp.write_text(str(size))
         os.replace(temp, self.size)
 
+    @property
+    def verified(self) -> Path:
+        """The marker of bytes verified but not kept."""
+        return self.size.with_suffix(".ok")
+
+    def mark_verified(self) -> None:
+        """The ``.part`` file is verified and complete, and will not be published."""
+        self.verified.touch()
+
     def release(self) -> None:
         """Give the claim up (after publishing, or after a failed fill removed the part)."""
-        with contextlib.suppress(FileNotFoundError):
-            self.size.unlink()
+        for done in (self.size, self.verified):
+            with contextlib.suppress(FileNotFoundError):
+                done.unlink()
         # Removed while held, so that nobody locks a file that is no longer at the name.
         with contextlib.suppress(FileNotFoundError):
             self.lock.unlink()
@@ -87,6 +99,7 @@ class Seen:
     published: int | None  # the size of the published blob, if it is published
     size: int | None  # the announced size
     on_disk: int | None  # bytes in the .part file (``None``: no such file)
+    verified: bool = False  # the .part file is verified, complete, and will not be kept
 
 
 class Claims:
@@ -140,7 +153,7 @@ class Claims:
             on_disk: int | None = part.stat().st_size
         except FileNotFoundError:
             on_disk = None
-        return Seen(None, size, on_disk)
+        return Seen(None, size, on_disk, size_file.with_suffix(".ok").exists())
 
     def announced(self, digest: Digest) -> int | None:
         """The size a claimer announced for ``digest``, if any."""
@@ -238,6 +251,13 @@ class ClaimingFetcher(Fetcher):
         if claim is not None:
             await asyncio.to_thread(claim.announce, fill.size)
 
+    async def _publish(self, fill: Fill, durable: bool) -> str | None:
+        reason = await super()._publish(fill, durable)
+        claim = self._held.get(fill.digest)
+        if reason is not None and claim is not None and fill.relay_from is None:
+            await asyncio.to_thread(claim.mark_verified)
+        return reason
+
     def _settled(self, fill: Fill) -> None:
         claim = self._held.pop(fill.digest, None)
         if claim is not None:
@@ -278,6 +298,9 @@ class ClaimingFetcher(Fetcher):
             fill.set_size(seen.size)
         if seen.on_disk is not None and seen.on_disk > fill.written:
             fill.advance(seen.on_disk - fill.written)
+        if seen.verified and seen.on_disk == fill.size:
+            fill.finish(None)  # verified, not kept: readers read on from the .part file
+            return True
         return False
 
     async def _taken(self, fill: Fill, claim: Claim, opener: UpstreamOpener, registry: str,
