@@ -29,9 +29,8 @@ class AccessMode:
 ACCESS = AccessMode()
 
 
-def _orjson_text(event: object, **kw: Any) -> str:
-    return orjson.dumps(event, default=kw.get("default"),
-                        option=orjson.OPT_NON_STR_KEYS).decode()
+def _orjson(event: object, **kw: Any) -> bytes:
+    return orjson.dumps(event, default=kw.get("default"), option=orjson.OPT_NON_STR_KEYS)
 
 
 def setup(settings: LogSettings) -> None:
@@ -41,9 +40,13 @@ def setup(settings: LogSettings) -> None:
     ACCESS.enabled, ACCESS.json = level <= logging.INFO, as_json
     renderer: structlog.typing.Processor = (
         # orjson: the access line is rendered once per request, on the loop
-        structlog.processors.JSONRenderer(serializer=_orjson_text) if as_json
+        structlog.processors.JSONRenderer(serializer=_orjson) if as_json
         else structlog.dev.ConsoleRenderer()
     )
+    # JSON lines go out whole, one write each: worker processes share stderr, and a line
+    # written in two pieces (print's text, then its newline) could be split by another's.
+    factory: Any = (structlog.BytesLoggerFactory(sys.stderr.buffer) if as_json
+                    else structlog.PrintLoggerFactory(sys.stderr))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -53,7 +56,7 @@ def setup(settings: LogSettings) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr,

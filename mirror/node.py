@@ -79,15 +79,17 @@ class Node:
         self.evictor = Evictor(self.store, settings.storage)
         self.fetcher = Fetcher(self.store, settings.server.chunk_size, space=self.evictor,
                                relay_max_bytes=settings.storage.relay_window)
+        claims = Claims(settings.storage.path / "tmp" / "claims")
         if self.worker.count > 1:  # one download per digest for the node, not per process
             self.fetcher = ClaimingFetcher(
                 self.store, settings.server.chunk_size, space=self.evictor,
-                relay_max_bytes=settings.storage.relay_window,
-                claims=Claims(settings.storage.path / "tmp" / "claims"))
+                relay_max_bytes=settings.storage.relay_window, claims=claims)
         self.blobs = BlobCache(self.store, self.fetcher, settings.cache, on_hit=self.evictor.touch)
         self.manifests = ManifestCache(self.store, self.tags, settings.cache,
                                        on_fetched=self.blobs.learn_sizes,
                                        on_hit=self.evictor.touch, clock=clock)
+        if self.worker.count > 1:  # manifests and tag checks: one worker asks upstream
+            self.manifests.exclusive = claims.exclusive
         self.clients = {u.name: UpstreamClient(u, clock=clock.monotonic,
                                                guard=UpstreamGuard(u, clock=clock.monotonic))
                         for u in settings.upstreams}

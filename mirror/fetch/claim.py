@@ -31,6 +31,7 @@ import contextlib
 import errno
 import fcntl
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,12 @@ class Claims:
         """Take the claim on ``digest``, or ``None`` when another process holds it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         lock, part, size = self._names(digest)
+        return self._lock(lock, part, size)
+
+    def _lock(self, lock: Path, part: Path | None = None, size: Path | None = None
+              ) -> Claim | None:
+        part = part or lock.with_suffix(".part")
+        size = size or lock.with_suffix(".size")
         while True:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
             try:
@@ -137,6 +144,26 @@ class Claims:
             if same:
                 return Claim(fd, lock, part, size)
             os.close(fd)  # the holder released (and removed) it meanwhile: lock the new one
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        """Hold the node-wide lock ``name`` (waiting for another worker that holds it):
+        what manifests and tag checks use, so that one worker asks upstream and the
+        others then find its answer on disk."""
+        lock = self.folder / f"{name}.claim"
+        held: Claim | None = None
+        while held is None:
+            held = await asyncio.to_thread(self._try_lock, lock)
+            if held is None:
+                await asyncio.sleep(POLL)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(held.release)
+
+    def _try_lock(self, lock: Path) -> Claim | None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self._lock(lock)
 
     def look(self, digest: Digest, published: Path) -> Seen:
         """What is on disk of a fill another process runs."""

@@ -200,3 +200,35 @@ def test_metrics_sum_workers_and_one_worker_reconciles(
     assert after - before == 40
     assert len(_lines(mirror, "mirror_started")) == 2
     assert [line["worker"] for line in _lines(mirror, "cache_reconciled")] == [0]
+
+
+def test_cold_manifests_through_two_workers_cost_one_upstream_get(
+        registry_anon: Registry, start_mirror: StartMirror) -> None:
+    """20 clients at once on a cold tag, then on a cold manifest by digest."""
+    by_tag = make_image("workers/tag", "v1", layers=[make_layer(1024, seed=11)],
+                        fmt="oci")
+    by_digest = make_image("workers/digest", "v1", layers=[make_layer(1024, seed=12)],
+                           fmt="oci")
+    for image in (by_tag, by_digest):
+        registry_anon.push(image)
+    mark = registry_anon.clear_log_mark()
+    mirror = start_mirror(registry_anon.url)
+    accept = {"Accept": by_tag.manifest.media_type}
+
+    async def herd(path: str) -> list[bytes]:
+        async def one() -> bytes:
+            async with aiohttp.ClientSession(trust_env=False) as session, \
+                    session.get(f"{mirror.url}{path}", headers=accept) as response:
+                assert response.status == 200
+                return await response.read()
+        return await asyncio.gather(*(one() for _ in range(20)))
+
+    tag_bodies = asyncio.run(herd("/v2/workers/tag/manifests/v1"))
+    digest_bodies = asyncio.run(herd(f"/v2/workers/digest/manifests/{by_digest.manifest.digest}"))
+    assert set(tag_bodies) == {by_tag.manifest.data}
+    assert set(digest_bodies) == {by_digest.manifest.data}
+    assert registry_anon.count("GET", path_contains="/workers/tag/manifests/", since=mark) == 1
+    assert registry_anon.count("GET", path_contains="/workers/digest/manifests/",
+                               since=mark) == 1
+    served = [r for r in _lines(mirror, "request") if "/workers/" in r.get("path", "")]
+    assert {r["worker"] for r in served} == {0, 1}
