@@ -71,7 +71,7 @@ def _server(value: Any) -> ServerSettings:
     if not 0 <= grace <= 3600:
         raise ConfigError("server.shutdown_grace", "must be between 0s and 1h")
     return ServerSettings(event_loop=loop, chunk_size=chunk, shutdown_grace=grace,
-                          workers=_workers(server.get("workers", ServerSettings.workers)))
+                          workers=_workers(server.get("workers", "auto")))
 
 
 def _workers(value: Any) -> int:

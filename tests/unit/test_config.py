@@ -105,7 +105,7 @@ def test_cli_config_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 def test_server_workers() -> None:
     upstreams = [{"name": "r", "url": "http://127.0.0.1:5001"}]
-    assert _parse({"upstreams": upstreams}).server.workers == 1
+    assert _parse({"upstreams": upstreams}).server.workers == max(os.cpu_count() or 1, 1)
     assert _parse({"upstreams": upstreams, "server": {"workers": 4}}).server.workers == 4
     auto = _parse({"upstreams": upstreams, "server": {"workers": "auto"}}).server.workers
     assert auto == max(os.cpu_count() or 1, 1)
