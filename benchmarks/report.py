@@ -33,6 +33,7 @@ METRICS: dict[str, tuple[str, bool]] = {
     "ttfb_p99_s": ("TTFB p99 s", False),
     "rps": ("req/s", True),
     "peak_rss_mib": ("peak RSS MiB", False),
+    "process_rss_mib": ("largest process RSS MiB", False),
     "failed_transfers": ("failed transfers", False),
 }
 SHOWN: dict[str, tuple[str, ...]] = {
@@ -41,7 +42,7 @@ SHOWN: dict[str, tuple[str, ...]] = {
     "herd": ("wall_s", "ttfb_p50_s", "ttfb_p99_s", "upstream_ratio", "failed_transfers"),
     "hot": ("mib_s", "rps"),
     "tags": ("rps", "upstream_requests"),
-    "memory": ("peak_rss_mib",),
+    "memory": ("peak_rss_mib", "process_rss_mib"),
 }
 #: The ratios shown, ours/peer: one process against each peer, the lean path against the
 #: bare aiohttp handler, two workers against one and against nginx with two workers.

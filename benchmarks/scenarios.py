@@ -194,7 +194,8 @@ def _hot_blob(bench: Bench, target: Target, repeat: int) -> None:
                       upstream_requests=meter.traffic.requests)
         if bench.wants("memory"):
             bench.add("memory", f"hot {case}", target.name, repeat, PROC,
-                      peak_rss_mib=rss.peak_mib, hwm_mib=rss.hwm_mib)
+                      peak_rss_mib=rss.peak_mib, hwm_mib=rss.hwm_mib,
+                      process_rss_mib=rss.process_max_mib)
     if bench.wants("hot"):
         _hot_manifest(bench, target, repeat)
 
@@ -326,6 +327,7 @@ def herd_cycle(bench: Bench, name: str, repeat: int, rate: float | None) -> None
                   upstream_blob_requests=meter.traffic.blob_requests, failed_transfers=failed)
     if bench.wants("memory"):
         bench.add("memory", case, name, repeat, PROC, peak_rss_mib=rss.peak_mib,
+                  process_rss_mib=rss.process_max_mib,
                   hwm_mib=rss.hwm_mib)
 
 
