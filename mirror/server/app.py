@@ -33,13 +33,14 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM,
     # The edge check only when there is something to check: one middleware less per request.
     guarded = settings.auth is not None or settings.admin is not None
     # The lean path only when every request may be answered without the edge check.
-    hot = HotAnswers(AccessLine(logs.ACCESS.enabled, logs.ACCESS.json), clock=clock.monotonic)
-    app = web.Application(middlewares=[observe, edge] if guarded else [hot.middleware, observe],
+    app = web.Application(middlewares=[observe, edge] if guarded else [observe],
                           client_max_size=64 * 1024)
     install(app, settings)
     app.cleanup_ctx.append(partial(_node, settings, clock, tuple(extra_sources)))
     if not guarded:
-        app.on_startup.append(hot.attach)  # runs after the node's start above
+        hot = HotAnswers(AccessLine(logs.ACCESS.enabled, logs.ACCESS.json),
+                         clock=clock.monotonic)
+        hot.install(app)
     app.on_response_prepare.append(add_api_version)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)

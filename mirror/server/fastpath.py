@@ -8,10 +8,11 @@ here, ready, keyed on method, path with query, and Accept::
     body (empty for HEAD)   headers (rendered once)   constant fields of the access line
     metric children         what to touch for eviction recency     expiry
 
-and the next identical request is answered from it by the outermost middleware, ahead of
-routing and the full middleware. It still writes one access line with the same fields
-(rendered with orjson around the pre-rendered constant part), counts the same metrics,
-renews the content's recency for eviction and counts the pull of a tag.
+and the next identical request is answered from it ahead of routing and every middleware
+(it wraps the application's handler; the full path's outermost middleware keeps answers).
+It still writes one access line with the same fields (rendered with orjson around the
+pre-rendered constant part), counts the same metrics, renews the content's recency for
+eviction and counts the pull of a tag.
 
 What is kept: only answers the full path gave from the cache (``cache`` hit, or a manifest
 by digest), status 200, to requests without ``Range``, ``If-None-Match`` or
@@ -41,6 +42,7 @@ from aiohttp import web
 
 from mirror import metrics
 from mirror.cache.tags import tag_key
+from mirror.node import Node
 from mirror.oci import is_digest_reference
 from mirror.server.state import LOG, NODE
 
@@ -145,6 +147,7 @@ class HotAnswers:
         self._max_bytes = max_bytes
         self._max_entries = max_entries
         self._id_prefix = os.urandom(4).hex() + "f"  # never equal to the middleware's ids
+        self._node: Node | None = None
         self._ids = itertools.count(1)
 
     def __len__(self) -> int:
@@ -166,22 +169,36 @@ class HotAnswers:
 
     async def attach(self, app: web.Application) -> None:
         """``on_startup`` (after the node started): hear of content the node removes."""
-        app[NODE].on_removed.append(self.forget)
+        self._node = app[NODE]
+        self._node.on_removed.append(self.forget)
+
+    def install(self, app: web.Application) -> None:
+        """Answer kept entries ahead of the application's router and middleware, and keep
+        the answers of the full path (its outermost middleware)."""
+        full: Handler = app._handle
+        entries, clock = self._entries, self._clock
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            headers = request.headers
+            hot = entries.get((request.method, request.raw_path,
+                               ",".join(headers.getall("Accept", ()))))
+            if hot is not None and not any(name in headers for name in _VARYING):
+                started = time.perf_counter()
+                if hot.expires > clock():
+                    return self._serve(request, hot, started)
+            return await full(request)
+
+        app._handle = handle  # type: ignore[method-assign]
+        app.middlewares.insert(0, self.middleware)
+        app.on_startup.append(self.attach)  # after the node's start (cleanup_ctx runs first)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Answer from a kept entry, or let the full path answer and keep its answer."""
-        headers = request.headers
-        key = (request.method, request.raw_path, ",".join(headers.getall("Accept", ())))
-        hot = self._entries.get(key)
-        plain = not any(name in headers for name in _VARYING)
-        if hot is not None and plain:
-            started = time.perf_counter()
-            if hot.expires > self._clock():
-                return self._serve(request, hot, started)
-            self._drop(key)
+        """Let the full path answer, and keep its answer when it may be given again."""
         response = await handler(request)
-        if plain and response.status == 200:
+        headers = request.headers
+        if response.status == 200 and not any(name in headers for name in _VARYING):
+            key = (request.method, request.raw_path, ",".join(headers.getall("Accept", ())))
             await self._keep(request, key, response)
         return response
 
@@ -199,11 +216,12 @@ class HotAnswers:
         if hot.served_count:
             for counter in hot.served:
                 counter.inc(hot.served_count)
-        node = request.app[NODE]
-        if hot.touch is not None:
-            node.evictor.touch(*hot.touch)
-        if hot.image is not None:
-            node.popularity.record(hot.image)
+        node = self._node
+        if node is not None:
+            if hot.touch is not None:
+                node.evictor.touch(*hot.touch)
+            if hot.image is not None:
+                node.popularity.record(hot.image)
         elapsed = time.perf_counter() - started
         hot.seconds.observe(elapsed)
         if self.access.enabled:
