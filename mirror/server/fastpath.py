@@ -32,13 +32,14 @@ import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 
 from mirror import metrics
 from mirror.cache.tags import tag_key
@@ -78,6 +79,11 @@ class Hot:
     served_count: int
     touch: tuple[str, str] | None  # (kind, digest) for eviction recency
     image: str | None  # the image a tag pull counts for
+    rendered: CIMultiDict[str] = field(default_factory=CIMultiDict)  # headers, copied per answer
+    pending: int = 0  # answers not yet added to the counters
+
+    def __post_init__(self) -> None:
+        self.rendered = CIMultiDict(self.headers)
 
 
 class AccessLine:
@@ -148,6 +154,7 @@ class HotAnswers:
         self._max_entries = max_entries
         self._id_prefix = os.urandom(4).hex() + "f"  # never equal to the middleware's ids
         self._node: Node | None = None
+        self._counted: list[Hot] = []
         self._ids = itertools.count(1)
 
     def __len__(self) -> int:
@@ -208,14 +215,14 @@ class HotAnswers:
             request_id = supplied
         else:
             request_id = f"{self._id_prefix}{next(self._ids):07x}"
-        response = web.Response(body=hot.body or None, headers=hot.headers)
-        response.headers["X-Request-Id"] = request_id
-        hot.requests.inc()
-        for counter in hot.counters:
-            counter.inc()
-        if hot.served_count:
-            for counter in hot.served:
-                counter.inc(hot.served_count)
+        headers = hot.rendered.copy()
+        headers["X-Request-Id"] = request_id
+        response = web.Response(body=hot.body or None, headers=headers)
+        if not hot.pending:  # counters are added once per loop turn, not per request
+            if not self._counted:
+                asyncio.get_running_loop().call_soon(self._count)
+            self._counted.append(hot)
+        hot.pending += 1
         node = self._node
         if node is not None:
             if hot.touch is not None:
@@ -230,6 +237,18 @@ class HotAnswers:
                 "user_agent": request.headers.get("User-Agent", "")[:200],
                 "duration_ms": round(elapsed * 1000, 2)}, hot)
         return response
+
+    def _count(self) -> None:
+        """Add the requests answered since the last loop turn to their counters."""
+        counted, self._counted = self._counted, []
+        for hot in counted:
+            count, hot.pending = hot.pending, 0
+            hot.requests.inc(count)
+            for counter in hot.counters:
+                counter.inc(count)
+            if hot.served_count:
+                for counter in hot.served:
+                    counter.inc(hot.served_count * count)
 
     def _drop(self, key: tuple[str, str, str]) -> None:
         hot = self._entries.pop(key, None)
