@@ -307,8 +307,11 @@ class HotAnswers:
         if registry:
             counters.append(metrics.child(metrics.REGISTRY_CACHE_RESULTS, registry, kind, cache))
             served.append(metrics.child(metrics.REGISTRY_SERVED_BYTES, registry, "memory"))
-        constant = {"method": method, "path": request.path[:300], "status": 200, **context,
-                    "cache": cache}
+        # What structlog would merge from contextvars (a worker's index), then the request's.
+        bound = {k: v for k, v in structlog.contextvars.get_contextvars().items()
+                 if k != "request_id"}
+        constant = {**bound, "method": method, "path": request.path[:300], "status": 200,
+                    **context, "cache": cache}
         digest = context.get("digest")
         reference = str(context.get("reference", ""))
         tag = route == "manifest" and not is_digest_reference(reference)
