@@ -6,7 +6,9 @@
     mirror config check FILE
     mirror cache ls|du [--json] [--config FILE] [--storage DIR]
     mirror cache fsck [--config FILE] [--storage DIR]
-    mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR]
+    mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR] [--shared]
+    mirror warm REF... [--platform OS/ARCH]... [--referrers] [--server URL] [--config FILE]
+    mirror sync --once [--dry-run] | status  [--json] [--server URL] [--config FILE]
 
 Errors are one readable line on stderr and a non-zero exit status.
 """
@@ -18,8 +20,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import socket
-import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,12 @@ import structlog
 import uvloop
 from aiohttp import web
 
-from mirror import config, log
+from mirror import config, log, sync_cli
 from mirror import worker as this_worker
 from mirror.cache.inventory import Inventory, human_size, human_time
 from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
 from mirror.cache.membership import Membership
+from mirror.config import checks
 from mirror.errors import CacheCommandError, ConfigError, OciError
 from mirror.routing import Router
 from mirror.server import workers
@@ -44,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        result: int = args.func(args)
+        if getattr(args, "with_settings", False):
+            settings = load_settings(args.config, storage=args.storage)
+            # What failed is in the command's own summary; the log would say it twice.
+            log.setup(dataclasses.replace(settings.log, level="error"))
+            result: int = args.func(args, settings)
+            return result
+        result = args.func(args)
         return result
     except ConfigError as exc:
         print(f"mirror: config error: {exc}", file=sys.stderr)
@@ -76,7 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     check.set_defaults(func=_config_check)
     _cache_parser(commands)
+    sync_cli.add_parsers(commands, _warm_options)
     return parser
+
+
+def _warm_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config, as for serve")
+    parser.add_argument("--storage", type=Path, help="cache folder, overrides the config")
+    sync_cli.add_server_option(parser)
+    parser.set_defaults(with_settings=True)
 
 
 def _cache_parser(commands: Any) -> None:
@@ -89,21 +104,25 @@ def _cache_parser(commands: Any) -> None:
         "pin": ("keep an image (index, manifests, configs, layers) or a digest from eviction",
                 _cache_pin, True),
         "unpin": ("drop the pins an image reference or digest made", _cache_unpin, True),
-        "evict": ("delete an image's or a digest's content now (pinned content stays)",
-                  _cache_evict, True),
+        "evict": ("delete an image's or a digest's content now (pinned content, and "
+                  "content other cached images use, stays)", _cache_evict, True),
         "fsck": ("re-hash everything stored and remove what does not match", _cache_fsck,
                  False),
     }
     for name, (text, func, takes_ref) in helps.items():
         action = actions.add_parser(name, help=text)
         if takes_ref:
-            action.add_argument("ref", help="an image reference (docker.io/library/nginx:1.27, "
+            action.add_argument("ref", help="an image reference in any form Docker takes "
+                                "(nginx:1.27, library/nginx:1.27, docker.io/nginx:1.27, "
                                 "nginx@sha256:...) or a digest (sha256:...)")
         action.add_argument("--config", type=Path, help="YAML config, as for serve")
         action.add_argument("--storage", type=Path, help="cache folder, overrides the config")
         if name in ("ls", "du"):
             action.add_argument("--json", action="store_true",
                                 help="print JSON, with a breakdown by registry")
+        if name == "evict":
+            action.add_argument("--shared", action="store_true",
+                                help="also delete layers and configs other cached images use")
         action.set_defaults(func=func)
 
 
@@ -126,6 +145,7 @@ def load_settings(path: Path | None, listen: str | None = None,
 
 def _config_check(args: argparse.Namespace) -> int:
     settings = config.load(args.file)
+    checks.check_machine(settings)
     names = ", ".join(u.name + (" (default)" if u.default else "") for u in settings.upstreams)
     print(f"{args.file}: ok; upstreams: {names}")
     return 0
@@ -269,23 +289,26 @@ def _cache_pin(args: argparse.Namespace) -> int:
 def _cache_unpin(args: argparse.Namespace) -> int:
     inventory = _inventory(args)
     try:
-        count = inventory.unpin(args.ref)
+        label, count = inventory.unpin(args.ref)
     finally:
         inventory.close()
     if count == 0:
-        raise CacheCommandError(f"{args.ref} is not pinned")
-    print(f"unpinned {args.ref}: {count} pin(s) removed")
+        raise CacheCommandError(f"{label} is not pinned")
+    print(f"unpinned {label}: {count} pin(s) removed")
     return 0
 
 
 def _cache_evict(args: argparse.Namespace) -> int:
     inventory = _inventory(args)
     try:
-        resolved, freed, kept = inventory.evict(args.ref)
+        done = inventory.evict(args.ref, shared=args.shared)
     finally:
         inventory.close()
-    note = f"; {kept} pinned item(s) kept (unpin first)" if kept else ""
-    print(f"evicted {resolved.label}: {human_size(freed)} freed{note}")
+    note = f"; {done.kept_pinned} pinned item(s) kept (unpin first)" if done.kept_pinned else ""
+    if done.kept_shared:
+        note += (f"; {done.kept_shared} item(s) kept that other cached images use "
+                 "(--shared removes them too)")
+    print(f"evicted {done.resolved.label}: {human_size(done.freed)} freed{note}")
     return 0
 
 
@@ -305,30 +328,34 @@ def _cache_fsck(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, args.listen, args.storage)
-    log.setup(settings.log)
+    # Every problem found here is one line and exit 2 (main); the port is bound before
+    # the app starts, so ``mirror_started`` is never logged by a mirror that cannot listen.
+    checks.check_storage(settings.storage.path, create=True)
+    ssl_context = checks.tls_context(settings.tls) if settings.tls is not None else None
     worker = this_worker.current()
     if settings.server.workers > 1 and worker.count == 1:
-        return workers.Supervisor(settings, _serve_argv(args)).run()
-    ssl_context = None
-    if settings.tls is not None:
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(settings.tls.cert, settings.tls.key)
+        supervisor = workers.Supervisor(settings, _serve_argv(args), bind=checks.bind)
+        supervisor.bind_first()
+        log.setup(settings.log)
+        return supervisor.run()
+    if worker.count > 1:  # a worker: the supervisor's sockets, listening already
+        socks = this_worker.inherited_sockets()
+    else:
+        socks = [checks.bind(settings.listen_host, settings.listen_port)]
+        if settings.admin is not None and settings.admin.listen is not None:
+            # The admin address is a second socket of the same app: the edge middleware
+            # tells them apart by local port.
+            socks.append(checks.bind(*settings.admin.listen))
+    log.setup(settings.log)
+    if worker.count > 1:
+        structlog.contextvars.bind_contextvars(worker=worker.index)  # on its every log line
     loop_factory = None
     if settings.server.event_loop == "uvloop":
         loop_factory = uvloop.new_event_loop
     runner = asyncio.Runner(loop_factory=loop_factory)
-    admin = settings.admin.listen if settings.admin is not None else None
-    # The admin address is a second socket of the same app: the edge middleware tells
-    # them apart by local port.
-    sock = [socket.create_server(admin, reuse_port=False)] if admin is not None else None
-    host: str | None = settings.listen_host
-    port: int | None = settings.listen_port
-    if worker.count > 1:  # a worker: the supervisor's sockets, listening already
-        host, port, sock = None, None, this_worker.inherited_sockets()
-        structlog.contextvars.bind_contextvars(worker=worker.index)  # on its every log line
-    web.run_app(create_app(settings), host=host, port=port,
-                sock=sock, ssl_context=ssl_context, access_log=None, print=None,
-                shutdown_timeout=10, loop=runner.get_loop())
+    web.run_app(create_app(settings), sock=socks, ssl_context=ssl_context, access_log=None,
+                print=None, shutdown_timeout=10, loop=runner.get_loop(),
+                handler_cancellation=True)
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import (
@@ -39,13 +40,21 @@ SERVED_BYTES = Counter(
 UPSTREAM_REQUESTS = Counter(
     "mirror_upstream_requests_total", "Requests sent upstream.", ["registry", "method", "status"]
 )
+#: Who an upstream request is for: ``client`` unless set (warming sets ``sync``). Tasks
+#: started under it (a fill a warm began) inherit it.
+CALLER: ContextVar[str] = ContextVar("mirror_caller", default="client")
+UPSTREAM_BY_CALLER = Counter(
+    "mirror_upstream_requests_by_caller_total",
+    "Requests sent upstream, by whom they were for: client (a pull) or sync (warming).",
+    ["registry", "caller"],
+)
 UPSTREAM_BYTES = Counter(
     "mirror_upstream_bytes_total", "Body bytes received from upstream.", ["registry"]
 )
 UPSTREAM_ERRORS = Counter(
     "mirror_upstream_errors_total",
     "Upstream failures: connect, timeout, status_5xx, rate_limited, denied, bad_content, "
-    "truncated, digest_mismatch.",
+    "truncated, digest_mismatch, size_hint_wrong (a manifest declared another size).",
     ["registry", "reason"],
 )
 UPSTREAM_RETRIES = Counter(
@@ -245,6 +254,37 @@ AUTH_FAILURES = Counter(
     "Client requests refused: unauthorized (missing or wrong credentials), denied (no access "
     "rule allows it), not_member (a digest asked under a repository that does not hold it).",
     ["reason"],
+)
+# --- warming: the sync loop and `mirror warm` (mirror.sync) ----------------------------
+SYNC_IMAGES = Counter(
+    "mirror_sync_images_total",
+    "Image references warming handled (the selected platforms of each): warmed (fetched "
+    "now), present (already held), failed.",
+    ["result"],
+)
+SYNC_BYTES = Counter(
+    "mirror_sync_bytes_total",
+    "Blob bytes of warmed images: warmed (fetched now) or present (already held).",
+    ["result"],
+)
+SYNC_CHECKS = Counter(
+    "mirror_sync_tag_checks_total",
+    "Watched tags checked: unchanged (one HEAD, nothing else), moved (a new digest), new "
+    "(first seen), failed.",
+    ["result"],
+)
+SYNC_LAG = Histogram(
+    "mirror_sync_lag_seconds",
+    "From the last check that saw a tag's old digest to the mirror holding all of the new "
+    "digest's selected content (an upper bound of the lag behind upstream).",
+    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400),
+)
+SYNC_PAUSED = Gauge(
+    "mirror_sync_paused",
+    "1 while warming from a registry is paused: rate_limited (after a 429, until its "
+    "Retry-After), ratelimit_floor (ratelimit-remaining below sync.ratelimit_floor), "
+    "off_peak (outside sync.off_peak).",
+    ["registry", "reason"],
 )
 
 

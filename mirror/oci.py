@@ -87,6 +87,12 @@ class Digest:
         return hashlib.new(self.algorithm, data).hexdigest() == self.hex
 
 
+def is_number(text: str) -> bool:
+    """Whether ``text`` is a whole number in ASCII digits, the only numbers HTTP and the
+    distribution spec know (``str.isdigit`` also takes ``²``, ``٣`` and full-width digits)."""
+    return text.isascii() and text.isdigit()
+
+
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid repository name.
 
@@ -161,9 +167,29 @@ def manifest_media_type(data: bytes, content_type: str | None) -> str:
         raise ManifestInvalid("upstream sent a document that is not an image manifest")
     if media_type in (SCHEMA1, SCHEMA1_SIGNED) or document.get("schemaVersion") == 1:
         raise ManifestInvalid("schema 1 manifests are not supported (deprecated by every client)")
-    if media_type not in MANIFEST_TYPES and "layers" not in document:
-        raise ManifestInvalid(f"unsupported manifest media type {media_type!r}")
+    if media_type not in MANIFEST_TYPES:
+        raise ManifestInvalid(f"unsupported manifest media type {media_type[:100]!r}")
+    _check_shape(document, media_type)
     return media_type
+
+
+def _check_shape(document: dict[str, Any], media_type: str) -> None:
+    """An index lists manifests; an image has a config and layers (all descriptors)."""
+    if media_type in INDEX_TYPES:
+        ok = _descriptors(document.get("manifests"))
+    else:
+        ok = isinstance(document.get("config"), dict) and _descriptors(document.get("layers"))
+    if not ok:
+        raise ManifestInvalid(f"upstream sent a {media_type} that does not have its shape")
+
+
+def _descriptors(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+
+
+def _size(value: Any) -> int:
+    """A descriptor's size, or 0 when it is not a whole number (a hint only)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def parse_manifest(data: bytes) -> dict[str, Any]:
@@ -207,11 +233,11 @@ def referenced_digests(document: dict[str, Any]) -> list[tuple[str, str, int]]:
     found: list[tuple[str, str, int]] = []
     for entry in document.get("manifests", []) or []:
         if isinstance(entry, dict) and isinstance(entry.get("digest"), str):
-            found.append(("manifest", entry["digest"], int(entry.get("size", 0) or 0)))
+            found.append(("manifest", entry["digest"], _size(entry.get("size"))))
     config = document.get("config")
     blobs = [config] if isinstance(config, dict) else []
     blobs += [layer for layer in document.get("layers", []) or [] if isinstance(layer, dict)]
     for blob in blobs:
         if isinstance(blob.get("digest"), str):
-            found.append(("blob", blob["digest"], int(blob.get("size", 0) or 0)))
+            found.append(("blob", blob["digest"], _size(blob.get("size"))))
     return found

@@ -4,7 +4,9 @@
 status page reads; :class:`TopCounter` keeps it in memory, bounded (the
 "space saving" scheme: when full, the least pulled name gives its place and
 its count to the new one, so heavy hitters are never lost). A persisted
-store can take its place behind the same interface.
+store can take its place behind the same interface: the node uses
+:class:`mirror.sync.popularity.Popularity` (decaying counts, per platform too,
+saved under the storage folder), which the sync loop reads as well.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -35,13 +35,15 @@ from mirror.errors import (
     FillError,
     ManifestUnknown,
     NameUnknown,
+    TooManyRequests,
     UpstreamUnavailable,
 )
 from mirror.fetch import Fill
-from mirror.oci import OCI_INDEX, Digest, is_digest_reference, parse_manifest
+from mirror.oci import OCI_INDEX, Digest, is_digest_reference, is_number, parse_manifest
 from mirror.sources import ContentRef, SourceChain
 from mirror.sources.s3 import S3Source
 from mirror.sources.upstream import check_status, read_limited
+from mirror.upstream import bodies
 
 #: Pages of an upstream tag list followed to paginate it here, at most.
 TAG_PAGES_MAX = 20
@@ -177,6 +179,21 @@ class PullService:
             await ensure_member(self.membership, self.chain(repo.registry).client,
                                 repo.repository, digest, kind=kind)
 
+    async def revalidate(self, repo: Repo, tag: str, max_age: float, *,
+                         background: bool = True) -> Resolved:
+        """A tag confirmed upstream unless it was checked within ``max_age`` seconds (by
+        anyone): one HEAD, joined with a client's revalidation of the same tag under way.
+
+        The manifest is fetched only when the tag moved (or was never seen). Warming
+        watches tags with this.
+
+        Raises:
+            ManifestUnknown: the tag does not exist (any more).
+            UpstreamUnavailable, TooManyRequests: upstream failed and nothing cached answers.
+        """
+        origin = self.chain(repo.registry, background)
+        return await self.manifests.by_tag(origin, repo.repository, tag, None, max_age=max_age)
+
     # --- blobs ------------------------------------------------------------------------
     async def blob(self, repo: Repo, digest: Digest, *, head: bool = False,
                    redirect: bool = True, background: bool = False) -> BlobAnswer:
@@ -209,12 +226,17 @@ class PullService:
         fill, joined = await self.blobs.fill(origin, ref)
         return BlobFlight(fill, joined)
 
-    async def fetch_blob(self, repo: Repo, digest: Digest, *,
-                         background: bool = True) -> CachedBlob | None:
+    async def fetch_blob(self, repo: Repo, digest: Digest, *, background: bool = True,
+                         pace: Callable[[int], Awaitable[None]] | None = None,
+                         ) -> CachedBlob | None:
         """Make sure the blob is here, waiting for its fill (warming, export).
 
         A fill cut because a source sent wrong bytes is tried once more (that
         source is skipped then).
+
+        Args:
+            pace: awaited with the size of each chunk a fill this call started reads,
+                while no client reads that fill (a bandwidth cap for warming).
 
         Returns:
             The cached blob, or ``None`` when it was verified but could not be kept.
@@ -227,9 +249,13 @@ class PullService:
             if isinstance(answer, CachedBlob):
                 return answer
             assert isinstance(answer, BlobFlight)
+            if pace is not None and not answer.joined:
+                answer.fill.pace = pace
             try:
                 await answer.fill.wait_done()
-            except FillError:
+            except FillError as exc:
+                if isinstance(exc.__cause__, TooManyRequests):
+                    raise exc.__cause__ from None  # asking again now only earns another 429
                 if attempt:
                     raise
                 continue
@@ -263,46 +289,53 @@ class PullService:
         name, every = await self.all_tags(repo)
         return _paginate(name, every, n, last)
 
-    async def all_tags(self, repo: Repo) -> tuple[str, list[str]]:
-        """Every tag of a repository, sorted, following upstream's pages (cached briefly)."""
+    async def all_tags(self, repo: Repo, *, background: bool = False) -> tuple[str, list[str]]:
+        """Every tag of a repository, sorted, following upstream's pages (cached briefly).
+
+        Args:
+            background: no client waits (warming): the upstream's background budget.
+        """
         cached = self._tag_lists.get(repo)
         if cached is not None:
             return cached
-        name, tags, link = await self._tag_list(repo, {})
+        name, tags, link = await self._tag_list(repo, {}, background)
         every = list(tags)
         for _ in range(TAG_PAGES_MAX):
             n, last = _next_from_link(link)
             if last is None:
                 break
             params = {"last": last, **({"n": str(n)} if n else {})}
-            _, tags, link = await self._tag_list(repo, params)
+            _, tags, link = await self._tag_list(repo, params, background)
             every.extend(tags)
         result = (name, sorted(set(every)))
         self._tag_lists[repo] = result
         return result
 
-    async def _tag_list(self, repo: Repo,
-                        params: dict[str, str]) -> tuple[str, list[str], str | None]:
-        client = self.chain(repo.registry).client
+    async def _tag_list(self, repo: Repo, params: dict[str, str],
+                        background: bool = False) -> tuple[str, list[str], str | None]:
+        client = self.chain(repo.registry, background).client
         async with client.request("GET", repo.repository, "tags/list", params=params) as resp:
             if resp.status == 404:
                 raise NameUnknown(f"repository {repo.repository!r} is unknown upstream")
             check_status(resp, client.name, "tag list")
             body = await read_limited(resp, "tag list")
             link = resp.headers.get("Link")
-        name, tags = _parse_tag_list(body, repo.repository)
-        return name, tags, link
+        document = bodies.tag_list(body)
+        return document["name"], list(document.get("tags") or []), link
 
     # --- referrers ----------------------------------------------------------------------
-    async def referrers(self, repo: Repo, digest: Digest,
-                        artifact_type: str | None = None) -> Referrers:
+    async def referrers(self, repo: Repo, digest: Digest, artifact_type: str | None = None,
+                        *, background: bool = False) -> Referrers:
         """The manifests that refer to ``digest``: from upstream's referrers API, else from
         the referrers tag schema (an index under the tag ``<alg>-<hex>``), else none.
+
+        Args:
+            background: no client waits (warming): the upstream's background budget.
 
         Raises:
             UpstreamUnavailable: upstream failed or sent something that is not an index.
         """
-        client = self.chain(repo.registry).client
+        client = self.chain(repo.registry, background).client
         params = {"artifactType": artifact_type} if artifact_type else None
         async with client.request("GET", repo.repository, f"referrers/{digest}",
                                   params=params) as resp:
@@ -312,18 +345,20 @@ class PullService:
             body = await read_limited(resp, "referrers index") if resp.status == 200 else None
             applied = "artifactType" in resp.headers.get("OCI-Filters-Applied", "")
         if body is not None:
-            index = _parse_index(body, "upstream referrers")
+            index = bodies.referrers_index(body)
             if artifact_type and not applied:
                 return Referrers(_index_body(_filtered(index, artifact_type)), True)
             return Referrers(body, bool(artifact_type))
-        manifests = await self._referrers_by_tag(repo, digest)
+        manifests = await self._referrers_by_tag(repo, digest, background)
         if artifact_type:
             manifests = _filtered({"manifests": manifests}, artifact_type)
         return Referrers(_index_body(manifests), bool(artifact_type))
 
-    async def _referrers_by_tag(self, repo: Repo, digest: Digest) -> list[dict[str, Any]]:
+    async def _referrers_by_tag(self, repo: Repo, digest: Digest,
+                                background: bool = False) -> list[dict[str, Any]]:
         try:
-            resolved = await self.manifest(repo, f"{digest.algorithm}-{digest.hex}")
+            resolved = await self.manifest(repo, f"{digest.algorithm}-{digest.hex}",
+                                           background=background)
         except ManifestUnknown:
             return []
         if resolved.manifest.media_type != OCI_INDEX:
@@ -331,19 +366,6 @@ class PullService:
         manifests = parse_manifest(resolved.manifest.data).get("manifests")
         return [m for m in manifests if isinstance(m, dict)] if isinstance(manifests, list) \
             else []
-
-
-def _parse_tag_list(body: bytes, repository: str) -> tuple[str, list[str]]:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        document = None
-    tags = document.get("tags") if isinstance(document, dict) else None
-    if not isinstance(document, dict) or not isinstance(tags, list | None) or \
-            not all(isinstance(t, str) for t in tags or []):
-        raise UpstreamUnavailable("upstream sent a tag list that is not one", status=502)
-    name = document.get("name")
-    return (name if isinstance(name, str) else repository), list(tags or [])
 
 
 def _honoured(tags: list[str], n: int | None, last: str | None) -> bool:
@@ -368,17 +390,7 @@ def _next_from_link(link: str | None) -> tuple[int | None, str | None]:
         return None, None
     query = URL(link[start + 1:end]).query
     n = query.get("n", "")
-    return (int(n) if n.isascii() and n.isdigit() else None), query.get("last")
-
-
-def _parse_index(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        document = None
-    if not isinstance(document, dict) or not isinstance(document.get("manifests", []), list):
-        raise UpstreamUnavailable(f"{what} is not an image index", status=502)
-    return document
+    return (int(n) if is_number(n) else None), query.get("last")
 
 
 def _filtered(index: Mapping[str, Any], artifact_type: str) -> list[dict[str, Any]]:

@@ -136,9 +136,9 @@ class Router:
                                   "default registry")
             if upstream.library_prefix and remainder and ("." in first or ":" in first):
                 raise NameUnknown(f"registry {first[:100]!r} is not configured on this mirror")
-        validate_name(name)
         if upstream.library_prefix and "/" not in name:
             name = f"library/{name}"
+        validate_name(name)  # as upstream will see it: 255 characters with library/
         return upstream, name
 
 

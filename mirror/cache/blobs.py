@@ -51,7 +51,7 @@ class BlobCache:
         self._fetcher = fetcher
         self._item_max = settings.memory_item_max_bytes
         self._sizes: LRUCache[Digest, int] = LRUCache(maxsize=200_000)
-        self._size_hints: LRUCache[Digest, int] = LRUCache(maxsize=200_000)
+        self._size_hints = fetcher.hints  # advisory: see mirror/fetch/hints.py
         self._memory: LRUCache[Digest, bytes] = LRUCache(
             maxsize=max(settings.memory_max_bytes, 1), getsizeof=len
         )

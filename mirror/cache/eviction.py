@@ -103,9 +103,8 @@ class Evictor:
         limit = self._settings.max_size
         if limit is None:
             return True
-        over = self._index.total_bytes + self._reserved + size - limit
-        if over > 0:
-            await self.evict_bytes(over, "watermark")
+        if self._used() + size > limit:
+            await self._evict(lambda: self._used() + size - limit, "watermark")
         return self._index.total_bytes + size <= limit
 
     async def make_room(self, size: int) -> int:
@@ -171,16 +170,20 @@ class Evictor:
     async def check(self) -> int:
         """Evict down to the low watermark if the cache is over the high one.
 
+        The excess is computed under the lock, after any eviction before it: however
+        many fills reserve at once, the cache stops at the low watermark.
+
         Returns:
             Bytes freed.
         """
         high, low = self._settings.high_bytes, self._settings.low_bytes
-        if high is None or low is None:
+        if high is None or low is None or self._used() <= high:
             return 0
-        used = self._index.total_bytes + self._reserved
-        if used <= high:
-            return 0
-        return await self.evict_bytes(used - low, "watermark")
+        return await self._evict(lambda: self._used() - low if self._used() > high else 0,
+                                 "watermark")
+
+    def _used(self) -> int:
+        return self._index.total_bytes + self._reserved
 
     async def evict_bytes(self, amount: int, reason: str) -> int:
         """Evict at least ``amount`` bytes of unpinned, unused content, oldest use first.
@@ -188,8 +191,15 @@ class Evictor:
         Returns:
             Bytes freed (less than asked when everything left is pinned or busy).
         """
+        return await self._evict(lambda: amount, reason)
+
+    async def _evict(self, wanted: Callable[[], int], reason: str) -> int:
+        """Evict ``wanted()`` bytes, the amount decided once the lock is held."""
         async with self._lock:
             await self.flush()
+            amount = wanted()
+            if amount <= 0:
+                return 0
             freed = skipped = 0
             while freed < amount:
                 batch = await asyncio.to_thread(self._index.least_recent, BATCH, skipped)

@@ -22,7 +22,13 @@ import diskcache
 from mirror.cache.tags import tag_key
 from mirror.config import StorageSettings
 from mirror.errors import CacheCommandError, OciError
-from mirror.oci import Digest, is_digest_reference, parse_manifest, referenced_digests
+from mirror.oci import (
+    HASH_HEX_LENGTH,
+    Digest,
+    is_digest_reference,
+    parse_manifest,
+    referenced_digests,
+)
 from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.index import Entry, Key
 
@@ -36,6 +42,16 @@ class Resolved:
     keys: set[Key] = field(default_factory=set)  # stored content in its tree
     missing: set[str] = field(default_factory=set)  # referenced but not stored
     tag: str | None = None  # the tag record key, for an image by tag
+
+
+@dataclass
+class Evicted:
+    """What ``mirror cache evict`` did."""
+
+    resolved: Resolved
+    freed: int  # bytes
+    kept_pinned: int  # entries kept because pinned
+    kept_shared: int  # entries kept because other cached images use them
 
 
 #: Parses an image reference into (registry, repository, tag or digest).
@@ -105,23 +121,39 @@ class Inventory:
                                          if p.is_file()) if self.store.tmp.is_dir() else 0
         return usage
 
+    def label(self, text: str) -> tuple[str, tuple[str, str, str] | None]:
+        """What ``text`` names, normalised once for every command: a digest, or the
+        canonical ``registry/repository:tag`` (``@digest``) and its parts.
+
+        Every form Docker accepts names the same image: ``nginx:1.27``,
+        ``library/nginx:1.27``, ``docker.io/nginx:1.27``,
+        ``docker.io/library/nginx:1.27``, ``nginx@sha256:...``; a bare
+        ``sha256:...`` is a digest.
+
+        Raises:
+            CacheCommandError: neither a digest nor an image this mirror serves.
+        """
+        text = text.strip()
+        if "/" not in text and "@" not in text and text.partition(":")[0] in HASH_HEX_LENGTH:
+            return str(_digest(text)), None
+        registry, repository, reference = self._parse_ref(text)
+        sep = "@" if is_digest_reference(reference) else ":"
+        return f"{registry}/{repository}{sep}{reference}", (registry, repository, reference)
+
     def resolve(self, text: str) -> Resolved:
         """The stored tree an image reference or a digest names.
 
         Raises:
             CacheCommandError: the reference is invalid, or names nothing cached.
         """
-        text = text.strip()
-        if is_digest_reference(text) and "/" not in text and "@" not in text:
-            digest = str(_digest(text))
-            keys, missing = self._tree(digest)
-            keys |= {e.key for e in self.store.index.find(digest)}
+        label, ref = self.label(text)
+        if ref is None:
+            keys, missing = self._tree(label)
+            keys |= {e.key for e in self.store.index.find(label)}
             if not keys:
-                raise CacheCommandError(f"{digest} is not cached")
-            return Resolved(digest, digest, keys, missing)
-        registry, repository, reference = self._parse_ref(text)
-        label = f"{registry}/{repository}{'@' if is_digest_reference(reference) else ':'}" \
-                f"{reference}"
+                raise CacheCommandError(f"{label} is not cached")
+            return Resolved(label, label, keys, missing)
+        registry, repository, reference = ref
         tag = None
         if is_digest_reference(reference):
             root = reference
@@ -176,34 +208,52 @@ class Inventory:
         self.store.index.pin(sorted(digests), resolved.label)
         return resolved, sum(e.size for e in self._entries(resolved.keys))
 
-    def unpin(self, text: str) -> int:
-        """Drop the pins ``text`` made; returns how many pins went."""
-        label = text.strip()
-        count = self.store.index.unpin(label)
-        if count == 0 and not is_digest_reference(label.split("/")[-1].split("@")[0]):
-            with contextlib.suppress(CacheCommandError):
-                registry, repository, reference = self._parse_ref(label)
-                sep = "@" if is_digest_reference(reference) else ":"
-                count = self.store.index.unpin(f"{registry}/{repository}{sep}{reference}")
-        return count
-
-    def evict(self, text: str) -> tuple[Resolved, int, int]:
-        """Delete what ``text`` names, except pinned content.
+    def unpin(self, text: str) -> tuple[str, int]:
+        """Drop the pins ``text`` made (in any form that names the same image).
 
         Returns:
-            What was named, bytes freed, and how many entries were kept because pinned.
+            The normalised label, and how many pins went.
+        """
+        label, _ = self.label(text)
+        return label, self.store.index.unpin(label)
+
+    def evict(self, text: str, *, shared: bool = False) -> Evicted:
+        """Delete what ``text`` names, except pinned content and, unless ``shared``,
+        content that other cached images use too (a base layer, a config).
+
+        Returns:
+            What was named, bytes freed, and what was kept and why.
         """
         resolved = self.resolve(text)
         pins = self.store.index.pins()
         entries = self._entries(resolved.keys)
-        victims = [e for e in entries if e.digest not in pins]
+        others = set() if shared else self._used_elsewhere(resolved)
+        victims = [e for e in entries if e.digest not in pins and e.key not in others]
         freed = self.store.evict(victims)
         self.store.index.bump_generation()
         if resolved.tag is not None and ("manifest", resolved.root) not in {
                 e.key for e in entries if e.digest in pins}:
             with self._tags() as tags:
                 tags.delete(resolved.tag)
-        return resolved, freed, len(entries) - len(victims)
+        pinned = sum(1 for e in entries if e.digest in pins)
+        return Evicted(resolved, freed, pinned, len(entries) - len(victims) - pinned)
+
+    def _used_elsewhere(self, resolved: Resolved) -> set[Key]:
+        """The part of ``resolved`` that other cached images reach too: from the tag
+        records of other digests, and from stored manifests outside its tree."""
+        roots = {m.digest for m in self.store.index.all()
+                 if m.kind == "manifest" and m.key not in resolved.keys}
+        with self._tags() as tags:
+            for key in tags.iterkeys():
+                record = tags.get(key)
+                # Another tag of the same digest is the same image, not another one.
+                if isinstance(record, dict) and record.get("digest") not in (None, resolved.root):
+                    roots.add(record["digest"])
+        used: set[Key] = set()
+        for root in roots:
+            with contextlib.suppress(CacheCommandError):
+                used |= self._tree(root)[0] & resolved.keys
+        return used
 
     def fsck(self) -> dict[str, Any]:
         """Re-hash everything stored; remove what does not match; repair the index.

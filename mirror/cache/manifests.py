@@ -94,8 +94,10 @@ class ManifestCache:
         )
         # tag key -> (monotonic time until which not to revalidate, stale reason)
         self._held: LRUCache[str, tuple[float, str]] = LRUCache(maxsize=100_000)
-        self._by_digest: SingleFlight[Digest, Manifest] = SingleFlight()
-        self._by_tag: SingleFlight[str, tuple[Manifest, str]] = SingleFlight()
+        # Work no request waits for any more is cancelled: it would only hold a connection.
+        self._by_digest: SingleFlight[Digest, Manifest] = SingleFlight(cancel_abandoned=True)
+        self._by_tag: SingleFlight[str, tuple[Manifest, str]] = SingleFlight(
+            cancel_abandoned=True)
         #: A node-wide lock by name, set when worker processes share the cache: one
         #: worker asks upstream for a manifest or a tag, the others find its answer.
         self.exclusive: Callable[[str], AbstractAsyncContextManager[None]] | None = None
@@ -128,8 +130,12 @@ class ManifestCache:
         return Resolved(manifest, cache)
 
     async def by_tag(self, origin: SourceChain, repository: str, tag: str,
-                     accepted: frozenset[str] | None) -> Resolved:
+                     accepted: frozenset[str] | None, max_age: float | None = None) -> Resolved:
         """A manifest by tag, negotiated against the client's Accept set.
+
+        Args:
+            max_age: revalidate upstream when the record is older than this (default: the
+                tag TTL); a check under way for the same tag is joined, not repeated.
 
         Raises:
             ManifestUnknown: the tag does not exist, or no representation the
@@ -139,7 +145,8 @@ class ManifestCache:
         """
         key = tag_key(origin.name, repository, tag)
         record = await self._tags.get(key)
-        if record is not None and record.age(self._clock.time()) < self._settings.tag_ttl:
+        ttl = self._settings.tag_ttl if max_age is None else max_age
+        if record is not None and record.age(self._clock.time()) < ttl:
             digest = Digest.parse(record.digest)
             manifest, cache = await self._get_digest(origin, repository, digest)
         else:

@@ -38,12 +38,17 @@ from mirror.config.settings import (
     DockerConfigCredential,
     EcrCredential,
     LogSettings,
+    PopularSettings,
     S3Settings,
+    Schedule,
     Secret,
     ServerSettings,
     Settings,
     StaticCredential,
     StorageSettings,
+    SyncRule,
+    SyncSettings,
+    TagSet,
     TlsSettings,
     UpstreamSettings,
     default_settings,
@@ -51,6 +56,7 @@ from mirror.config.settings import (
 )
 from mirror.config.storage import _S3_KEYS as _S3_KEYS  # the tests read the accepted keys
 from mirror.config.storage import _storage
+from mirror.config.sync import _sync
 from mirror.config.upstreams import _upstreams
 from mirror.config.values import (
     _mapping,
@@ -76,12 +82,17 @@ __all__ = [
     "DockerConfigCredential",
     "EcrCredential",
     "LogSettings",
+    "PopularSettings",
     "S3Settings",
+    "Schedule",
     "Secret",
     "ServerSettings",
     "Settings",
     "StaticCredential",
     "StorageSettings",
+    "SyncRule",
+    "SyncSettings",
+    "TagSet",
     "TlsSettings",
     "TokenSettings",
     "UpstreamSettings",
@@ -103,14 +114,43 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         ConfigError: the file cannot be read, is not YAML, or is invalid.
     """
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path} is not UTF-8 text (byte {exc.start} is "
+                          f"0x{exc.object[exc.start]:02x})") from None
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError("", f"{path} is not valid YAML: {_one_line(exc)}") from None
     return parse(document or {}, env=os.environ if env is None else env, base=path.parent)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (YAML says keys
+    are unique; PyYAML silently keeps the last, so half of a config would be ignored)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: later keys may override merged ones
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what and where."""
+    return " ".join(str(exc).split())
 
 
 def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> Settings:
@@ -121,7 +161,7 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
     """
     root = _mapping(document, "")
     _only_keys(root, "", {"version", "listen", "tls", "storage", "cache", "upstreams",
-                          "log", "server", "cluster", "auth", "access", "admin"})
+                          "log", "server", "cluster", "auth", "access", "admin", "sync"})
     version = root.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ConfigError("version", f"unsupported version {version!r} (this mirror reads 1)")
@@ -144,6 +184,7 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
         cluster=cluster,
         auth=auth,
         admin=_admin(root["admin"], env, base, port) if "admin" in root else None,
+        sync=_sync(root.get("sync"), {n: u.name for u in upstreams for n in u.names()}),
     )
 
 

@@ -25,6 +25,7 @@ from mirror.config.values import (
     _string,
     _url,
     parse_duration,
+    parse_timeout,
 )
 from mirror.errors import ConfigError
 
@@ -71,7 +72,7 @@ def _credential(item: dict[str, Any], key: str, index: int, *, env: Mapping[str,
                                   .expanduser()), f"{key}.docker_config", base)
         _json_file(path, f"{key}.docker_config")
         server = _opt(item, "server", key, _string, preset.docker_config_server or host)
-        timeout = _opt(item, "helper_timeout", key, parse_duration, 10.0)
+        timeout = _opt(item, "helper_timeout", key, parse_timeout, 10.0)
         return DockerConfigCredential(label_of("docker_config"), path, server, timeout)
     if "ecr" in item:
         return _ecr(item["ecr"], f"{key}.ecr", label_of("ecr"), host)

@@ -47,6 +47,8 @@ class Preset:
         docker_config_server: the config.json key of its credentials; ``None``
             means the registry's host.
         needs_url: no well-known host; ``url`` (or a host as ``name``) is required.
+        redirect_hosts: hosts besides its own that it redirects tag lists,
+            referrers and manifests by tag to (content not verifiable by digest).
     """
 
     key: str
@@ -59,6 +61,7 @@ class Preset:
     blob_probe: str = "head"
     docker_config_server: str | None = None
     needs_url: bool = False
+    redirect_hosts: re.Pattern[str] | None = None
 
     def matches(self, host: str) -> bool:
         """Whether ``host`` (lowercase, maybe with a port) selects this preset."""
@@ -88,7 +91,10 @@ PRESETS: tuple[Preset, ...] = (
     Preset("nexus", "Sonatype Nexus", needs_url=True),
     Preset("artifactory", "JFrog Artifactory", pattern=re.compile(r"[a-z0-9-]+\.jfrog\.io"),
            needs_url=True),
-    Preset("k8s", "registry.k8s.io", names=("registry.k8s.io",), aliases=("k8s.gcr.io",)),
+    # registry.k8s.io redirects every request, manifests by tag too, to a regional
+    # Artifact Registry.
+    Preset("k8s", "registry.k8s.io", names=("registry.k8s.io",), aliases=("k8s.gcr.io",),
+           redirect_hosts=re.compile(r"[a-z0-9-]+-docker\.pkg\.dev")),
     Preset("generic", "any OCI registry", needs_url=True),
 )
 BY_KEY: dict[str, Preset] = {p.key: p for p in PRESETS}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -114,12 +115,14 @@ class UpstreamSettings:
     password: Secret | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    request_timeout: float = 60.0  # the whole of a manifest, tag list or referrers request
     retries: int = 3
     max_connections: int = 32
     max_retry_wait: float = 10.0
     preset: str = "generic"
     credentials: tuple[CredentialSettings, ...] = ()
     blob_probe: str = "head"
+    redirect_hosts: tuple[str, ...] = ()  # more hosts that may answer unverifiable requests
     budget: BudgetSettings | None = None
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     max_client_retry_after: float = 3600.0
@@ -201,6 +204,87 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class TagSet:
+    """One set of tags of a sync rule: every condition given must hold (AND).
+
+    ``allow``/``deny`` are regular expressions searched in the tag; ``semver`` is an
+    npm-style range (``>=1.25 <2``, ``^1.2 || ~2.0``); ``newest`` keeps the N highest
+    versions of what is left. A set with only ``tags`` names exact tags (no tag listing).
+    """
+
+    tags: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    semver: str | None = None
+    newest: int | None = None
+
+    @property
+    def discovers(self) -> bool:
+        """Whether the set needs the repository's tag list (anything but exact tags)."""
+        return bool(self.allow or self.deny or self.semver or self.newest)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Every ``interval`` seconds, or at the times of a ``cron`` expression (UTC)."""
+
+    interval: float | None = None
+    cron: str | None = None
+
+
+@dataclass(frozen=True)
+class SyncRule:
+    """What to keep warm: repositories of one registry, tag sets (OR), platforms, referrers."""
+
+    name: str
+    registry: str
+    repositories: tuple[str, ...]
+    tag_sets: tuple[TagSet, ...]
+    platforms: tuple[str, ...] = ()  # empty: the platforms served for it, else the node's own
+    referrers: bool = False
+    schedule: Schedule = field(default_factory=lambda: Schedule(interval=300.0))
+    protect: float = 86400.0
+
+
+@dataclass(frozen=True)
+class PopularSettings:
+    """``sync.popular``: the ``top`` most-pulled tags of the last ``window``, kept warm."""
+
+    top: int = 0
+    window: float = 86400.0
+    max_entries: int = 10_000
+    platforms_max: int = 4  # platforms warmed per popular tag, most pulled first
+    schedule: Schedule = field(default_factory=lambda: Schedule(interval=600.0))
+    protect: float = 86400.0
+
+
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
+         "armv7l": "arm/v7", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def own_platform() -> str:
+    """``linux/<arch>`` of this machine: the platform warmed when nothing says which."""
+    return f"linux/{_ARCH.get(platform.machine().lower(), 'amd64')}"
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """``sync``: rules, popularity, and the budget warming may use."""
+
+    rules: tuple[SyncRule, ...] = ()
+    popular: PopularSettings = field(default_factory=PopularSettings)
+    platforms: tuple[str, ...] = field(default_factory=lambda: (own_platform(),))
+    protect: float = 86400.0  # what `mirror warm` pins for (rules have their own)
+    concurrency: int = 2  # images warmed at once
+    blob_concurrency: int = 4  # blobs fetched at once, over every image
+    bandwidth: int | None = 10 * 2**20  # bytes per second over warming downloads; None: no cap
+    ratelimit_floor: int = 10  # stop while upstream's ratelimit-remaining is below this
+    recheck: float = 60.0  # a tag checked this recently is not asked upstream again
+    off_peak: tuple[tuple[int, int], ...] = ()  # (start, end) minutes of the day, UTC
+    retry_after: float = 60.0  # pause after a 429 that carried no Retry-After
+
+
+@dataclass(frozen=True)
 class PeersDns:
     """Peers from DNS: every address the name resolves to is a peer (a headless Service)."""
 
@@ -245,6 +329,7 @@ class Settings:
     cluster: ClusterSettings | None = None
     auth: AuthSettings | None = None  # None: anyone who reaches the port may pull
     admin: AdminSettings | None = None  # None: /metrics and / on the main address, open
+    sync: SyncSettings | None = None
 
     @property
     def default_upstream(self) -> UpstreamSettings | None:

@@ -19,6 +19,7 @@ from mirror.config.values import (
     _url,
     parse_duration,
     parse_size,
+    parse_timeout,
 )
 from mirror.errors import ConfigError
 
@@ -103,8 +104,8 @@ def _s3(value: Any, env: Mapping[str, str], base: Path) -> S3Settings:
         redirect=_opt(item, "redirect", key, _bool, d.redirect),
         redirect_ttl=redirect_ttl,
         max_connections=_opt(item, "max_connections", key, _positive, d.max_connections),
-        connect_timeout=_opt(item, "connect_timeout", key, parse_duration, d.connect_timeout),
-        read_timeout=_opt(item, "read_timeout", key, parse_duration, d.read_timeout),
+        connect_timeout=_opt(item, "connect_timeout", key, parse_timeout, d.connect_timeout),
+        read_timeout=_opt(item, "read_timeout", key, parse_timeout, d.read_timeout),
         failure_backoff=_opt(item, "failure_backoff", key, parse_duration, d.failure_backoff),
         part_size=part_size,
         max_uploads=_opt(item, "max_uploads", key, _positive, d.max_uploads),

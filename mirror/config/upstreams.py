@@ -31,6 +31,7 @@ from mirror.config.values import (
     _url,
     parse_duration,
     parse_rate,
+    parse_timeout,
 )
 from mirror.errors import ConfigError
 
@@ -50,9 +51,9 @@ def _upstreams(value: Any, env: Mapping[str, str], base: Path) -> tuple[Upstream
 
 _UPSTREAM_KEYS = {
     "name", "url", "aliases", "default", "library_prefix", "username", "password_env",
-    "password_file", "connect_timeout", "read_timeout", "retries", "max_connections",
-    "max_retry_wait", "preset", "blob_probe", "credentials", "docker_config", "ecr",
-    "json_key_file",
+    "password_file", "connect_timeout", "read_timeout", "request_timeout", "retries",
+    "max_connections", "max_retry_wait", "preset", "blob_probe", "credentials",
+    "docker_config", "ecr", "json_key_file", "redirect_hosts",
 } | {"budget", "breaker", "max_client_retry_after"}
 
 
@@ -68,6 +69,7 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
     if not isinstance(aliases_raw, list):
         raise ConfigError(f"{key}.aliases", "expected a list of names")
     aliases = tuple(_registry_name(a, f"{key}.aliases[{i}]") for i, a in enumerate(aliases_raw))
+    redirect_hosts = _names(item.get("redirect_hosts", []), f"{key}.redirect_hosts")
     blob_probe = _opt(item, "blob_probe", key, _string, preset.blob_probe).lower()
     if blob_probe not in ("head", "get"):
         raise ConfigError(f"{key}.blob_probe", f"expected head or get, got {blob_probe!r}")
@@ -86,16 +88,24 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
         library_prefix=_opt(item, "library_prefix", key, _bool, preset.library_prefix),
         username=legacy.username if legacy else None,
         password=legacy.password if legacy else None,
-        connect_timeout=_opt(item, "connect_timeout", key, parse_duration, d.connect_timeout),
-        read_timeout=_opt(item, "read_timeout", key, parse_duration, d.read_timeout),
+        connect_timeout=_opt(item, "connect_timeout", key, parse_timeout, d.connect_timeout),
+        read_timeout=_opt(item, "read_timeout", key, parse_timeout, d.read_timeout),
+        request_timeout=_opt(item, "request_timeout", key, parse_timeout, d.request_timeout),
         retries=_opt(item, "retries", key, _count, d.retries),
         max_connections=_opt(item, "max_connections", key, _positive, d.max_connections),
         max_retry_wait=_opt(item, "max_retry_wait", key, parse_duration, d.max_retry_wait),
         preset=preset.key,
         credentials=_with_default_ecr(credentials, preset, host),
         blob_probe=blob_probe,
+        redirect_hosts=redirect_hosts,
         **_guard(item, key),
     )
+
+
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, "expected a list of host names (host or host:port)")
+    return tuple(_registry_name(v, f"{key}[{i}]") for i, v in enumerate(value))
 
 
 def _guard(item: dict[str, Any], key: str) -> dict[str, Any]:
@@ -169,10 +179,12 @@ def _preset_url(preset: Preset, name: str, key: str) -> URL:
 
 
 def _check_unique_names(upstreams: tuple[UpstreamSettings, ...]) -> None:
-    seen: dict[str, str] = {}
+    """Every name and alias means one upstream: two entries named alike would mix one's
+    settings with the other's URL."""
+    seen: dict[str, int] = {}
     for i, upstream in enumerate(upstreams):
-        for name in (upstream.name.lower(), *(a.lower() for a in upstream.aliases)):
-            if name in seen and seen[name] != upstream.name:
+        for name in dict.fromkeys((upstream.name.lower(), *(a.lower() for a in upstream.aliases))):
+            if name in seen:
                 raise ConfigError(f"upstreams[{i}]", f"name {name!r} is already used by "
-                                  f"{seen[name]!r}")
-            seen[name] = upstream.name
+                                  f"upstreams[{seen[name]}] ({upstreams[seen[name]].name!r})")
+            seen[name] = i

@@ -3,6 +3,7 @@ small validators every section uses; each error names the key path it is about."
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,6 +27,13 @@ _RATE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/\s*(s|m|h))?")
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _HOST_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?")
 
+DURATION_MAX = 10 * 365 * 86400.0
+"""The longest duration any key accepts (ten years): beyond it is a typo or ``.inf``."""
+SIZE_MAX = 2**60
+"""The largest size any key accepts (1 EiB): beyond it is a typo."""
+TIMEOUT_MAX = 3600.0
+"""The longest network timeout: a longer one only hides a hung peer."""
+
 
 def parse_listen(value: Any) -> tuple[str, int]:
     """``(host, port)`` from ``HOST:PORT``.
@@ -35,7 +43,8 @@ def parse_listen(value: Any) -> tuple[str, int]:
     """
     text = _string(value, "listen")
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not sep or not (port_text.isascii() and port_text.isdigit()) \
+            or not 0 < int(port_text) < 65536:
         raise ConfigError("listen", f"expected HOST:PORT, got {text!r}")
     return host.strip("[]") or "0.0.0.0", int(port_text)
 
@@ -44,31 +53,53 @@ def parse_duration(value: Any, key: str = "") -> float:
     """Seconds from ``90``, ``"30s"``, ``"5m"``, ``"2h"``, ``"7d"`` or ``"250ms"``.
 
     Raises:
-        ConfigError: not a duration.
+        ConfigError: not a duration, or over :data:`DURATION_MAX` (``.inf``, ``.nan``).
     """
     if isinstance(value, bool):
         raise ConfigError(key, f"expected a duration like 30s or 5m, got {value!r}")
-    if isinstance(value, int | float) and value >= 0:
-        return float(value)
-    match = _DURATION_RE.fullmatch(str(value).strip())
-    if match is None:
-        raise ConfigError(key, f"expected a duration like 30s or 5m, got {value!r}")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.fullmatch(str(value).strip())
+        if match is None:
+            raise ConfigError(key, f"expected a duration like 30s or 5m, got {value!r}")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds) or not 0 <= seconds <= DURATION_MAX:
+        raise ConfigError(key, f"expected a duration from 0s to 3650d, got {value!r}")
+    return seconds
+
+
+def parse_timeout(value: Any, key: str = "") -> float:
+    """A network timeout: a duration above 0 and at most an hour (0 would mean none).
+
+    Raises:
+        ConfigError: not a duration, 0, or over an hour.
+    """
+    seconds = parse_duration(value, key)
+    if not 0 < seconds <= TIMEOUT_MAX:
+        raise ConfigError(key, f"expected a timeout above 0s and at most 1h, got {value!r}")
+    return seconds
 
 
 def parse_size(value: Any, key: str = "") -> int:
     """Bytes from ``1048576``, ``"512MiB"``, ``"50GiB"`` or ``"10GB"``.
 
     Raises:
-        ConfigError: not a size.
+        ConfigError: not a size, or over :data:`SIZE_MAX`.
     """
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SIZE_MAX:
         return value
-    match = _SIZE_RE.fullmatch(str(value).strip())
-    if match is None:
-        raise ConfigError(key, f"expected a size like 512MiB or 50GiB, got {value!r}")
-    unit = (match.group(2) or "b").lower()
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if isinstance(value, int) and not isinstance(value, bool) and value > SIZE_MAX:
+        size = math.inf
+    else:
+        match = _SIZE_RE.fullmatch(str(value).strip())
+        if match is None:
+            raise ConfigError(key, f"expected a size like 512MiB or 50GiB, got {value!r}")
+        unit = (match.group(2) or "b").lower()
+        size = float(match.group(1)) * _SIZE_UNITS[unit]
+    if not size <= SIZE_MAX:  # also inf, from a number too long for a float
+        raise ConfigError(key, f"expected a size up to 1EiB, got {str(value)[:40]!r}")
+    return int(size)
 
 
 def parse_rate(value: Any, key: str = "") -> float:
@@ -78,7 +109,7 @@ def parse_rate(value: Any, key: str = "") -> float:
         ConfigError: not a rate, or not above zero.
     """
     match = None if isinstance(value, bool) else _RATE_RE.fullmatch(str(value).strip())
-    if match is None or float(match.group(1)) <= 0:
+    if match is None or not 0 < float(match.group(1)) < math.inf:
         raise ConfigError(key, f"expected a rate above 0 like 20/s, 600/m or 1000/h, "
                           f"got {value!r}")
     return float(match.group(1)) / _RATE_UNITS[match.group(2)]

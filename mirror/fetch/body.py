@@ -20,10 +20,13 @@ def check_response(response: BodyResponse, fill: Fill) -> None:
         raise BlobUnknown(f"blob {fill.digest} is unknown upstream")
     if fill.written == 0 and response.status == 200:
         length = response.content_length
-        if fill.expected_size is not None and length is not None and length != fill.expected_size:
-            raise UpstreamUnavailable(f"upstream announced {length} bytes for a blob of "
-                                      f"{fill.expected_size}", status=502)
-        fill.set_size(length if length is not None else fill.expected_size)
+        if length is None:
+            fill.set_size(fill.expected_size)  # a hint from a manifest, or unknown till the end
+            return
+        # Upstream's own length wins over a manifest's hint; the digest decides in the end.
+        fill.hint_wrong = fill.expected_size is not None and length != fill.expected_size
+        fill.expected_size = None
+        fill.set_size(length)
         return
     if fill.written > 0 and response.status == 206:
         expected = f"bytes {fill.written}-"

@@ -42,6 +42,7 @@ from mirror.errors import UpstreamUnavailable
 from mirror.fetch.body import UpstreamOpener
 from mirror.fetch.fetcher import Fetcher
 from mirror.fetch.fill import Fill
+from mirror.fetch.hints import SizeHints
 from mirror.fetch.relay import RELAY_MAX_BYTES
 from mirror.fetch.space import Space
 from mirror.oci import Digest
@@ -195,9 +196,9 @@ class ClaimingFetcher(Fetcher):
     digest only under the node-wide claim, and follows the fills of other workers."""
 
     def __init__(self, store: FilesystemStore, chunk_size: int = 1 << 20,
-                 space: Space | None = None, relay_max_bytes: int = RELAY_MAX_BYTES, *,
-                 claims: Claims) -> None:
-        super().__init__(store, chunk_size, space, relay_max_bytes)
+                 space: Space | None = None, hints: SizeHints | None = None,
+                 relay_max_bytes: int = RELAY_MAX_BYTES, *, claims: Claims) -> None:
+        super().__init__(store, chunk_size, space, hints, relay_max_bytes)
         self.claims = claims
         self._held: dict[Digest, Claim] = {}
 
@@ -208,7 +209,10 @@ class ClaimingFetcher(Fetcher):
         Returns:
             The fill, and whether this call joined (or follows) one already under way.
         """
-        if digest in self._fills:
+        if digest in self._fills or (expected_size is not None
+                                     and not self.space.fits(expected_size)):
+            # Joined here, or larger than storage.max_size: relayed from memory by whoever
+            # downloads it, so there is no file for another worker to follow.
             return await super().start(digest, opener, registry, expected_size)
         claim = await asyncio.to_thread(self.claims.try_claim, digest)
         if digest in self._fills:  # another request of this process got here meanwhile
@@ -297,6 +301,10 @@ class ClaimingFetcher(Fetcher):
         try:
             while True:
                 seen = await asyncio.to_thread(self.claims.look, fill.digest, destination)
+                if seen.published is None and seen.size is not None and fill.written == 0 \
+                        and not self.space.fits(seen.size):
+                    await self._own(fill, opener, registry)  # relayed there: nothing to follow
+                    return
                 if self._caught_up(fill, seen, destination):
                     return
                 claim = await asyncio.to_thread(self.claims.try_claim, fill.digest)
@@ -311,6 +319,15 @@ class ClaimingFetcher(Fetcher):
                 raise
         finally:
             self._forget(fill)
+
+    async def _own(self, fill: Fill, opener: UpstreamOpener, registry: str) -> None:
+        """Download ``fill`` here, unclaimed: the claimer relays a blob larger than
+        ``storage.max_size`` from memory, which no other worker can follow."""
+        fd, temp = await asyncio.to_thread(self.store.new_temp)
+        os.close(fd)
+        fill.temp, fill.source = temp, ""
+        log.info("fill_not_shared", digest=str(fill.digest), reason="too_large")
+        await self._run(fill, opener, registry)
 
     def _caught_up(self, fill: Fill, seen: Seen, destination: Path) -> bool:
         """Advance ``fill`` to what is on disk; ``True`` once the blob is published."""

@@ -20,6 +20,7 @@ from mirror import metrics
 from mirror.errors import DigestMismatch, UpstreamUnavailable
 from mirror.fetch.body import UpstreamOpener, check_response, read_chunk
 from mirror.fetch.fill import Fill
+from mirror.fetch.hints import SizeHints
 from mirror.fetch.relay import RELAY_MAX_BYTES
 from mirror.fetch.space import Space, Unbounded
 from mirror.oci import Digest
@@ -39,8 +40,10 @@ class Fetcher:
     """Owns every fill of this node: one per digest."""
 
     def __init__(self, store: FilesystemStore, chunk_size: int = 1 << 20,
-                 space: Space | None = None, relay_max_bytes: int = RELAY_MAX_BYTES) -> None:
+                 space: Space | None = None, hints: SizeHints | None = None,
+                 relay_max_bytes: int = RELAY_MAX_BYTES) -> None:
         self.store = store
+        self.hints = hints or SizeHints()  # sizes from manifests (see hints.py)
         self.chunk_size = chunk_size
         self.space: Space = space or Unbounded()
         self.relay_max_bytes = relay_max_bytes
@@ -78,7 +81,7 @@ class Fetcher:
             The fill, and whether this call joined one already under way.
         """
         existing = self._fills.get(digest)
-        if existing is not None:
+        if existing is not None and existing.joinable:
             metrics.FILL_JOINS.inc()
             return existing, True
         # mkstemp is a single metadata call: cheap enough here, and readers
@@ -137,6 +140,9 @@ class Fetcher:
                 metrics.UPSTREAM_ERRORS.labels(registry, "digest_mismatch").inc()
             log.warning("fill_failed", digest=str(fill.digest), registry=registry,
                         bytes=fill.written, error=str(exc) or type(exc).__name__)
+            if fill.expected_size is not None:
+                # It streamed on a manifest's size and failed: the hint may be why.
+                self.hints.drop(fill.digest, fill.hint)
             # Clean up before telling readers, so no one sees a half-removed fill.
             await asyncio.shield(asyncio.to_thread(writer.discard))
             fill.fail(exc)
@@ -184,7 +190,7 @@ class Fetcher:
         reason = None
         temp = fill.temp
         if fill.relay_from is not None or not durable or temp is None:
-            reason = "disk_full"
+            reason = fill.relay_reason or "disk_full"
         elif not self.space.fits(fill.written):
             reason = "too_large"
         elif not await self.space.admit(fill.written):
@@ -222,6 +228,11 @@ class Fetcher:
                 async with opener(fill.written) as response:
                     fill.source = getattr(opener, "source", "") or registry
                     check_response(response, fill)
+                    if fill.hint_wrong:
+                        self._wrong_hint(fill, response.content_length)
+                    if fill.size is not None and fill.written == 0 \
+                            and not self.space.fits(fill.size):
+                        self._relay_too_large(fill)
                     await self._sized(fill)
                     if not fill.reserved and fill.size and self.space.fits(fill.size):
                         fill.reserved = fill.size
@@ -239,6 +250,28 @@ class Fetcher:
                             attempt=attempts)
                 await asyncio.sleep(0.05 * attempts)
 
+    def _relay_too_large(self, fill: Fill) -> None:
+        """A blob larger than ``storage.max_size`` is never kept: rather than write it
+        whole and delete it, hand it to its readers from memory from its first byte.
+
+        Only when its length is known before the first byte (upstream's
+        Content-Length, or a manifest's size): readers of a blob of unknown length
+        wait for the end, which a bounded window cannot hold for them.
+        """
+        fill.start_relay(reason="too_large")
+        log.info("blob_relayed", digest=str(fill.digest), size=fill.size, offset=fill.written,
+                 reason="too_large", hint="larger than storage.max_size: streamed from "
+                 "memory to its readers, not written to disk")
+
+    def _wrong_hint(self, fill: Fill, length: int | None) -> None:
+        """A manifest declared another size than upstream sends: the digest will tell."""
+        fill.hint_wrong = False
+        self.hints.drop(fill.digest, fill.hint)
+        metrics.UPSTREAM_ERRORS.labels(fill.registry, "size_hint_wrong").inc()
+        log.warning("size_hint_ignored", digest=str(fill.digest), size_hint=fill.hint,
+                    upstream_length=length, hint="a manifest declared another size for this "
+                    "digest; upstream's length is used and the bytes are verified")
+
     async def _copy_body(self, fill: Fill, response: BodyResponse, registry: str,
                          writer: TempWriter) -> None:
         while True:
@@ -248,6 +281,8 @@ class Fetcher:
             if fill.size is not None and fill.written + len(chunk) > fill.size:
                 raise UpstreamUnavailable("upstream sent more bytes than announced", status=502)
             await self._store_chunk(fill, writer, chunk)
+            if fill.pace is not None and not fill.readers:
+                await fill.pace(len(chunk))
         if fill.size is not None and fill.written < fill.size:
             raise aiohttp.ClientPayloadError(f"body ended at {fill.written} of {fill.size} bytes")
 
@@ -265,7 +300,7 @@ class Fetcher:
         await asyncio.to_thread(writer.hash_only, chunk)
         fill.relay(chunk)
         if not await fill.relay_backpressure():
-            raise UpstreamUnavailable("no reader is left for a blob the full disk cannot hold",
+            raise UpstreamUnavailable("no reader is left for a blob that is not kept",
                                       status=503)
 
     async def _room_after_full(self, fill: Fill, writer: TempWriter, chunk: bytes) -> bool:

@@ -8,8 +8,9 @@ Readers follow the bytes on disk; when the disk is full (see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from mirror.oci import Digest
 
 #: The most bytes one :class:`FileSpan` covers (a reader far behind catches up in steps).
 SPAN_MAX = 16 * 2**20
+#: How long a relay holds its bytes for the request that started it to begin reading.
+FIRST_READER_WAIT = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +42,9 @@ class Fill:
                  relay_max_bytes: int = RELAY_MAX_BYTES) -> None:
         self.digest = digest
         self.temp = temp
-        self.expected_size = expected_size
+        self.expected_size = expected_size  # a size hint; None once upstream says a length
+        self.hint = expected_size  # the hint this fill started with
+        self.hint_wrong = False  # upstream's Content-Length contradicted the hint
         self.size: int | None = None
         self.written = 0
         self.done = False
@@ -50,7 +55,9 @@ class Fill:
         # reader that opens in the moment between the rename and ``finish``.
         self.destination: Path | None = None
         self.reserved = 0
-        self.window: RelayWindow | None = None  # set when the disk is full
+        self.window: RelayWindow | None = None  # set when the bytes are not written
+        self.relay_reason: str | None = None  # disk_full | too_large
+        self._first_reader = asyncio.Event()
         self._relay_max_bytes = relay_max_bytes
         self._positions: dict[object, int] = {}
         self._on_reader = on_reader
@@ -60,6 +67,9 @@ class Fill:
         self.registry = ""  # the registry it was asked of (a configured name)
         self.source = ""  # the kind of source the bytes come from: upstream, s3, ...
         self.ever_read = False  # a reader has taken bytes (the fill can no longer start over)
+        # Paces the download while no client reads it (warming's bandwidth cap): awaited
+        # with each chunk's size; a client that joins lifts it at once.
+        self.pace: Callable[[int], Awaitable[None]] | None = None
 
     def _notify(self) -> None:
         event, self._changed = self._changed, asyncio.Event()
@@ -74,9 +84,16 @@ class Fill:
         """Where the disk stopped (bytes from here on are in memory), or ``None``."""
         return self.window.start if self.window is not None else None
 
-    def start_relay(self) -> None:
-        """The disk is full: from now on bytes go to readers from memory."""
+    def start_relay(self, reason: str = "disk_full") -> None:
+        """From now on bytes go to readers from memory: the disk is full, or the blob
+        is too large to keep."""
         self.window = RelayWindow(self.written, self._relay_max_bytes)
+        self.relay_reason = reason
+
+    @property
+    def joinable(self) -> bool:
+        """Whether a new reader can still read this fill from its first byte."""
+        return self.window is None or not self.window.dropped
 
     def relay(self, chunk: bytes) -> None:
         """``chunk`` arrived while relaying: hand it to readers through the window."""
@@ -89,6 +106,10 @@ class Fill:
         """Wait while the window is full and readers lag; ``False`` if nobody can read on."""
         window = self.window
         assert window is not None
+        if window.full and not self._first_reader.is_set():
+            # The request that started the fill has not begun reading yet: hold the bytes.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first_reader.wait(), FIRST_READER_WAIT)
         window.trim(self._positions.values(), self.written)
         while window.full and self._positions:
             await self._moved.wait()
@@ -204,9 +225,9 @@ class Fill:
         a client must never finish cleanly on bytes that prove wrong.
         """
         self.ever_read = True
-        fd = await asyncio.to_thread(self._open)
-        self.readers += 1
         token = object()
+        fd = await self._join(token, start)
+        self.readers += 1
         if self._on_reader is not None:
             self._on_reader(self.digest, 1)
         metrics.FILL_READERS.inc()
@@ -247,6 +268,18 @@ class Fill:
             metrics.FILL_READERS.dec()
             if fd >= 0:
                 await asyncio.to_thread(os.close, fd)
+
+    async def _join(self, token: object, start: int) -> int:
+        """Take a reader's place at ``start`` (a relay keeps the bytes from there) and open
+        the temp file for it."""
+        self._positions[token] = start
+        self._first_reader.set()
+        try:
+            return await asyncio.to_thread(self._open)
+        except BaseException:
+            self._positions.pop(token, None)
+            self._notify_moved()
+            raise
 
     def _span(self, fd: int, offset: int, available: int) -> FileSpan | None:
         """The bytes from ``offset`` that are on disk, or ``None`` (relayed from memory)."""

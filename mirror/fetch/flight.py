@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -16,12 +17,17 @@ class SingleFlight(Generic[K, V]):
     """Runs one task per key; concurrent callers share its result.
 
     The task belongs to this object: a caller that is cancelled stops waiting
-    but never cancels the work others wait on.
+    but never cancels the work others wait on. With ``cancel_abandoned``, the
+    work is cancelled when its last caller stops waiting (a client that left a
+    manifest request must not keep an upstream connection busy); without it
+    the work runs to its end (a fill others may join later).
     """
 
-    def __init__(self, name: str = "flight") -> None:
+    def __init__(self, name: str = "flight", *, cancel_abandoned: bool = False) -> None:
         self._tasks: dict[K, asyncio.Task[V]] = {}
         self._group = TaskGroup(name)
+        self._waiting: Counter[K] = Counter()
+        self._cancel_abandoned = cancel_abandoned
 
     def in_flight(self, key: K) -> bool:
         """Whether work for ``key`` is under way."""
@@ -38,8 +44,21 @@ class SingleFlight(Generic[K, V]):
         if task is None:
             task = self._group.spawn(_call(work))
             self._tasks[key] = task
-            task.add_done_callback(lambda _t: self._tasks.pop(key, None))
-        return await asyncio.shield(task), joined
+            task.add_done_callback(lambda done: self._done(key, done))
+        self._waiting[key] += 1
+        try:
+            return await asyncio.shield(task), joined
+        finally:
+            self._waiting[key] -= 1
+            if self._waiting[key] <= 0:
+                del self._waiting[key]
+                if self._cancel_abandoned and not task.done():
+                    self._done(key, task)  # a new caller starts afresh, never joins a cancel
+                    task.cancel()
+
+    def _done(self, key: K, task: asyncio.Task[V]) -> None:
+        if self._tasks.get(key) is task:
+            del self._tasks[key]
 
     async def close(self) -> None:
         """Cancel and await everything under way (at shutdown)."""

@@ -15,6 +15,7 @@ from mirror import metrics
 from mirror.clock import SYSTEM, Clock
 from mirror.config import Settings
 from mirror.node import Node
+from mirror.server import admin
 from mirror.server.auth import edge, install
 from mirror.server.fastpath import AccessLine, HotAnswers
 from mirror.server.handlers import registry
@@ -47,6 +48,10 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM,
     app.router.add_get("/readyz", readyz)
     app.router.add_route("*", PREFIX + "/{path:.*}", peer_api)
     app.router.add_get("/", status_page)
+    app.router.add_get("/admin/popular", admin.popular)
+    app.router.add_get("/admin/sync", admin.sync_status)
+    app.router.add_post("/admin/sync", admin.sync_run)
+    app.router.add_post("/admin/warm", admin.warm)
     app.router.add_route("*", "/{path:.*}", registry)
     return app
 

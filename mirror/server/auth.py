@@ -7,8 +7,9 @@ with the OCI error body and a ``WWW-Authenticate: Basic realm=...``
 challenge when the credentials are wrong or missing (every registry client
 answers a Basic challenge with the credentials it holds for the host). The
 handler calls :func:`authorize` once the request is routed (registry and
-repository known), before any cache or upstream work. ``/metrics`` and the
-status page want the admin token instead, when one is set.
+repository known), before any cache or upstream work. ``/metrics``, the
+status page and the admin API (``/admin/...``) want the admin token instead,
+when one is set.
 
 bcrypt is slow on purpose, so a verified password is remembered (by its
 SHA-256, never in clear) for ``auth.cache_ttl``, and checks run in threads,
@@ -50,6 +51,13 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 PEER_PREFIX = "/_peer/"
 #: Paths for operators: the admin token guards them, when set.
 ADMIN_PATHS = frozenset({"/metrics", "/"})
+#: The admin API (mirror.server.admin: popularity, sync status, warming) is for operators too.
+ADMIN_PREFIX = "/admin/"
+
+
+def is_admin_path(path: str) -> bool:
+    """Whether ``path`` is for operators (``/metrics``, ``/``, ``/admin/...``)."""
+    return path in ADMIN_PATHS or path.startswith(ADMIN_PREFIX)
 _MAX_HEADER = 4096
 
 
@@ -285,20 +293,21 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         header = "x"  # wrong, whatever it was
     if admin is not None and admin.listen is not None:
         on_admin_port = _local_port(request) == admin.listen[1]
-        if on_admin_port != (path in ADMIN_PATHS) and path not in OPEN_PATHS:
+        if on_admin_port != is_admin_path(path) and path not in OPEN_PATHS:
             raise RouteNotFound(f"no such endpoint on this port: {path[:200]}")
     if path in OPEN_PATHS or path.startswith(PEER_PREFIX):
         return await handler(request)  # the peer API checks its own signed tokens
-    if path in ADMIN_PATHS and admin is not None and admin.token is not None:
+    admin_path = is_admin_path(path)
+    if admin_path and admin is not None and admin.token is not None:
         if not admin_allowed(admin, header):
             raise Unauthorized("the admin token is required", 'Basic realm="mirror admin"')
         return await handler(request)
-    if path in ADMIN_PATHS and admin is not None and admin.listen is not None:
+    if admin_path and admin is not None and admin.listen is not None:
         return await handler(request)  # the admin network is trusted
     authenticator = request.app.get(AUTHENTICATOR)
     if authenticator is not None:
         who = await authenticator.authenticate(header)
-        if path in ADMIN_PATHS and not who.authenticated:
+        if admin_path and not who.authenticated:
             raise Unauthorized("log in to see this", authenticator.challenge)
         request[IDENTITY] = who
         log_context(request)["user"] = who.user

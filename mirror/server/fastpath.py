@@ -79,6 +79,7 @@ class Hot:
     served_count: int
     touch: tuple[str, str] | None  # (kind, digest) for eviction recency
     image: str | None  # the image a tag pull counts for
+    pulled_digest: str | None  # a manifest GET by digest (counted for its platform)
     rendered: CIMultiDict[str] = field(default_factory=CIMultiDict)  # headers, copied per answer
     pending: int = 0  # answers not yet added to the counters
 
@@ -229,6 +230,8 @@ class HotAnswers:
                 node.evictor.touch(*hot.touch)
             if hot.image is not None:
                 node.popularity.record(hot.image)
+            elif hot.pulled_digest is not None:
+                node.popularity.manifest_pulled(hot.pulled_digest)
         elapsed = time.perf_counter() - started
         hot.seconds.observe(elapsed)
         if self.access.enabled:
@@ -325,7 +328,9 @@ class HotAnswers:
             counters=tuple(counters), served=tuple(served),
             served_count=0 if method == "HEAD" else len(body),
             touch=(kind, str(digest)) if digest else None,
-            image=f"{registry}/{context.get('repository')}:{reference}" if tag else None)
+            image=f"{registry}/{context.get('repository')}:{reference}" if tag else None,
+            pulled_digest=str(digest) if route == "manifest" and not tag and method == "GET"
+            else None)
 
     def _store(self, key: tuple[str, str, str], hot: Hot) -> None:
         self._drop(key)

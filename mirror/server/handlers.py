@@ -21,13 +21,14 @@ from mirror.errors import (
     TagInvalid,
     Unsupported,
 )
-from mirror.oci import accepted_types
+from mirror.oci import accepted_types, is_number
 from mirror.pull import BlobFlight, BlobRedirect, BlobSize, PullService, Repo
 from mirror.routing import Kind, Target, tags_link
 from mirror.server.auth import authorize
 from mirror.server.responses import (
     FileSliceResponse,
     blob_headers,
+    bytes_response,
     etag_matches,
     manifest_headers,
     parse_range,
@@ -80,8 +81,11 @@ async def manifest(request: web.Request, pull: PullService, repo: Repo,
     resolved = await pull.manifest(repo, target.digest or target.reference, accepted)
     found = resolved.manifest
     _record_cache(request, "manifest", resolved.cache, found.digest)
+    popularity = request.app[NODE].popularity
     if target.digest is None:
-        request.app[NODE].popularity.record(f"{repo}:{target.reference}")
+        popularity.tag_pulled(repo.registry, repo.repository, target.reference, found)
+    elif request.method == "GET":
+        popularity.manifest_pulled(str(found.digest))
     headers = manifest_headers(found.digest, found.media_type, target.ns)
     if etag_matches(request, found.digest):
         return web.Response(status=304, headers=headers)
@@ -138,7 +142,7 @@ async def _cached_blob(request: web.Request, pull: PullService,
         return web.Response(status=304, headers=headers)
     if cached.data is not None:
         _served(request, "memory", end - start)
-        return web.Response(status=status, body=cached.data[start:end], headers=headers)
+        return bytes_response(status, cached.data[start:end], headers)
     file = await pull.open_cached(cached)
     if file is None:
         return None
@@ -177,7 +181,7 @@ def _pagination(request: web.Request) -> tuple[int | None, str | None]:
     n: int | None = None
     if "n" in request.query:
         text = request.query["n"]
-        if not (text.isascii() and text.isdigit()) or int(text) > TAGS_N_MAX:
+        if not is_number(text) or int(text) > TAGS_N_MAX:
             raise PaginationNumberInvalid(
                 f"n must be a whole number up to {TAGS_N_MAX}, got {text[:20]!r}")
         n = int(text)

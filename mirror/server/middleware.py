@@ -2,12 +2,15 @@
 
 An :class:`~mirror.errors.OciError` becomes its JSON body and status. A failed
 download after headers went out closes the connection, so the client sees a
-truncated body and never a finished wrong one. Anything else is logged with
-the request id and becomes a 500 with no details in the body.
+truncated body and never a finished wrong one; its log line has the status
+the client saw (200 or 206), ``cut=true`` and the reason in ``error``. Anything
+else is logged with the request id and becomes a 500 with no details in the
+body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
@@ -55,12 +58,26 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = response.status
         response.headers["X-Request-Id"] = request_id
         return response
-    except FillError as exc:
-        context["error"] = str(exc)
-        if request.transport is not None:
+    except (FillError, ConnectionResetError) as exc:
+        # After the headers: the line says what the client saw, and why it was cut.
+        status = context.get("sent_status", 499 if isinstance(exc, ConnectionResetError) else 500)
+        if isinstance(exc, FillError) or not context.get("sent_all"):
+            context.update(cut=True, error=str(exc) or type(exc).__name__)
+        if isinstance(exc, FillError) and request.transport is not None:
             request.transport.close()
         raise
+    except asyncio.CancelledError:
+        # The client went away (handler_cancellation): what it asked for is dropped,
+        # except a blob fill, which the fetcher owns. The line says what it had seen.
+        status = context.get("sent_status", 499)
+        if not context.get("sent_all"):
+            context["error"] = "client went away"
+            if status != 499:
+                context["cut"] = True
+        raise
     finally:
+        context.pop("sent_status", None)
+        context.pop("sent_all", None)
         elapsed = time.perf_counter() - started
         route = context.get("route", "other")
         metrics.child(metrics.REQUESTS, route, request.method, str(status)).inc()

@@ -17,9 +17,10 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 
 from mirror.errors import RangeInvalid
-from mirror.fetch import Fill
-from mirror.oci import Digest
+from mirror.fetch import FileSpan, Fill
+from mirror.oci import Digest, is_number
 from mirror.server.sendfile import sendfile, socket_for_sendfile
+from mirror.server.state import log_context
 
 BLOB_CACHE_CONTROL = "max-age=31536000, immutable"
 
@@ -37,7 +38,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not header or not header.startswith("bytes=") or "," in header:
         return None
     first, sep, last = header[6:].strip().partition("-")
-    if not sep or not (first.isdigit() or (not first and last.isdigit())):
+    if not sep or not (is_number(first) or (not first and is_number(last))):
         return None
     if not first:
         suffix = int(last)
@@ -45,7 +46,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise RangeInvalid("empty suffix range", size)
         return max(size - suffix, 0), size
     start = int(first)
-    if last and not last.isdigit():
+    if last and not is_number(last):
         return None
     end = min(int(last) + 1, size) if last else size
     if last and int(last) < start:
@@ -67,6 +68,13 @@ def blob_headers(digest: Digest, size: int, span: tuple[int, int] | None) -> dic
     if span is not None:
         headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{size}"
     return headers
+
+
+def bytes_response(status: int, body: bytes, headers: dict[str, str]) -> web.Response:
+    """An answer from memory whose ``Content-Length`` is always there, 0 included
+    (aiohttp leaves it out of a HEAD with an empty body: clients then wait for one)."""
+    return web.Response(status=status, body=body,
+                        headers={**headers, "Content-Length": str(len(body))})
 
 
 def manifest_headers(digest: Digest, media_type: str, ns: str | None) -> dict[str, str]:
@@ -110,8 +118,11 @@ class FileSliceResponse(web.StreamResponse):
         self._sent = True
         try:
             writer = await super().prepare(request)
+            if isinstance(request, web.Request):
+                log_context(request)["sent_status"] = self.status  # what a cut client saw
             if request.method != "HEAD" and self._count:
                 await self._send_body(request, writer)
+                _sent_all(request)
                 await super().write_eof()
             return writer
         finally:
@@ -162,12 +173,14 @@ async def stream_fill(request: web.Request, fill: Fill, span: tuple[int, int] | 
     response = web.StreamResponse(status=206 if span else 200, headers=headers)
     response.content_length = end - start
     writer = await response.prepare(request)
+    log_context(request)["sent_status"] = response.status  # what a cut client saw
     if request.method == "HEAD":
         return response
     if isinstance(writer, StreamWriter):
         writer.send_headers()
     transport = request.transport
     sock_fd = socket_for_sendfile(transport) if transport is not None else None
+    sent = start
     async for piece in fill.pieces(start, end, chunk_size, spans=sock_fd is not None):
         if isinstance(piece, bytes):
             await response.write(piece)
@@ -177,5 +190,14 @@ async def stream_fill(request: web.Request, fill: Fill, span: tuple[int, int] | 
         else:  # bytes still buffered in the transport: never overtake them
             await response.write(await asyncio.to_thread(os.pread, piece.fd, piece.count,
                                                          piece.offset))
+        sent += piece.count if isinstance(piece, FileSpan) else len(piece)
+        if sent >= end:
+            _sent_all(request)  # a client that hangs up now has had everything
     await response.write_eof()
     return response
+
+
+def _sent_all(request: web.BaseRequest) -> None:
+    """The whole body is on its way: the request's log line must not call it cut."""
+    if isinstance(request, web.Request):
+        log_context(request)["sent_all"] = True

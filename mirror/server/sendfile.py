@@ -61,8 +61,7 @@ async def sendfile(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
     try:
         end = offset + count
         while offset < end:
-            sent = await asyncio.to_thread(_send_until_full, dup, file_fd, offset,
-                                           min(HOP, end - offset))
+            sent = await _uncancellable_thread(dup, file_fd, offset, min(HOP, end - offset))
             if sent < 0:
                 raise ConnectionResetError("cached blob shrank while being sent")
             offset += sent
@@ -72,6 +71,22 @@ async def sendfile(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
         raise ConnectionResetError(f"client went away: {exc}") from exc
     finally:
         os.close(dup)
+
+
+async def _uncancellable_thread(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
+    """:func:`_send_until_full` in a thread that is always awaited to its end.
+
+    A request is cancelled when its client goes away; the thread still uses both
+    descriptors, and they must not be closed (and their numbers reused) under it.
+    It returns within ``LINGER_MS`` of the socket buffer filling up.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(_send_until_full, sock_fd, file_fd,
+                                                     offset, count))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait({future})
+        raise
 
 
 def _send_until_full(sock_fd: int, file_fd: int, offset: int, count: int) -> int:

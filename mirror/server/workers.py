@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -37,7 +37,7 @@ from types import FrameType
 import structlog
 from prometheus_client import multiprocess
 
-from mirror.config import Settings
+from mirror.config import Settings, checks
 from mirror.worker import ENV_COUNT, ENV_FDS, ENV_INDEX
 
 log = structlog.get_logger(__name__)
@@ -59,27 +59,34 @@ class _Child:
 class Supervisor:
     """Starts, restarts and stops the worker processes."""
 
-    def __init__(self, settings: Settings, argv: Sequence[str]) -> None:
+    def __init__(self, settings: Settings, argv: Sequence[str],
+                 bind: Callable[..., socket.socket] = checks.bind) -> None:
         """Args:
             settings: the validated settings (their ``server.workers`` is the count).
             argv: the ``mirror`` arguments a worker is started with (``serve --config ...``).
+            bind: ``bind(host, port, reuse_port=True)`` makes a listening socket.
         """
         self.settings = settings
         self.argv = list(argv)
         self.count = settings.server.workers
         self.children: dict[int, _Child] = {}
         self.metrics_dir = ""
+        self._bind = bind
         self._stopping = False
-        self._addresses: list[tuple[str, int]] = []
+        self._addresses = [(settings.listen_host, settings.listen_port)]
+        admin = settings.admin.listen if settings.admin is not None else None
+        if admin is not None:
+            self._addresses.append(admin)
+        self._first: list[socket.socket] | None = None
+
+    def bind_first(self) -> None:
+        """Bind the first worker's sockets now: a port in use is an error before start."""
+        self._first = self._sockets()
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; returns the exit status."""
         self._prepare_storage()
         self.metrics_dir = tempfile.mkdtemp(prefix="mirror-metrics-")
-        self._addresses = [(self.settings.listen_host, self.settings.listen_port)]
-        admin = self.settings.admin.listen if self.settings.admin is not None else None
-        if admin is not None:
-            self._addresses.append(admin)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         signal.signal(signal.SIGHUP, self._forward)
@@ -107,11 +114,12 @@ class Supervisor:
         tmp.mkdir(parents=True, exist_ok=True)
 
     def _sockets(self) -> list[socket.socket]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
         sockets = []
         for index, (host, port) in enumerate(self._addresses):
-            sock = socket.create_server((host, port), reuse_port=True, backlog=1024,
-                                        family=socket.AF_INET6 if ":" in host
-                                        else socket.AF_INET)
+            sock = self._bind(host, port, reuse_port=True)
             if port == 0:  # every worker on the port the first one got
                 self._addresses[index] = (host, sock.getsockname()[1])
             sockets.append(sock)

@@ -16,10 +16,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -36,6 +36,7 @@ from mirror.tasks import TaskGroup
 log = structlog.get_logger(__name__)
 
 KIND = "s3"
+T = TypeVar("T")
 
 
 class S3Source:
@@ -79,15 +80,20 @@ class S3Source:
     # --- reads ---------------------------------------------------------------------
     async def blob_size(self, ref: ContentRef) -> int | None:
         """The blob's size in S3, or ``None`` (absent, or S3 unavailable)."""
-        if self._skipped("blob"):
+        return await self._look_up("blob", "head", ref.digest, self.store.blob_size)
+
+    async def _look_up(self, kind: str, operation: str, digest: Digest,
+                       call: Callable[[Digest], Awaitable[T | None]]) -> T | None:
+        """One S3 look-up: skipped while backing off, counted, a failure is a miss."""
+        if self._skipped(kind):
             return None
         try:
-            size = await self.store.blob_size(ref.digest)
+            found = await call(digest)
         except S3_ERRORS as exc:
-            self._failed("head", exc, ref.digest)
+            self._failed(operation, exc, digest)
             return None
-        metrics.child(metrics.S3_LOOKUPS, "blob", "miss" if size is None else "hit").inc()
-        return size
+        metrics.child(metrics.S3_LOOKUPS, kind, "miss" if found is None else "hit").inc()
+        return found
 
     @asynccontextmanager
     async def open_blob(self, ref: ContentRef, offset: int) -> AsyncIterator[BodyResponse]:
@@ -113,15 +119,7 @@ class S3Source:
 
     async def get_manifest(self, ref: ContentRef) -> tuple[bytes, str] | None:
         """Manifest bytes and media type from S3, or ``None``."""
-        if self._skipped("manifest"):
-            return None
-        try:
-            found = await self.store.get_manifest(ref.digest)
-        except S3_ERRORS as exc:
-            self._failed("get", exc, ref.digest)
-            return None
-        metrics.child(metrics.S3_LOOKUPS, "manifest", "miss" if found is None else "hit").inc()
-        return found
+        return await self._look_up("manifest", "get", ref.digest, self.store.get_manifest)
 
     def wrong_bytes(self, ref: ContentRef) -> None:
         """An object that fails verification is garbage under its key: remove it."""

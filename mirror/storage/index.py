@@ -10,7 +10,10 @@ waits up to ``BUSY_TIMEOUT`` for a lock instead of failing.
     entries(kind, digest, size, last_use, verified)   one row per stored blob or manifest
     pins(digest, source, pinned_at)                    a digest is pinned while it has a row;
                                                        source is what the operator named
-                                                       (an image reference or the digest)
+                                                       (an image reference or the digest),
+                                                       or ``warm-until:<epoch>:<ref>`` for
+                                                       content the sync loop warmed: such a
+                                                       pin is swept once <epoch> has passed
 
 ``verified`` is 0 for files adopted at start-up without an entry (a crash
 between the rename and the insert): they are hashed before they are served.
@@ -32,6 +35,8 @@ from pathlib import Path
 from mirror.oci import MANIFEST_MAX_BYTES
 
 BUSY_TIMEOUT = 30.0
+#: Source prefix of the pins warming makes: ``warm-until:<epoch>:<ref>``.
+WARM_PIN = "warm-until:"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -234,6 +239,27 @@ class Index:
                 count = int(db.execute("DELETE FROM pins WHERE digest=?", (source,)).rowcount)
             return count
 
+    def pin_until(self, digests: Iterable[str], ref: str, until: float) -> None:
+        """Pin digests for warming until ``until`` (seconds since the epoch); see
+        :meth:`sweep_expired`. Pinning the same ref again replaces its pins."""
+        with self._db(write=True) as db:
+            db.execute("DELETE FROM pins WHERE source LIKE ? ESCAPE '\\'",
+                       (f"{WARM_PIN}%:{_like(ref)}",))
+            db.executemany("INSERT OR REPLACE INTO pins VALUES (?, ?, ?)",
+                           ((d, f"{WARM_PIN}{int(until)}:{ref}", time.time()) for d in digests))
+
+    def sweep_expired(self, now: float) -> int:
+        """Drop warming pins whose time has passed; returns how many."""
+        with self._db(write=True) as db:
+            rows = db.execute("SELECT DISTINCT source FROM pins WHERE source LIKE ?",
+                              (f"{WARM_PIN}%",)).fetchall()
+            expired = [source for (source,) in rows if _warm_expiry(source) < now]
+            removed = 0
+            for source in expired:
+                removed += int(db.execute("DELETE FROM pins WHERE source=?",
+                                          (source,)).rowcount)
+            return removed
+
     def pins(self) -> dict[str, list[str]]:
         """Pinned digests and the sources that pin each."""
         with self._db() as db:
@@ -282,6 +308,16 @@ class Index:
         self.total_entries = len(known) - len(dropped) + len(adopted)
         return Reconciled(len(adopted), len(dropped), mismatched, self.total_entries,
                           self.total_bytes)
+
+
+def _warm_expiry(source: str) -> float:
+    stamp = source[len(WARM_PIN):].partition(":")[0]
+    return float(stamp) if stamp.isdigit() else 0.0
+
+
+def _like(text: str) -> str:
+    """``text`` as a literal in a LIKE pattern (``\\`` escapes)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _entry(row: tuple[str, str, int, float, int]) -> Entry:

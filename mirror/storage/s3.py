@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from mirror.config import S3Settings
 from mirror.errors import BlobUnknown
 from mirror.oci import MANIFEST_MAX_BYTES, Digest
-from mirror.storage.base import BodyReader, check_content
+from mirror.storage.base import Body, BodyReader, absent, check_content
 
 #: What a failing S3 endpoint raises: refused, timed out, 5xx, bad credentials.
 S3_ERRORS: tuple[type[BaseException], ...] = (
@@ -170,7 +169,7 @@ class S3Store:
         except ClientError as exc:
             if not is_not_found(exc):
                 raise
-            yield S3Body(404, None, {}, _Empty())
+            yield absent()
             return
         body = answer["Body"]
         try:
@@ -238,22 +237,8 @@ class S3Store:
         await self.client.delete_object(Bucket=self.bucket, Key=self.manifest_key(digest))
 
 
-@dataclass
-class S3Body:
-    """An S3 object body as a response-like object a fill reads."""
-
-    status: int
-    content_length: int | None
-    headers: Mapping[str, str]
-    content: BodyReader
-
-
-class _Empty:
-    async def read(self, n: int = -1) -> bytes:
-        return b""
-
-    def read_nowait(self, n: int = -1) -> bytes:
-        return b""
+#: An S3 object body as a response-like object a fill reads.
+S3Body = Body
 
 
 def _reader(body: Any) -> BodyReader:

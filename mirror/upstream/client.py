@@ -34,7 +34,14 @@ from mirror.errors import (
     TransientError,
     UpstreamUnavailable,
 )
-from mirror.metrics import UPSTREAM_ERRORS, UPSTREAM_REQUESTS, UPSTREAM_RETRIES
+from mirror.metrics import (
+    CALLER,
+    UPSTREAM_BY_CALLER,
+    UPSTREAM_ERRORS,
+    UPSTREAM_REQUESTS,
+    UPSTREAM_RETRIES,
+    child,
+)
 from mirror.upstream.auth import (
     BearerToken,
     Challenge,
@@ -48,6 +55,7 @@ from mirror.upstream.auth import (
 )
 from mirror.upstream.credentials import CredentialPool, make_source
 from mirror.upstream.guard import UpstreamGuard, parse_retry_after
+from mirror.upstream.hosts import OwnHosts, confined
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +79,15 @@ def backoff_delay(attempt: int) -> float:
     return min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
+class _Request:
+    """One request, whatever its retries: what the breaker counts."""
+
+    __slots__ = ("forgiven",)
+
+    def __init__(self) -> None:
+        self.forgiven = False  # its 5xx were found to be about it, not about the registry
+
+
 @dataclass
 class _Attempt:
     """State of one try at a request: auth rounds per origin, redirect hops."""
@@ -82,6 +99,8 @@ class _Attempt:
     hops: int = 0
     credential: str | None = None  # label of the credential in use
     renewed: bool = False  # a rejected Basic credential was fetched afresh once
+    request: _Request | None = None  # shared by every try of one request
+    confined: bool = True  # redirects only to the registry's own hosts (see hosts.py)
 
 
 class UpstreamClient:
@@ -115,6 +134,8 @@ class UpstreamClient:
         self._credentials = CredentialPool(
             settings.name, [make_source(c, settings.name) for c in credentials])
         self.guard = guard or UpstreamGuard(settings)
+        self._health: asyncio.Future[bool] | None = None
+        self._own_hosts = OwnHosts(settings)
 
     def __repr__(self) -> str:
         return f"UpstreamClient(name={self.name!r}, url={str(self._settings.url)!r})"
@@ -174,8 +195,11 @@ class UpstreamClient:
         url = self._v2_url(f"{repository}/{suffix}")
         if method == "HEAD" and suffix.startswith("blobs/") and self._settings.blob_probe == "get":
             method = "GET"  # ECR Public answers a blob HEAD with 401; only the headers are read
+        # Small answers have a total deadline, so a drip cannot hold a pooled connection;
+        # a blob takes as long as it takes (read_timeout bounds each silence).
+        deadline = None if suffix.startswith("blobs/") else self._settings.request_timeout
         return self._open(method, repository, url.extend_query(params or {}), headers or {}, retry,
-                          background=background)
+                          background=background, deadline=deadline, confined=confined(suffix))
 
     async def ping(self, *, background: bool = False) -> None:
         """GET ``/v2/`` with authentication.
@@ -184,7 +208,8 @@ class UpstreamClient:
             UpstreamUnavailable: the upstream is down or did not answer 2xx;
                 otherwise like :meth:`request`.
         """
-        async with self._open("GET", "", self._v2_url(""), {}, True, background=background) as resp:
+        async with self._open("GET", "", self._v2_url(""), {}, True, background=background,
+                              deadline=self._settings.request_timeout) as resp:
             if not 200 <= resp.status < 300:
                 raise UpstreamUnavailable(f"{self.name}: /v2/ answered {resp.status}", status=502)
 
@@ -197,13 +222,28 @@ class UpstreamClient:
     @asynccontextmanager
     async def _open(
         self, method: str, repository: str, url: URL, headers: Mapping[str, str], retry: bool,
-        *, background: bool = False,
+        *, background: bool = False, deadline: float | None = None, confined: bool = True,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        resp = await self._send(method, repository, url, headers, retry, background=background)
+        """The response, released at the end; with ``deadline``, the whole exchange (retries,
+        waits and the caller's reading of the body) must end within it.
+
+        Raises:
+            UpstreamUnavailable: (504) the deadline passed.
+        """
         try:
-            yield resp
-        finally:
-            resp.release()
+            async with asyncio.timeout(deadline):
+                resp = await self._send(method, repository, url, headers, retry,
+                                        background=background, confined=confined)
+                try:
+                    yield resp
+                finally:
+                    resp.release()
+        except TimeoutError:
+            if deadline is None:
+                raise
+            UPSTREAM_ERRORS.labels(self.name, "timeout").inc()
+            raise UpstreamUnavailable(f"{self.name}: no complete answer within {deadline:g}s "
+                                      "(request_timeout)", status=504) from None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -220,15 +260,17 @@ class UpstreamClient:
 
     async def _send(
         self, method: str, repository: str, url: URL, headers: Mapping[str, str], retry: bool,
-        *, background: bool = False,
+        *, background: bool = False, confined: bool = True,
     ) -> aiohttp.ClientResponse:
         """Retry loop around :meth:`_attempt`: transient errors and short 429s."""
         attempts = self._settings.retries + 1 if retry else 1
         rotations = 0
+        request = _Request()  # the breaker counts this request's retries as one failure
         for attempt in range(1, attempts + 1):
             try:
                 state = _Attempt(repository, started=self._tokens.clock(),
-                                 credential=self._credentials.active)
+                                 credential=self._credentials.active, request=request,
+                                 confined=confined)
                 resp = await self._guarded(method, url, headers, state, background=background)
             except TransientError as exc:
                 UPSTREAM_ERRORS.labels(self.name, exc.reason).inc()
@@ -260,19 +302,31 @@ class UpstreamClient:
         """:meth:`_attempt` admitted by the guard, its outcome reported to the breaker.
 
         Connection errors, timeouts, 5xx and 429 count as failures; any other
-        answer, a refusal included, shows upstream is up.
+        answer, a refusal included, shows upstream is up. A 5xx that would open
+        the breaker is checked against ``/v2/`` first (see guard.py).
         """
         ticket = await self.guard.admit(background=background)
         ok: bool | None = None
-        limited, retry_after = False, None
+        limited, retry_after, suspect = False, None, False
         try:
             resp = await self._attempt(method, url, headers, state)
             ok = resp.status != 429
             if not ok:
                 limited, retry_after = True, parse_retry_after(resp.headers.get("Retry-After"))
             return resp
-        except TransientError:
-            ok = False
+        except TransientError as exc:
+            ok, suspect = False, exc.reason == "status_5xx"
+            request = state.request
+            if suspect and request is not None and request.forgiven:
+                ok = None
+            elif suspect and request is not None and not ticket.probe \
+                    and self.guard.would_open(request) and await self._registry_answers():
+                ok, request.forgiven = None, True
+                self.guard.forgive()
+                log.warning("upstream_5xx_not_counted", registry=self.name,
+                            repository=state.repository,
+                            hint="/v2/ answers: the 5xx are about these requests, not the "
+                                 "registry's health; the circuit breaker stays closed")
             raise
         except TooManyRequests as exc:  # the token endpoint's 429
             ok, limited, retry_after = False, True, exc.retry_after
@@ -283,7 +337,25 @@ class UpstreamClient:
             ok = True
             raise
         finally:
-            self.guard.settle(ticket, ok, rate_limited=limited, retry_after=retry_after)
+            self.guard.settle(ticket, ok, rate_limited=limited, retry_after=retry_after,
+                              request=state.request, suspect=suspect)
+
+    async def _registry_answers(self) -> bool:
+        """Whether upstream's ``/v2/`` answers below 500 (401 included): the registry is up.
+
+        One check at a time; concurrent callers share it.
+        """
+        if self._health is None or self._health.done():
+            self._health = asyncio.ensure_future(self._check_v2())
+        return await asyncio.shield(self._health)
+
+    async def _check_v2(self) -> bool:
+        try:
+            resp = await self._raw("GET", self._v2_url(""), self._headers({}, None))
+        except TransientError:
+            return False
+        resp.release()
+        return resp.status < 500
 
     def _note_remaining(self, resp: aiohttp.ClientResponse, state: _Attempt) -> None:
         """Docker Hub's ``ratelimit-remaining: 0;w=21600``: the next request would be a 429."""
@@ -349,6 +421,7 @@ class UpstreamClient:
             what = "upstream" if origin_of(url) == self._origin else "redirect target"
             raise transient_from(exc, what) from None
         UPSTREAM_REQUESTS.labels(self.name, method, str(resp.status)).inc()
+        child(UPSTREAM_BY_CALLER, self.name, CALLER.get()).inc()
         return resp
 
     def _headers(self, extra: Mapping[str, str], authorization: str | None) -> CIMultiDict[str]:
@@ -379,6 +452,13 @@ class UpstreamClient:
                                       status=502) from None
         if next_url.scheme not in ("http", "https"):
             raise UpstreamUnavailable(f"{self.name}: redirect to a non-HTTP URL", status=502)
+        if state.confined and next_url not in self._own_hosts:
+            UPSTREAM_ERRORS.labels(self.name, "bad_content").inc()
+            log.warning("upstream_redirect_refused", registry=self.name, host=next_url.host,
+                        hint="tag lists, referrers and manifests by tag are not verifiable "
+                             "by digest: they are taken from the registry's own hosts only")
+            raise UpstreamUnavailable(f"{self.name}: redirected to a host that is not the "
+                                      "registry's own", status=502)
         if resp.status == 303 and method != "HEAD":
             method = "GET"
         log.debug("upstream_redirect", registry=self.name, status=resp.status,

@@ -13,10 +13,18 @@ Every attempt of :meth:`mirror.upstream.client.UpstreamClient.request` passes
       ├── budget: background waits for a token; a client request takes one, or
       │   one of the client overdraft, or fails fast with TooManyRequests
       └── breaker half-open: this attempt is the one probe; others fail fast
-    settle(ticket, ok)
+    settle(ticket, ok, request=, suspect=)
       ok=True   a final answer (any status but 5xx/429): closes a half-open breaker
-      ok=False  connect error, timeout, 5xx or 429: N in a window open the breaker
+      ok=False  connect error, timeout, 5xx or 429: N failed *requests* in a window
+                open the breaker (the retries of one request count once)
       ok=None   no verdict (cancelled, unusable redirect): a probe slot is freed
+
+Only failures that say the *registry* is unhealthy may open the breaker, never
+one client's bad request: a 5xx (``suspect``) that would open it is first
+checked by the client against upstream's ``/v2/``; if that answers, the 5xx
+were about those requests (a name upstream chokes on) and are forgiven
+(:meth:`UpstreamGuard.forgive`), so anonymous clients cannot shut a registry
+off for everyone.
 
 Background work reaches upstream through :class:`BackgroundRequests`, a view
 of the client that marks every request ``background=True``.
@@ -44,6 +52,7 @@ import structlog
 from mirror import metrics
 from mirror.config import BreakerSettings, BudgetSettings, UpstreamSettings
 from mirror.errors import TooManyRequests, UpstreamUnavailable
+from mirror.oci import is_number
 
 log = structlog.get_logger(__name__)
 
@@ -80,14 +89,13 @@ def parse_ratelimit(value: str | None) -> tuple[int, int | None] | None:
     if not value:
         return None
     head, *params = value.split(";")
-    try:
-        count = int(head.strip())
-    except ValueError:
+    if not is_number(head.strip()):
         return None
+    count = int(head.strip())
     window = None
     for param in params:
         name, _, raw = param.strip().partition("=")
-        if name.strip().lower() == "w" and raw.strip().isdigit():
+        if name.strip().lower() == "w" and is_number(raw.strip()):
             window = int(raw.strip())
     return (count, window) if count >= 0 else None
 
@@ -208,7 +216,8 @@ class Breaker:
         self._clock = clock
         self._max_wait = max_wait
         self.state = CLOSED
-        self._failures: deque[float] = deque()
+        # (when, the request it belongs to, a 5xx that may be about that request only)
+        self._failures: deque[tuple[float, object, bool]] = deque()
         self._opened_at = 0.0
         self._cool_down = settings.cool_down
         self._probing = False
@@ -249,8 +258,19 @@ class Breaker:
                                   f"for {wait:.0f}s (circuit open)", status=503, retry_after=wait)
 
     def settle(self, ticket: Ticket, ok: bool | None, *, rate_limited: bool = False,
-               retry_after: float | None = None) -> None:
-        """Record how an admitted attempt ended (see the module docstring)."""
+               retry_after: float | None = None, request: object = None,
+               suspect: bool = False) -> None:
+        """Record how an admitted attempt ended (see the module docstring).
+
+        Args:
+            ticket: from :meth:`enter`.
+            ok: the verdict.
+            rate_limited: the failure was a 429.
+            retry_after: upstream's ``Retry-After`` with it.
+            request: the request the attempt belongs to (its retries share it);
+                ``None``: an attempt of its own.
+            suspect: a 5xx, which :meth:`forgive` may take back.
+        """
         if ticket.probe:
             self._probing = False
         if ok is None:
@@ -266,11 +286,27 @@ class Breaker:
             self._open(reason="probe failed")
             return
         now = self._clock()
-        self._failures.append(now)
-        while self._failures and self._failures[0] < now - self._settings.window:
+        self._failures.append((now, object() if request is None else request, suspect))
+        count = self._failed_requests(now)
+        if self.state == CLOSED and count >= self._settings.failures > 0:
+            self._open(reason=f"{count} failed requests in a row")
+
+    def would_open(self, request: object) -> bool:
+        """Whether one more failure of ``request`` would open the breaker."""
+        if self.state != CLOSED or self._settings.failures <= 0:
+            return False
+        self._failed_requests(self._clock())  # forget what fell out of the window
+        counted = {key for _, key, _ in self._failures} | {request}
+        return len(counted) >= self._settings.failures
+
+    def forgive(self) -> None:
+        """Forget the 5xx failures: upstream is up, they were about their requests."""
+        self._failures = deque(f for f in self._failures if not f[2])
+
+    def _failed_requests(self, now: float) -> int:
+        while self._failures and self._failures[0][0] < now - self._settings.window:
             self._failures.popleft()
-        if self.state == CLOSED and len(self._failures) >= self._settings.failures > 0:
-            self._open(reason=f"{len(self._failures)} failures in a row")
+        return len({key for _, key, _ in self._failures})
 
     def _open(self, reason: str) -> None:
         self._opened_at = self._clock()
@@ -325,9 +361,19 @@ class UpstreamGuard:
         return self.breaker.enter()
 
     def settle(self, ticket: Ticket, ok: bool | None, *, rate_limited: bool = False,
-               retry_after: float | None = None) -> None:
-        """Report the outcome of an admitted attempt to the breaker."""
-        self.breaker.settle(ticket, ok, rate_limited=rate_limited, retry_after=retry_after)
+               retry_after: float | None = None, request: object = None,
+               suspect: bool = False) -> None:
+        """Report the outcome of an admitted attempt to the breaker (see :meth:`Breaker.settle`)."""
+        self.breaker.settle(ticket, ok, rate_limited=rate_limited, retry_after=retry_after,
+                            request=request, suspect=suspect)
+
+    def would_open(self, request: object) -> bool:
+        """Whether one more failure of ``request`` would open the breaker."""
+        return self.breaker.would_open(request)
+
+    def forgive(self) -> None:
+        """Upstream's ``/v2/`` answers: the 5xx counted so far were about their requests."""
+        self.breaker.forgive()
 
     def client_retry_after(self, upstream: float | None) -> float:
         """The ``Retry-After`` to give clients: upstream's, or a default, bounded."""

@@ -61,3 +61,19 @@ def test_smoke_run_has_figures_for_every_scenario_and_target(tmp_path: Path) -> 
     assert "mirror/distribution" in proc.stdout and "mirror-2w/mirror" in proc.stdout
     assert (out / "table.md").read_text().startswith("| scenario")
     assert (out / "chart.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(300)
+def test_rollout_smoke_run_with_sync_asks_upstream_for_no_blob(tmp_path: Path) -> None:
+    require_binary("docker-registry")
+    out = tmp_path / "rollout"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.rollout", "--smoke", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    figures = {f["mode"]: f for f in json.loads((out / "rollout.json").read_text())["figures"]}
+    assert figures["off"]["upstream_blob_requests"] > 0
+    assert figures["on"]["upstream_blob_requests"] == 0
+    assert figures["on"]["lag_s"] is not None
+    assert "| sync |" in proc.stdout

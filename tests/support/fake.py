@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,8 @@ class FakeRegistry:
         self.requests: list[Seen] = []
         self.faults: list[Fault] = []
         self.ratelimit: HubRateLimit | None = None
+        self.cut_short = 0  # faulty answers whose client hung up before their end
+        self._arrived = asyncio.Event()
 
     # --- content -------------------------------------------------------------
     def add_blob(self, data: bytes) -> str:
@@ -133,6 +136,16 @@ class FakeRegistry:
         return sum(1 for r in self.requests
                    if (method is None or r.method == method) and contains in r.path)
 
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        """Wait until ``condition()`` holds; it is checked after every request and every
+        drip cut short (bound the wait with ``asyncio.timeout``)."""
+        while not condition():
+            await self._arrived.wait()
+
+    def _notify(self) -> None:
+        event, self._arrived = self._arrived, asyncio.Event()
+        event.set()
+
     def fault(self, **kwargs: Any) -> Fault:
         fault = Fault(**kwargs)
         self.faults.append(fault)
@@ -146,10 +159,16 @@ class FakeRegistry:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(Seen(request.method, request.path_qs, dict(request.headers)))
+        self._notify()
         for fault in self.faults:
             if fault.matches(request):
                 fault.times -= 1
-                return await self._fault(request, fault)
+                try:
+                    return await self._fault(request, fault)
+                except (ConnectionError, asyncio.CancelledError):  # cancelled: test servers
+                    self.cut_short += 1
+                    self._notify()
+                    raise
         limited = self._rate_limited(request)
         if limited is not None:
             return limited

@@ -97,7 +97,7 @@ def test_access_line_is_one_json_line_with_every_field() -> None:
     assert len(hot) == 0
     entry = Hot(body=b"", headers={}, expires=0.0, log_fields=b'"route":"blob","status":200',
                 log_dict={}, requests=None, seconds=None, counters=(), served=(),
-                served_count=0, touch=None, image=None)
+                served_count=0, touch=None, image=None, pulled_digest=None)
 
     async def write() -> None:
         access.write({"request_id": "r1", "client": "127.0.0.1", "user_agent": "ua",

@@ -1,6 +1,6 @@
 """Imports point one way: each box of the data flow imports only the boxes below it.
 
-server -> node -> pull service -> cache -> fetch -> sources -> storage -> upstream -> config
+server -> node -> sync -> pull service -> cache -> fetch -> sources -> storage -> upstream -> config
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mirror"
 
 #: Higher imports lower, never the other way. Modules not named share their package's rank.
 RANKS = {
-    "cli": 100, "__main__": 100,
+    "cli": 100, "__main__": 100, "sync_cli": 100,
     "server": 90,
     "node": 80,
+    "sync": 75,
     "pull": 70,
     "cache": 60,
     "fetch": 50,

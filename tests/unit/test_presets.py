@@ -232,7 +232,10 @@ async def test_k8s_redirects_to_another_registry_which_gets_its_own_token(
                               redirect_repo_prefix="k8s-artifacts-prod/images/"))
     seed(front.registry, "pause")  # the front knows the name; the bytes live on the backend
     digest, _ = seed(backend.registry, "k8s-artifacts-prod/images/pause")
-    mirror = await mirror_for({"name": "registry.k8s.io", "url": front.url})
+    # The real preset allows *-docker.pkg.dev; here the backend is on loopback.
+    backend_host = URL(backend.url).raw_authority
+    mirror = await mirror_for({"name": "registry.k8s.io", "url": front.url,
+                               "redirect_hosts": [backend_host]})
     assert await pull(mirror, "registry.k8s.io", "pause") == digest
     front_tokens = {"Bearer " + t for t in front.tokens.granted}
     back_tokens = {"Bearer " + t for t in backend.tokens.granted}

@@ -184,7 +184,8 @@ async def test_breaker_opens_fails_fast_probes_and_closes(clock: ManualClock,
     mirror = await make_mirror(clock=clock, upstream={"retries": 0, "breaker": {
         "failures": 2, "window": "10s", "cool_down": "500ms"}})
     fake.add_image("app", "v1", [b"x"])
-    fake.fault(kind="status", status=503, path="/manifests/")
+    # The registry is down, /v2/ included: 5xx that say nothing of its health don't count.
+    fake.fault(kind="status", status=503, path="/v2/")
     opened, half, closed = transitions("open"), transitions("half_open"), transitions("closed")
     with structlog.testing.capture_logs() as logs:
         for _ in range(2):
@@ -223,7 +224,7 @@ async def test_only_one_probe_while_half_open(clock: ManualClock, make_mirror: M
         "failures": 1, "cool_down": "100ms"}})
     for i in range(10):
         fake.add_image("app", f"t{i}", [b"x"])
-    fake.fault(kind="status", status=503, path="/manifests/", times=1)
+    fake.fault(kind="status", status=503, path="/v2/", times=2)  # the manifest, then /v2/
     assert (await mirror.get("/v2/app/manifests/t0")).status == 502
     clock.advance(0.15)
     fake.fault(kind="slow", path="/manifests/", delay=0.8)
