@@ -91,6 +91,11 @@ class RssSampler:
         return self.peak_kib / 1024
 
     @property
+    def process_max_mib(self) -> float:
+        """The largest VmHWM of one process of the tree, MiB (one worker's peak)."""
+        return max(self.hwm_kib.values(), default=0) / 1024
+
+    @property
     def hwm_mib(self) -> float:
         """Sum of the processes' VmHWM, MiB (the kernel's own peak, between samples too)."""
         return sum(self.hwm_kib.values()) / 1024

@@ -11,7 +11,16 @@ from typing import Any
 
 from benchmarks.measure import median
 from benchmarks.scenarios import Record, as_json
-from benchmarks.targets import ALL_TARGETS, DISTRIBUTION, MIRROR, NGINX, SENDFILE
+from benchmarks.targets import (
+    ALL_TARGETS,
+    BARE,
+    DISTRIBUTION,
+    MIRROR,
+    MIRROR2,
+    NGINX,
+    SENDFILE,
+    SENDFILE2,
+)
 
 # metric -> (label, higher is better)
 METRICS: dict[str, tuple[str, bool]] = {
@@ -24,6 +33,7 @@ METRICS: dict[str, tuple[str, bool]] = {
     "ttfb_p99_s": ("TTFB p99 s", False),
     "rps": ("req/s", True),
     "peak_rss_mib": ("peak RSS MiB", False),
+    "process_rss_mib": ("largest process RSS MiB", False),
     "failed_transfers": ("failed transfers", False),
 }
 SHOWN: dict[str, tuple[str, ...]] = {
@@ -32,9 +42,12 @@ SHOWN: dict[str, tuple[str, ...]] = {
     "herd": ("wall_s", "ttfb_p50_s", "ttfb_p99_s", "upstream_ratio", "failed_transfers"),
     "hot": ("mib_s", "rps"),
     "tags": ("rps", "upstream_requests"),
-    "memory": ("peak_rss_mib",),
+    "memory": ("peak_rss_mib", "process_rss_mib"),
 }
-PEERS = (DISTRIBUTION, NGINX, SENDFILE)
+#: The ratios shown, ours/peer: one process against each peer, the lean path against the
+#: bare aiohttp handler, two workers against one and against nginx with two workers.
+PAIRS = ((MIRROR, DISTRIBUTION), (MIRROR, NGINX), (MIRROR, SENDFILE), (MIRROR, BARE),
+         (MIRROR2, MIRROR), (MIRROR2, SENDFILE2))
 
 
 @dataclass(frozen=True)
@@ -56,11 +69,11 @@ def _value(records: Sequence[Record], target: str, repeat: int, metric: str) -> 
     return None
 
 
-def _ratio(records: Sequence[Record], peer: str, metric: str) -> float:
+def _ratio(records: Sequence[Record], pair: tuple[str, str], metric: str) -> float:
     """Median over repeats of ours/peer, each taken from the same repeat."""
     ratios = []
     for repeat in sorted({r.repeat for r in records}):
-        ours, theirs = (_value(records, t, repeat, metric) for t in (MIRROR, peer))
+        ours, theirs = (_value(records, t, repeat, metric) for t in pair)
         if ours is not None and theirs:
             ratios.append(ours / theirs)
     return median(ratios)
@@ -77,7 +90,7 @@ def rows(records: Sequence[Record]) -> list[Row]:
         for metric in SHOWN[scenario]:
             values = {t: median(r.metrics[metric] for r in group if r.target == t)
                       for t in ALL_TARGETS if any(r.target == t for r in group)}
-            ratios = {p: _ratio(group, p, metric) for p in PEERS}
+            ratios = {f"{a}/{b}": _ratio(group, (a, b), metric) for a, b in PAIRS}
             out.append(Row(scenario, case, metric, group[0].client, values, ratios))
     return out
 
@@ -98,14 +111,16 @@ def _ratio_text(value: float | None) -> str:
 
 def table(table_rows: Sequence[Row]) -> str:
     """A Markdown table: median per target and median ratios ours/peer."""
-    head = ["scenario", "case", "metric", "client", *ALL_TARGETS,
-            *(f"ours/{p}" for p in PEERS)]
+    shown = [t for t in ALL_TARGETS if any(t in row.values for row in table_rows)]
+    pairs = [f"{a}/{b}" for a, b in PAIRS
+             if any(not math.isnan(row.ratios.get(f"{a}/{b}", math.nan)) for row in table_rows)]
+    head = ["scenario", "case", "metric", "client", *shown, *pairs]
     lines = [head, ["---"] * len(head)]
     for row in table_rows:
         label, higher = METRICS[row.metric]
         lines.append([row.scenario, row.case, f"{label} {'↑' if higher else '↓'}", row.client,
-                      *(_fmt(row.values.get(t)) for t in ALL_TARGETS),
-                      *(_ratio_text(row.ratios.get(p)) for p in PEERS)])
+                      *(_fmt(row.values.get(t)) for t in shown),
+                      *(_ratio_text(row.ratios.get(p)) for p in pairs)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True))
                      + " |" for line in lines)
@@ -132,8 +147,8 @@ def chart(path: Path, table_rows: Sequence[Row]) -> str | None:
     count = len(table_rows)
     rows_n = max(1, (count + cols - 1) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
-    colors = dict(zip(ALL_TARGETS, ("#1f77b4", "#d62728", "#2ca02c", "#98df8a", "#7f7f7f"),
-                      strict=True))
+    colors = dict(zip(ALL_TARGETS, ("#1f77b4", "#d62728", "#2ca02c", "#98df8a", "#7f7f7f",
+                                    "#17becf", "#bcbd22", "#ff7f0e"), strict=True))
     for ax, row in zip(axes.flat, table_rows, strict=False):
         names = [t for t in ALL_TARGETS if t in row.values]
         values = [0.0 if math.isnan(row.values[t]) else row.values[t] for t in names]

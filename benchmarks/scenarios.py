@@ -32,11 +32,16 @@ from benchmarks.load import PullClient, PullStats
 from benchmarks.measure import RssSampler, UpstreamMeter, percentile
 from benchmarks.seed import ImageSet, MiB, pulled_bytes
 from benchmarks.targets import (
+    BARE,
     DISTRIBUTION,
+    LOCAL_TARGETS,
     MIRROR,
+    MIRROR2,
     NGINX,
     SENDFILE,
+    SENDFILE2,
     UPSTREAM,
+    BareTarget,
     SendfileTarget,
     Target,
     Upstream,
@@ -50,12 +55,12 @@ _NEEDS_LOGIN = (NGINX, UPSTREAM)  # they pass the client's Authorization to the 
 
 # Which targets each scenario applies to (nginx-sendfile has no upstream).
 APPLIES: dict[str, tuple[str, ...]] = {
-    "cold": (MIRROR, DISTRIBUTION, NGINX, UPSTREAM),
-    "warm": (MIRROR, DISTRIBUTION, NGINX, UPSTREAM),
-    "herd": (MIRROR, DISTRIBUTION, NGINX, UPSTREAM),
-    "hot": (MIRROR, DISTRIBUTION, NGINX, SENDFILE, UPSTREAM),
-    "tags": (MIRROR, DISTRIBUTION, NGINX, UPSTREAM),
-    "memory": (MIRROR, DISTRIBUTION, NGINX, SENDFILE, UPSTREAM),
+    "cold": (MIRROR, DISTRIBUTION, NGINX, UPSTREAM, MIRROR2),
+    "warm": (MIRROR, DISTRIBUTION, NGINX, UPSTREAM, MIRROR2),
+    "herd": (MIRROR, DISTRIBUTION, NGINX, UPSTREAM, MIRROR2),
+    "hot": (MIRROR, DISTRIBUTION, NGINX, SENDFILE, UPSTREAM, MIRROR2, SENDFILE2, BARE),
+    "tags": (MIRROR, DISTRIBUTION, NGINX, UPSTREAM, MIRROR2),
+    "memory": (MIRROR, DISTRIBUTION, NGINX, SENDFILE, UPSTREAM, MIRROR2, SENDFILE2, BARE),
 }
 
 
@@ -114,9 +119,13 @@ class Bench:
         workdir = self.workdir / f"{self._serial:03d}-{name}"
         target = make_target(name, workdir, upstream_url or self.upstream.reg.url,
                              self.upstream)
-        if isinstance(target, SendfileTarget):
+        if isinstance(target, SendfileTarget | BareTarget):
             for blob in (self.images.hot_blob, self.images.small_blob):
                 target.add_blob(blob.digest, blob.data)
+            image = self.images.pull_set[0]
+            assert isinstance(image, Image)
+            target.add_blob(image.manifest.digest, image.manifest.data,
+                            image.manifest.media_type)
         target.start()
         try:
             yield target
@@ -185,8 +194,9 @@ def _hot_blob(bench: Bench, target: Target, repeat: int) -> None:
                       upstream_requests=meter.traffic.requests)
         if bench.wants("memory"):
             bench.add("memory", f"hot {case}", target.name, repeat, PROC,
-                      peak_rss_mib=rss.peak_mib, hwm_mib=rss.hwm_mib)
-    if bench.wants("hot") and target.name != SENDFILE:
+                      peak_rss_mib=rss.peak_mib, hwm_mib=rss.hwm_mib,
+                      process_rss_mib=rss.process_max_mib)
+    if bench.wants("hot"):
         _hot_manifest(bench, target, repeat)
 
 
@@ -229,7 +239,7 @@ def _tags(bench: Bench, target: Target, repeat: int) -> None:
 def serve_cycle(bench: Bench, name: str, repeat: int) -> None:
     """Cold pull (1 client), warm pull, hot blobs and tags on one fresh target."""
     with bench.fresh(name) as target:
-        if name != SENDFILE:
+        if name not in LOCAL_TARGETS:
             items = None if bench.wants("cold") or bench.wants("warm") else [
                 bench.images.pull_set[0]]
             figures = pull_set(bench, target, 1, items)
@@ -243,7 +253,7 @@ def serve_cycle(bench: Bench, name: str, repeat: int) -> None:
                           upstream_blob_requests=figures["upstream_blob_requests"])
         if bench.wants("hot") or bench.wants("memory"):
             _hot_blob(bench, target, repeat)
-        if name != SENDFILE and bench.wants("tags"):
+        if name not in LOCAL_TARGETS and bench.wants("tags"):
             _tags(bench, target, repeat)
 
 
@@ -317,6 +327,7 @@ def herd_cycle(bench: Bench, name: str, repeat: int, rate: float | None) -> None
                   upstream_blob_requests=meter.traffic.blob_requests, failed_transfers=failed)
     if bench.wants("memory"):
         bench.add("memory", case, name, repeat, PROC, peak_rss_mib=rss.peak_mib,
+                  process_rss_mib=rss.process_max_mib,
                   hwm_mib=rss.hwm_mib)
 
 
@@ -336,7 +347,7 @@ def run_all(bench: Bench) -> list[Record]:
         bench.log(f"repeat {repeat + 1}/{s.repeat}")
         if any(bench.wants(x) for x in ("cold", "warm", "hot", "tags", "memory")):
             for name in s.targets:
-                if name != SENDFILE or bench.wants("hot") or bench.wants("memory"):
+                if name not in LOCAL_TARGETS or bench.wants("hot") or bench.wants("memory"):
                     serve_cycle(bench, name, repeat)
         if bench.wants("cold"):
             for name in _applies(s, "cold"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -34,7 +35,11 @@ UPSTREAM_NAME = "registry.bench"
 USER, PASSWORD = "bench", "bench-password"
 MIRROR, DISTRIBUTION, NGINX, SENDFILE, UPSTREAM = (
     "mirror", "distribution", "nginx", "nginx-sendfile", "upstream")
-ALL_TARGETS = (MIRROR, DISTRIBUTION, NGINX, SENDFILE, UPSTREAM)
+#: The same with two worker processes, and the bare aiohttp handler (hot scenarios).
+MIRROR2, SENDFILE2, BARE = "mirror-2w", "nginx-sendfile-2w", "bare-aiohttp"
+ALL_TARGETS = (MIRROR, DISTRIBUTION, NGINX, SENDFILE, UPSTREAM, MIRROR2, SENDFILE2, BARE)
+#: Targets that serve the hot bytes from files or memory of their own (no upstream).
+LOCAL_TARGETS = (SENDFILE, SENDFILE2, BARE)
 
 
 class Upstream:
@@ -103,6 +108,7 @@ class MirrorTarget(Target):
     """Our mirror as a subprocess, one process, default settings."""
 
     name = MIRROR
+    workers = 1
 
     def __init__(self, workdir: Path, upstream_url: str) -> None:
         super().__init__(workdir, upstream_url)
@@ -112,7 +118,9 @@ class MirrorTarget(Target):
         upstream = {"name": UPSTREAM_NAME, "url": upstream_url, "default": True,
                     "username": USER, "password_file": str(secret)}
         self.storage = workdir / "cache"
-        self.proc = MirrorProcess(workdir, mirror_config(self.port, self.storage, [upstream]))
+        config = mirror_config(self.port, self.storage, [upstream])
+        config["server"] = {"workers": self.workers}
+        self.proc = MirrorProcess(workdir, config)
 
     def start(self) -> None:
         self.proc.start()
@@ -122,6 +130,13 @@ class MirrorTarget(Target):
 
     def pid(self) -> int | None:
         return self.proc.pid
+
+
+class Mirror2Target(MirrorTarget):
+    """Our mirror with ``server.workers: 2`` (a supervisor and two worker processes)."""
+
+    name = MIRROR2
+    workers = 2
 
 
 class _ProxyRegistry(Registry):
@@ -155,7 +170,7 @@ class DistributionTarget(Target):
 
 
 _NGINX_MAIN = """\
-{user}worker_processes 1;
+{user}worker_processes {workers};
 pid {work}/nginx.pid;
 error_log {work}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -218,6 +233,10 @@ _NGINX_SENDFILE = """\
             default_type application/octet-stream;
             alias {root}/$1;
         }}
+        location ~ "^/v2/.+/manifests/sha256:([0-9a-f]{{64}})$" {{
+            default_type application/vnd.oci.image.manifest.v1+json;
+            alias {root}/manifest-$1;
+        }}
         location / {{ return 404; }}
     }}
 """
@@ -227,6 +246,7 @@ class NginxTarget(Target):
     """nginx as a caching reverse proxy of the upstream (one worker)."""
 
     name = NGINX
+    workers = 1
 
     def __init__(self, workdir: Path, upstream_url: str) -> None:
         super().__init__(workdir, upstream_url)
@@ -245,7 +265,8 @@ class NginxTarget(Target):
         # As root, workers would run as nobody and could not read our folders.
         user = "user root;\n" if os.geteuid() == 0 else ""
         conf = self.workdir / "nginx.conf"
-        conf.write_text(_NGINX_MAIN.format(user=user, work=self.workdir, body=self._body()))
+        conf.write_text(_NGINX_MAIN.format(user=user, work=self.workdir, body=self._body(),
+                                           workers=self.workers))
         with (self.workdir / "stderr.log").open("ab") as log:
             self._proc = subprocess.Popen(
                 [binary, "-p", str(self.workdir), "-e", str(self.workdir / "error.log"),
@@ -290,12 +311,60 @@ class SendfileTarget(NginxTarget):
     def _body(self) -> str:
         return _NGINX_SENDFILE.format(root=self.root, port=self.port)
 
-    def add_blob(self, digest: str, data: bytes) -> None:
-        """Serve ``data`` as blob ``digest``."""
+    def add_blob(self, digest: str, data: bytes, media_type: str | None = None) -> None:
+        """Serve ``data`` as blob ``digest`` (or as a manifest, given its ``media_type``)."""
+        _add_file(self.root, digest, data, media_type)
+
+
+def _add_file(root: Path, digest: str, data: bytes, media_type: str | None) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    name = digest.removeprefix("sha256:")
+    if media_type is not None:
+        name = f"manifest-{name}"
+        (root / f"{name}.type").write_text(media_type)
+    dest = root / name
+    dest.write_bytes(data)
+    dest.chmod(0o644)
+
+
+class Sendfile2Target(SendfileTarget):
+    """nginx serving the same files with two worker processes."""
+
+    name = SENDFILE2
+    workers = 2
+
+
+class BareTarget(Target):
+    """A bare aiohttp handler under uvloop answering the same bytes from memory
+    (:mod:`benchmarks.bare`): the ceiling of the mirror's stack in one process."""
+
+    name = BARE
+
+    def __init__(self, workdir: Path, upstream_url: str) -> None:
+        super().__init__(workdir, upstream_url)
+        self.root = workdir / "files"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def add_blob(self, digest: str, data: bytes, media_type: str | None = None) -> None:
+        """Serve ``data`` as blob ``digest`` (or as a manifest, given its ``media_type``)."""
+        _add_file(self.root, digest, data, media_type)
+
+    def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        dest = self.root / digest.removeprefix("sha256:")
-        dest.write_bytes(data)
-        dest.chmod(0o644)
+        with (self.workdir / "stderr.log").open("ab") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.bare", str(self.port), str(self.root)],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        wait_http(f"{self.url}/v2/", timeout=20, statuses=(200,))
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
 
 class DirectTarget(Target):
@@ -317,5 +386,7 @@ def make_target(name: str, workdir: Path, upstream_url: str, upstream: Upstream)
     if name == UPSTREAM:
         return DirectTarget(workdir, upstream_url, upstream)
     kinds: dict[str, type[Target]] = {MIRROR: MirrorTarget, DISTRIBUTION: DistributionTarget,
-                                      NGINX: NginxTarget, SENDFILE: SendfileTarget}
+                                      NGINX: NginxTarget, SENDFILE: SendfileTarget,
+                                      MIRROR2: Mirror2Target, SENDFILE2: Sendfile2Target,
+                                      BARE: BareTarget}
     return kinds[name](workdir, upstream_url)

@@ -36,6 +36,7 @@ import uvloop
 from aiohttp import web
 
 from mirror import config, log, sync_cli
+from mirror import worker as this_worker
 from mirror.bundle.export import Planner
 from mirror.bundle.export import write as export_write
 from mirror.bundle.importer import Importer, read_bundle_json
@@ -50,6 +51,7 @@ from mirror.config import checks
 from mirror.errors import BundleError, CacheCommandError, ConfigError, OciError
 from mirror.node import Node
 from mirror.routing import Router
+from mirror.server import workers
 from mirror.server.app import create_app
 from mirror.server.tls import ServerTls, reload_on_sighup
 from mirror.storage.filesystem import FilesystemStore
@@ -402,17 +404,27 @@ def _serve(args: argparse.Namespace) -> int:
     # the app starts, so ``mirror_started`` is never logged by a mirror that cannot listen.
     checks.check_storage(settings.storage.path, create=True)
     ssl_context = checks.tls_context(settings.tls) if settings.tls is not None else None
-    sock = checks.bind(settings.listen_host, settings.listen_port)
+    worker = this_worker.current()
+    if settings.server.workers > 1 and worker.count == 1:
+        supervisor = workers.Supervisor(settings, _serve_argv(args), bind=checks.bind)
+        supervisor.bind_first()
+        log.setup(settings.log)
+        return supervisor.run()
+    if worker.count > 1:  # a worker: the supervisor's sockets, listening already
+        socks = this_worker.inherited_sockets()
+    else:
+        socks = [checks.bind(settings.listen_host, settings.listen_port)]
+        if settings.admin is not None and settings.admin.listen is not None:
+            # The admin address is a second socket of the same app: the edge middleware
+            # tells them apart by local port.
+            socks.append(checks.bind(*settings.admin.listen))
     log.setup(settings.log)
+    if worker.count > 1:
+        structlog.contextvars.bind_contextvars(worker=worker.index)  # on its every log line
     loop_factory = None
     if settings.server.event_loop == "uvloop":
         loop_factory = uvloop.new_event_loop
     runner = asyncio.Runner(loop_factory=loop_factory)
-    socks = [sock]
-    if settings.admin is not None and settings.admin.listen is not None:
-        # The admin address is a second socket of the same app: the edge middleware tells
-        # them apart by local port.
-        socks.append(checks.bind(*settings.admin.listen))
     app = create_app(settings)
     # The listener keeps this one context; SIGHUP loads a renewed pair into it.
     tls = ServerTls(settings.tls, ssl_context) if settings.tls and ssl_context else None
@@ -540,3 +552,13 @@ def _print_import(file: Path, report: ImportReport) -> None:
         print(f"  pinned {report.pinned} image(s)")
     for note in report.notes:
         print(f"  note: {note}")
+
+
+def _serve_argv(args: argparse.Namespace) -> list[str]:
+    """The ``mirror`` arguments that start a worker with the same settings."""
+    argv = ["serve"]
+    for flag, value in (("--config", args.config), ("--listen", args.listen),
+                        ("--storage", args.storage)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv

@@ -7,18 +7,28 @@ fixed reason or result. Never a repository, a tag or a digest.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from contextvars import ContextVar
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from mirror.version import VERSION
 
-BUILD_INFO = Info(
-    "mirror_build", "The running mirror's version and its Python's, as labels (value 1)."
+# A gauge, not an Info: Info has no multiprocess mode (server.workers).
+BUILD_INFO = Gauge(
+    "mirror_build_info", "The running mirror's version and its Python's, as labels (value 1).",
+    ["version", "python"], multiprocess_mode="max",
 )
-BUILD_INFO.info({"version": VERSION, "python": platform.python_version()})
+BUILD_INFO.labels(VERSION, platform.python_version()).set(1)
 
 REQUESTS = Counter(
     "mirror_http_requests_total", "Client requests answered.", ["route", "method", "status"]
@@ -77,8 +87,7 @@ CREDENTIAL_ROTATIONS = Counter(
 BREAKER_STATE = Gauge(
     "mirror_upstream_breaker_state",
     "Circuit breaker of each upstream: 0 closed, 1 open (failing fast), 2 half-open (probing).",
-    ["registry"],
-)
+    ["registry"], multiprocess_mode="livemax")
 BREAKER_TRANSITIONS = Counter(
     "mirror_upstream_breaker_transitions_total",
     "Circuit breaker state changes, by the state entered (closed, open, half_open).",
@@ -101,20 +110,25 @@ RATELIMIT_LIMIT = Gauge(
     "mirror_upstream_ratelimit_limit",
     "Upstream's own request limit per window, from its ratelimit-limit header (Docker Hub), "
     "per credential (a username or anonymous).", ["registry", "credential"],
-)
+    multiprocess_mode="livemostrecent")
 RATELIMIT_REMAINING = Gauge(
     "mirror_upstream_ratelimit_remaining",
     "Requests upstream says are left in its window, from its ratelimit-remaining header, per "
-    "credential.", ["registry", "credential"],
-)
+    "credential.", ["registry", "credential"], multiprocess_mode="livemostrecent")
 RATELIMIT_WINDOW = Gauge(
     "mirror_upstream_ratelimit_window_seconds",
     "Length of upstream's rate-limit window (the w= of ratelimit-limit), per credential.",
-    ["registry", "credential"],
-)
+    ["registry", "credential"], multiprocess_mode="livemostrecent")
 FILLS = Counter("mirror_fills_total", "Upstream blob downloads finished, by result.", ["result"])
-FILLS_IN_FLIGHT = Gauge("mirror_fills_in_flight", "Upstream blob downloads under way.")
-FILL_READERS = Gauge("mirror_fill_readers", "Clients reading an in-flight download right now.")
+FILLS_IN_FLIGHT = Gauge("mirror_fills_in_flight", "Upstream blob downloads under way.",
+    multiprocess_mode="livesum")
+FILL_READERS = Gauge("mirror_fill_readers", "Clients reading an in-flight download right now.",
+    multiprocess_mode="livesum")
+FILL_TAKEOVERS = Counter(
+    "mirror_fill_takeovers_total",
+    "Downloads another worker process claimed and stopped without publishing (it died), "
+    "taken over from the bytes it left.",
+)
 FILL_JOINS = Counter(
     "mirror_fill_joins_total", "Requests that joined a download another request started."
 )
@@ -144,8 +158,7 @@ TASK_RESTARTS = Counter(
 # --- regional peers (mirror.cluster, mirror.sources.peer) ------------------------------
 PEER_MEMBERS = Gauge(
     "mirror_peer_members", "Peers of this node's region: known, and healthy (in the hash).",
-    ["state"],
-)
+    ["state"], multiprocess_mode="livemax")
 PEER_QUARANTINES = Counter(
     "mirror_peer_quarantines_total", "Peers quarantined after they served wrong bytes."
 )
@@ -190,14 +203,18 @@ S3_REDIRECTS = Counter(
     "mirror_s3_redirects_total", "Blob requests answered with a 307 to a presigned S3 URL."
 )
 # --- the local cache: size, eviction, pins, disk full (mirror.cache.eviction) ----------
-CACHE_BYTES = Gauge("mirror_cache_bytes", "Bytes of verified content in the local cache.")
-CACHE_ENTRIES = Gauge("mirror_cache_entries", "Blobs and manifests in the local cache.")
-CACHE_MAX_BYTES = Gauge("mirror_cache_max_bytes", "storage.max_size (0: unbounded).")
-CACHE_PINNED_BYTES = Gauge("mirror_cache_pinned_bytes", "Bytes of cached content that is pinned.")
+CACHE_BYTES = Gauge("mirror_cache_bytes", "Bytes of verified content in the local cache.",
+    multiprocess_mode="livemostrecent")
+CACHE_ENTRIES = Gauge("mirror_cache_entries", "Blobs and manifests in the local cache.",
+    multiprocess_mode="livemostrecent")
+CACHE_MAX_BYTES = Gauge("mirror_cache_max_bytes", "storage.max_size (0: unbounded).",
+    multiprocess_mode="livemax")
+CACHE_PINNED_BYTES = Gauge("mirror_cache_pinned_bytes", "Bytes of cached content that is pinned.",
+    multiprocess_mode="livemostrecent")
 CACHE_WATERMARK = Gauge(
     "mirror_cache_watermark_state",
     "0: below the low watermark, 1: between the watermarks, 2: above the high watermark.",
-)
+    multiprocess_mode="livemostrecent")
 EVICTIONS = Counter(
     "mirror_cache_evictions_total",
     "Blobs and manifests evicted, by reason: watermark (LRU above the high watermark), "
@@ -241,8 +258,7 @@ REGISTRY_CACHE_BYTES = Gauge(
     "mirror_registry_cache_bytes",
     "Bytes in the local cache known to belong to a registry (content of several registries "
     "counts under each; other: known under none), refreshed every minute.",
-    ["registry"],
-)
+    ["registry"], multiprocess_mode="livemostrecent")
 AUTH_FAILURES = Counter(
     "mirror_auth_failures_total",
     "Client requests refused: unauthorized (missing or wrong credentials), denied (no access "
@@ -280,6 +296,17 @@ SYNC_PAUSED = Gauge(
     "off_peak (outside sync.off_peak).",
     ["registry", "reason"],
 )
+
+
+def exposition() -> bytes:
+    """The text exposition of every metric: of this process, or summed over every worker
+    process when the supervisor set ``PROMETHEUS_MULTIPROC_DIR`` (multiprocess mode)."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return generate_latest()
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -21,13 +21,13 @@ background work; they only use the pull service.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 
 import aiohttp
 import structlog
 
-from mirror import metrics
+from mirror import metrics, worker
 from mirror.cache.blobs import BlobCache
 from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestCache
@@ -39,6 +39,7 @@ from mirror.clock import SYSTEM, Clock
 from mirror.cluster import PeerSet, TokenSource
 from mirror.config import Settings, SyncSettings
 from mirror.fetch import Fetcher
+from mirror.fetch.claim import ClaimingFetcher, Claims
 from mirror.oci import Digest
 from mirror.pull import PullService
 from mirror.routing import Router
@@ -82,15 +83,24 @@ class Node:
         self.s3: S3Source | None = None
         self._extra_sources = tuple(extra_sources)
         self._stack = AsyncExitStack()
-        self.store = FilesystemStore(settings.storage.path)
+        self.worker = worker.current()
+        self.store = FilesystemStore(settings.storage.path,
+                                     temp_folder=self.worker.temp_folder)
         self.tags = TagStore(self.store.tags)
         self.evictor = Evictor(self.store, settings.storage)
         self.fetcher = Fetcher(self.store, settings.server.chunk_size, space=self.evictor,
                                relay_max_bytes=settings.storage.relay_window)
+        claims = Claims(settings.storage.path / "tmp" / "claims")
+        if self.worker.count > 1:  # one download per digest for the node, not per process
+            self.fetcher = ClaimingFetcher(
+                self.store, settings.server.chunk_size, space=self.evictor,
+                relay_max_bytes=settings.storage.relay_window, claims=claims)
         self.blobs = BlobCache(self.store, self.fetcher, settings.cache, on_hit=self.evictor.touch)
         self.manifests = ManifestCache(self.store, self.tags, settings.cache,
                                        on_fetched=self.blobs.learn_sizes,
                                        on_hit=self.evictor.touch, clock=clock)
+        if self.worker.count > 1:  # manifests and tag checks: one worker asks upstream
+            self.manifests.exclusive = claims.exclusive
         self.clients = {u.name: UpstreamClient(u, clock=clock.monotonic,
                                                guard=UpstreamGuard(u, clock=clock.monotonic))
                         for u in settings.upstreams}
@@ -100,6 +110,9 @@ class Node:
         self.popularity = Popularity(settings.storage.path / "sync" / "popularity.json",
                                      window=sync.popular.window,
                                      max_entries=sync.popular.max_entries, clock=clock)
+        #: Called with a digest removed from the cache, or ``None``: content went away
+        #: elsewhere (another process): copies kept in memory above the caches drop it.
+        self.on_removed: list[Callable[[str | None], None]] = []
         self.pull: PullService
         self.sync: SyncService
         self.pull_for: dict[str, PullService] = {}
@@ -240,6 +253,9 @@ class Node:
         waits, because it needs true totals. A failed reconcile is retried with
         backoff (eviction stays off only until it succeeds).
         """
+        if not self.worker.evicts:  # another worker reconciles and evicts for the node
+            self.tasks.loop("recency", lambda: self.evictor.run(evict=False))
+            return
         await self.tasks.loop("reconcile", self._reconcile)
         self.tasks.loop("eviction", self.evictor.run)
 
@@ -270,15 +286,23 @@ class Node:
         def in_use(digest: str) -> bool:
             return blobs.busy(Digest.parse(digest))
 
+        listeners = self.on_removed
+
         def evicted(entry: Entry) -> None:
             digest = Digest.parse(entry.digest)
             if entry.kind == "blob":
                 blobs.forget(digest)
             else:
                 manifests.forget(digest)
+            for listener in listeners:
+                listener(entry.digest)
 
         def changed_elsewhere() -> None:
             blobs.clear_memory()
             manifests.clear_memory()
+            for listener in listeners:
+                listener(None)
 
         self.evictor.wire(in_use, evicted, changed_elsewhere)
+        # Other workers hold memory copies too: they hear of evictions as of `cache evict`.
+        self.evictor.shared = self.worker.count > 1

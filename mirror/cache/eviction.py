@@ -51,6 +51,8 @@ class Evictor:
         self._reserved = 0
         self._pinned_bytes = 0
         self._lock = asyncio.Lock()
+        #: Other processes (workers) serve the same cache: tell them of evictions.
+        self.shared = False
         metrics.CACHE_MAX_BYTES.set(settings.max_size or 0)
 
     def wire(self, in_use: Callable[[str], bool], on_evicted: Callable[[Entry], None],
@@ -115,8 +117,12 @@ class Evictor:
         with contextlib.suppress(Exception):
             await self.flush()
 
-    async def run(self) -> None:
-        """The background loop (recency flush, totals, watermark); the node owns its task."""
+    async def run(self, evict: bool = True) -> None:
+        """The background loop (recency flush, totals, watermark); the node owns its task.
+
+        Without ``evict`` (every worker but the one that evicts) it only writes recency
+        and re-reads totals.
+        """
         self._publish_metrics()
         refreshed = 0.0
         failures = 0
@@ -127,7 +133,8 @@ class Evictor:
                 if time.monotonic() - refreshed > REFRESH_INTERVAL:
                     await self._refresh()
                     refreshed = time.monotonic()
-                await self.check()
+                if evict:
+                    await self.check()
                 failures = 0
             except Exception as exc:  # the loop never dies; retry with growing backoff
                 failures += 1
@@ -225,6 +232,9 @@ class Evictor:
         freed = await asyncio.to_thread(self._store.evict, victims)
         for entry in victims:
             self._on_evicted(entry)
+        if self.shared:  # the other workers drop their memory copies on their next refresh
+            await asyncio.to_thread(self._index.bump_generation)
+            self._generation = await asyncio.to_thread(self._index.generation)
         metrics.EVICTIONS.labels(reason).inc(len(victims))
         metrics.EVICTED_BYTES.labels(reason).inc(freed)
         log.info("evicted", reason=reason, entries=len(victims), bytes=freed,

@@ -13,7 +13,9 @@ mapping serves every client's Accept.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +98,9 @@ class ManifestCache:
         self._by_digest: SingleFlight[Digest, Manifest] = SingleFlight(cancel_abandoned=True)
         self._by_tag: SingleFlight[str, tuple[Manifest, str]] = SingleFlight(
             cancel_abandoned=True)
+        #: A node-wide lock by name, set when worker processes share the cache: one
+        #: worker asks upstream for a manifest or a tag, the others find its answer.
+        self.exclusive: Callable[[str], AbstractAsyncContextManager[None]] | None = None
 
     def forget(self, digest: Digest) -> None:
         """Drop the in-memory copy of a manifest (it was evicted from disk)."""
@@ -166,6 +171,18 @@ class ManifestCache:
 
     async def _refresh_tag(self, origin: SourceChain, repository: str, tag: str, key: str,
                            record: TagRecord | None) -> tuple[Manifest, str]:
+        if self.exclusive is None:
+            return await self._refresh_tag_here(origin, repository, tag, key, record)
+        async with self.exclusive("tag-" + hashlib.sha256(key.encode()).hexdigest()):
+            record = await self._tags.reload(key)  # another worker may have just renewed it
+            if record is not None and record.age(self._clock.time()) < self._settings.tag_ttl:
+                manifest, _ = await self._get_digest(origin, repository,
+                                                     Digest.parse(record.digest))
+                return manifest, "hit"
+            return await self._refresh_tag_here(origin, repository, tag, key, record)
+
+    async def _refresh_tag_here(self, origin: SourceChain, repository: str, tag: str,
+                                key: str, record: TagRecord | None) -> tuple[Manifest, str]:
         held = self._held.get(key)
         if record is not None and held is not None and held[0] > self._clock.monotonic() \
                 and record.age(self._clock.time()) <= self._settings.stale_if_error:
@@ -238,7 +255,20 @@ class ManifestCache:
 
     async def _fetch_digest(self, origin: SourceChain, repository: str,
                             digest: Digest) -> Manifest:
-        """A manifest missing locally: from the first source of the chain that has it."""
+        """A manifest missing locally: from the first source of the chain that has it
+        (asked by one worker of the node at a time)."""
+        if self.exclusive is None:
+            return await self._fetch_digest_here(origin, repository, digest)
+        async with self.exclusive(f"manifest-{digest.algorithm}-{digest.hex}"):
+            stored = await asyncio.to_thread(self._store.read_manifest, digest)
+            if stored is not None:  # another worker fetched it meanwhile
+                found = Manifest(digest, *stored)
+                self._memory[digest] = found
+                return found
+            return await self._fetch_digest_here(origin, repository, digest)
+
+    async def _fetch_digest_here(self, origin: SourceChain, repository: str,
+                                 digest: Digest) -> Manifest:
         ref = ContentRef(origin.name, repository, digest)
         found = await origin.manifest(ref)
         if found is None:

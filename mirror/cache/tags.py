@@ -76,6 +76,12 @@ class TagStore:
         self._memory[key] = record
         return record
 
+    async def reload(self, key: str) -> TagRecord | None:
+        """The record for ``key`` as on disk (another process may have renewed it)."""
+        if self._disk is not None:
+            self._memory.pop(key, None)
+        return await self.get(key)
+
     async def put(self, key: str, record: TagRecord) -> None:
         """Store a record in memory and on disk."""
         self._memory[key] = record

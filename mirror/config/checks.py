@@ -63,8 +63,9 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
     return context
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port``, bound before anything says the mirror started.
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening socket on ``host:port``, bound before anything says the mirror started
+    (``reuse_port``: one of several, one per worker process, on the same address).
 
     Raises:
         ConfigError: (``listen``) the address is in use or cannot be bound.
@@ -72,7 +73,8 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                     flags=socket.AI_PASSIVE)[0][0]
-        return socket.create_server((host, port), family=family, backlog=1024)
+        return socket.create_server((host, port), family=family, backlog=1024,
+                                    reuse_port=reuse_port)
     except OSError as exc:
         raise ConfigError("listen", f"cannot listen on {host}:{port}: "
                           f"{exc.strerror or exc}") from None

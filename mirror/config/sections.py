@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def _log(value: Any) -> LogSettings:
 
 def _server(value: Any) -> ServerSettings:
     server = _mapping(value, "server")
-    _only_keys(server, "server", {"event_loop", "chunk_size", "shutdown_grace"})
+    _only_keys(server, "server", {"event_loop", "chunk_size", "shutdown_grace", "workers"})
     loop = _string(server.get("event_loop", "uvloop"), "server.event_loop").lower()
     if loop not in ("asyncio", "uvloop"):
         raise ConfigError("server.event_loop", f"expected asyncio or uvloop, got {loop!r}")
@@ -69,4 +70,15 @@ def _server(value: Any) -> ServerSettings:
     grace = _opt(server, "shutdown_grace", "server", parse_duration, ServerSettings.shutdown_grace)
     if not 0 <= grace <= 3600:
         raise ConfigError("server.shutdown_grace", "must be between 0s and 1h")
-    return ServerSettings(event_loop=loop, chunk_size=chunk, shutdown_grace=grace)
+    return ServerSettings(event_loop=loop, chunk_size=chunk, shutdown_grace=grace,
+                          workers=_workers(server.get("workers", "auto")))
+
+
+def _workers(value: Any) -> int:
+    """``server.workers``: a count from 1 to 256, or ``auto`` (the number of cores)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return max(os.cpu_count() or 1, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise ConfigError("server.workers", f"expected a number from 1 to 256 or auto, "
+                          f"got {value!r}")
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,9 @@ class ServerSettings:
     event_loop: str = "uvloop"
     chunk_size: int = 1 * 2**20
     shutdown_grace: float = 10.0  # seconds downloads under way get to finish at shutdown
+    # processes serving one port (SO_REUSEPORT) and one storage folder; a config file
+    # without it gets one per core (mirror.config.sections)
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -346,5 +350,6 @@ def docker_hub() -> UpstreamSettings:
 
 
 def default_settings() -> Settings:
-    """Settings for ``mirror serve`` with no config file."""
-    return Settings(upstreams=(docker_hub(),))
+    """Settings for ``mirror serve`` with no config file (one worker per core)."""
+    return Settings(upstreams=(docker_hub(),),
+                    server=ServerSettings(workers=max(os.cpu_count() or 1, 1)))

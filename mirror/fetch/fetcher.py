@@ -106,8 +106,25 @@ class Fetcher:
         await self._tasks.close(grace)
 
     async def _run(self, fill: Fill, opener: UpstreamOpener, registry: str) -> None:
+        try:
+            await self._run_fill(fill, opener, registry)
+        finally:
+            self._settled(fill)
+
+    # Hooks for a fetcher that shares fills with other processes (mirror.fetch.claim).
+    async def _writer(self, fill: Fill) -> TempWriter:
+        """The writer of a fill's temp file."""
+        return TempWriter(fill.temp, fill.digest)
+
+    async def _sized(self, fill: Fill) -> None:
+        """The fill's size is known (or known to be unknown) from the response headers."""
+
+    def _settled(self, fill: Fill) -> None:
+        """The fill is over: published, failed, or its unkept temp file removed."""
+
+    async def _run_fill(self, fill: Fill, opener: UpstreamOpener, registry: str) -> None:
         metrics.FILLS_IN_FLIGHT.inc()
-        writer = TempWriter(fill.temp, fill.digest)
+        writer = await self._writer(fill)
         unkept = None
         try:
             durable = await self._download_verified(fill, opener, registry, writer)
@@ -216,6 +233,7 @@ class Fetcher:
                     if fill.size is not None and fill.written == 0 \
                             and not self.space.fits(fill.size):
                         self._relay_too_large(fill)
+                    await self._sized(fill)
                     if not fill.reserved and fill.size and self.space.fits(fill.size):
                         fill.reserved = fill.size
                         await self.space.reserve(fill.size)

@@ -8,13 +8,16 @@ from functools import partial
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from mirror import log as logs
+from mirror import metrics
 from mirror.clock import SYSTEM, Clock
 from mirror.config import Settings
 from mirror.node import Node
 from mirror.server import admin
 from mirror.server.auth import edge, install
+from mirror.server.fastpath import AccessLine, HotAnswers
 from mirror.server.handlers import registry
 from mirror.server.middleware import add_api_version, observe
 from mirror.server.peer import PREFIX, peer_api
@@ -30,10 +33,15 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM,
     """Build the mirror's application; the node starts and stops with the app."""
     # The edge check only when there is something to check: one middleware less per request.
     guarded = settings.auth is not None or settings.admin is not None
+    # The lean path only when every request may be answered without the edge check.
     app = web.Application(middlewares=[observe, edge] if guarded else [observe],
                           client_max_size=64 * 1024)
     install(app, settings)
     app.cleanup_ctx.append(partial(_node, settings, clock, tuple(extra_sources)))
+    if not guarded:
+        hot = HotAnswers(AccessLine(logs.ACCESS.enabled, logs.ACCESS.json),
+                         clock=clock.monotonic)
+        hot.install(app)
     app.on_response_prepare.append(add_api_version)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
@@ -62,7 +70,7 @@ async def _node(settings: Settings, clock: Clock, extra_sources: tuple[Source, .
 async def metrics_handler(request: web.Request) -> web.Response:
     """Prometheus exposition of every metric in :mod:`mirror.metrics`."""
     log_context(request)["route"] = "metrics"
-    body = await asyncio.to_thread(generate_latest)
+    body = await asyncio.to_thread(metrics.exposition)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

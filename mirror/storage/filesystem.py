@@ -62,9 +62,14 @@ class Startup:
 class FilesystemStore:
     """Blobs and manifests by digest under one root folder."""
 
-    def __init__(self, root: Path, index: Index | None = None) -> None:
+    def __init__(self, root: Path, index: Index | None = None,
+                 temp_folder: str | None = None) -> None:
+        """Args:
+            temp_folder: a worker process's own folder under ``tmp/``: only it is emptied
+                at start (the other workers' writes in progress stay).
+        """
         self.root = root
-        self.tmp = root / "tmp"
+        self.tmp = root / "tmp" / temp_folder if temp_folder else root / "tmp"
         self.tags = root / "tags"
         self.index = index if index is not None else Index(root / "index.db")
 

@@ -259,4 +259,5 @@ def test_mirror_config_shape(tmp_path: Path) -> None:
         "storage": {"path": str(tmp_path / "store")},
         "upstreams": [upstream],
         "log": {"format": "json", "level": "info"},
+        "server": {"workers": 1},
     }

@@ -30,6 +30,8 @@ def mirror_config(port: int, storage_path: Path, upstreams: list[dict[str, Any]]
         "storage": {"path": str(storage_path)},
         "upstreams": upstreams,
         "log": {"format": "json", "level": "info"},
+        # one process unless a test asks for workers (the default is one per core)
+        "server": {"workers": 1},
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,14 @@ def test_cli_config_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     broken = tmp_path / "broken.yaml"
     broken.write_text("version: [1\n")
     assert main(["config", "check", str(broken)]) == 2
+
+
+def test_server_workers() -> None:
+    upstreams = [{"name": "r", "url": "http://127.0.0.1:5001"}]
+    assert _parse({"upstreams": upstreams}).server.workers == max(os.cpu_count() or 1, 1)
+    assert _parse({"upstreams": upstreams, "server": {"workers": 4}}).server.workers == 4
+    auto = _parse({"upstreams": upstreams, "server": {"workers": "auto"}}).server.workers
+    assert auto == max(os.cpu_count() or 1, 1)
+    for bad in (0, 257, "many", True, 1.5):
+        with pytest.raises(ConfigError, match=r"server\.workers"):
+            _parse({"upstreams": upstreams, "server": {"workers": bad}})

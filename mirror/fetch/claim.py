@@ -1,0 +1,364 @@
+"""Claims on digests across the worker processes of one node: one download per digest
+per node, not per process.
+
+::
+
+    tmp/claims/<alg>-<hex>.claim   flock(LOCK_EX) held by the worker that fills the digest
+    tmp/claims/<alg>-<hex>.part    the growing file, at a name every worker knows
+    tmp/claims/<alg>-<hex>.size    the announced size, once known (written, then renamed)
+    tmp/claims/<alg>-<hex>.ok      the bytes verified but are not kept (larger than
+                                   storage.max_size, no room): followers finish on them
+
+The claimer downloads as a lone process would, into the ``.part`` file, and publishes it
+by rename only after verification. A worker that finds the claim held follows instead:
+its :class:`~mirror.fetch.fill.Fill` advances as the ``.part`` file grows (checked every
+:data:`POLL` seconds) and finishes only when the published file appears, so its readers
+never get the final byte of bytes that did not verify.
+
+When the claim is free again and nothing was published, the claimer died (``kill -9``)
+or its fill failed. If the ``.part`` file is still there (a dead claimer leaves it), the
+follower takes the claim and goes on from the bytes in it: they are hashed again and the
+rest is asked with ``Range``, so its readers keep reading the same file. If it is gone
+(a failed fill removes it, as when bytes were wrong), followers that have sent bytes are
+cut, as readers of a failed fill are in one process. A ``.part`` file is only ever
+appended to: a new claimer that finds one adopts it the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from mirror import metrics
+from mirror.errors import UpstreamUnavailable
+from mirror.fetch.body import UpstreamOpener
+from mirror.fetch.fetcher import Fetcher
+from mirror.fetch.fill import Fill
+from mirror.fetch.hints import SizeHints
+from mirror.fetch.relay import RELAY_MAX_BYTES
+from mirror.fetch.space import Space
+from mirror.oci import Digest
+from mirror.storage.filesystem import FilesystemStore
+from mirror.storage.writer import TempWriter
+
+log = structlog.get_logger(__name__)
+
+#: Seconds between two looks at a followed fill (the latency a follower adds).
+POLL = 0.02
+
+
+@dataclass
+class Claim:
+    """A held claim on a digest: the lock's fd and the files at the digest's names."""
+
+    fd: int
+    lock: Path
+    part: Path
+    size: Path
+
+    def announce(self, size: int | None) -> None:
+        """Tell followers the blob's size (once known)."""
+        if size is None:
+            return
+        temp = self.size.with_suffix(f".size.{os.getpid()}")
+        temp.write_text(str(size))
+        os.replace(temp, self.size)
+
+    @property
+    def verified(self) -> Path:
+        """The marker of bytes verified but not kept."""
+        return self.size.with_suffix(".ok")
+
+    def mark_verified(self) -> None:
+        """The ``.part`` file is verified and complete, and will not be published."""
+        self.verified.touch()
+
+    def release(self) -> None:
+        """Give the claim up (after publishing, or after a failed fill removed the part)."""
+        for done in (self.size, self.verified):
+            with contextlib.suppress(FileNotFoundError):
+                done.unlink()
+        # Removed while held, so that nobody locks a file that is no longer at the name.
+        with contextlib.suppress(FileNotFoundError):
+            self.lock.unlink()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.fd = -1
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a follower saw of a fill in another process."""
+
+    published: int | None  # the size of the published blob, if it is published
+    size: int | None  # the announced size
+    on_disk: int | None  # bytes in the .part file (``None``: no such file)
+    verified: bool = False  # the .part file is verified, complete, and will not be kept
+
+
+class Claims:
+    """The claims folder shared by the workers of one node (blocking calls: use threads)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _names(self, digest: Digest) -> tuple[Path, Path, Path]:
+        stem = f"{digest.algorithm}-{digest.hex}"
+        return (self.folder / f"{stem}.claim", self.folder / f"{stem}.part",
+                self.folder / f"{stem}.size")
+
+    def part(self, digest: Digest) -> Path:
+        """Where the growing file of ``digest`` is."""
+        return self._names(digest)[1]
+
+    def try_claim(self, digest: Digest) -> Claim | None:
+        """Take the claim on ``digest``, or ``None`` when another process holds it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lock, part, size = self._names(digest)
+        return self._lock(lock, part, size)
+
+    def _lock(self, lock: Path, part: Path | None = None, size: Path | None = None
+              ) -> Claim | None:
+        part = part or lock.with_suffix(".part")
+        size = size or lock.with_suffix(".size")
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return None
+                raise
+            try:
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return Claim(fd, lock, part, size)
+            os.close(fd)  # the holder released (and removed) it meanwhile: lock the new one
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        """Hold the node-wide lock ``name`` (waiting for another worker that holds it):
+        what manifests and tag checks use, so that one worker asks upstream and the
+        others then find its answer on disk."""
+        lock = self.folder / f"{name}.claim"
+        held: Claim | None = None
+        while held is None:
+            held = await asyncio.to_thread(self._try_lock, lock)
+            if held is None:
+                await asyncio.sleep(POLL)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(held.release)
+
+    def _try_lock(self, lock: Path) -> Claim | None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self._lock(lock)
+
+    def look(self, digest: Digest, published: Path) -> Seen:
+        """What is on disk of a fill another process runs."""
+        try:
+            return Seen(published.stat().st_size, None, None)
+        except FileNotFoundError:
+            pass
+        _, part, size_file = self._names(digest)
+        try:
+            size: int | None = int(size_file.read_text())
+        except (FileNotFoundError, ValueError):
+            size = None
+        try:
+            on_disk: int | None = part.stat().st_size
+        except FileNotFoundError:
+            on_disk = None
+        return Seen(None, size, on_disk, size_file.with_suffix(".ok").exists())
+
+    def announced(self, digest: Digest) -> int | None:
+        """The size a claimer announced for ``digest``, if any."""
+        try:
+            return int(self._names(digest)[2].read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+class ClaimingFetcher(Fetcher):
+    """A :class:`~mirror.fetch.fetcher.Fetcher` for one worker among several: it fills a
+    digest only under the node-wide claim, and follows the fills of other workers."""
+
+    def __init__(self, store: FilesystemStore, chunk_size: int = 1 << 20,
+                 space: Space | None = None, hints: SizeHints | None = None,
+                 relay_max_bytes: int = RELAY_MAX_BYTES, *, claims: Claims) -> None:
+        super().__init__(store, chunk_size, space, hints, relay_max_bytes)
+        self.claims = claims
+        self._held: dict[Digest, Claim] = {}
+
+    async def start(self, digest: Digest, opener: UpstreamOpener, registry: str,
+                    expected_size: int | None = None) -> tuple[Fill, bool]:
+        """Join this process's fill, follow another worker's, or claim the digest and fill.
+
+        Returns:
+            The fill, and whether this call joined (or follows) one already under way.
+        """
+        if digest in self._fills or (expected_size is not None
+                                     and not self.space.fits(expected_size)):
+            # Joined here, or larger than storage.max_size: relayed from memory by whoever
+            # downloads it, so there is no file for another worker to follow.
+            return await super().start(digest, opener, registry, expected_size)
+        claim = await asyncio.to_thread(self.claims.try_claim, digest)
+        if digest in self._fills:  # another request of this process got here meanwhile
+            if claim is not None:
+                await asyncio.to_thread(claim.release)
+            return await super().start(digest, opener, registry, expected_size)
+        fill = self._new_fill(digest, registry, expected_size)
+        if claim is not None:  # published by another worker after this one's cache miss?
+            destination = self.store.blob_path(digest)
+            seen = await asyncio.to_thread(self.claims.look, digest, destination)
+            if self._caught_up(fill, seen, destination):
+                await asyncio.to_thread(claim.release)
+                self._forget(fill)
+                return fill, True
+        if claim is None:
+            metrics.FILL_JOINS.inc()
+            fill.source = "worker"
+            fill.task = self._tasks.spawn(self._follow(fill, opener, registry), "fill")
+            return fill, True
+        self._held[digest] = claim
+        fill.task = self._tasks.spawn(self._run(fill, opener, registry), "fill")
+        return fill, False
+
+    def _new_fill(self, digest: Digest, registry: str, expected_size: int | None) -> Fill:
+        fill = Fill(digest, self.claims.part(digest), expected_size, self._count_reader,
+                    self.relay_max_bytes)
+        fill.registry = registry
+        fill.destination = self.store.blob_path(digest)
+        self._fills[digest] = fill
+        return fill
+
+    async def _writer(self, fill: Fill) -> TempWriter:
+        """The writer of the ``.part`` file, with the bytes already in it (a claimer that
+        died left them) hashed again and kept, when their total size is known."""
+        return await asyncio.to_thread(self._adopt, fill)
+
+    def _adopt(self, fill: Fill) -> TempWriter:
+        assert fill.temp is not None
+        writer = TempWriter(fill.temp, fill.digest)
+        fd = os.open(fill.temp, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            on_disk = os.fstat(fd).st_size
+            size = fill.size or self.claims.announced(fill.digest) or fill.expected_size
+            if on_disk and size is not None and on_disk <= size:
+                offset = 0
+                while offset < on_disk:
+                    data = os.pread(fd, min(self.chunk_size, on_disk - offset), offset)
+                    if not data:
+                        break
+                    writer.hash_only(data)
+                    offset += len(data)
+                if offset == on_disk:
+                    if fill.size is None:
+                        fill.set_size(size)
+                    fill.advance(on_disk - fill.written)
+                    log.info("fill_adopted", digest=str(fill.digest), bytes=on_disk)
+                    return writer
+                writer = TempWriter(fill.temp, fill.digest)
+            if on_disk:  # nobody can have read bytes of a fill of unknown size
+                os.ftruncate(fd, 0)
+            return writer
+        finally:
+            os.close(fd)
+
+    async def _sized(self, fill: Fill) -> None:
+        claim = self._held.get(fill.digest)
+        if claim is not None:
+            await asyncio.to_thread(claim.announce, fill.size)
+
+    async def _publish(self, fill: Fill, durable: bool) -> str | None:
+        reason = await super()._publish(fill, durable)
+        claim = self._held.get(fill.digest)
+        if reason is not None and claim is not None and fill.relay_from is None:
+            await asyncio.to_thread(claim.mark_verified)
+        return reason
+
+    def _settled(self, fill: Fill) -> None:
+        claim = self._held.pop(fill.digest, None)
+        if claim is not None:
+            claim.release()
+
+    async def _follow(self, fill: Fill, opener: UpstreamOpener, registry: str) -> None:
+        """Follow another worker's fill until it is published; take it over if that
+        worker stops without publishing while the ``.part`` file is still there."""
+        destination = self.store.blob_path(fill.digest)
+        try:
+            while True:
+                seen = await asyncio.to_thread(self.claims.look, fill.digest, destination)
+                if seen.published is None and seen.size is not None and fill.written == 0 \
+                        and not self.space.fits(seen.size):
+                    await self._own(fill, opener, registry)  # relayed there: nothing to follow
+                    return
+                if self._caught_up(fill, seen, destination):
+                    return
+                claim = await asyncio.to_thread(self.claims.try_claim, fill.digest)
+                if claim is not None:
+                    await self._taken(fill, claim, opener, registry, destination)
+                    return
+                await asyncio.sleep(POLL)
+        except BaseException as exc:
+            if not fill.done:
+                fill.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._forget(fill)
+
+    async def _own(self, fill: Fill, opener: UpstreamOpener, registry: str) -> None:
+        """Download ``fill`` here, unclaimed: the claimer relays a blob larger than
+        ``storage.max_size`` from memory, which no other worker can follow."""
+        fd, temp = await asyncio.to_thread(self.store.new_temp)
+        os.close(fd)
+        fill.temp, fill.source = temp, ""
+        log.info("fill_not_shared", digest=str(fill.digest), reason="too_large")
+        await self._run(fill, opener, registry)
+
+    def _caught_up(self, fill: Fill, seen: Seen, destination: Path) -> bool:
+        """Advance ``fill`` to what is on disk; ``True`` once the blob is published."""
+        if seen.published is not None:
+            if fill.size is None:
+                fill.set_size(seen.published)
+            if seen.published > fill.written:
+                fill.advance(seen.published - fill.written)
+            fill.finish(destination)
+            return True
+        if seen.size is not None and fill.size is None:
+            fill.set_size(seen.size)
+        if seen.on_disk is not None and seen.on_disk > fill.written:
+            fill.advance(seen.on_disk - fill.written)
+        if seen.verified and seen.on_disk == fill.size:
+            fill.finish(None)  # verified, not kept: readers read on from the .part file
+            return True
+        return False
+
+    async def _taken(self, fill: Fill, claim: Claim, opener: UpstreamOpener, registry: str,
+                     destination: Path) -> None:
+        """The claim was free: the other worker is done, failed, or died."""
+        seen = await asyncio.to_thread(self.claims.look, fill.digest, destination)
+        if self._caught_up(fill, seen, destination):
+            await asyncio.to_thread(claim.release)
+            return
+        if seen.on_disk is None and fill.written > 0:
+            await asyncio.to_thread(claim.release)
+            raise UpstreamUnavailable(f"the worker filling {fill.digest} failed", status=502)
+        log.warning("fill_taken_over", digest=str(fill.digest), bytes=fill.written)
+        metrics.FILL_TAKEOVERS.inc()
+        fill.source = ""
+        self._held[fill.digest] = claim
+        await self._run(fill, opener, registry)
