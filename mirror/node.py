@@ -107,7 +107,11 @@ class Node:
         self.repos = RepoMembership(self.store.root / MEMBERSHIP_FILE)
         sync = settings.sync or SyncSettings()
         # Pull counts for the status page, the admin API and the sync loop's `popular`.
-        self.popularity = Popularity(settings.storage.path / "sync" / "popularity.json",
+        # Each worker counts the pulls it answers, in a file of its own (no worker's save
+        # clobbers another's); the sync loop runs in worker 0 and reads its counts.
+        name = "popularity.json" if self.worker.count == 1 else \
+            f"popularity-w{self.worker.index}.json"
+        self.popularity = Popularity(settings.storage.path / "sync" / name,
                                      window=sync.popular.window,
                                      max_entries=sync.popular.max_entries, clock=clock)
         #: Called with a digest removed from the cache, or ``None``: content went away
@@ -210,7 +214,7 @@ class Node:
                                 clock=self.clock)
         await self.sync.load()
         self.tasks.loop("popularity", self._save_popularity_forever)
-        if self.settings.sync is not None and self._sync_loop:
+        if self.settings.sync is not None and self._sync_loop and self.worker.evicts:
             self.tasks.loop("sync", self.sync.run)
             log.info("sync_started", rules=[r.name for r in self.settings.sync.rules],
                      popular_top=self.settings.sync.popular.top)
