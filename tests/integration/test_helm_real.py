@@ -304,8 +304,7 @@ def test_edge_hosts_toml_from_the_chart_makes_containerd_pull_through_the_node_m
         mirror.stop()
     for item in std_images:
         assert {item.manifest.digest, *(b.digest for b in item.blobs())} <= stored
-    requests = [json.loads(line) for line in mirror.log_text().splitlines()
-                if '"event": "request"' in line]
+    requests = mirror.events("request")
     # containerd shares blobs it has between namespaces; tags are always resolved anew.
     resolved = [r for r in requests if r.get("route") == "manifest" and r["method"] == "HEAD"]
     assert resolved and all(r["status"] == 200 for r in resolved)

@@ -25,6 +25,7 @@ from mirror.version import VERSION
 from tests.conftest import require_binary
 from tests.support.dockerd import Dockerd, base_rootfs_tar
 from tests.support.images import Image, Index
+from tests.support.mirrorproc import log_events
 from tests.support.net import free_port, http_status, wait_http
 from tests.support.registry import Registry
 from tests.support.skopeo import manifest_digest, skopeo_copy, verify_dir
@@ -92,8 +93,7 @@ def _wait_healthy(dockerd: Dockerd, name: str, timeout: float = 60) -> None:
 
 def _events(dockerd: Dockerd, name: str, event: str) -> list[dict[str, object]]:
     logs = dockerd.run("logs", name)
-    return [json.loads(line) for line in (logs.stdout + logs.stderr).splitlines()
-            if f'"event": "{event}"' in line]
+    return log_events(logs.stdout + logs.stderr, event)
 
 
 def test_image_is_slim_non_root_with_a_volume_and_a_healthcheck(

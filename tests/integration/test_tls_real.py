@@ -60,8 +60,7 @@ def tls_mirror(tmp_path: Path, ca: TestCA, registry_anon: Registry) -> Iterator[
 
 
 def _events(mirror: MirrorProcess, event: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in mirror.log_text().splitlines()
-            if f'"event": "{event}"' in line]
+    return mirror.events(event)
 
 
 def _wait_event(mirror: MirrorProcess, event: str, count: int, timeout: float = 10) -> None:

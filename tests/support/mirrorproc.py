@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -33,6 +34,21 @@ def mirror_config(port: int, storage_path: Path, upstreams: list[dict[str, Any]]
         # one process unless a test asks for workers (the default is one per core)
         "server": {"workers": 1},
     }
+
+
+def log_events(text: str, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of ``event`` in ``text`` (compact or spaced JSON alike)."""
+    found = []
+    for line in text.splitlines():
+        if event not in line or not line.startswith("{"):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == event:
+            found.append(record)
+    return found
 
 
 class MirrorProcess:
@@ -141,6 +157,10 @@ class MirrorProcess:
     def log_text(self) -> str:
         """The whole log so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        """The JSON log lines of ``event``, parsed."""
+        return log_events(self.log_text(), event)
 
     def log_tail(self, lines: int = 50) -> str:
         """The last ``lines`` lines of the log."""
