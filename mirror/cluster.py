@@ -36,6 +36,8 @@ TOKEN_PREFIX = "mirror-peer.v1"
 #: or ``child`` (a node of another region asking its parent).
 HOP_HEADER = "X-Mirror-Hop"
 HEALTH_PATH = "/_peer/health"
+#: Where a node says what its clients pull most (read by child regions' sync loops).
+POPULAR_PATH = "/_peer/popular"
 
 
 def sign_token(secret: str, node_id: str, expires_at: float) -> str:

@@ -212,6 +212,8 @@ class Node:
                                 popularity=self.popularity,
                                 state_path=self.settings.storage.path / "sync" / "state.json",
                                 clock=self.clock)
+        if self.parents is not None:
+            self.sync.parents_popular = self.parents.popular  # warm what parents pull most
         await self.sync.load()
         self.tasks.loop("popularity", self._save_popularity_forever)
         if self.settings.sync is not None and self._sync_loop and self.worker.evicts:

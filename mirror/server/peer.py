@@ -13,14 +13,16 @@ from __future__ import annotations
 from aiohttp import web
 
 from mirror import metrics
-from mirror.cluster import HEALTH_PATH, HOP_HEADER, verify_token
+from mirror.cluster import HEALTH_PATH, HOP_HEADER, POPULAR_PATH, verify_token
 from mirror.errors import NameInvalid, RouteNotFound, Unauthorized, Unsupported
+from mirror.oci import is_number
 from mirror.routing import Kind
 from mirror.server.handlers import blob, manifest, repo_of
 from mirror.server.state import NODE, log_context
 
 PREFIX = "/_peer"
 CHALLENGE = 'Bearer realm="mirror-peer"'
+POPULAR_MAX = 1000
 
 
 async def peer_api(request: web.Request) -> web.StreamResponse:
@@ -44,6 +46,11 @@ async def peer_api(request: web.Request) -> web.StreamResponse:
                                   "ready": node.ready})
     if request.method not in ("GET", "HEAD"):
         raise Unsupported("the peer API is read-only")
+    if request.path == POPULAR_PATH:
+        context["route"] = "peer_popular"
+        top = request.query.get("top", "50")
+        count = min(int(top), POPULAR_MAX) if is_number(top) else 50
+        return web.json_response(node.popularity.as_json(count))
     hop = request.headers.get(HOP_HEADER, "peer")
     if hop not in node.pull_for:
         raise NameInvalid(f"unknown {HOP_HEADER}: {hop[:20]!r}")

@@ -19,15 +19,18 @@ digest and the pull goes on from the next source.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 import structlog
 from cachetools import TTLCache
 
-from mirror.cluster import HOP_HEADER, PeerSet, TokenSource
+from mirror.cluster import HOP_HEADER, POPULAR_PATH, PeerSet, TokenSource
 from mirror.config import ClusterSettings
+from mirror.errors import OciError
 from mirror.sources.base import ContentRef, PassiveSource
 from mirror.sources.upstream import read_limited
 from mirror.storage.base import BodyResponse, absent
@@ -200,3 +203,22 @@ class ParentSource(_NodeSource):
     def _quarantine(self, url: str) -> None:
         self._down[url] = self._now() + self._settings.quarantine
         log.error("parent_quarantined", parent=url, seconds=self._settings.quarantine)
+
+    async def popular(self, top: int) -> list[Any]:
+        """Each answering parent's most pulled tags (``/_peer/popular``), for the sync loop.
+
+        Unverified JSON: the caller checks every item; a parent that fails is skipped.
+        """
+        documents = []
+        timeout = aiohttp.ClientTimeout(total=max(2.0, self._settings.header_timeout * 10))
+        for url in self._settings.parents:
+            try:
+                async with self._session.get(f"{url}{POPULAR_PATH}", params={"top": str(top)},
+                                             headers=self._token.headers(),
+                                             timeout=timeout) as resp:
+                    if resp.status != 200:
+                        continue
+                    documents.append(json.loads(await read_limited(resp, "popular list")))
+            except (*_FAILURES, ValueError, OciError) as exc:
+                log.warning("parent_popular_failed", parent=url, error=type(exc).__name__)
+        return documents

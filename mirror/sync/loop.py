@@ -25,7 +25,7 @@ a server and a restart keeps them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from mirror.errors import (
     TooManyRequests,
     UpstreamUnavailable,
 )
-from mirror.oci import Digest, is_digest_reference
+from mirror.oci import Digest, is_digest_reference, validate_name, validate_tag
 from mirror.pull import PullService, Repo
 from mirror.routing import Router
 from mirror.storage.index import Index
@@ -130,6 +130,8 @@ class SyncService:
         self._next: dict[str, float] = {}
         self._run_lock = asyncio.Lock()
         self.last_run: dict[str, Any] = {}
+        #: The parent regions' popularity documents (set by the node when it has parents).
+        self.parents_popular: Callable[[int], Awaitable[list[Any]]] | None = None
 
     # --- lifetime -------------------------------------------------------------------------
     async def load(self) -> None:
@@ -247,7 +249,31 @@ class SyncService:
         if popular:
             for job in self._popular_jobs():
                 _merge(jobs, job)
+            for job in await self._parents_popular_jobs():
+                _merge(jobs, job)
         return list(jobs.values()), failures
+
+    async def _parents_popular_jobs(self) -> list[WarmJob]:
+        """What the parent regions pull most, warmed here too (through the chain, so from
+        the nearest node that holds it): a region learns from its parents' traffic."""
+        popular = self.settings.popular
+        if self.parents_popular is None or not popular.top:
+            return []
+        try:
+            documents = await self.parents_popular(popular.top)
+        except Exception as exc:  # a parent's list is a hint; never a reason to stop a pass
+            log.warning("parents_popular_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            return []
+        jobs = []
+        for document in documents:
+            for item in _remote_top(document, popular.top):
+                registry, repository, tag, platforms = item
+                if registry not in self.pull.chains:
+                    continue  # a registry this region does not mirror
+                jobs.append(WarmJob(Repo(registry, repository), tag,
+                                    platforms or self.settings.platforms, False,
+                                    popular.protect, (POPULAR,)))
+        return jobs
 
     async def _rule_jobs(self, rule: SyncRule) -> tuple[list[WarmJob], list[WarmResult]]:
         upstream = self.router.lookup(rule.registry)
@@ -413,6 +439,30 @@ class SyncService:
             "records": [asdict(r) for r in sorted(self.records.values(), key=lambda r: r.ref)],
             "popular": self.popularity.as_json(top),
         }
+
+
+def _remote_top(document: Any, limit: int) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """The top tags of another node's popularity JSON, checked item by item (untrusted)."""
+    top = document.get("top") if isinstance(document, dict) else None
+    platforms = document.get("platforms") if isinstance(document, dict) else None
+    found = []
+    for item in top[:limit] if isinstance(top, list) else []:
+        if not isinstance(item, dict):
+            continue
+        registry, repository, tag = item.get("registry"), item.get("repository"), item.get("tag")
+        if not (isinstance(registry, str) and isinstance(repository, str)
+                and isinstance(tag, str)):
+            continue
+        try:
+            validate_name(repository)
+            validate_tag(tag)
+        except OciError:
+            continue
+        pulled = platforms.get(f"{registry}/{repository}") if isinstance(platforms, dict) else None
+        names = tuple(p for p in pulled if isinstance(p, str))[:4] if isinstance(pulled, dict) \
+            else ()
+        found.append((registry, repository, tag, names))
+    return found
 
 
 def _merge(jobs: dict[tuple[Repo, str], WarmJob], job: WarmJob) -> None:

@@ -19,6 +19,7 @@ from mirror.clock import ManualClock
 from mirror.node import Node
 from mirror.oci import Digest
 from mirror.pull import Repo
+from mirror.server.app import create_app
 from mirror.server.state import NODE
 from mirror.sync import SyncService
 from tests.support.fake import OCI_INDEX, OCI_MANIFEST, FakeRegistry, HubRateLimit
@@ -381,3 +382,31 @@ async def test_the_admin_api_wants_the_admin_token_when_one_is_set(
     bearer = {"Authorization": "Bearer a-long-enough-admin-token"}
     ok = await mirror.get("/admin/popular", headers=bearer)
     assert ok.status == 200
+
+
+async def test_a_region_warms_what_its_parent_pulls_most(
+        make_sync: SyncFactory, fake: FakeRegistry, tmp_path: Path,
+        aiohttp_client: Any, upstream: TestServer, *, clock: ManualClock) -> None:
+    """The parent's clients pull app:v2 most; the child region's next sync pass warms it
+    (and the parent's list is read through the peer API with a peer token)."""
+    fake.add_image("app", "v1", [b"v1-layer"])
+    fake.add_image("app", "v2", [b"v2-layer"])
+    secret = tmp_path / "peer-secret"
+    secret.write_text("a-secret-for-the-parent-test")
+    url = str(upstream.make_url("")).rstrip("/")
+    parent_settings = mirror_settings(tmp_path / "parent", url, cluster={
+        "secret_file": str(secret), "region": "us"})
+    parent = await aiohttp_client(create_app(parent_settings, clock=clock))
+    for tag, pulls in (("v2", 3), ("v1", 1)):
+        for _ in range(pulls):
+            assert (await parent.get(f"/v2/app/manifests/{tag}")).status == 200
+    parent_url = str(parent.make_url("")).rstrip("/")
+    node, sync = await make_sync({"popular": {"top": 1}}, cluster={
+        "secret_file": str(secret), "region": "eu", "parents": [parent_url]})
+    assert node.parents is not None
+    sync.parents_popular = node.parents.popular
+    report = await sync.run_once()
+    assert [r["ref"] for r in report["results"]] == ["fake.test/app:v2"]
+    assert report["counts"] == {"warmed": 1}
+    unauthenticated = await parent.get("/_peer/popular")
+    assert unauthenticated.status == 401
