@@ -66,6 +66,9 @@ class Fleet:
         for node in nodes:
             node.start()
             self.started.append(node)
+        if "peers_dns" not in cluster:  # every node sees the others healthy: the hash is whole
+            _wait(lambda: all(_metric(n, "mirror_peer_members", state="healthy")
+                              == len(nodes) - 1 for n in nodes))
         return nodes
 
     def stop(self) -> None:
