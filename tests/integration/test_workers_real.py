@@ -49,6 +49,11 @@ def start_mirror(tmp_path: Path) -> Iterator[StartMirror]:
         process = MirrorProcess(tmp_path / f"mirror-{len(started)}", config)
         process.start(timeout=30)
         started.append(process)
+        # /readyz answered from one worker; the herds below want both serving.
+        deadline = time.monotonic() + 30
+        while len(_lines(process, "mirror_started")) < 2:
+            assert time.monotonic() < deadline, process.log_tail()
+            time.sleep(0.05)
         return process
 
     yield start
