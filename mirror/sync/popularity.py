@@ -131,8 +131,8 @@ class Popularity:
                     self._children[child] = (registry, repository, str(platform))
 
     def record(self, image: str) -> None:
-        """Count one pull of ``registry/repository:tag`` (the status page's interface,
-        :class:`mirror.popularity.Popularity`); platforms are not learnt this way."""
+        """Count one pull of ``registry/repository:tag`` (the lean path's kept answers);
+        platforms are not learnt this way."""
         name, _, tag = image.rpartition(":")
         registry, _, repository = name.partition("/")
         if registry and repository and tag:

@@ -27,7 +27,7 @@ RANKS = {
     "upstream": 20,
     "log": 15,
     "config": 10,
-    "errors": 0, "oci": 0, "metrics": 0, "clock": 0, "tasks": 1, "popularity": 0, "version": 0,
+    "errors": 0, "oci": 0, "metrics": 0, "clock": 0, "tasks": 1, "version": 0,
     "worker": 0,
 }
 

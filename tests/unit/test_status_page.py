@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from mirror.popularity import TopCounter
 from mirror.server.state import NODE
 from mirror.server.status import render
 from tests.support.chromium import chromium_binary, dump_dom, screenshot
@@ -25,16 +24,6 @@ from tests.support.fake import FakeRegistry
 from tests.unit.conftest import MirrorFactory
 
 KiB = 1024
-
-
-def test_top_counter_is_bounded_and_keeps_heavy_hitters() -> None:
-    counter = TopCounter(capacity=3)
-    for _ in range(10):
-        counter.record("a")
-    for name in ("b", "c", "d", "e", "b"):
-        counter.record(name)
-    assert len(counter.top(10)) == 3
-    assert counter.top(1) == [("a", 10)]
 
 
 async def test_page_escapes_what_clients_named_and_shows_the_budget(
