@@ -270,12 +270,14 @@ def _cache_du(args: argparse.Namespace) -> int:
         usage = inventory.usage()
     finally:
         inventory.close()
-    storage = inventory.settings
+    total = usage["blob_bytes"] + usage["manifest_bytes"]
+    storage = config.resolve_max_size(inventory.settings, total)  # as `serve` would choose
+    origin = "auto" if storage.max_size_auto else "config"
     by_registry = _bytes_by_registry(args)
     if args.json:
         return _print_json({**usage, "path": str(storage.path), "max_size": storage.max_size,
+                            "max_size_from": origin if storage.max_size else "none",
                             "by_registry": by_registry})
-    total = usage["blob_bytes"] + usage["manifest_bytes"]
     print(f"cache:       {storage.path}")
     print(f"content:     {human_size(total)} ({total} bytes) in "
           f"{usage['blobs'] + usage['manifests']} entries")
@@ -284,11 +286,11 @@ def _cache_du(args: argparse.Namespace) -> int:
     print(f"pinned:      {human_size(usage['pinned_bytes'])}")
     print(f"downloading: {human_size(usage['downloading_bytes'])}")
     if storage.max_size is None:
-        print("limit:       none (storage.max_size is not set)")
+        print("limit:       none (storage.max_size: none)")
     else:
-        print(f"limit:       {human_size(storage.max_size)} ({100 * total / storage.max_size:.1f}"
-              f"% used; evicts above {storage.high_watermark:.0%} down to "
-              f"{storage.low_watermark:.0%})")
+        print(f"limit:       {human_size(storage.max_size)} ({origin}; "
+              f"{100 * total / storage.max_size:.1f}% used; evicts above "
+              f"{storage.high_watermark:.0%} down to {storage.low_watermark:.0%})")
     print("by registry (content of several registries counts under each):")
     for registry, size in by_registry.items():
         print(f"  {registry:<30} {human_size(size):>10}")

@@ -209,6 +209,11 @@ CACHE_ENTRIES = Gauge("mirror_cache_entries", "Blobs and manifests in the local 
     multiprocess_mode="livemostrecent")
 CACHE_MAX_BYTES = Gauge("mirror_cache_max_bytes", "storage.max_size (0: unbounded).",
     multiprocess_mode="livemax")
+STORAGE_DISK_BYTES = Gauge(
+    "mirror_storage_disk_bytes",
+    "The filesystem that holds storage.path: size, and free (available to the mirror), "
+    "refreshed every minute.",
+    ["kind"], multiprocess_mode="livemostrecent")
 CACHE_PINNED_BYTES = Gauge("mirror_cache_pinned_bytes", "Bytes of cached content that is pinned.",
     multiprocess_mode="livemostrecent")
 CACHE_WATERMARK = Gauge(

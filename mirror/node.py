@@ -21,6 +21,8 @@ background work; they only use the pull service.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 
@@ -37,7 +39,7 @@ from mirror.cache.membership import holds_private
 from mirror.cache.tags import TagStore
 from mirror.clock import SYSTEM, Clock
 from mirror.cluster import PeerSet, TokenSource
-from mirror.config import Settings, SyncSettings
+from mirror.config import Settings, StorageSettings, SyncSettings, resolve_max_size
 from mirror.fetch import Fetcher
 from mirror.fetch.claim import ClaimingFetcher, Claims
 from mirror.oci import Digest
@@ -60,6 +62,13 @@ log = structlog.get_logger(__name__)
 
 #: Seconds between saves of the popularity counts (when they changed).
 POPULARITY_SAVE_EVERY = 15.0
+
+
+def max_size_origin(storage: StorageSettings) -> str:
+    """Where the cache's cap comes from: ``auto`` (a share of the disk), ``config`` or ``none``."""
+    if storage.max_size_auto:
+        return "auto"
+    return "none" if storage.max_size is None else "config"
 
 
 class Node:
@@ -135,6 +144,7 @@ class Node:
                 opened as the ``mirror cache`` commands open it, with no background work.
         """
         removed = await asyncio.to_thread(self.store.open if exclusive else self.store.open_shared)
+        await self._resolve_max_size()
         await self.tags.open()
         if self.settings.storage.s3 is not None:
             s3 = self.settings.storage.s3
@@ -156,13 +166,24 @@ class Node:
             return
         self.tasks.spawn(self._reconcile_then_evict(), "reconcile")
         self.tasks.loop("registry_bytes", self._registry_bytes)
+        self.tasks.loop("disk_bytes", self._disk_bytes)
         await self._start_sync()
         self.ready = True
         log.info("mirror_started", version=VERSION, listen=f"{self.settings.listen_host}:"
                  f"{self.settings.listen_port}", tls=self.settings.tls is not None,
                  storage=str(self.store.root), stale_temp_removed=removed,
                  max_size=self.settings.storage.max_size,
+                 max_size_from=max_size_origin(self.settings.storage),
                  upstreams=[u.name for u in self.settings.upstreams])
+
+    async def _resolve_max_size(self) -> None:
+        """``max_size: auto`` becomes bytes once the index says what the cache holds
+        (every worker reads the same filesystem and index: they choose the same cap)."""
+        storage = self.settings.storage
+        resolved = await asyncio.to_thread(resolve_max_size, storage, self.store.index.total_bytes)
+        if resolved is not storage:
+            self.settings = dataclasses.replace(self.settings, storage=resolved)
+            self.evictor.resize(resolved)
 
     async def _start_cluster(self) -> None:
         cluster = self.settings.cluster
@@ -270,6 +291,18 @@ class Node:
         log.info("cache_reconciled", cache_entries=found.entries, cache_bytes=found.bytes,
                  adopted=found.adopted, dropped=found.dropped,
                  size_mismatch=found.size_mismatch, seconds=round(found.seconds, 3))
+
+    async def _disk_bytes(self, every: float = 60.0) -> None:
+        """Refresh ``mirror_storage_disk_bytes``: the disk alert needs it when no cap is set."""
+        while True:
+            try:
+                disk = await asyncio.to_thread(os.statvfs, self.store.root)
+            except OSError as exc:  # a figure, never a reason to stop serving
+                log.warning("disk_bytes_failed", error=exc.strerror or type(exc).__name__)
+            else:
+                metrics.STORAGE_DISK_BYTES.labels("size").set(disk.f_blocks * disk.f_frsize)
+                metrics.STORAGE_DISK_BYTES.labels("free").set(disk.f_bavail * disk.f_frsize)
+            await asyncio.sleep(every)
 
     async def _registry_bytes(self, every: float = 60.0) -> None:
         """Refresh ``mirror_registry_cache_bytes`` now and then (one query, in a thread)."""

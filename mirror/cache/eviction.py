@@ -55,6 +55,11 @@ class Evictor:
         self.shared = False
         metrics.CACHE_MAX_BYTES.set(settings.max_size or 0)
 
+    def resize(self, settings: StorageSettings) -> None:
+        """The cap was resolved at start (``max_size: auto``): use these settings from now."""
+        self._settings = settings
+        metrics.CACHE_MAX_BYTES.set(settings.max_size or 0)
+
     def wire(self, in_use: Callable[[str], bool], on_evicted: Callable[[Entry], None],
              on_external: Callable[[], None] = lambda: None) -> None:
         """Set what is in use and who hears of evictions (the caches are built after us).

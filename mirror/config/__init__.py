@@ -55,7 +55,7 @@ from mirror.config.settings import (
     docker_hub,
 )
 from mirror.config.storage import _S3_KEYS as _S3_KEYS  # the tests read the accepted keys
-from mirror.config.storage import _storage
+from mirror.config.storage import AUTO_SHARE, _storage, auto_max_size, resolve_max_size
 from mirror.config.sync import _sync
 from mirror.config.upstreams import _upstreams
 from mirror.config.values import (
@@ -69,6 +69,7 @@ from mirror.config.values import (
 from mirror.errors import ConfigError
 
 __all__ = [
+    "AUTO_SHARE",
     "CONFIG_VERSION",
     "DOCKER_HUB_ALIASES",
     "AccessRule",
@@ -96,6 +97,7 @@ __all__ = [
     "TlsSettings",
     "TokenSettings",
     "UpstreamSettings",
+    "auto_max_size",
     "default_settings",
     "docker_hub",
     "load",
@@ -104,6 +106,7 @@ __all__ = [
     "parse_listen",
     "parse_rate",
     "parse_size",
+    "resolve_max_size",
 ]
 
 

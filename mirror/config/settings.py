@@ -162,7 +162,10 @@ class S3Settings:
 class StorageSettings:
     path: Path = Path("./mirror-data")
     s3: S3Settings | None = None
-    max_size: int | None = None  # bytes; None: unbounded
+    max_size: int | None = None  # bytes; None: unbounded (or, with max_size_auto, not resolved yet)
+    #: ``max_size: auto`` (the default in a config file): the cap is a share of the
+    #: filesystem that holds ``path``, resolved at start by :func:`resolve_max_size`.
+    max_size_auto: bool = False
     high_watermark: float = 0.95  # evict when the cache holds more than this share of max_size
     low_watermark: float = 0.85  # ... down to this share
     relay_window: int = 64 * 2**20  # bytes a fill relays from memory when the disk is full
@@ -352,4 +355,5 @@ def docker_hub() -> UpstreamSettings:
 def default_settings() -> Settings:
     """Settings for ``mirror serve`` with no config file (one worker per core)."""
     return Settings(upstreams=(docker_hub(),),
-                    server=ServerSettings(workers=max(os.cpu_count() or 1, 1)))
+                    server=ServerSettings(workers=max(os.cpu_count() or 1, 1)),
+                    storage=StorageSettings(max_size_auto=True))

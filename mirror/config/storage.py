@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mirror.config.settings import S3Settings, StorageSettings
 from mirror.config.values import (
@@ -30,9 +32,7 @@ def _storage(value: Any, env: Mapping[str, str], base: Path) -> StorageSettings:
                                       "relay_window"})
     path = Path(_string(storage.get("path", "./mirror-data"), "storage.path"))
     s3 = _s3(storage["s3"], env, base) if storage.get("s3") is not None else None
-    max_size = _opt(storage, "max_size", "storage", parse_size, None)
-    if max_size == 0:
-        raise ConfigError("storage.max_size", "must be more than 0 (leave it out for no limit)")
+    max_size, auto = _max_size(storage.get("max_size", "auto"))
     d = StorageSettings
     high = _opt(storage, "high_watermark", "storage", _fraction, d.high_watermark)
     low = _opt(storage, "low_watermark", "storage", _fraction, d.low_watermark)
@@ -43,8 +43,71 @@ def _storage(value: Any, env: Mapping[str, str], base: Path) -> StorageSettings:
     if relay_window < 64 * 2**10:
         raise ConfigError("storage.relay_window", "must be at least 64KiB")
     return StorageSettings(path=path if path.is_absolute() else base / path, s3=s3,
-                           max_size=max_size, high_watermark=high, low_watermark=low,
-                           relay_window=relay_window)
+                           max_size=max_size, max_size_auto=auto, high_watermark=high,
+                           low_watermark=low, relay_window=relay_window)
+
+
+def _max_size(value: Any) -> tuple[int | None, bool]:
+    """``(bytes, auto)`` from ``auto`` (the default), ``none`` (no cap, on purpose) or a size."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None, True
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None, False
+    size = parse_size(value, "storage.max_size")
+    if size == 0:
+        raise ConfigError("storage.max_size", "must be more than 0 (none: no limit; auto: "
+                          f"{AUTO_SHARE:.0%} of the filesystem)")
+    return size, False
+
+
+#: ``max_size: auto`` caps the cache at this share of the filesystem that holds it.
+AUTO_SHARE = 0.8
+
+
+class DiskFigures(Protocol):
+    """What :func:`os.statvfs` returns that :func:`resolve_max_size` reads."""
+
+    @property
+    def f_frsize(self) -> int: ...
+    @property
+    def f_blocks(self) -> int: ...
+    @property
+    def f_bavail(self) -> int: ...
+
+
+def auto_max_size(disk: DiskFigures, held: int) -> int:
+    """The cap ``max_size: auto`` chooses: :data:`AUTO_SHARE` of the filesystem's size,
+    never more than its free space (for this user) plus what the cache already holds.
+
+    Args:
+        disk: the filesystem's figures (``os.statvfs(storage.path)``).
+        held: bytes the cache holds already (they count as room it may keep).
+    """
+    size = disk.f_blocks * disk.f_frsize
+    free = disk.f_bavail * disk.f_frsize
+    return max(1, min(int(size * AUTO_SHARE), free + held))
+
+
+def resolve_max_size(storage: StorageSettings, held: int,
+                     statvfs: Callable[[Path], DiskFigures] = os.statvfs) -> StorageSettings:
+    """The settings with ``max_size: auto`` turned into bytes (others are returned as they are).
+
+    Args:
+        storage: the parsed ``storage`` section.
+        held: bytes the cache holds already.
+        statvfs: reads the filesystem's figures (tests pass a fake).
+
+    Raises:
+        ConfigError: the filesystem's figures cannot be read.
+    """
+    if not storage.max_size_auto or storage.max_size is not None:
+        return storage
+    try:
+        disk = statvfs(storage.path)
+    except OSError as exc:
+        raise ConfigError("storage.max_size", f"auto: cannot read the size of the filesystem "
+                          f"that holds {storage.path}: {exc.strerror}") from None
+    return replace(storage, max_size=auto_max_size(disk, held))
 
 
 def _fraction(value: Any, key: str) -> float:

@@ -146,7 +146,9 @@ def test_storage_config_is_validated_with_key_paths(tmp_path: Path) -> None:
     parsed = parse({"max_size": "50GiB"})
     assert parsed.max_size == 50 * 2**30 and parsed.high_watermark == 0.95
     assert parsed.high_bytes == int(50 * 2**30 * 0.95)
-    assert parse({}).max_size is None
+    assert parse({}).max_size is None and parse({}).max_size_auto  # resolved at start
+    assert parse({"max_size": "none"}).max_size is None
+    assert not parse({"max_size": "none"}).max_size_auto
     for bad, key in (({"max_size": "lots"}, "storage.max_size"),
                      ({"max_size": 0}, "storage.max_size"),
                      ({"high_watermark": 1.5}, "storage.high_watermark"),

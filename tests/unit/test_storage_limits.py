@@ -265,8 +265,9 @@ async def test_disk_full_mid_download_relays_complete_bytes_and_keeps_nothing(
         make_mirror: MirrorFactory, fake: FakeRegistry, full_disk: Callable[[int], Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
     root = full_disk(3 * MiB)
-    # a small relay window exercises the window's bound
-    mirror = await make_mirror(storage={"path": str(root), "relay_window": "512KiB"})
+    # a small relay window exercises the window's bound; no cap, so the disk fills
+    mirror = await make_mirror(storage={"path": str(root), "relay_window": "512KiB",
+                                        "max_size": "none"})
     data = os.urandom(6 * MiB)
     digest = fake.add_blob(data)
     fake.fault(kind="drip", path="/blobs/", chunk=256 * KiB, delay=0.002)
@@ -307,7 +308,7 @@ async def test_no_room_for_even_a_temp_file_still_serves_complete_bytes(
 async def test_disk_full_evicts_old_content_and_keeps_the_new_blob(
         make_mirror: MirrorFactory, fake: FakeRegistry, small_disk: Path) -> None:
     root = small_disk / "cache"
-    mirror = await make_mirror(storage={"path": str(root)})
+    mirror = await make_mirror(storage={"path": str(root), "max_size": "none"})  # disk-bound
     old = [fake.add_blob(os.urandom(3 * MiB)) for _ in range(4)]
     for digest in old:
         await pull(mirror, digest)
