@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from aiohttp.test_utils import TestClient
 from prometheus_client.metrics import MetricWrapperBase
 
 from mirror import metrics
@@ -87,3 +88,56 @@ def test_promtool_accepts_the_rules() -> None:
     proc = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True,
                           text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_dashboard_query_follows_the_job_and_instance_variables() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert {"datasource", "job", "instance"} <= set(variables)
+    assert "$job" in variables["instance"]["definition"]
+    for expr in expressions(dashboard["panels"]):
+        for selector in re.findall(r"\bmirror_[a-z0-9_]+(\{[^}]*\})?", expr):
+            assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, expr
+
+
+def test_dashboard_has_panels_for_sync_peers_s3_stale_answers_and_disk() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    used = {name for e in expressions(dashboard) for name in _NAME.findall(e)}
+    assert {"mirror_sync_images_total", "mirror_sync_tag_checks_total", "mirror_peer_members",
+            "mirror_s3_lookups_total", "mirror_s3_failures_total", "mirror_stale_served_total",
+            "mirror_storage_disk_bytes"} <= used
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for word in ("sync", "peers", "s3", "stale", "disk"):
+        assert word in titles
+
+
+def test_alerts_cover_down_5xx_sync_peers_and_a_full_disk_without_a_cap() -> None:
+    rules = {r["alert"]: r for g in yaml.safe_load(ALERTS.read_text())["groups"]
+             for r in g["rules"]}
+    assert {"MirrorDown", "MirrorClientErrors", "MirrorSyncFailing", "MirrorPeersUnhealthy",
+            "MirrorDiskNearlyFull"} <= set(rules)
+    assert "up{" in rules["MirrorDown"]["expr"]
+    assert 'status=~"5.."' in rules["MirrorClientErrors"]["expr"]
+    disk = rules["MirrorDiskNearlyFull"]["expr"]
+    assert "mirror_cache_max_bytes) == 0" in disk and "mirror_storage_disk_bytes" in disk
+
+
+def test_the_chart_ships_the_same_dashboard_and_alerts() -> None:
+    files = ROOT / "helm" / "mirror" / "files"
+    assert (files / "grafana-dashboard.json").read_text() == DASHBOARD.read_text()
+    assert (files / "prometheus-alerts.yaml").read_text() == ALERTS.read_text()
+
+
+async def test_every_metric_the_dashboard_and_rules_use_is_on_metrics_of_a_running_mirror(
+        mirror: TestClient[Any, Any]) -> None:
+    """Declared is not enough: each name must be one the mirror's ``/metrics`` writes out."""
+    exported = await (await mirror.get("/metrics")).text()
+    names = set(re.findall(r"^(mirror_[a-z0-9_]+)", exported, re.MULTILINE))
+    # A metric with labels has no sample until a label is used: its HELP line names it.
+    for helped in re.findall(r"^# HELP (mirror_[a-z0-9_]+)", exported, re.MULTILINE):
+        names |= {helped, f"{helped}_total", *(f"{helped}_{s}" for s in ("bucket", "sum",
+                                                                          "count"))}
+    used = {name for doc in (json.loads(DASHBOARD.read_text()),
+                             yaml.safe_load(ALERTS.read_text()))
+            for e in expressions(doc) for name in _NAME.findall(e)}
+    assert used - names == set()
