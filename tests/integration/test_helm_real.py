@@ -45,13 +45,25 @@ FULL = [
     "--set-json", 'config.upstreams=[{"name": "docker.io", "default": true, '
     '"username": "ci-bot", "password_env": "HUB_TOKEN"}, {"name": "ghcr.io"}]',
     "--set-json", 'config.storage={"max_size": "90GiB", "s3": {"bucket": "mirror-eu"}}',
+    "--set", "persistence.size=100Gi", "--set", "edge.cacheVolume.budget=100Gi",
+    "--set", "grafana.dashboard=true", "--set", "prometheusRule.enabled=true",
+    "--set", "networkPolicy.enabled=true",
+    "--set-json", 'networkPolicy.from=[{"ipBlock": {"cidr": "10.0.0.0/8"}}]',
 ]
+#: Regional mode needs the peers' secret: the chart never invents one.
+PEER_SECRET = ["--set", "regional.peerSecret.value=a-peer-secret-of-the-region"]
+#: Edge mode's post-delete hook: a cleanup DaemonSet, a Job that waits for it, its RBAC.
+HOOK = ["DaemonSet", "Job", "Role", "RoleBinding", "ServiceAccount"]
 EXPECTED = {
     "single": ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Service"],
     "regional": ["ConfigMap", "PodDisruptionBudget", "Secret", "Service", "Service",
                  "StatefulSet"],
-    "edge": ["ConfigMap", "ConfigMap", "DaemonSet", "Service"],
+    "edge": sorted(["ConfigMap", "ConfigMap", "DaemonSet", "Service", *HOOK]),
 }
+#: What the full values add: the dashboard's ConfigMap and a NetworkPolicy.
+FULL_EXTRA = ["ConfigMap", "NetworkPolicy"]
+#: Custom resources: no schema offline, their shape is checked instead.
+CRDS = {"ServiceMonitor", "PrometheusRule"}
 WORKLOAD = {"single": "Deployment", "regional": "StatefulSet", "edge": "DaemonSet"}
 
 
@@ -67,9 +79,20 @@ def helm_bin() -> Path:
 
 
 def _render(helm_bin: Path, mode: str, *values: str) -> list[dict[str, Any]]:
+    """``helm template`` of ``mode`` (regional: with a peer secret unless ``values`` name one)."""
+    if mode == "regional" and not any("peerSecret" in v for v in values):
+        values = (*PEER_SECRET, *values)
     out = helm(helm_bin, "template", "rel", str(CHART),
                "--namespace", "registry", "--set", f"mode={mode}", *values).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def _workload(docs: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+    """The mode's Deployment, StatefulSet or DaemonSet (not a hook's)."""
+    found = [d for d in docs if d["kind"] == WORKLOAD[mode]
+             and "helm.sh/hook" not in d["metadata"].get("annotations", {})]
+    assert len(found) == 1
+    return found[0]
 
 
 def _one(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
@@ -106,23 +129,29 @@ def _check_file(path: Path, **extra_env: str) -> str:
 def test_chart_lints_renders_and_validates(helm_bin: Path, mode: str, variant: str,
                                            tmp_path: Path) -> None:
     values = FULL if variant == "full" else []
-    helm(helm_bin, "lint", "--strict", str(CHART), "--set", f"mode={mode}", *values)
+    lint_values = PEER_SECRET if mode == "regional" else []
+    helm(helm_bin, "lint", "--strict", str(CHART), "--set", f"mode={mode}", *lint_values,
+         *values)
     docs = _render(helm_bin, mode, *values)
-    kinds = sorted(d["kind"] for d in docs if d["kind"] != "ServiceMonitor")
-    assert kinds == EXPECTED[mode]
+    kinds = sorted(d["kind"] for d in docs if d["kind"] not in CRDS)
+    assert kinds == sorted(EXPECTED[mode] + (FULL_EXTRA if variant == "full" else []))
     for doc in docs:
         if doc["kind"] == "ServiceMonitor":  # a CRD: no schema offline; check its shape
             assert doc["apiVersion"] == "monitoring.coreos.com/v1"
             assert doc["spec"]["endpoints"][0]["path"] == "/metrics"
             continue
+        if doc["kind"] == "PrometheusRule":
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+            assert doc["spec"]["groups"][0]["rules"]
+            continue
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
-    assert any(d["kind"] == "ServiceMonitor" for d in docs) == (variant == "full")
+    assert {d["kind"] for d in docs} & CRDS == (CRDS if variant == "full" else set())
 
     config = _one(docs, "ConfigMap", "mirror")["data"]["mirror.yaml"]
     out = _config_check(config, tmp_path, tls=variant == "full")
     assert "upstreams: docker.io (default)" in out
 
-    pod = _one(docs, WORKLOAD[mode])["spec"]["template"]["spec"]
+    pod = _workload(docs, mode)["spec"]["template"]["spec"]
     _check_pod(pod, tls=variant == "full")
 
 
@@ -133,6 +162,8 @@ def _check_pod(pod: dict[str, Any], tls: bool) -> None:
     assert mirror["securityContext"]["allowPrivilegeEscalation"] is False
     assert mirror["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert mirror["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert mirror["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["automountServiceAccountToken"] is False
     assert mirror["livenessProbe"]["httpGet"]["scheme"] == ("HTTPS" if tls else "HTTP")
     assert mirror["resources"]["requests"] and mirror["resources"]["limits"]
     mounts = {m["mountPath"] for m in mirror["volumeMounts"]}
@@ -181,7 +212,7 @@ def test_regional_mode_has_peers_by_dns_a_budget_and_a_volume_per_pod(
     assert proc.returncode == 2 and "POD_IP is not set" in proc.stderr
 
 
-def test_regional_mode_with_a_peer_secret_of_its_own(helm_bin: Path) -> None:
+def test_regional_mode_with_an_existing_peer_secret(helm_bin: Path) -> None:
     docs = _render(helm_bin, "regional", "--set", "regional.peerSecret.secretName=region-key",
                    "--set", "regional.peerSecret.key=token")
     assert not [d for d in docs if d["kind"] == "Secret"]
@@ -194,7 +225,7 @@ def test_regional_mode_with_a_peer_secret_of_its_own(helm_bin: Path) -> None:
 def test_single_mode_can_use_an_existing_claim(helm_bin: Path) -> None:
     docs = _render(helm_bin, "single", "--set", "persistence.existingClaim=old-cache")
     assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
-    volumes = _one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    volumes = _workload(docs, "single")["spec"]["template"]["spec"]["volumes"]
     assert {"name": "cache", "persistentVolumeClaim": {"claimName": "old-cache"}} in volumes
 
 
@@ -275,12 +306,17 @@ def test_edge_hosts_toml_from_the_chart_makes_containerd_pull_through_the_node_m
     for name, text in hosts.items():
         (source / name).write_text(text)
     ca = TestCA(edge_folder / "ca") if tls else None
+    # The node had a hosts.toml of its own (a mirror that no longer answers): kept, after ours.
+    theirs = f'[host."http://127.0.0.1:{free_port()}"]\n  capabilities = ["pull", "resolve"]\n'
+    (certs_dir / "_default").mkdir(parents=True)
+    (certs_dir / "_default" / "hosts.toml").write_text(theirs)
     env = {"PATH": os.environ["PATH"], "HOSTS_SRC": str(source), "CERTS_DIR": str(certs_dir),
            "NODE_IP": "127.0.0.1", "CA_FILE": str(ca.cert_path) if ca else ""}
     subprocess.run(["sh", str(source / "install-hosts.sh")], env=env, check=True, timeout=30)
     installed = (certs_dir / "_default" / "hosts.toml").read_text()
     scheme = "https" if tls else "http"
-    assert f'[host."{scheme}://127.0.0.1:{port}"]' in installed
+    hosts = list(tomllib.loads(installed)["host"])
+    assert hosts[0] == f"{scheme}://127.0.0.1:{port}" and len(hosts) == 2
     assert (certs_dir / "_default" / "mirror-ca.crt").exists() == tls
 
     # The mirror as the pod runs it: the rendered config, its cache on the node.
@@ -304,7 +340,23 @@ def test_edge_hosts_toml_from_the_chart_makes_containerd_pull_through_the_node_m
         mirror.stop()
     for item in std_images:
         assert {item.manifest.digest, *(b.digest for b in item.blobs())} <= stored
+    # helm uninstall: the post-delete hook's script gives the node its own file back.
+    _run_cleanup(docs, certs_dir)
+    assert (certs_dir / "_default" / "hosts.toml").read_text() == theirs
+    assert not (certs_dir / "_default" / "mirror-ca.crt").exists()
     requests = mirror.events("request")
     # containerd shares blobs it has between namespaces; tags are always resolved anew.
     resolved = [r for r in requests if r.get("route") == "manifest" and r["method"] == "HEAD"]
     assert resolved and all(r["status"] == 200 for r in resolved)
+
+
+def _run_cleanup(docs: list[dict[str, Any]], certs_dir: Path) -> None:
+    """What the post-delete hook's DaemonSet does on a node, with the chart's own script."""
+    hook = next(d for d in docs if d["kind"] == "DaemonSet"
+                and d["metadata"].get("annotations", {}).get("helm.sh/hook") == "post-delete")
+    (init,) = hook["spec"]["template"]["spec"]["initContainers"]
+    env = {e["name"]: e["value"] for e in init["env"]}
+    assert env["CERTS_DIR"] == "/host/certs.d"
+    subprocess.run([*init["command"], *init["args"]], check=True, timeout=30,
+                   env={"PATH": os.environ["PATH"], "CERTS_DIR": str(certs_dir),
+                        "REGISTRIES": env["REGISTRIES"]})
