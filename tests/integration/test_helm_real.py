@@ -47,7 +47,7 @@ FULL = [
     "--set-json", 'config.storage={"max_size": "90GiB", "s3": {"bucket": "mirror-eu"}}',
     "--set", "persistence.size=100Gi", "--set", "edge.cacheVolume.budget=100Gi",
     "--set", "grafana.dashboard=true", "--set", "prometheusRule.enabled=true",
-    "--set", "networkPolicy.enabled=true",
+    "--set", "networkPolicy.enabled=true", "--set", "edge.listenHost=0.0.0.0",
     "--set-json", 'networkPolicy.from=[{"ipBlock": {"cidr": "10.0.0.0/8"}}]',
 ]
 #: Regional mode needs the peers' secret: the chart never invents one.

@@ -408,3 +408,11 @@ def test_edge_hosts_toml_can_carry_a_header_for_the_mirrors_auth(helm_bin: Path)
     hosts = tomllib.loads(_one(docs, "ConfigMap", "-hosts")["data"]["_default.toml"])
     assert hosts["host"]["http://127.0.0.1:5000"]["header"] == {
         "Authorization": "Basic bm9kZTpzM2NyZXQ="}
+
+
+def test_a_service_monitor_cannot_scrape_mirrors_on_the_nodes_loopback(helm_bin: Path) -> None:
+    message = _fails(helm_bin, "edge", "--set", "serviceMonitor.enabled=true")
+    assert "edge.listenHost" in message and "loopback" in message
+    docs = _render(helm_bin, "edge", "--set", "serviceMonitor.enabled=true",
+                   "--set", "edge.listenHost=0.0.0.0")
+    assert _one(docs, "ServiceMonitor")["spec"]["endpoints"][0]["path"] == "/metrics"
