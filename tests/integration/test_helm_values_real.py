@@ -105,9 +105,13 @@ def test_max_size_is_90_percent_of_the_volume(helm_bin: Path, mode: str, values:
     assert 0.9 * volume - MiB < parsed.storage.max_size <= 0.9 * volume
 
 
-def test_a_max_size_within_the_volume_is_kept(helm_bin: Path) -> None:
+def test_a_max_size_within_the_volume_is_kept(helm_bin: Path, tmp_path: Path) -> None:
     docs = _render(helm_bin, "single", "--set", "config.storage.max_size=40GiB")
     assert _config(docs)["storage"]["max_size"] == "40GiB"
+    values = tmp_path / "values.yaml"  # a number in a values file is a float to helm
+    values.write_text("config:\n  storage:\n    max_size: 40000000000\n")
+    docs = _render(helm_bin, "single", "-f", str(values))
+    assert int(_config(docs)["storage"]["max_size"]) == 40_000_000_000
     docs = _render(helm_bin, "single", "--set", "config.storage.max_size=auto")
     assert _config(docs)["storage"]["max_size"] == "auto"
 

@@ -120,8 +120,8 @@ app.kubernetes.io/component: {{ .Values.mode }}
 
 {{/* The mirror's config file. Paths are relative to the file (/etc/mirror/config). */}}
 {{- define "mirror.config" -}}
+{{- /* storage.max_size: checked against the volume; server.workers: the config's, else the CPU's */ -}}
 {{- $storage := merge (dict "path" "/var/lib/mirror" "max_size" (include "mirror.maxSize" .)) (deepCopy .Values.config.storage) -}}
-{{- $_ := set $storage "max_size" (include "mirror.maxSize" .) -}}
 {{- $server := merge (deepCopy (.Values.config.server | default dict)) (dict "workers" (include "mirror.workers" . | int)) -}}
 {{- $config := dict "version" 1 "listen" (printf "%s:%d" (include "mirror.listenHost" .) (int .Values.config.port)) "storage" $storage "upstreams" .Values.config.upstreams "log" .Values.config.log "server" $server -}}
 {{- if .Values.config.cache }}{{ $_ := set $config "cache" .Values.config.cache }}{{ end -}}
