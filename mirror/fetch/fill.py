@@ -250,8 +250,11 @@ class Fill:
         (up to ``SPAN_MAX`` bytes each) for the caller to sendfile, and only bytes
         relayed from memory after a full disk come as bytes.
 
-        The piece that reaches ``end`` is yielded only once the blob is verified:
-        a client must never finish cleanly on bytes that prove wrong.
+        The piece that reaches the blob's end is yielded only once the blob is
+        verified: a client must never finish cleanly on bytes that prove wrong. A
+        range that ends before the blob does (a lazy client's chunk) cannot be
+        verified by anyone but its client, and is not held back for the whole
+        download (as a ranged answer from the sources is not).
 
         Args:
             ranges: how this reader may ask the sources for a range itself: used when
@@ -294,7 +297,7 @@ class Fill:
                 count = piece.count if isinstance(piece, FileSpan) else len(piece)
                 self._positions[token] = offset + count  # in the caller's hands now
                 self._notify_moved()
-                if offset + count >= end:
+                if offset + count >= end and (self.size is None or end >= self.size):
                     await self.wait_done()
                     self._raise_if_failed(before_headers=False)
                 offset += count
