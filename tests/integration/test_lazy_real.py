@@ -140,3 +140,24 @@ def test_containerd_pulls_the_estargz_image_through_the_mirror(
         containerd.fetch(f"{UPSTREAM}/{REPO}:esgz", hosts, namespace="lazy")
     wanted = {document["config"]["digest"], *(d["digest"] for d in document["layers"])}
     assert wanted <= containerd.content_digests("lazy")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_late_reader_of_a_blob_larger_than_max_size_gets_every_byte(
+        upstream: Registry, throttled: ThrottledProxy, tmp_path: Path, workers: int) -> None:
+    """Issue 20 item 3: a blob over ``max_size`` is relayed from a memory window; a client
+    that asks once the window has moved on gets the whole blob (from a ranged request, or
+    in another worker its own download), never ``200``, headers and no bytes."""
+    image = make_image("lazy/big", "v1", layers=[make_layer(16 * MiB, 2303)], fmt="oci")
+    upstream.push(image)
+    layer = image.layers[0]
+    mirror = _mirror(tmp_path, throttled.url, workers)
+    mirror.config["storage"].update(max_size="4MiB", relay_window="64KiB")
+    url = f"{mirror.url}/v2/{image.repo}/blobs/{layer.digest}"
+    with mirror, _DIRECT.open(url, timeout=120) as first:
+        head = first.read(8 * MiB)  # the window has moved past the first bytes
+        status, _, late = _get(url)
+        rest = first.read()
+    assert "sha256:" + hashlib.sha256(head + rest).hexdigest() == layer.digest
+    assert status == 200 and "sha256:" + hashlib.sha256(late).hexdigest() == layer.digest
+    assert not [line for line in mirror.log_text().splitlines() if "fell behind" in line]
