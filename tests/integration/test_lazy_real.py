@@ -39,7 +39,8 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 @pytest.fixture(scope="module")
 def upstream(registry_bin: str, containerd: Containerd,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """A registry holding ``lazy/app:v1`` (gzip layers) and ``lazy/app:esgz`` (converted)."""
+    """A registry holding ``lazy/app:v1`` (gzip layers), ``lazy/app:esgz`` and
+    ``lazy/app:zstd`` (converted to eStargz and to zstd:chunked)."""
     require_binary("ctr-remote")
     registry = Registry(tmp_path_factory.mktemp("lazy-registry"))
     registry.start()
@@ -47,6 +48,8 @@ def upstream(registry_bin: str, containerd: Containerd,
                        fmt="oci")
     registry.push(image)
     estargz.convert(containerd.socket, registry.host, f"{REPO}:v1", f"{REPO}:esgz")
+    estargz.convert(containerd.socket, registry.host, f"{REPO}:v1", f"{REPO}:zstd",
+                    fmt="--zstdchunked")
     yield registry
     registry.stop()
 
@@ -65,8 +68,8 @@ def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str
         return resp.status, dict(resp.headers), resp.read()
 
 
-def _manifest(base: str, query: str = "") -> tuple[bytes, dict[str, Any]]:
-    _, _, data = _get(f"{base}/v2/{REPO}/manifests/esgz{query}", {"Accept": OCI_MANIFEST})
+def _manifest(base: str, query: str = "", tag: str = "esgz") -> tuple[bytes, dict[str, Any]]:
+    _, _, data = _get(f"{base}/v2/{REPO}/manifests/{tag}{query}", {"Accept": OCI_MANIFEST})
     return data, json.loads(data)
 
 
@@ -161,3 +164,30 @@ def test_a_late_reader_of_a_blob_larger_than_max_size_gets_every_byte(
     assert "sha256:" + hashlib.sha256(head + rest).hexdigest() == layer.digest
     assert status == 200 and "sha256:" + hashlib.sha256(late).hexdigest() == layer.digest
     assert not [line for line in mirror.log_text().splitlines() if "fell behind" in line]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_zstd_chunked_partial_pull_replayed_through_a_cold_mirror(
+        upstream: Registry, throttled: ThrottledProxy, tmp_path: Path, workers: int) -> None:
+    """zstd:chunked (Debian's skopeo 1.9 and podman 4.3 do not pull it partially): its
+    reads replayed: the footer frame, the manifest it points to, chunks by multi-range."""
+    direct_data, document = _manifest(upstream.url, tag="zstd")
+    layer = max(document["layers"], key=lambda d: d["size"])
+    assert "io.containers.zstd-chunked.manifest-position" in layer["annotations"]
+    digest, size = layer["digest"], layer["size"]
+    whole = _get(f"{upstream.url}/v2/{REPO}/blobs/{digest}")[2]
+    mark = upstream.clear_log_mark()
+    with _mirror(tmp_path, throttled.url, workers) as mirror:
+        assert _manifest(mirror.url, f"?ns={UPSTREAM}", tag="zstd")[0] == direct_data
+        footer, = _ranges(mirror.url, digest, [(size - estargz.ZSTD_FOOTER_SIZE, size)])
+        offset, length = estargz.zstd_manifest_position(footer)
+        manifest, = _ranges(mirror.url, digest, [(offset, offset + length)])
+        chunks = estargz.chunk_spans(estargz.read_zstd_toc(manifest), offset)[:10]
+        assert len(chunks) >= 4, "the layer has too few chunks to replay"
+        parts = _ranges(mirror.url, digest, list(reversed(chunks)))
+        assert footer == whole[-estargz.ZSTD_FOOTER_SIZE:]
+        assert manifest == whole[offset:offset + length]
+        assert parts == [whole[a:b] for a, b in reversed(chunks)]
+    ranged = [e for e in upstream.requests_since(mark)
+              if digest in e.path and e.method == "GET" and e.status == 206]
+    assert ranged, "the footer of a cold layer waited for the whole download"

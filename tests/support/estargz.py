@@ -13,6 +13,10 @@ stargz snapshotter then starts a container by reading, for each layer:
 
 :func:`lazy_reads` computes those ranges from a layer's bytes; a test replays them
 through the mirror and checks every byte against the upstream.
+
+zstd:chunked (``convert --zstdchunked``, what containers/image pulls partially) ends
+instead with a skippable zstd frame that gives the offset of its TOC, a zstd frame;
+the chunks are then read the same way.
 """
 
 from __future__ import annotations
@@ -21,20 +25,26 @@ import gzip
 import io
 import json
 import os
+import struct
 import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import zstandard
+
 FOOTER_SIZE = 51
+#: The skippable frame that ends a zstd:chunked layer (its 8-byte header included).
+ZSTD_FOOTER_SIZE = 48
 TOC_NAME = "stargz.index.json"
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 
 
 def convert(socket: Path, registry_host: str, source: str, target: str,
-            timeout: float = 300) -> None:
-    """Pull ``registry_host/source``, convert it to eStargz, push ``registry_host/target``.
+            *, timeout: float = 300, fmt: str = "--estargz") -> None:
+    """Pull ``registry_host/source``, convert it to eStargz (``fmt="--zstdchunked"``:
+    zstd:chunked), push ``registry_host/target``.
 
     Raises:
         RuntimeError: ctr-remote failed (its output is in the message).
@@ -45,7 +55,7 @@ def convert(socket: Path, registry_host: str, source: str, target: str,
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HTTP_PROXY": closed,
            "HTTPS_PROXY": closed, "NO_PROXY": "127.0.0.1,localhost"}
     for args in (["images", "pull", "--plain-http", src],
-                 ["images", "convert", "--estargz", "--oci", src, dst],
+                 ["images", "convert", fmt, "--oci", src, dst],
                  ["images", "push", "--plain-http", dst]):
         proc = subprocess.run([*base, *args], env=env, capture_output=True, text=True,
                               timeout=timeout, check=False)
@@ -63,6 +73,28 @@ def toc_offset(footer: bytes) -> int:
     if len(footer) != FOOTER_SIZE or footer[:2] != b"\x1f\x8b" or footer[32:38] != b"STARGZ":
         raise ValueError(f"not an eStargz footer: {footer[:40]!r}")
     return int(footer[16:32], 16)
+
+
+def zstd_manifest_position(footer: bytes) -> tuple[int, int]:
+    """Offset and length of a zstd:chunked layer's manifest (its TOC), from the last
+    :data:`ZSTD_FOOTER_SIZE` bytes: a skippable frame holding offset, compressed and
+    uncompressed length, type (little-endian 64-bit each) and ``GnUlInUx``.
+
+    Raises:
+        ValueError: not a zstd:chunked footer.
+    """
+    if len(footer) != ZSTD_FOOTER_SIZE or footer[-8:] != b"GnUlInUx" \
+            or footer[:4] != b"\x50\x2a\x4d\x18":
+        raise ValueError(f"not a zstd:chunked footer: {footer!r}")
+    offset, length = struct.unpack_from("<QQ", footer, 8)
+    return offset, length
+
+
+def read_zstd_toc(manifest: bytes) -> dict[str, Any]:
+    """The TOC document of a zstd:chunked layer's (zstd-compressed) manifest."""
+    document: dict[str, Any] = json.loads(
+        zstandard.ZstdDecompressor().decompressobj().decompress(manifest))
+    return document
 
 
 def read_toc(member: bytes) -> dict[str, Any]:
