@@ -274,7 +274,7 @@ class Fill:
                 await self.wait_done()
             while offset < end:
                 self._raise_if_failed(before_headers=False)
-                if ranges is not None and self._out_of_reach(offset):
+                if ranges is not None and self._out_of_reach(offset, end):
                     async for data in self._instead(token, ranges, offset, end, chunk_size):
                         offset += len(data)
                         yield data
@@ -347,15 +347,19 @@ class Fill:
             count = min(count, relay_from - offset)
         return await asyncio.to_thread(os.pread, fd, count, offset)
 
-    def _out_of_reach(self, offset: int) -> bool:
-        """Whether a reader at ``offset`` is better served by a ranged request: the
-        download is far from it, or a relay's window has already dropped it."""
+    def _out_of_reach(self, offset: int, end: int) -> bool:
+        """Whether a reader of ``offset`` to ``end`` is better served by a ranged request:
+        a relay's window has already dropped ``offset``, or the download is at least
+        ``RANGE_AHEAD`` bytes from it and the range is no longer than that distance
+        (asking for it then costs upstream fewer bytes than the download still has to
+        go: a footer, a TOC, a chunk, never most of a blob twice)."""
         if self.size is None:
             return False  # a range is checked against the size: it must be known
         window = self.window
         if window is not None and offset >= window.start and not window.holds(offset):
             return True
-        return not self.done and offset >= self.written + RANGE_AHEAD
+        ahead = offset - self.written
+        return not self.done and ahead >= max(RANGE_AHEAD, end - offset)
 
     async def _instead(self, token: object, ranges: RangeOpener, start: int, end: int,
                        chunk_size: int) -> AsyncIterator[bytes]:

@@ -117,6 +117,19 @@ async def test_a_range_far_ahead_of_the_download_is_answered_from_a_ranged_reque
     assert fake.count("GET", "/blobs/") == len(full_gets) + len(ranged)
 
 
+async def test_a_long_range_waits_for_the_download_rather_than_asking_twice(
+        mirror: Client, fake: FakeRegistry) -> None:
+    """A resume far ahead but longer than the distance (most of the blob) is read from the
+    one download: asking upstream for it would cost more bytes than waiting."""
+    data = os.urandom(24 * MiB)
+    digest = fake.add_blob(data)
+    fake.fault(kind="drip", path="/blobs/", chunk=1 << 20, delay=0.01)
+    response = await mirror.get(f"/v2/app/blobs/{digest}", headers={"Range": "bytes=12000000-"})
+    assert response.status == 206
+    assert await response.read() == data[12000000:]
+    assert fake.count("GET", "/blobs/") == 1
+
+
 async def test_a_range_answer_of_the_wrong_size_is_not_relayed(mirror: Client,
                                                                fake: FakeRegistry) -> None:
     data = os.urandom(12 * MiB)
