@@ -104,6 +104,8 @@ async def blob(request: web.Request, pull: PullService, repo: Repo,
     """GET or HEAD a blob, as the pull service answers: a file, a fill, a redirect, a size."""
     assert target.digest is not None
     head = request.method == "HEAD"
+    # S3 answers several ranges with the whole object: they are answered here.
+    redirect = redirect and "," not in request.headers.get("Range", "")
     answer = await pull.blob(repo, target.digest, head=head, redirect=redirect)
     if isinstance(answer, CachedBlob):
         response = await _cached_blob(request, pull, answer)
