@@ -59,8 +59,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="keep-alive connections of wrk, hey and the raw client (default 4, "
                              "smoke 2)")
     parser.add_argument("--only", action="append", default=[],
-                        choices=("cold", "warm", "herd", "hot", "tags", "memory"),
-                        help="run only this scenario (repeatable)")
+                        choices=("cold", "warm", "herd", "hot", "tags", "memory", "lazy"),
+                        help="run only this scenario (repeatable); lazy runs "
+                             "benchmarks/lazy.py (a cold eStargz lazy start, WAN upstream) "
+                             "with --large-size (default 256MiB) and --wan-rate")
     parser.add_argument("--targets", default=None,
                         help="comma-separated subset of mirror,distribution,nginx,"
                              "nginx-sendfile,upstream (default: all)")
@@ -92,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         _bootstrap(argv)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    if args.only == ["lazy"]:
+        from benchmarks import lazy  # noqa: PLC0415 (after setup: needs the venv)
+
+        size = args.large_size or (16 << 20 if args.smoke else 256 << 20)
+        return lazy.main([f"--size={size}", f"--rate={args.wan_rate or 50 << 20}"])
     from benchmarks.run import run  # noqa: PLC0415 (after setup: needs the venv)
 
     return run(args)

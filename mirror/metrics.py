@@ -129,6 +129,12 @@ FILL_TAKEOVERS = Counter(
     "Downloads another worker process claimed and stopped without publishing (it died), "
     "taken over from the bytes it left.",
 )
+RANGED_READS = Counter(
+    "mirror_ranged_reads_total",
+    "Ranges a reader asked of the sources itself, far ahead of a download (or behind a "
+    "relay's window), by result: ok, or refused (the reader then followed the download).",
+    ["result"],
+)
 FILL_JOINS = Counter(
     "mirror_fill_joins_total", "Requests that joined a download another request started."
 )

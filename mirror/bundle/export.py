@@ -34,7 +34,7 @@ from mirror.bundle.manifest import BundleManifest, sign
 from mirror.bundle.parts import Output
 from mirror.cache.blobs import CachedBlob
 from mirror.errors import BundleError, MirrorError, OciError
-from mirror.oci import OCI_INDEX, Digest, parse_manifest
+from mirror.oci import OCI_INDEX, Digest, is_attestation, is_platform_image, parse_manifest
 from mirror.pull import PullService, Repo
 from mirror.routing import Router
 
@@ -136,7 +136,8 @@ class Planner:
         children = [m for m in document.get("manifests") or [] if isinstance(m, dict)]
         selected = {m.get("digest") for m in children if self._wanted(m)}
         for child in children:
-            if child.get("digest") in selected or _attests(child, selected):
+            if child.get("digest") in selected or _attests(child, selected) or (
+                    not is_platform_image(child) and not is_attestation(child)):
                 await self._walk(repo, str(child["digest"]))
         config = document.get("config")
         for blob in ([config] if isinstance(config, dict) else []) + \

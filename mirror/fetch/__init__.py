@@ -26,7 +26,7 @@ slowest reader. The blob is verified as always and never published.
 from mirror.errors import DigestMismatch
 from mirror.fetch.body import UpstreamOpener
 from mirror.fetch.fetcher import RESUME_ATTEMPTS, UNKEPT_GRACE, Fetcher
-from mirror.fetch.fill import FileSpan, Fill
+from mirror.fetch.fill import FileSpan, Fill, RangeOpener
 from mirror.fetch.flight import SingleFlight
 from mirror.fetch.space import Space, Unbounded
 from mirror.storage.writer import DISK_FULL_ERRNOS
@@ -39,6 +39,7 @@ __all__ = [
     "Fetcher",
     "FileSpan",
     "Fill",
+    "RangeOpener",
     "SingleFlight",
     "Space",
     "Unbounded",

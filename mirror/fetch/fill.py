@@ -3,6 +3,14 @@
 Readers follow the bytes on disk; when the disk is full (see
 :meth:`Fill.start_relay`) they read the rest from a bounded window in memory
 (:class:`mirror.fetch.relay.RelayWindow`) that the download waits on.
+
+A reader that wants bytes far beyond what the download has reached (a lazy
+client's footer, table of contents, chunks), or bytes a relay's window has
+already dropped (a late reader of a blob that is not kept), reads them from a
+ranged request to the sources instead (a :data:`RangeOpener`), relayed as they
+arrive and checked against the blob's size, while the one download goes on
+for everyone. Those bytes are never written into the fill: only the verified
+download is ever kept.
 """
 
 from __future__ import annotations
@@ -11,18 +19,38 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
+
+import aiohttp
+import structlog
 
 from mirror import metrics
 from mirror.errors import FillError, OciError
 from mirror.fetch.relay import RELAY_MAX_BYTES, RelayWindow
 from mirror.oci import Digest
+from mirror.storage.base import BodyResponse
+
+log = structlog.get_logger(__name__)
 
 #: The most bytes one :class:`FileSpan` covers (a reader far behind catches up in steps).
 SPAN_MAX = 16 * 2**20
 #: How long a relay holds its bytes for the request that started it to begin reading.
 FIRST_READER_WAIT = 10.0
+#: A reader this many bytes (or more) ahead of the download reads from a ranged request.
+RANGE_AHEAD = 8 * 2**20
+
+#: Opens bytes ``start`` to ``end`` (exclusive) of a blob at its sources, for one reader:
+#: a ``206`` body (see :meth:`mirror.sources.SourceChain.open_range`).
+RangeOpener = Callable[[int, int], AbstractAsyncContextManager[BodyResponse]]
+#: What a ranged request may fail with before its first byte (the reader then waits for
+#: the download instead).
+_RANGE_FAILURES = (OciError, aiohttp.ClientError, TimeoutError, OSError)
+
+
+class _RangeRefused(Exception):
+    """A ranged request gave no usable answer before its first byte."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,24 +233,33 @@ class Fill:
             raise self.error
         raise FillError(f"download of {self.digest} failed: {self.error}") from self.error
 
-    async def read(self, start: int, end: int, chunk_size: int) -> AsyncIterator[bytes]:
+    async def read(self, start: int, end: int, chunk_size: int,
+                   ranges: RangeOpener | None = None) -> AsyncIterator[bytes]:
         """Yield bytes ``start`` to ``end`` (exclusive) as they reach the disk.
 
         Raises:
             FillError: the download failed; the caller must abort its response.
         """
-        async for piece in self.pieces(start, end, chunk_size, spans=False):
+        async for piece in self.pieces(start, end, chunk_size, spans=False, ranges=ranges):
             assert isinstance(piece, bytes)
             yield piece
 
-    async def pieces(self, start: int, end: int, chunk_size: int, *,
-                     spans: bool) -> AsyncIterator[bytes | FileSpan]:
+    async def pieces(self, start: int, end: int, chunk_size: int, *, spans: bool,
+                     ranges: RangeOpener | None = None) -> AsyncIterator[bytes | FileSpan]:
         """Like :meth:`read`; with ``spans``, what is on disk comes as :class:`FileSpan`
         (up to ``SPAN_MAX`` bytes each) for the caller to sendfile, and only bytes
         relayed from memory after a full disk come as bytes.
 
-        The piece that reaches ``end`` is yielded only once the blob is verified:
-        a client must never finish cleanly on bytes that prove wrong.
+        The piece that reaches the blob's end is yielded only once the blob is
+        verified: a client must never finish cleanly on bytes that prove wrong. A
+        range that ends before the blob does (a lazy client's chunk) cannot be
+        verified by anyone but its client, and is not held back for the whole
+        download (as a ranged answer from the sources is not).
+
+        Args:
+            ranges: how this reader may ask the sources for a range itself: used when
+                ``start`` is far beyond the download (or dropped from a relay's window);
+                without it, the reader waits for the download.
         """
         self.ever_read = True
         token = object()
@@ -237,6 +274,12 @@ class Fill:
                 await self.wait_done()
             while offset < end:
                 self._raise_if_failed(before_headers=False)
+                if ranges is not None and self._out_of_reach(offset, end):
+                    async for data in self._instead(token, ranges, offset, end, chunk_size):
+                        offset += len(data)
+                        yield data
+                    ranges = None  # all read, or refused: follow the download from here
+                    continue
                 self._positions[token] = offset
                 self._notify_moved()
                 available = min(self.written, end) - offset
@@ -254,20 +297,24 @@ class Fill:
                 count = piece.count if isinstance(piece, FileSpan) else len(piece)
                 self._positions[token] = offset + count  # in the caller's hands now
                 self._notify_moved()
-                if offset + count >= end:
+                if offset + count >= end and (self.size is None or end >= self.size):
                     await self.wait_done()
                     self._raise_if_failed(before_headers=False)
                 offset += count
                 yield piece
         finally:
-            self.readers -= 1
-            self._positions.pop(token, None)
-            self._notify_moved()
-            if self._on_reader is not None:
-                self._on_reader(self.digest, -1)
-            metrics.FILL_READERS.dec()
-            if fd >= 0:
-                await asyncio.to_thread(os.close, fd)
+            await self._leave(token, fd)
+
+    async def _leave(self, token: object, fd: int) -> None:
+        """A reader is done (or gone): forget its place and close its file."""
+        self.readers -= 1
+        self._positions.pop(token, None)
+        self._notify_moved()
+        if self._on_reader is not None:
+            self._on_reader(self.digest, -1)
+        metrics.FILL_READERS.dec()
+        if fd >= 0:
+            await asyncio.to_thread(os.close, fd)
 
     async def _join(self, token: object, start: int) -> int:
         """Take a reader's place at ``start`` (a relay keeps the bytes from there) and open
@@ -299,3 +346,92 @@ class Fill:
         if relay_from is not None:
             count = min(count, relay_from - offset)
         return await asyncio.to_thread(os.pread, fd, count, offset)
+
+    def _out_of_reach(self, offset: int, end: int) -> bool:
+        """Whether a reader of ``offset`` to ``end`` is better served by a ranged request:
+        a relay's window has already dropped ``offset``, or the download is at least
+        ``RANGE_AHEAD`` bytes from it and the range is no longer than that distance
+        (asking for it then costs upstream fewer bytes than the download still has to
+        go: a footer, a TOC, a chunk, never most of a blob twice)."""
+        if self.size is None:
+            return False  # a range is checked against the size: it must be known
+        window = self.window
+        if window is not None and offset >= window.start and not window.holds(offset):
+            return True
+        ahead = offset - self.written
+        return not self.done and ahead >= max(RANGE_AHEAD, end - offset)
+
+    async def _instead(self, token: object, ranges: RangeOpener, start: int, end: int,
+                       chunk_size: int) -> AsyncIterator[bytes]:
+        """The reader ``token``'s bytes from a ranged request rather than the download
+        (nothing when no source answers the range: the reader follows the download)."""
+        self._positions.pop(token, None)  # a relay need not keep bytes for this reader
+        self._notify_moved()
+        with contextlib.suppress(_RangeRefused):
+            async for data in self._ranged(ranges, start, end, chunk_size):
+                yield data
+
+    async def _ranged(self, ranges: RangeOpener, start: int, end: int,
+                      chunk_size: int) -> AsyncIterator[bytes]:
+        """Bytes ``start`` to ``end`` from a ranged request to the sources, as they arrive.
+
+        A whole blob read this way is hashed, and its last chunk held until the
+        digest matches, like a fill's.
+
+        Raises:
+            _RangeRefused: no usable answer before the first byte (wait for the fill).
+            FillError: the answer broke off or proved wrong after bytes went out.
+        """
+        assert self.size is not None
+        hasher = self.digest.hasher() if (start, end) == (0, self.size) else None
+        got = start
+        try:
+            async with ranges(start, end) as response:
+                _check_range(response, start, end, self.size)
+                metrics.child(metrics.RANGED_READS, "ok").inc()
+                held = b""
+                while got < end:
+                    data = await response.content.read(min(chunk_size, end - got))
+                    if not data:
+                        raise FillError(f"ranged answer for {self.digest} ended at {got} of "
+                                        f"{end} bytes")
+                    got += len(data)
+                    if hasher is not None:
+                        await asyncio.to_thread(hasher.update, data)
+                        data, held = held, data
+                        if not data:
+                            continue
+                    yield data
+                if hasher is not None:
+                    if hasher.hexdigest() != self.digest.hex:
+                        raise FillError(f"ranged answer for {self.digest} has other bytes")
+                    yield held
+        except _RANGE_FAILURES as exc:
+            if got > start:
+                raise FillError(f"ranged answer for {self.digest} broke off: "
+                                f"{type(exc).__name__}") from exc
+            metrics.child(metrics.RANGED_READS, "refused").inc()
+            log.warning("range_refused", digest=str(self.digest), start=start, end=end,
+                        error=f"{type(exc).__name__}: {exc}"[:200], next="the download")
+            raise _RangeRefused() from exc
+
+
+def _check_range(response: BodyResponse, start: int, end: int, size: int) -> None:
+    """A ranged answer must be exactly the bytes asked, of a blob of ``size`` bytes.
+
+    Raises:
+        OciError: it is not.
+    """
+    if response.status == 200 and start == 0 and response.content_length in (size, None):
+        return  # the whole blob from its start: the bytes asked are its first ones
+    if response.status != 206:
+        raise OciError(f"a source answered {response.status} to a range request")
+    wanted = f"bytes {start}-"
+    content_range = response.headers.get("Content-Range", "")
+    first, _, total = content_range.partition("/")
+    if not first.startswith(wanted) or total != str(size):
+        raise OciError(f"a source answered range {content_range!r} to bytes {start}-{end - 1} "
+                       f"of {size}")
+    last = first[len(wanted):]
+    if not last.isdigit() or int(last) < end - 1:
+        raise OciError(f"a source answered range {content_range!r} to bytes {start}-{end - 1}")

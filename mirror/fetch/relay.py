@@ -37,6 +37,10 @@ class RelayWindow:
         """Whether bytes were dropped (a reader that has not started can no longer join)."""
         return self._first > self.start
 
+    def holds(self, offset: int) -> bool:
+        """Whether the byte at ``offset`` is still held, or is yet to come (not dropped)."""
+        return offset >= self._first
+
     def append(self, chunk: bytes) -> None:
         """The next bytes of the blob."""
         self._chunks.append(chunk)

@@ -27,11 +27,16 @@ from mirror.routing import Kind, Target, tags_link
 from mirror.server.auth import authorize
 from mirror.server.responses import (
     FileSliceResponse,
+    Span,
     blob_headers,
     bytes_response,
     etag_matches,
+    file_parts,
     manifest_headers,
+    memory_parts,
     parse_range,
+    parse_ranges,
+    send_parts,
     stream_fill,
 )
 from mirror.server.state import LOG, NODE, log_context
@@ -99,6 +104,8 @@ async def blob(request: web.Request, pull: PullService, repo: Repo,
     """GET or HEAD a blob, as the pull service answers: a file, a fill, a redirect, a size."""
     assert target.digest is not None
     head = request.method == "HEAD"
+    # S3 answers several ranges with the whole object: they are answered here.
+    redirect = redirect and "," not in request.headers.get("Range", "")
     answer = await pull.blob(repo, target.digest, head=head, redirect=redirect)
     if isinstance(answer, CachedBlob):
         response = await _cached_blob(request, pull, answer)
@@ -124,32 +131,62 @@ async def blob(request: web.Request, pull: PullService, repo: Repo,
     _record_cache(request, "blob", "joined" if answer.joined else "miss", target.digest)
     size = await fill.wait_size()
     log_context(request)["source"] = fill.source
-    span = parse_range(request.headers.get("Range"), size)
-    headers = blob_headers(target.digest, size, span)
+    spans = _spans(request, size)
     chunk_size = request.app[NODE].settings.server.chunk_size
-    response = await stream_fill(request, fill, span, headers, chunk_size)
+    ranges = answer.ranges
+    if spans is not None and len(spans) > 1:
+        response = await send_parts(
+            request, spans, size, blob_headers(target.digest, size, None),
+            lambda start, end: fill.read(start, end, chunk_size, ranges))
+    else:
+        span = spans[0] if spans else None
+        headers = blob_headers(target.digest, size, span)
+        response = await stream_fill(request, fill, span, headers, chunk_size, ranges=ranges)
     _served(request, "fill", response.content_length or 0)
     return response
 
 
+def _spans(request: web.Request, size: int) -> list[Span] | None:
+    """The ranges a blob request asks for (``None``: the whole blob). A HEAD's headers are
+    those of a single-range GET, or of the whole blob for several ranges."""
+    header = request.headers.get("Range")
+    if request.method == "HEAD":
+        span = parse_range(header, size)
+        return [span] if span is not None else None
+    return parse_ranges(header, size)
+
+
 async def _cached_blob(request: web.Request, pull: PullService,
                        cached: CachedBlob) -> web.StreamResponse | None:
-    span = parse_range(request.headers.get("Range"), cached.size)
+    spans = _spans(request, cached.size)
+    span = spans[0] if spans is not None and len(spans) == 1 else None
     headers = blob_headers(cached.digest, cached.size, span)
-    status = 206 if span else 200
-    start, end = span or (0, cached.size)
-    if etag_matches(request, cached.digest) and span is None:
+    if etag_matches(request, cached.digest) and spans is None:
         return web.Response(status=304, headers=headers)
+    chunk_size = request.app[NODE].settings.server.chunk_size
+    count = sum(end - start for start, end in spans) if spans else cached.size
     if cached.data is not None:
-        _served(request, "memory", end - start)
-        return bytes_response(status, cached.data[start:end], headers)
+        _served(request, "memory", count)
+        if spans is not None and len(spans) > 1:
+            return await send_parts(request, spans, cached.size, headers,
+                                    memory_parts(cached.data))
+        start, end = span or (0, cached.size)
+        return bytes_response(206 if span else 200, cached.data[start:end], headers)
     file = await pull.open_cached(cached)
     if file is None:
         return None
-    _served(request, "disk", end - start)
+    _served(request, "disk", count)
     digest = cached.digest
-    return FileSliceResponse(file, start, end - start, status=status, headers=headers,
-                             chunk_size=request.app[NODE].settings.server.chunk_size,
+    if spans is not None and len(spans) > 1:
+        try:
+            return await send_parts(request, spans, cached.size, headers,
+                                    file_parts(file, chunk_size))
+        finally:
+            file.close()
+            pull.closed(digest)
+    start, end = span or (0, cached.size)
+    return FileSliceResponse(file, start, end - start, status=206 if span else 200,
+                             headers=headers, chunk_size=chunk_size,
                              on_close=lambda: pull.closed(digest))
 
 

@@ -8,8 +8,10 @@ small ones from memory, in-flight ones from the growing temp file of their fill.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
-from collections.abc import Callable
+import secrets
+from collections.abc import AsyncIterator, Callable
 from typing import IO
 
 from aiohttp import web
@@ -17,46 +19,123 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 
 from mirror.errors import RangeInvalid
-from mirror.fetch import FileSpan, Fill
+from mirror.fetch import FileSpan, Fill, RangeOpener
 from mirror.oci import Digest, is_number
 from mirror.server.sendfile import sendfile, socket_for_sendfile
 from mirror.server.state import log_context
 
 BLOB_CACHE_CONTROL = "max-age=31536000, immutable"
+#: The most ranges one answer holds (after coalescing): bounded work per request.
+RANGES_MAX = 64
+#: Range specs one ``Range`` header may list at all (more: 416 without reading them).
+RANGE_SPECS_MAX = 1000
+#: Ranges closer than this are merged when a request's ranges are coalesced (about what
+#: a part's own headers cost).
+COALESCE_GAP = 80
+
+#: A byte range ``(start, end)``, ``end`` exclusive.
+Span = tuple[int, int]
+#: Yields bytes ``start`` to ``end`` of a blob (a cached file, memory, a fill).
+PartReader = Callable[[int, int], AsyncIterator[bytes]]
 
 
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """The single byte range a ``Range`` header asks for, as ``(start, end)``.
+def parse_ranges(header: str | None, size: int) -> list[Span] | None:
+    """The byte ranges a ``Range`` header asks for, in the order asked (RFC 9110).
 
-    ``end`` is exclusive. Returns ``None`` for the whole body: no header, a
-    syntax this server ignores (as RFC 9110 allows), or several ranges (a 200
-    with the full body is valid for those).
+    Each is ``(start, end)`` with ``end`` exclusive. Ranges that lie outside the
+    blob are left out when others are satisfiable. Overlapping ranges, or more
+    than :data:`RANGES_MAX`, are coalesced (sorted, and merged where less than
+    :data:`COALESCE_GAP` bytes apart), as RFC 9110 allows: the work one request
+    may ask for is bounded.
+
+    Returns:
+        The ranges, or ``None`` for the whole body: no header, or a syntax this
+        server ignores (as RFC 9110 allows).
+
+    Raises:
+        RangeInvalid: no range lies inside the blob, or too many remain (416).
+    """
+    if not header or not header.startswith("bytes="):
+        return None
+    specs = header[6:].split(",")
+    if len(specs) > RANGE_SPECS_MAX:
+        raise RangeInvalid(f"{len(specs)} ranges in one request; at most {RANGES_MAX} are "
+                           "served", size)
+    spans: list[Span] = []
+    refusal = ""
+    for spec in specs:
+        try:
+            span = _parse_spec(spec.strip(), size)
+        except ValueError:
+            return None
+        if isinstance(span, str):
+            refusal = refusal or span
+        else:
+            spans.append(span)
+    if not spans:
+        raise RangeInvalid(refusal, size)
+    if len(spans) > RANGES_MAX or _overlapping(spans):
+        spans = coalesce(spans)
+    if len(spans) > RANGES_MAX:
+        raise RangeInvalid(f"{len(spans)} distinct ranges in one request; at most "
+                           f"{RANGES_MAX} are served", size)
+    return spans
+
+
+def parse_range(header: str | None, size: int) -> Span | None:
+    """The single byte range a ``Range`` header asks for (``None``: the whole body,
+    several ranges included): what a ``HEAD`` answers, whose headers do not change
+    with multi-range requests.
 
     Raises:
         RangeInvalid: the range lies outside the blob (416).
     """
-    if not header or not header.startswith("bytes=") or "," in header:
+    if not header or "," in header:
         return None
-    first, sep, last = header[6:].strip().partition("-")
+    spans = parse_ranges(header, size)
+    return spans[0] if spans else None
+
+
+def _parse_spec(spec: str, size: int) -> Span | str:
+    """One ``first-last`` or ``-suffix``: the span, or why it is unsatisfiable.
+
+    Raises:
+        ValueError: not a range this server reads (the header is then ignored).
+    """
+    first, sep, last = spec.partition("-")
     if not sep or not (is_number(first) or (not first and is_number(last))):
-        return None
+        raise ValueError(spec)
     if not first:
         suffix = int(last)
         if suffix == 0 or size == 0:
-            raise RangeInvalid("empty suffix range", size)
+            return "empty suffix range"
         return max(size - suffix, 0), size
     start = int(first)
-    if last and not is_number(last):
-        return None
-    end = min(int(last) + 1, size) if last else size
-    if last and int(last) < start:
-        return None
+    if last and (not is_number(last) or int(last) < start):
+        raise ValueError(spec)
     if start >= size:
-        raise RangeInvalid(f"range starts at {start}, past the end of a {size} byte blob", size)
-    return start, end
+        return f"range starts at {start}, past the end of a {size} byte blob"
+    return start, min(int(last) + 1, size) if last else size
 
 
-def blob_headers(digest: Digest, size: int, span: tuple[int, int] | None) -> dict[str, str]:
+def _overlapping(spans: list[Span]) -> bool:
+    ordered = sorted(spans)
+    return any(b[0] < a[1] for a, b in itertools.pairwise(ordered))
+
+
+def coalesce(spans: list[Span]) -> list[Span]:
+    """``spans`` sorted, with those that overlap or lie less than ``COALESCE_GAP`` apart
+    merged into one."""
+    merged: list[Span] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1] + COALESCE_GAP:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def blob_headers(digest: Digest, size: int, span: Span | None) -> dict[str, str]:
     """Headers of a blob answer (200 or 206)."""
     headers = {
         "Content-Type": "application/octet-stream",
@@ -156,8 +235,9 @@ class FileSliceResponse(web.StreamResponse):
             offset += len(data)
 
 
-async def stream_fill(request: web.Request, fill: Fill, span: tuple[int, int] | None,
-                      headers: dict[str, str], chunk_size: int) -> web.StreamResponse:
+async def stream_fill(request: web.Request, fill: Fill, span: Span | None,
+                      headers: dict[str, str], chunk_size: int, *,
+                      ranges: RangeOpener | None = None) -> web.StreamResponse:
     """Send a blob that is still downloading, byte by byte as it arrives.
 
     What is on disk goes out with the kernel's sendfile from the growing temp
@@ -181,7 +261,8 @@ async def stream_fill(request: web.Request, fill: Fill, span: tuple[int, int] | 
     transport = request.transport
     sock_fd = socket_for_sendfile(transport) if transport is not None else None
     sent = start
-    async for piece in fill.pieces(start, end, chunk_size, spans=sock_fd is not None):
+    async for piece in fill.pieces(start, end, chunk_size, spans=sock_fd is not None,
+                                   ranges=ranges):
         if isinstance(piece, bytes):
             await response.write(piece)
         elif (transport is not None and sock_fd is not None
@@ -195,6 +276,59 @@ async def stream_fill(request: web.Request, fill: Fill, span: tuple[int, int] | 
             _sent_all(request)  # a client that hangs up now has had everything
     await response.write_eof()
     return response
+
+
+async def send_parts(request: web.Request, spans: list[Span], size: int,
+                     headers: dict[str, str], read: PartReader) -> web.StreamResponse:
+    """A ``206 multipart/byteranges`` answer (RFC 9110): one part per span, in order,
+    each read as it comes (from a file, memory or a fill); its length is known first.
+
+    Raises:
+        FillError: a fill failed after headers went out; the caller must make sure
+            the connection is aborted, never finished.
+    """
+    boundary = secrets.token_hex(16)
+    heads = [(b"\r\n" if index else b"")
+             + (f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+                f"Content-Range: bytes {start}-{end - 1}/{size}\r\n\r\n").encode()
+             for index, (start, end) in enumerate(spans)]
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    headers = {key: value for key, value in headers.items() if key != "Content-Range"}
+    headers["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
+    response = web.StreamResponse(status=206, headers=headers)
+    response.content_length = (sum(map(len, heads)) + len(tail)
+                               + sum(end - start for start, end in spans))
+    await response.prepare(request)
+    log_context(request)["sent_status"] = response.status  # what a cut client saw
+    for head, (start, end) in zip(heads, spans, strict=True):
+        await response.write(head)
+        async for data in read(start, end):
+            await response.write(data)
+    await response.write(tail)
+    _sent_all(request)
+    await response.write_eof()
+    return response
+
+
+def memory_parts(data: bytes) -> PartReader:
+    """Reads parts of a blob held in memory."""
+    async def read(start: int, end: int) -> AsyncIterator[bytes]:
+        yield data[start:end]
+    return read
+
+
+def file_parts(file: IO[bytes], chunk_size: int) -> PartReader:
+    """Reads parts of an open cached blob in bounded chunks, off the event loop."""
+    async def read(start: int, end: int) -> AsyncIterator[bytes]:
+        offset = start
+        while offset < end:
+            data = await asyncio.to_thread(os.pread, file.fileno(),
+                                           min(chunk_size, end - offset), offset)
+            if not data:
+                raise ConnectionResetError("cached blob shrank while being sent")
+            offset += len(data)
+            yield data
+    return read
 
 
 def _sent_all(request: web.BaseRequest) -> None:

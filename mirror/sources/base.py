@@ -32,9 +32,12 @@ class Source(Protocol):
         """A bounded label for metrics and logs: s3, upstream, memory, peer, parent, bundle."""
         ...
 
-    def open_blob(self, ref: ContentRef,
-                  offset: int) -> AbstractAsyncContextManager[BodyResponse]:
+    def open_blob(self, ref: ContentRef, offset: int,
+                  end: int | None = None) -> AbstractAsyncContextManager[BodyResponse]:
         """The blob's body from ``offset``: status 200 (from 0), 206 (resumed) or 404.
+
+        With ``end``, only bytes up to ``end`` (exclusive) are asked for (a reader's
+        range); a source that cannot ask for less may send more, which is left unread.
 
         Raises:
             Exception: the source failed; the chain moves on to the next one.

@@ -8,6 +8,9 @@ finished bytes do not hash to the digest, every source the fill read from
 (except the last, the upstream, which nothing could replace) is rejected for
 that digest for ``reject_ttl``, and the fill may start over from the next.
 
+Ranges (:meth:`SourceChain.open_range`): a reader far ahead of its fill asks the
+first source that answers with exactly those bytes (206); nothing of it is kept.
+
 Manifests by digest: the first source whose bytes hash to the digest; wrong
 bytes reject the source for that digest and the next is asked.
 """
@@ -95,6 +98,35 @@ class SourceChain:
     def opener(self, ref: ContentRef) -> ChainOpener:
         """What one fill of ``ref`` reads through."""
         return ChainOpener(self, ref)
+
+    @asynccontextmanager
+    async def open_range(self, ref: ContentRef, start: int,
+                         end: int) -> AsyncIterator[BodyResponse]:
+        """Bytes ``start`` to ``end`` (exclusive) of a blob, from the first source that
+        answers with a range (206), for one reader far ahead of the blob's fill: a
+        region's owner, a parent, S3, then the upstream. The reader checks the answer
+        against the blob's size; the bytes are never kept.
+
+        Raises:
+            Exception: whatever the last source raised (earlier failures are skipped).
+        """
+        candidates = self.candidates(ref.digest)
+        for index, source in enumerate(candidates):
+            last = index == len(candidates) - 1
+            stack = AsyncExitStack()
+            try:
+                response = await stack.enter_async_context(source.open_blob(ref, start, end))
+            except Exception as exc:
+                await stack.aclose()
+                if last:
+                    raise
+                _failed(source, ref, exc)
+                continue
+            if last or response.status == 206:
+                async with stack:
+                    yield _Counted.wrap(response, source.kind, ref.registry)
+                return
+            await stack.aclose()
 
     async def blob_size(self, ref: ContentRef) -> int | None:
         """The size from the first source that has the blob (``None``: none has it).

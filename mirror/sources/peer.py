@@ -32,7 +32,7 @@ from mirror.cluster import HOP_HEADER, POPULAR_PATH, PeerSet, TokenSource
 from mirror.config import ClusterSettings
 from mirror.errors import OciError
 from mirror.sources.base import ContentRef, PassiveSource
-from mirror.sources.upstream import read_limited
+from mirror.sources.upstream import range_header, read_limited
 from mirror.storage.base import BodyResponse, absent
 
 log = structlog.get_logger(__name__)
@@ -95,12 +95,12 @@ class _NodeSource(PassiveSource):
     def _url(self, base: str, ref: ContentRef, what: str) -> str:
         return f"{base}/_peer/v2/{ref.repository}/{what}/{ref.digest}"
 
-    async def _ask(self, ref: ContentRef, what: str, method: str = "GET",
-                   offset: int = 0) -> tuple[aiohttp.ClientResponse, str] | None:
+    async def _ask(self, ref: ContentRef, what: str, method: str = "GET", offset: int = 0,
+                   end: int | None = None) -> tuple[aiohttp.ClientResponse, str] | None:
         """The first node that answers with headers in time, and its URL; ``None``: none."""
         headers = {**self._token.headers(), HOP_HEADER: self.hop}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
+        if offset or end is not None:
+            headers["Range"] = range_header(offset, end)
         for url in self._candidates(ref):
             try:
                 response = await asyncio.wait_for(self._session.request(
@@ -121,13 +121,15 @@ class _NodeSource(PassiveSource):
         return None
 
     @asynccontextmanager
-    async def open_blob(self, ref: ContentRef, offset: int) -> AsyncIterator[BodyResponse]:
-        found = await self._ask(ref, "blobs", offset=offset)
+    async def open_blob(self, ref: ContentRef, offset: int,
+                        end: int | None = None) -> AsyncIterator[BodyResponse]:
+        found = await self._ask(ref, "blobs", offset=offset, end=end)
         if found is None:
             yield absent()
             return
         response, url = found
-        self._serving[str(ref.digest)] = url
+        if end is None:  # a reader's range is not the fill: it must not move the fill over
+            self._serving[str(ref.digest)] = url
         try:
             yield response
         finally:

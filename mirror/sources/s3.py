@@ -96,15 +96,16 @@ class S3Source:
         return found
 
     @asynccontextmanager
-    async def open_blob(self, ref: ContentRef, offset: int) -> AsyncIterator[BodyResponse]:
+    async def open_blob(self, ref: ContentRef, offset: int,
+                        end: int | None = None) -> AsyncIterator[BodyResponse]:
         """The blob's body from S3 (404 when absent or while S3 is backing off)."""
         if self._skipped("blob"):
             yield absent()
             return
         yielded = False
         try:
-            async with self.store.open_blob(ref.digest, offset) as body:
-                if offset == 0:
+            async with self.store.open_blob(ref.digest, offset, end) as body:
+                if offset == 0 and end is None:
                     result = "miss" if body.status == 404 else "hit"
                     metrics.child(metrics.S3_LOOKUPS, "blob", result).inc()
                 yielded = True

@@ -23,7 +23,9 @@ class StoreSource(PassiveSource):
         return self._kind
 
     @asynccontextmanager
-    async def open_blob(self, ref: ContentRef, offset: int) -> AsyncIterator[BodyResponse]:
+    async def open_blob(self, ref: ContentRef, offset: int,
+                        end: int | None = None) -> AsyncIterator[BodyResponse]:
+        # A store reads from a local file or memory: bytes past ``end`` cost nothing.
         async with self.store.open_blob(ref.digest, offset) as body:
             yield body
 

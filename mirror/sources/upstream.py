@@ -53,8 +53,9 @@ class UpstreamSource(PassiveSource):
         return KIND
 
     @asynccontextmanager
-    async def open_blob(self, ref: ContentRef, offset: int) -> AsyncIterator[BodyResponse]:
-        headers = {"Range": f"bytes={offset}-"} if offset else None
+    async def open_blob(self, ref: ContentRef, offset: int,
+                        end: int | None = None) -> AsyncIterator[BodyResponse]:
+        headers = {"Range": range_header(offset, end)} if offset or end is not None else None
         async with self.client.request("GET", ref.repository, f"blobs/{ref.digest}",
                                        headers=headers) as resp:
             yield resp
@@ -96,6 +97,11 @@ async def fetch_manifest(client: RegistryClient, repository: str,
         data = await read_limited(resp, "manifest")
         return Fetched(data, resp.headers.get("Content-Type"),
                        resp.headers.get("Docker-Content-Digest"))
+
+
+def range_header(offset: int, end: int | None) -> str:
+    """The ``Range`` value for bytes ``offset`` to ``end`` (exclusive; ``None``: to the end)."""
+    return f"bytes={offset}-{'' if end is None else end - 1}"
 
 
 def check_status(resp: aiohttp.ClientResponse, registry: str, what: str) -> None:

@@ -31,7 +31,7 @@ import structlog
 
 from mirror import metrics
 from mirror.errors import MirrorError, OciError, TooManyRequests
-from mirror.oci import INDEX_TYPES, Digest, parse_manifest
+from mirror.oci import INDEX_TYPES, Digest, is_attestation, is_platform_image, parse_manifest
 from mirror.pull import PullService, Repo
 from mirror.storage.index import Index
 from mirror.sync.budget import WarmBudget
@@ -240,15 +240,19 @@ class Warmer:
 
 def _select(index: dict[str, Any], platforms: tuple[str, ...],
             referrers: bool) -> list[tuple[Digest, str]]:
-    """``(digest, platform)`` of the children to warm: the wanted platforms, and (with
-    referrers) the attestation manifests of those (platform ``""``)."""
+    """``(digest, platform)`` of the children to warm: the wanted platforms, the entries
+    that are not platform images (a SOCI index, an artifact: platform ``""``), and (with
+    referrers) the attestation manifests of the wanted platforms (platform ``""``)."""
     wanted = [Platform.parse(p) for p in platforms]
     chosen: list[tuple[Digest, str]] = []
     entries = [e for e in index.get("manifests") or [] if isinstance(e, dict)
                and isinstance(e.get("digest"), str)]
     for entry in entries:
         platform = Platform.of(entry)
-        if platform is not None and any(platform.matches(w) for w in wanted):
+        if not is_platform_image(entry):
+            if not is_attestation(entry):
+                chosen.append((Digest.parse(entry["digest"]), ""))
+        elif platform is not None and any(platform.matches(w) for w in wanted):
             chosen.append((Digest.parse(entry["digest"]), str(platform)))
     if referrers:
         picked = {str(d) for d, _ in chosen}

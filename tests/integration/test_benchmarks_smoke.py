@@ -97,3 +97,19 @@ def test_bundle_benchmark_smoke_has_every_figure(tmp_path: Path) -> None:
                      ("export", ".zst warm", "mirror"), ("import", "tar", "mirror"),
                      ("import", ".zst", "mirror"), ("import", "tar", "skopeo")}
     assert all(r["mib_s"] > 0 and r["rss_mib"] > 0 for r in records)
+
+
+@pytest.mark.timeout(300)
+def test_lazy_benchmark_smoke_has_every_target(tmp_path: Path) -> None:
+    for binary in ("docker-registry", "containerd", "ctr-remote"):
+        require_binary(binary)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.lazy", "--smoke", "--workdir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][2:]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "upstream directly", "mirror", "Distribution proxy"]
+    mirror = rows[1].split("|")
+    assert mirror[6].strip() == "206/206/206"  # never the whole blob for a lazy read

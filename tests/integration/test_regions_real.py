@@ -205,6 +205,60 @@ def test_the_owner_killed_mid_download_costs_at_most_one_more_download(
     assert _blob_gets(upstream, layer, mark) <= 2
 
 
+def test_the_owner_killed_mid_download_is_resumed_from_the_bytes_held(
+        upstream: Registry, fleet: Fleet, tmp_path: Path) -> None:
+    """Issue 20 item 10: the next node resumes with ``Range`` from what it streamed from
+    the owner, rather than downloading the layer again from its first byte."""
+    image = _image("fleet/resume", 128 * MiB, 806)
+    upstream.push(image)
+    nodes = fleet("east", ["127.0.0.2", "127.0.0.3", "127.0.0.4"])
+    layer = image.layers[0]
+    owner = _owner(nodes, layer.digest)
+    others = [n for n in nodes if n is not owner]
+    mark = upstream.clear_log_mark()
+    killer = threading.Thread(target=lambda: (_wait(
+        lambda: _metric(owner, "mirror_source_bytes_total", source="upstream") > 24 * MiB,
+        timeout=60), owner.kill9()))
+    killer.start()
+    results = _pull_all(others, image, tmp_path)
+    killer.join()
+    assert all(r[layer.digest] == layer.size for r in results)
+    gets = [e for e in upstream.requests_since(mark)
+            if e.method == "GET" and layer.digest in e.path]
+    assert [e.status for e in gets].count(200) == 1, gets  # resumed, never started over
+    # What upstream sent beyond the layer: the bytes in flight to the owner when it died
+    # (socket buffers on both sides of the link, and what its followers had not read yet:
+    # up to about 14 MiB here, whatever the layer's size). Starting over costs the layer.
+    assert sum(e.bytes for e in gets) - layer.size <= 20 * MiB, gets
+
+
+def test_a_range_on_a_miss_is_served_through_the_owner(
+        upstream: Registry, fleet: Fleet) -> None:
+    """Issue 23: a lazy client's footer read on a node that is not the owner: the node asks
+    the owner for the range, the owner asks upstream for it, while the one full download
+    (the owner's, streamed to the node) goes on."""
+    image = _image("fleet/lazy", 48 * MiB, 807)
+    upstream.push(image)
+    nodes = fleet("east", ["127.0.0.2", "127.0.0.3", "127.0.0.4"])
+    layer = image.layers[0]
+    owner = _owner(nodes, layer.digest)
+    node = next(n for n in nodes if n is not owner)
+    whole = _DIRECT.open(f"{upstream.url}/v2/{image.repo}/blobs/{layer.digest}").read()
+    mark = upstream.clear_log_mark()
+    request = urllib.request.Request(
+        f"{node.url}/v2/{image.repo}/blobs/{layer.digest}?ns={UPSTREAM}",
+        headers={"Range": "bytes=-51"})
+    with _DIRECT.open(request, timeout=60) as resp:
+        assert resp.status == 206 and resp.read() == whole[-51:]
+    for served in (node, owner):
+        assert _metric(served, "mirror_ranged_reads_total", result="ok") >= 1
+    _wait(lambda: _metric(owner, "mirror_fills_in_flight") == 0, timeout=60)
+    gets = [e for e in upstream.requests_since(mark)
+            if e.method == "GET" and layer.digest in e.path]
+    assert [e.status for e in gets].count(200) == 1, gets  # one full download, the owner's
+    assert sum(e.bytes for e in gets) <= 1.05 * layer.size
+
+
 def test_a_peer_that_serves_wrong_bytes_is_quarantined_and_the_pull_succeeds(
         upstream: Registry, fleet: Fleet, tmp_path: Path) -> None:
     image = _image("fleet/wrong", 3 * MiB, 803)

@@ -270,8 +270,10 @@ class FakeRegistry:
 def _apply_range(request: web.Request, body: bytes,
                  headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
     header = request.headers.get("Range", "")
-    if not header.startswith("bytes=") or not header.endswith("-"):
+    first, _, last = header[6:].partition("-")
+    if not header.startswith("bytes=") or not first.isdigit() or "," in header:
         return 200, body, headers
-    start = int(header[6:-1])
-    headers = {**headers, "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"}
-    return 206, body[start:], headers
+    start = int(first)
+    end = min(int(last) + 1, len(body)) if last.isdigit() else len(body)
+    headers = {**headers, "Content-Range": f"bytes {start}-{end - 1}/{len(body)}"}
+    return 206, body[start:end], headers

@@ -57,11 +57,15 @@ class MirrorProcess:
     Args:
         workdir: folder for ``mirror.yaml`` and ``mirror.log``.
         config: the config dict; its ``listen`` is ``"127.0.0.X:PORT"``.
+        source: run the ``mirror`` package of this source tree instead (a benchmark's
+            baseline, e.g. another checkout).
     """
 
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, config: dict[str, Any],
+                 source: Path | None = None) -> None:
         self.workdir = workdir
         self.config = config
+        self.source = source
         self.config_path = workdir / "mirror.yaml"
         self.log_path = workdir / "mirror.log"
         self.host, _, port = str(config["listen"]).rpartition(":")
@@ -90,6 +94,8 @@ class MirrorProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.source is not None:
+            env["PYTHONPATH"] = str(self.source)
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "mirror", "serve", "--config", str(self.config_path)],
@@ -97,6 +103,7 @@ class MirrorProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
+                cwd=self.source,
             )
         deadline = time.monotonic() + timeout
         while http_status(f"{self.url}/readyz", timeout=1.0) != 200:

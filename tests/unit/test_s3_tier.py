@@ -206,6 +206,12 @@ async def test_presigned_redirect_for_blobs_cold_here_but_in_s3(
             session.get(location) as s3_answer:
         assert s3_answer.status == 200
         assert await s3_answer.read() == layer
+    # Several ranges are answered here (S3 would send the whole object), from S3.
+    parts = await node_b.get(f"/v2/app/blobs/{digest}", allow_redirects=False,
+                             headers={"Range": "bytes=0-9,100-109"})
+    assert parts.status == 206 and parts.content_type == "multipart/byteranges"
+    body = await parts.read()
+    assert layer[0:10] in body and layer[100:110] in body
     head = await node_b.head(f"/v2/app/blobs/{digest}")
     assert head.status == 200
     assert head.headers["Content-Length"] == str(len(layer))

@@ -15,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import REGISTRY
 
+from mirror.bundle.export import Planner
 from mirror.clock import ManualClock
 from mirror.node import Node
 from mirror.oci import Digest
@@ -410,3 +411,55 @@ async def test_a_region_warms_what_its_parent_pulls_most(
     assert report["counts"] == {"warmed": 1}
     unauthenticated = await parent.get("/_peer/popular")
     assert unauthenticated.status == 401
+
+
+def _lazy_index(fake: FakeRegistry) -> dict[str, bytes]:
+    """An index under ``v1``: amd64 and arm64 images, a SOCI index beside them (platform
+    unknown/unknown) and arm64's BuildKit attestation; each one's manifest body."""
+    amd, amd_body = fake.add_image("app", None, [b"lazy-amd"])
+    arm, arm_body = fake.add_image("app", None, [b"lazy-arm"], arch="arm64")
+    soci, soci_body = fake.add_image("app", None, [b"a ztoc"])
+    attest, attest_body = fake.add_image("app", None, [b"an arm64 provenance"])
+    unknown = {"os": "unknown", "architecture": "unknown"}
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": amd, "size": len(amd_body),
+         "platform": {"os": "linux", "architecture": "amd64"}},
+        {"mediaType": OCI_MANIFEST, "digest": arm, "size": len(arm_body),
+         "platform": {"os": "linux", "architecture": "arm64"}},
+        {"mediaType": OCI_MANIFEST, "digest": soci, "size": len(soci_body),
+         "artifactType": "application/vnd.amazon.soci.index.v2+json", "platform": unknown},
+        {"mediaType": OCI_MANIFEST, "digest": attest, "size": len(attest_body),
+         "platform": unknown, "annotations": {"vnd.docker.reference.type": "attestation-manifest",
+                                              "vnd.docker.reference.digest": arm}},
+    ]}
+    fake.add_manifest("app", json.dumps(index).encode(), OCI_INDEX, tag="v1")
+    return {"amd": amd_body, "arm": arm_body, "soci": soci_body, "attest": attest_body}
+
+
+def _layer(body: bytes) -> str:
+    return str(json.loads(body)["layers"][0]["digest"])
+
+
+async def test_platform_filter_keeps_what_is_not_a_platform_image(
+        make_sync: SyncFactory, fake: FakeRegistry) -> None:
+    """Issue 23: a SOCI index bundled in the image index (an artifact beside the images)
+    is warmed with the selected platform; another platform and its BuildKit attestation
+    (platform unknown/unknown) are not."""
+    bodies = _lazy_index(fake)
+    node, sync = await make_sync()
+    report = await sync.run_once()
+    assert report["counts"] == {"warmed": 1}
+    assert _held(node, [_layer(bodies["amd"]), _layer(bodies["soci"])]) == [True, True]
+    assert _held(node, [_layer(bodies["arm"]), _layer(bodies["attest"])]) == [False, False]
+
+
+async def test_export_platform_filter_keeps_what_is_not_a_platform_image(
+        make_sync: SyncFactory, fake: FakeRegistry) -> None:
+    """The same filter in ``mirror export --platform``."""
+    bodies = _lazy_index(fake)
+    node, _ = await make_sync()
+    planner = Planner(node.pull, node.router, platforms=["linux/amd64"])
+    await planner.add("fake.test/app:v1")
+    blobs = planner.plan.blobs
+    assert _layer(bodies["amd"]) in blobs and _layer(bodies["soci"]) in blobs
+    assert _layer(bodies["arm"]) not in blobs and _layer(bodies["attest"]) not in blobs
