@@ -253,11 +253,18 @@ async def test_admin_token_guards_metrics_and_status(
     assert (await client.get("/readyz")).status == 200
 
 
-async def test_with_auth_and_no_admin_section_metrics_want_a_login(
+async def test_with_auth_and_no_admin_section_pages_want_an_operator(
         make_mirror: MirrorFactory, tmp_path: Path) -> None:
-    client = await make_mirror(**auth_overrides(tmp_path, anonymous=True))
-    assert (await client.get("/metrics")).status == 401
-    assert (await client.get("/metrics", headers=basic("bob", "bob-pw"))).status == 200
+    overrides = auth_overrides(tmp_path, anonymous=True)
+    overrides["auth"]["admin_groups"] = ["readers"]  # bob is an operator, alice is not
+    client = await make_mirror(**overrides)
+    for path in ("/metrics", "/", "/admin/popular", "/admin/sync"):
+        assert (await client.get(path)).status == 401
+        assert (await client.get(path, headers=basic("alice", "alice-pw"))).status == 403
+        assert (await client.get(path, headers=basic("bob", "bob-pw"))).status == 200
+    local = (tmp_path / "cache" / "admin.token").read_text().strip()
+    assert (await client.get("/metrics", headers={"Authorization": f"Bearer {local}"})
+            ).status == 200
 
 
 async def test_admin_listen_moves_metrics_and_status_off_the_main_port(
