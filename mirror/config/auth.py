@@ -67,12 +67,15 @@ class LoginLimits:
     Failures are counted over ``window`` seconds; a source or user past its limit gets
     429 with ``Retry-After`` until its oldest counted failure leaves the window. At most
     ``queue`` password checks wait for the two bcrypt threads; more get 503 at once.
+    Answers given without a check (429, a wrong password remembered) come ``delay``
+    seconds late, so a client that floods in a loop slows itself down.
     """
 
     per_address: int = 10
     per_user: int = 20
     window: float = 300.0
     queue: int = 16
+    delay: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,7 @@ def _admin_groups(value: Any, groups: Mapping[str, tuple[str, ...]]) -> tuple[st
 def _limits(value: Any) -> LoginLimits:
     """``auth.limits``: failed logins per address and per user, and the bcrypt queue."""
     limits = _mapping(value, "auth.limits")
-    _only_keys(limits, "auth.limits", {"per_address", "per_user", "window", "queue"})
+    _only_keys(limits, "auth.limits", {"per_address", "per_user", "window", "queue", "delay"})
     default = LoginLimits()
     window = _opt(limits, "window", "auth.limits", parse_duration, default.window)
     if window <= 0:
@@ -160,7 +163,8 @@ def _limits(value: Any) -> LoginLimits:
     return LoginLimits(
         per_address=_opt(limits, "per_address", "auth.limits", _positive, default.per_address),
         per_user=_opt(limits, "per_user", "auth.limits", _positive, default.per_user),
-        window=window, queue=_opt(limits, "queue", "auth.limits", _positive, default.queue))
+        window=window, queue=_opt(limits, "queue", "auth.limits", _positive, default.queue),
+        delay=_opt(limits, "delay", "auth.limits", parse_duration, default.delay))
 
 
 def _tokens(value: Any, env: Mapping[str, str], base: Path) -> tuple[TokenSettings, ...]:

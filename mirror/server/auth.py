@@ -30,11 +30,13 @@ secret never does.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import os
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -48,7 +50,7 @@ from cachetools import TTLCache
 from mirror import metrics
 from mirror.config import AccessRule, AdminSettings, AuthSettings, Settings
 from mirror.config.auth import ANONYMOUS
-from mirror.errors import Denied, OciError, Unauthorized
+from mirror.errors import Denied, OciError, TooManyRequests, Unauthorized
 from mirror.routing import Target
 from mirror.server import localtoken
 from mirror.server.logins import BcryptQueue, FailureLimits
@@ -219,9 +221,14 @@ class Authenticator:
         key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
         if self._verified.get(key) == user:
             return user
-        if key in self._failed:
-            return None  # the same wrong password again: no bcrypt, no count
-        self.limits.admit(address, user)
+        if key in self._failed:  # the same wrong password again: no bcrypt, no count
+            await self._fail_delay()
+            return None
+        try:
+            self.limits.admit(address, user)
+        except TooManyRequests:
+            await self._fail_delay()
+            raise
         ran = ok = False
         try:
             ok = await self._bcrypt.run(lambda: self._check_password(user, password.encode()))
@@ -234,6 +241,13 @@ class Authenticator:
             return user
         self._failed[key] = True
         return None
+
+    async def _fail_delay(self) -> None:
+        """Answer a failure found without bcrypt late (``auth.limits.delay``, 0.5x to 1.5x at
+        random, so that a flood's connections do not come back all at once)."""
+        delay = self.settings.limits.delay
+        if delay > 0:
+            await asyncio.sleep(delay * (0.5 + random.random()))
 
     def _forget_if_reloaded(self) -> None:
         """Drop remembered answers once the htpasswd file was read again (it changed)."""

@@ -97,7 +97,7 @@ async def test_the_bcrypt_queue_is_bounded_and_answers_503_at_once() -> None:
 
 async def test_a_recent_wrong_password_costs_no_bcrypt_and_no_count(tmp_path: Path,
                                                                      monkeypatch: Any) -> None:
-    auth = _authenticator(tmp_path, limits={"per_address": 2})
+    auth = _authenticator(tmp_path, limits={"per_address": 2, "delay": "0s"})
     checks: list[str] = []
     real = auth._check_password
 
