@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import base64
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -203,10 +204,14 @@ def main() -> None:
     if args.baseline is not None:
         trees = {"baseline": args.baseline.resolve(), **trees}
     results = {}
-    for number, (name, tree) in enumerate(trees.items()):
-        users = [f"bob{number * 2 * args.logins + i}" for i in range(2 * args.logins)]
-        print(f"{name}: {tree}", flush=True)
-        results[name] = asyncio.run(measure(tree, work / name, htpasswd, users, args.workers))
+    try:
+        for number, (name, tree) in enumerate(trees.items()):
+            users = [f"bob{number * 2 * args.logins + i}" for i in range(2 * args.logins)]
+            print(f"{name}: {tree}", flush=True)
+            results[name] = asyncio.run(measure(tree, work / name, htpasswd, users,
+                                                args.workers))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     report(results)
 
 
