@@ -211,7 +211,9 @@ def run_ttfb(registry: Registry, upstream_url: str, workdir: Path,
         idle = asyncio.run(_ttfb_loop(mirror.url, digest, args.ttfb_seconds))
         # curl, not `mirror warm`: no second Python process competing for the 2 cores.
         body = json.dumps({"refs": [f"{UPSTREAM}/{REPO}-ttfb:large"]})
+        token = (workdir / f"ttfb-{bandwidth or 0}" / "cache" / "admin.token").read_text()
         warm = subprocess.Popen(["curl", "-sS", "--noproxy", "*", "-X", "POST", "-d", body,
+                                 "-H", f"Authorization: Bearer {token.strip()}",
                                  f"{mirror.url}/admin/warm"], stdout=subprocess.PIPE)
         started = time.monotonic()
         busy: list[float] = []

@@ -273,7 +273,9 @@ REGISTRY_CACHE_BYTES = Gauge(
 AUTH_FAILURES = Counter(
     "mirror_auth_failures_total",
     "Client requests refused: unauthorized (missing or wrong credentials), denied (no access "
-    "rule allows it), not_member (a digest asked under a repository that does not hold it).",
+    "rule allows it, or not an operator), not_member (a digest asked under a repository that "
+    "does not hold it), throttled (429: too many failed logins from the address or for the "
+    "user), busy (503: the queue of password checks is full).",
     ["reason"],
 )
 # --- warming: the sync loop and `mirror warm` (mirror.sync) ----------------------------

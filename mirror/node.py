@@ -175,6 +175,19 @@ class Node:
                  max_size=self.settings.storage.max_size,
                  max_size_from=max_size_origin(self.settings.storage),
                  upstreams=[u.name for u in self.settings.upstreams])
+        self._warn_if_open()
+
+    def _warn_if_open(self) -> None:
+        """Say once, at start, that a mirror without ``auth`` or admin guard is open."""
+        admin = self.settings.admin
+        if not self.worker.evicts:  # worker 0 speaks for the node
+            return
+        if self.settings.auth is None and (admin is None or not admin.guarded):
+            log.warning("open_without_auth", listen=f"{self.settings.listen_host}:"
+                        f"{self.settings.listen_port}",
+                        detail="anyone who reaches the port pulls with the mirror's upstream "
+                        "credentials and reads the status page, /metrics and /admin/; "
+                        "set auth: or admin.token / admin.listen")
 
     async def _resolve_max_size(self) -> None:
         """``max_size: auto`` becomes bytes once the index says what the cache holds

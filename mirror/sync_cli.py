@@ -3,7 +3,8 @@
 A server that is running owns the cache: when one answers (``--server URL``, or the
 config's ``admin.listen`` or else ``listen`` address, on loopback), the command asks
 it through its admin API (``POST /admin/warm``, ``POST /admin/sync``,
-``GET /admin/sync``; with ``admin.token`` when one is set), so its single flight,
+``GET /admin/sync``; with the node's local admin token from the storage folder, or
+``admin.token``), so its single flight,
 budgets and records hold. Otherwise the command builds a node of its own on the
 storage folder (without the scheduled loop) and does the work itself; the index is
 SQLite in WAL mode and every blob is published by an atomic rename, as for
@@ -27,6 +28,7 @@ from mirror.cache.inventory import human_size, human_time
 from mirror.config import Settings
 from mirror.errors import CacheCommandError
 from mirror.node import Node
+from mirror.server.localtoken import read_local_token
 from mirror.sync.popularity import Popularity, read_json
 
 PROBE_TIMEOUT = 1.0
@@ -305,7 +307,11 @@ def _open(url: str, body: dict[str, Any] | None, token: str | None) -> Any:
 
 
 def _token(settings: Settings) -> str | None:
-    """The admin token the admin API wants, if the config sets one."""
+    """The admin token the admin API wants: the node's local one (in the storage folder,
+    readable by who may run the node), else the config's ``admin.token``."""
+    local = read_local_token(settings.storage.path)
+    if local is not None:
+        return local
     admin = settings.admin
     return admin.token.reveal() if admin is not None and admin.token is not None else None
 

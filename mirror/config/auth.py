@@ -1,17 +1,19 @@
 """Who may use the mirror: the ``auth``, ``access`` and ``admin`` sections.
 
 ``auth`` names the clients (an htpasswd file of bcrypt entries, static tokens,
-anonymous on or off, groups); ``access`` lists what they may pull (allow rules:
-who, registries, repository globs; anything no rule allows is denied once
-``auth`` is set); ``admin`` keeps ``/metrics`` and the status page on their own
-address or behind a token. The checks live in :mod:`mirror.server.auth`.
+anonymous on or off, groups, the groups with the admin role, the limits on
+failed logins); ``access`` lists what they may pull (allow rules: who,
+registries, repository globs; anything no rule allows is denied once ``auth``
+is set); ``admin`` keeps ``/metrics``, the status page and the admin API on
+their own address or behind a token. The checks live in
+:mod:`mirror.server.auth`.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from mirror.config.values import (
     _mapping,
     _only_keys,
     _opt,
+    _positive,
     _secret,
     _string,
     parse_duration,
@@ -58,6 +61,24 @@ class AccessRule:
 
 
 @dataclass(frozen=True)
+class LoginLimits:
+    """How many failed password checks a source address or a user name may cause.
+
+    Failures are counted over ``window`` seconds; a source or user past its limit gets
+    429 with ``Retry-After`` until its oldest counted failure leaves the window. At most
+    ``queue`` password checks wait for the two bcrypt threads; more get 503 at once.
+    Answers given without a check (429, a wrong password remembered) come ``delay``
+    seconds late, so a client that floods in a loop slows itself down.
+    """
+
+    per_address: int = 10
+    per_user: int = 20
+    window: float = 300.0
+    queue: int = 16
+    delay: float = 2.0
+
+
+@dataclass(frozen=True)
 class AuthSettings:
     """Client authentication and the access rules that apply once it is on."""
 
@@ -68,6 +89,8 @@ class AuthSettings:
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     access: tuple[AccessRule, ...] = ()
     cache_ttl: float = 60.0  # how long a verified password is remembered (bcrypt is slow)
+    admin_groups: tuple[str, ...] = ()  # members see the status page, /metrics, /admin/...
+    limits: LoginLimits = field(default_factory=LoginLimits)
 
     def groups_of(self, user: str) -> frozenset[str]:
         """The groups ``user`` is a member of."""
@@ -76,10 +99,16 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class AdminSettings:
-    """Where ``/metrics`` and the status page ``/`` answer, and the token they want."""
+    """Where ``/metrics``, the status page ``/`` and ``/admin/...`` answer, and the token
+    they want."""
 
     listen: tuple[str, int] | None = None  # None: on the main address
     token: Secret | None = None
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the admin paths are kept from clients (a token or their own address)."""
+        return self.listen is not None or self.token is not None
 
 
 def _auth(value: Any, env: Mapping[str, str], base: Path) -> AuthSettings | None:
@@ -88,7 +117,7 @@ def _auth(value: Any, env: Mapping[str, str], base: Path) -> AuthSettings | None
         return None
     auth = _mapping(value, "auth")
     _only_keys(auth, "auth", {"realm", "htpasswd", "tokens", "anonymous", "groups", "access",
-                              "cache_ttl"})
+                              "cache_ttl", "admin_groups", "limits"})
     if "access" in auth:
         raise ConfigError("auth.access", "access rules go in the top-level access: section")
     htpasswd = None
@@ -102,9 +131,40 @@ def _auth(value: Any, env: Mapping[str, str], base: Path) -> AuthSettings | None
     realm = _opt(auth, "realm", "auth", _string, "mirror")
     if '"' in realm or "\\" in realm:
         raise ConfigError("auth.realm", "must not contain quotes or backslashes")
+    groups = _groups(auth.get("groups"))
     return AuthSettings(realm=realm, htpasswd=htpasswd, tokens=tokens, anonymous=anonymous,
-                        groups=_groups(auth.get("groups")),
-                        cache_ttl=_opt(auth, "cache_ttl", "auth", parse_duration, 60.0))
+                        groups=groups,
+                        cache_ttl=_opt(auth, "cache_ttl", "auth", parse_duration, 60.0),
+                        admin_groups=_admin_groups(auth.get("admin_groups"), groups),
+                        limits=_limits(auth.get("limits")))
+
+
+def _admin_groups(value: Any, groups: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """``auth.admin_groups``: groups (of ``auth.groups``) whose members are operators."""
+    if value is None:
+        return ()
+    found = []
+    for i, raw in enumerate(_list(value, "auth.admin_groups")):
+        name = _user_name(raw, f"auth.admin_groups[{i}]")
+        if name not in groups:
+            raise ConfigError(f"auth.admin_groups[{i}]", f"no group {name!r} under auth.groups")
+        found.append(name)
+    return tuple(found)
+
+
+def _limits(value: Any) -> LoginLimits:
+    """``auth.limits``: failed logins per address and per user, and the bcrypt queue."""
+    limits = _mapping(value, "auth.limits")
+    _only_keys(limits, "auth.limits", {"per_address", "per_user", "window", "queue", "delay"})
+    default = LoginLimits()
+    window = _opt(limits, "window", "auth.limits", parse_duration, default.window)
+    if window <= 0:
+        raise ConfigError("auth.limits.window", "must be longer than 0s")
+    return LoginLimits(
+        per_address=_opt(limits, "per_address", "auth.limits", _positive, default.per_address),
+        per_user=_opt(limits, "per_user", "auth.limits", _positive, default.per_user),
+        window=window, queue=_opt(limits, "queue", "auth.limits", _positive, default.queue),
+        delay=_opt(limits, "delay", "auth.limits", parse_duration, default.delay))
 
 
 def _tokens(value: Any, env: Mapping[str, str], base: Path) -> tuple[TokenSettings, ...]:
@@ -157,9 +217,7 @@ def _access(value: Any, auth: AuthSettings | None,
     if not isinstance(value, list) or not value:
         raise ConfigError("access", "expected a non-empty list of rules")
     rules = tuple(_rule(raw, f"access[{i}]", auth, registries) for i, raw in enumerate(value))
-    return AuthSettings(realm=auth.realm, htpasswd=auth.htpasswd, tokens=auth.tokens,
-                        anonymous=auth.anonymous, groups=auth.groups, access=rules,
-                        cache_ttl=auth.cache_ttl)
+    return replace(auth, access=rules)
 
 
 def _rule(raw: Any, key: str, auth: AuthSettings, registries: tuple[str, ...]) -> AccessRule:

@@ -7,14 +7,25 @@ with the OCI error body and a ``WWW-Authenticate: Basic realm=...``
 challenge when the credentials are wrong or missing (every registry client
 answers a Basic challenge with the credentials it holds for the host). The
 handler calls :func:`authorize` once the request is routed (registry and
-repository known), before any cache or upstream work. ``/metrics``, the
-status page and the admin API (``/admin/...``) want the admin token instead,
-when one is set.
+repository known), before any cache or upstream work.
+
+A client without credentials is let through as ``anonymous`` when
+``auth.anonymous`` is on, except at the ping ``/v2/``: that challenges, so that
+skopeo, podman and crane learn the mirror wants a login and send the
+credentials they hold (clients that hold none answer with empty Basic
+credentials, ``:``, which count as anonymous, or with nothing). Docker Engine is
+the exception (:func:`_challenge_at_ping`): its ping is answered as before.
+
+``/metrics``, the status page and the admin API (``/admin/...``) are for
+operators (:func:`admit_operator`): the admin token, the admin listener, the
+node's local admin token (:mod:`mirror.server.localtoken`) or, with ``auth``,
+a user of ``auth.admin_groups``.
 
 bcrypt is slow on purpose, so a verified password is remembered (by its
-SHA-256, never in clear) for ``auth.cache_ttl``, and checks run in threads,
-two at a time, off the event loop. The request's user goes in its log line;
-the secret never does.
+SHA-256, never in clear) for ``auth.cache_ttl``, and so is a wrong one; checks
+run in threads, two at a time, off the event loop, behind the limits of
+:mod:`mirror.server.logins`. The request's user goes in its log line; the
+secret never does.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -38,8 +50,10 @@ from cachetools import TTLCache
 from mirror import metrics
 from mirror.config import AccessRule, AdminSettings, AuthSettings, Settings
 from mirror.config.auth import ANONYMOUS
-from mirror.errors import Denied, OciError, Unauthorized
+from mirror.errors import Denied, OciError, TooManyRequests, Unauthorized
 from mirror.routing import Target
+from mirror.server import localtoken
+from mirror.server.logins import BcryptQueue, FailureLimits
 from mirror.server.state import log_context
 
 log = structlog.get_logger(__name__)
@@ -53,11 +67,18 @@ PEER_PREFIX = "/_peer/"
 ADMIN_PATHS = frozenset({"/metrics", "/"})
 #: The admin API (mirror.server.admin: popularity, sync status, warming) is for operators too.
 ADMIN_PREFIX = "/admin/"
+#: The API version check clients send first: it always challenges, so they send what they hold.
+PING_PATHS = frozenset({"/v2/", "/v2"})
+ADMIN_CHALLENGE = 'Basic realm="mirror admin"'
+#: Docker Engine's User-Agent prefix (its classic puller cannot answer Basic without creds).
+DOCKER_ENGINE_AGENT = "docker/"
 
 
 def is_admin_path(path: str) -> bool:
     """Whether ``path`` is for operators (``/metrics``, ``/``, ``/admin/...``)."""
     return path in ADMIN_PATHS or path.startswith(ADMIN_PREFIX)
+
+
 _MAX_HEADER = 4096
 
 
@@ -72,6 +93,8 @@ class Identity:
 
 ANONYMOUS_IDENTITY = Identity(ANONYMOUS, authenticated=False)
 IDENTITY: web.RequestKey[Identity] = web.RequestKey("identity", Identity)
+#: How an operator request got in: "token", "listener", "local" or "user" (admin group).
+OPERATOR: web.RequestKey[str] = web.RequestKey("operator", str)
 
 
 class Htpasswd:
@@ -82,6 +105,7 @@ class Htpasswd:
         self._stamp: tuple[int, int] | None = None
         self._hashes: dict[str, bytes] = {}
         self.dummy = b""  # checked for unknown users: they take as long as known ones
+        self.generation = 0  # counts re-reads: remembered answers from before are dropped
 
     def lookup(self, user: str) -> bytes | None:
         """The hash of ``user`` (blocking: stats, maybe re-reads the file)."""
@@ -93,6 +117,7 @@ class Htpasswd:
         if stamp != self._stamp:
             self._hashes = _read_htpasswd(self.path)
             self._stamp = stamp
+            self.generation += 1
             cost = min((int(h[4:6]) for h in self._hashes.values() if h[4:6].isdigit()),
                        default=10)
             self.dummy = bcrypt.hashpw(b"no such user", bcrypt.gensalt(max(4, min(cost, 14))))
@@ -119,31 +144,48 @@ class Authenticator:
         self.challenge = f'Basic realm="{settings.realm}"'
         self._htpasswd = Htpasswd(settings.htpasswd) if settings.htpasswd else None
         self._tokens = {t.name: t.token.reveal().encode() for t in settings.tokens}
-        self._verified: TTLCache[bytes, str] = TTLCache(maxsize=10_000,
-                                                         ttl=max(settings.cache_ttl, 0.001))
-        self._bcrypt = asyncio.Semaphore(2)
+        ttl = max(settings.cache_ttl, 0.001)
+        self._verified: TTLCache[bytes, str] = TTLCache(maxsize=10_000, ttl=ttl)
+        self._failed: TTLCache[bytes, bool] = TTLCache(maxsize=100_000, ttl=ttl)
+        self._generation = 0
+        self.limits = FailureLimits(settings.limits)
+        self._bcrypt = BcryptQueue(2, settings.limits.queue)
 
     def identity(self, user: str) -> Identity:
         """The identity of an authenticated ``user``."""
         return Identity(user, self.settings.groups_of(user))
 
-    async def authenticate(self, header: str | None) -> Identity:
+    def is_operator(self, who: Identity) -> bool:
+        """Whether ``who`` has the admin role (a member of ``auth.admin_groups``)."""
+        return who.authenticated and not who.groups.isdisjoint(self.settings.admin_groups)
+
+    async def authenticate(self, header: str | None, *, address: str = "",
+                           ping: bool = False) -> Identity:
         """The identity an ``Authorization`` header proves.
 
+        Args:
+            header: the request's ``Authorization`` header, if any.
+            address: the client's address (failed logins are limited per address).
+            ping: the request is ``/v2/``, which challenges a client without credentials.
+
         Raises:
-            Unauthorized: missing (and anonymous access is off), malformed or wrong.
+            Unauthorized: missing (and anonymous access is off, or a ping), malformed
+                or wrong.
+            TooManyRequests: too many failed logins from ``address`` or for the user.
+            LoginsBusy: too many password checks are waiting already.
         """
-        if not header:
-            if self.settings.anonymous:
+        if _no_credentials(header):
+            if self.settings.anonymous and not (ping and not header):
                 return ANONYMOUS_IDENTITY
             metrics.child(metrics.AUTH_FAILURES, "unauthorized").inc()
             raise Unauthorized("authentication required", self.challenge)
+        assert header is not None
         scheme, _, value = header.strip().partition(" ")
         scheme = scheme.lower()
         if scheme == "bearer":
             user = self._token_user(value.strip().encode())
         elif scheme == "basic":
-            user = await self._basic_user(value.strip())
+            user = await self._basic_user(value.strip(), address)
         else:
             user = None
         if user is None:
@@ -158,7 +200,7 @@ class Authenticator:
                 found = name
         return found
 
-    async def _basic_user(self, value: str) -> str | None:
+    async def _basic_user(self, value: str, address: str) -> str | None:
         try:
             text = base64.b64decode(value, validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
@@ -171,14 +213,49 @@ class Authenticator:
             return user if ok else None
         if self._htpasswd is None:
             return None
+        return await self._password_user(user, password, address)
+
+    async def _password_user(self, user: str, password: str, address: str) -> str | None:
+        """``user`` if ``password`` is theirs: remembered answers first, then bcrypt."""
+        self._forget_if_reloaded()
         key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
         if self._verified.get(key) == user:
             return user
-        async with self._bcrypt:
-            ok = await asyncio.to_thread(self._check_password, user, password.encode())
+        if key in self._failed:  # the same wrong password again: no bcrypt, no count
+            await self._fail_delay()
+            return None
+        try:
+            self.limits.admit(address, user)
+        except TooManyRequests:
+            await self._fail_delay()
+            raise
+        ran = ok = False
+        try:
+            ok = await self._bcrypt.run(lambda: self._check_password(user, password.encode()))
+            ran = True
+        finally:
+            self.limits.done(address, user, failed=ran and not ok)
+        self._forget_if_reloaded()
         if ok:
             self._verified[key] = user
-        return user if ok else None
+            return user
+        self._failed[key] = True
+        return None
+
+    async def _fail_delay(self) -> None:
+        """Answer a failure found without bcrypt late (``auth.limits.delay``, 0.5x to 1.5x at
+        random, so that a flood's connections do not come back all at once)."""
+        delay = self.settings.limits.delay
+        if delay > 0:
+            await asyncio.sleep(delay * (0.5 + random.random()))
+
+    def _forget_if_reloaded(self) -> None:
+        """Drop remembered answers once the htpasswd file was read again (it changed)."""
+        assert self._htpasswd is not None
+        if self._generation != self._htpasswd.generation:
+            self._generation = self._htpasswd.generation
+            self._verified.clear()
+            self._failed.clear()
 
     def _check_password(self, user: str, password: bytes) -> bool:
         assert self._htpasswd is not None
@@ -192,6 +269,20 @@ class Authenticator:
             return bcrypt.checkpw(password, hashed)
         except ValueError:  # a corrupt hash in the file
             return False
+
+
+def _no_credentials(header: str | None) -> bool:
+    """No ``Authorization`` header, or Basic with an empty user and password (``:``),
+    which containers/image sends when it holds nothing for the host."""
+    if not header:
+        return True
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        return base64.b64decode(value.strip(), validate=True) == b":"
+    except binascii.Error:
+        return False
 
 
 def allowed(rules: tuple[AccessRule, ...], who: Identity, registry: str | None,
@@ -227,6 +318,8 @@ def _matches_where(rule: AccessRule, registry: str | None, repository: str) -> b
 
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 ADMIN = web.AppKey("admin", AdminSettings)
+#: The node's local admin token (mirror.server.localtoken), read or made at start.
+LOCAL_TOKEN = web.AppKey("local_admin_token", str)
 
 
 def authorize(request: web.Request, target: Target) -> None:
@@ -282,9 +375,8 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticate every request before its handler runs (after ``observe``).
 
     With ``admin.listen``, the admin port answers only the probes and the admin
-    paths, and the main port does not answer the admin paths. Without an admin
-    token, the admin paths want what registry paths want (any valid
-    credentials once ``auth`` is on).
+    paths, and the main port does not answer the admin paths. The admin paths
+    want an operator (:func:`admit_operator`).
     """
     path = request.path
     admin = request.app.get(ADMIN)
@@ -297,21 +389,69 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise RouteNotFound(f"no such endpoint on this port: {path[:200]}")
     if path in OPEN_PATHS or path.startswith(PEER_PREFIX):
         return await handler(request)  # the peer API checks its own signed tokens
-    admin_path = is_admin_path(path)
-    if admin_path and admin is not None and admin.token is not None:
-        if not admin_allowed(admin, header):
-            raise Unauthorized("the admin token is required", 'Basic realm="mirror admin"')
+    if is_admin_path(path):
+        await admit_operator(request, header)
         return await handler(request)
-    if admin_path and admin is not None and admin.listen is not None:
-        return await handler(request)  # the admin network is trusted
     authenticator = request.app.get(AUTHENTICATOR)
     if authenticator is not None:
-        who = await authenticator.authenticate(header)
-        if admin_path and not who.authenticated:
-            raise Unauthorized("log in to see this", authenticator.challenge)
+        who = await authenticator.authenticate(header, address=request.remote or "",
+                                               ping=_challenge_at_ping(request))
         request[IDENTITY] = who
         log_context(request)["user"] = who.user
     return await handler(request)
+
+
+async def admit_operator(request: web.Request, header: str | None) -> None:
+    """Let an operator through to ``/metrics``, ``/`` or ``/admin/...``; mark how.
+
+    Operators: the node's local admin token; the admin token (Bearer, or the
+    password of Basic credentials); anyone on the admin listener; with ``auth``,
+    a user of ``auth.admin_groups``. Without any of these configured (no ``auth``,
+    no admin token or listener) the pages are open, as the start-up warning
+    ``open_without_auth`` says, and admin actions still want the local token
+    (:func:`mirror.server.admin.require_operator`).
+
+    Raises:
+        Unauthorized: no credentials an operator would have.
+        Denied: a user without the admin role.
+    """
+    admin = request.app.get(ADMIN)
+    authenticator = request.app.get(AUTHENTICATOR)
+    if localtoken.matches(request.app.get(LOCAL_TOKEN), header):
+        request[OPERATOR] = "local"
+    elif admin is not None and admin.token is not None and admin_allowed(admin, header):
+        request[OPERATOR] = "token"
+    elif admin is not None and admin.listen is not None and admin.token is None:
+        request[OPERATOR] = "listener"  # the admin network is trusted
+    elif authenticator is not None and not _no_credentials(header) \
+            and not (admin is not None and admin.token is not None
+                     and (header or "").lower().startswith("bearer ")):
+        who = await authenticator.authenticate(header, address=request.remote or "")
+        request[IDENTITY] = who
+        log_context(request)["user"] = who.user
+        if not authenticator.is_operator(who):
+            metrics.child(metrics.AUTH_FAILURES, "denied").inc()
+            raise Denied(f"{who.user} is not an operator (auth.admin_groups)")
+        request[OPERATOR] = "user"
+    elif authenticator is not None or (admin is not None and admin.guarded):
+        metrics.child(metrics.AUTH_FAILURES, "unauthorized").inc()
+        token_set = admin is not None and admin.token is not None
+        challenge = ADMIN_CHALLENGE if authenticator is None or token_set \
+            else authenticator.challenge
+        raise Unauthorized("for operators: the admin token, or a login of auth.admin_groups",
+                           challenge)
+
+
+def _challenge_at_ping(request: web.Request) -> bool:
+    """Whether this is a ``/v2/`` ping that must challenge even where anonymous may pull.
+
+    Not for Docker Engine (``User-Agent: docker/...``): as a ``registry-mirrors`` client
+    it never holds the mirror's credentials, and a Basic challenge it cannot answer makes
+    it give up on the mirror ("no basic auth credentials") and go to Docker Hub. It pulls
+    as anonymous, as before.
+    """
+    return request.path in PING_PATHS and not request.headers.get(
+        "User-Agent", "").startswith(DOCKER_ENGINE_AGENT)
 
 
 def _local_port(request: web.Request) -> int | None:
@@ -322,8 +462,16 @@ def _local_port(request: web.Request) -> int | None:
 
 
 def install(app: web.Application, settings: Settings) -> None:
-    """Give ``app`` what :func:`edge` reads (its middleware goes in at construction)."""
+    """Give ``app`` what :func:`edge` reads (its middleware goes in at construction).
+
+    Reads (or makes) the node's local admin token: blocking, once, before serving.
+    """
     if settings.auth is not None:
         app[AUTHENTICATOR] = Authenticator(settings.auth)
     if settings.admin is not None:
         app[ADMIN] = settings.admin
+    try:
+        app[LOCAL_TOKEN] = localtoken.ensure_local_token(settings.storage.path)
+    except OSError as exc:  # a read-only folder: admin actions then want admin.token
+        log.warning("local_admin_token_unavailable", path=str(settings.storage.path),
+                    error=str(exc))

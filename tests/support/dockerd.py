@@ -19,6 +19,7 @@ unmounting a tmpfs takes none. Everything is removed when it stops.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 SUITE = "bookworm"
 _PACKAGES = "python3,python3-venv"
@@ -105,10 +107,12 @@ def _docker_client() -> str:
 class Dockerd:
     """``dockerd`` with everything of its own under a temp folder; stopped by PID."""
 
-    def __init__(self, tmpfs_size: str = "8g") -> None:
+    def __init__(self, tmpfs_size: str = "8g", daemon_config: dict[str, Any] | None = None
+                 ) -> None:
         # A short path: the socket paths under it must stay below 108 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="dkr-", dir="/tmp"))
         self.tmpfs_size = tmpfs_size
+        self.daemon_config = daemon_config or {}  # e.g. registry-mirrors, insecure-registries
         self.socket = self.root / "docker.sock"
         self.log_path = self.root / "dockerd.log"
         self._client = _docker_client()
@@ -121,7 +125,8 @@ class Dockerd:
             DockerError: it exited or did not answer in time (log tail attached).
         """
         config = self.root / "daemon.json"
-        config.write_text("{}\n")  # never the machine's /etc/docker/daemon.json
+        # never the machine's /etc/docker/daemon.json
+        config.write_text(json.dumps(self.daemon_config) + "\n")
         data = self.root / "data"
         data.mkdir()
         # Pages are used only as files are written; without a tmpfs, the disk serves.

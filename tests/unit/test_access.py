@@ -253,11 +253,18 @@ async def test_admin_token_guards_metrics_and_status(
     assert (await client.get("/readyz")).status == 200
 
 
-async def test_with_auth_and_no_admin_section_metrics_want_a_login(
+async def test_with_auth_and_no_admin_section_pages_want_an_operator(
         make_mirror: MirrorFactory, tmp_path: Path) -> None:
-    client = await make_mirror(**auth_overrides(tmp_path, anonymous=True))
-    assert (await client.get("/metrics")).status == 401
-    assert (await client.get("/metrics", headers=basic("bob", "bob-pw"))).status == 200
+    overrides = auth_overrides(tmp_path, anonymous=True)
+    overrides["auth"]["admin_groups"] = ["readers"]  # bob is an operator, alice is not
+    client = await make_mirror(**overrides)
+    for path in ("/metrics", "/", "/admin/popular", "/admin/sync"):
+        assert (await client.get(path)).status == 401
+        assert (await client.get(path, headers=basic("alice", "alice-pw"))).status == 403
+        assert (await client.get(path, headers=basic("bob", "bob-pw"))).status == 200
+    local = (tmp_path / "cache" / "admin.token").read_text().strip()
+    assert (await client.get("/metrics", headers={"Authorization": f"Bearer {local}"})
+            ).status == 200
 
 
 async def test_admin_listen_moves_metrics_and_status_off_the_main_port(
@@ -414,3 +421,25 @@ async def test_a_failing_membership_database_never_fails_a_pull(tmp_path: Path) 
     assert {e["event"] for e in logs} == {"membership_read_failed", "membership_write_failed"}
     assert await membership.known("r", "x/y", "sha256:2")  # learnt in memory all the same
     await asyncio.to_thread(membership.close)
+
+
+async def test_with_an_admin_token_operators_may_still_log_in_as_users(
+        make_mirror: MirrorFactory, tmp_path: Path) -> None:
+    token_file = tmp_path / "admin.token.secret"
+    token_file.write_text(ADMIN_TOKEN)
+    overrides = auth_overrides(tmp_path, admin={"token_file": str(token_file)})
+    overrides["auth"]["admin_groups"] = ["readers"]  # bob
+    client = await make_mirror(**overrides)
+    assert (await client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+            ).status == 200
+    assert (await client.get("/metrics", headers=basic("bob", "bob-pw"))).status == 200
+    assert (await client.get("/metrics", headers=basic("alice", "alice-pw"))).status == 403
+    wrong = await client.get("/metrics", headers={"Authorization": "Bearer wrong"})
+    assert wrong.status == 401 and "mirror admin" in wrong.headers["WWW-Authenticate"]
+    # bob is an operator, but his rules hold public/* only: a warm of private/* is refused.
+    refused = await client.post("/admin/warm", headers=basic("bob", "bob-pw"),
+                                json={"refs": ["private/app:v1", "public/base:v1"]})
+    assert refused.status == 403 and "private/app" in (await refused.text())
+    bad = await client.post("/admin/warm", headers=basic("bob", "bob-pw"),
+                            json={"refs": ["Not A Ref"]})
+    assert bad.status == 400

@@ -240,10 +240,13 @@ async def test_pulls_are_counted_and_shown_at_the_admin_api(
 
 
 async def test_admin_warm_streams_progress_and_lists_failures(
-        make_mirror: Any, fake: FakeRegistry) -> None:
+        make_mirror: Any, fake: FakeRegistry, tmp_path: Path) -> None:
     blobs = _multi_arch(fake, "v1", b"warm")
     mirror = await make_mirror()
-    response = await mirror.post("/admin/warm", json={
+    assert (await mirror.post("/admin/warm", json={"refs": ["app:v1"]})).status == 401
+    local = (tmp_path / "cache" / "admin.token").read_text().strip()
+    token = {"Authorization": f"Bearer {local}"}  # the node's own, as `mirror warm` sends
+    response = await mirror.post("/admin/warm", headers=token, json={
         "refs": ["app:v1", "app:nope", "Not A Ref"], "platforms": ["linux/arm64"]})
     assert response.status == 200
     events = [json.loads(line) for line in (await response.text()).splitlines()]
@@ -253,7 +256,7 @@ async def test_admin_warm_streams_progress_and_lists_failures(
     assert [e["event"] for e in events if e.get("ref") == "fake.test/app:v1"] == [
         "plan", "blob", "blob", "done"]
     assert fake.count("GET", blobs["arm64"][1]) == 1 and fake.count("GET", blobs["amd64"][1]) == 0
-    bad = await mirror.post("/admin/warm", json={"refs": "app:v1"})
+    bad = await mirror.post("/admin/warm", headers=token, json={"refs": "app:v1"})
     assert bad.status == 400
 
 
