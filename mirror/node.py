@@ -146,9 +146,12 @@ class Node:
         chains = self._chains()
         await asyncio.to_thread(self.repos.open)
         private = frozenset(u.name for u in self.settings.upstreams if holds_private(u))
+        # Isolation by registry matters once content may be private (credentials) or some
+        # clients may pull less than others (auth): without either, anyone pulls anything.
+        isolate = bool(private) or self.settings.auth is not None
         self.pull = PullService(chains["client"], self.manifests, self.blobs, redirector=self.s3,
                                 clock=self.clock, tag_list_ttl=self.settings.cache.tag_ttl,
-                                membership=self.repos, private=private)
+                                membership=self.repos, private=private, isolate=isolate)
         self.pull_for = {hop: self.pull.with_chains(chains[hop]) for hop in ("peer", "child")}
         self._wire_evictor()
         if not exclusive:
