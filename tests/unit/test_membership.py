@@ -17,7 +17,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from mirror.cache.membership import Membership, ensure_member
 from mirror.errors import BlobUnknown, ManifestUnknown
 from mirror.oci import Digest
+from mirror.pull import Repo
 from mirror.server.app import create_app
+from mirror.server.state import NODE
 from tests.support.fake import FakeRegistry
 from tests.unit.conftest import mirror_settings
 
@@ -162,6 +164,12 @@ async def test_cached_content_is_not_served_under_a_registry_that_does_not_hold_
             assert resp.status == 404, (method, path)
     asked = [s.method for s in other.requests]
     assert asked and set(asked) == {"HEAD"}  # asked, never fetched from
+    # warming and export pull through the same service: refused the same way
+    pull = mirror.server.app[NODE].pull
+    with pytest.raises(BlobUnknown):
+        await pull.fetch_blob(Repo("other.test", "app"), Digest.parse(config))
+    with pytest.raises(ManifestUnknown):
+        await pull.manifest(Repo("other.test", "app"), digest, background=True)
     # content other.test really holds too: one HEAD confirms it, the one copy is served
     other.blobs[config] = fake.blobs[config]
     before = len(other.requests)
