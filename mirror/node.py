@@ -104,7 +104,8 @@ class Node:
         self.clients = {u.name: UpstreamClient(u, clock=clock.monotonic,
                                                guard=UpstreamGuard(u, clock=clock.monotonic))
                         for u in settings.upstreams}
-        self.repos = RepoMembership(self.store.root / MEMBERSHIP_FILE)
+        self.repos = RepoMembership(self.store.root / MEMBERSHIP_FILE,
+                                    refused_ttl=settings.cache.negative_ttl)
         sync = settings.sync or SyncSettings()
         # Pull counts for the status page, the admin API and the sync loop's `popular`.
         # Each worker counts the pulls it answers, in a file of its own (no worker's save

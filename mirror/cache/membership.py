@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import structlog
-from cachetools import LRUCache
+from cachetools import LRUCache, TTLCache
 
 from mirror import metrics
 from mirror.config import UpstreamSettings
@@ -76,13 +76,19 @@ class Membership:
     Args:
         path: the SQLite file (created).
         memory: how many facts the memory set holds.
+        refused_ttl: seconds a refusal upstream gave is answered again without asking
+            (``cache.negative_ttl``): repeating a digest under the wrong name costs
+            upstream one ``HEAD`` per window, not one per request.
     """
 
-    def __init__(self, path: Path, memory: int = 200_000) -> None:
+    def __init__(self, path: Path, memory: int = 200_000, refused_ttl: float = 15.0) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._memory: LRUCache[Triple, bool] = LRUCache(maxsize=memory)
+        # (registry, repository, digest, kind) -> refused upstream, for ``refused_ttl``
+        self.refused: TTLCache[tuple[str, str, str, str], bool] = TTLCache(
+            maxsize=10_000, ttl=max(refused_ttl, 0.001))
 
     def open(self) -> None:
         """Open (and create) the database; blocking."""
@@ -244,10 +250,13 @@ async def ensure_member(membership: Membership, client: RegistryClient, reposito
     """
     if await may_serve(membership, client.name, repository, str(digest), private=private):
         return
-    if not await _upstream_has(client, repository, digest, kind):
+    asked = (client.name, repository, str(digest), kind)
+    if asked in membership.refused or not await _upstream_has(client, repository, digest,
+                                                               kind):
         metrics.child(metrics.AUTH_FAILURES, "not_member").inc()
         log.info("membership_refused", registry=client.name, repository=repository,
                  digest=str(digest), kind=kind)
+        membership.refused[asked] = True
         error = BlobUnknown if kind == "blob" else ManifestUnknown
         raise error(f"{kind} {digest} is unknown in {repository}")
     await membership.record(client.name, repository, [str(digest)])

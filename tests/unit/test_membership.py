@@ -82,13 +82,18 @@ async def test_content_of_one_registry_is_refused_under_another_unless_upstream_
     assert docker.asked == [("HEAD", "library/small", f"blobs/{D1}"),
                             ("HEAD", "library/small", f"manifests/{D1}")]
     assert not await facts.known_in("docker.io", D1)  # a refusal teaches nothing
+    for _ in range(5):  # ... but is remembered (negative_ttl): asking again costs nothing
+        with pytest.raises(BlobUnknown):
+            await ensure_member(facts, docker, "library/small",  # type: ignore[arg-type]
+                                Digest.parse(D1), kind="blob", private=False)
+    assert len(docker.asked) == 2
     docker.status = 200  # docker.io really holds it too: confirmed once, then known
-    await ensure_member(facts, docker, "library/small", Digest.parse(D1),  # type: ignore[arg-type]
+    await ensure_member(facts, docker, "library/big", Digest.parse(D1),  # type: ignore[arg-type]
                         kind="blob", private=False)
-    await ensure_member(facts, docker, "library/small", Digest.parse(D1),  # type: ignore[arg-type]
+    await ensure_member(facts, docker, "library/big", Digest.parse(D1),  # type: ignore[arg-type]
                         kind="blob", private=False)
     assert len(docker.asked) == 3
-    assert await facts.known("docker.io", "library/small", D1)
+    assert await facts.known("docker.io", "library/big", D1)
 
 
 async def test_a_registry_with_credentials_wants_the_repository_not_just_the_registry(
@@ -170,10 +175,11 @@ async def test_cached_content_is_not_served_under_a_registry_that_does_not_hold_
         await pull.fetch_blob(Repo("other.test", "app"), Digest.parse(config))
     with pytest.raises(ManifestUnknown):
         await pull.manifest(Repo("other.test", "app"), digest, background=True)
-    # content other.test really holds too: one HEAD confirms it, the one copy is served
+    # content other.test really holds too (in a repository not refused just now): one
+    # HEAD confirms it, the one copy is served
     other.blobs[config] = fake.blobs[config]
     before = len(other.requests)
     for _ in range(3):
-        resp = await mirror.get(f"/v2/other.test/app/blobs/{config}")
+        resp = await mirror.get(f"/v2/other.test/lib/app/blobs/{config}")
         assert resp.status == 200 and await resp.read() == fake.blobs[config]
     assert [s.method for s in other.requests[before:]] == ["HEAD"]
