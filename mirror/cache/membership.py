@@ -137,6 +137,10 @@ class Membership:
             self._memory[triple] = True
             self._memory[(registry, ANY_REPOSITORY, triple[2])] = True
 
+    def record_now(self, registry: str, repository: str, digests: Iterable[str]) -> None:
+        """:meth:`record`, blocking (for ``mirror import``, which runs in no event loop)."""
+        self._insert([(registry, repository, d) for d in digests])
+
     async def record_manifest(self, registry: str, repository: str, digest: Digest,
                               data: bytes) -> None:
         """Remember a manifest served for ``repository`` and all it references."""
