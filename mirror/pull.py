@@ -169,7 +169,7 @@ class PullService:
         if isinstance(reference, str) and is_digest_reference(reference):
             reference = Digest.parse(reference)
         if isinstance(reference, Digest):
-            await self._member(repo, reference, "manifest")
+            await self._member(repo, reference, "manifest", background)
             resolved = await self.manifests.by_digest(origin, repo.repository, reference,
                                                       accepted)
         else:
@@ -184,13 +184,16 @@ class PullService:
             await self.membership.record_manifest(repo.registry, repo.repository, found.digest,
                                                   found.data)
 
-    async def _member(self, repo: Repo, digest: Digest, kind: str) -> None:
+    async def _member(self, repo: Repo, digest: Digest, kind: str,
+                      background: bool = False) -> None:
         """Refuse content the registry (for a registry with credentials: the repository)
-        is not known to hold, unless upstream confirms it there with a ``HEAD``."""
+        is not known to hold, unless upstream confirms it there with a ``HEAD`` (on the
+        background budget for warming)."""
         private = repo.registry in self._private
         if self.membership is not None and (self._isolate or private):
-            await ensure_member(self.membership, self.chain(repo.registry).client,
-                                repo.repository, digest, kind=kind, private=private)
+            client = self.chain(repo.registry, background).client
+            await ensure_member(self.membership, client, repo.repository, digest, kind=kind,
+                                private=private)
 
     async def revalidate(self, repo: Repo, tag: str, max_age: float, *,
                          background: bool = True) -> Resolved:
@@ -224,7 +227,7 @@ class PullService:
             BlobUnknown: no source has it.
             UpstreamUnavailable, TooManyRequests: upstream failed.
         """
-        await self._member(repo, digest, "blob")
+        await self._member(repo, digest, "blob", background)
         cached = await self.blobs.cached(digest)
         if cached is not None:
             return cached
