@@ -234,3 +234,15 @@ def test_what_is_known_survives_a_restart(rig: Rig, tmp_path: Path) -> None:
     assert rig.quay.requests_since(mark) == []  # known: no upstream confirmation needed
     for name, url, headers, _ in _leaks(rig):
         assert _get(url, headers)[0] == 404, name
+
+
+def test_a_missing_tag_is_asked_upstream_once_per_negative_ttl(rig: Rig) -> None:
+    """(Issue 19, item 7, on the same rig.) 20 requests for a tag docker.io does not
+    have, spread over the workers: one upstream GET for the node within negative_ttl."""
+    mark = rig.docker.clear_log_mark()
+    for _ in range(20):
+        status, body = _get(f"{rig.mirror.url}/v2/library/small-01/manifests/no-such-tag",
+                            _basic("bob"))
+        assert status == 404 and _code(body) == "MANIFEST_UNKNOWN", body[:200]
+    asked = [e for e in rig.docker.requests_since(mark) if "no-such-tag" in e.path]
+    assert [(e.method, e.status) for e in asked] == [("GET", 404)], asked
