@@ -10,8 +10,11 @@ and this node names a digest's owner: a membership change moves about 1/N of
 the digests.
 
 Peers authenticate with short-lived tokens signed with the shared secret
-(HMAC-SHA256): ``mirror-peer.v1.<node>.<expires>.<signature>``. They carry no
-upstream credential and open nothing but the peer API.
+(HMAC-SHA256): ``mirror-peer.v2.<node>.<expires>.<signature>``. The signature also
+covers the node the token is sent to (its base URL: the audience), the method and
+the path with its query, so a token seen once opens nothing else: not another node,
+not another digest, not a HEAD turned into a GET. Tokens carry no upstream
+credential and open nothing but the peer API.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import structlog
+from yarl import URL
 
 from mirror import metrics
 from mirror.clock import SYSTEM, Clock
@@ -31,37 +35,56 @@ from mirror.config import ClusterSettings
 
 log = structlog.get_logger(__name__)
 
-TOKEN_PREFIX = "mirror-peer.v1"
-#: Header naming how a request reached a node: ``peer`` (an owner asked in its region)
-#: or ``child`` (a node of another region asking its parent).
+TOKEN_PREFIX = "mirror-peer.v2"
+#: Seconds a token may outlive its TTL (clocks of two nodes differ a little).
+CLOCK_SKEW = 5
 HOP_HEADER = "X-Mirror-Hop"
 HEALTH_PATH = "/_peer/health"
 #: Where a node says what its clients pull most (read by child regions' sync loops).
 POPULAR_PATH = "/_peer/popular"
 
 
-def sign_token(secret: str, node_id: str, expires_at: float) -> str:
-    """A peer token for ``node_id`` valid until ``expires_at`` (wall clock)."""
-    message = f"{node_id}.{int(expires_at)}"
-    signature = hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
-    return f"{TOKEN_PREFIX}.{message}.{signature}"
+def sign_token(secret: str, node_id: str, expires_at: float, *, audience: str,
+               method: str, path: str) -> str:
+    """A peer token for ``node_id`` valid until ``expires_at`` (wall clock), for one
+    request: ``method`` on ``path`` (with its query, as sent) of the node at ``audience``
+    (a base URL, ``scheme://host:port``)."""
+    expires = int(expires_at)
+    signature = _signature(secret, node_id, expires, audience=audience, method=method,
+                           path=path)
+    return f"{TOKEN_PREFIX}.{node_id}.{expires}.{signature}"
 
 
-def verify_token(secret: str, token: str, now: float, max_ttl: float) -> str | None:
-    """The node id a valid, unexpired token names, else ``None``."""
+def verify_token(secret: str, token: str, now: float, max_ttl: float, *,
+                 audiences: Sequence[str], method: str, path: str) -> str | None:
+    """The node id a valid, unexpired token names, if it was made for ``method`` on
+    ``path`` of one of ``audiences`` (this node's base URLs); else ``None``."""
     if not token.startswith(TOKEN_PREFIX + ".") or len(token) > 300:
         return None
     parts = token[len(TOKEN_PREFIX) + 1:].rsplit(".", 2)
     if len(parts) != 3 or not parts[1].isascii() or not parts[1].isdigit():
         return None
     node_id, expires, signature = parts
-    expected = hmac.new(secret.encode(), f"{node_id}.{expires}".encode(),
-                        hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, signature):
+    if not now <= int(expires) <= now + max_ttl + CLOCK_SKEW:
         return None
-    if not now <= int(expires) <= now + max_ttl + 5:
-        return None
-    return node_id
+    for audience in audiences:
+        expected = _signature(secret, node_id, int(expires), audience=audience,
+                              method=method, path=path)
+        if hmac.compare_digest(expected, signature):
+            return node_id
+    return None
+
+
+def _signature(secret: str, node_id: str, expires: int, *, audience: str, method: str,
+               path: str) -> str:
+    message = "\n".join((f"{node_id}.{expires}", audience.rstrip("/"), method.upper(), path))
+    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def token_scope(url: str | URL) -> tuple[str, str]:
+    """The audience (base URL) and path with query of a request URL, as a token binds them."""
+    parsed = url if isinstance(url, URL) else URL(url)
+    return str(parsed.origin()), parsed.raw_path_qs
 
 
 def rendezvous(key: str, members: Sequence[str]) -> list[str]:
@@ -188,7 +211,7 @@ class PeerSet:
         timeout = aiohttp.ClientTimeout(total=max(1.0, self.settings.header_timeout * 4))
         try:
             async with session.get(url + HEALTH_PATH, timeout=timeout,
-                                   headers=token.headers()) as resp:
+                                   headers=token.headers(url + HEALTH_PATH)) as resp:
                 ok = resp.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self.failed(url, type(exc).__name__)
@@ -200,23 +223,19 @@ class PeerSet:
 
 
 class TokenSource:
-    """Mints this node's peer tokens, renewed before they expire."""
+    """Mints this node's peer tokens: one per request, bound to its node, method and path."""
 
     def __init__(self, settings: ClusterSettings, clock: Clock = SYSTEM) -> None:
         self._settings = settings
         self._clock = clock
-        self._token = ""
-        self._renew_at = 0.0
 
-    def headers(self) -> dict[str, str]:
-        """The Authorization header of a peer request."""
-        now = self._clock.time()
-        if now >= self._renew_at:
-            ttl = self._settings.token_ttl
-            self._token = sign_token(self._settings.secret.reveal(), self._settings.node_id,
-                                     now + ttl)
-            self._renew_at = now + ttl / 2
-        return {"Authorization": f"Bearer {self._token}"}
+    def headers(self, url: str | URL, method: str = "GET") -> dict[str, str]:
+        """The Authorization header of a peer request: ``method`` on ``url``."""
+        audience, path = token_scope(url)
+        token = sign_token(self._settings.secret.reveal(), self._settings.node_id,
+                           self._clock.time() + self._settings.token_ttl,
+                           audience=audience, method=method, path=path)
+        return {"Authorization": f"Bearer {token}"}
 
 
 async def resolve(name: str, nameserver: str | None = None) -> list[str]:

@@ -113,7 +113,8 @@ class Node:
         self.clients = {u.name: UpstreamClient(u, clock=clock.monotonic,
                                                guard=UpstreamGuard(u, clock=clock.monotonic))
                         for u in settings.upstreams}
-        self.repos = RepoMembership(self.store.root / MEMBERSHIP_FILE)
+        self.repos = RepoMembership(self.store.root / MEMBERSHIP_FILE,
+                                    refused_ttl=settings.cache.negative_ttl)
         sync = settings.sync or SyncSettings()
         # Pull counts for the status page, the admin API and the sync loop's `popular`.
         # Each worker counts the pulls it answers, in a file of its own (no worker's save
@@ -156,9 +157,12 @@ class Node:
         chains = self._chains()
         await asyncio.to_thread(self.repos.open)
         private = frozenset(u.name for u in self.settings.upstreams if holds_private(u))
+        # Isolation by registry matters once content may be private (credentials) or some
+        # clients may pull less than others (auth): without either, anyone pulls anything.
+        isolate = bool(private) or self.settings.auth is not None
         self.pull = PullService(chains["client"], self.manifests, self.blobs, redirector=self.s3,
                                 clock=self.clock, tag_list_ttl=self.settings.cache.tag_ttl,
-                                membership=self.repos, private=private)
+                                membership=self.repos, private=private, isolate=isolate)
         self.pull_for = {hop: self.pull.with_chains(chains[hop]) for hop in ("peer", "child")}
         self._wire_evictor()
         if not exclusive:

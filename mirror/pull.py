@@ -116,18 +116,26 @@ class PullService:
                  blobs: BlobCache, *, redirector: S3Source | None = None,
                  clock: Clock = SYSTEM, tag_list_ttl: float = 60.0,
                  membership: RepoMembership | None = None,
-                 private: frozenset[str] = frozenset()) -> None:
+                 private: frozenset[str] = frozenset(), isolate: bool = True) -> None:
         """Args:
-            membership: which repository holds which digest; consulted for the
-                registries in ``private`` (those reached with credentials), so a
-                client that may pull one repository never gets another's private
-                content by naming its digest.
+            membership: which registry and repository hold which digest; consulted
+                for every content asked by digest, so content is served under a
+                registry only when that registry is known to hold it (a client never
+                gets another registry's, or another private repository's, content
+                by naming its digest). ``None``: no isolation (unit tests).
+            private: the registries reached with credentials: there the repository
+                named itself must be known to hold a digest.
+            isolate: check membership for every registry. ``False`` (no client auth
+                and no registry reached with credentials: anyone may pull anything
+                from every registry, and all of it is public): only the private
+                registries are checked.
         """
         self.chains = dict(chains)
         self.manifests = manifests
         self.blobs = blobs
         self.membership = membership
         self._private = private
+        self._isolate = isolate
         self._redirector = redirector if redirector is not None and redirector.redirect else None
         self._tag_lists: TTLCache[Repo, tuple[str, list[str]]] = TTLCache(
             maxsize=1000, ttl=max(tag_list_ttl, 0.001), timer=clock.monotonic)
@@ -167,23 +175,31 @@ class PullService:
         if isinstance(reference, str) and is_digest_reference(reference):
             reference = Digest.parse(reference)
         if isinstance(reference, Digest):
-            await self._member(repo, reference, "manifest")
+            await self._member(repo, reference, "manifest", background)
             resolved = await self.manifests.by_digest(origin, repo.repository, reference,
                                                       accepted)
         else:
             resolved = await self.manifests.by_tag(origin, repo.repository, reference, accepted)
+        await self._served(repo, resolved)
+        return resolved
+
+    async def _served(self, repo: Repo, resolved: Resolved) -> None:
+        """Remember that ``repo`` holds a manifest served from it and all it references."""
         if self.membership is not None:
             found = resolved.manifest
             await self.membership.record_manifest(repo.registry, repo.repository, found.digest,
                                                   found.data)
-        return resolved
 
-    async def _member(self, repo: Repo, digest: Digest, kind: str) -> None:
-        """Refuse content a private registry's repository is not known to hold (unless
-        upstream confirms it under that repository's scope)."""
-        if self.membership is not None and repo.registry in self._private:
-            await ensure_member(self.membership, self.chain(repo.registry).client,
-                                repo.repository, digest, kind=kind)
+    async def _member(self, repo: Repo, digest: Digest, kind: str,
+                      background: bool = False) -> None:
+        """Refuse content the registry (for a registry with credentials: the repository)
+        is not known to hold, unless upstream confirms it there with a ``HEAD`` (on the
+        background budget for warming)."""
+        private = repo.registry in self._private
+        if self.membership is not None and (self._isolate or private):
+            client = self.chain(repo.registry, background).client
+            await ensure_member(self.membership, client, repo.repository, digest, kind=kind,
+                                private=private)
 
     async def revalidate(self, repo: Repo, tag: str, max_age: float, *,
                          background: bool = True) -> Resolved:
@@ -198,7 +214,10 @@ class PullService:
             UpstreamUnavailable, TooManyRequests: upstream failed and nothing cached answers.
         """
         origin = self.chain(repo.registry, background)
-        return await self.manifests.by_tag(origin, repo.repository, tag, None, max_age=max_age)
+        resolved = await self.manifests.by_tag(origin, repo.repository, tag, None,
+                                               max_age=max_age)
+        await self._served(repo, resolved)
+        return resolved
 
     # --- blobs ------------------------------------------------------------------------
     async def blob(self, repo: Repo, digest: Digest, *, head: bool = False,
@@ -214,7 +233,7 @@ class PullService:
             BlobUnknown: no source has it.
             UpstreamUnavailable, TooManyRequests: upstream failed.
         """
-        await self._member(repo, digest, "blob")
+        await self._member(repo, digest, "blob", background)
         cached = await self.blobs.cached(digest)
         if cached is not None:
             return cached

@@ -40,6 +40,8 @@ from mirror.bundle.manifest import BundleManifest, verify
 from mirror.bundle.parts import WRITEBACK_EVERY, Input, start_writeback
 from mirror.bundle.walk import Walk, check_reference, parse_digest
 from mirror.bundle.walk import tree as walk_tree
+from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
+from mirror.cache.membership import Membership
 from mirror.cache.tags import TagRecord, tag_key
 from mirror.errors import BundleError, DigestMismatch, OciError
 from mirror.oci import (
@@ -279,6 +281,7 @@ class Importer:
                 self._store.index.pin(sorted(tree), label)
                 report.pinned += 1
         self._record_tags(refs, manifests, report)
+        self._record_members(refs, manifests)
 
     def _references(self, read: _Read, manifests: dict[str, tuple[bytes, str]],
                     report: Report) -> list[tuple[str, str]]:
@@ -339,6 +342,20 @@ class Importer:
                 report.tags.append(label)
         finally:
             cache.close()
+
+    def _record_members(self, refs: list[tuple[str, str]],
+                        manifests: dict[str, tuple[bytes, str]]) -> None:
+        """The registry and repository of each named image hold all it reaches (isolation
+        by registry: what is served where), so an offline node serves it by digest too."""
+        members = Membership(self._store.root / MEMBERSHIP_FILE)
+        members.open()
+        try:
+            for label, digest in refs:
+                name = label.partition("@")[0] if "@" in label else label.rpartition(":")[0]
+                registry, _, repository = name.partition("/")
+                members.record_now(registry, repository, sorted(walk_tree(digest, manifests)))
+        finally:
+            members.close()
 
 
 def read_bundle_json(files: list[Path]) -> bytes:

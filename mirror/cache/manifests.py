@@ -3,7 +3,9 @@
 A manifest is kept as the exact bytes upstream sent, with its media type,
 verified against its digest. Tag lookups inside the TTL never leave the node;
 after it, one HEAD upstream (coalesced across every request for that tag)
-confirms or moves the tag. When upstream fails, the last known digest is
+confirms or moves the tag. A tag upstream does not have is remembered missing for
+``negative_ttl`` (node-wide), so a client retrying it costs upstream one request per
+window, not one per request. When upstream fails, the last known digest is
 served for up to ``stale_if_error``, and upstream is not asked about that tag
 again until its Retry-After (at least a second, at most the TTL) has passed.
 Content negotiation is redone locally for every request, so one stored
@@ -150,6 +152,8 @@ class ManifestCache:
             digest = Digest.parse(record.digest)
             manifest, cache = await self._get_digest(origin, repository, digest)
         else:
+            if key in self._missing:  # upstream just said it has no such tag
+                raise ManifestUnknown(f"manifest {tag!r} is unknown upstream")
             (manifest, cache), joined = await self._by_tag.run(
                 key, lambda: self._refresh_tag(origin, repository, tag, key, record))
             cache = "joined" if joined and cache == "miss" else cache
@@ -179,6 +183,9 @@ class ManifestCache:
                 manifest, _ = await self._get_digest(origin, repository,
                                                      Digest.parse(record.digest))
                 return manifest, "hit"
+            if record is None and await self._tags.missing(key):  # another worker just asked
+                self._missing[key] = True
+                raise ManifestUnknown(f"manifest {tag!r} is unknown upstream")
             return await self._refresh_tag_here(origin, repository, tag, key, record)
 
     async def _refresh_tag_here(self, origin: SourceChain, repository: str, tag: str,
@@ -217,6 +224,7 @@ class ManifestCache:
                                          headers=headers) as resp:
             if resp.status == 404:
                 await self._tags.delete(key)
+                await self._remember_missing(key)
                 raise ManifestUnknown(f"tag {tag!r} is no longer upstream")
             check_status(resp, origin.name, "manifest")
             header = resp.headers.get("Docker-Content-Digest")
@@ -228,6 +236,12 @@ class ManifestCache:
             manifest, _ = await self._get_digest(origin, repository, _upstream_digest(header))
         await self._remember(key, manifest)
         return manifest, "hit" if str(manifest.digest) == record.digest else "miss"
+
+    async def _remember_missing(self, key: str) -> None:
+        """Upstream has no such tag: answer ``MANIFEST_UNKNOWN`` without asking again for
+        ``cache.negative_ttl``, in every worker of the node."""
+        self._missing[key] = True
+        await self._tags.put_missing(key, self._settings.negative_ttl)
 
     async def _remember(self, key: str, manifest: Manifest) -> None:
         record = TagRecord(str(manifest.digest), manifest.media_type, len(manifest.data),
@@ -283,6 +297,7 @@ class ManifestCache:
         """GET a manifest by tag upstream, verify it against the digest header, store it."""
         fetched = await fetch_manifest(origin.client, repository, tag)
         if fetched is None:
+            await self._remember_missing(tag_key(origin.name, repository, tag))
             raise ManifestUnknown(f"manifest {tag!r} is unknown upstream")
         actual = _verify_manifest(fetched.data, fetched.digest_header, origin.name)
         media_type = manifest_media_type(fetched.data, fetched.content_type)

@@ -1,19 +1,26 @@
-"""Which repository holds which digest: keeps private content private.
+"""Which registry and repository hold which digest: keeps private content private.
 
-The cache stores content once per digest, for every registry and repository.
-A client that may pull ``public/base`` could otherwise read a layer of
-``private/app`` by asking for its digest under ``public/base``. So the mirror
-remembers, per (registry, repository), the digests it knows that repository
-holds: those fetched for it, and everything a manifest of it references. For
-an upstream with credentials (where private content can exist), a digest
-asked under a repository not known to hold it is confirmed with upstream
-first (a ``HEAD`` under that repository's scope); if upstream says no, the
-client gets ``BLOB_UNKNOWN`` / ``MANIFEST_UNKNOWN`` even though the bytes are
-cached.
+The cache stores content once per digest, for every registry and repository. A
+client that may pull ``docker.io/library/small-01`` could otherwise read a layer
+of ``quay.io/team/app`` by asking for its digest under ``library/small-01``. So
+the mirror remembers, per (registry, repository), the digests it knows that
+repository holds: those fetched or confirmed for it, and everything a manifest
+served from it references. A digest is served under a registry only when that
+registry is known to hold it:
 
-The facts persist in ``<storage>/membership.db`` (SQLite, WAL), so a restart
-asks upstream nothing again; a bounded memory set answers the request path.
-They are facts about upstream, not about the cache: eviction leaves them.
+- under a registry reached **with credentials** (where private content can
+  exist), the very repository named must be known to hold it;
+- under a registry reached **without credentials** (public content only), any
+  repository of that registry knowing it is enough;
+- otherwise upstream is asked first, with one ``HEAD`` under the repository
+  named (with that registry's credentials and scope). If upstream says no, the
+  client gets ``BLOB_UNKNOWN`` / ``MANIFEST_UNKNOWN`` even though the bytes are
+  cached; if it says yes, the fact is kept and the one copy on disk is served.
+
+The facts persist in ``<storage>/membership.db`` (SQLite, WAL), shared by the
+worker processes of a node and kept across restarts; a bounded memory set of
+facts already seen answers the request path. They are facts about upstream,
+not about the cache: eviction leaves them.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import structlog
-from cachetools import LRUCache
+from cachetools import LRUCache, TTLCache
 
 from mirror import metrics
 from mirror.config import UpstreamSettings
@@ -53,6 +60,8 @@ CREATE INDEX IF NOT EXISTS members_by_digest ON members (digest, registry);
 """
 FILE_NAME = "membership.db"
 Triple = tuple[str, str, str]
+#: The repository part of a memory fact meaning "some repository of the registry".
+ANY_REPOSITORY = ""
 
 
 def holds_private(upstream: UpstreamSettings | None) -> bool:
@@ -67,13 +76,19 @@ class Membership:
     Args:
         path: the SQLite file (created).
         memory: how many facts the memory set holds.
+        refused_ttl: seconds a refusal upstream gave is answered again without asking
+            (``cache.negative_ttl``): repeating a digest under the wrong name costs
+            upstream one ``HEAD`` per window, not one per request.
     """
 
-    def __init__(self, path: Path, memory: int = 200_000) -> None:
+    def __init__(self, path: Path, memory: int = 200_000, refused_ttl: float = 15.0) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._memory: LRUCache[Triple, bool] = LRUCache(maxsize=memory)
+        # (registry, repository, digest, kind) -> refused upstream, for ``refused_ttl``
+        self.refused: TTLCache[tuple[str, str, str, str], bool] = TTLCache(
+            maxsize=10_000, ttl=max(refused_ttl, 0.001))
 
     def open(self) -> None:
         """Open (and create) the database; blocking."""
@@ -102,6 +117,16 @@ class Membership:
             self._memory[triple] = True
         return found
 
+    async def known_in(self, registry: str, digest: str) -> bool:
+        """Whether some repository of ``registry`` is known to hold ``digest``."""
+        pair = (registry, ANY_REPOSITORY, digest)
+        if pair in self._memory:
+            return True
+        found = await asyncio.to_thread(self._select_any, registry, digest)
+        if found:
+            self._memory[pair] = True
+        return found
+
     async def record(self, registry: str, repository: str, digests: Iterable[str]) -> None:
         """Remember that ``repository`` holds ``digests``."""
         new = [t for t in ((registry, repository, d) for d in digests) if t not in self._memory]
@@ -110,6 +135,11 @@ class Membership:
         await asyncio.to_thread(self._insert, new)
         for triple in new:
             self._memory[triple] = True
+            self._memory[(registry, ANY_REPOSITORY, triple[2])] = True
+
+    def record_now(self, registry: str, repository: str, digests: Iterable[str]) -> None:
+        """:meth:`record`, blocking (for ``mirror import``, which runs in no event loop)."""
+        self._insert([(registry, repository, d) for d in digests])
 
     async def record_manifest(self, registry: str, repository: str, digest: Digest,
                               data: bytes) -> None:
@@ -134,6 +164,19 @@ class Membership:
                 row = self._conn.execute(
                     "SELECT 1 FROM members WHERE registry=? AND repository=? AND digest=?",
                     triple).fetchone()
+            except sqlite3.Error as exc:
+                log.warning("membership_read_failed", error=str(exc))
+                return False
+        return row is not None
+
+    def _select_any(self, registry: str, digest: str) -> bool:
+        with self._lock:
+            if self._conn is None:
+                return False
+            try:
+                row = self._conn.execute(
+                    "SELECT 1 FROM members WHERE digest=? AND registry=? LIMIT 1",
+                    (digest, registry)).fetchone()
             except sqlite3.Error as exc:
                 log.warning("membership_read_failed", error=str(exc))
                 return False
@@ -196,24 +239,40 @@ class Membership:
 
 
 async def ensure_member(membership: Membership, client: RegistryClient, repository: str,
-                        digest: Digest, *, kind: str) -> None:
-    """Refuse a digest that ``repository`` is not known to hold, unless upstream confirms.
+                        digest: Digest, *, kind: str, private: bool) -> None:
+    """Refuse a digest the registry of ``client`` is not known to hold, unless upstream
+    confirms it under ``repository``.
 
-    Called only for upstreams with credentials (:func:`holds_private`): without them
-    the mirror only ever sees public content.
+    Args:
+        private: the registry is reached with credentials (:func:`holds_private`): the
+            repository itself must be known to hold the digest, not just the registry.
 
     Raises:
         BlobUnknown, ManifestUnknown: upstream does not have it under ``repository``
             (404, 401 or 403).
         UpstreamUnavailable, TooManyRequests: upstream cannot say now.
     """
-    if await membership.known(client.name, repository, str(digest)):
+    if await may_serve(membership, client.name, repository, str(digest), private=private):
         return
-    if not await _upstream_has(client, repository, digest, kind):
+    asked = (client.name, repository, str(digest), kind)
+    if asked in membership.refused or not await _upstream_has(client, repository, digest,
+                                                               kind):
         metrics.child(metrics.AUTH_FAILURES, "not_member").inc()
+        log.info("membership_refused", registry=client.name, repository=repository,
+                 digest=str(digest), kind=kind)
+        membership.refused[asked] = True
         error = BlobUnknown if kind == "blob" else ManifestUnknown
         raise error(f"{kind} {digest} is unknown in {repository}")
     await membership.record(client.name, repository, [str(digest)])
+
+
+async def may_serve(membership: Membership, registry: str, repository: str, digest: str, *,
+                    private: bool) -> bool:
+    """Whether the facts alone allow serving ``digest`` under ``registry/repository``
+    (``False``: upstream must confirm first)."""
+    if private:
+        return await membership.known(registry, repository, digest)
+    return await membership.known_in(registry, digest)
 
 
 async def _upstream_has(client: RegistryClient, repository: str, digest: Digest, kind: str) -> bool:

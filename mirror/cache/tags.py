@@ -38,6 +38,10 @@ class TagRecord:
         return (time.time() if now is None else now) - self.fetched_at
 
 
+#: Prefix of the keys of tags upstream said it does not have (never a registry name).
+_MISSING = "missing:"
+
+
 def tag_key(registry: str, repository: str, tag: str) -> str:
     """The key of a tag record."""
     return f"{registry}/{repository}:{tag}"
@@ -91,6 +95,22 @@ class TagStore:
             except sqlite3.OperationalError as exc:  # disk full: memory answers meanwhile
                 metrics.DISK_FULL.labels("index").inc()
                 log.warning("tag_record_not_stored", key=key, error=str(exc))
+
+    async def put_missing(self, key: str, ttl: float) -> None:
+        """Remember for ``ttl`` seconds that upstream has no tag ``key`` (node-wide: every
+        worker process reads the same disk)."""
+        if self._disk is None or ttl <= 0:
+            return
+        try:
+            await asyncio.to_thread(self._disk.set, _MISSING + key, True, expire=ttl)
+        except sqlite3.OperationalError as exc:  # disk full: this process remembers it
+            log.warning("missing_tag_not_stored", key=key, error=str(exc))
+
+    async def missing(self, key: str) -> bool:
+        """Whether upstream said, within its ``ttl``, that it has no tag ``key``."""
+        if self._disk is None:
+            return False
+        return bool(await asyncio.to_thread(self._disk.get, _MISSING + key, False))
 
     async def delete(self, key: str) -> None:
         """Forget a tag (upstream says it no longer exists)."""

@@ -24,7 +24,7 @@ from mirror.errors import ConfigError
 _KEYS = {
     "node_id", "region", "self_url", "peers", "peers_dns", "parents", "secret_env",
     "secret_file", "header_timeout", "read_timeout", "health_interval", "health_failures",
-    "quarantine", "token_ttl",
+    "quarantine", "token_ttl", "audiences",
 }
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 SECRET_MIN = 16
@@ -50,6 +50,9 @@ def _cluster(value: Any, env: Mapping[str, str], base: Path) -> ClusterSettings 
                   for i, u in enumerate(_list(item.get("peers", []), f"{key}.peers")))
     parents = tuple(_base_url(u, f"{key}.parents[{i}]")
                     for i, u in enumerate(_list(item.get("parents", []), f"{key}.parents")))
+    audiences = tuple(_base_url(u, f"{key}.audiences[{i}]")
+                      for i, u in enumerate(_list(item.get("audiences", []),
+                                                  f"{key}.audiences")))
     dns = _dns(item["peers_dns"], f"{key}.peers_dns") if "peers_dns" in item else None
     d = ClusterSettings
     return ClusterSettings(
@@ -61,6 +64,7 @@ def _cluster(value: Any, env: Mapping[str, str], base: Path) -> ClusterSettings 
         peers=peers,
         peers_dns=dns,
         parents=parents,
+        audiences=audiences,
         header_timeout=_bounded(item, "header_timeout", key, d.header_timeout, 0.005, 30),
         read_timeout=_bounded(item, "read_timeout", key, d.read_timeout, 1, 3600),
         health_interval=_bounded(item, "health_interval", key, d.health_interval, 0.1, 600),

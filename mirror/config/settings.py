@@ -309,6 +309,8 @@ class ClusterSettings:
     peers: tuple[str, ...] = ()  # static peer base URLs (this node may be among them)
     peers_dns: PeersDns | None = None
     parents: tuple[str, ...] = ()  # mirror URLs of other regions, nearest first
+    # base URLs peer tokens may be made for besides self_url (the region's load balancer)
+    audiences: tuple[str, ...] = ()
     header_timeout: float = 0.3  # a peer that has not sent headers by then is skipped
     read_timeout: float = 30.0
     health_interval: float = 2.0

@@ -22,6 +22,9 @@ rest is asked with ``Range``, so its readers keep reading the same file. If it i
 (a failed fill removes it, as when bytes were wrong), followers that have sent bytes are
 cut, as readers of a failed fill are in one process. A ``.part`` file is only ever
 appended to: a new claimer that finds one adopts it the same way.
+
+Every file here is opened with ``O_NOFOLLOW``: a symbolic link planted in ``tmp/claims/``
+(to make a worker lock, truncate or write a file elsewhere) is refused, never followed.
 """
 
 from __future__ import annotations
@@ -53,6 +56,48 @@ log = structlog.get_logger(__name__)
 
 #: Seconds between two looks at a followed fill (the latency a follower adds).
 POLL = 0.02
+#: Flags every file of the claims folder is opened with: a planted link is refused.
+NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class ClaimRefused(UpstreamUnavailable):
+    """A file of the claims folder is a symbolic link (or otherwise not ours)."""
+
+
+def open_claim_file(path: Path, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` of a file in the claims folder, refusing symbolic links.
+
+    Raises:
+        ClaimRefused: ``path`` is a symbolic link.
+    """
+    try:
+        return os.open(path, flags | NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        log.error("claim_file_refused", path=str(path), reason="symbolic link")
+        raise ClaimRefused(f"{path.name} in the claims folder is a symbolic link: refused",
+                           status=500) from None
+
+
+def _read_small(path: Path) -> str:
+    """The text of a small file of the claims folder (no link followed)."""
+    fd = open_claim_file(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 64).decode("ascii", "replace")
+    finally:
+        os.close(fd)
+
+
+def _write_small(path: Path, text: str) -> None:
+    """Create ``path`` (no link followed, none replaced) holding ``text``."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = open_claim_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -69,7 +114,7 @@ class Claim:
         if size is None:
             return
         temp = self.size.with_suffix(f".size.{os.getpid()}")
-        temp.write_text(str(size))
+        _write_small(temp, str(size))
         os.replace(temp, self.size)
 
     @property
@@ -79,7 +124,7 @@ class Claim:
 
     def mark_verified(self) -> None:
         """The ``.part`` file is verified and complete, and will not be published."""
-        self.verified.touch()
+        os.close(open_claim_file(self.verified, os.O_WRONLY | os.O_CREAT))
 
     def release(self) -> None:
         """Give the claim up (after publishing, or after a failed fill removed the part)."""
@@ -130,7 +175,7 @@ class Claims:
         part = part or lock.with_suffix(".part")
         size = size or lock.with_suffix(".size")
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = open_claim_file(lock, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -174,7 +219,7 @@ class Claims:
             pass
         _, part, size_file = self._names(digest)
         try:
-            size: int | None = int(size_file.read_text())
+            size: int | None = int(_read_small(size_file))
         except (FileNotFoundError, ValueError):
             size = None
         try:
@@ -186,7 +231,7 @@ class Claims:
     def announced(self, digest: Digest) -> int | None:
         """The size a claimer announced for ``digest``, if any."""
         try:
-            return int(self._names(digest)[2].read_text())
+            return int(_read_small(self._names(digest)[2]))
         except (FileNotFoundError, ValueError):
             return None
 
@@ -252,7 +297,7 @@ class ClaimingFetcher(Fetcher):
     def _adopt(self, fill: Fill) -> TempWriter:
         assert fill.temp is not None
         writer = TempWriter(fill.temp, fill.digest)
-        fd = os.open(fill.temp, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_claim_file(fill.temp, os.O_RDWR | os.O_CREAT)
         try:
             on_disk = os.fstat(fd).st_size
             size = fill.size or self.claims.announced(fill.digest) or fill.expected_size

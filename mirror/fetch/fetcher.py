@@ -123,8 +123,17 @@ class Fetcher:
         """The fill is over: published, failed, or its unkept temp file removed."""
 
     async def _run_fill(self, fill: Fill, opener: UpstreamOpener, registry: str) -> None:
+        try:
+            writer = await self._writer(fill)
+        except BaseException as exc:  # e.g. a planted link refused: tell readers, not hang
+            log.warning("fill_failed", digest=str(fill.digest), registry=registry, bytes=0,
+                        error=str(exc) or type(exc).__name__)
+            self._forget(fill)
+            fill.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
         metrics.FILLS_IN_FLIGHT.inc()
-        writer = await self._writer(fill)
         unkept = None
         try:
             durable = await self._download_verified(fill, opener, registry, writer)

@@ -14,6 +14,11 @@ It still writes one access line with the same fields (rendered with orjson aroun
 pre-rendered constant part), counts the same metrics, renews the content's recency for
 eviction and counts the pull of a tag.
 
+The key holds the raw path with its query, and routing reads nothing else: it names the
+registry (``?ns=``, a registry as first path part) and the repository, so an answer the
+full path gave after deciding that this registry holds this digest is never replayed
+under another registry or repository; those go the full way, which decides for them.
+
 What is kept: only answers the full path gave from the cache (``cache`` hit, or a manifest
 by digest), status 200, to requests without ``Range``, ``If-None-Match`` or
 ``If-Modified-Since``. Content entries live :data:`CONTENT_TTL` seconds, so a blob

@@ -1,9 +1,11 @@
 """The peer API: content by digest for other nodes of the fleet, under ``/_peer``.
 
-Only requests with a valid peer token (see :mod:`mirror.cluster`) are answered;
-anything else gets 401 and touches nothing. Only manifests and blobs by digest,
-only of configured registries: a peer cannot use a node as an open proxy, and
-no upstream credential ever leaves the node. A request from a peer of this region
+Only requests with a valid peer token (see :mod:`mirror.cluster`) made for this node,
+this method and this path are answered; anything else gets 401 and touches nothing.
+Only manifests and blobs by digest, only of configured registries, and only under a
+registry known to hold them (as for clients: see :mod:`mirror.cache.membership`): a
+peer cannot use a node as an open proxy, and no upstream credential ever leaves the
+node. A request from a peer of this region
 (``X-Mirror-Hop: peer``) is filled without asking peers again; one from a child
 region (``child``) without asking parents: requests never loop.
 """
@@ -35,7 +37,9 @@ async def peer_api(request: web.Request) -> web.StreamResponse:
         raise RouteNotFound("this node is not part of a cluster")
     authorization = request.headers.get("Authorization", "")
     token = authorization[7:] if authorization.startswith("Bearer ") else ""
-    peer = verify_token(cluster.secret.reveal(), token, node.clock.time(), cluster.token_ttl)
+    audiences = [url for url in (cluster.self_url, *cluster.audiences) if url]
+    peer = verify_token(cluster.secret.reveal(), token, node.clock.time(), cluster.token_ttl,
+                        audiences=audiences, method=request.method, path=request.raw_path)
     if peer is None:
         metrics.PEER_REFUSED.inc()
         raise Unauthorized("the peer API needs a valid peer token", CHALLENGE)

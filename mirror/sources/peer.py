@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import structlog
 from cachetools import TTLCache
+from yarl import URL
 
 from mirror.cluster import HOP_HEADER, POPULAR_PATH, PeerSet, TokenSource
 from mirror.config import ClusterSettings
@@ -92,20 +93,22 @@ class _NodeSource(PassiveSource):
     def _quarantine(self, url: str) -> None:
         log.error("node_sent_wrong_bytes", node=url, kind=self.kind)
 
-    def _url(self, base: str, ref: ContentRef, what: str) -> str:
-        return f"{base}/_peer/v2/{ref.repository}/{what}/{ref.digest}"
+    def _url(self, base: str, ref: ContentRef, what: str) -> URL:
+        return URL(f"{base}/_peer/v2/{ref.repository}/{what}/{ref.digest}").with_query(
+            ns=ref.registry)
 
     async def _ask(self, ref: ContentRef, what: str, method: str = "GET", offset: int = 0,
                    end: int | None = None) -> tuple[aiohttp.ClientResponse, str] | None:
         """The first node that answers with headers in time, and its URL; ``None``: none."""
-        headers = {**self._token.headers(), HOP_HEADER: self.hop}
-        if offset or end is not None:
-            headers["Range"] = range_header(offset, end)
         for url in self._candidates(ref):
+            target = self._url(url, ref, what)
+            # a token for this node, method and path only
+            headers = {**self._token.headers(target, method), HOP_HEADER: self.hop}
+            if offset or end is not None:
+                headers["Range"] = range_header(offset, end)
             try:
                 response = await asyncio.wait_for(self._session.request(
-                    method, self._url(url, ref, what), params={"ns": ref.registry},
-                    headers=headers), self._settings.header_timeout)
+                    method, target, headers=headers), self._settings.header_timeout)
             except _FAILURES as exc:
                 self._mark_tried(ref, url)
                 self._failed(url, type(exc).__name__)
@@ -214,9 +217,9 @@ class ParentSource(_NodeSource):
         documents = []
         timeout = aiohttp.ClientTimeout(total=max(2.0, self._settings.header_timeout * 10))
         for url in self._settings.parents:
+            target = URL(f"{url}{POPULAR_PATH}").with_query(top=str(top))
             try:
-                async with self._session.get(f"{url}{POPULAR_PATH}", params={"top": str(top)},
-                                             headers=self._token.headers(),
+                async with self._session.get(target, headers=self._token.headers(target),
                                              timeout=timeout) as resp:
                     if resp.status != 200:
                         continue

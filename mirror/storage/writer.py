@@ -39,7 +39,7 @@ class TempWriter:
         if self.path is None:
             raise OSError(errno.ENOSPC, "no temp file: the disk is full")
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
         view = memoryview(data)
         offset = self.size
         while view:
@@ -65,7 +65,7 @@ class TempWriter:
         """
         durable = sync and self.path is not None
         if self._fd is None and self.path is not None:
-            self._fd = os.open(self.path, os.O_WRONLY)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             if durable and self._fd is not None:
                 os.fsync(self._fd)

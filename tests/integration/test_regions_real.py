@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from mirror.cluster import rendezvous, sign_token
+from mirror.cluster import rendezvous, sign_token, token_scope
 from tests.support.dnsserver import DnsServer
 from tests.support.images import Image, make_image, make_layer
 from tests.support.mirrorproc import MirrorProcess, mirror_config
@@ -344,20 +344,31 @@ def test_the_peer_api_refuses_without_a_token_and_serves_digests_only(
     mark = upstream.clear_log_mark()
     blob = f"{node.url}/_peer/v2/{image.repo}/blobs/{image.layers[0].digest}?ns={UPSTREAM}"
     for headers in ({}, {"Authorization": "Bearer nonsense"},
-                    {"Authorization": "Bearer " + sign_token("another-secret-entirely",
-                                                             "x", time.time() + 30)},
-                    {"Authorization": "Bearer " + sign_token(SECRET, "x", time.time() - 5)}):
+                    _peer_auth(blob, secret="another-secret-entirely"),
+                    _peer_auth(blob, expires=-5),
+                    _peer_auth(blob, method="HEAD"),  # made for a HEAD, used for a GET
+                    _peer_auth(blob.replace(node.url, "http://127.0.0.9:1")),  # another node
+                    _peer_auth(blob.replace("blobs", "manifests"))):  # another path
         status, body = _status(blob, headers)
         assert status == 401 and body["errors"][0]["code"] == "UNAUTHORIZED"
-    good = {"Authorization": "Bearer " + sign_token(SECRET, "peer", time.time() + 30)}
-    assert _status(f"{node.url}/_peer/v2/{image.repo}/manifests/v1?ns={UPSTREAM}", good)[0] \
-        == 404
-    assert _status(f"{node.url}/_peer/v2/{image.repo}/tags/list?ns={UPSTREAM}", good)[0] == 404
-    status, body = _status(f"{node.url}/_peer/v2/x/blobs/{image.layers[0].digest}"
-                           "?ns=elsewhere.example.com", good)
+    manifest = f"{node.url}/_peer/v2/{image.repo}/manifests/v1?ns={UPSTREAM}"
+    assert _status(manifest, _peer_auth(manifest))[0] == 404
+    tags = f"{node.url}/_peer/v2/{image.repo}/tags/list?ns={UPSTREAM}"
+    assert _status(tags, _peer_auth(tags))[0] == 404
+    elsewhere = f"{node.url}/_peer/v2/x/blobs/{image.layers[0].digest}?ns=elsewhere.example.com"
+    status, body = _status(elsewhere, _peer_auth(elsewhere))
     assert status == 404 and body["errors"][0]["code"] == "NAME_UNKNOWN"
     assert upstream.count(since=mark) == 0  # nothing above reached the upstream
-    assert _status(blob, good)[0] == 200
+    assert _status(blob, _peer_auth(blob))[0] == 200
+
+
+def _peer_auth(url: str, method: str = "GET", *, secret: str = SECRET,
+               expires: float = 30) -> dict[str, str]:
+    """The Authorization header of a peer token made for ``method`` on ``url``."""
+    audience, path = token_scope(url)
+    token = sign_token(secret, "peer", time.time() + expires, audience=audience,
+                       method=method, path=path)
+    return {"Authorization": f"Bearer {token}"}
 
 
 def _status(url: str, headers: dict[str, str]) -> tuple[int, Any]:

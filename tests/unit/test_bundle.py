@@ -387,3 +387,22 @@ def test_progress_is_plain_lines_when_not_a_terminal() -> None:
     lines = out.getvalue().splitlines()
     assert len(lines) == 11 and "\r" not in out.getvalue()
     assert lines[0].startswith("import b.tar [---") and "100%" in lines[-1]
+
+
+async def test_an_imported_image_is_known_under_its_registry_and_repository(
+        tmp_path: Path) -> None:
+    """Isolation by registry: an offline node serves imported content by digest under
+    the repository the bundle names it with, and only there."""
+    from mirror.cache.membership import FILE_NAME, Membership  # noqa: PLC0415
+
+    image = _image()
+    _import(tmp_path, _tar(_entries(image)))
+    members = Membership(tmp_path / "cache" / FILE_NAME)
+    members.open()
+    try:
+        for blob in (image.manifest, *image.blobs()):
+            assert await members.known(REGISTRY, "app/web", blob.digest)
+        assert not await members.known(REGISTRY, "app/other", image.manifest.digest)
+        assert not await members.known_in("docker.io", image.manifest.digest)
+    finally:
+        members.close()

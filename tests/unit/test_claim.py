@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mirror.errors import FillError
-from mirror.fetch.claim import ClaimingFetcher, Claims
+from mirror.fetch.claim import ClaimingFetcher, ClaimRefused, Claims
 from mirror.fetch.fill import Fill
 from mirror.oci import Digest
 from mirror.storage.base import BodyResponse
@@ -118,3 +118,31 @@ async def test_a_follower_never_gets_the_last_byte_of_bytes_that_do_not_verify(
     with pytest.raises(FillError):
         await fill_a.wait_done()
     await asyncio.gather(first.close(), second.close())
+
+
+@pytest.mark.parametrize("planted", [".claim", ".part", ".size"])
+async def test_a_symlink_planted_in_the_claims_folder_is_refused_not_followed(
+        tmp_path: Path, planted: str) -> None:
+    data = os.urandom(4 * CHUNK)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    claims = Claims(tmp_path / "tmp" / "claims")
+    claims.folder.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (claims.folder / f"sha256-{digest.hex}{planted}").symlink_to(victim)
+    worker = _worker(tmp_path, 0)
+    with pytest.raises((ClaimRefused, FillError)) as caught:
+        if planted == ".size":
+            claim = claims.try_claim(digest)
+            assert claim is not None
+            claims.announced(digest)
+        else:
+            fill, _ = await worker.start(digest, _Upstream(data), "r")
+            await fill.wait_done()
+    error: BaseException | None = caught.value
+    while error is not None and not isinstance(error, ClaimRefused):
+        error = error.__cause__
+    assert error is not None and "symbolic link" in str(error)
+    assert victim.read_bytes() == b"precious"  # neither locked, truncated nor written
+    assert not worker.store.blob_path(digest).exists()
+    await worker.close()

@@ -9,7 +9,7 @@ import pytest
 
 from mirror import config
 from mirror.clock import ManualClock
-from mirror.cluster import PeerSet, rendezvous, sign_token, verify_token
+from mirror.cluster import PeerSet, TokenSource, rendezvous, sign_token, verify_token
 from mirror.errors import ConfigError
 
 SECRET = "0123456789abcdef-secret"
@@ -23,14 +23,55 @@ def _cluster(**extra: Any) -> config.ClusterSettings:
     return settings.cluster
 
 
+NODE_B = "http://127.0.0.3:5000"
+BLOB = "/_peer/v2/library/x/blobs/sha256:" + "a" * 64 + "?ns=docker.io"
+
+
+def _verify(token: str, now: float = 990.0, *, secret: str = SECRET,
+            audiences: tuple[str, ...] = (NODE_B,), method: str = "GET",
+            path: str = BLOB) -> str | None:
+    return verify_token(secret, token, now, 60, audiences=audiences, method=method, path=path)
+
+
 def test_a_token_is_valid_for_its_node_until_it_expires() -> None:
-    token = sign_token(SECRET, "node-a", 1000.0)
-    assert verify_token(SECRET, token, 990.0, 60) == "node-a"
-    assert verify_token(SECRET, token, 1001.0, 60) is None  # expired
-    assert verify_token(SECRET, token, 800.0, 60) is None  # too far ahead: not ours
-    assert verify_token("another-secret-entirely", token, 990.0, 60) is None
-    assert verify_token(SECRET, token.replace("node-a", "node-b"), 990.0, 60) is None
-    assert verify_token(SECRET, "Basic xyz", 990.0, 60) is None
+    token = sign_token(SECRET, "node-a", 1000.0, audience=NODE_B, method="GET", path=BLOB)
+    assert _verify(token) == "node-a"
+    assert _verify(token, 1001.0) is None  # expired
+    assert _verify(token, 800.0) is None  # too far ahead: not ours
+    assert _verify(token, secret="another-secret-entirely") is None
+    assert _verify(token.replace("node-a", "node-b")) is None
+    assert _verify("Basic xyz") is None
+
+
+def test_a_token_opens_only_the_node_method_and_path_it_was_made_for() -> None:
+    token = sign_token(SECRET, "node-a", 1000.0, audience=NODE_B, method="HEAD", path=BLOB)
+    assert _verify(token, method="HEAD") == "node-a"
+    assert _verify(token, method="GET") is None  # a HEAD is not a GET
+    assert _verify(token, method="HEAD", audiences=("http://127.0.0.4:5000",)) is None
+    assert _verify(token, method="HEAD", path=BLOB.replace("?ns=docker.io", "?ns=quay.io")) \
+        is None
+    assert _verify(token, method="HEAD", path=BLOB.replace("a" * 64, "b" * 64)) is None
+    assert _verify(token, method="HEAD", path="/_peer/popular?top=1000") is None
+    # a node accepts tokens made for any of its names (its region's load balancer)
+    assert _verify(token, method="HEAD", audiences=("https://lb.example", NODE_B)) == "node-a"
+
+
+def test_the_token_source_signs_each_request_for_its_target() -> None:
+    clock = ManualClock(1000.0)
+    source = TokenSource(_cluster(node_id="node-a"), clock)
+    header = source.headers(f"{NODE_B}{BLOB}", "HEAD")["Authorization"]
+    assert header.startswith("Bearer mirror-peer.v2.node-a.")
+    assert verify_token(SECRET, header[7:], 1000.0, 60, audiences=(NODE_B,), method="HEAD",
+                        path=BLOB) == "node-a"
+    assert verify_token(SECRET, header[7:], 1000.0, 60, audiences=(NODE_B,), method="GET",
+                        path=BLOB) is None
+
+
+def test_audiences_are_base_urls() -> None:
+    assert _cluster(audiences=["https://mirror.us-east.example.com"]).audiences == (
+        "https://mirror.us-east.example.com",)
+    with pytest.raises(ConfigError, match=r"cluster.audiences\[0\]"):
+        _cluster(audiences=["https://lb.example/v2"])
 
 
 def test_a_new_member_takes_about_one_nth_of_the_digests() -> None:

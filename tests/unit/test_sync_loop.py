@@ -24,6 +24,7 @@ from mirror.server.app import create_app
 from mirror.server.state import NODE
 from mirror.sync import SyncService
 from tests.support.fake import OCI_INDEX, OCI_MANIFEST, FakeRegistry, HubRateLimit
+from tests.support.net import free_port
 from tests.unit.conftest import mirror_settings
 
 APP = Repo("fake.test", "app")
@@ -398,9 +399,11 @@ async def test_a_region_warms_what_its_parent_pulls_most(
     secret = tmp_path / "peer-secret"
     secret.write_text("a-secret-for-the-parent-test")
     url = str(upstream.make_url("")).rstrip("/")
+    port = free_port()  # the parent's URL is what the child's peer tokens are made for
     parent_settings = mirror_settings(tmp_path / "parent", url, cluster={
-        "secret_file": str(secret), "region": "us"})
-    parent = await aiohttp_client(create_app(parent_settings, clock=clock))
+        "secret_file": str(secret), "region": "us", "self_url": f"http://127.0.0.1:{port}"})
+    parent = await aiohttp_client(create_app(parent_settings, clock=clock),
+                                  server_kwargs={"port": port})
     for tag, pulls in (("v2", 3), ("v1", 1)):
         for _ in range(pulls):
             assert (await parent.get(f"/v2/app/manifests/{tag}")).status == 200

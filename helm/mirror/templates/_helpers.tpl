@@ -133,6 +133,7 @@ app.kubernetes.io/component: {{ .Values.mode }}
 {{- $dns := dict "name" (include "mirror.peersDns" .) "port" (int .Values.config.port) "scheme" $scheme -}}
 {{- $cluster := dict "region" .Values.regional.region "peers_dns" $dns "secret_env" "MIRROR_PEER_SECRET" "self_url" (printf "%s://${POD_IP}:%d" $scheme (int .Values.config.port)) -}}
 {{- with .Values.regional.parents }}{{ $_ := set $cluster "parents" . }}{{ end -}}
+{{- with .Values.regional.audiences }}{{ $_ := set $cluster "audiences" . }}{{ end -}}
 {{- $_ := set $config "cluster" $cluster -}}
 {{- end -}}
 {{- $config = mergeOverwrite $config (deepCopy .Values.extraConfig) -}}
