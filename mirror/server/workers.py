@@ -45,6 +45,9 @@ from mirror.worker import ENV_COUNT, ENV_FDS, ENV_INDEX
 ENV_METRICS = "PROMETHEUS_MULTIPROC_DIR"
 #: The supervisor's plan, as JSON, in the environment of ``python -m mirror.server.workers``.
 ENV_PLAN = "MIRROR_SUPERVISOR_PLAN"
+#: libuv (uvloop) accepts one connection per wake-up and yields, so that every worker
+#: sharing the socket gets its share, not the first one woken (it would take all queued).
+UV_SINGLE_ACCEPT = "UV_TCP_SINGLE_ACCEPT"
 #: A worker that dies this soon after its start is restarted after a growing pause.
 QUICK_DEATH = 5.0
 _PR_SET_PDEATHSIG = 1
@@ -117,8 +120,9 @@ class Supervisor:
         return [self.children[i].process.pid for i in sorted(self.children)]
 
     def _spawn(self, index: int, quick_deaths: int = 0) -> None:
-        env = {**os.environ, ENV_INDEX: str(index), ENV_COUNT: str(self.count),
-               ENV_FDS: ",".join(map(str, self.plan.fds)), ENV_METRICS: self.metrics_dir}
+        env = {UV_SINGLE_ACCEPT: "1", **os.environ, ENV_INDEX: str(index),
+               ENV_COUNT: str(self.count), ENV_FDS: ",".join(map(str, self.plan.fds)),
+               ENV_METRICS: self.metrics_dir}
         env.pop(ENV_PLAN, None)
         process = subprocess.Popen([sys.executable, "-m", "mirror", *self.plan.argv], env=env,
                                    pass_fds=[*self.plan.fds, *self.plan.keep_fds],
