@@ -97,3 +97,16 @@ def test_bundle_benchmark_smoke_has_every_figure(tmp_path: Path) -> None:
                      ("export", ".zst warm", "mirror"), ("import", "tar", "mirror"),
                      ("import", ".zst", "mirror"), ("import", "tar", "skopeo")}
     assert all(r["mib_s"] > 0 and r["rss_mib"] > 0 for r in records)
+
+
+def test_processes_benchmark_prints_its_table() -> None:
+    """``python -m benchmarks.processes --starts 1``: resident memory, spread and deaths."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.processes", "--starts", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert float(rows["supervisor, MiB"]) > 0
+    assert rows["workers died while starting"] == "0 of 2"
