@@ -148,6 +148,30 @@ def test_a_second_mirror_on_the_same_storage_folder_exits_2(
     assert _get(f"{first.url}/v2/")[0] == 200
 
 
+# --- workers: auto ---------------------------------------------------------------------
+
+def test_workers_auto_follows_the_cpu_affinity(registry_anon: Registry, tmp_path: Path) -> None:
+    """Started on one CPU of the machine, ``workers: auto`` is one process (it counted the
+    host's cores before, and started one worker per core)."""
+    allowed = os.sched_getaffinity(0)
+    upstream = {"name": UPSTREAM, "url": registry_anon.url, "default": True}
+    config = mirror_config(free_port(), tmp_path / "cache", [upstream])
+    config["server"] = {"workers": "auto"}
+    mirror = MirrorProcess(tmp_path / "auto", config)
+    os.sched_setaffinity(0, {min(allowed)})  # the mirror inherits it
+    try:
+        mirror.start(timeout=60)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    try:
+        assert _get(f"{mirror.url}/v2/")[0] == 200
+        assert _children(mirror) == []  # no supervisor, no workers: one process
+        assert mirror.events("workers_started") == []
+        assert "worker" not in mirror.events("mirror_started")[0]
+    finally:
+        mirror.stop()
+
+
 # --- pid file and mirror reload ----------------------------------------------------------
 
 @pytest.mark.parametrize("workers", [1, 2])
