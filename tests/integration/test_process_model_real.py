@@ -172,6 +172,20 @@ def test_workers_auto_follows_the_cpu_affinity(registry_anon: Registry, tmp_path
         mirror.stop()
 
 
+def test_the_supervisor_is_small(registry_anon: Registry, start: Start) -> None:
+    """The supervisor imports only the standard library (it was the whole mirror: 67 MiB
+    resident); it keeps the pid that was started, so the pid file stays true."""
+    mirror = start("small", registry_anon.url, 2)
+    status = Path(f"/proc/{mirror.pid}/status").read_text()
+    rss_kib = int(next(line for line in status.splitlines()
+                       if line.startswith("VmRSS:")).split()[1])
+    assert rss_kib < 25 * 1024
+    cmdline = Path(f"/proc/{mirror.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"mirror.server.workers" in cmdline
+    maps = Path(f"/proc/{mirror.pid}/maps").read_text()
+    assert "aiohttp" not in maps and "uvloop" not in maps and "_asyncio" not in maps
+
+
 # --- pid file and mirror reload ----------------------------------------------------------
 
 @pytest.mark.parametrize("workers", [1, 2])
