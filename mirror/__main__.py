@@ -2,6 +2,6 @@
 
 import sys
 
-from mirror.cli import main
+from mirror.launch import main
 
 sys.exit(main())

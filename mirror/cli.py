@@ -4,6 +4,7 @@
 
     mirror --version
     mirror serve [--config FILE] [--listen HOST:PORT] [--storage DIR]
+    mirror reload [--config FILE] [--storage DIR]
     mirror config check FILE
     mirror cache ls|du [--json] [--config FILE] [--storage DIR]
     mirror cache fsck [--config FILE] [--storage DIR]
@@ -17,7 +18,9 @@
                   [--repository REGISTRY/REPO]
 
 Errors are one readable line on stderr and a non-zero exit status. ``serve``
-reloads its TLS certificate and key on SIGHUP and stops gracefully on SIGTERM.
+reloads its TLS certificate and key on SIGHUP (``mirror reload`` sends it to the pid in
+``server.pid_file``) and stops gracefully on SIGTERM. ``serve`` starts in
+:mod:`mirror.launch`, which serves without importing this module.
 """
 
 from __future__ import annotations
@@ -31,11 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import structlog
-import uvloop
-from aiohttp import web
-
-from mirror import config, log, sync_cli
+from mirror import config, launch, log, sync_cli
 from mirror import worker as this_worker
 from mirror.bundle.export import Planner
 from mirror.bundle.export import write as export_write
@@ -51,9 +50,7 @@ from mirror.config import checks
 from mirror.errors import BundleError, CacheCommandError, ConfigError, OciError
 from mirror.node import Node
 from mirror.routing import Router
-from mirror.server import workers
-from mirror.server.app import create_app
-from mirror.server.tls import ServerTls, reload_on_sighup
+from mirror.server import pidfile
 from mirror.storage.filesystem import FilesystemStore
 from mirror.version import VERSION
 
@@ -95,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT, overrides the config")
     serve.add_argument("--storage", type=Path, help="cache folder, overrides the config")
     serve.set_defaults(func=_serve)
+
+    reload = commands.add_parser(
+        "reload", help="reload the running mirror's TLS certificate and key (SIGHUP)",
+        description="Send SIGHUP to the mirror that serves this config: the pid in "
+        "server.pid_file (default: mirror.pid in the storage folder).")
+    reload.add_argument("--config", type=Path, help="YAML config, as for serve")
+    reload.add_argument("--storage", type=Path, help="cache folder, as for serve")
+    reload.set_defaults(func=_reload)
 
     cfg = commands.add_parser("config", help="work with config files")
     cfg_commands = cfg.add_subparsers(required=True, metavar="ACTION")
@@ -210,14 +215,7 @@ def load_settings(path: Path | None, listen: str | None = None,
     Raises:
         ConfigError: the file or an override is invalid.
     """
-    settings = config.load(path) if path else config.default_settings()
-    if listen:
-        host, port = config.parse_listen(listen)
-        settings = dataclasses.replace(settings, listen_host=host, listen_port=port)
-    if storage:
-        settings = dataclasses.replace(settings,
-                                       storage=dataclasses.replace(settings.storage, path=storage))
-    return settings
+    return launch.load_settings(path, listen, storage)
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -401,46 +399,20 @@ def _cache_fsck(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config, args.listen, args.storage)
-    # Every problem found here is one line and exit 2 (main); the port is bound before
-    # the app starts, so ``mirror_started`` is never logged by a mirror that cannot listen.
-    checks.check_storage(settings.storage.path, create=True)
-    ssl_context = checks.tls_context(settings.tls) if settings.tls is not None else None
-    worker = this_worker.current()
-    if settings.server.workers > 1 and worker.count == 1:
-        supervisor = workers.Supervisor(settings, _serve_argv(args), bind=checks.bind)
-        supervisor.bind_first()
-        log.setup(settings.log)
-        return supervisor.run()
-    if worker.count > 1:  # a worker: the supervisor's sockets, listening already
-        socks = this_worker.inherited_sockets()
-    else:
-        socks = [checks.bind(settings.listen_host, settings.listen_port)]
-        if settings.admin is not None and settings.admin.listen is not None:
-            # The admin address is a second socket of the same app: the edge middleware
-            # tells them apart by local port.
-            socks.append(checks.bind(*settings.admin.listen))
-    log.setup(settings.log)
-    if worker.count > 1:
-        structlog.contextvars.bind_contextvars(worker=worker.index)  # on its every log line
-    loop_factory = None
-    if settings.server.event_loop == "uvloop":
-        loop_factory = uvloop.new_event_loop
-    runner = asyncio.Runner(loop_factory=loop_factory)
-    app = create_app(settings)
-    # The listener keeps this one context; SIGHUP loads a renewed pair into it.
-    tls = ServerTls(settings.tls, ssl_context) if settings.tls and ssl_context else None
-    reload_on_sighup(app, tls)
-    app.on_shutdown.append(_log_stopping)  # the node logs mirror_stopped when it is done
-    web.run_app(app, sock=socks, ssl_context=ssl_context, access_log=None,
-                print=None, shutdown_timeout=10, loop=runner.get_loop(),
-                handler_cancellation=True)
+    if this_worker.current().count > 1:  # a worker: it serves on the supervisor's sockets
+        return launch.serve_worker(load_settings(args.config, args.listen, args.storage))
+    return launch.serve(args.config, args.listen, args.storage)
+
+
+def _reload(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, storage=args.storage)
+    try:
+        pid = pidfile.signal_running(settings)
+    except pidfile.NotRunning as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 1
+    print(f"reload: sent SIGHUP to the mirror (pid {pid})")
     return 0
-
-
-async def _log_stopping(app: web.Application) -> None:
-    structlog.get_logger(__name__).info("mirror_stopping", version=VERSION,
-                                        hint="finishing requests for up to 10 s")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -554,13 +526,3 @@ def _print_import(file: Path, report: ImportReport) -> None:
         print(f"  pinned {report.pinned} image(s)")
     for note in report.notes:
         print(f"  note: {note}")
-
-
-def _serve_argv(args: argparse.Namespace) -> list[str]:
-    """The ``mirror`` arguments that start a worker with the same settings."""
-    argv = ["serve"]
-    for flag, value in (("--config", args.config), ("--listen", args.listen),
-                        ("--storage", args.storage)):
-        if value is not None:
-            argv += [flag, str(value)]
-    return argv

@@ -25,6 +25,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
 
 import aiohttp
 import structlog
@@ -48,15 +49,16 @@ from mirror.routing import Router
 from mirror.sources import Source, SourceChain, UpstreamSource
 from mirror.sources.chain import Rejections
 from mirror.sources.peer import ParentSource, PeerSource
-from mirror.sources.s3 import S3Source
 from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.index import Entry
-from mirror.storage.s3 import open_s3
 from mirror.sync import Popularity, SyncService
 from mirror.tasks import TaskGroup
 from mirror.upstream import UpstreamClient
 from mirror.upstream.guard import UpstreamGuard
 from mirror.version import VERSION
+
+if TYPE_CHECKING:
+    from mirror.sources.s3 import S3Source
 
 log = structlog.get_logger(__name__)
 
@@ -148,6 +150,10 @@ class Node:
         await self._resolve_max_size()
         await self.tags.open()
         if self.settings.storage.s3 is not None:
+            # botocore (about 11 MiB resident) only in a node with an S3 tier
+            from mirror.sources.s3 import S3Source  # noqa: PLC0415
+            from mirror.storage.s3 import open_s3  # noqa: PLC0415
+
             s3 = self.settings.storage.s3
             store = await self._stack.enter_async_context(open_s3(s3))
             self.s3 = S3Source(store, s3, self.clock)

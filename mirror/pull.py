@@ -22,7 +22,7 @@ import functools
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from cachetools import TTLCache
 from yarl import URL
@@ -42,9 +42,11 @@ from mirror.errors import (
 from mirror.fetch import Fill, RangeOpener
 from mirror.oci import OCI_INDEX, Digest, is_digest_reference, is_number, parse_manifest
 from mirror.sources import ContentRef, SourceChain
-from mirror.sources.s3 import S3Source
 from mirror.sources.upstream import check_status, read_limited
 from mirror.upstream import bodies
+
+if TYPE_CHECKING:  # botocore is imported only by a node with an S3 tier
+    from mirror.sources.s3 import S3Source
 
 #: Pages of an upstream tag list followed to paginate it here, at most.
 TAG_PAGES_MAX = 20

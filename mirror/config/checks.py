@@ -63,9 +63,11 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
     return context
 
 
-def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """A listening socket on ``host:port``, bound before anything says the mirror started
-    (``reuse_port``: one of several, one per worker process, on the same address).
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, bound before anything says the mirror started.
+
+    Never with ``SO_REUSEPORT``: a second mirror on the port must fail here, not share
+    the traffic; worker processes share this one socket (:mod:`mirror.server.workers`).
 
     Raises:
         ConfigError: (``listen``) the address is in use or cannot be bound.
@@ -73,11 +75,10 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                     flags=socket.AI_PASSIVE)[0][0]
-        return socket.create_server((host, port), family=family, backlog=1024,
-                                    reuse_port=reuse_port)
+        return socket.create_server((host, port), family=family, backlog=1024)
     except OSError as exc:
-        raise ConfigError("listen", f"cannot listen on {host}:{port}: "
-                          f"{exc.strerror or exc}") from None
+        why = os.strerror(exc.errno) if exc.errno else str(exc)  # not create_server's "(while...)"
+        raise ConfigError("listen", f"cannot listen on {host}:{port}: {why}") from None
 
 
 def check_machine(settings: Settings) -> None:

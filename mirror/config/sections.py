@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from mirror.config import cpus
 from mirror.config.settings import CacheSettings, LogSettings, ServerSettings, TlsSettings
 from mirror.config.values import (
     _existing_file,
@@ -58,9 +58,10 @@ def _log(value: Any) -> LogSettings:
     return LogSettings(level=level, format=fmt)
 
 
-def _server(value: Any) -> ServerSettings:
+def _server(value: Any, base: Path = Path(".")) -> ServerSettings:
     server = _mapping(value, "server")
-    _only_keys(server, "server", {"event_loop", "chunk_size", "shutdown_grace", "workers"})
+    _only_keys(server, "server",
+               {"event_loop", "chunk_size", "shutdown_grace", "workers", "pid_file"})
     loop = _string(server.get("event_loop", "uvloop"), "server.event_loop").lower()
     if loop not in ("asyncio", "uvloop"):
         raise ConfigError("server.event_loop", f"expected asyncio or uvloop, got {loop!r}")
@@ -70,14 +71,18 @@ def _server(value: Any) -> ServerSettings:
     grace = _opt(server, "shutdown_grace", "server", parse_duration, ServerSettings.shutdown_grace)
     if not 0 <= grace <= 3600:
         raise ConfigError("server.shutdown_grace", "must be between 0s and 1h")
+    pid_file = server.get("pid_file")
+    if pid_file is not None:
+        pid_file = base / Path(_string(pid_file, "server.pid_file")).expanduser()
     return ServerSettings(event_loop=loop, chunk_size=chunk, shutdown_grace=grace,
-                          workers=_workers(server.get("workers", "auto")))
+                          workers=_workers(server.get("workers", "auto")), pid_file=pid_file)
 
 
 def _workers(value: Any) -> int:
-    """``server.workers``: a count from 1 to 256, or ``auto`` (the number of cores)."""
+    """``server.workers``: a count from 1 to 256, or ``auto`` (the CPUs this process may
+    use: its affinity and its cgroup's quota, :mod:`mirror.config.cpus`)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
-        return max(os.cpu_count() or 1, 1)
+        return min(cpus.available(), 256)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
         raise ConfigError("server.workers", f"expected a number from 1 to 256 or auto, "
                           f"got {value!r}")

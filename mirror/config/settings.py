@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from yarl import URL
+
+from mirror.config import cpus
 
 if TYPE_CHECKING:  # auth.py imports Secret from here
     from mirror.config.auth import AdminSettings, AuthSettings
@@ -201,9 +202,12 @@ class ServerSettings:
     event_loop: str = "uvloop"
     chunk_size: int = 1 * 2**20
     shutdown_grace: float = 10.0  # seconds downloads under way get to finish at shutdown
-    # processes serving one port (SO_REUSEPORT) and one storage folder; a config file
-    # without it gets one per core (mirror.config.sections)
+    # processes serving one port (one listening socket, shared) and one storage folder;
+    # a config file without it gets one per CPU this process may use (mirror.config.cpus)
     workers: int = 1
+    # the supervisor's (or lone process's) pid, for ``mirror reload``; None: mirror.pid
+    # in the storage folder (mirror.server.pidfile.pid_path)
+    pid_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -357,5 +361,5 @@ def docker_hub() -> UpstreamSettings:
 def default_settings() -> Settings:
     """Settings for ``mirror serve`` with no config file (one worker per core)."""
     return Settings(upstreams=(docker_hub(),),
-                    server=ServerSettings(workers=max(os.cpu_count() or 1, 1)),
+                    server=ServerSettings(workers=min(cpus.available(), 256)),
                     storage=StorageSettings(max_size_auto=True))

@@ -36,7 +36,7 @@ import structlog
 
 from mirror import metrics
 from mirror.oci import HASH_HEX_LENGTH, Digest
-from mirror.storage.index import Entry, Index, Key
+from mirror.storage.index import INDEX_NAME, Entry, Index, Key
 
 log = structlog.get_logger(__name__)
 
@@ -71,7 +71,7 @@ class FilesystemStore:
         self.root = root
         self.tmp = root / "tmp" / temp_folder if temp_folder else root / "tmp"
         self.tags = root / "tags"
-        self.index = index if index is not None else Index(root / "index.db")
+        self.index = index if index is not None else Index(root / INDEX_NAME)
 
     def startup(self) -> Startup:
         """:meth:`open`, then :meth:`reconcile`: the whole start-up in one call."""

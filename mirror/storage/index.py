@@ -27,7 +27,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,8 @@ from pathlib import Path
 from mirror.oci import MANIFEST_MAX_BYTES
 
 BUSY_TIMEOUT = 30.0
+#: The index's file name in the storage folder.
+INDEX_NAME = "index.db"
 #: Source prefix of the pins warming makes: ``warm-until:<epoch>:<ref>``.
 WARM_PIN = "warm-until:"
 
@@ -86,6 +88,35 @@ class Reconciled:
     bytes: int
 
 
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Put the database in WAL mode (a setting kept in the file: set once, then only read).
+
+    Changing the journal mode needs the database to itself, and SQLite answers "database
+    is locked" at once, without its busy timeout, when another process opens it
+    meanwhile: several workers starting on a fresh storage folder did.
+    """
+    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    if str(mode).lower() != "wal":
+        conn.execute("PRAGMA journal_mode=WAL")
+
+
+def _retry_locked(step: Callable[[], object], timeout: float = BUSY_TIMEOUT) -> None:
+    """Run ``step``; while SQLite says the database is locked or busy, again, for up to
+    ``timeout`` seconds (for the statements its busy handler does not wait on)."""
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            text = str(exc).lower()
+            if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
 class Index:
     """The cache index in SQLite; thread-safe, blocking."""
 
@@ -101,11 +132,15 @@ class Index:
         """Open (and create) the database, then load the totals."""
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
                                check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable across process crashes in WAL mode; a power cut may lose the
-        # last commits, which start-up reconciliation repairs.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
+        try:
+            _retry_locked(lambda: _use_wal(conn))
+            # NORMAL is durable across process crashes in WAL mode; a power cut may lose the
+            # last commits, which start-up reconciliation repairs.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            _retry_locked(lambda: conn.executescript(_SCHEMA))
+        except BaseException:
+            conn.close()
+            raise
         self._conn = conn
         self.refresh_totals()
 

@@ -113,3 +113,16 @@ def test_lazy_benchmark_smoke_has_every_target(tmp_path: Path) -> None:
         "upstream directly", "mirror", "Distribution proxy"]
     mirror = rows[1].split("|")
     assert mirror[6].strip() == "206/206/206"  # never the whole blob for a lazy read
+
+
+def test_processes_benchmark_prints_its_table() -> None:
+    """``python -m benchmarks.processes --starts 1``: resident memory, spread and deaths."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.processes", "--starts", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert float(rows["supervisor, MiB"]) > 0
+    assert rows["workers died while starting"] == "0 of 2"

@@ -13,6 +13,8 @@ import json
 import os
 import signal
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,8 +115,30 @@ def test_containerd_pulls_over_tls_with_the_ca_in_hosts_toml(
     assert api and all(r["status"] == 200 for r in api)
 
 
-def test_sighup_loads_a_new_certificate_and_keeps_open_connections(
-        tls_mirror: MirrorProcess, ca: TestCA) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_mirror_reload_loads_a_new_certificate_and_keeps_open_connections(
+        tmp_path: Path, ca: TestCA, registry_anon: Registry, workers: int) -> None:
+    """``mirror reload`` (SIGHUP to the pid file's process): with two workers, the
+    supervisor passes it on and every worker loads the new pair."""
+    tls_mirror = _tls_mirror(tmp_path / "mirror", registry_anon, ca.issue("server-1"))
+    tls_mirror.config["server"] = {"workers": workers}
+    tls_mirror.start(timeout=60)
+    try:
+        _wait_event(tls_mirror, "mirror_started", workers, timeout=30)
+        _reload_twice(tls_mirror, ca, workers)
+    finally:
+        tls_mirror.stop()
+
+
+def _reload(mirror: MirrorProcess) -> None:
+    result = subprocess.run([sys.executable, "-m", "mirror", "reload", "--config",
+                             str(mirror.config_path)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"reload: sent SIGHUP to the mirror (pid {mirror.pid})"
+
+
+def _reload_twice(tls_mirror: MirrorProcess, ca: TestCA, workers: int) -> None:
     first, second = ca.issue("server-1"), ca.issue("server-2")
     live_cert = Path(tls_mirror.config["tls"]["cert"])
     live_key = Path(tls_mirror.config["tls"]["key"])
@@ -130,9 +154,10 @@ def test_sighup_loads_a_new_certificate_and_keeps_open_connections(
 
     _replace(second.cert_path, live_cert)
     _replace(second.key_path, live_key)
-    tls_mirror.send_signal(signal.SIGHUP)
-    _wait_event(tls_mirror, "tls_reloaded", 1)
-    assert _presented_serial(tls_mirror.port) == second.serial != before
+    _reload(tls_mirror)
+    _wait_event(tls_mirror, "tls_reloaded", workers)
+    for _ in range(4 * workers):  # new connections, to any worker
+        assert _presented_serial(tls_mirror.port) == second.serial != before
 
     # The connection opened before the reload is the same one and still answers.
     conn.request("GET", "/healthz")
@@ -143,10 +168,11 @@ def test_sighup_loads_a_new_certificate_and_keeps_open_connections(
 
     # A key that does not match is refused; the running certificate stays.
     _replace(first.key_path, live_key)
-    tls_mirror.send_signal(signal.SIGHUP)
-    _wait_event(tls_mirror, "tls_reload_failed", 1)
-    assert _presented_serial(tls_mirror.port) == second.serial
-    assert len(_events(tls_mirror, "tls_reloaded")) == 1
+    _reload(tls_mirror)
+    _wait_event(tls_mirror, "tls_reload_failed", workers)
+    for _ in range(4 * workers):
+        assert _presented_serial(tls_mirror.port) == second.serial
+    assert len(_events(tls_mirror, "tls_reloaded")) == workers
 
 
 def test_sighup_without_tls_is_logged_and_serving_goes_on(
