@@ -1,0 +1,49 @@
+"""Signatures and policy: read cosign and sigstore signatures, verify them, and decide.
+
+A box below ``pull`` that imports only config and the standard crypto library::
+
+    parse     the .sig manifest and its payloads, referrers and bundles -> typed values
+    verify    one signature x one signer -> Check (keyed, keyless, bundles; offline)
+    tlog      Rekor SETs, inclusion proofs and checkpoints
+    trust     signers and the sigstore trusted root
+    evaluate  the policy's rules -> Verdict, and the verdict cache
+
+Not yet enforced on the serving paths (issue 22 waits for issue 24's one way to answer).
+"""
+
+from mirror.policy.evaluate import Policy, VerdictCache, compile_policy, evaluate
+from mirror.policy.model import (
+    LegacySignature,
+    Signature,
+    SigstoreBundle,
+    Unreadable,
+    Verdict,
+)
+from mirror.policy.parse import (
+    bundle_layer,
+    bundle_manifests,
+    legacy_signature,
+    parse_bundle,
+    referrers_tag,
+    sig_tag,
+    signature_layers,
+)
+
+__all__ = [
+    "LegacySignature",
+    "Policy",
+    "Signature",
+    "SigstoreBundle",
+    "Unreadable",
+    "Verdict",
+    "VerdictCache",
+    "bundle_layer",
+    "bundle_manifests",
+    "compile_policy",
+    "evaluate",
+    "legacy_signature",
+    "parse_bundle",
+    "referrers_tag",
+    "sig_tag",
+    "signature_layers",
+]
