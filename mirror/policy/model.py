@@ -25,7 +25,10 @@ ANNOTATION_BUNDLE = "dev.sigstore.cosign/bundle"
 COSIGN_SIGNATURE_TYPE = "cosign container image signature"
 
 MAX_MANIFEST_BYTES = 256 * 1024
-"""The largest signature manifest or referrers index read."""
+"""The largest signature manifest or bundle manifest read."""
+MAX_INDEX_BYTES = 4 * 1024 * 1024
+"""The largest referrers index read (Distribution's own manifest limit); of its entries,
+only the first :data:`MAX_SIGNATURES` bundles are kept."""
 MAX_LAYERS = 64
 """The most signatures one ``.sig`` manifest may hold; more is refused whole."""
 MAX_PAYLOAD_BYTES = 64 * 1024

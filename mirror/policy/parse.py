@@ -29,6 +29,7 @@ from mirror.policy.model import (
     BUNDLE_TYPES,
     MAX_ANNOTATION_BYTES,
     MAX_BUNDLE_BYTES,
+    MAX_INDEX_BYTES,
     MAX_LAYERS,
     MAX_MANIFEST_BYTES,
     MAX_PAYLOAD_BYTES,
@@ -157,7 +158,7 @@ def bundle_manifests(index: bytes) -> list[Blob] | Unreadable:
     Only the first :data:`MAX_SIGNATURES` are kept: a verdict does bounded work however
     many referrers an image has.
     """
-    doc = _json(index, MAX_MANIFEST_BYTES, "the referrers index")
+    doc = _json(index, MAX_INDEX_BYTES, "the referrers index")
     if isinstance(doc, Unreadable):
         return doc
     manifests = doc.get("manifests")
