@@ -114,19 +114,34 @@ def key_id(key: PublicKey) -> bytes:
 def verify(key: PublicKey, signature: bytes, data: bytes) -> bool:
     """Whether ``signature`` over ``data`` checks with ``key``, the way cosign signs.
 
-    ECDSA: DER over SHA-256 (P-256), SHA-384 (P-384) or SHA-512 (P-521); Ed25519: pure;
-    RSA: PKCS#1 v1.5 with SHA-256 (and PSS with SHA-256, which some signers use).
+    ECDSA: DER over the curve's hash (SHA-256, -384, -512), or over SHA-256 whatever the
+    curve (cosign 2 and sigstore-js sign P-384 keys with SHA-256); Ed25519: pure; RSA:
+    PKCS#1 v1.5 with SHA-256 (and PSS with SHA-256, which some signers use).
     """
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return _verify_ec(key, signature, data)
     try:
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signature, data, ec.ECDSA(_ec_hash(key)))
-        elif isinstance(key, ed25519.Ed25519PublicKey):
+        if isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(signature, data)
         else:
             return _verify_rsa(key, signature, data)
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def _verify_ec(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
+    own = _ec_hash(key)
+    algorithms: list[hashes.HashAlgorithm] = [own]
+    if not isinstance(own, hashes.SHA256):
+        algorithms.append(hashes.SHA256())
+    for algorithm in algorithms:
+        try:
+            key.verify(signature, data, ec.ECDSA(algorithm))
+        except (InvalidSignature, ValueError):
+            continue
+        return True
+    return False
 
 
 def _ec_hash(key: ec.EllipticCurvePublicKey) -> hashes.HashAlgorithm:
