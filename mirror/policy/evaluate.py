@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -161,22 +161,44 @@ def _check(policy: Policy, sig: LegacySignature | SigstoreBundle, digest: str,
 
 
 class VerdictCache:
-    """Verdicts by (registry, repository, digest, policy hash, signature set hash), LRU."""
+    """Verdicts by (registry, repository, digest, policy hash, signature set), LRU.
+
+    The signature set is named by the caller when it can (the digests of the ``.sig``
+    manifest and referrers index it read, which change when the signatures change): a kept
+    verdict then costs a dictionary look-up, and the signatures are read only on a miss.
+    Otherwise it is the hash of the signatures' fingerprints.
+    """
 
     def __init__(self, max_entries: int = 10_000) -> None:
         self._verdicts: LRUCache[tuple[str, ...], Verdict] = LRUCache(maxsize=max_entries)
 
     def verdict(self, policy: Policy, registry: str, repository: str, digest: str,
-                signatures: Sequence[Signature]) -> Verdict:
-        """The cached verdict, or a new one (kept) when the image, its signatures or the
-        policy differ from any seen."""
-        key = (registry.lower(), repository, digest, policy.hash,
-               signature_set_hash(signatures))
+                signatures: Sequence[Signature] | Callable[[], Sequence[Signature]], *,
+                signature_set: str | None = None) -> Verdict:
+        """The kept verdict, or a new one (then kept).
+
+        Args:
+            signatures: the signatures, or a function that reads them (called on a miss,
+                or to name the set when ``signature_set`` is not given).
+            signature_set: a name of this set of signatures (e.g. the ``.sig`` manifest's
+                digest); ``None``: the hash of the signatures' fingerprints.
+        """
+        read: Sequence[Signature] | None = None if callable(signatures) else signatures
+        if signature_set is None:
+            read = read if read is not None else _call(signatures)
+            signature_set = signature_set_hash(read)
+        key = (registry.lower(), repository, digest, policy.hash, signature_set)
         cached = self._verdicts.get(key)
         if cached is None:
-            cached = evaluate(policy, registry, repository, digest, signatures)
+            read = read if read is not None else _call(signatures)
+            cached = evaluate(policy, registry, repository, digest, read)
             self._verdicts[key] = cached
         return cached
 
     def __len__(self) -> int:
         return len(self._verdicts)
+
+
+def _call(signatures: Sequence[Signature] | Callable[[], Sequence[Signature]]
+          ) -> Sequence[Signature]:
+    return signatures() if callable(signatures) else signatures

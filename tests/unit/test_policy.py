@@ -216,6 +216,17 @@ def test_the_verdict_is_kept_per_image_policy_and_signature_set(tmp_path: Path) 
     assert reloaded.hash != policy.hash
     assert not cache.verdict(reloaded, "docker.io", "acme/app", DIGEST, sigs).allowed
     assert len(cache) == 3
+    reads = []
+
+    def read() -> list[Signature]:
+        reads.append(1)
+        return sigs
+
+    named = VerdictCache()
+    for _ in range(3):  # the signature set named by the caller: read once, on the miss
+        assert named.verdict(policy, "docker.io", "acme/app", DIGEST, read,
+                             signature_set="sha256:sig-manifest").allowed
+    assert reads == [1]
 
 
 @pytest.mark.parametrize(("policy", "key", "message"), [
