@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ class PolicyKey:
 
     name: str
     file: Path
-    pem: bytes
+    pem: bytes = field(repr=False)
     tlog: bool = False
 
 
@@ -85,7 +85,7 @@ class PolicySettings:
     keys: tuple[PolicyKey, ...] = ()
     identities: tuple[PolicyIdentity, ...] = ()
     trusted_root: Path | None = None
-    trusted_root_json: bytes = b""
+    trusted_root_json: bytes = field(default=b"", repr=False)
     rules: tuple[PolicyRule, ...] = ()
     default: str = "allow"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from mirror.config import parse
 from mirror.config.policy import PolicySettings
@@ -227,6 +228,10 @@ def test_the_verdict_is_kept_per_image_policy_and_signature_set(tmp_path: Path) 
         assert named.verdict(policy, "docker.io", "acme/app", DIGEST, read,
                              signature_set="sha256:sig-manifest").allowed
     assert reads == [1]
+    small = VerdictCache(max_entries=2)
+    for repository in ("a/one", "a/two", "a/three"):
+        small.verdict(policy, "docker.io", repository, DIGEST, sigs)
+    assert len(small) == 2
 
 
 @pytest.mark.parametrize(("policy", "key", "message"), [
@@ -259,3 +264,22 @@ def test_config_errors_name_the_key(tmp_path: Path, policy: dict[str, Any], key:
     assert caught.value.key == key
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_the_example_config_block_parses_when_uncommented(tmp_path: Path) -> None:
+    example = (Path(__file__).parents[2] / "config" / "mirror.example.yaml").read_text()
+    block = example.split("# --- signatures and policy", 1)[1].split("\n", 1)[1]
+    block = block.split("# --- ", 1)[0]
+    text = "\n".join(line[2:] for line in block.splitlines() if line.startswith("# "))
+    (tmp_path / "cosign.pub").write_bytes(cs.public_pem(cs.new_key()))
+    (tmp_path / "root.json").write_text('{"certificateAuthorities": [], "tlogs": []}')
+    text = text.replace("/etc/mirror/cosign.pub", str(tmp_path / "cosign.pub"))
+    text = text.replace("/etc/mirror/trusted_root.json", str(tmp_path / "root.json"))
+    document = {**yaml.safe_load(text), "version": 1,
+                "upstreams": [{"name": "docker.io", "default": True}]}
+    settings = parse(document, env={}).policy
+    assert settings is not None and len(settings.rules) == 3
+    policy = compile_policy(settings)
+    assert set(policy.signers) == {"release", "ci"}
+    verdict = evaluate(policy, "docker.io", "library/bad-app", DIGEST, [])
+    assert verdict.reason == "denied by rule 2"
