@@ -100,10 +100,10 @@ def _check_log_signature(keys: Mapping[str, PublicKey], log_id: str, signature: 
 
 def _check_inclusion(proof: Mapping[str, Any], body: bytes, keys: Mapping[str, PublicKey],
                      log_id: str) -> None:
-    try:
-        index, size = int(proof["logIndex"]), int(proof["treeSize"])
+    try:  # protobuf's JSON leaves out zero values: an index of 0, an empty path
+        index, size = int(proof.get("logIndex", 0)), int(proof["treeSize"])
         root = b64decode(str(proof["rootHash"]), "the root hash")
-        hashes = [b64decode(str(h), "a proof hash") for h in proof["hashes"]]
+        hashes = [b64decode(str(h), "a proof hash") for h in proof.get("hashes", [])]
         note = str(proof["checkpoint"]["envelope"])
     except (KeyError, TypeError, ValueError):
         raise Invalid("the inclusion proof is not valid") from None

@@ -356,6 +356,14 @@ def _check_logged_signature(body: Mapping[str, Any], bundle: SigstoreBundle,
             payload_hash = spec["payloadHash"]["value"]
             ok = signature in logged and \
                 payload_hash == hashlib.sha256(bundle.content.payload).hexdigest()
+        elif body["kind"] == "intoto" and isinstance(bundle.content, DsseEnvelope):
+            # intoto 0.0.2 keeps the envelope with each signature base64-encoded twice
+            env = spec["content"]["envelope"]
+            logged = [b64decode(b64decode(s["sig"], "a logged signature"), "a signature")
+                      for s in env["signatures"]]
+            payload_hash = spec["content"]["payloadHash"]["value"]
+            ok = signature in logged and \
+                payload_hash == hashlib.sha256(bundle.content.payload).hexdigest()
         elif body["kind"] == "hashedrekord":
             ok = base64.b64decode(spec["signature"]["content"]) == signature
         else:

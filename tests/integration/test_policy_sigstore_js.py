@@ -1,7 +1,8 @@
-"""The mirror's verifier and sigstore-js agree: bundles signed by ``@sigstore/sign`` with keys
-made here, verified by ``@sigstore/verify`` (then the in-toto subject against the image
-digest, as cosign does) and by :func:`mirror.policy.evaluate`, over a matrix of key kinds,
-bundle kinds and faults. Every verdict must match the expected one on both sides:
+"""The mirror's verifier and sigstore-js agree: bundles signed by ``@sigstore/sign`` (with
+keys made here, or keyless through ``@sigstore/mock``'s Fulcio and Rekor), verified by
+``@sigstore/verify`` (then the in-toto subject against the image digest, as cosign does)
+and by :func:`mirror.policy.evaluate`, over a matrix of key kinds, bundle kinds,
+identities and faults. Every verdict must match the expected one on both sides:
 0 disagreements.
 
 sigstore-js is installed by ``scripts/setup.sh --test`` (npm ci in tests/support/sigstore-js).
@@ -117,3 +118,60 @@ def test_the_mirror_and_sigstore_js_agree(tmp_path: Path) -> None:
                 wrong.append((name, ours.reason))
     assert disagreements == [], "\n".join(map(str, disagreements))
     assert wrong == []
+
+
+ISSUER = "https://token.actions.githubusercontent.com"
+RELEASE = "https://github.com/acme/app/.github/workflows/release.yml@refs/heads/main"
+STRANGER = "https://github.com/evil/app/.github/workflows/release.yml@refs/heads/main"
+
+
+def test_keyless_through_a_mocked_fulcio_and_rekor_agrees(tmp_path: Path) -> None:
+    """@sigstore/mock's Fulcio (with its CT log) and Rekor, on loopback ports, sign for
+    @sigstore/sign's Fulcio signer and Rekor witness; the trust root is made of the mock's
+    keys. The mirror (identity + trusted_root) and @sigstore/verify (SAN and issuer policy,
+    SCT and tlog thresholds of 1) judge the same bundles."""
+    signings = [{"issuer": ISSUER, "subject": RELEASE, "digest": DIGEST},
+                {"issuer": ISSUER, "subject": STRANGER, "digest": DIGEST},
+                {"issuer": ISSUER, "subject": RELEASE, "digest": OTHER}]
+    first, second = sigstore_js([{"op": "keyless", "signings": signings},
+                                 {"op": "keyless", "signings": signings[:1]}])
+    ours_root, other_root = first["trusted_root"], second["trusted_root"]
+    good, stranger, other_digest = first["bundles"]
+    cases = [("matching identity", good, ours_root, True),
+             ("another identity", stranger, ours_root, False),
+             ("subject is another digest", other_digest, ours_root, False),
+             ("tampered payload", tamper_payload(good), ours_root, False),
+             ("signed under another trust root", second["bundles"][0], ours_root, False),
+             ("checked with another trust root", good, other_root, False)]
+    verdicts = sigstore_js([{"op": "verify_keyless", "bundle": bundle, "trusted_root": root,
+                             "issuer": ISSUER, "subject": RELEASE, "digest": DIGEST}
+                            for _, bundle, root, _ in cases])
+    disagreements, wrong = [], []
+    for (name, bundle, root, expected), js in zip(cases, verdicts, strict=True):
+        (tmp_path / "root.json").write_text(json.dumps(root))
+        settings = parse({"policy": {
+            "trusted_root": "root.json",
+            "identities": [{"name": "ci", "issuer": ISSUER, "subject": RELEASE}],
+            "rules": [{"require": ["ci"]}]}}, env={}, base=tmp_path).policy
+        assert settings is not None
+        ours = evaluate(compile_policy(settings), "docker.io", "acme/app", DIGEST,
+                        [parse_bundle(json.dumps(bundle).encode())])
+        if ours.allowed != js["ok"]:
+            disagreements.append((name, ours.reason, js.get("error")))
+        if ours.allowed != expected:
+            wrong.append((name, ours.reason))
+    assert disagreements == [], "\n".join(map(str, disagreements))
+    assert wrong == []
+    # a subject regex, as cosign's --certificate-identity-regexp, on the same bundles
+    (tmp_path / "root.json").write_text(json.dumps(ours_root))
+    settings = parse({"policy": {
+        "trusted_root": "root.json",
+        "identities": [{"name": "ci", "issuer": ISSUER,
+                        "subject_regex": "^https://github.com/acme/"}],
+        "rules": [{"require": ["ci"]}]}}, env={}, base=tmp_path).policy
+    assert settings is not None
+    policy = compile_policy(settings)
+    for bundle, allowed in ((good, True), (stranger, False)):
+        verdict = evaluate(policy, "docker.io", "acme/app", DIGEST,
+                           [parse_bundle(json.dumps(bundle).encode())])
+        assert verdict.allowed is allowed, verdict.reason
