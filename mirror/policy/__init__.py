@@ -3,7 +3,8 @@
 A box below ``pull`` that imports only config and the standard crypto library::
 
     parse     the .sig manifest and its payloads, referrers and bundles -> typed values
-    verify    one signature x one signer -> Check (keyed, keyless, bundles; offline)
+    verify    one legacy signature x one signer -> Check (keyed, keyless; offline)
+    bundles   one sigstore bundle x one signer -> Check (DSSE, message signature)
     tlog      Rekor SETs, inclusion proofs and checkpoints
     trust     signers and the sigstore trusted root
     evaluate  the policy's rules -> Verdict, and the verdict cache

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from mirror.config.policy import PolicyRule, PolicySettings
+from mirror.policy.bundles import verify_bundle
 from mirror.policy.crypto import Invalid, PublicKey, load_public_key
 from mirror.policy.model import (
     MAX_SIGNATURES,
@@ -28,7 +29,7 @@ from mirror.policy.model import (
     Verdict,
 )
 from mirror.policy.trust import CertSigner, IdentityRule, KeySigner, Signer, load_trusted_root
-from mirror.policy.verify import verify_bundle, verify_legacy
+from mirror.policy.verify import verify_legacy
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from cryptography import x509
@@ -17,6 +19,8 @@ from mirror.policy.crypto import (
     Invalid,
     PublicKey,
     b64decode,
+    chain_to_root,
+    identity,
     key_id,
     load_der_certificate,
     supported_key,
@@ -83,6 +87,20 @@ class CertSigner:
     intermediates: tuple[x509.Certificate, ...] = ()
     identity: IdentityRule = field(default_factory=IdentityRule)
     tlog: bool = True
+
+    def check(self, cert: x509.Certificate, chain: Sequence[x509.Certificate],
+              when: datetime) -> None:
+        """Check that ``cert`` chains to the roots (through the configured intermediates
+        or ``chain``, the certificates that came with the signature) at ``when``, and
+        names the identity.
+
+        Raises:
+            Invalid: it does not.
+        """
+        chain_to_root(cert, self.roots, [*self.intermediates, *chain], when)
+        why = self.identity.mismatch(identity(cert))
+        if why is not None:
+            raise Invalid(why)
 
 
 Signer = KeySigner | CertSigner

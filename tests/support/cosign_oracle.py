@@ -25,13 +25,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from mirror.policy.bundles import verify_bundle
 from mirror.policy.crypto import (
     Invalid,
     at_time,
     b64decode,
     certificate_key,
-    chain_to_root,
-    identity,
     load_certificate,
     load_certificates,
     load_public_key,
@@ -42,13 +41,7 @@ from mirror.policy.model import SIMPLESIGNING_TYPE, LegacySignature, SigstoreBun
 from mirror.policy.parse import from_annotations, parse_bundle
 from mirror.policy.tlog import rekor_keys_by_id, verify_set
 from mirror.policy.trust import CertSigner, IdentityRule, KeySigner, Signer, load_trusted_root
-from mirror.policy.verify import (
-    ReferenceRule,
-    check_payload,
-    check_rekord,
-    verify_bundle,
-    verify_legacy,
-)
+from mirror.policy.verify import ReferenceRule, check_payload, check_rekord, verify_legacy
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "cosign"
 SIG_KEY = "dev.cosignproject.cosign/signature"
@@ -279,11 +272,7 @@ def _cert_signer_check(cert_pem: bytes, chain_pem: bytes | None, signer: Signer,
                        when: datetime.datetime) -> None:
     assert isinstance(signer, CertSigner)
     cert = load_certificate(cert_pem, "the certificate")
-    chain = list(load_certificates(chain_pem, "the chain")) if chain_pem else []
-    chain_to_root(cert, signer.roots, [*signer.intermediates, *chain], when)
-    why = signer.identity.mismatch(identity(cert))
-    if why is not None:
-        raise Invalid(why)
+    signer.check(cert, load_certificates(chain_pem, "the chain") if chain_pem else [], when)
 
 
 def _fulcio_cert(case: dict[str, Any], trust: dict[str, Any]) -> Run:
