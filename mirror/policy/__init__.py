@@ -23,6 +23,7 @@ from mirror.policy.model import (
 from mirror.policy.parse import (
     bundle_layer,
     bundle_manifests,
+    is_signature_artifact,
     legacy_signature,
     parse_bundle,
     referrers_tag,
@@ -42,6 +43,7 @@ __all__ = [
     "bundle_manifests",
     "compile_policy",
     "evaluate",
+    "is_signature_artifact",
     "legacy_signature",
     "parse_bundle",
     "referrers_tag",

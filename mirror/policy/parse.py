@@ -62,6 +62,29 @@ def is_digest(value: object) -> bool:
     return isinstance(value, str) and _DIGEST_RE.fullmatch(value) is not None
 
 
+_ATTACHED_TAG_RE = re.compile(r"sha256-[0-9a-f]{64}(\.(sig|att|sbom))?")
+
+
+def is_signature_artifact(tag: str | None, manifest: bytes) -> bool:
+    """Whether a manifest is a signature itself (a ``.sig`` manifest, a bundle, cosign's
+    attached tags or the referrers fallback index), which the policy does not judge.
+
+    Clients verify by pulling these through the mirror (``cosign verify``, containers/
+    image), and a signature asked to be signed would ask for its own signatures in turn.
+    """
+    if tag is not None and _ATTACHED_TAG_RE.fullmatch(tag):
+        return True
+    doc = _json(manifest, MAX_MANIFEST_BYTES, "the manifest")
+    if isinstance(doc, Unreadable):
+        return False
+    if doc.get("artifactType") in BUNDLE_TYPES:
+        return True
+    layers = doc.get("layers")
+    return isinstance(layers, list) and bool(layers) and all(
+        isinstance(layer, dict) and layer.get("mediaType") in (SIMPLESIGNING_TYPE, *BUNDLE_TYPES)
+        for layer in layers)
+
+
 def sig_tag(digest: str) -> str:
     """cosign's signature tag for an image digest: ``sha256-<hex>.sig``."""
     return digest.replace(":", "-", 1) + ".sig"

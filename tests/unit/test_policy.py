@@ -23,6 +23,7 @@ from mirror.policy import (
     bundle_manifests,
     compile_policy,
     evaluate,
+    is_signature_artifact,
     legacy_signature,
     parse_bundle,
     sig_tag,
@@ -283,3 +284,18 @@ def test_the_example_config_block_parses_when_uncommented(tmp_path: Path) -> Non
     assert set(policy.signers) == {"release", "ci"}
     verdict = evaluate(policy, "docker.io", "library/bad-app", DIGEST, [])
     assert verdict.reason == "denied by rule 2"
+
+
+def test_signatures_themselves_are_not_judged() -> None:
+    key = cs.new_key()
+    sig_image = cs.sig_manifest([cs.legacy_layer(key, cs.payload(DIGEST))])
+    assert is_signature_artifact(sig_tag(DIGEST), sig_image.manifest)
+    assert is_signature_artifact(None, sig_image.manifest)  # pulled by digest
+    assert is_signature_artifact(DIGEST.replace(":", "-"), b"{}")  # the fallback index
+    bundle_manifest = json.dumps({"artifactType": cs.BUNDLE_V03, "layers": []}).encode()
+    assert is_signature_artifact(None, bundle_manifest)
+    image = json.dumps({"layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                    "digest": DIGEST, "size": 1}]}).encode()
+    assert not is_signature_artifact("latest", image)
+    assert not is_signature_artifact("v1", MANIFEST)
+    assert not is_signature_artifact("sha256-nothex.sig", b"not json")
