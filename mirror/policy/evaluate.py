@@ -97,8 +97,12 @@ def matching_rule(policy: Policy, registry: str, repository: str,
     return None
 
 
+#: Index digests that list an image, each with the signatures read for it.
+Indexes = Sequence[tuple[str, Sequence[Signature]]]
+
+
 def evaluate(policy: Policy, registry: str, repository: str, digest: str,
-             signatures: Sequence[Signature]) -> Verdict:
+             signatures: Sequence[Signature], *, indexes: Indexes = ()) -> Verdict:
     """The verdict on one image (pure: no I/O, no clock but a certificate's "now").
 
     Args:
@@ -106,7 +110,11 @@ def evaluate(policy: Policy, registry: str, repository: str, digest: str,
         registry: the configured registry name the image is pulled from.
         repository: its repository, e.g. ``library/nginx``.
         digest: the manifest digest served.
-        signatures: what was read for it (the first :data:`MAX_SIGNATURES` are looked at).
+        signatures: what was read for it.
+        indexes: for a platform manifest, the indexes the mirror served that list it and
+            their signatures: a valid signature of one of them passes too (cosign signs
+            the index of a multi-platform image). At most :data:`MAX_SIGNATURES`
+            signatures are looked at over all of them.
     """
     found = matching_rule(policy, registry, repository, digest)
     if found is None:
@@ -117,10 +125,10 @@ def evaluate(policy: Policy, registry: str, repository: str, digest: str,
         return _outcome(rule, number, f"denied by rule {number}")
     if not rule.require:
         return Verdict(True, number, f"allowed by rule {number}")
-    checks = _checks(policy, rule.require, digest, signatures[:MAX_SIGNATURES])
+    checks = _checks(policy, rule.require, [(digest, signatures), *indexes])
     passed = next((c for c in checks if c.ok), None)
     if passed is not None:
-        return Verdict(True, number, f"signed by {passed.signer}", passed.signer,
+        return Verdict(True, number, passed.reason, passed.signer,
                        checks=tuple(c.reason for c in checks))
     names = " or ".join(rule.require)
     detail = f" ({checks[0].reason})" if checks else ""
@@ -135,18 +143,23 @@ def _outcome(rule: PolicyRule, number: int, reason: str,
     return Verdict(False, number, reason, checks=checks)
 
 
-def _checks(policy: Policy, names: Sequence[str], digest: str,
-            signatures: Sequence[Signature]) -> list[Check]:
-    checks = []
-    for sig in signatures:
-        if isinstance(sig, Unreadable):
-            checks.append(Check(False, sig.reason))
-            continue
-        for name in names:
-            check = _check(policy, sig, digest, policy.signers[name])
-            checks.append(check)
-            if check.ok:
-                return checks
+def _checks(policy: Policy, names: Sequence[str], signed: Indexes) -> list[Check]:
+    checks: list[Check] = []
+    budget = MAX_SIGNATURES
+    for position, (digest, signatures) in enumerate(signed):
+        for sig in signatures[:budget]:
+            budget -= 1
+            if isinstance(sig, Unreadable):
+                checks.append(Check(False, sig.reason))
+                continue
+            for name in names:
+                check = _check(policy, sig, digest, policy.signers[name])
+                if check.ok and position:
+                    check = Check(True, f"{check.reason} (through index {digest})",
+                                  check.signer)
+                checks.append(check)
+                if check.ok:
+                    return checks
     return checks
 
 
@@ -177,7 +190,7 @@ class VerdictCache:
 
     def verdict(self, policy: Policy, registry: str, repository: str, digest: str,
                 signatures: Sequence[Signature] | Callable[[], Sequence[Signature]], *,
-                signature_set: str | None = None) -> Verdict:
+                signature_set: str | None = None, indexes: Indexes = ()) -> Verdict:
         """The kept verdict, or a new one (then kept).
 
         Args:
@@ -185,18 +198,20 @@ class VerdictCache:
                 or to name the set when ``signature_set`` is not given).
             signature_set: a name of this set of signatures (e.g. the ``.sig`` manifest's
                 digest); ``None``: the hash of the signatures' fingerprints.
+            indexes: as for :func:`evaluate` (part of the key).
         """
         read: Sequence[Signature] | None = None if callable(signatures) else signatures
         if signature_set is None:
             read = read if read is not None else _call(signatures)
             signature_set = signature_set_hash(read)
-        key = (registry.lower(), repository, digest, policy.hash, signature_set)
+        key = (registry.lower(), repository, digest, policy.hash, signature_set,
+               *(f"{d} {signature_set_hash(sigs)}" for d, sigs in indexes))
         cached = self._verdicts.get(key)
         if cached is not None:
             self._verdicts.move_to_end(key)
             return cached
         read = read if read is not None else _call(signatures)
-        cached = evaluate(policy, registry, repository, digest, read)
+        cached = evaluate(policy, registry, repository, digest, read, indexes=indexes)
         self._verdicts[key] = cached
         if len(self._verdicts) > self._max:
             self._verdicts.popitem(last=False)

@@ -299,3 +299,24 @@ def test_signatures_themselves_are_not_judged() -> None:
     assert not is_signature_artifact("latest", image)
     assert not is_signature_artifact("v1", MANIFEST)
     assert not is_signature_artifact("sha256-nothex.sig", b"not json")
+
+
+def test_a_platform_manifest_passes_with_a_signature_of_its_index(tmp_path: Path) -> None:
+    key = cs.new_key()
+    policy = compile_policy(policy_settings(tmp_path, {"release": cs.public_pem(key)},
+                                            [{"require": ["release"]}]))
+    index = "sha256:" + "2" * 64
+    index_sigs = read_sig(cs.sig_manifest([cs.legacy_layer(key, cs.payload(index))]))
+    verdict = evaluate(policy, "docker.io", "acme/app", DIGEST, [],
+                       indexes=[(index, index_sigs)])
+    assert verdict.allowed
+    assert verdict.signer == "release"
+    assert verdict.reason == f"signed by release (through index {index})"
+    # the index's signature names the index: it does not sign another platform manifest
+    assert not evaluate(policy, "docker.io", "acme/app", DIGEST, [],
+                        indexes=[(OTHER, index_sigs)]).allowed
+    assert not evaluate(policy, "docker.io", "acme/app", DIGEST, index_sigs).allowed
+    cache = VerdictCache()
+    assert cache.verdict(policy, "docker.io", "acme/app", DIGEST, [],
+                         indexes=[(index, index_sigs)]).allowed
+    assert not cache.verdict(policy, "docker.io", "acme/app", DIGEST, []).allowed
