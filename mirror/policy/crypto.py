@@ -269,7 +269,7 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate, when: datetime)
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):  # ValueError: duplicate or bad extensions
         return False
 
 

@@ -171,6 +171,9 @@ def _check(policy: Policy, sig: LegacySignature | SigstoreBundle, digest: str,
         return verify_bundle(sig, digest, signer, policy.rekor_keys)
     except Invalid as exc:  # the verifiers return checks; this is a last guard
         return Check(False, exc.reason)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError,
+            RecursionError) as exc:  # hostile input a parser let through: refuse it
+        return Check(False, f"the signature cannot be read ({type(exc).__name__})")
 
 
 class VerdictCache:

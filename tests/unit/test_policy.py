@@ -320,3 +320,63 @@ def test_a_platform_manifest_passes_with_a_signature_of_its_index(tmp_path: Path
     assert cache.verdict(policy, "docker.io", "acme/app", DIGEST, [],
                          indexes=[(index, index_sigs)]).allowed
     assert not cache.verdict(policy, "docker.io", "acme/app", DIGEST, []).allowed
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason="no ../shared/fixtures/cosign")
+def test_mutated_real_signatures_get_a_verdict_never_an_exception(tmp_path: Path) -> None:
+    """Flip, cut and splice bytes of real cosign signatures and bundles: every one of them
+    gets a verdict (none of them passes), whatever the parser meets."""
+    import random  # noqa: PLC0415 (only this test)
+
+    rng = random.Random(22)
+    root = FIXTURES / "sigstore-python/trusted_root.json"
+    settings = parse({"policy": {
+        "trusted_root": str(root), "keys": [{"name": "k", "file": "k.pub"}],
+        "identities": [{"name": "ci", "issuer": "https://github.com/login/oauth",
+                        "subject_regex": "."}],
+        "rules": [{"require": ["k", "ci"]}]}}, env={},
+        base=_key_file(tmp_path)).policy
+    assert settings is not None
+    policy = compile_policy(settings)
+    keyless = FIXTURES / "containers-image/signature/fixtures/dir-img-cosign-fulcio-rekor-valid"
+    doc = json.loads((keyless / "signature-1").read_bytes().partition(b"\n")[2])
+    body = base64.b64decode(doc["payload"])
+    manifest = cs.sig_manifest([(body, doc["annotations"])]).manifest
+    bundle = (FIXTURES / "sigstore-rs/tests/data/bundle_v03.json").read_bytes()
+    for _ in range(300):
+        which = rng.choice(["manifest", "payload", "bundle"])
+        data = {"manifest": manifest, "payload": body, "bundle": bundle}[which]
+        mutated = _mutate(rng, data)
+        if which == "bundle":
+            sigs: list[Signature] = [parse_bundle(mutated)]
+        elif which == "payload":
+            sigs = [LegacySignature(payload=mutated, signature=doc["annotations"][
+                "dev.cosignproject.cosign/signature"],
+                certificate=doc["annotations"]["dev.sigstore.cosign/certificate"],
+                chain=doc["annotations"]["dev.sigstore.cosign/chain"],
+                rekor_bundle=doc["annotations"]["dev.sigstore.cosign/bundle"])]
+        else:
+            layers = signature_layers(mutated)
+            sigs = [] if isinstance(layers, Unreadable) else [
+                legacy_signature(layer, body) for layer in layers]
+        verdict = evaluate(policy, "docker.io", "a/b", DIGEST, sigs)
+        assert not verdict.allowed and verdict.reason
+
+
+def _key_file(folder: Path) -> Path:
+    (folder / "k.pub").write_bytes(cs.public_pem(cs.new_key()))
+    return folder
+
+
+def _mutate(rng: Any, data: bytes) -> bytes:
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.randrange(3)
+        at = rng.randrange(len(buf)) if buf else 0
+        if kind == 0 and buf:
+            buf[at] = rng.randrange(256)
+        elif kind == 1:
+            del buf[at:at + rng.randint(1, 64)]
+        else:
+            buf[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+    return bytes(buf)
