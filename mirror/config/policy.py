@@ -21,12 +21,14 @@ and a bad key or root is a one-line error naming its key path at start.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -208,7 +210,28 @@ def _trusted_root(value: Any, base: Path) -> tuple[Path | None, bytes]:
             or not isinstance(doc.get("tlogs"), list):
         raise ConfigError(key, f"{path} is not a sigstore trusted_root.json "
                           "(no certificateAuthorities and tlogs)")
+    _check_root_material(doc, key, path)
     return path, data
+
+
+def _check_root_material(doc: dict[str, Any], key: str, path: Path) -> None:
+    """Every CA certificate and log key of a trusted root loads (named by its place)."""
+    for i, ca in enumerate(doc["certificateAuthorities"]):
+        certs = (ca.get("certChain") or {}).get("certificates") if isinstance(ca, dict) else None
+        if not isinstance(certs, list) or not certs:
+            raise ConfigError(key, f"{path}: certificateAuthorities[{i}] has no certChain")
+        for j, cert in enumerate(certs):
+            try:
+                x509.load_der_x509_certificate(base64.b64decode(cert["rawBytes"]))
+            except (ValueError, TypeError, KeyError):
+                raise ConfigError(key, f"{path}: certificateAuthorities[{i}] certificate "
+                                  f"{j} does not load") from None
+    for i, log in enumerate(doc["tlogs"]):
+        try:
+            serialization.load_der_public_key(base64.b64decode(log["publicKey"]["rawBytes"]))
+        except (ValueError, TypeError, KeyError, UnsupportedAlgorithm):
+            raise ConfigError(key, f"{path}: tlogs[{i}] has no public key that loads") \
+                from None
 
 
 def _rule(raw: Any, key: str, registries: tuple[str, ...], names: set[str]) -> PolicyRule:

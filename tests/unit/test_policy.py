@@ -252,6 +252,8 @@ def test_the_verdict_is_kept_per_image_policy_and_signature_set(tmp_path: Path) 
     ({"identities": [{"name": "ci", "issuer": "https://x", "subject_regex": "("}],
       "trusted_root": "root.json"}, "policy.identities[0].subject_regex", "regular expression"),
     ({"trusted_root": "bad.pub"}, "policy.trusted_root", "not JSON"),
+    ({"trusted_root": "badca.json"}, "policy.trusted_root",
+     "certificateAuthorities[0] certificate 0 does not load"),
     ({"keys": [{"name": "k", "file": "k.pub"}, {"name": "k", "file": "k.pub"}]},
      "policy.keys[1].name", "already"),
 ])
@@ -260,6 +262,9 @@ def test_config_errors_name_the_key(tmp_path: Path, policy: dict[str, Any], key:
     (tmp_path / "k.pub").write_bytes(cs.public_pem(cs.new_key()))
     (tmp_path / "bad.pub").write_text("not a key")
     (tmp_path / "root.json").write_text('{"certificateAuthorities": [], "tlogs": []}')
+    (tmp_path / "badca.json").write_text('{"certificateAuthorities": [{"certChain": '
+                                         '{"certificates": [{"rawBytes": "AAAA"}]}}], '
+                                         '"tlogs": []}')
     with pytest.raises(ConfigError) as caught:
         parse({"policy": policy}, env={}, base=tmp_path)
     assert caught.value.key == key
