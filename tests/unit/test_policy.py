@@ -385,3 +385,18 @@ def _mutate(rng: Any, data: bytes) -> bytes:
         else:
             buf[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
     return bytes(buf)
+
+
+def test_the_benchmark_runs_and_prints_every_case() -> None:
+    """benchmarks/policy.py in a tiny run, so that it never rots (figures not checked)."""
+    import subprocess  # noqa: PLC0415 (only this test)
+    import sys  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.policy", "--iterations", "2",
+                           "--repeat", "1"], cwd=root, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case in ("no policy", "keyed .sig | first", "keyed .sig | kept", "keyed bundle | first"):
+        assert f"| {case}" in proc.stdout
+    assert "x the requests per second" in proc.stdout
