@@ -207,8 +207,10 @@ class VerdictCache:
         if signature_set is None:
             read = read if read is not None else _call(signatures)
             signature_set = signature_set_hash(read)
-        key = (registry.lower(), repository, digest, policy.hash, signature_set,
-               *(f"{d} {signature_set_hash(sigs)}" for d, sigs in indexes))
+        key: tuple[str, ...] = (registry.lower(), repository, digest, policy.hash,
+                                signature_set)
+        if indexes:
+            key += tuple(f"{d} {signature_set_hash(sigs)}" for d, sigs in indexes)
         cached = self._verdicts.get(key)
         if cached is not None:
             self._verdicts.move_to_end(key)
