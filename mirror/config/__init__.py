@@ -26,6 +26,13 @@ from mirror.config.auth import (
     _auth,
 )
 from mirror.config.cluster import _cluster
+from mirror.config.policy import (
+    PolicyIdentity,
+    PolicyKey,
+    PolicyRule,
+    PolicySettings,
+    _policy,
+)
 from mirror.config.sections import _cache, _log, _server, _tls
 from mirror.config.settings import (
     CONFIG_VERSION,
@@ -83,6 +90,10 @@ __all__ = [
     "DockerConfigCredential",
     "EcrCredential",
     "LogSettings",
+    "PolicyIdentity",
+    "PolicyKey",
+    "PolicyRule",
+    "PolicySettings",
     "PopularSettings",
     "S3Settings",
     "Schedule",
@@ -164,7 +175,8 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
     """
     root = _mapping(document, "")
     _only_keys(root, "", {"version", "listen", "tls", "storage", "cache", "upstreams",
-                          "log", "server", "cluster", "auth", "access", "admin", "sync"})
+                          "log", "server", "cluster", "auth", "access", "admin", "sync",
+                          "policy"})
     version = root.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ConfigError("version", f"unsupported version {version!r} (this mirror reads 1)")
@@ -188,6 +200,7 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> S
         auth=auth,
         admin=_admin(root["admin"], env, base, port) if "admin" in root else None,
         sync=_sync(root.get("sync"), {n: u.name for u in upstreams for n in u.names()}),
+        policy=_policy(root.get("policy"), tuple(u.name for u in upstreams), base),
     )
 
 

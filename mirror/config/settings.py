@@ -13,6 +13,7 @@ from mirror.config import cpus
 
 if TYPE_CHECKING:  # auth.py imports Secret from here
     from mirror.config.auth import AdminSettings, AuthSettings
+    from mirror.config.policy import PolicySettings
 
 CONFIG_VERSION = 1
 DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
@@ -339,6 +340,7 @@ class Settings:
     auth: AuthSettings | None = None  # None: anyone who reaches the port may pull
     admin: AdminSettings | None = None  # None: /metrics and / on the main address, open
     sync: SyncSettings | None = None
+    policy: PolicySettings | None = None  # signatures and policy (not enforced yet)
 
     @property
     def default_upstream(self) -> UpstreamSettings | None:
