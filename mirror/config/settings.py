@@ -315,6 +315,13 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class ImportSettings:
+    """``import``: the keys every imported bundle must be signed by (none: any bundle)."""
+
+    trusted_keys: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the mirror needs to run, validated."""
 
@@ -330,6 +337,7 @@ class Settings:
     auth: AuthSettings | None = None  # None: anyone who reaches the port may pull
     admin: AdminSettings | None = None  # None: /metrics and / on the main address, open
     sync: SyncSettings | None = None
+    imports: ImportSettings = field(default_factory=ImportSettings)
 
     @property
     def default_upstream(self) -> UpstreamSettings | None:
