@@ -4,7 +4,7 @@
 
     {
       "bundleVersion": 1,
-      "id": "<uuid4>",            "created": "2026-11-29T20:00:00Z",
+      "id": "<uuid4>",            "created": "2026-11-29T20:00:00.123456Z",
       "base": "<id>" | null,      "sequence": 0        (base's sequence + 1 for --since)
       "tool": {"name": "mirror", "version": "0.1.0"},
       "platforms": ["linux/amd64"] | [],              ([]: every platform)
@@ -52,7 +52,7 @@ class BundleManifest:
 
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.UTC)
-                         .strftime("%Y-%m-%dT%H:%M:%SZ"))
+                         .strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
     base: str | None = None
     sequence: int = 0
     tool_version: str = ""

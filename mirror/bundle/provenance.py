@@ -9,13 +9,15 @@ rename)::
                              "bundle": "<uuid>", "digest": "sha256:..."}}}}
 
 A bundle signed by a key is older than what a tag holds when that key's last bundle for the
-tag was created later (or at the same second with a higher sequence): the import then
-leaves the tag alone unless asked to roll it back.
+tag was created later (or at the same time with a higher sequence): the import then
+leaves the tag alone unless asked to roll it back. ``mirror export`` writes ``created``
+to the microsecond, so two bundles made one after the other are told apart.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import tempfile
@@ -34,9 +36,15 @@ class Stamp:
     sequence: int
     bundle: str
 
-    def order(self) -> tuple[str, int]:
-        """Comparable: ISO-8601 UTC times sort as text."""
-        return self.created, self.sequence
+    def order(self) -> tuple[float, int]:
+        """Comparable: the creation time (an unreadable one counts as oldest), then the
+        sequence."""
+        try:
+            when = datetime.datetime.fromisoformat(self.created.replace("Z", "+00:00"))
+            seconds = when.timestamp() if when.tzinfo is not None else 0.0
+        except ValueError:
+            seconds = 0.0
+        return seconds, self.sequence
 
 
 class Provenance:

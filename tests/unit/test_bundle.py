@@ -20,6 +20,7 @@ from typing import Any
 
 import diskcache
 import pytest
+import structlog
 import zstandard
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -481,3 +482,73 @@ def test_blobs_no_manifest_references_are_not_published(tmp_path: Path) -> None:
     store = FilesystemStore(tmp_path / "cache")
     assert all(store.blob_size(Digest.parse(d)) is None for d in junk_digests)
     assert not list((tmp_path / "cache" / "tmp").glob("import-*"))
+
+
+# --- zstd decoded in bounded steps (issue 19 item 5) ---------------------------------------
+def _unzstd(data: bytes) -> tuple[bytes, int]:
+    """Everything ``_Unzstd`` gives for ``data`` and the largest piece one read returned."""
+    reader = layout._Unzstd(io.BytesIO(data))
+    pieces = []
+    while piece := reader.read(layout.CHUNK):
+        pieces.append(piece)
+    return b"".join(pieces), max((len(p) for p in pieces), default=0)
+
+
+def test_zstd_frames_of_every_kind_decode_whole() -> None:
+    plain = zstandard.ZstdCompressor(level=3)
+    checked = zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=False)
+    skippable = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"hello"
+    parts = [b"a" * 300_000, bytes(range(256)) * 4000, b"", b"tail"]
+    data = plain.compress(parts[0]) + skippable + checked.compress(parts[1]) + \
+        plain.compress(parts[2]) + skippable + checked.compress(parts[3])
+    assert _unzstd(data)[0] == b"".join(parts)
+
+
+def test_a_zstd_bomb_is_decoded_a_bounded_piece_at_a_time() -> None:
+    size = 64 << 20
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(size))
+    assert len(bomb) < 4096
+    reader = layout._Unzstd(io.BytesIO(bomb))
+    total = 0
+    while piece := reader.read(1 << 30):  # asking for everything still gives a bounded piece
+        assert len(piece) <= 8 * 128 * 1024
+        total += len(piece)
+    assert total == size
+
+
+def test_a_zstd_stream_cut_anywhere_inside_a_frame_is_truncated() -> None:
+    compressor = zstandard.ZstdCompressor(level=3, write_checksum=True)
+    first = compressor.compress(b"x" * 200_000 + bytes(range(256)) * 100)
+    data = first + compressor.compress(b"y" * 1000)
+    for cut in range(1, len(data)):
+        if cut == len(first):
+            continue  # a frame boundary: whole frames, the tar reader sees what is missing
+        with pytest.raises(BundleError, match=r"truncated|corrupt"):
+            _unzstd(data[:cut])
+
+
+def test_garbage_after_a_zstd_frame_is_refused() -> None:
+    data = zstandard.ZstdCompressor().compress(b"x" * 1000) + b"not zstd at all"
+    with pytest.raises(BundleError, match="corrupt"):
+        _unzstd(data)
+
+
+def test_export_of_cached_content_needs_no_upstream_secret(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    unset = "MIRROR_TEST_NEVER_SET_7f3a"
+    bundle = tmp_path / "in.tar"
+    bundle.write_bytes(_tar(_entries(_image())))
+    path = tmp_path / "mirror.yaml"
+    path.write_text(json.dumps({
+        "version": 1, "storage": {"path": str(tmp_path / "cache")},
+        "upstreams": [{"name": REGISTRY, "url": "http://127.0.0.1:1", "default": True,
+                       "username": "robot", "password_env": unset, "retries": 0}]}))
+    assert cli.main(["import", "-q", "--config", str(path), str(bundle)]) == 0
+    out = tmp_path / "out.tar"
+    logging_before = structlog.get_config()  # export sets up logging on this test's stderr
+    try:
+        assert cli.main(["export", "-q", "--config", str(path), f"{REGISTRY}/app/web:v1",
+                         "-o", str(out)]) == 0, capsys.readouterr().err
+    finally:
+        structlog.configure(**logging_before)
+    assert out.is_file() and out.stat().st_size > 8000

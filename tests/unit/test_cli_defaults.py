@@ -106,3 +106,4 @@ async def test_the_server_header_names_the_mirror_on_both_paths(make_mirror: Any
                 await mirror.get("/metrics")]
     for answer in answers:
         assert answer.headers["Server"] == f"mirror/{VERSION}", answer
+
