@@ -20,7 +20,6 @@ from typing import Any
 
 import diskcache
 import pytest
-import structlog
 import zstandard
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -534,7 +533,8 @@ def test_garbage_after_a_zstd_frame_is_refused() -> None:
 
 
 def test_export_of_cached_content_needs_no_upstream_secret(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     unset = "MIRROR_TEST_NEVER_SET_7f3a"
     bundle = tmp_path / "in.tar"
     bundle.write_bytes(_tar(_entries(_image())))
@@ -545,10 +545,8 @@ def test_export_of_cached_content_needs_no_upstream_secret(
                        "username": "robot", "password_env": unset, "retries": 0}]}))
     assert cli.main(["import", "-q", "--config", str(path), str(bundle)]) == 0
     out = tmp_path / "out.tar"
-    logging_before = structlog.get_config()  # export sets up logging on this test's stderr
-    try:
-        assert cli.main(["export", "-q", "--config", str(path), f"{REGISTRY}/app/web:v1",
-                         "-o", str(out)]) == 0, capsys.readouterr().err
-    finally:
-        structlog.configure(**logging_before)
+    # export sets up the process's logging (on this test's stderr): not for the next tests
+    monkeypatch.setattr(cli.log, "setup", lambda _settings: None)
+    assert cli.main(["export", "-q", "--config", str(path), f"{REGISTRY}/app/web:v1",
+                     "-o", str(out)]) == 0, capsys.readouterr().err
     assert out.is_file() and out.stat().st_size > 8000
