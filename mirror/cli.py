@@ -5,7 +5,7 @@
     mirror --version
     mirror serve [--config FILE] [--listen HOST:PORT] [--storage DIR]
     mirror reload [--config FILE] [--storage DIR]
-    mirror config check FILE
+    mirror config check FILE [--no-env]
     mirror cache ls|du [--json] [--config FILE] [--storage DIR]
     mirror cache fsck [--config FILE] [--storage DIR]
     mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR] [--shared]
@@ -14,13 +14,16 @@
     mirror export REF... | --from-file LIST [--platform P]... [--referrers]
                   [--since PREVIOUS] [--max-part-size SIZE] [--sign-key KEY]
                   [--dry-run] -o FILE.tar[.zst]
-    mirror import FILE... [--verify-key PUB] [--pin] [--tags fresh|stale]
-                  [--repository REGISTRY/REPO]
+    mirror import FILE... [--verify-key PUB] [--allow-rollback] [--pin]
+                  [--tags fresh|stale] [--repository REGISTRY/REPO]
 
-Errors are one readable line on stderr and a non-zero exit status. ``serve``
-reloads its TLS certificate and key on SIGHUP (``mirror reload`` sends it to the pid in
-``server.pid_file``) and stops gracefully on SIGTERM. ``serve`` starts in
-:mod:`mirror.launch`, which serves without importing this module.
+Errors are one readable line on stderr and a non-zero exit status (``config check``:
+one line per error it finds). ``serve`` reloads its TLS certificate and key on SIGHUP
+(``mirror reload`` sends it to the pid in ``server.pid_file``) and stops gracefully on
+SIGTERM. ``serve`` starts in :mod:`mirror.launch`, which serves without importing this
+module. Only ``serve``, ``warm`` and ``sync`` need the environment variables the config
+names (``*_env``): the other commands never fetch with upstream credentials, and an unset
+variable only makes that credential absent.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from mirror.cache.inventory import Inventory, human_size, human_time
 from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
 from mirror.cache.membership import Membership
 from mirror.config import checks
-from mirror.errors import BundleError, CacheCommandError, ConfigError, OciError
+from mirror.errors import BundleError, CacheCommandError, ConfigError, ListenError, OciError
 from mirror.node import Node
 from mirror.routing import Router
 from mirror.server import pidfile
@@ -70,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return result
     except ConfigError as exc:
         print(f"mirror: config error: {exc}", file=sys.stderr)
+        return 2
+    except ListenError as exc:  # not a config error, but `serve`'s exit 2 all the same
+        print(f"mirror: {exc}", file=sys.stderr)
         return 2
     except (CacheCommandError, BundleError) as exc:
         print(f"mirror: {exc}", file=sys.stderr)
@@ -103,8 +109,12 @@ def _parser() -> argparse.ArgumentParser:
 
     cfg = commands.add_parser("config", help="work with config files")
     cfg_commands = cfg.add_subparsers(required=True, metavar="ACTION")
-    check = cfg_commands.add_parser("check", help="validate a config file")
+    check = cfg_commands.add_parser("check", help="validate a config file (every error it "
+                                    "finds, one a line)")
     check.add_argument("file", type=Path)
+    check.add_argument("--no-env", action="store_true",
+                       help="do not require the environment variables the file names "
+                       "(*_env): check the file on a machine without the secrets")
     check.set_defaults(func=_config_check)
     _cache_parser(commands)
     sync_cli.add_parsers(commands, _warm_options)
@@ -194,6 +204,9 @@ def _bundle_parsers(commands: Any) -> None:
                      help="FILE.tar[.zst|.gz] or its first part FILE.001; several in order")
     imp.add_argument("--verify-key", type=Path, metavar="PUB",
                      help="refuse a bundle not signed by this ed25519 public key (PEM)")
+    imp.add_argument("--allow-rollback", action="store_true",
+                     help="move a tag back to what this bundle says even when a newer bundle "
+                     "of the same signer set it")
     imp.add_argument("--pin", action="store_true", help="pin imported images (never evicted)")
     imp.add_argument("--tags", choices=("fresh", "stale"), default="fresh",
                      help="fresh: imported tags are answered without upstream for "
@@ -209,25 +222,36 @@ def _bundle_parsers(commands: Any) -> None:
 
 
 def load_settings(path: Path | None, listen: str | None = None,
-                  storage: Path | None = None) -> config.Settings:
+                  storage: Path | None = None, *, require_env: bool = True) -> config.Settings:
     """Settings from a file (or the defaults) with command-line overrides.
+
+    Args:
+        require_env: every ``*_env`` variable must be set (``serve``, ``warm``, ``sync``);
+            else an unset one leaves its credential out.
 
     Raises:
         ConfigError: the file or an override is invalid.
     """
-    return launch.load_settings(path, listen, storage)
+    return launch.load_settings(path, listen, storage, require_env=require_env)
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    settings = config.load(args.file)
-    checks.check_machine(settings)
+    settings, errors = config.check(args.file, require_env=not args.no_env)
+    if settings is not None:
+        errors += checks.machine_errors(settings)
+    for error in errors:
+        print(f"mirror: config error: {error}", file=sys.stderr)
+    if errors or settings is None:
+        if len(errors) > 1:
+            print(f"mirror: {args.file}: {len(errors)} errors", file=sys.stderr)
+        return 2
     names = ", ".join(u.name + (" (default)" if u.default else "") for u in settings.upstreams)
     print(f"{args.file}: ok; upstreams: {names}")
     return 0
 
 
 def _inventory(args: argparse.Namespace) -> Inventory:
-    settings = load_settings(args.config, storage=args.storage)
+    settings = load_settings(args.config, storage=args.storage, require_env=False)
     router = Router(settings.upstreams)
 
     def parse_ref(text: str) -> tuple[str, str, str]:
@@ -296,7 +320,7 @@ def _cache_du(args: argparse.Namespace) -> int:
 
 
 def _membership(args: argparse.Namespace) -> tuple[config.Settings, Membership | None]:
-    settings = load_settings(args.config, storage=args.storage)
+    settings = load_settings(args.config, storage=args.storage, require_env=False)
     path = settings.storage.path / MEMBERSHIP_FILE
     if not path.is_file():
         return settings, None
@@ -416,7 +440,7 @@ def _reload(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config, storage=args.storage)
+    settings = load_settings(args.config, storage=args.storage, require_env=False)
     log.setup(config.LogSettings(level="warning", format=settings.log.format))
     refs = list(args.refs)
     if args.from_file is not None:
@@ -485,13 +509,18 @@ async def _export_async(args: argparse.Namespace, settings: config.Settings, ref
 
 
 def _import(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config, storage=args.storage)
+    settings = load_settings(args.config, storage=args.storage, require_env=False)
     key = load_public_key(args.verify_key) if args.verify_key else None
+    trusted = [load_public_key(path) for path in settings.imports.trusted_keys]
+    if key is not None and trusted and key_id(key) not in {key_id(k) for k in trusted}:
+        raise BundleError(f"--verify-key {args.verify_key}: not one of import.trusted_keys")
     groups = expand(args.files)
     store = FilesystemStore(settings.storage.path)
     store.open_shared()
     try:
-        importer = Importer(store, Router(settings.upstreams), verify_key=key, pin=args.pin,
+        importer = Importer(store, Router(settings.upstreams), verify_key=key,
+                            trusted_keys=trusted, allow_rollback=args.allow_rollback,
+                            pin=args.pin,
                             tag_state=args.tags, tag_ttl=settings.cache.tag_ttl,
                             repository=args.repository)
         with importer.locked():

@@ -8,6 +8,7 @@ and becomes a 500 with no details in the body.
 
     MirrorError
     ├── ConfigError                 a config file or value is wrong (names its key)
+    ├── ListenError                 the listen address cannot be bound (in use, no right)
     ├── OciError                    rendered to clients as {"errors": [...]}
     │   ├── RouteNotFound           404 NOT_FOUND (not a registry API path)
     │   ├── PaginationNumberInvalid 400 PAGINATION_NUMBER_INVALID (a bad ?n=)
@@ -54,6 +55,11 @@ class ConfigError(MirrorError):
         self.key = key
         self.message = message
         super().__init__(f"{key}: {message}" if key else message)
+
+
+class ListenError(MirrorError):
+    """A listen address cannot be bound: the machine's state, not the config's (another
+    process holds the port, or binding it needs a right this user lacks)."""
 
 
 class OciError(MirrorError):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mirror import config
 from mirror.config import Settings, checks
-from mirror.errors import ConfigError
+from mirror.errors import ConfigError, ListenError
 from mirror.worker import ENV_INDEX
 
 
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mirror: config error: {exc}", file=sys.stderr)
         return 2
+    except ListenError as exc:  # the machine's state, not the file's: exit 2 all the same
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
@@ -66,13 +69,18 @@ def _serve_args(args: list[str]) -> argparse.Namespace | None:
 
 
 def load_settings(path: Path | None, listen: str | None = None,
-                  storage: Path | None = None) -> Settings:
+                  storage: Path | None = None, *, require_env: bool = True) -> Settings:
     """Settings from a file (or the defaults) with command-line overrides.
+
+    Args:
+        require_env: every ``*_env`` variable must be set (``serve``, ``warm``, ``sync``);
+            else an unset one leaves its credential out.
 
     Raises:
         ConfigError: the file or an override is invalid.
     """
-    settings = config.load(path) if path else config.default_settings()
+    settings = config.load(path, require_env=require_env) if path else \
+        config.default_settings()
     if listen:
         host, port = config.parse_listen(listen)
         settings = dataclasses.replace(settings, listen_host=host, listen_port=port)

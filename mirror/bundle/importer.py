@@ -2,15 +2,19 @@
 
 ::
 
-    stage    read the tar in order; every blob not already cached goes to a temp file
-             through the one blob writer (hashed as written, checked against its name,
-             fsync'ed); small files (oci-layout, index.json, bundle.json, .sig) in memory
-    check    the signature (--verify-key) before the first blob is staged; bundle.json's
-             sha256 of every small file and its list of blobs; the layout version; every
-             manifest reachable from index.json, and every blob they need, is in the
-             bundle or in the cache, else fail listing the missing digests
-    apply    blobs published by rename, then manifests (children before parents), pins,
-             and last the tag records
+    stage    read the tar in order, zstd in bounded steps; every blob not already cached
+             goes to a temp file through the one blob writer (hashed as written, checked
+             against its name, fsync'ed); small files (oci-layout, index.json, bundle.json,
+             .sig) in memory, size-capped, as raw bytes
+    check    the signature (--verify-key, or import.trusted_keys) over bundle.json's raw
+             bytes before they are parsed and before the first blob is staged; every JSON
+             document depth- and size-checked before parsing; bundle.json's sha256 of every
+             small file and its list of blobs; the layout version; every manifest reachable
+             from index.json, and every blob they need, is in the bundle or in the cache,
+             else fail listing the missing digests
+    apply    blobs some manifest of the bundle references published by rename (others are
+             dropped), then manifests (children before parents), pins, and last the tag
+             records: a tag a signer's newer bundle set is left alone (rollback)
 
 Nothing is published before everything is checked, so a bad bundle changes nothing. A
 ``kill -9`` leaves temp files (removed by the next import or server start) and, during
@@ -27,7 +31,7 @@ import os
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mirror.bundle import layout
 from mirror.bundle.manifest import BundleManifest, verify
 from mirror.bundle.parts import WRITEBACK_EVERY, Input, start_writeback
+from mirror.bundle.provenance import Provenance, Stamp
 from mirror.bundle.walk import Walk, check_reference, parse_digest
 from mirror.bundle.walk import tree as walk_tree
 from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
@@ -70,6 +75,8 @@ class Report:
     tags: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     pinned: int = 0
+    unreferenced: int = 0  # blobs of the bundle no manifest references: not published
+    kept: list[str] = field(default_factory=list)  # tags left alone: a newer bundle set them
 
 
 @dataclass
@@ -81,6 +88,7 @@ class _Read:
     cached: set[str] = field(default_factory=set)  # blobs of the layout already here
     bundle: BundleManifest | None = None
     key_id: str | None = None
+    checked: bool = False  # signature checked and bundle.json parsed (before any blob)
 
 
 class Importer:
@@ -90,6 +98,9 @@ class Importer:
         store: the storage, opened with :meth:`FilesystemStore.open_shared`.
         router: resolves the registries and repositories the bundle names.
         verify_key: refuse a bundle not signed by this key.
+        trusted_keys: refuse a bundle not signed by one of these (``import.trusted_keys``;
+            ``verify_key``, when given, is the one accepted).
+        allow_rollback: move a tag even when a newer bundle of the same signer set it.
         pin: pin every imported image (never evicted).
         tag_state: ``fresh``: tags answered without upstream for ``tag_ttl`` after the
             import; ``stale``: revalidated upstream at their first pull when it is
@@ -98,7 +109,9 @@ class Importer:
     """
 
     def __init__(self, store: FilesystemStore, router: Router, *,
-                 verify_key: Ed25519PublicKey | None = None, pin: bool = False,
+                 verify_key: Ed25519PublicKey | None = None,
+                 trusted_keys: Sequence[Ed25519PublicKey] = (), allow_rollback: bool = False,
+                 pin: bool = False,
                  tag_state: str = "fresh", tag_ttl: float = 300.0,
                  repository: str | None = None,
                  progress: Callable[[int, int], None] = lambda _d, _t: None,
@@ -107,7 +120,8 @@ class Importer:
             raise BundleError(f"tag state {tag_state!r}: expected fresh or stale")
         self._store = store
         self._router = router
-        self._key = verify_key
+        self._keys = (verify_key,) if verify_key is not None else tuple(trusted_keys)
+        self._allow_rollback = allow_rollback
         self._pin = pin
         self._tag_state = tag_state
         self._tag_ttl = tag_ttl
@@ -142,8 +156,7 @@ class Importer:
         try:
             self._stage(files, read)
             report = Report(signed=layout.SIGNATURE in read.small, key_id=read.key_id)
-            manifests, order = self._check(read)
-            self._apply(read, manifests, order, report)
+            self._apply(read, self._check(read), report)
         finally:
             for temp, _ in read.staged.values():
                 with contextlib.suppress(FileNotFoundError):
@@ -157,9 +170,8 @@ class Importer:
             tar, source = layout.open_stream(stream)
             for name, member in layout.entries(tar):
                 if name in layout.SMALL_MAX:
+                    # Raw bytes only: bundle.json is parsed once its signature verified.
                     read.small[name] = layout.read_small(tar, name, member)
-                    if name == layout.BUNDLE:
-                        read.bundle = BundleManifest.parse(read.small[name])
                     continue
                 match = layout.BLOB_NAME.fullmatch(name)
                 if match is None:
@@ -175,10 +187,16 @@ class Importer:
             stream.close()
 
     def _before_blobs(self, read: _Read) -> None:
-        """The signature is checked before any blob is staged."""
-        if self._key is not None and read.key_id is None:
+        """The signature is checked before any blob is staged, over bundle.json's raw
+        bytes, and only then are they parsed."""
+        if read.checked:
+            return
+        if self._keys:
             read.key_id = verify(read.small.get(layout.BUNDLE), read.small.get(layout.SIGNATURE),
-                                 self._key)
+                                 self._keys)
+        if layout.BUNDLE in read.small:
+            read.bundle = BundleManifest.parse(read.small[layout.BUNDLE])
+        read.checked = True
 
     def _entry(self, tar: Any, member: Any, digest: Digest, read: _Read) -> None:
         text = str(digest)
@@ -225,13 +243,15 @@ class Importer:
         return Path(name)
 
     # --- check -----------------------------------------------------------------------------
-    def _check(self, read: _Read) -> tuple[dict[str, tuple[bytes, str]], list[str]]:
+    def _check(self, read: _Read) -> Walk:
+        bundle = read.bundle
+        if bundle is not None:  # the raw bytes first: parsed only when they are the signed ones
+            for name in (layout.OCI_LAYOUT, layout.INDEX):
+                if name in read.small:  # a missing one is named just below
+                    bundle.check_file(name, read.small[name])
         layout.check_layout(read.small.get(layout.OCI_LAYOUT))
         descriptors = layout.parse_index(read.small.get(layout.INDEX))
-        bundle = read.bundle
         if bundle is not None:
-            bundle.check_file(layout.OCI_LAYOUT, read.small[layout.OCI_LAYOUT])
-            bundle.check_file(layout.INDEX, read.small[layout.INDEX])
             unlisted = [d for d in [*read.staged, *read.cached] if d not in bundle.blobs]
             if unlisted:  # bundle.json came after them: checked here instead
                 raise BundleError(f"{unlisted[0]} is in the archive but not listed in "
@@ -254,16 +274,18 @@ class Importer:
                               + ", ".join(sorted(walk.missing)))
         for ref in bundle.references if bundle is not None else []:
             check_reference(ref, walk.manifests)
-        return walk.manifests, walk.order
+        return walk
 
     # --- apply -----------------------------------------------------------------------------
-    def _apply(self, read: _Read, manifests: dict[str, tuple[bytes, str]], order: list[str],
-               report: Report) -> None:
+    def _apply(self, read: _Read, walk: Walk, report: Report) -> None:
+        manifests, order = walk.manifests, walk.order
         if read.bundle is not None:
             report.bundle_id, report.sequence = read.bundle.id, read.bundle.sequence
         report.skipped = len(read.cached)
         for digest, (temp, size) in list(read.staged.items()):
-            if digest not in manifests:
+            if digest not in manifests and digest not in walk.referenced:
+                report.unreferenced += 1  # junk riding along: never published
+            elif digest not in manifests:
                 _fsync(temp)
                 self._store.publish_blob(temp, Digest.parse(digest))
                 report.blobs_new += 1
@@ -280,8 +302,19 @@ class Importer:
                 tree = walk_tree(digest, manifests)
                 self._store.index.pin(sorted(tree), label)
                 report.pinned += 1
-        self._record_tags(refs, manifests, report)
+        self._record_tags(refs, manifests, report, self._stamp(read))
         self._record_members(refs, manifests)
+        if report.unreferenced:
+            report.notes.append(f"{report.unreferenced} blob(s) of the bundle that no manifest "
+                                "references were not imported")
+
+    @staticmethod
+    def _stamp(read: _Read) -> tuple[str, Stamp] | None:
+        """The signer and stamp of a verified bundle, for rollback protection."""
+        if read.key_id is None or read.bundle is None:
+            return None
+        bundle = read.bundle
+        return read.key_id, Stamp(bundle.created, bundle.sequence, bundle.id)
 
     def _references(self, read: _Read, manifests: dict[str, tuple[bytes, str]],
                     report: Report) -> list[tuple[str, str]]:
@@ -326,14 +359,20 @@ class Importer:
         return f"{target.upstream.name}/{target.repository}{sep}{target.reference}"
 
     def _record_tags(self, refs: list[tuple[str, str]],
-                     manifests: dict[str, tuple[bytes, str]], report: Report) -> None:
+                     manifests: dict[str, tuple[bytes, str]], report: Report,
+                     signed: tuple[str, Stamp] | None) -> None:
         now = self._clock()
         fetched_at = now if self._tag_state == "fresh" else now - self._tag_ttl - 1
+        provenance = Provenance(self._store.root)
         cache = diskcache.Cache(str(self._store.tags))
         try:
             for label, digest in refs:
                 if "@" in label:
                     continue
+                if signed is not None:
+                    if not self._may_move(provenance, label, signed, report):
+                        continue
+                    provenance.record(label, *signed, digest)
                 data, media_type = manifests[digest]
                 name, _, tag = label.rpartition(":")
                 registry, _, repository = name.partition("/")
@@ -342,6 +381,23 @@ class Importer:
                 report.tags.append(label)
         finally:
             cache.close()
+        if signed is not None:
+            provenance.save()
+
+    def _may_move(self, provenance: Provenance, label: str, signed: tuple[str, Stamp],
+                  report: Report) -> bool:
+        """Whether this signed bundle may set ``label``: not older than the last bundle of
+        the same signer that set it, unless rollback is allowed."""
+        key, stamp = signed
+        newer = provenance.newer(label, key, stamp)
+        if newer is None or self._allow_rollback:
+            return True
+        report.kept.append(label)
+        report.notes.append(f"{label}: left alone: this bundle (created {stamp.created}, seq "
+                            f"{stamp.sequence}) is older than bundle {newer.bundle} (created "
+                            f"{newer.created}, seq {newer.sequence}) of the same signer that "
+                            "set it (--allow-rollback moves it back)")
+        return False
 
     def _record_members(self, refs: list[tuple[str, str]],
                         manifests: dict[str, tuple[bytes, str]]) -> None:

@@ -16,7 +16,6 @@ Entries are refused before any byte of them is used when their name is absolute 
 from __future__ import annotations
 
 import gzip
-import json
 import lzma
 import re
 import tarfile
@@ -25,6 +24,7 @@ from typing import IO, Any, Protocol
 
 import zstandard
 
+from mirror.bundle import safejson
 from mirror.errors import BundleError
 
 OCI_LAYOUT = "oci-layout"
@@ -37,10 +37,15 @@ REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 CHUNK = 1 << 20
 #: The largest small file read into memory (oci-layout, index.json, bundle.json, signature).
-SMALL_MAX = {OCI_LAYOUT: 4096, INDEX: 16 << 20, BUNDLE: 64 << 20, SIGNATURE: 64 << 10}
+#: bundle.json takes about 100 bytes a blob: 4 MiB is some 40,000 blobs.
+SMALL_MAX = {OCI_LAYOUT: 4096, INDEX: 4 << 20, BUNDLE: 4 << 20, SIGNATURE: 64 << 10}
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 BLOB_NAME = re.compile(r"blobs/(sha256|sha512)/([0-9a-f]+)")
 _ZEROS = bytes(tarfile.BLOCKSIZE * 2)
+#: The largest zstd window decoded (zstd -19 uses 8 MiB; the decoder keeps one window).
+ZSTD_WINDOW_MAX = 16 << 20
+#: zstd blocks fed to the decoder at once: each decodes to 128 KiB at most.
+_BLOCKS_PER_FEED = 8
 
 
 class Sink(Protocol):
@@ -132,41 +137,153 @@ class _Peek:
         return data
 
 
+class _Blocks:
+    """Where the blocks of a zstd stream end, read from their headers without decoding.
+
+    A zstd block decodes to at most 128 KiB whatever its size in the stream (an RLE block
+    of 4 bytes gives 128 KiB of one byte), so feeding the decoder whole blocks a few at a
+    time bounds what one call returns. Skippable frames are passed over; :attr:`between`
+    says whether the bytes so far end at a frame boundary (else the stream was cut short).
+    """
+
+    def __init__(self) -> None:
+        self._state = "magic"
+        self._want = 4  # bytes of the current header still to collect, or of a body to skip
+        self._head = bytearray()
+        self._last = False
+        self._checksum = 0
+
+    @property
+    def between(self) -> bool:
+        """At a frame boundary: nothing half read."""
+        return self._state == "magic" and not self._head
+
+    def take(self, data: memoryview, blocks: int) -> int:
+        """How many bytes of ``data`` to feed so that at most ``blocks`` blocks end in them.
+
+        Raises:
+            BundleError: not a zstd frame, or a reserved block type.
+        """
+        used = 0
+        while used < len(data) and blocks > 0:
+            if self._state in ("body", "skip", "checksum"):
+                step = min(self._want, len(data) - used)
+                used += step
+                self._want -= step
+                if self._want == 0:
+                    blocks -= self._state == "body"
+                    self._body_done()
+                continue
+            step = min(self._want - len(self._head), len(data) - used)
+            self._head += data[used:used + step]
+            used += step
+            if len(self._head) == self._want:
+                self._header_done(bytes(self._head))
+        return used
+
+    def _body_done(self) -> None:
+        if self._state == "body" and not self._last:
+            self._expect("block", 3)
+        elif self._state == "body" and self._checksum:
+            self._state, self._want = "checksum", self._checksum
+        else:
+            self._expect("magic", 4)
+
+    def _expect(self, state: str, size: int) -> None:
+        self._state, self._want = state, size
+        self._head.clear()
+
+    def _header_done(self, head: bytes) -> None:
+        if self._state == "magic":
+            magic = int.from_bytes(head, "little")
+            if head == ZSTD_MAGIC:
+                self._expect("descriptor", 1)
+            elif magic & 0xFFFFFFF0 == 0x184D2A50:
+                self._expect("skip-size", 4)
+            else:
+                raise BundleError("the bundle's zstd stream is corrupt (no frame magic "
+                                  "where a frame should start)")
+        elif self._state == "skip-size":
+            self._state, self._want = "skip", int.from_bytes(head, "little")
+            self._head.clear()
+            if self._want == 0:
+                self._expect("magic", 4)
+        elif self._state == "descriptor":
+            self._descriptor(head[0])
+        elif self._state == "frame-header":
+            self._expect("block", 3)
+        else:
+            self._block(int.from_bytes(head, "little"))
+
+    def _descriptor(self, byte: int) -> None:
+        single = bool(byte & 0x20)
+        content_size = (0, 2, 4, 8)[byte >> 6] or (1 if single else 0)
+        rest = (0 if single else 1) + (0, 1, 2, 4)[byte & 3] + content_size
+        self._checksum = 4 if byte & 0x04 else 0
+        self._expect("frame-header", rest) if rest else self._expect("block", 3)
+
+    def _block(self, header: int) -> None:
+        self._last = bool(header & 1)
+        kind, size = (header >> 1) & 3, header >> 3
+        if kind == 3:
+            raise BundleError("the bundle's zstd stream is corrupt (reserved block type)")
+        self._state, self._want = "body", 1 if kind == 1 else size
+        self._head.clear()
+        if self._want == 0:
+            self._body_done()
+
+
 class _Unzstd:
-    """zstd decompression that can tell a stream cut short from one that ended."""
+    """zstd decompression in bounded steps that can tell a stream cut short from one that
+    ended.
+
+    ``decompressobj().decompress`` returns everything its input decodes to in one piece:
+    8 KB of crafted input can be 256 MiB out. Its input is therefore cut at block
+    boundaries (:class:`_Blocks`), :data:`_BLOCKS_PER_FEED` blocks at a time, so one feed
+    gives at most 1 MiB and memory stays flat whatever the compression ratio.
+    """
 
     def __init__(self, raw: Any) -> None:
         self._raw = raw
-        self._decompressor = zstandard.ZstdDecompressor()
+        self._decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_WINDOW_MAX)
         self._obj = self._decompressor.decompressobj()
-        self._buffer = b""
+        self._blocks = _Blocks()
+        self._input = memoryview(b"")
+        self._buffer = memoryview(b"")
         self._ended = False
 
     def read(self, size: int = -1) -> bytes:
         while not self._buffer and not self._ended:
-            data = self._raw.read(CHUNK)
-            if not data:
-                self._ended = True
-                if not self._obj.eof:
-                    raise BundleError("the bundle is truncated (its zstd stream stops "
-                                      "mid-frame)")
-                break
-            self._feed(data)
+            if not self._input:
+                self._input = memoryview(self._raw.read(CHUNK))
+                if not self._input:
+                    self._ended = True
+                    if not self._blocks.between:
+                        raise BundleError("the bundle is truncated (its zstd stream stops "
+                                          "mid-frame)")
+                    break
+            used = self._blocks.take(self._input, _BLOCKS_PER_FEED)
+            piece, self._input = self._input[:used], self._input[used:]
+            self._buffer = memoryview(self._feed(piece))
         if size < 0 or size >= len(self._buffer):
-            out, self._buffer = self._buffer, b""
+            out, self._buffer = self._buffer, memoryview(b"")
         else:
             out, self._buffer = self._buffer[:size], self._buffer[size:]
-        return out
+        return bytes(out)
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: memoryview) -> bytes:
+        out = []
         try:
             while data:
-                self._buffer += self._obj.decompress(data)
-                data = self._obj.unused_data if self._obj.eof else b""
-                if data:  # concatenated frames (pzstd, zstd -T): one after the other
+                out.append(self._obj.decompress(data))
+                data = memoryview(self._obj.unused_data) if self._obj.eof else memoryview(b"")
+                if data or self._obj.eof:  # concatenated frames (pzstd, zstd -T)
                     self._obj = self._decompressor.decompressobj()
         except zstandard.ZstdError as exc:
-            raise BundleError(f"the bundle's zstd stream is corrupt: {exc}") from None
+            hint = f" (this mirror reads zstd windows up to {ZSTD_WINDOW_MAX >> 20} MiB: " \
+                "not --long or --ultra)" if "memory" in str(exc) else ""
+            raise BundleError(f"the bundle's zstd stream is corrupt: {exc}{hint}") from None
+        return b"".join(out)
 
 
 class _Forward:
@@ -314,8 +431,8 @@ def check_layout(data: bytes | None) -> None:
     if data is None:
         raise BundleError("no oci-layout file: not an OCI image layout")
     try:
-        version = json.loads(data).get("imageLayoutVersion")
-    except (ValueError, AttributeError):
+        version = safejson.loads(data, OCI_LAYOUT).get("imageLayoutVersion")
+    except (BundleError, AttributeError):
         version = None
     if version != "1.0.0":
         raise BundleError(f"oci-layout says imageLayoutVersion {version!r}; this mirror reads "
@@ -330,10 +447,7 @@ def parse_index(data: bytes | None) -> list[dict[str, Any]]:
     """
     if data is None:
         raise BundleError("no index.json: not an OCI image layout")
-    try:
-        document = json.loads(data)
-    except ValueError:
-        document = None
+    document = safejson.loads(data, INDEX)
     manifests = document.get("manifests") if isinstance(document, dict) else None
     if not isinstance(manifests, list) or not all(
             isinstance(m, dict) and isinstance(m.get("digest"), str) for m in manifests):

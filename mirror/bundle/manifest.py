@@ -4,7 +4,7 @@
 
     {
       "bundleVersion": 1,
-      "id": "<uuid4>",            "created": "2026-11-29T20:00:00Z",
+      "id": "<uuid4>",            "created": "2026-11-29T20:00:00.123456Z",
       "base": "<id>" | null,      "sequence": 0        (base's sequence + 1 for --since)
       "tool": {"name": "mirror", "version": "0.1.0"},
       "platforms": ["linux/amd64"] | [],              ([]: every platform)
@@ -30,6 +30,7 @@ import datetime
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from mirror.bundle import safejson
 from mirror.errors import BundleError
 
 BUNDLE_VERSION = 1
@@ -50,7 +52,7 @@ class BundleManifest:
 
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.UTC)
-                         .strftime("%Y-%m-%dT%H:%M:%SZ"))
+                         .strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
     base: str | None = None
     sequence: int = 0
     tool_version: str = ""
@@ -79,10 +81,7 @@ class BundleManifest:
         Raises:
             BundleError: not JSON, a version this mirror does not know, or a bad field.
         """
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise BundleError(f"{where} is not JSON") from None
+        doc = safejson.loads(data, where)
         if not isinstance(doc, dict):
             raise BundleError(f"{where} is not a JSON object")
         version = doc.get("bundleVersion")
@@ -185,30 +184,37 @@ def sign(data: bytes, key: Ed25519PrivateKey) -> bytes:
                        "signature": signature}).encode()
 
 
-def verify(data: bytes | None, signature: bytes | None, key: Ed25519PublicKey) -> str:
-    """Check ``bundle.json`` against its signature; returns the key id checked.
+def verify(data: bytes | None, signature: bytes | None,
+           keys: Ed25519PublicKey | Sequence[Ed25519PublicKey]) -> str:
+    """Check ``bundle.json``'s exact bytes against its signature by one of ``keys``, before
+    anything parses them; returns the key id that verified.
 
     Raises:
-        BundleError: no bundle.json, no signature, another key, or a bad signature.
+        BundleError: no bundle.json, no signature, signed by a key not among ``keys``, or a
+            bad signature.
     """
-    kid = key_id(key)
+    trusted = {key_id(k): k for k in ([keys] if isinstance(keys, Ed25519PublicKey) else keys)}
+    names = ", ".join(trusted)
     if data is None:
         raise BundleError(f"the bundle has no bundle.json, so no signature to check with key "
-                          f"{kid}")
+                          f"{names}")
     if signature is None:
         raise BundleError(f"the bundle is not signed (no bundle.json.sig); checked for key "
-                          f"{kid}")
+                          f"{names}")
     try:
-        doc = json.loads(signature)
+        doc = safejson.loads(signature, "bundle.json.sig")
         raw = base64.b64decode(doc["signature"], validate=True)
         signed_by = doc.get("keyId")
-    except (ValueError, KeyError, TypeError):
+    except (BundleError, ValueError, KeyError, TypeError, AttributeError):
         raise BundleError("bundle.json.sig is malformed") from None
-    if signed_by != kid:
-        raise BundleError(f"the bundle is signed by key {signed_by}, not by {kid}")
+    key = trusted.get(signed_by) if isinstance(signed_by, str) else None
+    if key is None:
+        which = f"not by {names}" if len(trusted) == 1 else f"which is not one of the " \
+            f"trusted keys ({names})"
+        raise BundleError(f"the bundle is signed by key {str(signed_by)[:80]}, {which}")
     try:
         key.verify(raw, data)
     except InvalidSignature:
-        raise BundleError(f"the signature of bundle.json does not verify with key {kid} "
+        raise BundleError(f"the signature of bundle.json does not verify with key {signed_by} "
                           "(bundle.json or its signature was changed)") from None
-    return kid
+    return str(signed_by)

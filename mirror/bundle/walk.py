@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mirror.bundle import safejson
 from mirror.errors import BundleError, OciError
 from mirror.oci import (
     MANIFEST_MAX_BYTES,
@@ -39,6 +40,7 @@ class Walk:
         self.manifests: dict[str, tuple[bytes, str]] = {}
         self.order: list[str] = []  # children before parents
         self.missing: set[str] = set()
+        self.referenced: set[str] = set()  # configs and layers of every manifest reached
 
     def have(self, digest: str) -> bool:
         """In the bundle, or in the cache (as a blob or a manifest)."""
@@ -59,6 +61,7 @@ class Walk:
             if required or digest in self._listed:
                 self.missing.add(digest)
             return
+        safejson.loads(data, f"manifest {digest}")  # depth and size, before oci parses it
         try:
             media_type = manifest_media_type(data, descriptor.get("mediaType"))
             document = parse_manifest(data)
@@ -71,8 +74,10 @@ class Walk:
         config = document.get("config")
         for blob in ([config] if isinstance(config, dict) else []) + \
                 [b for b in document.get("layers") or [] if isinstance(b, dict)]:
-            if isinstance(blob.get("digest"), str) and not self.have(blob["digest"]):
-                self.missing.add(blob["digest"])
+            if isinstance(blob.get("digest"), str):
+                self.referenced.add(blob["digest"])
+                if not self.have(blob["digest"]):
+                    self.missing.add(blob["digest"])
         self.order.append(digest)
 
     def _load(self, text: str) -> bytes | None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -26,6 +27,8 @@ from mirror.config.auth import (
     _auth,
 )
 from mirror.config.cluster import _cluster
+from mirror.config.environment import Lenient, without_placeholders
+from mirror.config.imports import _import
 from mirror.config.policy import (
     PolicyIdentity,
     PolicyKey,
@@ -44,6 +47,7 @@ from mirror.config.settings import (
     CredentialSettings,
     DockerConfigCredential,
     EcrCredential,
+    ImportSettings,
     LogSettings,
     PopularSettings,
     S3Settings,
@@ -89,6 +93,7 @@ __all__ = [
     "CredentialSettings",
     "DockerConfigCredential",
     "EcrCredential",
+    "ImportSettings",
     "LogSettings",
     "PolicyIdentity",
     "PolicyKey",
@@ -109,6 +114,7 @@ __all__ = [
     "TokenSettings",
     "UpstreamSettings",
     "auto_max_size",
+    "check",
     "default_settings",
     "docker_hub",
     "load",
@@ -121,11 +127,54 @@ __all__ = [
 ]
 
 
-def load(path: Path, env: Mapping[str, str] | None = None) -> Settings:
+def load(path: Path, env: Mapping[str, str] | None = None, *,
+         require_env: bool = True) -> Settings:
     """Read and validate a YAML config file.
+
+    Args:
+        path: the file.
+        env: the environment (default: the process's).
+        require_env: every ``*_env`` variable must be set; else an unset one makes the
+            upstream credential or S3 key it names absent (commands that never fetch
+            with credentials: ``cache``, ``export``, ``import``, ``config check --no-env``).
 
     Raises:
         ConfigError: the file cannot be read, is not YAML, or is invalid.
+    """
+    document = _read(path)
+    environ = os.environ if env is None else env
+    if require_env:
+        return parse(document, env=environ, base=path.parent)
+    lenient = Lenient(environ)
+    return without_placeholders(parse(document, env=lenient, base=path.parent), lenient)
+
+
+def check(path: Path, env: Mapping[str, str] | None = None, *,
+          require_env: bool = True) -> tuple[Settings | None, list[ConfigError]]:
+    """Validate a config file and report every error found, not only the first (one per
+    bad key, at least one per section and per upstream).
+
+    Returns:
+        The settings (``None`` when there are errors) and the errors.
+    """
+    try:
+        document = _read(path)
+    except ConfigError as exc:
+        return None, [exc]
+    environ = os.environ if env is None else env
+    lenient = None if require_env else Lenient(environ)
+    errors: list[ConfigError] = []
+    settings = parse(document, env=lenient or environ, base=path.parent, errors=errors)
+    if errors:
+        return None, errors
+    return (without_placeholders(settings, lenient) if lenient else settings), []
+
+
+def _read(path: Path) -> Any:
+    """The YAML document of ``path``.
+
+    Raises:
+        ConfigError: the file cannot be read or is not YAML.
     """
     try:
         text = path.read_bytes().decode("utf-8")
@@ -138,7 +187,7 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         document = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{path} is not valid YAML: {_one_line(exc)}") from None
-    return parse(document or {}, env=os.environ if env is None else env, base=path.parent)
+    return document or {}
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -167,41 +216,106 @@ def _one_line(exc: yaml.YAMLError) -> str:
     return " ".join(str(exc).split())
 
 
-def parse(document: Any, *, env: Mapping[str, str], base: Path = Path(".")) -> Settings:
+_ROOT_KEYS = {"version", "listen", "tls", "storage", "cache", "upstreams", "log", "server",
+              "cluster", "auth", "access", "admin", "sync", "import", "policy"}
+
+
+def parse(document: Any, *, env: Mapping[str, str], base: Path = Path("."),
+          errors: list[ConfigError] | None = None) -> Settings:
     """Validate a parsed YAML document into :class:`Settings`.
 
+    Args:
+        errors: collect every error here (each section parsed on its own, a bad one
+            replaced by its default) instead of raising the first.
+
     Raises:
-        ConfigError: naming the first bad key.
+        ConfigError: naming the first bad key (when ``errors`` is not given).
     """
+    if errors is not None and isinstance(document, dict):
+        errors += [ConfigError(str(k), f"unknown key (expected one of "
+                               f"{', '.join(sorted(_ROOT_KEYS))})")
+                   for k in document if k not in _ROOT_KEYS]
+        document = {k: v for k, v in document.items() if k in _ROOT_KEYS}
     root = _mapping(document, "")
-    _only_keys(root, "", {"version", "listen", "tls", "storage", "cache", "upstreams",
-                          "log", "server", "cluster", "auth", "access", "admin", "sync",
-                          "policy"})
-    version = root.get("version", CONFIG_VERSION)
-    if version != CONFIG_VERSION:
-        raise ConfigError("version", f"unsupported version {version!r} (this mirror reads 1)")
-    host, port = parse_listen(root.get("listen", "0.0.0.0:5000"))
-    upstreams = _upstreams(root.get("upstreams"), env, base)
-    cluster = _cluster(root.get("cluster"), env, base)
+    _only_keys(root, "", _ROOT_KEYS)
+    part = _Sections(errors)
+    part(lambda: _version(root.get("version", CONFIG_VERSION)), None)
+    host, port = part(lambda: parse_listen(root.get("listen", "0.0.0.0:5000")),
+                      ("0.0.0.0", 5000))
+    upstreams = part.upstreams(root.get("upstreams"), env, base)
+    cluster = part(lambda: _cluster(root.get("cluster"), env, base), None)
     if cluster is not None and cluster.self_url is None:
-        cluster = dataclasses.replace(cluster, self_url=_self_url(cluster, host, port))
-    auth = _access(root.get("access"), _auth(root.get("auth"), env, base),
-                   tuple(u.name for u in upstreams))
-    return Settings(
+        cluster = part(partial(_with_self_url, cluster, host, port), None)
+    auth = part(lambda: _access(root.get("access"), _auth(root.get("auth"), env, base),
+                                tuple(u.name for u in upstreams)), None)
+    settings = Settings(
         listen_host=host,
         listen_port=port,
-        tls=_tls(root.get("tls"), base),
-        storage=_storage(root.get("storage", {}), env, base),
-        cache=_cache(root.get("cache", {})),
+        tls=part(lambda: _tls(root.get("tls"), base), None),
+        storage=part(lambda: _storage(root.get("storage", {}), env, base), StorageSettings()),
+        cache=part(lambda: _cache(root.get("cache", {})), CacheSettings()),
         upstreams=upstreams,
-        log=_log(root.get("log", {})),
-        server=_server(root.get("server", {}), base),
+        log=part(lambda: _log(root.get("log", {})), LogSettings()),
+        server=part(lambda: _server(root.get("server", {}), base), ServerSettings()),
         cluster=cluster,
         auth=auth,
-        admin=_admin(root["admin"], env, base, port) if "admin" in root else None,
-        sync=_sync(root.get("sync"), {n: u.name for u in upstreams for n in u.names()}),
-        policy=_policy(root.get("policy"), tuple(u.name for u in upstreams), base),
+        admin=part(lambda: _admin(root["admin"], env, base, port), None)
+        if "admin" in root else None,
+        sync=part(lambda: _sync(root.get("sync"),
+                                {n: u.name for u in upstreams for n in u.names()}), None),
+        imports=part(lambda: _import(root.get("import"), base), ImportSettings()),
+        policy=part(lambda: _policy(root.get("policy"), tuple(u.name for u in upstreams),
+                                    base), None),
     )
+    return settings
+
+
+def _with_self_url(cluster: ClusterSettings, host: str, port: int) -> ClusterSettings:
+    return dataclasses.replace(cluster, self_url=_self_url(cluster, host, port))
+
+
+def _version(version: Any) -> None:
+    if version != CONFIG_VERSION:
+        raise ConfigError("version", f"unsupported version {version!r} (this mirror reads 1)")
+
+
+T = TypeVar("T")
+
+
+class _Sections:
+    """Runs each section's parser: raising the first error, or collecting them all."""
+
+    def __init__(self, errors: list[ConfigError] | None) -> None:
+        self._errors = errors
+
+    def __call__(self, parse: Callable[[], T], fallback: T) -> T:
+        if self._errors is None:
+            return parse()
+        try:
+            return parse()
+        except ConfigError as exc:
+            self._errors.append(exc)
+            return fallback
+
+    def upstreams(self, value: Any, env: Mapping[str, str],
+                  base: Path) -> tuple[UpstreamSettings, ...]:
+        """Every upstream on its own (each one's errors), then the list as a whole."""
+        if self._errors is None or not isinstance(value, list):
+            return self(lambda: _upstreams(value, env, base), (docker_hub(),))
+        good: list[Any] = []
+        empty: tuple[UpstreamSettings, ...] = ()
+        for i, item in enumerate(value):
+            found = self(partial(_upstreams, [item], env, base), empty)
+            if not found and self._errors and self._errors[-1].key.startswith("upstreams[0]"):
+                last = self._errors.pop()
+                self._errors.append(ConfigError(last.key.replace("upstreams[0]",
+                                                                 f"upstreams[{i}]", 1),
+                                                last.message))
+            if found:
+                good.append(item)
+        if len(good) != len(value):
+            return self(partial(_upstreams, good, env, base), empty) if good else empty
+        return self(partial(_upstreams, value, env, base), empty)
 
 
 def _self_url(cluster: ClusterSettings, host: str, port: int) -> str:

@@ -14,7 +14,7 @@ import ssl
 from pathlib import Path
 
 from mirror.config.settings import Settings, TlsSettings
-from mirror.errors import ConfigError
+from mirror.errors import ConfigError, ListenError
 
 
 def check_storage(path: Path, *, create: bool) -> None:
@@ -70,15 +70,16 @@ def bind(host: str, port: int) -> socket.socket:
     the traffic; worker processes share this one socket (:mod:`mirror.server.workers`).
 
     Raises:
-        ConfigError: (``listen``) the address is in use or cannot be bound.
+        ListenError: the address is in use or cannot be bound (not a config error: the
+            same file works once the port is free).
     """
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                     flags=socket.AI_PASSIVE)[0][0]
         return socket.create_server((host, port), family=family, backlog=1024)
     except OSError as exc:
-        why = os.strerror(exc.errno) if exc.errno else str(exc)  # not create_server's "(while...)"
-        raise ConfigError("listen", f"cannot listen on {host}:{port}: {why}") from None
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenError(f"cannot listen on {host}:{port}: {why}") from None
 
 
 def check_machine(settings: Settings) -> None:
@@ -90,3 +91,18 @@ def check_machine(settings: Settings) -> None:
     check_storage(settings.storage.path, create=False)
     if settings.tls is not None:
         tls_context(settings.tls)
+
+
+def machine_errors(settings: Settings) -> list[ConfigError]:
+    """Every problem :func:`check_machine` finds, not only the first."""
+    found = []
+    try:
+        check_storage(settings.storage.path, create=False)
+    except ConfigError as exc:
+        found.append(exc)
+    if settings.tls is not None:
+        try:
+            tls_context(settings.tls)
+        except ConfigError as exc:
+            found.append(exc)
+    return found

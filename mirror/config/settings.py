@@ -325,6 +325,13 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class ImportSettings:
+    """``import``: the keys every imported bundle must be signed by (none: any bundle)."""
+
+    trusted_keys: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the mirror needs to run, validated."""
 
@@ -341,6 +348,7 @@ class Settings:
     admin: AdminSettings | None = None  # None: /metrics and / on the main address, open
     sync: SyncSettings | None = None
     policy: PolicySettings | None = None  # signatures and policy (not enforced yet)
+    imports: ImportSettings = field(default_factory=ImportSettings)
 
     @property
     def default_upstream(self) -> UpstreamSettings | None:

@@ -18,11 +18,14 @@ T = TypeVar("T")
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
-_SIZE_UNITS = {
-    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTP]i?B?|B)?", re.IGNORECASE)
+#: KB, MB, GB, TB, PB are powers of ten (as disks are sold); KiB ... PiB, Ki ... Pi
+#: (Kubernetes) and the bare letters K, M, G, T, P (as docker and du write them) are
+#: powers of two. Case does not matter: 5G, 5g, 5GiB and 5Gi are all 5 * 2**30.
+_SIZE_UNITS = {"b": 1} | {
+    f"{letter}{suffix}": base ** (power + 1)
+    for power, letter in enumerate("kmgtp")
+    for suffix, base in (("b", 1000), ("", 1024), ("i", 1024), ("ib", 1024))}
 _RATE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/\s*(s|m|h))?")
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _HOST_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?")
@@ -82,7 +85,8 @@ def parse_timeout(value: Any, key: str = "") -> float:
 
 
 def parse_size(value: Any, key: str = "") -> int:
-    """Bytes from ``1048576``, ``"512MiB"``, ``"50GiB"`` or ``"10GB"``.
+    """Bytes from ``1048576``, ``"512MiB"``, ``"50GiB"``, ``"50Gi"``, ``"50G"`` (these three
+    are powers of two) or ``"10GB"`` (powers of ten); any case.
 
     Raises:
         ConfigError: not a size, or over :data:`SIZE_MAX`.
@@ -94,7 +98,8 @@ def parse_size(value: Any, key: str = "") -> int:
     else:
         match = _SIZE_RE.fullmatch(str(value).strip())
         if match is None:
-            raise ConfigError(key, f"expected a size like 512MiB or 50GiB, got {value!r}")
+            raise ConfigError(key, f"expected a size like 512MiB, 50GiB, 50G or 10GB, "
+                              f"got {value!r}")
         unit = (match.group(2) or "b").lower()
         size = float(match.group(1)) * _SIZE_UNITS[unit]
     if not size <= SIZE_MAX:  # also inf, from a number too long for a float

@@ -50,6 +50,7 @@ from mirror import metrics
 from mirror.cache.tags import tag_key
 from mirror.node import Node
 from mirror.oci import is_digest_reference
+from mirror.server.middleware import SERVER
 from mirror.server.state import LOG, NODE
 
 _access = structlog.get_logger("mirror.access")
@@ -283,6 +284,7 @@ class HotAnswers:
         if head and response.content_length is not None:
             headers["Content-Length"] = str(response.content_length)
         headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
+        headers["Server"] = SERVER  # answered before the app's on_response_prepare runs
         self._store(key, self._hot(request, context, route, body=body, headers=headers, ttl=ttl))
 
     async def _ttl(self, request: web.Request, context: dict[str, Any]) -> float | None:

@@ -23,6 +23,10 @@ from aiohttp import web
 from mirror import metrics
 from mirror.errors import FillError, OciError
 from mirror.server.state import log_context
+from mirror.version import VERSION
+
+#: The ``Server`` header of every answer.
+SERVER = f"mirror/{VERSION}"
 
 log = structlog.get_logger("mirror.access")
 
@@ -115,5 +119,7 @@ def _http_error(exc: web.HTTPException) -> OciError:
 
 
 async def add_api_version(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: every answer names the API version."""
+    """``on_response_prepare``: every answer (the lean path's too) names the API version,
+    and the server as ``mirror/<version>`` (not aiohttp's Python and aiohttp versions)."""
     response.headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
+    response.headers["Server"] = SERVER

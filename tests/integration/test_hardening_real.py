@@ -108,7 +108,12 @@ def test_item08_port_in_use_is_one_line_and_never_started(tmp_path: Path) -> Non
         config = mirror_config(port, tmp_path / "cache",
                                [_fake_upstream("http://127.0.0.1:1")])
         result = _serve(tmp_path, config)
-    _one_line_exit_2(result, "listen:", f"127.0.0.1:{port}", "in use")
+    # The machine's state, not the file's (issue 21): not called a config error; exit 2 as
+    # documented (issue 20).
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"mirror: cannot listen on 127.0.0.1:{port}: ")
+    assert "in use" in result.stderr and "config error" not in result.stderr
+    assert "mirror_started" not in result.stderr
 
 
 @pytest.mark.parametrize("where", ["file", "under_file", "proc"])

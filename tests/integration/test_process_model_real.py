@@ -129,7 +129,7 @@ def test_a_second_mirror_on_the_same_port_exits_2(
     config = dict(first.config, storage={"path": str(tmp_path / "other-cache")})
     code, err = _serve_again(tmp_path, config, "second")
     assert code == 2
-    assert err.strip() == (f"mirror: config error: listen: cannot listen on "
+    assert err.strip() == (f"mirror: cannot listen on "
                            f"127.0.0.1:{first.port}: Address already in use")
     assert _get(f"{first.url}/v2/")[0] == 200  # the first goes on, alone on its port
     assert len(first.events("mirror_started")) == workers

@@ -30,6 +30,7 @@ from mirror.bundle.importer import Importer
 from mirror.bundle.manifest import BundleManifest, sign
 from mirror.bundle.parts import Output, expand
 from mirror.bundle.progress import Progress
+from mirror.cache.tags import tag_key
 from mirror.clock import ManualClock
 from mirror.errors import BundleError, OciError
 from mirror.oci import Digest
@@ -406,3 +407,163 @@ async def test_an_imported_image_is_known_under_its_registry_and_repository(
         assert not await members.known_in("docker.io", image.manifest.digest)
     finally:
         members.close()
+# --- issue 19 item 6: rollback, required signatures, junk blobs ----------------------------
+def _tag_digest(tmp_path: Path, tag: str = "v1") -> str:
+    with diskcache.Cache(str(tmp_path / "cache" / "tags")) as tags:
+        return str(tags[tag_key(REGISTRY, "app/web", tag)]["digest"])
+
+
+def test_an_older_signed_bundle_leaves_the_tag_alone_unless_rollback_is_allowed(
+        tmp_path: Path) -> None:
+    key, public = _keypair(tmp_path)
+    old, new = _image(seed=1), _image(seed=7)  # the same tag, two images
+    older = _tar(_entries(old, key, edit=lambda b: setattr(b, "created", "2026-01-01T00:00:00Z")))
+    newer = _tar(_entries(new, key, edit=lambda b: setattr(b, "created", "2026-02-01T00:00:00Z")))
+    verify = _public(public)
+    _import(tmp_path, newer, verify_key=verify)
+    report = _import(tmp_path, older, verify_key=verify)
+    assert report.kept == [f"{REGISTRY}/app/web:v1"] and report.tags == []
+    assert "left alone" in " ".join(report.notes) and "--allow-rollback" in " ".join(report.notes)
+    assert _tag_digest(tmp_path) == new.manifest.digest
+    again = _import(tmp_path, newer, verify_key=verify)  # the same bundle again: not older
+    assert again.tags == [f"{REGISTRY}/app/web:v1"]
+    rolled = _import(tmp_path, older, verify_key=verify, allow_rollback=True)
+    assert rolled.tags == [f"{REGISTRY}/app/web:v1"] and rolled.kept == []
+    assert _tag_digest(tmp_path) == old.manifest.digest
+
+
+def test_rollback_is_judged_per_signer(tmp_path: Path) -> None:
+    first, first_pub = _keypair(tmp_path, "first")
+    second, second_pub = _keypair(tmp_path, "second")
+    old, new = _image(seed=1), _image(seed=7)
+    keys = [_public(first_pub), _public(second_pub)]
+    _import(tmp_path, _tar(_entries(new, first, edit=lambda b: setattr(
+        b, "created", "2026-02-01T00:00:00Z"))), trusted_keys=keys)
+    report = _import(tmp_path, _tar(_entries(old, second, edit=lambda b: setattr(
+        b, "created", "2026-01-01T00:00:00Z"))), trusted_keys=keys)
+    assert report.tags == [f"{REGISTRY}/app/web:v1"]
+    assert _tag_digest(tmp_path) == old.manifest.digest
+
+
+def test_trusted_keys_refuse_unsigned_and_foreign_bundles(tmp_path: Path) -> None:
+    _, trusted_pub = _keypair(tmp_path, "trusted")
+    other, _ = _keypair(tmp_path, "other")
+    also, also_pub = _keypair(tmp_path, "also")
+    keys = [_public(trusted_pub), _public(also_pub)]
+    image = _image()
+    for case, data, message in (
+            ("unsigned", _tar(_entries(image)), "not signed"),
+            ("other", _tar(_entries(image, other)), "which is not one of the trusted keys")):
+        with pytest.raises(BundleError, match=message):
+            _import(tmp_path / case, data, trusted_keys=keys)
+        _nothing_published(tmp_path / case)
+    assert _import(tmp_path / "ok", _tar(_entries(image, also)), trusted_keys=keys).tags
+
+
+def test_the_config_requires_signatures_for_every_import(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key, public = _keypair(tmp_path)
+    unsigned, signed = tmp_path / "unsigned.tar", tmp_path / "signed.tar"
+    unsigned.write_bytes(_tar(_entries(_image())))
+    signed.write_bytes(_tar(_entries(_image(), key)))
+    path = tmp_path / "mirror.yaml"
+    path.write_text(json.dumps({
+        "version": 1, "storage": {"path": str(tmp_path / "cache")},
+        "import": {"trusted_keys": [str(public)]},
+        "upstreams": [{"name": REGISTRY, "url": "http://127.0.0.1:1", "default": True}]}))
+    assert cli.main(["import", "-q", "--config", str(path), str(unsigned)]) == 1
+    err = capsys.readouterr().err
+    assert "not signed" in err and err.count("\n") == 1
+    assert cache_files(tmp_path / "cache") == []
+    assert cli.main(["import", "-q", "--config", str(path), str(signed)]) == 0
+    assert "verified with key sha256:" in capsys.readouterr().out
+
+
+def test_the_trusted_keys_config_is_checked(tmp_path: Path) -> None:
+    (tmp_path / "not-a-key.pem").write_text("hello")
+    with pytest.raises(config.ConfigError, match=r"import\.trusted_keys\[0\]: .* not a PEM"):
+        config.parse({"import": {"trusted_keys": ["not-a-key.pem"]}}, env={}, base=tmp_path)
+
+
+def test_blobs_no_manifest_references_are_not_published(tmp_path: Path) -> None:
+    image = _image()
+    junk = [(f"junk-{i}".encode()) for i in range(50)]
+    junk_digests = {"sha256:" + hashlib.sha256(j).hexdigest(): j for j in junk}
+    entries = _entries(image, edit=lambda b: b.blobs.update(
+        {d: len(j) for d, j in junk_digests.items()}))
+    entries += [(layout.blob_name(d), j) for d, j in junk_digests.items()]
+    report = _import(tmp_path, _tar(entries))
+    assert report.blobs_new == 3 and report.unreferenced == 50
+    assert "50 blob(s) of the bundle that no manifest references" in " ".join(report.notes)
+    store = FilesystemStore(tmp_path / "cache")
+    assert all(store.blob_size(Digest.parse(d)) is None for d in junk_digests)
+    assert not list((tmp_path / "cache" / "tmp").glob("import-*"))
+
+
+# --- zstd decoded in bounded steps (issue 19 item 5) ---------------------------------------
+def _unzstd(data: bytes) -> tuple[bytes, int]:
+    """Everything ``_Unzstd`` gives for ``data`` and the largest piece one read returned."""
+    reader = layout._Unzstd(io.BytesIO(data))
+    pieces = []
+    while piece := reader.read(layout.CHUNK):
+        pieces.append(piece)
+    return b"".join(pieces), max((len(p) for p in pieces), default=0)
+
+
+def test_zstd_frames_of_every_kind_decode_whole() -> None:
+    plain = zstandard.ZstdCompressor(level=3)
+    checked = zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=False)
+    skippable = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"hello"
+    parts = [b"a" * 300_000, bytes(range(256)) * 4000, b"", b"tail"]
+    data = plain.compress(parts[0]) + skippable + checked.compress(parts[1]) + \
+        plain.compress(parts[2]) + skippable + checked.compress(parts[3])
+    assert _unzstd(data)[0] == b"".join(parts)
+
+
+def test_a_zstd_bomb_is_decoded_a_bounded_piece_at_a_time() -> None:
+    size = 64 << 20
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(size))
+    assert len(bomb) < 4096
+    reader = layout._Unzstd(io.BytesIO(bomb))
+    total = 0
+    while piece := reader.read(1 << 30):  # asking for everything still gives a bounded piece
+        assert len(piece) <= 8 * 128 * 1024
+        total += len(piece)
+    assert total == size
+
+
+def test_a_zstd_stream_cut_anywhere_inside_a_frame_is_truncated() -> None:
+    compressor = zstandard.ZstdCompressor(level=3, write_checksum=True)
+    first = compressor.compress(b"x" * 200_000 + bytes(range(256)) * 100)
+    data = first + compressor.compress(b"y" * 1000)
+    for cut in range(1, len(data)):
+        if cut == len(first):
+            continue  # a frame boundary: whole frames, the tar reader sees what is missing
+        with pytest.raises(BundleError, match=r"truncated|corrupt"):
+            _unzstd(data[:cut])
+
+
+def test_garbage_after_a_zstd_frame_is_refused() -> None:
+    data = zstandard.ZstdCompressor().compress(b"x" * 1000) + b"not zstd at all"
+    with pytest.raises(BundleError, match="corrupt"):
+        _unzstd(data)
+
+
+def test_export_of_cached_content_needs_no_upstream_secret(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    unset = "MIRROR_TEST_NEVER_SET_7f3a"
+    bundle = tmp_path / "in.tar"
+    bundle.write_bytes(_tar(_entries(_image())))
+    path = tmp_path / "mirror.yaml"
+    path.write_text(json.dumps({
+        "version": 1, "storage": {"path": str(tmp_path / "cache")},
+        "upstreams": [{"name": REGISTRY, "url": "http://127.0.0.1:1", "default": True,
+                       "username": "robot", "password_env": unset, "retries": 0}]}))
+    assert cli.main(["import", "-q", "--config", str(path), str(bundle)]) == 0
+    out = tmp_path / "out.tar"
+    # export sets up the process's logging (on this test's stderr): not for the next tests
+    monkeypatch.setattr(cli.log, "setup", lambda _settings: None)
+    assert cli.main(["export", "-q", "--config", str(path), f"{REGISTRY}/app/web:v1",
+                     "-o", str(out)]) == 0, capsys.readouterr().err
+    assert out.is_file() and out.stat().st_size > 8000
