@@ -128,8 +128,8 @@ class Fetcher:
         unkept = None
         try:
             durable = await self._download_verified(fill, opener, registry, writer)
+            unkept = await self._publish(fill, durable)  # still reserved: counted all along
             self._release(fill)
-            unkept = await self._publish(fill, durable)
             metrics.FILLS.labels("ok").inc()
             log.info("fill_done", digest=str(fill.digest), bytes=fill.written, registry=registry,
                      source=fill.source, kept=unkept is None)
@@ -193,7 +193,7 @@ class Fetcher:
             reason = fill.relay_reason or "disk_full"
         elif not self.space.fits(fill.written):
             reason = "too_large"
-        elif not await self.space.admit(fill.written):
+        elif not await self.space.admit(fill.written, held=fill.reserved):
             reason = "no_room"
         if reason is None and temp is not None:
             try:

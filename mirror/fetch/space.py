@@ -14,7 +14,9 @@ class Space(Protocol):
 
     def release(self, size: int) -> None: ...
 
-    async def admit(self, size: int) -> bool: ...
+    async def admit(self, size: int, held: int = 0) -> bool:
+        """Whether a verified blob may be kept; ``held`` bytes of it are still reserved."""
+        ...
 
     async def make_room(self, size: int) -> int: ...
 
@@ -31,7 +33,7 @@ class Unbounded:
     def release(self, size: int) -> None:
         return None
 
-    async def admit(self, size: int) -> bool:
+    async def admit(self, size: int, held: int = 0) -> bool:
         return True
 
     async def make_room(self, size: int) -> int:
