@@ -1,12 +1,14 @@
-"""The node's budget with several processes, without HTTP.
+"""The node's budget and counts with several processes, without HTTP.
 
 Two evictors on one storage folder stand for two worker processes (two index
-connections, two process ids): each sees the other's reservations.
+connections, two process ids): each sees the other's reservations. Pull counts
+count pulls, not requests, and a worker reads the others' counts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -16,8 +18,11 @@ import pytest
 
 from mirror import config
 from mirror.cache.eviction import Evictor
-from mirror.oci import Digest
+from mirror.cache.manifests import Manifest
+from mirror.clock import ManualClock
+from mirror.oci import DOCKER_MANIFEST, Digest
 from mirror.storage.filesystem import FilesystemStore
+from mirror.sync.popularity import Popularity
 
 
 def _put(store: FilesystemStore, data: bytes) -> Digest:
@@ -92,3 +97,57 @@ async def test_release_reaches_the_other_processes(
     mine.release(400)
     await mine.stop()  # waits for the write
     assert second.index.budget(os.getppid(), 0) == (0, 0)
+
+
+def _manifest(tag: str) -> Manifest:
+    data = json.dumps({"schemaVersion": 2, "tag": tag}).encode()
+    return Manifest(Digest.of(data), data, DOCKER_MANIFEST)
+
+
+def test_heads_and_repeats_are_not_pulls() -> None:
+    clock = ManualClock()
+    popularity = Popularity(None, window=3600, per_client=3, clock=clock)
+    x, y, z, w = (_manifest(t) for t in "xyzw")
+    for _ in range(300):
+        popularity.tag_pulled("r", "app", "x", x, "10.0.0.1", head=True)
+        popularity.tag_pulled("r", "app", "z", z, "10.0.0.1")
+    for client in ("10.0.0.2", "10.0.0.3", "10.0.0.4"):
+        popularity.tag_pulled("r", "app", "y", y, client)
+    popularity.tag_pulled("r", "app", "w", w, "10.0.0.5", head=True)  # containerd: HEAD,
+    popularity.manifest_pulled(str(w.digest), "10.0.0.5")  # then GET by digest: a pull
+    popularity.manifest_pulled(str(w.digest), "10.0.0.5")
+    assert [(p.tag, round(p.score)) for p in popularity.top_tags(5)] == [
+        ("y", 3), ("w", 1), ("z", 1)]
+    clock.advance(3600)  # a new window: the same client counts again
+    popularity.tag_pulled("r", "app", "z", z, "10.0.0.1")
+    scores = {p.tag: round(p.score, 2) for p in popularity.top_tags(5)}
+    assert scores["z"] == round(1 / 2.718281828 + 1, 2)
+
+
+def test_one_clients_share_is_capped() -> None:
+    popularity = Popularity(None, per_client=3)
+    for n in range(10):
+        popularity.record(f"r/app:t{n}", "10.0.0.9")
+    popularity.record("r/app:t0", "10.0.0.8")
+    assert len(popularity.top_tags(20)) == 3
+    assert popularity.top_tags(1)[0].tag == "t0"
+
+
+def test_a_worker_reads_the_other_workers_counts(tmp_path: Path) -> None:
+    folder = tmp_path / "sync"
+    zero = Popularity(folder / "popularity-w0.json")
+    one = Popularity(folder / "popularity-w1.json")
+    zero.record("r/app:a", "10.0.0.1")
+    one.record("r/app:a", "10.0.0.2")
+    one.record("r/app:b", "10.0.0.2")
+    one.save(one.snapshot())
+    zero.save(zero.snapshot())
+    zero.read_others()
+    one.read_others()
+    for popularity in (zero, one):
+        assert [(p.tag, round(p.score)) for p in popularity.top_tags(5)] == [("a", 2), ("b", 1)]
+        assert popularity.repositories("r") == {"app"}
+        assert popularity.as_json()["processes"] == 2
+    reader = Popularity(folder / "popularity.json")  # `mirror sync status` without a server
+    reader.read_others()
+    assert round(reader.top_tags(1)[0].score) == 2
