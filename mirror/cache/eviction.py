@@ -71,6 +71,7 @@ class Evictor:
         self._touched: dict[Key, float] = {}
         self._reserved = 0
         self._others_reserved = 0  # other processes', as last read
+        self._last_used = 0  # the node's bytes after the last eviction decision
         self._pid = os.getpid() if pid is None else pid
         self._pinned_bytes = 0
         self._lock = NodeLock(store.root / LOCK_FILE)
@@ -100,20 +101,36 @@ class Evictor:
         """Whether a blob of ``size`` bytes can ever be kept (not over ``max_size``)."""
         return self._settings.max_size is None or size <= self._settings.max_size
 
-    async def reserve(self, size: int) -> None:
+    async def reserve(self, size: int) -> bool:
         """A download of ``size`` bytes starts: make room for it before its bytes land.
 
         The reservation is the node's (every process sees it). Costs the download a
         few milliseconds: one index transaction under the node's lock, and when the
         node is over the high watermark, a batch of unlinks (in a thread).
+
+        Returns:
+            Whether there is room: ``False`` when pinned content, content in use and
+            the downloads under way leave less than ``size`` bytes under ``max_size``
+            even after eviction; the reservation is then given back, and the download
+            must not be written to disk (it is relayed to its readers, not kept).
         """
         self._reserved += size
-        if self._settings.max_size is None:
-            return
+        limit = self._settings.max_size
+        if limit is None:
+            return True
         try:
             await self.check()
         except Exception as exc:  # the download goes on; the loop retries eviction
             log.warning("eviction_failed", error=str(exc) or type(exc).__name__)
+            return True
+        if self._last_used <= limit:
+            return True
+        self._reserved -= size
+        await self._write_reserved()  # given back at once: the others may use the room
+        log.warning("no_room_for_download", bytes=size, node_bytes=self._last_used,
+                    max_size=limit, hint="pinned content, content in use and downloads "
+                    "under way fill storage.max_size: relayed, not kept")
+        return False
 
     def release(self, size: int) -> None:
         """A download ended (published or not): its reservation is over.
@@ -262,7 +279,9 @@ class Evictor:
         """Evict ``wanted(node bytes)`` bytes, decided once the node's lock is held."""
         async with self._lock:
             await self.flush()
-            amount = wanted(await self._usage())
+            used = await self._usage()
+            self._last_used = used
+            amount = wanted(used)
             if amount <= 0:
                 return 0
             freed = skipped = 0
@@ -273,6 +292,7 @@ class Evictor:
                 victims, skipped = self._choose(batch, amount - freed, skipped)
                 if victims:
                     freed += await self._delete(victims, reason)
+            self._last_used = used - freed
             if freed < amount:
                 log.warning("eviction_short", reason=reason, wanted=amount, freed=freed,
                             cache_bytes=self._index.total_bytes,

@@ -224,6 +224,8 @@ class Fetcher:
                         writer: TempWriter) -> None:
         attempts = 0
         while True:
+            if fill.size is not None and 0 < fill.size == fill.written:
+                return  # every byte is here (taken over, or cut after the last): verify
             try:
                 async with opener(fill.written) as response:
                     fill.source = getattr(opener, "source", "") or registry
@@ -236,7 +238,10 @@ class Fetcher:
                     await self._sized(fill)
                     if not fill.reserved and fill.size and self.space.fits(fill.size):
                         fill.reserved = fill.size
-                        await self.space.reserve(fill.size)
+                        if not await self.space.reserve(fill.size):
+                            fill.reserved = 0  # no room for the node: keep nothing
+                            if fill.written == 0 and fill.relay_from is None:
+                                self._relay_no_room(fill)
                     await self._copy_body(fill, response, registry, writer)
                 return
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
@@ -261,6 +266,14 @@ class Fetcher:
         fill.start_relay(reason="too_large")
         log.info("blob_relayed", digest=str(fill.digest), size=fill.size, offset=fill.written,
                  reason="too_large", hint="larger than storage.max_size: streamed from "
+                 "memory to its readers, not written to disk")
+
+    def _relay_no_room(self, fill: Fill) -> None:
+        """Pinned content and other downloads fill ``storage.max_size``: writing this blob
+        would take the disk over the cap, so it is relayed from memory and not kept."""
+        fill.start_relay(reason="no_room")
+        log.info("blob_relayed", digest=str(fill.digest), size=fill.size, offset=fill.written,
+                 reason="no_room", hint="no room under storage.max_size: streamed from "
                  "memory to its readers, not written to disk")
 
     def _wrong_hint(self, fill: Fill, length: int | None) -> None:

@@ -10,7 +10,9 @@ class Space(Protocol):
 
     def fits(self, size: int) -> bool: ...
 
-    async def reserve(self, size: int) -> None: ...
+    async def reserve(self, size: int) -> bool:
+        """Reserve room for a download; ``False``: no room (reservation given back)."""
+        ...
 
     def release(self, size: int) -> None: ...
 
@@ -27,8 +29,8 @@ class Unbounded:
     def fits(self, size: int) -> bool:
         return True
 
-    async def reserve(self, size: int) -> None:
-        return None
+    async def reserve(self, size: int) -> bool:
+        return True
 
     def release(self, size: int) -> None:
         return None

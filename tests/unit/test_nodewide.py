@@ -99,6 +99,19 @@ async def test_release_reaches_the_other_processes(
     assert second.index.budget(os.getppid(), 0) == (0, 0)
 
 
+async def test_no_room_under_the_cap_is_refused_and_given_back(
+        stores: tuple[FilesystemStore, FilesystemStore]) -> None:
+    first, second = stores
+    digests = [str(_put(first, bytes([i]) * 100)) for i in range(8)]
+    first.index.pin(digests, "pinned/image:v1")  # 800 pinned bytes under a 1000 cap
+    mine, other = _evictor(first), _evictor(second, pid=os.getppid())
+    assert await other.reserve(150)  # 950: room
+    assert not await mine.reserve(100)  # 1050: nothing can be evicted, so no room
+    assert second.index.budget(os.getppid(), 150) == (800, 150)  # given back at once
+    await mine.stop()
+    await other.stop()
+
+
 def _manifest(tag: str) -> Manifest:
     data = json.dumps({"schemaVersion": 2, "tag": tag}).encode()
     return Manifest(Digest.of(data), data, DOCKER_MANIFEST)
