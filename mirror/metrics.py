@@ -322,6 +322,28 @@ def exposition() -> bytes:
     return generate_latest(registry)
 
 
+def node_samples(metric: Any) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of ``metric`` for the node: ``(name, labels, value)``, summed over every
+    worker process in multiprocess mode (as ``/metrics`` sums them), else this process's.
+
+    The status page reads its figures here, so that whichever worker answers it shows
+    the node's hit ratio and bytes.
+    """
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    names = {family.name for family in metric.describe()}
+    if folder:
+        registry = CollectorRegistry()
+        collector = multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+            registry, path=folder)
+        families = [f for f in collector.collect()  # type: ignore[no-untyped-call]
+                    if f.name in names]
+    else:
+        families = list(metric.collect())
+    return [(sample.name, dict(sample.labels), float(sample.value))
+            for family in families for sample in family.samples
+            if not sample.name.endswith("_created")]
+
+
 @functools.lru_cache(maxsize=4096)
 def child(metric: Any, *labels: str) -> Any:
     """``metric.labels(*labels)``, remembered: the request path calls this per request.

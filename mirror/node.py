@@ -62,8 +62,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-#: Seconds between saves of the popularity counts (when they changed).
+#: Seconds between saves of the popularity counts (when they changed) and reads of the
+#: other processes' counts: alone, and with worker processes (whose pages and sync
+#: loop sum every worker's counts, so they are shared promptly).
 POPULARITY_SAVE_EVERY = 15.0
+POPULARITY_SHARE_EVERY = 2.0
 
 
 def max_size_origin(storage: StorageSettings) -> str:
@@ -120,12 +123,13 @@ class Node:
         sync = settings.sync or SyncSettings()
         # Pull counts for the status page, the admin API and the sync loop's `popular`.
         # Each worker counts the pulls it answers, in a file of its own (no worker's save
-        # clobbers another's); the sync loop runs in worker 0 and reads its counts.
+        # clobbers another's), and reads the others' files: every reader sees the node's.
         name = "popularity.json" if self.worker.count == 1 else \
             f"popularity-w{self.worker.index}.json"
         self.popularity = Popularity(settings.storage.path / "sync" / name,
                                      window=sync.popular.window,
-                                     max_entries=sync.popular.max_entries, clock=clock)
+                                     max_entries=sync.popular.max_entries,
+                                     per_client=sync.popular.per_client, clock=clock)
         #: Called with a digest removed from the cache, or ``None``: content went away
         #: elsewhere (another process): copies kept in memory above the caches drop it.
         self.on_removed: list[Callable[[str | None], None]] = []
@@ -251,6 +255,7 @@ class Node:
         """Popularity counts and the sync records are loaded; the sync loop runs only when
         ``sync:`` is configured (``mirror warm`` works without it)."""
         await asyncio.to_thread(self.popularity.load)
+        await asyncio.to_thread(self.popularity.read_others)
         self.sync = SyncService(self.settings.sync or SyncSettings(), self.pull, self.router,
                                 clients=self.clients, index=self.store.index,
                                 popularity=self.popularity,
@@ -266,9 +271,11 @@ class Node:
                      popular_top=self.settings.sync.popular.top)
 
     async def _save_popularity_forever(self) -> None:
+        every = POPULARITY_SHARE_EVERY if self.worker.count > 1 else POPULARITY_SAVE_EVERY
         while True:
-            await asyncio.sleep(POPULARITY_SAVE_EVERY)
+            await asyncio.sleep(every)
             await self.save_popularity()
+            await asyncio.to_thread(self.popularity.read_others)
 
     async def save_popularity(self) -> None:
         """Save the popularity counts if they changed (pruned to their bound first)."""

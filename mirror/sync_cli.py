@@ -215,6 +215,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 def _popular_from_file(path: Path) -> dict[str, Any]:
     popularity = Popularity(path)
     popularity.load()
+    popularity.read_others()  # the workers' files (popularity-w<i>.json): the node's counts
     return popularity.as_json(20)
 
 

@@ -262,6 +262,8 @@ class PopularSettings:
     window: float = 86400.0
     max_entries: int = 10_000
     platforms_max: int = 4  # platforms warmed per popular tag, most pulled first
+    #: Images one client (user or address) counts for per window: a source's share.
+    per_client: int = 20
     schedule: Schedule = field(default_factory=lambda: Schedule(interval=600.0))
     protect: float = 86400.0
 

@@ -132,7 +132,7 @@ def _popular(value: Any, protect: float) -> PopularSettings:
         return PopularSettings(protect=protect)
     popular = _mapping(value, "sync.popular")
     _only_keys(popular, "sync.popular", {"top", "window", "max_entries", "platforms_max",
-                                         "interval", "cron", "protect"})
+                                         "per_client", "interval", "cron", "protect"})
     d = PopularSettings
     window = _opt(popular, "window", "sync.popular", parse_duration, d.window)
     if window < 60:
@@ -142,6 +142,7 @@ def _popular(value: Any, protect: float) -> PopularSettings:
         window=window,
         max_entries=_opt(popular, "max_entries", "sync.popular", _positive, d.max_entries),
         platforms_max=_opt(popular, "platforms_max", "sync.popular", _positive, d.platforms_max),
+        per_client=_opt(popular, "per_client", "sync.popular", _positive, d.per_client),
         schedule=_schedule(popular, "sync.popular", Schedule(interval=600.0)),
         protect=_opt(popular, "protect", "sync.popular", parse_duration, protect),
     )

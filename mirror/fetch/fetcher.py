@@ -137,8 +137,8 @@ class Fetcher:
         unkept = None
         try:
             durable = await self._download_verified(fill, opener, registry, writer)
+            unkept = await self._publish(fill, durable)  # still reserved: counted all along
             self._release(fill)
-            unkept = await self._publish(fill, durable)
             metrics.FILLS.labels("ok").inc()
             log.info("fill_done", digest=str(fill.digest), bytes=fill.written, registry=registry,
                      source=fill.source, kept=unkept is None)
@@ -202,7 +202,7 @@ class Fetcher:
             reason = fill.relay_reason or "disk_full"
         elif not self.space.fits(fill.written):
             reason = "too_large"
-        elif not await self.space.admit(fill.written):
+        elif not await self.space.admit(fill.written, held=fill.reserved):
             reason = "no_room"
         if reason is None and temp is not None:
             try:
@@ -233,6 +233,8 @@ class Fetcher:
                         writer: TempWriter) -> None:
         attempts = 0
         while True:
+            if fill.size is not None and 0 < fill.size == fill.written:
+                return  # every byte is here (taken over, or cut after the last): verify
             try:
                 async with opener(fill.written) as response:
                     fill.source = getattr(opener, "source", "") or registry
@@ -245,7 +247,10 @@ class Fetcher:
                     await self._sized(fill)
                     if not fill.reserved and fill.size and self.space.fits(fill.size):
                         fill.reserved = fill.size
-                        await self.space.reserve(fill.size)
+                        if not await self.space.reserve(fill.size):
+                            fill.reserved = 0  # no room for the node: keep nothing
+                            if fill.written == 0 and fill.relay_from is None:
+                                self._relay_no_room(fill)
                     await self._copy_body(fill, response, registry, writer)
                 return
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
@@ -270,6 +275,14 @@ class Fetcher:
         fill.start_relay(reason="too_large")
         log.info("blob_relayed", digest=str(fill.digest), size=fill.size, offset=fill.written,
                  reason="too_large", hint="larger than storage.max_size: streamed from "
+                 "memory to its readers, not written to disk")
+
+    def _relay_no_room(self, fill: Fill) -> None:
+        """Pinned content and other downloads fill ``storage.max_size``: writing this blob
+        would take the disk over the cap, so it is relayed from memory and not kept."""
+        fill.start_relay(reason="no_room")
+        log.info("blob_relayed", digest=str(fill.digest), size=fill.size, offset=fill.written,
+                 reason="no_room", hint="no room under storage.max_size: streamed from "
                  "memory to its readers, not written to disk")
 
     def _wrong_hint(self, fill: Fill, length: int | None) -> None:

@@ -10,11 +10,15 @@ class Space(Protocol):
 
     def fits(self, size: int) -> bool: ...
 
-    async def reserve(self, size: int) -> None: ...
+    async def reserve(self, size: int) -> bool:
+        """Reserve room for a download; ``False``: no room (reservation given back)."""
+        ...
 
     def release(self, size: int) -> None: ...
 
-    async def admit(self, size: int) -> bool: ...
+    async def admit(self, size: int, held: int = 0) -> bool:
+        """Whether a verified blob may be kept; ``held`` bytes of it are still reserved."""
+        ...
 
     async def make_room(self, size: int) -> int: ...
 
@@ -25,13 +29,13 @@ class Unbounded:
     def fits(self, size: int) -> bool:
         return True
 
-    async def reserve(self, size: int) -> None:
-        return None
+    async def reserve(self, size: int) -> bool:
+        return True
 
     def release(self, size: int) -> None:
         return None
 
-    async def admit(self, size: int) -> bool:
+    async def admit(self, size: int, held: int = 0) -> bool:
         return True
 
     async def make_room(self, size: int) -> int:

@@ -234,10 +234,12 @@ class HotAnswers:
         if node is not None:
             if hot.touch is not None:
                 node.evictor.touch(*hot.touch)
-            if hot.image is not None:
-                node.popularity.record(hot.image)
+            if hot.image is not None:  # auth is off here: the address is the client
+                node.popularity.record(hot.image, request.remote or "",
+                                       head=request.method == "HEAD",
+                                       digest=hot.touch[1] if hot.touch else None)
             elif hot.pulled_digest is not None:
-                node.popularity.manifest_pulled(hot.pulled_digest)
+                node.popularity.manifest_pulled(hot.pulled_digest, request.remote or "")
         elapsed = time.perf_counter() - started
         hot.seconds.observe(elapsed)
         if self.access.enabled:

@@ -24,7 +24,7 @@ from mirror.errors import (
 from mirror.oci import accepted_types, is_number
 from mirror.pull import BlobFlight, BlobRedirect, BlobSize, PullService, Repo
 from mirror.routing import Kind, Target, tags_link
-from mirror.server.auth import authorize
+from mirror.server.auth import IDENTITY, authorize
 from mirror.server.responses import (
     FileSliceResponse,
     Span,
@@ -79,6 +79,14 @@ def repo_of(target: Target) -> Repo:
     return Repo(target.upstream.name, target.repository)
 
 
+def client_of(request: web.Request) -> str:
+    """Who pulls, for the pull counts: the authenticated user, else the address."""
+    who = request.get(IDENTITY)
+    if who is not None and who.authenticated:
+        return f"user:{who.user}"
+    return request.remote or ""
+
+
 async def manifest(request: web.Request, pull: PullService, repo: Repo,
                    target: Target) -> web.Response:
     """GET or HEAD a manifest by tag or digest; HEAD has exactly GET's headers."""
@@ -88,9 +96,10 @@ async def manifest(request: web.Request, pull: PullService, repo: Repo,
     _record_cache(request, "manifest", resolved.cache, found.digest)
     popularity = request.app[NODE].popularity
     if target.digest is None:
-        popularity.tag_pulled(repo.registry, repo.repository, target.reference, found)
+        popularity.tag_pulled(repo.registry, repo.repository, target.reference, found,
+                              client_of(request), head=request.method == "HEAD")
     elif request.method == "GET":
-        popularity.manifest_pulled(str(found.digest))
+        popularity.manifest_pulled(str(found.digest), client_of(request))
     headers = manifest_headers(found.digest, found.media_type, target.ns)
     if etag_matches(request, found.digest):
         return web.Response(status=304, headers=headers)

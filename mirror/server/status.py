@@ -59,13 +59,8 @@ class RegistryFigures:
 
 
 def samples(metric: Any) -> list[tuple[str, dict[str, str], float]]:
-    """Every sample of a metric: ``(name, labels, value)``, via the public collector API."""
-    found = []
-    for family in metric.collect():
-        for sample in family.samples:
-            if not sample.name.endswith("_created"):
-                found.append((sample.name, dict(sample.labels), float(sample.value)))
-    return found
+    """Every sample of a metric for the node (every worker): ``(name, labels, value)``."""
+    return metrics.node_samples(metric)
 
 
 def total(metric: Any, **labels: str) -> float:
@@ -118,7 +113,7 @@ def _page(content: str) -> str:
             f"<meta name=viewport content='width=device-width'>"
             f"<title>mirror status</title><style>{_CSS}</style></head><body>"
             f"<h1>mirror</h1><p class=muted>as of {stamp}; reloads every "
-            f"{REFRESH_SECONDS} s; figures since this process started</p>{content}"
+            f"{REFRESH_SECONDS} s; figures since the mirror started</p>{content}"
             f"</body></html>")
 
 

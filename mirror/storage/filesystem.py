@@ -8,7 +8,10 @@
       manifests/<algorithm>/<hex[:2]>/<hex>.type   the manifest's media type
       tags/                                        tag records (see mirror.cache.tags)
       tmp/                                         writes in progress; emptied at start
-      index.db                                     sizes, last use, pins (mirror.storage.index)
+      index.db                                     sizes, last use, pins, reservations
+                                                   (mirror.storage.index)
+      budget.lock                                  held while a process decides on the
+                                                   node's bytes (mirror.cache.eviction)
 
 Nothing appears under ``blobs/`` or ``manifests/`` except by :func:`os.replace`
 of a temp file whose digest and size were checked, so a reader never sees a

@@ -8,6 +8,8 @@ waits up to ``BUSY_TIMEOUT`` for a lock instead of failing.
 ::
 
     entries(kind, digest, size, last_use, verified)   one row per stored blob or manifest
+    reservations(pid, bytes)                           bytes each process of the node is
+                                                       downloading (reserved, not yet stored)
     pins(digest, source, pinned_at)                    a digest is pinned while it has a row;
                                                        source is what the operator named
                                                        (an image reference or the digest),
@@ -24,6 +26,7 @@ on the event loop run them with :func:`asyncio.to_thread`.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -50,6 +53,10 @@ CREATE TABLE IF NOT EXISTS entries (
     PRIMARY KEY (kind, digest)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_last_use ON entries (last_use);
+CREATE TABLE IF NOT EXISTS reservations (
+    pid INTEGER PRIMARY KEY,
+    bytes INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pins (
     digest TEXT NOT NULL,
     source TEXT NOT NULL,
@@ -254,6 +261,34 @@ class Index:
             current = int(db.execute("PRAGMA user_version").fetchone()[0])
             db.execute(f"PRAGMA user_version = {(current + 1) % 2**31}")
 
+    # --- the node's byte budget ----------------------------------------------------------
+    def budget(self, pid: int, reserved: int) -> tuple[int, int]:
+        """Record that process ``pid`` reserves ``reserved`` bytes; read the node's usage.
+
+        Every process of the node (worker, ``mirror`` command) keeps one row; rows of
+        processes that are gone are dropped here.
+
+        Returns:
+            Bytes stored (the entries) and bytes reserved by the node's live processes.
+        """
+        with self._db(write=True) as db:
+            db.execute("INSERT OR REPLACE INTO reservations VALUES (?, ?)", (pid, reserved))
+            rows = db.execute("SELECT pid, bytes FROM reservations WHERE pid != ?",
+                              (pid,)).fetchall()
+            dead = [(other,) for other, _ in rows if not _alive(other)]
+            db.executemany("DELETE FROM reservations WHERE pid=?", dead)
+            count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries"
+                                     ).fetchone()
+            self.total_entries, self.total_bytes = int(count), int(size)
+        gone = {other for (other,) in dead}
+        others = sum(int(b) for other, b in rows if other not in gone)
+        return self.total_bytes, reserved + others
+
+    def drop_reservation(self, pid: int) -> None:
+        """Forget a process's reservations (it stops)."""
+        with self._db(write=True) as db:
+            db.execute("DELETE FROM reservations WHERE pid=?", (pid,))
+
     # --- pins --------------------------------------------------------------------------
     def pin(self, digests: Iterable[str], source: str) -> None:
         """Pin digests in the name of ``source`` (an image reference or a digest)."""
@@ -343,6 +378,17 @@ class Index:
         self.total_entries = len(known) - len(dropped) + len(adopted)
         return Reconciled(len(adopted), len(dropped), mismatched, self.total_entries,
                           self.total_bytes)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (its reservations still count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _warm_expiry(source: str) -> float:

@@ -4,6 +4,7 @@ requests are counted from Distribution's own access log."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
@@ -124,6 +125,20 @@ def test_semver_rule_picks_exactly_the_right_tags(registry_anon: Registry,
     assert all(r["result"] == "planned" and r["missing_blobs"] == 2 for r in report["results"])
 
 
+def _manifest_get(mirror: MirrorProcess, path: str, source: str) -> None:
+    """GET a manifest from the loopback address ``source`` (another client)."""
+    connection = http.client.HTTPConnection(mirror.host, mirror.port, timeout=30,
+                                            source_address=(source, 0))
+    try:
+        connection.request("GET", path, headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json"})
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200
+    finally:
+        connection.close()
+
+
 def test_popular_keeps_the_two_most_pulled_warm_across_a_tag_change_and_a_restart(
         registry_anon: Registry, start_mirror: StartMirror, tmp_path: Path) -> None:
     repos = {"sync/pop-a": 3, "sync/pop-b": 2, "sync/pop-c": 1}
@@ -135,9 +150,12 @@ def test_popular_keeps_the_two_most_pulled_warm_across_a_tag_change_and_a_restar
     conf = write_registries_conf(tmp_path / "registries.conf", UPSTREAM,
                                  mirror.url.removeprefix("http://"))
     for repo, pulls in repos.items():
-        for i in range(pulls):
-            skopeo_copy(f"{UPSTREAM}/{repo}:v1", tmp_path / f"{repo}-{i}".replace("/", "_"),
-                        registries_conf=conf)
+        # A client counts once per image (pulls, not requests): pulls come from
+        # different machines, here loopback addresses; skopeo pulls from 127.0.0.1.
+        skopeo_copy(f"{UPSTREAM}/{repo}:v1", tmp_path / repo.replace("/", "_"),
+                    registries_conf=conf)
+        for i in range(1, pulls):
+            _manifest_get(mirror, f"/v2/{repo}/manifests/v1", f"127.0.0.{10 + i}")
     mirror.stop()  # the counts are saved at shutdown
 
     fresh = {repo: make_image(repo, "v1", fmt="oci", layers=[make_layer(40_000, 7400 + n)])

@@ -42,6 +42,11 @@ class MotoS3:
         """``http://127.0.0.1:PORT``: the endpoint_url for clients."""
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (to stop it for a while, as a fault)."""
+        return self._proc.pid if self._proc is not None else None
+
     def start(self, timeout: float = 30.0) -> None:
         """Start the server and wait until it answers."""
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,7 @@ def test_rule_config_and_globs() -> None:
     ({"platforms": ["amd64"]}, "sync.platforms[0]"),
     ({"off_peak": ["25:00-01:00"]}, "sync.off_peak[0]"),
     ({"popular": {"top": -1}}, "sync.popular.top"),
+    ({"popular": {"per_client": 0}}, "sync.popular.per_client"),
 ])
 def test_bad_sync_config_names_its_key(document: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -114,12 +115,12 @@ def test_popularity_counts_decay_and_survive_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "sync" / "popularity.json"
     popularity = Popularity(path, window=3600, max_entries=2, clock=clock)
     index = _index("amd64", "arm64")
-    for _ in range(5):
-        popularity.tag_pulled("docker.io", "library/a", "1", index)
+    for client in range(5):
+        popularity.tag_pulled("docker.io", "library/a", "1", index, f"10.0.0.{client}")
     popularity.manifest_pulled("sha256:" + "1" * 64)  # arm64 child
     popularity.manifest_pulled("sha256:" + "9" * 64)  # not a known child: not counted
-    for _ in range(3):
-        popularity.tag_pulled("docker.io", "library/b", "1", index)
+    for client in range(3):
+        popularity.tag_pulled("docker.io", "library/b", "1", index, f"10.0.0.{client}")
     popularity.tag_pulled("docker.io", "library/c", "1", index)
     assert [p.repository for p in popularity.top_tags(3)] == ["library/a", "library/b", "library/c"]
     assert popularity.platforms("docker.io", "library/a") == ["linux/arm64"]
@@ -137,6 +138,8 @@ def test_popularity_counts_decay_and_survive_a_restart(tmp_path: Path) -> None:
 
 def test_counting_a_pull_of_an_odd_index_never_fails() -> None:
     popularity = Popularity(None)
-    for data in (b"not json", b'{"manifests": "nope"}', b'{"manifests": [1, {"digest": 2}]}'):
-        popularity.tag_pulled("r", "a", "t", Manifest(Digest.of(data), data, OCI_INDEX))
+    for n, data in enumerate((b"not json", b'{"manifests": "nope"}',
+                              b'{"manifests": [1, {"digest": 2}]}')):
+        popularity.tag_pulled("r", "a", "t", Manifest(Digest.of(data), data, OCI_INDEX),
+                              f"client-{n}")
     assert round(popularity.top_tags(1)[0].score) == 3  # (the real clock moved a little)
