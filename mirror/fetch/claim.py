@@ -8,6 +8,7 @@ per node, not per process.
     tmp/claims/<alg>-<hex>.size    the announced size, once known (written, then renamed)
     tmp/claims/<alg>-<hex>.ok      the bytes verified but are not kept (larger than
                                    storage.max_size, no room): followers finish on them
+    tmp/claims/<alg>-<hex>.bad     a fill failed on wrong bytes at this time (mtime)
 
 The claimer downloads as a lone process would, into the ``.part`` file, and publishes it
 by rename only after verification. A worker that finds the claim held follows instead:
@@ -16,12 +17,18 @@ its :class:`~mirror.fetch.fill.Fill` advances as the ``.part`` file grows (check
 never get the final byte of bytes that did not verify.
 
 When the claim is free again and nothing was published, the claimer died (``kill -9``)
-or its fill failed. If the ``.part`` file is still there (a dead claimer leaves it), the
-follower takes the claim and goes on from the bytes in it: they are hashed again and the
-rest is asked with ``Range``, so its readers keep reading the same file. If it is gone
-(a failed fill removes it, as when bytes were wrong), followers that have sent bytes are
-cut, as readers of a failed fill are in one process. A ``.part`` file is only ever
-appended to: a new claimer that finds one adopts it the same way.
+or its fill failed or was not kept. If the ``.part`` file is still there (a dead claimer
+leaves it), the follower takes the claim and goes on from the bytes in it: they are
+hashed again and the rest is asked with ``Range``, so its readers keep reading the same
+file. If it is gone (a failed fill removes it, and so does one relayed from memory when
+its last reader is done), the new claimer downloads into a new ``.part`` file from byte
+0. Readers follow the file, not a descriptor: when the file at the name is another one
+(its inode changed) or holds fewer bytes than counted, the fill is *replaced*
+(:meth:`~mirror.fetch.fill.Fill.replaced`): its readers open the new file and wait there
+until it reaches the bytes they had passed, whichever worker writes it. The one
+exception is a fill that failed on wrong bytes (it leaves a ``.bad`` marker): readers
+that took bytes of it are cut, as readers of a failed fill are in one process, never
+finished with another download's tail.
 
 Every file here is opened with ``O_NOFOLLOW``: a symbolic link planted in ``tmp/claims/``
 (to make a worker lock, truncate or write a file elsewhere) is refused, never followed.
@@ -41,7 +48,7 @@ from pathlib import Path
 import structlog
 
 from mirror import metrics
-from mirror.errors import UpstreamUnavailable
+from mirror.errors import DigestMismatch, UpstreamUnavailable
 from mirror.fetch.body import UpstreamOpener
 from mirror.fetch.fetcher import Fetcher
 from mirror.fetch.fill import Fill
@@ -118,6 +125,20 @@ class Claim:
         os.replace(temp, self.size)
 
     @property
+    def bad(self) -> Path:
+        """The marker of a fill that failed on wrong bytes (its mtime says when)."""
+        return self.size.with_suffix(".bad")
+
+    def mark_bad(self) -> None:
+        """The bytes in the ``.part`` file proved wrong: followers that read some must
+        be cut, not finished on a new download's bytes."""
+        fd = open_claim_file(self.bad, os.O_WRONLY | os.O_CREAT)
+        try:
+            os.utime(fd)
+        finally:
+            os.close(fd)
+
+    @property
     def verified(self) -> Path:
         """The marker of bytes verified but not kept."""
         return self.size.with_suffix(".ok")
@@ -147,6 +168,7 @@ class Seen:
     size: int | None  # the announced size
     on_disk: int | None  # bytes in the .part file (``None``: no such file)
     verified: bool = False  # the .part file is verified, complete, and will not be kept
+    file_id: int | None = None  # the .part file's inode
 
 
 class Claims:
@@ -222,11 +244,20 @@ class Claims:
             size: int | None = int(_read_small(size_file))
         except (FileNotFoundError, ValueError):
             size = None
+        on_disk: int | None = None
+        file_id: int | None = None
+        with contextlib.suppress(FileNotFoundError):
+            stat = part.stat()
+            on_disk, file_id = stat.st_size, stat.st_ino
+        return Seen(None, size, on_disk, size_file.with_suffix(".ok").exists(), file_id)
+
+    def failed_on_wrong_bytes(self, digest: Digest, since: float) -> bool:
+        """Whether a fill of ``digest`` failed on wrong bytes at or after ``since``."""
         try:
-            on_disk: int | None = part.stat().st_size
+            # A second of slack: file times come from a coarser clock than time.time().
+            return self._names(digest)[2].with_suffix(".bad").stat().st_mtime >= since - 1.0
         except FileNotFoundError:
-            on_disk = None
-        return Seen(None, size, on_disk, size_file.with_suffix(".ok").exists())
+            return False
 
     def announced(self, digest: Digest) -> int | None:
         """The size a claimer announced for ``digest``, if any."""
@@ -299,7 +330,10 @@ class ClaimingFetcher(Fetcher):
         writer = TempWriter(fill.temp, fill.digest)
         fd = open_claim_file(fill.temp, os.O_RDWR | os.O_CREAT)
         try:
-            on_disk = os.fstat(fd).st_size
+            stat = os.fstat(fd)
+            on_disk = stat.st_size
+            if self._replaced(fill, on_disk, stat.st_ino):
+                self._check_not_bad(fill)
             size = fill.size or self.claims.announced(fill.digest) or fill.expected_size
             if on_disk and size is not None and on_disk <= size:
                 offset = 0
@@ -312,15 +346,45 @@ class ClaimingFetcher(Fetcher):
                 if offset == on_disk:
                     if fill.size is None:
                         fill.set_size(size)
-                    fill.advance(on_disk - fill.written)
+                    self._advance(fill, on_disk, stat.st_ino)
                     log.info("fill_adopted", digest=str(fill.digest), bytes=on_disk)
                     return writer
                 writer = TempWriter(fill.temp, fill.digest)
-            if on_disk:  # nobody can have read bytes of a fill of unknown size
+            if on_disk:
                 os.ftruncate(fd, 0)
+            self._advance(fill, 0, stat.st_ino)
             return writer
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _replaced(fill: Fill, on_disk: int, file_id: int) -> bool:
+        """Whether the ``.part`` file is not the one ``fill``'s bytes were counted in."""
+        return on_disk < fill.written or fill.file_id not in (None, file_id)
+
+    def _advance(self, fill: Fill, on_disk: int, file_id: int) -> None:
+        """Count the ``on_disk`` bytes of the ``.part`` file ``file_id`` in ``fill``."""
+        if self._replaced(fill, on_disk, file_id):
+            fill.replaced(on_disk, file_id)
+            return
+        fill.file_id = file_id
+        if on_disk > fill.written:
+            fill.advance(on_disk - fill.written)
+
+    def _check_not_bad(self, fill: Fill) -> None:
+        """Cut ``fill``'s readers if the file they read from failed on wrong bytes.
+
+        Raises:
+            UpstreamUnavailable: it did.
+        """
+        if self.claims.failed_on_wrong_bytes(fill.digest, fill.started_at):
+            raise UpstreamUnavailable(f"the download of {fill.digest} that readers followed "
+                                      "had wrong bytes", status=502)
+
+    async def _failing(self, fill: Fill, error: BaseException) -> None:
+        claim = self._held.get(fill.digest)
+        if claim is not None and isinstance(error, DigestMismatch) and fill.written:
+            await asyncio.to_thread(claim.mark_bad)
 
     async def _sized(self, fill: Fill) -> None:
         claim = self._held.get(fill.digest)
@@ -385,8 +449,10 @@ class ClaimingFetcher(Fetcher):
             return True
         if seen.size is not None and fill.size is None:
             fill.set_size(seen.size)
-        if seen.on_disk is not None and seen.on_disk > fill.written:
-            fill.advance(seen.on_disk - fill.written)
+        if seen.on_disk is not None and seen.file_id is not None:
+            if self._replaced(fill, seen.on_disk, seen.file_id):
+                self._check_not_bad(fill)
+            self._advance(fill, seen.on_disk, seen.file_id)
         if seen.verified and seen.on_disk == fill.size:
             fill.finish(None)  # verified, not kept: readers read on from the .part file
             return True
@@ -400,9 +466,13 @@ class ClaimingFetcher(Fetcher):
             await asyncio.to_thread(claim.release)
             return
         if seen.on_disk is None and fill.written > 0:
-            await asyncio.to_thread(claim.release)
-            raise UpstreamUnavailable(f"the worker filling {fill.digest} failed", status=502)
-        log.warning("fill_taken_over", digest=str(fill.digest), bytes=fill.written)
+            try:
+                self._check_not_bad(fill)
+            except UpstreamUnavailable:
+                await asyncio.to_thread(claim.release)
+                raise
+        log.warning("fill_taken_over", digest=str(fill.digest), bytes=fill.written,
+                    part="kept" if seen.on_disk is not None else "new")
         metrics.FILL_TAKEOVERS.inc()
         fill.source = ""
         self._held[fill.digest] = claim

@@ -122,6 +122,9 @@ class Fetcher:
     def _settled(self, fill: Fill) -> None:
         """The fill is over: published, failed, or its unkept temp file removed."""
 
+    async def _failing(self, fill: Fill, error: BaseException) -> None:
+        """The fill failed with ``error``; its temp file is about to be removed."""
+
     async def _run_fill(self, fill: Fill, opener: UpstreamOpener, registry: str) -> None:
         try:
             writer = await self._writer(fill)
@@ -152,6 +155,7 @@ class Fetcher:
             if fill.expected_size is not None:
                 # It streamed on a manifest's size and failed: the hint may be why.
                 self.hints.drop(fill.digest, fill.hint)
+            await asyncio.shield(self._failing(fill, exc))
             # Clean up before telling readers, so no one sees a half-removed fill.
             await asyncio.shield(asyncio.to_thread(writer.discard))
             fill.fail(exc)

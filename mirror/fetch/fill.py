@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -92,6 +93,11 @@ class Fill:
         self._changed = asyncio.Event()
         self._moved = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        # Bumped when the temp file at ``temp`` is replaced (another worker took a fill
+        # over with a new file) or started over: readers then open it again.
+        self.generation = 0
+        self.file_id: int | None = None  # the inode of the temp file bytes are counted in
+        self.started_at = time.time()  # wall clock: compared with files' mtimes
         self.registry = ""  # the registry it was asked of (a configured name)
         self.source = ""  # the kind of source the bytes come from: upstream, s3, ...
         self.ever_read = False  # a reader has taken bytes (the fill can no longer start over)
@@ -166,6 +172,16 @@ class Fill:
         self.written += count
         self._notify()
 
+    def replaced(self, written: int, file_id: int | None = None) -> None:
+        """The temp file was replaced (or started over) and holds ``written`` bytes:
+        readers open it again, and wait for bytes they had passed until they are back."""
+        self.generation += 1
+        self.file_id = file_id
+        self.written = written
+        log.info("fill_file_replaced", digest=str(self.digest), bytes=written,
+                 generation=self.generation)
+        self._notify()
+
     def restart(self) -> None:
         """Start over from byte 0 (wrong bytes from a source, before any reader took some)."""
         assert not self.ever_read
@@ -210,21 +226,52 @@ class Fill:
             await self._changed.wait()
         self._raise_if_failed(before_headers=False)
 
-    def _open(self) -> int:
+    def _open(self) -> tuple[int, int | None]:
+        """A descriptor of the temp file (or of the published blob) and its inode, or
+        ``-1`` when there is no file yet: another worker's claim is taken but its file
+        not yet created, or it is being replaced (the reader opens it once bytes are
+        there)."""
         if self.temp is None:
-            return -1  # no room for even an empty temp file: every byte comes from memory
-        try:
-            return os.open(self.temp, os.O_RDONLY)
-        except FileNotFoundError:
-            # Published (renamed) between joining and opening, maybe before
-            # ``finish`` ran on the loop.
-            published = self.final or self.destination
-            if published is None:
-                raise FillError(f"download of {self.digest} vanished") from None
+            return -1, None  # no room for even an empty temp file: all bytes from memory
+        for path in (self.temp, self.final or self.destination):
+            # The temp file may have been published (renamed) between joining and
+            # opening, maybe before ``finish`` ran on the loop.
+            if path is None:
+                continue
             try:
-                return os.open(published, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
-                raise FillError(f"download of {self.digest} vanished") from None
+                continue
+            return fd, os.fstat(fd).st_ino
+        return -1, None
+
+    async def _reopen(self, fd: int) -> tuple[int, int | None]:
+        """Open the fill's current file for a reader whose ``fd`` is stale or missing.
+
+        Raises:
+            FillError: the fill is over and its file is gone.
+        """
+        if fd >= 0:
+            await asyncio.to_thread(os.close, fd)
+        while True:
+            fd, file_id = await asyncio.to_thread(self._open)
+            if fd >= 0 and not self._other_file(file_id):
+                return fd, file_id
+            if fd >= 0:
+                await asyncio.to_thread(os.close, fd)
+            self._raise_if_failed(before_headers=False)
+            if self.done and fd < 0:
+                raise FillError(f"download of {self.digest} vanished")
+            await self._changed.wait()  # created, replaced or published any moment now
+
+    def _other_file(self, file_id: int | None) -> bool:
+        """Whether ``file_id`` is not the file the fill counts its bytes in (the fill
+        has not seen the new one yet)."""
+        return not self.done and self.file_id is not None and file_id != self.file_id
+
+    def _stale(self, fd: int, generation: int, file_id: int | None) -> bool:
+        """Whether a reader's descriptor is not of the fill's current file."""
+        return fd < 0 or generation != self.generation or self._other_file(file_id)
 
     def _raise_if_failed(self, *, before_headers: bool) -> None:
         if self.error is None:
@@ -263,11 +310,12 @@ class Fill:
         """
         self.ever_read = True
         token = object()
-        fd = await self._join(token, start)
+        fd, file_id = await self._join(token, start)
         self.readers += 1
         if self._on_reader is not None:
             self._on_reader(self.digest, 1)
         metrics.FILL_READERS.inc()
+        generation = self.generation
         try:
             offset = start
             if start >= end:
@@ -286,6 +334,10 @@ class Fill:
                 if available <= 0:
                     await self._changed.wait()
                     continue
+                if self._from_disk(offset) and self._stale(fd, generation, file_id):
+                    generation = self.generation
+                    fd, file_id = await self._reopen(fd)
+                    continue  # the file may have changed meanwhile: look again
                 piece: bytes | FileSpan | None = None
                 if spans:
                     piece = self._span(fd, offset, available)
@@ -316,7 +368,7 @@ class Fill:
         if fd >= 0:
             await asyncio.to_thread(os.close, fd)
 
-    async def _join(self, token: object, start: int) -> int:
+    async def _join(self, token: object, start: int) -> tuple[int, int | None]:
         """Take a reader's place at ``start`` (a relay keeps the bytes from there) and open
         the temp file for it."""
         self._positions[token] = start
@@ -327,6 +379,11 @@ class Fill:
             self._positions.pop(token, None)
             self._notify_moved()
             raise
+
+    def _from_disk(self, offset: int) -> bool:
+        """Whether the byte at ``offset`` is read from the temp file (not from memory)."""
+        relay_from = self.relay_from
+        return self.temp is not None and (relay_from is None or offset < relay_from)
 
     def _span(self, fd: int, offset: int, available: int) -> FileSpan | None:
         """The bytes from ``offset`` that are on disk, or ``None`` (relayed from memory)."""

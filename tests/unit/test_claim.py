@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -57,6 +57,14 @@ def _worker(root: Path, index: int) -> ClaimingFetcher:
     store = FilesystemStore(root, temp_folder=f"w{index}")
     store.open()
     return ClaimingFetcher(store, CHUNK, claims=Claims(root / "tmp" / "claims"))
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("never happened")
 
 
 async def _read(fill: Fill, size: int) -> bytes:
@@ -146,3 +154,74 @@ async def test_a_symlink_planted_in_the_claims_folder_is_refused_not_followed(
     assert victim.read_bytes() == b"precious"  # neither locked, truncated nor written
     assert not worker.store.blob_path(digest).exists()
     await worker.close()
+
+
+async def test_a_follower_that_joins_before_the_claimers_file_exists_waits_for_it(
+        tmp_path: Path) -> None:
+    # What made the first test flaky ("download vanished"): a reader opened the .part
+    # file before the claimer's task had created it.
+    data = os.urandom(40 * CHUNK)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    claims = Claims(tmp_path / "tmp" / "claims")
+    slow = claims.try_claim(digest)  # claimed; its task has not created the file yet
+    assert slow is not None and not slow.part.exists()
+    upstream = _Upstream(data)
+    follower = _worker(tmp_path, 1)
+    fill, joined = await follower.start(digest, upstream, "r")
+    assert joined
+    reading = asyncio.create_task(_read(fill, len(data)))
+    await asyncio.sleep(0.1)
+    assert not reading.done()  # waiting for the file, not failed
+    slow.announce(len(data))
+    slow.part.write_bytes(data[:10 * CHUNK])
+    os.close(slow.fd)  # then killed
+    assert await reading == data
+    assert upstream.offsets == [10 * CHUNK]
+    await follower.close()
+
+
+@pytest.mark.parametrize("kept", [0, 10])
+async def test_a_follower_reads_the_new_file_of_a_takeover_not_the_removed_one(
+        tmp_path: Path, kept: int) -> None:
+    # The claimer relayed from memory (or failed) and removed its .part file: the
+    # follower that takes over writes a new one, which its readers must read.
+    data = os.urandom(40 * CHUNK)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    claims = Claims(tmp_path / "tmp" / "claims")
+    first = claims.try_claim(digest)
+    assert first is not None
+    first.announce(len(data))
+    first.part.write_bytes(data[:kept * CHUNK])
+    upstream = _Upstream(data)
+    follower = _worker(tmp_path, 1)
+    fill, joined = await follower.start(digest, upstream, "r")
+    assert joined
+    reading = asyncio.create_task(_read(fill, len(data)))
+    await _until(lambda: fill.written >= kept * CHUNK and fill.readers > 0)
+    first.part.unlink()  # relayed (or failed): its file removed, then the claim let go
+    first.release()
+    assert await reading == data
+    assert upstream.offsets == [0]  # the new file starts at byte 0
+    assert follower.store.blob_path(digest).read_bytes() == data
+    await follower.close()
+
+
+async def test_followers_of_bytes_that_proved_wrong_are_cut_not_finished_on_new_ones(
+        tmp_path: Path) -> None:
+    data = os.urandom(40 * CHUNK)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    claims = Claims(tmp_path / "tmp" / "claims")
+    first = claims.try_claim(digest)
+    assert first is not None
+    first.announce(len(data))
+    first.part.write_bytes(b"x" * 10 * CHUNK)  # wrong bytes
+    follower = _worker(tmp_path, 1)
+    fill, _ = await follower.start(digest, _Upstream(data), "r")
+    reading = asyncio.create_task(_read(fill, len(data)))
+    await _until(lambda: fill.written >= 10 * CHUNK and fill.readers > 0)
+    first.mark_bad()  # what the claimer does when the digest does not match
+    first.part.unlink()
+    first.release()
+    with pytest.raises(FillError):
+        await reading
+    await follower.close()

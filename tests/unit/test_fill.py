@@ -49,5 +49,9 @@ async def test_a_reader_finding_neither_file_gets_a_fill_error(tmp_path: Path) -
     fill.destination = published
     assert fill.temp is not None
     fill.temp.unlink()  # published and evicted at once: nothing to read
+    reading = asyncio.create_task(_read_all(fill, len(data)))
+    await asyncio.sleep(0.05)
+    assert not reading.done()  # no file yet: another worker's may be on its way
+    fill.finish(published)  # the fill is over, and neither file is there
     with pytest.raises(FillError):
-        await _read_all(fill, len(data))
+        await reading
