@@ -8,6 +8,8 @@ per node, not per process.
     tmp/claims/<alg>-<hex>.size    the announced size, once known (written, then renamed)
     tmp/claims/<alg>-<hex>.ok      the bytes verified but are not kept (larger than
                                    storage.max_size, no room): followers finish on them
+    tmp/claims/<alg>-<hex>.relay   the claimer relays from memory from byte 0 (no room):
+                                   followers download on their own rather than wait
     tmp/claims/<alg>-<hex>.bad     a fill failed on wrong bytes at this time (mtime)
 
 The claimer downloads as a lone process would, into the ``.part`` file, and publishes it
@@ -125,6 +127,15 @@ class Claim:
         os.replace(temp, self.size)
 
     @property
+    def relayed(self) -> Path:
+        """The marker of a fill relayed from memory from its first byte."""
+        return self.size.with_suffix(".relay")
+
+    def mark_relayed(self) -> None:
+        """Nothing will be written to the ``.part`` file: followers must not wait on it."""
+        os.close(open_claim_file(self.relayed, os.O_WRONLY | os.O_CREAT))
+
+    @property
     def bad(self) -> Path:
         """The marker of a fill that failed on wrong bytes (its mtime says when)."""
         return self.size.with_suffix(".bad")
@@ -149,7 +160,7 @@ class Claim:
 
     def release(self) -> None:
         """Give the claim up (after publishing, or after a failed fill removed the part)."""
-        for done in (self.size, self.verified):
+        for done in (self.size, self.verified, self.relayed):
             with contextlib.suppress(FileNotFoundError):
                 done.unlink()
         # Removed while held, so that nobody locks a file that is no longer at the name.
@@ -169,6 +180,7 @@ class Seen:
     on_disk: int | None  # bytes in the .part file (``None``: no such file)
     verified: bool = False  # the .part file is verified, complete, and will not be kept
     file_id: int | None = None  # the .part file's inode
+    relayed: bool = False  # the claimer relays from memory from byte 0 (no room)
 
 
 class Claims:
@@ -249,7 +261,8 @@ class Claims:
         with contextlib.suppress(FileNotFoundError):
             stat = part.stat()
             on_disk, file_id = stat.st_size, stat.st_ino
-        return Seen(None, size, on_disk, size_file.with_suffix(".ok").exists(), file_id)
+        return Seen(None, size, on_disk, size_file.with_suffix(".ok").exists(), file_id,
+                    size_file.with_suffix(".relay").exists())
 
     def failed_on_wrong_bytes(self, digest: Digest, since: float) -> bool:
         """Whether a fill of ``digest`` failed on wrong bytes at or after ``since``."""
@@ -381,6 +394,11 @@ class ClaimingFetcher(Fetcher):
             raise UpstreamUnavailable(f"the download of {fill.digest} that readers followed "
                                       "had wrong bytes", status=502)
 
+    async def _relayed(self, fill: Fill) -> None:
+        claim = self._held.get(fill.digest)
+        if claim is not None:
+            await asyncio.to_thread(claim.mark_relayed)
+
     async def _failing(self, fill: Fill, error: BaseException) -> None:
         claim = self._held.get(fill.digest)
         if claim is not None and isinstance(error, DigestMismatch) and fill.written:
@@ -410,9 +428,9 @@ class ClaimingFetcher(Fetcher):
         try:
             while True:
                 seen = await asyncio.to_thread(self.claims.look, fill.digest, destination)
-                if seen.published is None and seen.size is not None and fill.written == 0 \
-                        and not self.space.fits(seen.size):
-                    await self._own(fill, opener, registry)  # relayed there: nothing to follow
+                reason = self._not_followable(fill, seen)
+                if reason is not None:
+                    await self._own(fill, opener, registry, reason)
                     return
                 if self._caught_up(fill, seen, destination):
                     return
@@ -429,13 +447,23 @@ class ClaimingFetcher(Fetcher):
         finally:
             self._forget(fill)
 
-    async def _own(self, fill: Fill, opener: UpstreamOpener, registry: str) -> None:
-        """Download ``fill`` here, unclaimed: the claimer relays a blob larger than
-        ``storage.max_size`` from memory, which no other worker can follow."""
+    def _not_followable(self, fill: Fill, seen: Seen) -> str | None:
+        """Why ``fill`` cannot follow the claimer (it relays from memory what no other
+        worker can read), or ``None``."""
+        if seen.published is not None or fill.written:
+            return None
+        if seen.size is not None and not self.space.fits(seen.size):
+            return "too_large"
+        return "no_room" if seen.relayed else None
+
+    async def _own(self, fill: Fill, opener: UpstreamOpener, registry: str,
+                   reason: str) -> None:
+        """Download ``fill`` here, unclaimed: the claimer relays from memory (a blob
+        larger than ``storage.max_size``, or no room), which no other worker can follow."""
         fd, temp = await asyncio.to_thread(self.store.new_temp)
         os.close(fd)
         fill.temp, fill.source = temp, ""
-        log.info("fill_not_shared", digest=str(fill.digest), reason="too_large")
+        log.info("fill_not_shared", digest=str(fill.digest), reason=reason)
         await self._run(fill, opener, registry)
 
     def _caught_up(self, fill: Fill, seen: Seen, destination: Path) -> bool:

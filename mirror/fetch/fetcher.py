@@ -122,6 +122,9 @@ class Fetcher:
     def _settled(self, fill: Fill) -> None:
         """The fill is over: published, failed, or its unkept temp file removed."""
 
+    async def _relayed(self, fill: Fill) -> None:
+        """The fill is relayed from memory from its first byte: its temp file stays empty."""
+
     async def _failing(self, fill: Fill, error: BaseException) -> None:
         """The fill failed with ``error``; its temp file is about to be removed."""
 
@@ -255,6 +258,7 @@ class Fetcher:
                             fill.reserved = 0  # no room for the node: keep nothing
                             if fill.written == 0 and fill.relay_from is None:
                                 self._relay_no_room(fill)
+                                await self._relayed(fill)
                     await self._copy_body(fill, response, registry, writer)
                 return
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,

@@ -86,6 +86,8 @@ async def _uncancellable_thread(sock_fd: int, file_fd: int, offset: int, count: 
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         await asyncio.wait({future})
+        if not future.cancelled():
+            future.exception()  # the client went away: its broken pipe is no news
         raise
 
 

@@ -225,3 +225,26 @@ async def test_followers_of_bytes_that_proved_wrong_are_cut_not_finished_on_new_
     with pytest.raises(FillError):
         await reading
     await follower.close()
+
+
+async def test_a_follower_downloads_on_its_own_when_the_claimer_relays_from_memory(
+        tmp_path: Path) -> None:
+    # No room under the cap: the claimer relays from memory, and its .part file stays
+    # empty until it is done; its followers must not wait for all of that first.
+    data = os.urandom(40 * CHUNK)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    claims = Claims(tmp_path / "tmp" / "claims")
+    relaying = claims.try_claim(digest)
+    assert relaying is not None
+    relaying.announce(len(data))
+    relaying.part.write_bytes(b"")
+    relaying.mark_relayed()
+    upstream = _Upstream(data)
+    follower = _worker(tmp_path, 1)
+    fill, joined = await follower.start(digest, upstream, "r")
+    assert joined
+    assert await _read(fill, len(data)) == data  # while the claim is still held
+    assert upstream.offsets == [0]
+    relaying.release()
+    assert not relaying.relayed.exists()
+    await follower.close()
