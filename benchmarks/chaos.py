@@ -76,6 +76,7 @@ class Phase:
     failed: int = 0
     mismatches: int = 0
     peak_disk: int = 0
+    peak_parts: dict[str, int] = field(default_factory=dict)  # the peak, by folder
     upstream_bytes: int = 0
     unique_bytes: int = 0
     faults: list[str] = field(default_factory=list)
@@ -176,16 +177,23 @@ def workers_figures(mirror: MirrorProcess) -> dict[str, dict[str, int]]:
 
 def disk_bytes(root: Path) -> int:
     """Bytes of the files under the cache's content and temp folders."""
-    total = 0
+    return sum(disk_parts(root).values())
+
+
+def disk_parts(root: Path) -> dict[str, int]:
+    """Bytes of the files under the cache's content and temp folders, by folder
+    (``blobs``, ``manifests``, and each folder of ``tmp``)."""
+    parts: dict[str, int] = {}
     for sub in ("blobs", "manifests", "tmp"):
         folder = root / sub
         for path in folder.rglob("*") if folder.exists() else ():
             try:
                 if path.is_file():
-                    total += path.stat().st_size
-            except OSError:
+                    name = sub if sub != "tmp" else f"tmp/{path.relative_to(folder).parts[0]}"
+                    parts[name] = parts.get(name, 0) + path.stat().st_size
+            except (OSError, IndexError):
                 continue
-    return total
+    return parts
 
 
 class DiskSampler:
@@ -194,12 +202,15 @@ class DiskSampler:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.peak = 0
+        self.peak_parts: dict[str, int] = {}  # what the disk held at the peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, disk_bytes(self.root))
+            parts = disk_parts(self.root)
+            if sum(parts.values()) > self.peak:
+                self.peak, self.peak_parts = sum(parts.values()), parts
             time.sleep(0.01)
 
     def __enter__(self) -> DiskSampler:
@@ -320,6 +331,7 @@ def run_phase(setup: Setup, name: str, *, seconds: float, clients: int, every: f
         time.sleep(1.0)  # the upstream's log settles; workers finish their last writes
     phase.seconds = time.monotonic() - started
     phase.peak_disk = disk.peak
+    phase.peak_parts = disk.peak_parts
     phase.upstream_bytes = meter.traffic.bytes
     by_repo = {image.repo: image for image in [*setup.images, setup.pin]}
     blobs = {b.digest: b.size for repo in phase.pulled for b in by_repo[repo].blobs()}
@@ -368,6 +380,10 @@ def report(calm: Phase, chaos: Phase, cap: int) -> str:
         ratio = f"{after / before:.2f}" if before else "-"
         lines.append(f"| {label} | {before:.4g} | {after:.4g} | {ratio} |")
     lines.append(f"\nfaults: {', '.join(chaos.faults) or 'none'}; cap {cap / MiB:.0f} MiB")
+    for phase in (calm, chaos):
+        where = ", ".join(f"{name} {size / MiB:.0f}" for name, size in
+                          sorted(phase.peak_parts.items(), key=lambda item: -item[1]))
+        lines.append(f"{phase.name} peak disk, MiB: {where or '-'}")
     for phase in (calm, chaos):
         for error in phase.errors[:10]:
             lines.append(f"{phase.name} error: {error}")

@@ -104,7 +104,7 @@ class Node:
         self.evictor = Evictor(self.store, settings.storage)
         self.fetcher = Fetcher(self.store, settings.server.chunk_size, space=self.evictor,
                                relay_max_bytes=settings.storage.relay_window)
-        claims = Claims(settings.storage.path / "tmp" / "claims")
+        claims = self._claims = Claims(settings.storage.path / "tmp" / "claims")
         if self.worker.count > 1:  # one download per digest for the node, not per process
             self.fetcher = ClaimingFetcher(
                 self.store, settings.server.chunk_size, space=self.evictor,
@@ -151,6 +151,8 @@ class Node:
                 opened as the ``mirror cache`` commands open it, with no background work.
         """
         removed = await asyncio.to_thread(self.store.open if exclusive else self.store.open_shared)
+        if exclusive and self.worker.count > 1:  # what a worker that died left behind
+            removed += await asyncio.to_thread(self._claims.sweep)
         await self._resolve_max_size()
         await self.tags.open()
         if self.settings.storage.s3 is not None:

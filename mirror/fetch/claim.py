@@ -272,6 +272,27 @@ class Claims:
         except FileNotFoundError:
             return False
 
+    def sweep(self) -> int:
+        """Remove the ``.part`` files nobody holds the claim of: what a worker killed
+        while it filled left, that no follower took over (at a worker's start, after
+        the one before it died). Their bytes are on disk but in no budget.
+
+        Returns:
+            How many were removed.
+        """
+        removed = 0
+        for part in self.folder.glob("*.part") if self.folder.is_dir() else ():
+            claim = self._lock(part.with_suffix(".claim"))
+            if claim is None:
+                continue  # filled, or followed and taken over, right now
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
+                removed += 1
+            claim.release()
+        if removed:
+            log.info("claims_swept", parts=removed, reason="left by a worker that died")
+        return removed
+
     def announced(self, digest: Digest) -> int | None:
         """The size a claimer announced for ``digest``, if any."""
         try:

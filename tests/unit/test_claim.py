@@ -248,3 +248,20 @@ async def test_a_follower_downloads_on_its_own_when_the_claimer_relays_from_memo
     relaying.release()
     assert not relaying.relayed.exists()
     await follower.close()
+
+
+def test_a_part_left_by_a_dead_claimer_is_swept_one_still_held_is_not(
+        tmp_path: Path) -> None:
+    claims = Claims(tmp_path / "tmp" / "claims")
+    left, held = (Digest.parse("sha256:" + hashlib.sha256(bytes([n])).hexdigest())
+                  for n in range(2))
+    dead, alive = claims.try_claim(left), claims.try_claim(held)
+    assert dead is not None and alive is not None
+    for claim in (dead, alive):
+        claim.announce(100)
+        claim.part.write_bytes(b"x" * 10)
+    os.close(dead.fd)  # kill -9, and no follower took it over
+    assert claims.sweep() == 1
+    assert not dead.part.exists() and not dead.size.exists() and not dead.lock.exists()
+    assert alive.part.exists() and alive.size.exists()
+    alive.release()
