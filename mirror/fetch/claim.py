@@ -310,7 +310,9 @@ class ClaimingFetcher(Fetcher):
                  relay_max_bytes: int = RELAY_MAX_BYTES, *, claims: Claims) -> None:
         super().__init__(store, chunk_size, space, hints, relay_max_bytes)
         self.claims = claims
-        self._held: dict[Digest, Claim] = {}
+        # By fill, not digest: a fill this process starts beside a relay that can no
+        # longer be joined (its window moved on) must not take the relay's claim.
+        self._held: dict[Fill, Claim] = {}
 
     async def start(self, digest: Digest, opener: UpstreamOpener, registry: str,
                     expected_size: int | None = None) -> tuple[Fill, bool]:
@@ -342,7 +344,7 @@ class ClaimingFetcher(Fetcher):
             fill.source = "worker"
             fill.task = self._tasks.spawn(self._follow(fill, opener, registry), "fill")
             return fill, True
-        self._held[digest] = claim
+        self._held[fill] = claim
         fill.task = self._tasks.spawn(self._run(fill, opener, registry), "fill")
         return fill, False
 
@@ -416,29 +418,29 @@ class ClaimingFetcher(Fetcher):
                                       "had wrong bytes", status=502)
 
     async def _relayed(self, fill: Fill) -> None:
-        claim = self._held.get(fill.digest)
+        claim = self._held.get(fill)
         if claim is not None:
             await asyncio.to_thread(claim.mark_relayed)
 
     async def _failing(self, fill: Fill, error: BaseException) -> None:
-        claim = self._held.get(fill.digest)
+        claim = self._held.get(fill)
         if claim is not None and isinstance(error, DigestMismatch) and fill.written:
             await asyncio.to_thread(claim.mark_bad)
 
     async def _sized(self, fill: Fill) -> None:
-        claim = self._held.get(fill.digest)
+        claim = self._held.get(fill)
         if claim is not None:
             await asyncio.to_thread(claim.announce, fill.size)
 
     async def _publish(self, fill: Fill, durable: bool) -> str | None:
         reason = await super()._publish(fill, durable)
-        claim = self._held.get(fill.digest)
+        claim = self._held.get(fill)
         if reason is not None and claim is not None and fill.relay_from is None:
             await asyncio.to_thread(claim.mark_verified)
         return reason
 
     def _settled(self, fill: Fill) -> None:
-        claim = self._held.pop(fill.digest, None)
+        claim = self._held.pop(fill, None)
         if claim is not None:
             claim.release()
 
@@ -524,5 +526,5 @@ class ClaimingFetcher(Fetcher):
                     part="kept" if seen.on_disk is not None else "new")
         metrics.FILL_TAKEOVERS.inc()
         fill.source = ""
-        self._held[fill.digest] = claim
+        self._held[fill] = claim
         await self._run(fill, opener, registry)

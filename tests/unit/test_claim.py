@@ -265,3 +265,24 @@ def test_a_part_left_by_a_dead_claimer_is_swept_one_still_held_is_not(
     assert not dead.part.exists() and not dead.size.exists() and not dead.lock.exists()
     assert alive.part.exists() and alive.size.exists()
     alive.release()
+
+
+async def test_a_fill_beside_a_relay_nobody_can_join_leaves_the_relays_claim_alone(
+        tmp_path: Path) -> None:
+    # A relay whose window moved on cannot be joined: a new request of the same worker
+    # starts a fill of its own. When that one ends, it must not give up the claim the
+    # relay still holds (another worker would take it and remove the relay's file).
+    data = os.urandom(4 * CHUNK)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    worker = _worker(tmp_path, 0)
+    relay, joined = await worker.start(digest, _Upstream(data, step=30), "r")
+    assert not joined
+    relay.start_relay("no_room")
+    relay.window._first = 1  # type: ignore[union-attr]  # its window moved on
+    beside, joined = await worker.start(digest, _Upstream(data), "r")
+    assert not joined and beside is not relay
+    assert await _read(beside, len(data)) == data
+    await beside.wait_done()
+    await asyncio.sleep(0)  # the fill's task settles
+    assert Claims(tmp_path / "tmp" / "claims").try_claim(digest) is None  # still held
+    await worker.close()
