@@ -9,6 +9,7 @@ context (``request[LOG]``), which the middleware writes as one line per request.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -127,9 +128,8 @@ async def blob(request: web.Request, pull: PullService, repo: Repo,
     span = parse_range(request.headers.get("Range"), size)
     headers = blob_headers(target.digest, size, span)
     chunk_size = request.app[NODE].settings.server.chunk_size
-    response = await stream_fill(request, fill, span, headers, chunk_size)
-    _served(request, "fill", response.content_length or 0)
-    return response
+    return await stream_fill(request, fill, span, headers, chunk_size,
+                             on_bytes=_serving(request, "fill"))
 
 
 async def _cached_blob(request: web.Request, pull: PullService,
@@ -146,11 +146,11 @@ async def _cached_blob(request: web.Request, pull: PullService,
     file = await pull.open_cached(cached)
     if file is None:
         return None
-    _served(request, "disk", end - start)
     digest = cached.digest
     return FileSliceResponse(file, start, end - start, status=status, headers=headers,
                              chunk_size=request.app[NODE].settings.server.chunk_size,
-                             on_close=lambda: pull.closed(digest))
+                             on_close=lambda: pull.closed(digest),
+                             on_bytes=_serving(request, "disk"))
 
 
 async def tags_list(request: web.Request, pull: PullService, repo: Repo,
@@ -206,6 +206,13 @@ def _record_cache(request: web.Request, kind: str, result: str, digest: object) 
         context.update(cache=result, digest=str(digest))
         if context.get("registry"):
             metrics.child(metrics.REGISTRY_CACHE_RESULTS, context["registry"], kind, result).inc()
+
+
+def _serving(request: web.Request, source: str) -> Callable[[int], None]:
+    """Counts body bytes as a streamed answer sends them (a cut one counts what went out)."""
+    def count(sent: int) -> None:
+        _served(request, source, sent)
+    return count
 
 
 def _served(request: web.Request, source: str, count: int) -> None:
