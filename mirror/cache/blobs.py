@@ -15,6 +15,7 @@ verified blobs are not re-hashed on every read (that would halve throughput);
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,11 +56,14 @@ class BlobCache:
         self._memory: LRUCache[Digest, bytes] = LRUCache(
             maxsize=max(settings.memory_max_bytes, 1), getsizeof=len
         )
+        #: When each blob in memory was last answered (wall clock): keep_used_since.
+        self._used: LRUCache[Digest, float] = LRUCache(maxsize=4096)
 
     async def cached(self, digest: Digest) -> CachedBlob | None:
         """The blob if this node has it, with its bytes when it is small."""
         data = self._memory.get(digest)
         if data is not None:
+            self._used[digest] = time.time()
             self._on_hit("blob", str(digest))
             return CachedBlob(digest, len(data), data)
         size = self._sizes.get(digest)
@@ -127,6 +131,22 @@ class BlobCache:
     def busy(self, digest: Digest) -> bool:
         """Whether the blob is being read or downloaded (never evicted then)."""
         return self._open[digest] > 0 or self._fetcher.busy(digest)
+
+    async def keep_used_since(self, since: float) -> int:
+        """Store again the small blobs answered from memory since ``since`` that are no
+        longer on disk (removed by another process meanwhile). Returns how many."""
+        wanted = {d: self._memory[d] for d, when in list(self._used.items())
+                  if when >= since and d in self._memory}
+
+        def restore() -> int:
+            restored = 0
+            for digest, data in wanted.items():
+                if self._store.blob_size(digest) is None:
+                    self._store.write_blob(digest, data)
+                    restored += 1
+            return restored
+
+        return await asyncio.to_thread(restore)
 
     def clear_memory(self) -> None:
         """Forget every size and byte held in memory (content was removed elsewhere)."""

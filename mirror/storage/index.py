@@ -209,7 +209,8 @@ class Index:
         return [_entry(r) for r in rows]
 
     def generation(self) -> int:
-        """A counter another process bumps when it removes content (``mirror cache evict``)."""
+        """A counter another process bumps when it removes content (``mirror cache evict``):
+        at least the time of the last removal, in whole seconds since the epoch."""
         with self._db() as db:
             return int(db.execute("PRAGMA user_version").fetchone()[0])
 
@@ -217,7 +218,8 @@ class Index:
         """Tell running servers that content went away behind their back."""
         with self._db(write=True) as db:
             current = int(db.execute("PRAGMA user_version").fetchone()[0])
-            db.execute(f"PRAGMA user_version = {(current + 1) % 2**31}")
+            # The time, so servers can tell what they served after the removal.
+            db.execute(f"PRAGMA user_version = {max(current + 1, int(time.time())) % 2**31}")
 
     # --- pins --------------------------------------------------------------------------
     def pin(self, digests: Iterable[str], source: str) -> None:

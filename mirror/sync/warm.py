@@ -155,7 +155,7 @@ class Warmer:
             progress({"ref": job.label, "event": "plan", "total": sum(plan.blobs.values()),
                       "present": result.present_bytes, "blobs": len(plan.blobs)})
         if dry_run:
-            result.result = "planned"
+            result.result = "planned" if missing else "present"
             return
         until = self._now() + job.protect
         await asyncio.to_thread(self._index.pin_until, [*plan.manifests, *plan.blobs],
