@@ -6,18 +6,23 @@
                    through the page's one figure source -> a ring of 61 samples
     page render:   consecutive samples -> one Minute each (+ the minute under way)
     middleware:    an answer >= 400 (but 404) -> Incidents, a ring of the last 15
+    every 2 s:     this worker's start and problems -> <storage>/status/w<i>.json, which
+                   the page merges: whichever worker answers, it shows the node's
 
-Both are small and bounded; nothing here touches the disk or blocks the loop.
+All of it is small and bounded; the files are written and read in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -117,6 +122,7 @@ class Incidents:
     def __init__(self, keep: int = INCIDENTS, clock: Callable[[], float] = time.time) -> None:
         self._items: deque[Incident] = deque(maxlen=keep)
         self._clock = clock
+        self.changes = 0  # grows with every problem remembered (a cheap "dirty" mark)
 
     def record(self, status: int, method: str, path: str, error: str, client: str) -> None:
         """Remember one answer if it was a problem."""
@@ -124,12 +130,88 @@ class Incidents:
             return
         self._items.append(Incident(self._clock(), status, method, path[:200], error[:300],
                                     client))
+        self.changes += 1
 
     def latest(self) -> list[Incident]:
         """Newest first."""
         return list(reversed(self._items))
 
 
+@dataclass(frozen=True)
+class NodeView:
+    """What every worker of the node wrote: when the oldest living one started, and the
+    last problems of all of them (a restarted worker's included), newest first."""
+
+    started: float
+    incidents: list[Incident]
+
+
+class SharedIncidents:
+    """Each worker's start time and problems in ``<storage>/status/w<i>.json`` (temp file +
+    rename), so that the page any worker answers shows the node's.
+
+    Args:
+        folder: the storage folder's ``status`` folder.
+        index: this worker's index.
+    """
+
+    def __init__(self, folder: Path, index: int, started: float) -> None:
+        self.folder = folder
+        self.path = folder / f"w{index}.json"
+        self.started = started
+
+    def write(self, incidents: list[Incident]) -> None:
+        """Save this worker's part (blocks: run it in a thread)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        document = {"pid": os.getpid(), "started": self.started,
+                    "incidents": [asdict(i) for i in incidents]}
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        temp.write_text(json.dumps(document))
+        os.replace(temp, self.path)
+
+    def read(self, own: list[Incident], keep: int = INCIDENTS) -> NodeView:
+        """This worker's problems (``own``, fresh from memory) and every other worker's,
+        merged (blocks: run it in a thread). A file that cannot be read is skipped: the
+        page shows what it can."""
+        started: list[float] = [self.started]
+        found: list[Incident] = list(own)
+        for path in sorted(self.folder.glob("w*.json")):
+            if path == self.path:
+                continue
+            try:
+                document = json.loads(path.read_text())
+                if _alive(int(document["pid"])):
+                    started.append(float(document["started"]))
+                found.extend(Incident(**item) for item in document["incidents"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        found.sort(key=lambda i: i.at, reverse=True)
+        return NodeView(min(started, default=self.started), found[:keep])
+
+    async def run(self, incidents: Incidents, every: float = 2.0) -> None:
+        """Save at once, then whenever problems were added (checked every ``every`` s)."""
+        seen = -1
+        while True:
+            if incidents.changes != seen:
+                seen = incidents.changes
+                try:
+                    await asyncio.to_thread(self.write, incidents.latest())
+                except OSError:  # a full disk: the page shows this worker's own meanwhile
+                    seen = -1
+            await asyncio.sleep(every)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 #: The page's history and problem log, on the app (set by the status page's cleanup_ctx).
 HISTORY = web.AppKey("history", History)
 INCIDENT_LOG = web.AppKey("incidents", Incidents)
+SHARED = web.AppKey("shared_incidents", SharedIncidents)

@@ -34,7 +34,15 @@ from mirror.cache.inventory import human_size
 from mirror.node import Node
 from mirror.server import status_parts as parts
 from mirror.server.figures import RegistryFigures, node_totals, registry_figures, total
-from mirror.server.history import HISTORY, INCIDENT_LOG, History, Incidents
+from mirror.server.history import (
+    HISTORY,
+    INCIDENT_LOG,
+    SHARED,
+    History,
+    Incidents,
+    NodeView,
+    SharedIncidents,
+)
 from mirror.server.state import NODE, log_context
 from mirror.version import VERSION
 
@@ -54,14 +62,22 @@ class Disk:
 async def history_ctx(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: the per-minute samples and the last problems, for the page."""
     history = History(node_totals)
+    incidents = Incidents()
     app[HISTORY] = history
-    app[INCIDENT_LOG] = Incidents()
-    task = asyncio.ensure_future(history.run())
+    app[INCIDENT_LOG] = incidents
+    tasks = [asyncio.ensure_future(history.run())]
+    node = app.get(NODE)
+    if node is not None:
+        shared = SharedIncidents(node.settings.storage.path / "status", node.worker.index,
+                                 history.started)
+        app[SHARED] = shared
+        tasks.append(asyncio.ensure_future(shared.run(incidents)))
     try:
         yield
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def status_page(request: web.Request) -> web.Response:
@@ -72,8 +88,11 @@ async def status_page(request: web.Request) -> web.Response:
         body = _page("<p>Starting.</p>")
     else:
         disk = await asyncio.to_thread(disk_of, state)
+        shared, incidents = request.app.get(SHARED), request.app.get(INCIDENT_LOG)
+        own = incidents.latest() if incidents is not None else []
+        view = await asyncio.to_thread(shared.read, own) if shared is not None else None
         body = render(state, disk=disk, history=request.app.get(HISTORY),
-                      incidents=request.app.get(INCIDENT_LOG))
+                      incidents=incidents, node=view)
     return web.Response(text=body, content_type="text/html", charset="utf-8",
                         headers={"Cache-Control": "no-store"})
 
@@ -88,18 +107,23 @@ def disk_of(state: Node) -> Disk | None:
 
 
 def render(state: Node, *, disk: Disk | None = None, history: History | None = None,
-           incidents: Incidents | None = None) -> str:
-    """The whole page for the current state."""
+           incidents: Incidents | None = None, node: NodeView | None = None) -> str:
+    """The whole page for the current state (``node``: what every worker wrote, which
+    wins over this process's own start time and problems)."""
     names = [u.name for u in state.settings.upstreams]
     figures = registry_figures(names)
+    started = node.started if node is not None else \
+        history.started if history is not None else None
+    problems = node.incidents if node is not None else \
+        incidents.latest() if incidents is not None else []
     sections = [
-        _overview(state, disk, history, figures),
+        _overview(state, disk, started, figures),
         parts.charts(history.minutes() if history is not None else []),
         _registries_section(figures),
         parts.health(state, names),
         parts.sync(state),
         parts.cluster(state),
-        parts.incidents(incidents.latest() if incidents is not None else []),
+        parts.incidents(problems),
         parts.downloads(state),
         parts.popular(state.popularity.top(TOP_IMAGES)),
         parts.links(state),
@@ -118,12 +142,12 @@ def _page(content: str) -> str:
             f"counters since start</p></header>{content}</body></html>")
 
 
-def _overview(state: Node, disk: Disk | None, history: History | None,
+def _overview(state: Node, disk: Disk | None, started: float | None,
               figures: list[RegistryFigures]) -> str:
     settings = state.settings
     listen = f"{settings.listen_host}:{settings.listen_port}"
     tls = "on" if settings.tls is not None else "off"
-    uptime = parts.duration(time.time() - history.started) if history is not None else "?"
+    uptime = parts.duration(time.time() - started) if started is not None else "?"
     workers = state.worker.count
     who = f" (this page: worker {state.worker.index})" if workers > 1 else ""
     cards = [

@@ -9,7 +9,10 @@ so no request line may call one cut, and the bytes the mirror says it served
 from __future__ import annotations
 
 import asyncio
+import html
 import re
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,3 +128,22 @@ def test_status_page_of_a_real_node_in_chromium(
     assert re.search(r"id=\"cache-limit\">1\.0 GiB<", dom)
     assert re.search(r"<svg [^>]*id=\"chart-bytes\"", dom)
     assert "href=\"/metrics\"" in dom
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_page_lists_the_problems_of_every_worker(
+        workers: int, registry_token: Registry, start_mirror: StartMirror) -> None:
+    mirror = start_mirror(registry_token.url, workers)
+    bad = [f"/v2/truth/app/manifests/bad!{n}" for n in range(8)]
+    for path in bad:  # a new connection each: the kernel spreads them over the workers
+        try:
+            _get(f"{mirror.url}{path}")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 400
+    deadline = time.monotonic() + 20
+    while not all(p in html.unescape(_get(f"{mirror.url}/")) for p in bad):
+        assert time.monotonic() < deadline, "the problems never reached the page"
+        time.sleep(0.2)
+    for _ in range(6):  # whichever worker answers, the page is the node's
+        page = html.unescape(_get(f"{mirror.url}/"))
+        assert all(p in page for p in bad)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from mirror.server.charts import Series, bar_chart, line_chart
-from mirror.server.history import HISTORY, History, Totals
+from mirror.server.history import HISTORY, History, Incidents, SharedIncidents, Totals
 from mirror.server.state import NODE
 from mirror.server.status import render
 from mirror.version import VERSION
@@ -174,3 +174,16 @@ def _section(dom: str, element_id: str) -> str:
                       dom, re.S)
     assert match is not None, f"no #{element_id} in the page"
     return match.group(0)
+
+
+def test_workers_share_their_problems_and_the_oldest_start(tmp_path: Path) -> None:
+    first, second = Incidents(clock=lambda: 100.0), Incidents(clock=lambda: 200.0)
+    first.record(502, "GET", "/v2/a/manifests/1", "upstream answered 503", "10.0.0.1")
+    second.record(429, "GET", "/v2/b/manifests/1", "budget spent", "10.0.0.2")
+    one = SharedIncidents(tmp_path, 0, started=50.0)
+    two = SharedIncidents(tmp_path, 1, started=80.0)
+    one.write(first.latest())
+    (tmp_path / "w7.json").write_text("{not json")  # a torn file is skipped
+    view = two.read(second.latest())  # its own, fresh from memory, and the others' files
+    assert view.started == 50.0
+    assert [i.status for i in view.incidents] == [429, 502]
