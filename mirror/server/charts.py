@@ -11,7 +11,7 @@ import html
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-WIDTH = 320
+WIDTH = 380
 HEIGHT = 96
 _PAD_LEFT = 46
 _PAD_RIGHT = 6
@@ -119,13 +119,19 @@ def _frame(chart_id: str, title: str, body: str, series: Sequence[Series], *, to
             f"<text x='{_PAD_LEFT - 4}' y='{bottom + 3}' text-anchor='end'>{_e(label(0))}</text>"
             f"<text x='{_PAD_LEFT}' y='{HEIGHT - 4}'>-{slots} min</text>"
             f"<text x='{right}' y='{HEIGHT - 4}' text-anchor='end'>now</text>")
-    legend = "".join(f"<span class=key><i style='background:{s.color}'></i>{_e(s.name)}</span>"
-                     for s in series)
+    legend = "".join(f"<span class=key><i style='background:{s.color}'></i>{_e(s.name)}"
+                     f"{_latest(s, label)}</span>" for s in series)
     return (f"<figure class=chart><figcaption>{_e(title)} {legend}</figcaption>"
             f"<svg id='{_e(chart_id)}' role='img' aria-label='{_e(title)}' "
             f"viewBox='0 0 {WIDTH} {HEIGHT}' width='{WIDTH}' height='{HEIGHT}' "
             "font-size='10' fill='#666'>"
             f"<title>{_e(title)}</title>{grid}{body}{axis}</svg></figure>")
+
+
+def _latest(series: Series, label: Callable[[float], str]) -> str:
+    """The value of the minute under way, e.g. `` 92%``, if there is one."""
+    value = series.values[-1] if series.values else None
+    return f" <b>{_e(label(value))}</b>" if value is not None else ""
 
 
 def _e(text: str) -> str:

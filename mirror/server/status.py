@@ -152,8 +152,8 @@ def _overview(state: Node, disk: Disk | None, started: float | None,
     who = f" (this page: worker {state.worker.index})" if workers > 1 else ""
     cards = [
         ("uptime", "Up", uptime),
-        ("listen", "Listening on", f"<code>{_e(listen)}</code>"),
-        ("tls", "TLS", tls),
+        ("listen", "Listening on", f"<code>{_e(listen)}</code>"
+                                    f"<small>TLS <span id=tls>{tls}</span></small>"),
         ("workers", "Workers", f"{workers}{who}"),
         ("cache", "Cache", _cache_text(state)),
         ("disk", "Disk", _disk_text(disk)),

@@ -34,7 +34,8 @@ padding:.4em .6em;box-shadow:0 1px 2px #0001;border-radius:4px}
 figcaption{font-size:.85em;font-weight:600;margin-bottom:.2em}
 .key{font-weight:normal;color:#555;margin-left:.6em}
 .key i{display:inline-block;width:.7em;height:.7em;margin-right:.25em;border-radius:2px}
-nav a{margin-right:1.2em}
+nav a{margin-right:1.2em}.key b{color:#222}
+tr.download progress{display:inline-block;width:8em;margin:0 .4em 0 0;vertical-align:middle}
 """
 _SERVED, _DOWNLOADED, _HITS, _ERRORS = "#2a7ab8", "#e08a1e", "#2e9d5b", "#c83c3c"
 
@@ -201,7 +202,7 @@ def downloads(state: Node) -> str:
                     f"<td>{_e(fill.registry)} ({_e(fill.source or 'starting')})</td>"
                     f"<td class=n>{human_size(fill.written)}</td>"
                     f"<td class=n>{human_size(size) if size else '?'}</td>"
-                    f"<td style='min-width:10em'>{progress}</td>"
+                    f"<td>{progress}</td>"
                     f"<td class=n>{fill.readers}</td></tr>")
     head = ("<tr><th>digest</th><th>from</th><th>received</th><th>size</th><th>progress</th>"
             "<th>readers</th></tr>")

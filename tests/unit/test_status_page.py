@@ -136,8 +136,8 @@ async def test_status_page_in_chromium_while_pulls_run(
     assert "<title>mirror status</title>" in dom
     assert f">{VERSION}<" in dom
     overview = _section(dom, "overview")
-    for what in ("Up", "Listening on", "127.0.0.1:5000", "TLS", "off", "Workers", "Disk",
-                 "free", "cap"):
+    for what in ("Up", "Listening on", "127.0.0.1:5000", "TLS <span id=\"tls\">off", "Workers",
+                 "Disk", "free", "cap", "saved"):
         assert what in overview, what
     charts = _section(dom, "charts")
     for chart in ("chart-hit-ratio", "chart-bytes", "chart-errors"):
