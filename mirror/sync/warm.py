@@ -130,7 +130,9 @@ class Warmer:
             metrics.SYNC_IMAGES.labels(result.result).inc()
         if progress is not None:
             progress({"ref": job.label, "event": "done", **result.as_json()})
-        log.info("warm_done", **result.as_json(), dry_run=dry_run)
+        # An upstream 503 (or any failure) behind a warm is something to look at.
+        emit = log.warning if result.result in ("failed", "deferred") else log.info
+        emit("warm_done", **result.as_json(), dry_run=dry_run)
         return result
 
     async def _warm(self, job: WarmJob, digest: Digest | None, result: WarmResult,

@@ -40,6 +40,17 @@ async def test_an_upstream_503_is_logged_at_warning_and_listed_as_a_problem(
     assert problems[0].error  # why, as the log line says
 
 
+async def test_a_warm_that_upstream_503s_is_logged_at_warning(
+        fake: FakeRegistry, make_mirror: MirrorFactory) -> None:
+    fake.add_image("lib/app", "v1", [b"layer"])
+    fake.fault(kind="status", status=503, path="/blobs/")  # the tag checks out, blobs fail
+    client = await make_mirror()
+    with structlog.testing.capture_logs() as logs:
+        [result] = await client.server.app[NODE].sync.warm_refs(["fake.test/lib/app:v1"])
+    assert result.result == "failed" and "503" in result.reason
+    assert [e["log_level"] for e in logs if e["event"] == "warm_done"] == ["warning"]
+
+
 async def test_a_hit_is_logged_at_info_and_a_404_is_no_problem(
         fake: FakeRegistry, make_mirror: MirrorFactory) -> None:
     fake.add_image("lib/app", "v1", [b"layer"])
