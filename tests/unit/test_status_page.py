@@ -15,10 +15,14 @@ import re
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from mirror import config
+from mirror.cluster import PeerSet
+from mirror.server import status_parts
 from mirror.server.charts import Series, bar_chart, line_chart
 from mirror.server.history import HISTORY, History, Incidents, SharedIncidents, Totals
 from mirror.server.state import NODE
@@ -187,3 +191,24 @@ def test_workers_share_their_problems_and_the_oldest_start(tmp_path: Path) -> No
     view = two.read(second.latest())  # its own, fresh from memory, and the others' files
     assert view.started == 50.0
     assert [i.status for i in view.incidents] == [429, 502]
+
+
+def test_peers_and_parents_show_their_health() -> None:
+    settings = config.parse(
+        {"version": 1, "listen": "127.0.0.2:5000", "storage": {"path": "/tmp/unused"},
+         "upstreams": [{"name": "r.test", "url": "http://127.0.0.1:9", "default": True}],
+         "cluster": {"secret_env": "S", "peers": ["http://127.0.0.3:5000",
+                                                  "http://127.0.0.4:5000"],
+                     "parents": ["http://127.0.0.9:5000"]}},
+        env={"S": "x" * 32})
+    assert settings.cluster is not None and settings.cluster.self_url is not None
+    peers = PeerSet(settings.cluster, settings.cluster.self_url)
+    peers.succeeded("http://127.0.0.3:5000")
+    # The section reads only these three attributes of the node.
+    node = SimpleNamespace(peer_set=peers, settings=settings, s3=None)
+    section = status_parts.cluster(node)  # type: ignore[arg-type]
+    rows = re.findall(r"<tr><td>(\w+)</td><td><code>([^<]+)</code></td><td class=(\w+)>",
+                      section)
+    assert rows == [("peer", "http://127.0.0.3:5000", "ok"),
+                    ("peer", "http://127.0.0.4:5000", "bad"),
+                    ("parent", "http://127.0.0.9:5000", "muted")]
