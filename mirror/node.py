@@ -232,10 +232,13 @@ class Node:
         answered from memory since then is stored again (an image pulled right after an
         eviction is listed and can be pinned), then the memory copies go."""
         try:
-            since = await asyncio.to_thread(self.store.index.generation) - 2
-            restored = {"tags": await self.tags.keep_used_since(since),
-                        "manifests": await self.manifests.keep_used_since(since),
-                        "blobs": await self.blobs.keep_used_since(since)}
+            since = await asyncio.to_thread(self.store.index.removed_at)
+            used = [(kind, digest) for (kind, digest), when in list(self.evictor.recent.items())
+                    if when > since]
+            manifests = {digest for kind, digest in used if kind == "manifest"}
+            restored = {"tags": await self.tags.keep_pointing_to(manifests),
+                        "manifests": await self.manifests.keep(manifests),
+                        "blobs": await self.blobs.keep({d for k, d in used if k == "blob"})}
             if any(restored.values()):
                 log.info("cache_kept_after_removal", **restored,
                          hint="pulled from memory after content was removed elsewhere")

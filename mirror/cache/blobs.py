@@ -15,7 +15,6 @@ verified blobs are not re-hashed on every read (that would halve throughput);
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,14 +55,11 @@ class BlobCache:
         self._memory: LRUCache[Digest, bytes] = LRUCache(
             maxsize=max(settings.memory_max_bytes, 1), getsizeof=len
         )
-        #: When each blob in memory was last answered (wall clock): keep_used_since.
-        self._used: LRUCache[Digest, float] = LRUCache(maxsize=4096)
 
     async def cached(self, digest: Digest) -> CachedBlob | None:
         """The blob if this node has it, with its bytes when it is small."""
         data = self._memory.get(digest)
         if data is not None:
-            self._used[digest] = time.time()
             self._on_hit("blob", str(digest))
             return CachedBlob(digest, len(data), data)
         size = self._sizes.get(digest)
@@ -132,11 +128,10 @@ class BlobCache:
         """Whether the blob is being read or downloaded (never evicted then)."""
         return self._open[digest] > 0 or self._fetcher.busy(digest)
 
-    async def keep_used_since(self, since: float) -> int:
-        """Store again the small blobs answered from memory since ``since`` that are no
-        longer on disk (removed by another process meanwhile). Returns how many."""
-        wanted = {d: self._memory[d] for d, when in list(self._used.items())
-                  if when >= since and d in self._memory}
+    async def keep(self, digests: set[str]) -> int:
+        """Store again the small blobs of ``digests`` held in memory that are no longer on
+        disk (removed by another process while this one answered them). Returns how many."""
+        wanted = {d: data for d, data in list(self._memory.items()) if str(d) in digests}
 
         def restore() -> int:
             restored = 0

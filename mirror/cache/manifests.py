@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -90,8 +89,6 @@ class ManifestCache:
         self._memory: LRUCache[Digest, Manifest] = LRUCache(
             maxsize=max(settings.memory_max_bytes // 4, 1 << 20), getsizeof=lambda m: len(m.data)
         )
-        #: When each manifest in memory was last answered (wall clock): keep_used_since.
-        self._used: LRUCache[Digest, float] = LRUCache(maxsize=4096)
         self._missing: TTLCache[str, bool] = TTLCache(
             maxsize=10_000, ttl=max(settings.negative_ttl, 0.001), timer=clock.monotonic
         )
@@ -112,13 +109,11 @@ class ManifestCache:
     def clear_memory(self) -> None:
         """Forget every manifest held in memory (content was removed elsewhere)."""
         self._memory.clear()
-        self._used.clear()
 
-    async def keep_used_since(self, since: float) -> int:
-        """Store again the manifests answered from memory since ``since`` that are no longer
-        on disk (removed by another process meanwhile). Returns how many."""
-        wanted = [self._memory[d] for d, when in list(self._used.items())
-                  if when >= since and d in self._memory]
+    async def keep(self, digests: set[str]) -> int:
+        """Store again the manifests of ``digests`` held in memory that are no longer on
+        disk (removed by another process while this one answered them). Returns how many."""
+        wanted = [m for d, m in list(self._memory.items()) if str(d) in digests]
 
         def restore() -> int:
             restored = 0
@@ -259,7 +254,6 @@ class ManifestCache:
                           digest: Digest) -> tuple[Manifest, str]:
         found = self._memory.get(digest)
         if found is not None:
-            self._used[digest] = time.time()
             self._on_hit("manifest", str(digest))
             return found, "hit"
         stored = await asyncio.to_thread(self._store.read_manifest, digest)

@@ -50,8 +50,6 @@ class TagStore:
         self._path = path
         self._disk: Any = None
         self._memory: LRUCache[str, TagRecord] = LRUCache(maxsize=memory_entries)
-        #: When each record in memory was last answered (wall clock), see keep_used_since.
-        self._used: LRUCache[str, float] = LRUCache(maxsize=memory_entries)
 
     async def open(self) -> None:
         """Open the on-disk index (in a thread: SQLite may block)."""
@@ -67,8 +65,6 @@ class TagStore:
         """The record for ``key``, from memory or disk."""
         record = self._memory.get(key)
         if record is not None or self._disk is None:
-            if record is not None:
-                self._used[key] = time.time()
             return record
         raw = await asyncio.to_thread(self._disk.get, key)
         if not isinstance(raw, dict):
@@ -99,16 +95,15 @@ class TagStore:
     def clear_memory(self) -> None:
         """Forget the copies in memory (records were removed elsewhere)."""
         self._memory.clear()
-        self._used.clear()
 
-    async def keep_used_since(self, since: float) -> int:
-        """Write back the records answered from memory since ``since`` that are no longer
-        on disk (``mirror cache evict`` removed them while this process kept answering
-        them): what was pulled after an eviction stays listed. Returns how many."""
-        if self._disk is None:
+    async def keep_pointing_to(self, digests: set[str]) -> int:
+        """Write back the records in memory that point to ``digests`` and are no longer on
+        disk (``mirror cache evict`` removed them while this process kept answering them).
+        Returns how many."""
+        if self._disk is None or not digests:
             return 0
-        wanted = {key: self._memory[key] for key, when in list(self._used.items())
-                  if when >= since and key in self._memory}
+        wanted = {key: record for key, record in list(self._memory.items())
+                  if record.digest in digests}
 
         def restore() -> int:
             restored = 0

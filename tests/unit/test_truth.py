@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from mirror import config, metrics
+from mirror.cache.inventory import Inventory
 from mirror.server.figures import total
 from mirror.server.history import INCIDENT_LOG
 from mirror.server.state import NODE
@@ -98,6 +99,33 @@ async def test_served_bytes_count_what_went_out_even_when_the_client_leaves_earl
         await asyncio.sleep(0.025)
     served = total(metrics.SERVED_BYTES) - before
     assert 0 < served < len(data)  # what went out, not the whole blob, not nothing
+
+
+async def test_an_image_pulled_after_an_evict_elsewhere_is_stored_again(
+        fake: FakeRegistry, make_mirror: MirrorFactory) -> None:
+    fake.add_image("lib/app", "v1", [b"layer" * 1000])
+    client = await make_mirror()
+    node = client.server.app[NODE]
+    layer = list(fake.blobs)  # every blob of the image: config and layer
+
+    async def pull() -> None:
+        assert (await client.get("/v2/lib/app/manifests/v1")).status == 200
+        for digest in layer:
+            assert (await client.get(f"/v2/lib/app/blobs/{digest}")).status == 200
+
+    await pull()
+    await pull()  # now the lean path answers from memory
+    inventory = Inventory(node.settings.storage, lambda _t: ("fake.test", "lib/app", "v1"))
+    try:
+        await asyncio.to_thread(inventory.evict, "fake.test/lib/app:v1")  # `mirror cache evict`
+        assert await asyncio.to_thread(inventory.images) == []
+        await pull()  # answered from memory: nothing written yet
+        await node._changed_elsewhere()  # what the server does when it notices (10 s at most)
+        [row] = await asyncio.to_thread(inventory.images)
+        assert row.reference == "fake.test/lib/app:v1" and row.state == "complete", row
+        await asyncio.to_thread(inventory.pin, "fake.test/lib/app:v1")
+    finally:
+        inventory.close()
 
 
 async def _request_lines(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
