@@ -46,7 +46,7 @@ from mirror.bundle.importer import Report as ImportReport
 from mirror.bundle.manifest import BundleManifest, key_id, load_private_key, load_public_key
 from mirror.bundle.parts import expand
 from mirror.bundle.progress import Progress
-from mirror.cache.inventory import Inventory, human_size, human_time
+from mirror.cache.inventory import ImageRow, Inventory, human_size, human_time
 from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
 from mirror.cache.membership import Membership
 from mirror.config import checks
@@ -55,6 +55,7 @@ from mirror.node import Node
 from mirror.routing import Router
 from mirror.server import pidfile
 from mirror.storage.filesystem import FilesystemStore
+from mirror.storage.index import WARM_PIN
 from mirror.version import VERSION
 
 
@@ -274,8 +275,9 @@ def _cache_ls(args: argparse.Namespace) -> int:
         pins = inventory.pinned()
         images = inventory.images()
         print(f"IMAGES ({len(images)})")
-        for ref, digest, size, pinned in images:
-            print(f"  {ref}  {digest}  {human_size(size)}{'  pinned' if pinned else ''}")
+        for row in images:
+            print(f"  {row.reference}  {row.digest}  {human_size(row.size)}  "
+                  f"{_image_state(row)}{_pin_note(row.pins)}")
         entries = inventory.entries()
         print(f"CONTENT ({len(entries)}, most recently used first)")
         for entry in entries:
@@ -284,6 +286,34 @@ def _cache_ls(args: argparse.Namespace) -> int:
     finally:
         inventory.close()
     return 0
+
+
+def _image_state(row: ImageRow) -> str:
+    """``complete``, ``complete (1 of 4 platforms)``, ``partial: 2 blobs missing``,
+    ``evicted: manifest gone``."""
+    if row.state == "evicted":
+        return "evicted: manifest gone"
+    platforms = f" ({row.platforms[0]} of {row.platforms[1]} platforms)" \
+        if row.platforms and row.platforms[0] < row.platforms[1] else ""
+    if row.state == "partial":
+        gone = f": {row.missing_blobs} blob(s) missing" if row.missing_blobs else ""
+        return f"partial{gone}{platforms}"
+    return f"complete{platforms}"
+
+
+def _pin_note(sources: tuple[str, ...]) -> str:
+    """``  pinned by REF``, ``  pinned by warm-until:EPOCH:REF (until 2026-...)``."""
+    if not sources:
+        return ""
+    notes = []
+    for source in sources:
+        if source.startswith(WARM_PIN):
+            stamp = source[len(WARM_PIN):].partition(":")[0]
+            until = human_time(float(stamp)).split(" ")[0] if stamp.isdigit() else "?"
+            notes.append(f"{source} (until {until})")
+        else:
+            notes.append(source)
+    return f"  pinned by {', '.join(notes)}"
 
 
 def _cache_du(args: argparse.Namespace) -> int:
@@ -356,10 +386,13 @@ def _listing(args: argparse.Namespace) -> dict[str, Any]:
         if membership is not None:
             membership.close()
     by_registry: dict[str, list[dict[str, Any]]] = {}
-    for ref, digest, size, pinned in images:
-        registry = ref.split("/", 1)[0]
+    for row in images:
+        registry = row.reference.split("/", 1)[0]
         by_registry.setdefault(registry, []).append(
-            {"reference": ref, "digest": digest, "bytes": size, "pinned": pinned})
+            {"reference": row.reference, "digest": row.digest, "bytes": row.size,
+             "pinned": row.pinned, "pins": list(row.pins), "state": row.state,
+             "missing_blobs": row.missing_blobs,
+             "platforms": list(row.platforms) if row.platforms else None})
     content = [{"kind": e.kind, "digest": e.digest, "bytes": e.size, "last_use": e.last_use,
                 "pinned": e.digest in pins, "registries": sorted(owners.get(e.digest, ()))}
                for e in entries]

@@ -176,6 +176,8 @@ class Node:
         self.pull_for = {hop: self.pull.with_chains(chains[hop]) for hop in ("peer", "child")}
         self._wire_evictor()
         if not exclusive:
+            self.sync = self._sync_service()  # plans and warms on demand; no loop runs
+            await self.sync.load()
             self.ready = True
             return
         self.tasks.spawn(self._reconcile_then_evict(), "reconcile")
@@ -256,19 +258,46 @@ class Node:
         ``sync:`` is configured (``mirror warm`` works without it)."""
         await asyncio.to_thread(self.popularity.load)
         await asyncio.to_thread(self.popularity.read_others)
-        self.sync = SyncService(self.settings.sync or SyncSettings(), self.pull, self.router,
-                                clients=self.clients, index=self.store.index,
-                                popularity=self.popularity,
-                                state_path=self.settings.storage.path / "sync" / "state.json",
-                                clock=self.clock)
-        if self.parents is not None:
-            self.sync.parents_popular = self.parents.popular  # warm what parents pull most
+        self.sync = self._sync_service()
         await self.sync.load()
         self.tasks.loop("popularity", self._save_popularity_forever)
         if self.settings.sync is not None and self._sync_loop and self.worker.evicts:
             self.tasks.loop("sync", self.sync.run)
             log.info("sync_started", rules=[r.name for r in self.settings.sync.rules],
                      popular_top=self.settings.sync.popular.top)
+
+    def _sync_service(self) -> SyncService:
+        sync = SyncService(self.settings.sync or SyncSettings(), self.pull, self.router,
+                           clients=self.clients, index=self.store.index,
+                           popularity=self.popularity,
+                           state_path=self.settings.storage.path / "sync" / "state.json",
+                           clock=self.clock)
+        if self.parents is not None:
+            sync.parents_popular = self.parents.popular  # warm what parents pull most
+        return sync
+
+    async def _changed_elsewhere(self) -> None:
+        """Another process removed content (``mirror cache evict``, ``fsck``): what this one
+        answered from memory since then is stored again (an image pulled right after an
+        eviction is listed and can be pinned), then the memory copies go."""
+        try:
+            since = await asyncio.to_thread(self.store.index.removed_at)
+            used = [(kind, digest) for (kind, digest), when in list(self.evictor.recent.items())
+                    if when > since]
+            manifests = {digest for kind, digest in used if kind == "manifest"}
+            restored = {"tags": await self.tags.keep_pointing_to(manifests),
+                        "manifests": await self.manifests.keep(manifests),
+                        "blobs": await self.blobs.keep({d for k, d in used if k == "blob"})}
+            if any(restored.values()):
+                log.info("cache_kept_after_removal", **restored,
+                         hint="pulled from memory after content was removed elsewhere")
+        except Exception as exc:  # the copies still go: the next pull stores them
+            log.warning("cache_keep_failed", error=str(exc) or type(exc).__name__)
+        self.blobs.clear_memory()
+        self.manifests.clear_memory()
+        self.tags.clear_memory()
+        for listener in self.on_removed:
+            listener(None)
 
     async def _save_popularity_forever(self) -> None:
         every = POPULARITY_SHARE_EVERY if self.worker.count > 1 else POPULARITY_SAVE_EVERY
@@ -367,10 +396,7 @@ class Node:
                 listener(entry.digest)
 
         def changed_elsewhere() -> None:
-            blobs.clear_memory()
-            manifests.clear_memory()
-            for listener in listeners:
-                listener(None)
+            self.tasks.spawn(self._changed_elsewhere(), "changed_elsewhere")
 
         self.evictor.wire(in_use, evicted, changed_elsewhere)
         # Other workers hold memory copies too: they hear of evictions as of `cache evict`.

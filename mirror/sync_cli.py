@@ -29,7 +29,9 @@ from mirror.config import Settings
 from mirror.errors import CacheCommandError
 from mirror.node import Node
 from mirror.server.localtoken import read_local_token
+from mirror.sync.loop import POPULAR
 from mirror.sync.popularity import Popularity, read_json
+from mirror.sync.rules import rule_fingerprint
 
 PROBE_TIMEOUT = 1.0
 BAR_WIDTH = 24
@@ -57,6 +59,9 @@ def add_parsers(commands: Any, common: Any) -> None:
     sync.add_argument("--dry-run", action="store_true",
                       help="with --once: what would be fetched and how many bytes (manifests "
                       "are read, blobs are not)")
+    sync.add_argument("--local", action="store_true",
+                      help="with --once --dry-run: plan from this config file's rules, even "
+                      "when a running server (which may run other rules) answers")
     sync.add_argument("--json", action="store_true", help="print the JSON document")
     common(sync)
     sync.set_defaults(func=sync_command)
@@ -99,9 +104,16 @@ def _summary(results: list[dict[str, Any]], out: TextIO) -> int:
     fetched = sum(int(r.get("fetched_bytes", 0)) for r in results)
     print(f"warm: {len(results) - len(failed)} of {len(results)} image(s) held, "
           f"{human_size(fetched)} fetched", file=out)
-    for result in failed:
-        print(f"  {result.get('result')}: {result.get('ref')}: {result.get('reason', '')}",
-              file=out)
+    for result in results:
+        platforms = ", ".join(result.get("platforms") or []) or "single-platform image"
+        if result in failed:
+            print(f"  {result.get('result')}: {result.get('ref')}: {result.get('reason', '')}",
+                  file=out)
+        elif result.get("result") == "present":
+            print(f"  present: {result.get('ref')} [{platforms}] already held", file=out)
+        else:
+            print(f"  {result.get('result')}: {result.get('ref')} [{platforms}] "
+                  f"{human_size(int(result.get('fetched_bytes', 0)))} fetched", file=out)
     return 1 if failed else 0
 
 
@@ -128,7 +140,10 @@ class ProgressView:
             state[0] = state[1] if event.get("result") in ("warmed", "present") else state[0]
             if not self.tty:
                 reason = f" ({event['reason']})" if event.get("reason") else ""
-                print(f"{ref}: {event.get('result')}{reason}", file=self.out, flush=True)
+                platforms = f" [{', '.join(event['platforms'])}]" if event.get("platforms") \
+                    else ""
+                print(f"{ref}: {event.get('result')}{platforms}{reason}", file=self.out,
+                      flush=True)
         if self.tty:
             self._draw(ref if kind == "done" else None, event)
 
@@ -155,13 +170,19 @@ def sync_command(args: argparse.Namespace, settings: Settings) -> int:
                                 "inside mirror serve")
     if settings.sync is None:
         raise CacheCommandError("the config has no sync section: no rules to run")
-    server = _server(args, settings)
+    if args.local and not args.dry_run:
+        raise CacheCommandError("--local plans only (give --dry-run too): a running server "
+                                "owns the cache; put the rules in its config to warm them")
+    server = None if args.local else _server(args, settings)
     if server is not None:
+        warn_if_rules_differ(_request(f"{server}/admin/sync", settings), settings, server,
+                             sys.stderr)
         report = _request(f"{server}/admin/sync", settings, {"dry_run": args.dry_run})
     else:
         async def local() -> dict[str, Any]:
             node = Node(settings, sync_loop=False)
-            await node.start()
+            # --local beside a running server: open the cache as `mirror cache` does.
+            await node.start(exclusive=not args.local)
             try:
                 return await node.sync.run_once(dry_run=args.dry_run)
             finally:
@@ -176,14 +197,36 @@ def sync_command(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failed else 0
 
 
+def warn_if_rules_differ(status: dict[str, Any], settings: Settings, server: str,
+                         out: TextIO) -> bool:
+    """Say so when the running server's sync rules are not the config file's: the pass
+    runs the server's rules, not the file's. Returns whether they differ."""
+    mine = {r.name: rule_fingerprint(r) for r in (settings.sync.rules if settings.sync else ())}
+    theirs = {str(r.get("name")): r.get("fingerprint") for r in status.get("rules") or []
+              if r.get("name") != POPULAR}
+    differ = sorted(name for name in mine.keys() | theirs.keys()
+                    if name not in mine or name not in theirs
+                    or (theirs[name] is not None and theirs[name] != mine[name]))
+    if differ:
+        print(f"warning: the server at {server} runs other sync rules than this config "
+              f"(differing: {', '.join(differ)}); this pass uses the server's rules. "
+              "Give --local to plan from the file.", file=out)
+    return bool(differ)
+
+
 def _print_report(report: dict[str, Any]) -> None:
     dry = report.get("dry_run")
     for result in report.get("results") or []:
+        reason = f"  {result['reason']}" if result.get("reason") else ""
+        platforms = f" [{', '.join(result['platforms'])}]" if result.get("platforms") else ""
+        if result.get("result") == "present":
+            held = human_size(int(result.get("present_bytes", 0)))
+            print(f"{'present':<9} {result.get('ref')}{platforms}  all {held} held{reason}")
+            continue
         amount = result.get("missing_bytes", 0) if dry else result.get("fetched_bytes", 0)
         what = "to fetch" if dry else "fetched"
-        reason = f"  {result['reason']}" if result.get("reason") else ""
-        print(f"{result.get('result', ''):<9} {result.get('ref')}  {human_size(amount)} "
-              f"{what}{reason}")
+        print(f"{result.get('result', ''):<9} {result.get('ref')}{platforms}  "
+              f"{human_size(amount)} {what}{reason}")
     counts = ", ".join(f"{n} {k}" for k, n in sorted((report.get("counts") or {}).items()))
     total = report.get("missing_bytes" if dry else "fetched_bytes", 0)
     print(f"sync{' (dry run)' if dry else ''}: {counts or 'nothing selected'}; "
@@ -231,8 +274,10 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"  rule {rule['name']}: {every}{when}")
     for name, state in (status.get("registries") or {}).items():
         paused = state.get("paused_seconds") or 0
-        print(f"  {name}: ratelimit-remaining {state.get('ratelimit_remaining')}"
-              f"{f', paused {paused:.0f}s after a 429' if paused else ''}")
+        remaining = state.get("ratelimit_remaining")
+        left = f"ratelimit-remaining {remaining}" if remaining is not None else \
+            "no rate limit reported yet"
+        print(f"  {name}: {left}{f', paused {paused:.0f}s after a 429' if paused else ''}")
     last = status.get("last_run") or {}
     if last:
         counts = ", ".join(f"{n} {k}" for k, n in sorted((last.get("counts") or {}).items()))

@@ -54,6 +54,24 @@ class Evicted:
     kept_shared: int  # entries kept because other cached images use them
 
 
+@dataclass(frozen=True)
+class ImageRow:
+    """One cached image (a tag record) as ``mirror cache ls`` lists it."""
+
+    reference: str
+    digest: str
+    size: int  # bytes of its content still stored
+    pins: tuple[str, ...]  # the sources of the pins on its manifest (``warm-until:...`` too)
+    state: str  # "complete", "partial" (some blobs gone) or "evicted" (its manifest gone)
+    missing_blobs: int = 0
+    platforms: tuple[int, int] | None = None  # (held, listed) for a multi-platform index
+
+    @property
+    def pinned(self) -> bool:
+        """Whether anything pins it (by hand, by ``mirror warm`` or a sync rule)."""
+        return bool(self.pins)
+
+
 #: Parses an image reference into (registry, repository, tag or digest).
 RefParser = Callable[[str], tuple[str, str, str]]
 
@@ -88,19 +106,46 @@ class Inventory:
         finally:
             cache.close()
 
-    def images(self) -> list[tuple[str, str, int, bool]]:
-        """``(reference, digest, cached bytes, pinned)`` of every tag record."""
+    def images(self) -> list[ImageRow]:
+        """Every tag record with what is left of its image and what pins it."""
         pins = self.store.index.pins()
         found = []
         with self._tags() as tags:
-            for key in sorted(tags.iterkeys()):
-                record = tags.get(key)
-                if not isinstance(record, dict) or "digest" not in record:
-                    continue
-                keys, _ = self._tree(record["digest"])
-                size = sum(e.size for e in self._entries(keys))
-                found.append((str(key), record["digest"], size, key in _sources(pins)))
+            records = [(str(key), tags.get(key)) for key in sorted(tags.iterkeys())]
+        for key, record in records:
+            if not isinstance(record, dict) or not isinstance(record.get("digest"), str):
+                continue
+            found.append(self._row(key, record["digest"], pins))
         return found
+
+    def _row(self, reference: str, root: str, pins: dict[str, list[str]]) -> ImageRow:
+        keys, missing = self._tree(root)
+        size = sum(e.size for e in self._entries(keys))
+        sources = tuple(sorted(set(pins.get(root, [])) | {
+            s for s in _sources(pins) if s == reference or s.endswith(f":{reference}")}))
+        if ("manifest", root) not in keys:
+            return ImageRow(reference, root, size, sources, "evicted")
+        children = self._children(root)
+        missing_blobs = len(missing - set(children))
+        platforms = None
+        if children:
+            held = sum(1 for c in children if ("manifest", c) in keys)
+            platforms = (held, len(children))
+        whole = missing_blobs == 0 and (platforms is None or platforms[0] > 0)
+        return ImageRow(reference, root, size, sources, "complete" if whole else "partial",
+                        missing_blobs, platforms)
+
+    def _children(self, root: str) -> list[str]:
+        """The platform manifests an index lists (none for an image manifest)."""
+        stored = self.store.read_manifest(_digest(root))
+        if stored is None:
+            return []
+        try:
+            document = parse_manifest(stored[0])
+        except OciError:
+            return []
+        return [child for kind, child, _size in referenced_digests(document)
+                if kind == "manifest"]
 
     def entries(self) -> list[Entry]:
         """Every stored blob and manifest, most recently used first."""

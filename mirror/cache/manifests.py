@@ -112,6 +112,22 @@ class ManifestCache:
         """Forget every manifest held in memory (content was removed elsewhere)."""
         self._memory.clear()
 
+    async def keep(self, digests: set[str]) -> int:
+        """Store again the manifests of ``digests`` held in memory that are no longer on
+        disk (removed by another process while this one answered them). Returns how many."""
+        wanted = [m for d, m in list(self._memory.items()) if str(d) in digests]
+
+        def restore() -> int:
+            restored = 0
+            for manifest in wanted:
+                if self._store.read_manifest(manifest.digest) is None:
+                    self._store.write_manifest(manifest.digest, manifest.data,
+                                               manifest.media_type)
+                    restored += 1
+            return restored
+
+        return await asyncio.to_thread(restore)
+
     async def close(self) -> None:
         """Stop work under way (at shutdown)."""
         await self._by_digest.close()

@@ -22,7 +22,7 @@ from mirror.server.handlers import registry
 from mirror.server.middleware import add_api_version, observe
 from mirror.server.peer import PREFIX, peer_api
 from mirror.server.state import NODE, log_context
-from mirror.server.status import status_page
+from mirror.server.status import history_ctx, status_page
 from mirror.sources import Source
 
 log = structlog.get_logger(__name__)
@@ -38,6 +38,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM,
                           client_max_size=64 * 1024)
     install(app, settings)
     app.cleanup_ctx.append(partial(_node, settings, clock, tuple(extra_sources)))
+    app.cleanup_ctx.append(history_ctx)  # the status page's charts and problem list
     if not guarded:
         hot = HotAnswers(AccessLine(logs.ACCESS.enabled, logs.ACCESS.json),
                          clock=clock.monotonic)

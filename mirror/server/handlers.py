@@ -9,6 +9,7 @@ context (``request[LOG]``), which the middleware writes as one line per request.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -147,12 +148,12 @@ async def blob(request: web.Request, pull: PullService, repo: Repo,
         response = await send_parts(
             request, spans, size, blob_headers(target.digest, size, None),
             lambda start, end: fill.read(start, end, chunk_size, ranges))
-    else:
-        span = spans[0] if spans else None
-        headers = blob_headers(target.digest, size, span)
-        response = await stream_fill(request, fill, span, headers, chunk_size, ranges=ranges)
-    _served(request, "fill", response.content_length or 0)
-    return response
+        _served(request, "fill", response.content_length or 0)
+        return response
+    span = spans[0] if spans else None
+    headers = blob_headers(target.digest, size, span)
+    return await stream_fill(request, fill, span, headers, chunk_size, ranges=ranges,
+                             on_bytes=_serving(request, "fill"))
 
 
 def _spans(request: web.Request, size: int) -> list[Span] | None:
@@ -184,9 +185,9 @@ async def _cached_blob(request: web.Request, pull: PullService,
     file = await pull.open_cached(cached)
     if file is None:
         return None
-    _served(request, "disk", count)
     digest = cached.digest
     if spans is not None and len(spans) > 1:
+        _served(request, "disk", count)
         try:
             return await send_parts(request, spans, cached.size, headers,
                                     file_parts(file, chunk_size))
@@ -196,7 +197,8 @@ async def _cached_blob(request: web.Request, pull: PullService,
     start, end = span or (0, cached.size)
     return FileSliceResponse(file, start, end - start, status=206 if span else 200,
                              headers=headers, chunk_size=chunk_size,
-                             on_close=lambda: pull.closed(digest))
+                             on_close=lambda: pull.closed(digest),
+                             on_bytes=_serving(request, "disk"))
 
 
 async def tags_list(request: web.Request, pull: PullService, repo: Repo,
@@ -252,6 +254,13 @@ def _record_cache(request: web.Request, kind: str, result: str, digest: object) 
         context.update(cache=result, digest=str(digest))
         if context.get("registry"):
             metrics.child(metrics.REGISTRY_CACHE_RESULTS, context["registry"], kind, result).inc()
+
+
+def _serving(request: web.Request, source: str) -> Callable[[int], None]:
+    """Counts body bytes as a streamed answer sends them (a cut one counts what went out)."""
+    def count(sent: int) -> None:
+        _served(request, source, sent)
+    return count
 
 
 def _served(request: web.Request, source: str, count: int) -> None:

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from mirror import metrics
 from mirror.errors import FillError, OciError
+from mirror.server.history import INCIDENT_LOG
 from mirror.server.state import log_context
 from mirror.version import VERSION
 
@@ -36,6 +37,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _ID_PREFIX = os.urandom(4).hex()
 _ID_COUNTER = itertools.count(1)
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+#: The request's id, for the response headers of answers sent before the handler returns.
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 
 
 def oci_response(error: OciError) -> web.Response:
@@ -52,6 +55,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = supplied
     else:
         request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+    request[REQUEST_ID] = request_id
     context = log_context(request)
     started = time.perf_counter()
     status = 500
@@ -86,11 +90,26 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = context.get("route", "other")
         metrics.child(metrics.REQUESTS, route, request.method, str(status)).inc()
         metrics.child(metrics.REQUEST_SECONDS, route).observe(elapsed)
+        _remember_problem(request, status, route, context)
         if route not in ("metrics", "health", "peer_health"):
-            log.info("request", request_id=request_id, method=request.method,
+            # A 5xx (an upstream 503 passed on, a failed fill) is something to look at.
+            emit = log.warning if status >= 500 else log.info
+            emit("request", request_id=request_id, method=request.method,
                      path=request.path[:300], status=status, client=request.remote,
                      user_agent=request.headers.get("User-Agent", "")[:200],
                      duration_ms=round(elapsed * 1000, 2), **context)
+
+
+def _remember_problem(request: web.Request, status: int, route: str,
+                      context: dict[str, object]) -> None:
+    """An error or a refusal goes on the status page's list (a ping's 401 is the start
+    of every authenticated pull, not a problem)."""
+    incidents = request.app.get(INCIDENT_LOG)
+    ping = route == "ping" or request.path.rstrip("/").endswith("/v2")
+    if incidents is None or status < 400 or (status == 401 and ping):
+        return
+    incidents.record(status, request.method, request.path, str(context.get("error") or ""),
+                     request.remote or "")
 
 
 async def _answer(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
@@ -120,6 +139,11 @@ def _http_error(exc: web.HTTPException) -> OciError:
 
 async def add_api_version(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: every answer (the lean path's too) names the API version,
-    and the server as ``mirror/<version>`` (not aiohttp's Python and aiohttp versions)."""
+    the server as ``mirror/<version>`` (not aiohttp's Python and aiohttp versions) and its
+    request id (a blob streamed while it downloads sends its headers before the handler
+    returns)."""
     response.headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
     response.headers["Server"] = SERVER
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers.setdefault("X-Request-Id", request_id)

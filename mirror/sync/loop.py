@@ -52,6 +52,7 @@ from mirror.sync.rules import (
     in_windows,
     needs_tag_list,
     next_run,
+    rule_fingerprint,
     rule_platforms,
     rule_repositories,
     rule_tags,
@@ -431,9 +432,11 @@ class SyncService:
     def status(self, top: int = 20) -> dict[str, Any]:
         """Rules, pauses, records and popularity, as JSON (``GET /admin/sync``)."""
         schedules = self._schedules()
+        fingerprints = {r.name: rule_fingerprint(r) for r in self.settings.rules}
         return {
             "rules": [{"name": name, "next_run": self._next.get(name),
-                       "schedule": asdict(schedule)} for name, schedule in schedules.items()],
+                       "schedule": asdict(schedule), "fingerprint": fingerprints.get(name)}
+                      for name, schedule in schedules.items()],
             "registries": self.budget.as_json(),
             "last_run": self.last_run,
             "records": [asdict(r) for r in sorted(self.records.values(), key=lambda r: r.ref)],

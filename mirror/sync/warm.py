@@ -130,7 +130,9 @@ class Warmer:
             metrics.SYNC_IMAGES.labels(result.result).inc()
         if progress is not None:
             progress({"ref": job.label, "event": "done", **result.as_json()})
-        log.info("warm_done", **result.as_json(), dry_run=dry_run)
+        # An upstream 503 (or any failure) behind a warm is something to look at.
+        emit = log.warning if result.result in ("failed", "deferred") else log.info
+        emit("warm_done", **result.as_json(), dry_run=dry_run)
         return result
 
     async def _warm(self, job: WarmJob, digest: Digest | None, result: WarmResult,
@@ -155,7 +157,7 @@ class Warmer:
             progress({"ref": job.label, "event": "plan", "total": sum(plan.blobs.values()),
                       "present": result.present_bytes, "blobs": len(plan.blobs)})
         if dry_run:
-            result.result = "planned"
+            result.result = "planned" if missing else "present"
             return
         until = self._now() + job.protect
         await asyncio.to_thread(self._index.pin_until, [*plan.manifests, *plan.blobs],
