@@ -37,7 +37,6 @@ from mirror.errors import (
 from mirror.fetch import DISK_FULL_ERRNOS, SingleFlight
 from mirror.oci import (
     DOCKER_LIST,
-    UPSTREAM_ACCEPT,
     Digest,
     client_accepts,
     manifest_media_type,
@@ -45,7 +44,6 @@ from mirror.oci import (
     pick_platform,
 )
 from mirror.sources import ContentRef, SourceChain
-from mirror.sources.upstream import check_status, fetch_manifest
 from mirror.storage.filesystem import FilesystemStore
 
 log = structlog.get_logger(__name__)
@@ -74,7 +72,7 @@ class Resolved:
 class ManifestCache:
     """Answers manifest requests from memory, disk, then the registry's chain of sources.
 
-    Tags are resolved against the upstream registry only (the chain's client); content
+    Tags are resolved against the upstream registry only (the chain's upstream); content
     by digest comes from the first source of the chain that has it.
     """
 
@@ -219,15 +217,12 @@ class ManifestCache:
     async def _revalidate(self, origin: SourceChain, repository: str, tag: str, key: str,
                           record: TagRecord) -> tuple[Manifest, str]:
         """One HEAD upstream: free on Docker Hub, unlike a GET."""
-        headers = {"Accept": UPSTREAM_ACCEPT}
-        async with origin.client.request("HEAD", repository, f"manifests/{tag}",
-                                         headers=headers) as resp:
-            if resp.status == 404:
-                await self._tags.delete(key)
-                await self._remember_missing(key)
-                raise ManifestUnknown(f"tag {tag!r} is no longer upstream")
-            check_status(resp, origin.name, "manifest")
-            header = resp.headers.get("Docker-Content-Digest")
+        head = await origin.upstream.head_tag(repository, tag)
+        if head is None:
+            await self._tags.delete(key)
+            await self._remember_missing(key)
+            raise ManifestUnknown(f"tag {tag!r} is no longer upstream")
+        header = head.digest
         if header is None:
             manifest = await self._fetch(origin, repository, tag)
         elif header == record.digest:
@@ -295,7 +290,7 @@ class ManifestCache:
 
     async def _fetch(self, origin: SourceChain, repository: str, tag: str) -> Manifest:
         """GET a manifest by tag upstream, verify it against the digest header, store it."""
-        fetched = await fetch_manifest(origin.client, repository, tag)
+        fetched = await origin.upstream.manifest(repository, tag)
         if fetched is None:
             await self._remember_missing(tag_key(origin.name, repository, tag))
             raise ManifestUnknown(f"manifest {tag!r} is unknown upstream")
