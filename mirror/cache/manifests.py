@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +33,7 @@ from mirror.errors import (
     TooManyRequests,
     UpstreamUnavailable,
 )
-from mirror.fetch import DISK_FULL_ERRNOS, SingleFlight
+from mirror.fetch import DISK_FULL_ERRNOS, Coalescer, LocalCoalescer, SingleFlight
 from mirror.oci import (
     DOCKER_LIST,
     Digest,
@@ -79,7 +78,12 @@ class ManifestCache:
     def __init__(self, store: FilesystemStore, tags: TagStore, settings: CacheSettings, *,
                  on_fetched: Callable[[dict[str, Any]], None] | None = None,
                  on_hit: Callable[[str, str], None] = lambda _k, _d: None,
-                 clock: Clock = SYSTEM) -> None:
+                 clock: Clock = SYSTEM, coalescer: Coalescer | None = None) -> None:
+        """Args:
+            coalescer: who asks upstream for a manifest or a tag that several processes
+                want (default: this process): with worker processes sharing the cache, one
+                worker asks and the others find its answer on disk.
+        """
         self._on_fetched = on_fetched
         self._on_hit = on_hit
         self._clock = clock
@@ -98,9 +102,7 @@ class ManifestCache:
         self._by_digest: SingleFlight[Digest, Manifest] = SingleFlight(cancel_abandoned=True)
         self._by_tag: SingleFlight[str, tuple[Manifest, str]] = SingleFlight(
             cancel_abandoned=True)
-        #: A node-wide lock by name, set when worker processes share the cache: one
-        #: worker asks upstream for a manifest or a tag, the others find its answer.
-        self.exclusive: Callable[[str], AbstractAsyncContextManager[None]] | None = None
+        self._coalescer: Coalescer = coalescer or LocalCoalescer()
 
     def forget(self, digest: Digest) -> None:
         """Drop the in-memory copy of a manifest (it was evicted from disk)."""
@@ -173,9 +175,9 @@ class ManifestCache:
 
     async def _refresh_tag(self, origin: SourceChain, repository: str, tag: str, key: str,
                            record: TagRecord | None) -> tuple[Manifest, str]:
-        if self.exclusive is None:
-            return await self._refresh_tag_here(origin, repository, tag, key, record)
-        async with self.exclusive("tag-" + hashlib.sha256(key.encode()).hexdigest()):
+        async with self._coalescer.exclusive("tag-" + hashlib.sha256(key.encode()).hexdigest()):
+            if not self._coalescer.shared:
+                return await self._refresh_tag_here(origin, repository, tag, key, record)
             record = await self._tags.reload(key)  # another worker may have just renewed it
             if record is not None and record.age(self._clock.time()) < self._settings.tag_ttl:
                 manifest, _ = await self._get_digest(origin, repository,
@@ -266,9 +268,9 @@ class ManifestCache:
                             digest: Digest) -> Manifest:
         """A manifest missing locally: from the first source of the chain that has it
         (asked by one worker of the node at a time)."""
-        if self.exclusive is None:
-            return await self._fetch_digest_here(origin, repository, digest)
-        async with self.exclusive(f"manifest-{digest.algorithm}-{digest.hex}"):
+        async with self._coalescer.exclusive(f"manifest-{digest.algorithm}-{digest.hex}"):
+            if not self._coalescer.shared:
+                return await self._fetch_digest_here(origin, repository, digest)
             stored = await asyncio.to_thread(self._store.read_manifest, digest)
             if stored is not None:  # another worker fetched it meanwhile
                 found = Manifest(digest, *stored)
