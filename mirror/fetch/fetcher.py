@@ -55,7 +55,7 @@ class Fetcher:
                  coalescer: Coalescer | None = None) -> None:
         self.store = store
         self.coalescer: Coalescer = coalescer or LocalCoalescer()
-        self._held: dict[Digest, BlobClaim] = {}
+        self._held: dict[Fill, BlobClaim] = {}  # the claim each fill downloads under
         self.hints = hints or SizeHints()  # sizes from manifests (see hints.py)
         self.chunk_size = chunk_size
         self.space: Space = space or Unbounded()
@@ -153,7 +153,7 @@ class Fetcher:
                claim: BlobClaim) -> Fill:
         """Download ``fill`` here, under ``claim``."""
         if claim is not LOCAL_CLAIM:
-            self._held[fill.digest] = claim
+            self._held[fill] = claim
         fill.task = self._tasks.spawn(self._run(fill, opener, registry), "fill")
         return fill
 
@@ -169,7 +169,7 @@ class Fetcher:
 
     # What the fill's claim is told (see mirror.fetch.coalesce.BlobClaim).
     def _claim(self, fill: Fill) -> BlobClaim:
-        return self._held.get(fill.digest, LOCAL_CLAIM)
+        return self._held.get(fill, LOCAL_CLAIM)
 
     async def _writer(self, fill: Fill) -> TempWriter:
         """The writer of a fill's file (a previous holder's bytes in it adopted)."""
@@ -186,7 +186,7 @@ class Fetcher:
 
     def _settled(self, fill: Fill) -> None:
         """The fill is over: published, failed, or its unkept temp file removed."""
-        claim = self._held.pop(fill.digest, None)
+        claim = self._held.pop(fill, None)
         if claim is not None:
             claim.release()
 
@@ -266,7 +266,7 @@ class Fetcher:
         """Publish a verified blob if it may be kept; else the reason it is not (and
         followers in other processes are told to finish on the file they read)."""
         reason = await self._publish_here(fill, durable)
-        claim = self._held.get(fill.digest)
+        claim = self._held.get(fill)
         if reason is not None and claim is not None and fill.relay_from is None:
             await asyncio.to_thread(claim.mark_verified)
         return reason
@@ -478,5 +478,5 @@ class Fetcher:
         log.warning("fill_taken_over", digest=str(fill.digest), bytes=fill.written)
         metrics.FILL_TAKEOVERS.inc()
         fill.source = ""
-        self._held[fill.digest] = claim
+        self._held[fill] = claim
         await self._run(fill, opener, registry)
