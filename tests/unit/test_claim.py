@@ -61,6 +61,9 @@ def _worker(root: Path, index: int) -> Fetcher:
 
 
 async def _read(fill: Fill, size: int) -> bytes:
+    """What a client reads: after the headers (the size), as the handlers do; a reader
+    that opened the fill before its claimer created the .part file would not find it."""
+    assert await fill.wait_size() == size
     return b"".join([piece async for piece in fill.read(0, size, CHUNK)])
 
 
