@@ -41,8 +41,8 @@ from mirror.cache.tags import TagStore
 from mirror.clock import SYSTEM, Clock
 from mirror.cluster import PeerSet, TokenSource
 from mirror.config import Settings, StorageSettings, SyncSettings, resolve_max_size
-from mirror.fetch import Fetcher
-from mirror.fetch.claim import ClaimingFetcher, Claims
+from mirror.fetch import Coalescer, Fetcher, LocalCoalescer
+from mirror.fetch.claim import ClaimCoalescer, Claims
 from mirror.oci import Digest
 from mirror.pull import PullService
 from mirror.routing import Router
@@ -102,19 +102,16 @@ class Node:
                                      temp_folder=self.worker.temp_folder)
         self.tags = TagStore(self.store.tags)
         self.evictor = Evictor(self.store, settings.storage)
+        # With worker processes: one download, one manifest fetch, one tag check per node.
+        coalescer: Coalescer = ClaimCoalescer(Claims(settings.storage.path / "tmp" / "claims")) \
+            if self.worker.count > 1 else LocalCoalescer()
         self.fetcher = Fetcher(self.store, settings.server.chunk_size, space=self.evictor,
-                               relay_max_bytes=settings.storage.relay_window)
-        claims = Claims(settings.storage.path / "tmp" / "claims")
-        if self.worker.count > 1:  # one download per digest for the node, not per process
-            self.fetcher = ClaimingFetcher(
-                self.store, settings.server.chunk_size, space=self.evictor,
-                relay_max_bytes=settings.storage.relay_window, claims=claims)
+                               relay_max_bytes=settings.storage.relay_window, coalescer=coalescer)
         self.blobs = BlobCache(self.store, self.fetcher, settings.cache, on_hit=self.evictor.touch)
         self.manifests = ManifestCache(self.store, self.tags, settings.cache,
                                        on_fetched=self.blobs.learn_sizes,
-                                       on_hit=self.evictor.touch, clock=clock)
-        if self.worker.count > 1:  # manifests and tag checks: one worker asks upstream
-            self.manifests.exclusive = claims.exclusive
+                                       on_hit=self.evictor.touch, clock=clock,
+                                       coalescer=coalescer)
         self.clients = {u.name: UpstreamClient(u, clock=clock.monotonic,
                                                guard=UpstreamGuard(u, clock=clock.monotonic))
                         for u in settings.upstreams}

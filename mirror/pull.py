@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from cachetools import TTLCache
-from yarl import URL
 
 from mirror.cache.blobs import BlobCache, CachedBlob
 from mirror.cache.manifests import ManifestCache, Resolved
@@ -37,13 +36,10 @@ from mirror.errors import (
     ManifestUnknown,
     NameUnknown,
     TooManyRequests,
-    UpstreamUnavailable,
 )
 from mirror.fetch import Fill, RangeOpener
-from mirror.oci import OCI_INDEX, Digest, is_digest_reference, is_number, parse_manifest
+from mirror.oci import OCI_INDEX, Digest, is_digest_reference, parse_manifest
 from mirror.sources import ContentRef, SourceChain
-from mirror.sources.upstream import check_status, read_limited
-from mirror.upstream import bodies
 
 if TYPE_CHECKING:  # botocore is imported only by a node with an S3 tier
     from mirror.sources.s3 import S3Source
@@ -199,8 +195,8 @@ class PullService:
         background budget for warming)."""
         private = repo.registry in self._private
         if self.membership is not None and (self._isolate or private):
-            client = self.chain(repo.registry, background).client
-            await ensure_member(self.membership, client, repo.repository, digest, kind=kind,
+            upstream = self.chain(repo.registry, background).upstream
+            await ensure_member(self.membership, upstream, repo.repository, digest, kind=kind,
                                 private=private)
 
     async def revalidate(self, repo: Repo, tag: str, max_age: float, *,
@@ -309,11 +305,10 @@ class PullService:
             NameUnknown: upstream does not know the repository.
             UpstreamUnavailable: upstream failed or sent something that is not a tag list.
         """
-        params = {k: str(v) for k, v in (("n", n), ("last", last)) if v is not None}
-        name, tags, link = await self._tag_list(repo, params)
-        if _honoured(tags, n, last):
-            next_n, next_last = _next_from_link(link)
-            return TagPage(name, tags, next_last, next_n if next_last else None)
+        page = await self.chain(repo.registry).upstream.tag_page(repo.repository, n, last)
+        if _honoured(page.tags, n, last):
+            return TagPage(page.name, page.tags, page.next_last,
+                           page.next_n if page.next_last else None)
         name, every = await self.all_tags(repo)
         return _paginate(name, every, n, last)
 
@@ -326,30 +321,17 @@ class PullService:
         cached = self._tag_lists.get(repo)
         if cached is not None:
             return cached
-        name, tags, link = await self._tag_list(repo, {}, background)
-        every = list(tags)
+        upstream = self.chain(repo.registry, background).upstream
+        page = await upstream.tag_page(repo.repository)
+        name, every = page.name, list(page.tags)
         for _ in range(TAG_PAGES_MAX):
-            n, last = _next_from_link(link)
-            if last is None:
+            if page.next_last is None:
                 break
-            params = {"last": last, **({"n": str(n)} if n else {})}
-            _, tags, link = await self._tag_list(repo, params, background)
-            every.extend(tags)
+            page = await upstream.tag_page(repo.repository, page.next_n or None, page.next_last)
+            every.extend(page.tags)
         result = (name, sorted(set(every)))
         self._tag_lists[repo] = result
         return result
-
-    async def _tag_list(self, repo: Repo, params: dict[str, str],
-                        background: bool = False) -> tuple[str, list[str], str | None]:
-        client = self.chain(repo.registry, background).client
-        async with client.request("GET", repo.repository, "tags/list", params=params) as resp:
-            if resp.status == 404:
-                raise NameUnknown(f"repository {repo.repository!r} is unknown upstream")
-            check_status(resp, client.name, "tag list")
-            body = await read_limited(resp, "tag list")
-            link = resp.headers.get("Link")
-        document = bodies.tag_list(body)
-        return document["name"], list(document.get("tags") or []), link
 
     # --- referrers ----------------------------------------------------------------------
     async def referrers(self, repo: Repo, digest: Digest, artifact_type: str | None = None,
@@ -363,20 +345,12 @@ class PullService:
         Raises:
             UpstreamUnavailable: upstream failed or sent something that is not an index.
         """
-        client = self.chain(repo.registry, background).client
-        params = {"artifactType": artifact_type} if artifact_type else None
-        async with client.request("GET", repo.repository, f"referrers/{digest}",
-                                  params=params) as resp:
-            if resp.status not in (200, 404):
-                raise UpstreamUnavailable(f"upstream answered {resp.status} for referrers",
-                                          status=502)
-            body = await read_limited(resp, "referrers index") if resp.status == 200 else None
-            applied = "artifactType" in resp.headers.get("OCI-Filters-Applied", "")
-        if body is not None:
-            index = bodies.referrers_index(body)
-            if artifact_type and not applied:
-                return Referrers(_index_body(_filtered(index, artifact_type)), True)
-            return Referrers(body, bool(artifact_type))
+        upstream = self.chain(repo.registry, background).upstream
+        found = await upstream.referrers(repo.repository, digest, artifact_type)
+        if found is not None:
+            if artifact_type and not found.filtered:
+                return Referrers(_index_body(_filtered(found.index, artifact_type)), True)
+            return Referrers(found.body, bool(artifact_type))
         manifests = await self._referrers_by_tag(repo, digest, background)
         if artifact_type:
             manifests = _filtered({"manifests": manifests}, artifact_type)
@@ -407,18 +381,6 @@ def _paginate(name: str, tags: list[str], n: int | None, last: str | None) -> Ta
         return TagPage(name, after)
     page = after[:n]
     return TagPage(name, page, page[-1] if page else None, n)
-
-
-def _next_from_link(link: str | None) -> tuple[int | None, str | None]:
-    """``n`` and ``last`` of an upstream ``Link: <...>; rel="next"`` header."""
-    if not link or 'rel="next"' not in link.replace(" ", ""):
-        return None, None
-    start, end = link.find("<"), link.find(">")
-    if start < 0 or end < start:
-        return None, None
-    query = URL(link[start + 1:end]).query
-    n = query.get("n", "")
-    return (int(n) if is_number(n) else None), query.get("last")
 
 
 def _filtered(index: Mapping[str, Any], artifact_type: str) -> list[dict[str, Any]]:

@@ -69,3 +69,58 @@ def test_every_box_has_a_rank() -> None:
     boxes = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
              if (p.suffix == ".py" or p.is_dir()) and p.name not in ("__init__.py", "__pycache__")}
     assert boxes <= set(RANKS)
+
+
+#: Boxes that reach upstream only through the typed registry API of ``mirror.sources``
+#: (:class:`mirror.sources.upstream.UpstreamSource`): none sees an HTTP response.
+ABOVE_SOURCES = {box for box, rank in RANKS.items() if rank > RANKS["sources"]}
+#: What only ``sources/`` and ``upstream/`` may use: the response type, and the helpers
+#: that read one.
+RESPONSE_NAMES = {"ClientResponse", "check_status", "read_limited", "fetch_manifest"}
+
+
+def _response_reads(tree: ast.AST) -> list[str]:
+    """Reads of a response: ``.status`` of what ``async with <x>.request(...) as r`` bound,
+    and any use of the names only the sources seam may use."""
+    found = []
+    responses: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AsyncWith):
+            for item in node.items:
+                call = item.context_expr
+                if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) \
+                        and call.func.attr == "request" \
+                        and isinstance(item.optional_vars, ast.Name):
+                    responses.add(item.optional_vars.id)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "status" \
+                and isinstance(node.value, ast.Name) and node.value.id in responses:
+            found.append(f"reads {node.value.id}.status (line {node.lineno})")
+        elif isinstance(node, ast.Attribute) and node.attr in RESPONSE_NAMES:
+            found.append(f"uses {node.attr} (line {node.lineno})")
+        elif isinstance(node, ast.Name) and node.id in RESPONSE_NAMES:
+            found.append(f"uses {node.id} (line {node.lineno})")
+        elif isinstance(node, ast.ImportFrom):
+            found.extend(f"imports {a.name} (line {node.lineno})" for a in node.names
+                         if a.name in RESPONSE_NAMES)
+    return found
+
+
+def test_nothing_above_the_sources_sees_an_upstream_response() -> None:
+    leaks = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = "mirror." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        if _box(module.removesuffix(".__init__")) not in ABOVE_SOURCES:
+            continue
+        leaks.extend(f"{module} {leak}" for leak in _response_reads(ast.parse(path.read_text())))
+    assert leaks == []
+
+
+def test_the_response_check_sees_what_it_looks_for() -> None:
+    """The check itself: it finds a status read and a response import."""
+    code = ("from aiohttp import ClientResponse\n"
+            "async def f(client):\n"
+            "    async with client.request('HEAD', 'r', 's') as resp:\n"
+            "        return resp.status\n")
+    assert sorted(_response_reads(ast.parse(code))) == ["imports ClientResponse (line 1)",
+                                                        "reads resp.status (line 4)"]
