@@ -69,3 +69,18 @@ def test_every_box_has_a_rank() -> None:
     boxes = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
              if (p.suffix == ".py" or p.is_dir()) and p.name not in ("__init__.py", "__pycache__")}
     assert boxes <= set(RANKS)
+
+
+#: Boxes a box must not import although they rank below it: ``server/`` renders what the
+#: pull service answers, through the types the pull service exports.
+FORBIDDEN = {"server": ("fetch", "storage", "upstream")}
+
+
+def test_server_reaches_content_through_the_pull_service_only() -> None:
+    reaching = []
+    for box, others in FORBIDDEN.items():
+        for path in sorted((PACKAGE / box).rglob("*.py")):
+            module = "mirror." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+            reaching += [f"{module} imports {target}" for target in _imports(path)
+                         if _box(target) in others]
+    assert reaching == []
