@@ -61,7 +61,20 @@ class Prepared:
     line: bytes | None  # the constant fields as JSON without braces (``None``: structlog)
     fields: dict[str, Any]  # the same fields (structlog's renderer)
     level: str
+    quiet: bool  # no access line (scrapes and probes)
+    pull: Pull | None  # what popularity counts of each answer
     pending: int = 0  # answers not yet added to the counters
+
+
+@dataclass(slots=True, frozen=True)
+class Pull:
+    """A pull popularity counts: of a tag (learning an index's platforms), or a manifest
+    fetched by digest."""
+
+    manifest: Manifest
+    digest: str
+    tag: tuple[str, str, str] | None  # (registry, repository, tag)
+    head: bool
 
 
 @dataclass(slots=True, eq=False)
@@ -229,7 +242,8 @@ class Accounting:
                                    str(served.status)),
             seconds=metrics.child(metrics.REQUEST_SECONDS, served.route),
             counters=tuple(counters), served=tuple(served_children),
-            body=served.bytes - served.counted, line=line, fields=constant, level=level)
+            body=served.bytes - served.counted, line=line, fields=constant, level=level,
+            quiet=served.route in QUIET_ROUTES, pull=_pull_of(served))
 
     def sent(self, served: Served, count: int) -> None:
         """A streamed answer handed ``count`` more body bytes to the kernel: count them
@@ -254,9 +268,14 @@ class Accounting:
             self._counted.append(prepared)
         prepared.pending += 1
         prepared.seconds.observe(served.seconds)
-        if served.manifest is not None and self.popularity is not None:
-            self._count_pull(served, self.popularity)
-        if self.access.enabled and served.route not in QUIET_ROUTES:
+        pull = prepared.pull
+        if pull is not None and self.popularity is not None:
+            who = f"user:{served.user}" if served.user else served.client
+            if pull.tag is not None:
+                self.popularity.tag_pulled(*pull.tag, pull.manifest, who, head=pull.head)
+            elif not pull.head:
+                self.popularity.manifest_pulled(pull.digest, who)
+        if self.access.enabled and not prepared.quiet:
             self._write_line(served, prepared)
         for sink in self.sinks:
             sink(served)
@@ -276,18 +295,6 @@ class Accounting:
                 for counter in prepared.served:
                     counter.inc(prepared.body * count)
 
-    @staticmethod
-    def _count_pull(served: Served, popularity: Popularity) -> None:
-        manifest = served.manifest
-        assert manifest is not None
-        who = f"user:{served.user}" if served.user else served.client
-        if served.by_tag:
-            assert served.registry and served.repository and served.reference
-            popularity.tag_pulled(served.registry, served.repository, served.reference,
-                                  manifest, who, head=served.method == "HEAD")
-        elif served.method == "GET":
-            popularity.manifest_pulled(str(manifest.digest), who)
-
     def _write_line(self, served: Served, prepared: Prepared) -> None:
         variable = {"request_id": served.request_id, "client": served.client,
                     "user_agent": served.user_agent[:200],
@@ -297,6 +304,17 @@ class Accounting:
             return
         emit = _access.warning if prepared.level == "warning" else _access.info
         emit("request", **variable, **prepared.fields)
+
+
+def _pull_of(served: Served) -> Pull | None:
+    manifest = served.manifest
+    if manifest is None:
+        return None
+    tag = None
+    if served.by_tag:
+        assert served.registry and served.repository and served.reference
+        tag = (served.registry, served.repository, served.reference)
+    return Pull(manifest, str(manifest.digest), tag, served.method == "HEAD")
 
 
 def _call_soon(callback: Callable[[], None]) -> None:
