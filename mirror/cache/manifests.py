@@ -147,6 +147,14 @@ class ManifestCache:
                                   "request's Accept header does not include")
         return Resolved(manifest, cache)
 
+    async def fresh_for(self, registry: str, repository: str, tag: str) -> float:
+        """Seconds the tag's record stays fresh (inside the tag TTL, when :meth:`by_tag`
+        answers it without asking upstream); zero or less: not fresh, or not known."""
+        record = await self._tags.get(tag_key(registry, repository, tag))
+        if record is None:
+            return 0.0
+        return self._settings.tag_ttl - record.age(self._clock.time())
+
     async def by_tag(self, origin: SourceChain, repository: str, tag: str,
                      accepted: frozenset[str] | None, max_age: float | None = None) -> Resolved:
         """A manifest by tag, negotiated against the client's Accept set.

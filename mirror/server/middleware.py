@@ -1,4 +1,4 @@
-"""One middleware: request id, OCI error rendering, metrics, one log line.
+"""One middleware: request id, OCI error rendering, and the answer's record accounted.
 
 An :class:`~mirror.errors.OciError` becomes its JSON body and status. A failed
 download after headers went out closes the connection, so the client sees a
@@ -20,10 +20,10 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from mirror import metrics
 from mirror.errors import FillError, OciError
+from mirror.server.accounting import Served
 from mirror.server.history import INCIDENT_LOG
-from mirror.server.state import log_context
+from mirror.server.state import ACCOUNTING, log_context, served_of
 from mirror.version import VERSION
 
 #: The ``Server`` header of every answer.
@@ -49,14 +49,11 @@ def oci_response(error: OciError) -> web.Response:
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Wrap every request: id, errors, metrics and the canonical log line."""
-    supplied = request.headers.get("X-Request-Id", "")
-    if supplied and _REQUEST_ID.fullmatch(supplied):
-        request_id = supplied
-    else:
-        request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+    """Wrap every request: id, errors, and its :class:`Served` record accounted once."""
+    request_id = request_id_of(request, _ID_PREFIX, _ID_COUNTER)
     request[REQUEST_ID] = request_id
-    context = log_context(request)
+    served = served_of(request)
+    context = served.fields
     started = time.perf_counter()
     status = 500
     try:
@@ -86,18 +83,28 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     finally:
         context.pop("sent_status", None)
         context.pop("sent_all", None)
-        elapsed = time.perf_counter() - started
-        route = context.get("route", "other")
-        metrics.child(metrics.REQUESTS, route, request.method, str(status)).inc()
-        metrics.child(metrics.REQUEST_SECONDS, route).observe(elapsed)
-        _remember_problem(request, status, route, context)
-        if route not in ("metrics", "health", "peer_health"):
-            # A 5xx (an upstream 503 passed on, a failed fill) is something to look at.
-            emit = log.warning if status >= 500 else log.info
-            emit("request", request_id=request_id, method=request.method,
-                     path=request.path[:300], status=status, client=request.remote,
-                     user_agent=request.headers.get("User-Agent", "")[:200],
-                     duration_ms=round(elapsed * 1000, 2), **context)
+        _finish(request, served, status, request_id, time.perf_counter() - started)
+
+
+def request_id_of(request: web.Request, prefix: str, counter: itertools.count[int]) -> str:
+    """The client's ``X-Request-Id`` when it is a sane one, else ``prefix`` and a number."""
+    supplied = request.headers.get("X-Request-Id", "")
+    if supplied and _REQUEST_ID.fullmatch(supplied):
+        return supplied
+    return f"{prefix}{next(counter):08x}"
+
+
+def _finish(request: web.Request, served: Served, status: int, request_id: str,
+            seconds: float) -> None:
+    """Complete the record with what only the end knows, and account it."""
+    served.absorb()
+    served.status, served.request_id, served.seconds = status, request_id, seconds
+    served.client = request.remote or ""
+    served.user_agent = request.headers.get("User-Agent", "")
+    _remember_problem(request, status, served.route, served.fields)
+    accounting = request.app.get(ACCOUNTING)
+    if accounting is not None:
+        accounting.account(served)
 
 
 def _remember_problem(request: web.Request, status: int, route: str,

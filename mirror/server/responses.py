@@ -19,8 +19,8 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 
 from mirror.errors import RangeInvalid
-from mirror.fetch import Fill, RangeOpener
 from mirror.oci import Digest, is_number
+from mirror.pull import BlobFlight
 from mirror.server.sendfile import sendfile, socket_for_sendfile
 from mirror.server.state import log_context
 
@@ -239,11 +239,11 @@ class FileSliceResponse(web.StreamResponse):
             offset += len(data)
 
 
-async def stream_fill(request: web.Request, fill: Fill, span: Span | None,
+async def stream_fill(request: web.Request, flight: BlobFlight, span: Span | None,
                       headers: dict[str, str], chunk_size: int, *,
-                      ranges: RangeOpener | None = None,
                       on_bytes: Callable[[int], None] | None = None) -> web.StreamResponse:
-    """Send a blob that is still downloading, byte by byte as it arrives.
+    """Send a blob that is still downloading (the pull service's ``flight``), byte by
+    byte as it arrives.
 
     What is on disk goes out with the kernel's sendfile from the growing temp
     file (no copy through Python, no buffer per reader); bytes relayed from
@@ -254,6 +254,7 @@ async def stream_fill(request: web.Request, fill: Fill, span: Span | None,
         FillError: the download failed after headers went out; the caller
             must make sure the connection is aborted, never finished.
     """
+    fill, ranges = flight.fill, flight.ranges
     size = fill.size if fill.size is not None else 0
     start, end = span or (0, size)
     response = web.StreamResponse(status=206 if span else 200, headers=headers)

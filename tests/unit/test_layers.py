@@ -124,3 +124,18 @@ def test_the_response_check_sees_what_it_looks_for() -> None:
             "        return resp.status\n")
     assert sorted(_response_reads(ast.parse(code))) == ["imports ClientResponse (line 1)",
                                                         "reads resp.status (line 4)"]
+
+
+#: Boxes a box must not import although they rank below it: ``server/`` renders what the
+#: pull service answers, through the types the pull service exports.
+FORBIDDEN = {"server": ("fetch", "storage", "upstream")}
+
+
+def test_server_reaches_content_through_the_pull_service_only() -> None:
+    reaching = []
+    for box, others in FORBIDDEN.items():
+        for path in sorted((PACKAGE / box).rglob("*.py")):
+            module = "mirror." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+            reaching += [f"{module} imports {target}" for target in _imports(path)
+                         if _box(target) in others]
+    assert reaching == []
