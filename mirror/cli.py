@@ -16,6 +16,7 @@
                   [--dry-run] -o FILE.tar[.zst]
     mirror import FILE... [--verify-key PUB] [--allow-rollback] [--pin]
                   [--tags fresh|stale] [--repository REGISTRY/REPO]
+    mirror audit verify FILE...
 
 Errors are one readable line on stderr and a non-zero exit status (``config check``:
 one line per error it finds). ``serve`` reloads its TLS certificate and key on SIGHUP
@@ -37,6 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mirror import audit as audit_trail
 from mirror import config, launch, log, sync_cli
 from mirror import worker as this_worker
 from mirror.bundle.export import Planner
@@ -107,6 +109,14 @@ def _parser() -> argparse.ArgumentParser:
     reload.add_argument("--config", type=Path, help="YAML config, as for serve")
     reload.add_argument("--storage", type=Path, help="cache folder, as for serve")
     reload.set_defaults(func=_reload)
+
+    audit = commands.add_parser("audit", help="check the audit trail")
+    audit_commands = audit.add_subparsers(required=True, metavar="ACTION")
+    verify = audit_commands.add_parser(
+        "verify", help="check the hash chain of audit files (one line each: intact, or "
+        "where it breaks)")
+    verify.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    verify.set_defaults(func=_audit_verify)
 
     cfg = commands.add_parser("config", help="work with config files")
     cfg_commands = cfg.add_subparsers(required=True, metavar="ACTION")
@@ -470,6 +480,15 @@ def _reload(args: argparse.Namespace) -> int:
         return 1
     print(f"reload: sent SIGHUP to the mirror (pid {pid})")
     return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.files:
+        found = audit_trail.verify(path)
+        print(f"audit: {found.message}", file=sys.stdout if found.ok else sys.stderr)
+        failed = failed or not found.ok
+    return 1 if failed else 0
 
 
 def _export(args: argparse.Namespace) -> int:

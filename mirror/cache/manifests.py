@@ -44,6 +44,7 @@ from mirror.oci import (
     parse_manifest,
     pick_platform,
 )
+from mirror.policy import Verdict
 from mirror.sources import ContentRef, SourceChain
 from mirror.sources.upstream import check_status, fetch_manifest
 from mirror.storage.filesystem import FilesystemStore
@@ -69,6 +70,7 @@ class Resolved:
 
     manifest: Manifest
     cache: str  # hit | miss | joined | stale
+    verdict: Verdict | None = None  # the policy's, when one judged it (pull service)
 
 
 class ManifestCache:

@@ -50,6 +50,7 @@ from mirror import metrics
 from mirror.cache.tags import tag_key
 from mirror.node import Node
 from mirror.oci import is_digest_reference
+from mirror.server.decisions import POLICY, audit_manifest
 from mirror.server.middleware import SERVER
 from mirror.server.state import LOG, NODE
 
@@ -86,6 +87,7 @@ class Hot:
     touch: tuple[str, str] | None  # (kind, digest) for eviction recency
     image: str | None  # the image a tag pull counts for
     pulled_digest: str | None  # a manifest GET by digest (counted for its platform)
+    audit: dict[str, Any] | None = None  # a manifest answer's audit fields (replayed)
     rendered: CIMultiDict[str] = field(default_factory=CIMultiDict)  # headers, copied per answer
     pending: int = 0  # answers not yet added to the counters
 
@@ -234,6 +236,9 @@ class HotAnswers:
         if node is not None:
             if hot.touch is not None:
                 node.evictor.touch(*hot.touch)
+            if hot.audit is not None and node.audit is not None:
+                audit_manifest(node.audit, request, hot.audit, hot.audit["policy"],
+                               request_id=request_id)
             if hot.image is not None:  # auth is off here: the address is the client
                 node.popularity.record(hot.image, request.remote or "",
                                        head=request.method == "HEAD",
@@ -287,15 +292,25 @@ class HotAnswers:
             headers["Content-Length"] = str(response.content_length)
         headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
         headers["Server"] = SERVER  # answered before the app's on_response_prepare runs
-        self._store(key, self._hot(request, context, route, body=body, headers=headers, ttl=ttl))
+        hot = self._hot(request, context, route, body=body, headers=headers, ttl=ttl)
+        if route == "manifest":
+            policy = request.get(POLICY)
+            hot.audit = {k: context.get(k) for k in ("registry", "repository", "reference",
+                                                    "digest")}
+            hot.audit.update(media_type=headers.get("Content-Type"), cache="hit", status=200,
+                             policy=policy)
+            if policy is not None and context.get("registry"):
+                hot.counters += (metrics.child(metrics.POLICY_DECISIONS, context["registry"],
+                                               policy["verdict"]),)
+        self._store(key, hot)
 
     async def _ttl(self, request: web.Request, context: dict[str, Any]) -> float | None:
         """How long this answer may be given again, or ``None``: never."""
         route, cache = context.get("route"), context.get("cache")
         if route == "blob":
             return CONTENT_TTL if cache == "hit" else None
-        if route != "manifest" or cache == "stale":
-            return None
+        if route != "manifest" or cache == "stale" or context.get("policy") == "warn":
+            return None  # a warned answer is logged each time, on the full path
         reference = str(context.get("reference", ""))
         if is_digest_reference(reference):
             return CONTENT_TTL
