@@ -212,3 +212,29 @@ def _audit_verify(*files: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mirror", "audit", "verify",
                            *map(str, files)], capture_output=True, text=True, timeout=60,
                           check=False)
+
+
+def test_warm_and_export_take_only_what_passes(mirror: MirrorProcess, signed: Signed,
+                                               tmp_path: Path) -> None:
+    good, bad = f"{UPSTREAM}/acme/good:v1", f"{UPSTREAM}/acme/unsigned:v1"
+    warm = _mirror(["warm", good, bad], mirror)
+    assert warm.returncode == 1, warm.stdout + warm.stderr
+    out = warm.stdout + warm.stderr
+    assert f"refused: {bad}: policy:" in out and "no signature by release" in out
+    assert "1 of 2 image(s) held" in out
+
+    bundle = tmp_path / "out.tar"
+    export = _mirror(["export", "--policy", good, bad, "-o", str(bundle), "-q"], mirror)
+    assert export.returncode == 0, export.stderr
+    assert f"refused: {bad}" in export.stderr
+    assert "acme/good:v1" in export.stdout and "acme/unsigned" not in export.stdout
+    sig_tag = signed.images["good"].manifest.digest.replace(":", "-") + ".sig"
+    assert sig_tag in export.stdout  # the signatures travel with the image
+    everything = _mirror(["export", good, bad, "-o", str(tmp_path / "all.tar"), "-q"], mirror)
+    assert everything.returncode == 0, everything.stderr  # without --policy: as asked
+
+
+def _mirror(args: list[str], mirror: MirrorProcess) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mirror", *args, "--config",
+                           str(mirror.config_path)], capture_output=True, text=True,
+                          timeout=120, check=False)
