@@ -222,6 +222,12 @@ def test_warm_and_export_take_only_what_passes(mirror: MirrorProcess, signed: Si
     out = warm.stdout + warm.stderr
     assert f"refused: {bad}: policy:" in out and "no signature by release" in out
     assert "1 of 2 image(s) held" in out
+    lines = [json.loads(line) for f in sorted(tmp_path.glob("audit*.jsonl"))
+             for line in f.read_text().splitlines()]
+    actions = [e for e in lines if e["kind"] == "admin"]
+    assert [(e["action"], e["refs"], e["actor"]) for e in actions] == [
+        ("warm", [good, bad], "operator:local")]
+    assert _audit_verify(*sorted(tmp_path.glob("audit*.jsonl"))).returncode == 0
 
     bundle = tmp_path / "out.tar"
     export = _mirror(["export", "--policy", good, bad, "-o", str(bundle), "-q"], mirror)
