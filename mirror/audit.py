@@ -96,9 +96,16 @@ class AuditTrail:
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
 
+_stamp: list[Any] = [-1, ""]  # the second last rendered, and its text
+
+
 def _now() -> str:
+    """UTC time with microseconds; the part up to the second rendered once per second."""
     now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+    second = int(now)
+    if second != _stamp[0]:
+        _stamp[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_stamp[1]}.{int((now - second) * 1e6):06d}Z"
 
 
 def _last_hash(path: Path) -> str:

@@ -65,6 +65,8 @@ if TYPE_CHECKING:  # botocore is imported only by a node with an S3 tier
 
 #: Pages of an upstream tag list followed to paginate it here, at most.
 TAG_PAGES_MAX = 20
+#: Seconds a resolved ``.sig`` tag is reused by the policy gate without asking the cache.
+SIG_TAG_MEMO = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +160,10 @@ class PullService:
             maxsize=1000, ttl=max(tag_list_ttl, 0.001), timer=clock.monotonic)
         self.gate: Gate | None = None
         # referrers indexes read for verdicts, revalidated with the tag TTL
-        self._referrers: TTLCache[tuple[Repo, str], Found | None] = TTLCache(
-            maxsize=10_000, ttl=max(tag_list_ttl, 0.001), timer=clock.monotonic)
+        self._referrers = _Memo(tag_list_ttl, clock)
+        # cosign's .sig tags as last resolved: a kept verdict then costs no tag look-up
+        # (a moved .sig tag is seen within SIG_TAG_MEMO seconds after its TTL ends)
+        self._sig_tags = _Memo(min(tag_list_ttl, SIG_TAG_MEMO), clock)
 
     def with_chains(self, chains: Mapping[str, SourceChain]) -> PullService:
         """The same service (caches, fills, flights) filling misses from other chains: what a
@@ -448,6 +452,27 @@ class PullService:
             else []
 
 
+class _Memo:
+    """Signature look-ups for ``ttl`` seconds, bounded: a plain dict of (expiry, value),
+    cheaper than a ``TTLCache`` on every manifest answer."""
+
+    def __init__(self, ttl: float, clock: Clock, max_entries: int = 10_000) -> None:
+        self._ttl, self._clock, self._max = max(ttl, 0.001), clock, max_entries
+        self._items: dict[tuple[Repo, str], tuple[float, Found | None]] = {}
+
+    def get(self, key: tuple[Repo, str]) -> tuple[bool, Found | None]:
+        """``(True, value)`` while kept, else ``(False, None)``."""
+        item = self._items.get(key)
+        if item is None or item[0] <= self._clock.monotonic():
+            return False, None
+        return True, item[1]
+
+    def put(self, key: tuple[Repo, str], value: Found | None) -> None:
+        if len(self._items) >= self._max:
+            self._items.clear()  # rare: thousands of images judged within one TTL
+        self._items[key] = (self._clock.monotonic() + self._ttl, value)
+
+
 class _Signatures:
     """The gate's reader: signatures through this service, for one repository (cached like
     any content; tags, the referrers fallback tag included, revalidated with the tag TTL)."""
@@ -456,6 +481,16 @@ class _Signatures:
         self._pull, self._repo, self._background = pull, repo, background
 
     async def manifest(self, reference: str) -> Found | None:
+        if reference.endswith(".sig"):
+            key = (self._repo, reference)
+            known, found = self._pull._sig_tags.get(key)
+            if not known:
+                found = await self._manifest(reference)
+                self._pull._sig_tags.put(key, found)
+            return found
+        return await self._manifest(reference)
+
+    async def _manifest(self, reference: str) -> Found | None:
         ref: str | Digest = Digest.parse(reference) if is_digest_reference(reference) \
             else reference
         try:
@@ -489,8 +524,9 @@ class _Signatures:
 
     async def referrers(self, digest: str) -> Found | None:
         key = (self._repo, digest)
-        if key in self._pull._referrers:
-            return self._pull._referrers[key]
+        known, kept = self._pull._referrers.get(key)
+        if known:
+            return kept
         try:
             found = await self._pull.referrers(self._repo, Digest.parse(digest),
                                                BUNDLE_TYPES[0], background=self._background)
@@ -500,7 +536,7 @@ class _Signatures:
         index = parse_manifest(body) if body else {}
         result = Found("sha256:" + hashlib.sha256(body).hexdigest(), body) \
             if index.get("manifests") else None
-        self._pull._referrers[key] = result
+        self._pull._referrers.put(key, result)
         return result
 
 

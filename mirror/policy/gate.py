@@ -76,12 +76,13 @@ class Gate:
         self.policy = policy
         self.verdicts = verdicts if verdicts is not None else VerdictCache()
         self._parents: OrderedDict[str, str] = OrderedDict()  # platform digest -> index
+        self._artifacts: OrderedDict[str, bool] = OrderedDict()  # digest -> a signature?
 
     async def judge(self, reader: SignatureReader, registry: str, repository: str,
                     digest: str, *, manifest: bytes, media_type: str,
                     tag: str | None = None) -> Verdict | None:
         """The verdict on one manifest served, or ``None``: a signature is not judged."""
-        if is_signature_artifact(tag, manifest):
+        if self._is_signature(digest, tag, manifest):
             return None
         if media_type in _INDEX_TYPES:
             self._remember_children(digest, manifest)
@@ -96,6 +97,18 @@ class Gate:
         signatures = await read_signatures(reader, sig, refs)
         return self.verdicts.verdict(self.policy, registry, repository, digest, signatures,
                                      signature_set=name, indexes=indexes)
+
+    def _is_signature(self, digest: str, tag: str | None, manifest: bytes) -> bool:
+        """:func:`is_signature_artifact`, its answer on the bytes kept per digest (the
+        bytes of a digest never change; parsing them is most of a kept verdict's cost)."""
+        if tag is not None and is_signature_artifact(tag, b""):
+            return True
+        known = self._artifacts.get(digest)
+        if known is None:
+            known = self._artifacts[digest] = is_signature_artifact(None, manifest)
+            if len(self._artifacts) > MAX_REMEMBERED_INDEXES:
+                self._artifacts.popitem(last=False)
+        return known
 
     async def _signature_manifests(self, reader: SignatureReader,
                                    digest: str) -> tuple[Found | None, Found | None]:

@@ -91,6 +91,10 @@ def mirror(request: pytest.FixtureRequest, registry_token: Registry, signed: Sig
     config["audit"] = {"file": str(tmp_path / "audit.jsonl")}
     process = MirrorProcess(tmp_path / "mirror", config)
     process.start(timeout=30)
+    deadline = time.monotonic() + 30  # /readyz answered from one worker: wait for each
+    while len(process.events("mirror_started")) < request.param:
+        assert time.monotonic() < deadline, process.log_tail()
+        time.sleep(0.05)
     try:
         yield process
     finally:
