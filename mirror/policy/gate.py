@@ -101,8 +101,8 @@ class Gate:
     def _is_signature(self, digest: str, tag: str | None, manifest: bytes) -> bool:
         """:func:`is_signature_artifact`, its answer on the bytes kept per digest (the
         bytes of a digest never change; parsing them is most of a kept verdict's cost)."""
-        if tag is not None and is_signature_artifact(tag, b""):
-            return True
+        if tag is not None and tag.startswith("sha256-") and is_signature_artifact(tag, b"{}"):
+            return True  # cosign's attached tags
         known = self._artifacts.get(digest)
         if known is None:
             known = self._artifacts[digest] = is_signature_artifact(None, manifest)
