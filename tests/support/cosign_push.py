@@ -6,6 +6,7 @@ index), for registries with no referrers API (Distribution 2.8)."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from tests.support import cosign_sign as cs
 from tests.support.images import Blob
@@ -37,14 +38,20 @@ def push_legacy(registry: Registry, repo: str, digest: str, key: cs.PrivateKey, 
 
 
 def push_bundle(registry: Registry, repo: str, digest: str, size: int,
-                key: cs.PrivateKey) -> str:
-    """Attach a keyed DSSE sigstore bundle to ``digest`` as a referrer, through the
-    referrers tag schema (an index under ``sha256-<hex>`` listing the bundle manifest).
+                key: cs.PrivateKey | None = None, *,
+                document: dict[str, Any] | None = None) -> str:
+    """Attach a sigstore bundle to ``digest`` as a referrer, through the referrers tag
+    schema (an index under ``sha256-<hex>`` listing the bundle manifest).
+
+    Args:
+        key: sign a keyed DSSE bundle with it here; or
+        document: a bundle made elsewhere (sigstore-js), as its JSON document.
 
     Returns:
         The bundle manifest's digest.
     """
-    bundle = Blob.of(json.dumps(cs.dsse_bundle(key, digest)).encode(), cs.BUNDLE_V03)
+    doc_bundle = document if document is not None else cs.dsse_bundle(_key(key), digest)
+    bundle = Blob.of(json.dumps(doc_bundle).encode(), cs.BUNDLE_V03)
     doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": cs.BUNDLE_V03,
            "config": EMPTY_CONFIG.descriptor(), "layers": [bundle.descriptor()],
            "subject": {"mediaType": OCI_MANIFEST, "digest": digest, "size": size}}
@@ -56,3 +63,9 @@ def push_bundle(registry: Registry, repo: str, digest: str, size: int,
                        (Blob.of(json.dumps(index).encode(), OCI_INDEX),
                         digest.replace(":", "-", 1))])
     return manifest.digest
+
+
+def _key(key: cs.PrivateKey | None) -> cs.PrivateKey:
+    if key is None:
+        raise ValueError("push_bundle wants a key or a bundle document")
+    return key
