@@ -11,11 +11,12 @@
     mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR] [--shared]
     mirror warm REF... [--platform OS/ARCH]... [--referrers] [--server URL] [--config FILE]
     mirror sync --once [--dry-run] | status  [--json] [--server URL] [--config FILE]
-    mirror export REF... | --from-file LIST [--platform P]... [--referrers]
+    mirror export REF... | --from-file LIST [--platform P]... [--referrers] [--policy]
                   [--since PREVIOUS] [--max-part-size SIZE] [--sign-key KEY]
                   [--dry-run] -o FILE.tar[.zst]
     mirror import FILE... [--verify-key PUB] [--allow-rollback] [--pin]
                   [--tags fresh|stale] [--repository REGISTRY/REPO]
+    mirror audit verify FILE...
 
 Errors are one readable line on stderr and a non-zero exit status (``config check``:
 one line per error it finds). ``serve`` reloads its TLS certificate and key on SIGHUP
@@ -37,6 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mirror import audit as audit_trail
 from mirror import config, launch, log, sync_cli
 from mirror import worker as this_worker
 from mirror.bundle.export import Planner
@@ -50,7 +52,14 @@ from mirror.cache.inventory import ImageRow, Inventory, human_size, human_time
 from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
 from mirror.cache.membership import Membership
 from mirror.config import checks
-from mirror.errors import BundleError, CacheCommandError, ConfigError, ListenError, OciError
+from mirror.errors import (
+    BundleError,
+    CacheCommandError,
+    ConfigError,
+    ListenError,
+    OciError,
+    PolicyDenied,
+)
 from mirror.node import Node
 from mirror.routing import Router
 from mirror.server import pidfile
@@ -107,6 +116,14 @@ def _parser() -> argparse.ArgumentParser:
     reload.add_argument("--config", type=Path, help="YAML config, as for serve")
     reload.add_argument("--storage", type=Path, help="cache folder, as for serve")
     reload.set_defaults(func=_reload)
+
+    audit = commands.add_parser("audit", help="check the audit trail")
+    audit_commands = audit.add_subparsers(required=True, metavar="ACTION")
+    verify = audit_commands.add_parser(
+        "verify", help="check the hash chain of audit files (one line each: intact, or "
+        "where it breaks)")
+    verify.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    verify.set_defaults(func=_audit_verify)
 
     cfg = commands.add_parser("config", help="work with config files")
     cfg_commands = cfg.add_subparsers(required=True, metavar="ACTION")
@@ -175,6 +192,9 @@ def _bundle_parsers(commands: Any) -> None:
     export.add_argument("--platform", action="append", default=[], metavar="OS/ARCH[/VAR]",
                         help="only these platforms of multi-platform images (repeatable; "
                         "the index bytes are kept as they are)")
+    export.add_argument("--policy", action="store_true",
+                        help="export only the images the config's signature policy allows, "
+                        "with their signatures (implies --referrers); say which were refused")
     export.add_argument("--referrers", action="store_true",
                         help="bring signatures, SBOMs and attestations (referrers API and "
                         "cosign's sha256-<hex>.sig/.att/.sbom tags)")
@@ -472,6 +492,15 @@ def _reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_verify(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.files:
+        found = audit_trail.verify(path)
+        print(f"audit: {found.message}", file=sys.stdout if found.ok else sys.stderr)
+        failed = failed or not found.ok
+    return 1 if failed else 0
+
+
 def _export(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, storage=args.storage, require_env=False)
     log.setup(config.LogSettings(level="warning", format=settings.log.format))
@@ -511,9 +540,21 @@ async def _export_async(args: argparse.Namespace, settings: config.Settings, ref
     node = Node(settings)
     await node.start(exclusive=False)
     try:
-        planner = Planner(node.pull, node.router, args.platform, args.referrers)
+        if not args.policy:
+            node.pull.gate = None  # exported as asked; --policy applies the config's
+        elif node.pull.gate is None:
+            raise BundleError("export --policy: the config has no policy: section")
+        planner = Planner(node.pull, node.router, args.platform,
+                          args.referrers or args.policy)
+        refused = 0
         for ref in refs:
-            await planner.add(ref)
+            try:
+                await planner.add(ref)
+            except PolicyDenied as exc:
+                refused += 1
+                print(f"  refused: {ref}: {exc.message}", file=sys.stderr)
+        if refused and not planner.plan.references:
+            raise BundleError(f"nothing to export: the policy refused all {refused} image(s)")
         if base is not None:
             planner.since(base)
         plan = planner.plan

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import socket
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ import aiohttp
 import structlog
 
 from mirror import metrics, worker
+from mirror.audit import AuditTrail
 from mirror.cache.blobs import BlobCache
 from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestCache
@@ -41,9 +43,13 @@ from mirror.cache.tags import TagStore
 from mirror.clock import SYSTEM, Clock
 from mirror.cluster import PeerSet, TokenSource
 from mirror.config import Settings, StorageSettings, SyncSettings, resolve_max_size
+from mirror.errors import ConfigError
 from mirror.fetch import Coalescer, Fetcher, LocalCoalescer
 from mirror.fetch.claim import ClaimCoalescer, Claims
 from mirror.oci import Digest
+from mirror.policy import compile_policy
+from mirror.policy.crypto import Invalid
+from mirror.policy.gate import Gate
 from mirror.pull import PullService
 from mirror.routing import Router
 from mirror.sources import Source, SourceChain, UpstreamSource
@@ -133,6 +139,7 @@ class Node:
         self.pull: PullService
         self.sync: SyncService
         self.pull_for: dict[str, PullService] = {}
+        self.audit: AuditTrail | None = None
         self.peer_set: PeerSet | None = None
         self.tokens: TokenSource | None = None
         self.peers: PeerSource | None = None
@@ -170,7 +177,9 @@ class Node:
         self.pull = PullService(chains["client"], self.manifests, self.blobs, redirector=self.s3,
                                 clock=self.clock, tag_list_ttl=self.settings.cache.tag_ttl,
                                 membership=self.repos, private=private, isolate=isolate)
+        self.pull.gate = self._policy_gate()
         self.pull_for = {hop: self.pull.with_chains(chains[hop]) for hop in ("peer", "child")}
+        self.audit = self._audit_trail()
         self._wire_evictor()
         if not exclusive:
             self.sync = self._sync_service()  # plans and warms on demand; no loop runs
@@ -189,6 +198,26 @@ class Node:
                  max_size_from=max_size_origin(self.settings.storage),
                  upstreams=[u.name for u in self.settings.upstreams])
         self._warn_if_open()
+
+    def _policy_gate(self) -> Gate | None:
+        """The policy's gate on manifest answers (``None``: no ``policy:`` section). Its
+        verdicts live in this process: a restart with a new config decides again."""
+        if self.settings.policy is None:
+            return None
+        try:
+            return Gate(compile_policy(self.settings.policy))
+        except Invalid as exc:
+            raise ConfigError("policy", exc.reason) from None
+
+    def _audit_trail(self) -> AuditTrail | None:
+        """The audit trail of this process (``None``: no ``audit:`` section)."""
+        if self.settings.audit is None:
+            return None
+        cluster = self.settings.cluster
+        name = str(cluster.self_url) if cluster is not None and cluster.self_url \
+            else socket.gethostname()
+        return AuditTrail(self.settings.audit, node=name, worker=self.worker.index,
+                          workers=self.worker.count)
 
     def _warn_if_open(self) -> None:
         """Say once, at start, that a mirror without ``auth`` or admin guard is open."""
@@ -326,6 +355,8 @@ class Node:
         await self.tags.close()
         await asyncio.to_thread(self.store.index.close)
         await asyncio.to_thread(self.repos.close)
+        if self.audit is not None:
+            self.audit.close()
         log.info("mirror_stopped", version=VERSION)
 
     async def _reconcile_then_evict(self) -> None:

@@ -100,7 +100,7 @@ def warm_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _summary(results: list[dict[str, Any]], out: TextIO) -> int:
-    failed = [r for r in results if r.get("result") in ("failed", "deferred")]
+    failed = [r for r in results if r.get("result") in ("failed", "deferred", "refused")]
     fetched = sum(int(r.get("fetched_bytes", 0)) for r in results)
     print(f"warm: {len(results) - len(failed)} of {len(results)} image(s) held, "
           f"{human_size(fetched)} fetched", file=out)
@@ -193,7 +193,8 @@ def sync_command(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(report, indent=2))
     else:
         _print_report(report)
-    failed = [r for r in report.get("results") or [] if r.get("result") in ("failed", "deferred")]
+    failed = [r for r in report.get("results") or []
+              if r.get("result") in ("failed", "deferred", "refused")]
     return 1 if failed else 0
 
 

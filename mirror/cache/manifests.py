@@ -42,6 +42,7 @@ from mirror.oci import (
     parse_manifest,
     pick_platform,
 )
+from mirror.policy import Verdict
 from mirror.sources import ContentRef, SourceChain
 from mirror.storage.filesystem import FilesystemStore
 
@@ -66,6 +67,7 @@ class Resolved:
 
     manifest: Manifest
     cache: str  # hit | miss | joined | stale
+    verdict: Verdict | None = None  # the policy's, when one judged it (pull service)
 
 
 class ManifestCache:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from mirror.config.audit import AuditSettings, _audit
 from mirror.config.auth import (
     AccessRule,
     AdminSettings,
@@ -85,6 +86,7 @@ __all__ = [
     "DOCKER_HUB_ALIASES",
     "AccessRule",
     "AdminSettings",
+    "AuditSettings",
     "AuthSettings",
     "BreakerSettings",
     "BudgetSettings",
@@ -217,7 +219,8 @@ def _one_line(exc: yaml.YAMLError) -> str:
 
 
 _ROOT_KEYS = {"version", "listen", "tls", "storage", "cache", "upstreams", "log", "server",
-              "cluster", "auth", "access", "admin", "sync", "import", "policy"}
+              "cluster", "auth", "access", "admin", "sync", "import", "policy",
+              "audit"}
 
 
 def parse(document: Any, *, env: Mapping[str, str], base: Path = Path("."),
@@ -266,6 +269,7 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path("."),
         imports=part(lambda: _import(root.get("import"), base), ImportSettings()),
         policy=part(lambda: _policy(root.get("policy"), tuple(u.name for u in upstreams),
                                     base), None),
+        audit=part(lambda: _audit(root["audit"], base), None) if "audit" in root else None,
     )
     return settings
 

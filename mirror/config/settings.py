@@ -12,6 +12,7 @@ from yarl import URL
 from mirror.config import cpus
 
 if TYPE_CHECKING:  # auth.py imports Secret from here
+    from mirror.config.audit import AuditSettings
     from mirror.config.auth import AdminSettings, AuthSettings
     from mirror.config.policy import PolicySettings
 
@@ -349,7 +350,8 @@ class Settings:
     auth: AuthSettings | None = None  # None: anyone who reaches the port may pull
     admin: AdminSettings | None = None  # None: /metrics and / on the main address, open
     sync: SyncSettings | None = None
-    policy: PolicySettings | None = None  # signatures and policy (not enforced yet)
+    policy: PolicySettings | None = None  # signatures and policy
+    audit: AuditSettings | None = None  # the audit trail (None: none written)
     imports: ImportSettings = field(default_factory=ImportSettings)
 
     @property

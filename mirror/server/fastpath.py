@@ -37,12 +37,15 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
 
+from mirror import metrics
 from mirror.node import Node
 from mirror.server.accounting import Accounting, Served
+from mirror.server.decisions import POLICY, audit_manifest
 from mirror.server.middleware import SERVER, request_id_of
 from mirror.server.state import NODE, served_of
 
@@ -70,6 +73,8 @@ class Hot:
     expires: float  # time.monotonic()
     served: Served
     touch: tuple[str, str] | None  # (kind, digest) for eviction recency
+    audit: dict[str, Any] | None = None  # a manifest answer's audit fields (replayed)
+    policy_counter: Any = None  # the policy decision it counts again, per answer
 
 
 class HotAnswers:
@@ -151,6 +156,11 @@ class HotAnswers:
         self.accounting.account(hot.served.again(
             request_id, request.remote or "", request.headers.get("User-Agent", ""),
             time.perf_counter() - started))
+        if hot.policy_counter is not None:
+            hot.policy_counter.inc()
+        if node is not None and hot.audit is not None and node.audit is not None:
+            audit_manifest(node.audit, request, hot.audit, hot.audit["policy"],
+                           request_id=request_id)
         return response
 
     def _drop(self, key: tuple[str, str, str]) -> None:
@@ -179,14 +189,25 @@ class HotAnswers:
             headers["Content-Length"] = str(response.content_length)
         headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
         headers["Server"] = SERVER  # answered before the app's on_response_prepare runs
-        self._store(key, self._hot(served, body=body, headers=headers, ttl=ttl))
+        hot = self._hot(served, body=body, headers=headers, ttl=ttl)
+        if served.route == "manifest":
+            policy = request.get(POLICY)
+            hot.audit = {"registry": served.registry, "repository": served.repository,
+                         "reference": served.reference, "digest": served.digest,
+                         "media_type": headers.get("Content-Type"), "cache": "hit",
+                         "status": 200, "policy": policy}
+            if policy is not None and served.registry:
+                hot.policy_counter = metrics.child(metrics.POLICY_DECISIONS, served.registry,
+                                                   policy["verdict"])
+        self._store(key, hot)
 
     async def _ttl(self, request: web.Request, served: Served) -> float | None:
         """How long this answer may be given again, or ``None``: never."""
         if served.route == "blob":
             return CONTENT_TTL if served.cache == "hit" else None
-        if served.route != "manifest" or served.cache == "stale":
-            return None
+        if served.route != "manifest" or served.cache == "stale" \
+                or served.fields.get("policy") == "warn":
+            return None  # a warned answer is logged each time, on the full path
         if not served.by_tag:
             return CONTENT_TTL
         if not served.registry or not served.repository or served.reference is None:

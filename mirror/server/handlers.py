@@ -20,13 +20,16 @@ from mirror.errors import (
     NameUnknown,
     OciError,
     PaginationNumberInvalid,
+    PolicyDenied,
     TagInvalid,
     Unsupported,
 )
 from mirror.oci import accepted_types, is_number
 from mirror.pull import BlobFlight, BlobRedirect, BlobSize, PullService, Repo
 from mirror.routing import Kind, Target, tags_link
+from mirror.server import decisions
 from mirror.server.auth import IDENTITY, authorize
+from mirror.server.decisions import audit_manifest
 from mirror.server.responses import (
     FileSliceResponse,
     Span,
@@ -90,12 +93,24 @@ async def manifest(request: web.Request, pull: PullService, repo: Repo,
                    target: Target) -> web.Response:
     """GET or HEAD a manifest by tag or digest; HEAD has exactly GET's headers."""
     accepted = accepted_types(request.headers.getall("Accept", []))
-    resolved = await pull.manifest(repo, target.digest or target.reference, accepted)
+    trail = request.app[NODE].audit
+    audited = {"registry": repo.registry, "repository": repo.repository,
+               "reference": str(target.digest or target.reference)}
+    try:
+        resolved = await pull.manifest(repo, target.digest or target.reference, accepted)
+    except PolicyDenied as exc:
+        audit_manifest(trail, request, {**audited, "digest": exc.digest, "status": 403},
+                       decisions.note(request, None, exc))
+        raise
     found = resolved.manifest
     _record_cache(request, "manifest", resolved.cache, found.digest)
+    audit_manifest(trail, request, {**audited, "digest": str(found.digest),
+                                    "media_type": found.media_type, "cache": resolved.cache,
+                                    "status": 200}, decisions.note(request, resolved.verdict))
     served = served_of(request)
     served.manifest, served.media_type = found, found.media_type  # the pull is counted
     headers = manifest_headers(found.digest, found.media_type, target.ns)
+    headers.update(decisions.warning_header(resolved.verdict))
     if etag_matches(request, found.digest):
         return web.Response(status=304, headers=headers)
     if request.method == "GET":

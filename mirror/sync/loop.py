@@ -39,6 +39,7 @@ from mirror.errors import (
     ManifestUnknown,
     NameUnknown,
     OciError,
+    PolicyDenied,
     TooManyRequests,
     UpstreamUnavailable,
 )
@@ -385,6 +386,8 @@ class SyncService:
     def _failed(self, ref: str, rule: str, exc: Exception) -> WarmResult:
         if isinstance(exc, TooManyRequests):
             result = WarmResult(ref, result="deferred", reason=f"rate limited: {exc.message}")
+        elif isinstance(exc, PolicyDenied):
+            result = WarmResult(ref, result="refused", reason=exc.message)
         elif isinstance(exc, ManifestUnknown):
             result = WarmResult(ref, result="failed", reason=f"not found upstream: {exc.message}")
         elif isinstance(exc, NameUnknown):
@@ -396,8 +399,8 @@ class SyncService:
         else:
             message = exc.message if isinstance(exc, OciError) else str(exc)
             result = WarmResult(ref, result="failed", reason=message)
-        if result.result == "failed":
-            metrics.SYNC_IMAGES.labels("failed").inc()
+        if result.result in ("failed", "refused"):
+            metrics.SYNC_IMAGES.labels(result.result).inc()
         log.warning("sync_reference_failed", ref=ref, rule=rule, result=result.result,
                     reason=result.reason)
         return result

@@ -1,7 +1,7 @@
 """Imports point one way: each box of the data flow imports only the boxes below it.
 
 server -> node -> sync -> pull service -> cache -> fetch -> sources -> storage -> upstream
--> policy -> config
+-> log -> audit -> policy -> config
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ RANKS = {
     "routing": 25,
     "upstream": 20,
     "log": 15,
+    "audit": 14,
     "policy": 11,
     "config": 10,
     "errors": 0, "oci": 0, "metrics": 0, "clock": 0, "tasks": 1, "version": 0,
