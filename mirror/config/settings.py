@@ -1,8 +1,10 @@
-"""The frozen, typed settings that :func:`mirror.config.parse` produces, and ``Secret``."""
+"""The frozen, typed settings that :func:`mirror.config.parse` produces: one dataclass a
+section, whose fields (with their defaults and ``key`` metadata) are the section's keys."""
 
 from __future__ import annotations
 
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,37 +12,22 @@ from typing import TYPE_CHECKING
 from yarl import URL
 
 from mirror.config import cpus
+from mirror.config.secret import Secret
+from mirror.config.values import (
+    INTERNAL,
+    _count,
+    _positive,
+    choice,
+    key,
+    parse_duration,
+    parse_size,
+)
 
-if TYPE_CHECKING:  # auth.py imports Secret from here
-    from mirror.config.auth import AdminSettings, AuthSettings
+if TYPE_CHECKING:  # the policy section keeps its settings beside its parser (for now)
     from mirror.config.policy import PolicySettings
 
 CONFIG_VERSION = 1
 DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
-
-
-class Secret:
-    """A credential value that never shows in a repr, a log or an error."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The secret itself, for the one place that sends it upstream."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
 
 
 @dataclass(frozen=True)
@@ -91,7 +78,7 @@ class BudgetSettings:
     """A token bucket of upstream requests (see mirror/upstream/guard.py)."""
 
     rate: float
-    burst: int
+    burst: int  # default: the rate per second, rounded up
     client_overdraft: float = 0.5
 
 
@@ -99,9 +86,9 @@ class BudgetSettings:
 class BreakerSettings:
     """When a circuit breaker opens and how long it stays open; ``failures=0`` disables it."""
 
-    failures: int = 5
-    window: float = 30.0
-    cool_down: float = 30.0
+    failures: int = field(default=5, metadata=key(_count))
+    window: float = field(default=30.0, metadata=key(parse_duration))
+    cool_down: float = field(default=30.0, metadata=key(parse_duration))
 
 
 @dataclass(frozen=True)
@@ -185,24 +172,28 @@ class StorageSettings:
 
 @dataclass(frozen=True)
 class CacheSettings:
-    tag_ttl: float = 300.0
-    stale_if_error: float = 7 * 86400.0
-    negative_ttl: float = 15.0
-    memory_max_bytes: int = 256 * 2**20
-    memory_item_max_bytes: int = 1 * 2**20
+    tag_ttl: float = field(default=300.0, metadata=key(parse_duration))
+    stale_if_error: float = field(default=7 * 86400.0, metadata=key(parse_duration))
+    negative_ttl: float = field(default=15.0, metadata=key(parse_duration))
+    memory_max_bytes: int = field(default=256 * 2**20,
+                                  metadata=key(parse_size, name="memory_max_size"))
+    memory_item_max_bytes: int = field(default=1 * 2**20,
+                                       metadata=key(parse_size, name="memory_item_max_size"))
 
 
 @dataclass(frozen=True)
 class LogSettings:
-    level: str = "info"
-    format: str = "auto"
+    level: str = field(default="info", metadata=key(choice("debug", "info", "warning",
+                                                             "error")))
+    format: str = field(default="auto", metadata=key(choice("auto", "json", "console")))
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    event_loop: str = "uvloop"
-    chunk_size: int = 1 * 2**20
-    shutdown_grace: float = 10.0  # seconds downloads under way get to finish at shutdown
+    event_loop: str = field(default="uvloop", metadata=key(choice("asyncio", "uvloop")))
+    chunk_size: int = field(default=1 * 2**20, metadata=key(parse_size))
+    # seconds downloads under way get to finish at shutdown
+    shutdown_grace: float = field(default=10.0, metadata=key(parse_duration))
     # processes serving one port (one listening socket, shared) and one storage folder;
     # a config file without it gets one per CPU this process may use (mirror.config.cpus)
     workers: int = 1
@@ -259,13 +250,16 @@ class PopularSettings:
     """``sync.popular``: the ``top`` most-pulled tags of the last ``window``, kept warm."""
 
     top: int = 0
-    window: float = 86400.0
-    max_entries: int = 10_000
-    platforms_max: int = 4  # platforms warmed per popular tag, most pulled first
+    window: float = field(default=86400.0, metadata=key(parse_duration))
+    max_entries: int = field(default=10_000, metadata=key(_positive))
+    # platforms warmed per popular tag, most pulled first
+    platforms_max: int = field(default=4, metadata=key(_positive))
     #: Images one client (user or address) counts for per window: a source's share.
-    per_client: int = 20
-    schedule: Schedule = field(default_factory=lambda: Schedule(interval=600.0))
-    protect: float = 86400.0
+    per_client: int = field(default=20, metadata=key(_positive))
+    # from the keys interval or cron
+    schedule: Schedule = field(default_factory=lambda: Schedule(interval=600.0),
+                               metadata=INTERNAL)
+    protect: float = 86400.0  # default: sync.protect
 
 
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
@@ -331,6 +325,79 @@ class ImportSettings:
     """``import``: the keys every imported bundle must be signed by (none: any bundle)."""
 
     trusted_keys: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """A static bearer token and the user name it stands for."""
+
+    name: str
+    token: Secret
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """One allow rule: ``who`` may pull ``repositories`` (globs) of ``registries``.
+
+    ``who`` holds ``user:NAME``, ``group:NAME``, ``anonymous``, ``authenticated``
+    (any client with valid credentials) or ``*`` (everyone, anonymous too).
+    ``registries`` holds configured registry names or ``*``.
+    """
+
+    who: tuple[str, ...]
+    registries: tuple[str, ...] = ("*",)
+    repositories: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
+class LoginLimits:
+    """How many failed password checks a source address or a user name may cause.
+
+    Failures are counted over ``window`` seconds; a source or user past its limit gets
+    429 with ``Retry-After`` until its oldest counted failure leaves the window. At most
+    ``queue`` password checks wait for the two bcrypt threads; more get 503 at once.
+    Answers given without a check (429, a wrong password remembered) come ``delay``
+    seconds late, so a client that floods in a loop slows itself down.
+    """
+
+    per_address: int = field(default=10, metadata=key(_positive))
+    per_user: int = field(default=20, metadata=key(_positive))
+    window: float = field(default=300.0, metadata=key(parse_duration))
+    queue: int = field(default=16, metadata=key(_positive))
+    delay: float = field(default=2.0, metadata=key(parse_duration))
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Client authentication and the access rules that apply once it is on."""
+
+    realm: str = "mirror"
+    htpasswd: Path | None = None
+    tokens: tuple[TokenSettings, ...] = ()
+    anonymous: bool = False
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    access: tuple[AccessRule, ...] = ()
+    cache_ttl: float = 60.0  # how long a verified password is remembered (bcrypt is slow)
+    admin_groups: tuple[str, ...] = ()  # members see the status page, /metrics, /admin/...
+    limits: LoginLimits = field(default_factory=LoginLimits)
+
+    def groups_of(self, user: str) -> frozenset[str]:
+        """The groups ``user`` is a member of."""
+        return frozenset(g for g, members in self.groups.items() if user in members)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """Where ``/metrics``, the status page ``/`` and ``/admin/...`` answer, and the token
+    they want."""
+
+    listen: tuple[str, int] | None = None  # None: on the main address
+    token: Secret | None = None
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the admin paths are kept from clients (a token or their own address)."""
+        return self.listen is not None or self.token is not None
 
 
 @dataclass(frozen=True)

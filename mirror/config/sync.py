@@ -29,8 +29,11 @@ from mirror.config.values import (
     _positive,
     _registry_name,
     _string,
+    field_default,
     parse_duration,
     parse_size,
+    read_section,
+    section_keys,
 )
 from mirror.errors import ConfigError
 
@@ -131,21 +134,17 @@ def _popular(value: Any, protect: float) -> PopularSettings:
     if value is None:
         return PopularSettings(protect=protect)
     popular = _mapping(value, "sync.popular")
-    _only_keys(popular, "sync.popular", {"top", "window", "max_entries", "platforms_max",
-                                         "per_client", "interval", "cron", "protect"})
-    d = PopularSettings
-    window = _opt(popular, "window", "sync.popular", parse_duration, d.window)
+    _only_keys(popular, "sync.popular", section_keys(PopularSettings) | {"interval", "cron"})
+    window = _opt(popular, "window", "sync.popular", parse_duration,
+                  field_default(PopularSettings, "window"))
     if window < 60:
         raise ConfigError("sync.popular.window", "must be at least 1m")
-    return PopularSettings(
-        top=_opt(popular, "top", "sync.popular", _count_value, d.top),
+    return read_section(
+        PopularSettings, popular, "sync.popular", extra_keys={"interval", "cron"},
+        top=_opt(popular, "top", "sync.popular", _count_value, PopularSettings.top),
         window=window,
-        max_entries=_opt(popular, "max_entries", "sync.popular", _positive, d.max_entries),
-        platforms_max=_opt(popular, "platforms_max", "sync.popular", _positive, d.platforms_max),
-        per_client=_opt(popular, "per_client", "sync.popular", _positive, d.per_client),
-        schedule=_schedule(popular, "sync.popular", Schedule(interval=600.0)),
-        protect=_opt(popular, "protect", "sync.popular", parse_duration, protect),
-    )
+        schedule=_schedule(popular, "sync.popular", field_default(PopularSettings, "schedule")),
+        protect=_opt(popular, "protect", "sync.popular", parse_duration, protect))
 
 
 def _schedule(item: dict[str, Any], key: str, default: Schedule) -> Schedule:

@@ -29,9 +29,12 @@ from mirror.config.values import (
     _registry_name,
     _string,
     _url,
+    field_default,
     parse_duration,
     parse_rate,
     parse_timeout,
+    read_section,
+    section_keys,
 )
 from mirror.errors import ConfigError
 
@@ -123,12 +126,12 @@ def _guard(item: dict[str, Any], key: str) -> dict[str, Any]:
 
 def _budget(value: Any, key: str) -> BudgetSettings:
     budget = _mapping(value, key)
-    _only_keys(budget, key, {"rate", "burst", "client_overdraft"})
+    _only_keys(budget, key, section_keys(BudgetSettings))
     if "rate" not in budget:
         raise ConfigError(f"{key}.rate", "required: requests per second, e.g. 20/s or 600/m")
     rate = parse_rate(budget["rate"], f"{key}.rate")
     burst = _opt(budget, "burst", key, _positive, max(1, math.ceil(rate)))
-    overdraft = budget.get("client_overdraft", BudgetSettings.client_overdraft)
+    overdraft = budget.get("client_overdraft", field_default(BudgetSettings, "client_overdraft"))
     if isinstance(overdraft, bool) or not isinstance(overdraft, int | float) \
             or not 0 <= overdraft <= 10:
         raise ConfigError(f"{key}.client_overdraft",
@@ -137,16 +140,11 @@ def _budget(value: Any, key: str) -> BudgetSettings:
 
 
 def _breaker(value: Any, key: str) -> BreakerSettings:
-    breaker = _mapping(value, key)
-    _only_keys(breaker, key, {"failures", "window", "cool_down"})
-    d = BreakerSettings
-    window = _opt(breaker, "window", key, parse_duration, d.window)
-    cool_down = _opt(breaker, "cool_down", key, parse_duration, d.cool_down)
-    for name, seconds in (("window", window), ("cool_down", cool_down)):
+    breaker = read_section(BreakerSettings, _mapping(value, key), key)
+    for name, seconds in (("window", breaker.window), ("cool_down", breaker.cool_down)):
         if seconds <= 0:
             raise ConfigError(f"{key}.{name}", "must be longer than 0s")
-    return BreakerSettings(failures=_opt(breaker, "failures", key, _count, d.failures),
-                           window=window, cool_down=cool_down)
+    return breaker
 
 
 def _credential_host(name: str, url: URL) -> str:
