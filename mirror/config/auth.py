@@ -32,9 +32,10 @@ from mirror.config.values import (
     _opt,
     _secret,
     _string,
-    parse_duration,
+    field_default,
     parse_listen,
     read_section,
+    section_keys,
 )
 from mirror.errors import ConfigError
 
@@ -49,8 +50,7 @@ def _auth(value: Any, env: Mapping[str, str], base: Path) -> AuthSettings | None
     if value is None:
         return None
     auth = _mapping(value, "auth")
-    _only_keys(auth, "auth", {"realm", "htpasswd", "tokens", "anonymous", "groups", "access",
-                              "cache_ttl", "admin_groups", "limits"})
+    _only_keys(auth, "auth", section_keys(AuthSettings))
     if "access" in auth:
         raise ConfigError("auth.access", "access rules go in the top-level access: section")
     htpasswd = None
@@ -58,16 +58,15 @@ def _auth(value: Any, env: Mapping[str, str], base: Path) -> AuthSettings | None
         htpasswd = _existing_file(auth["htpasswd"], "auth.htpasswd", base)
         _check_htpasswd(htpasswd, "auth.htpasswd")
     tokens = _tokens(auth.get("tokens"), env, base)
-    anonymous = _opt(auth, "anonymous", "auth", _bool, False)
+    anonymous = _opt(auth, "anonymous", "auth", _bool, field_default(AuthSettings, "anonymous"))
     if htpasswd is None and not tokens and not anonymous:
         raise ConfigError("auth", "no way in: give htpasswd, tokens or anonymous: true")
-    realm = _opt(auth, "realm", "auth", _string, "mirror")
+    realm = _opt(auth, "realm", "auth", _string, field_default(AuthSettings, "realm"))
     if '"' in realm or "\\" in realm:
         raise ConfigError("auth.realm", "must not contain quotes or backslashes")
     groups = _groups(auth.get("groups"))
-    return AuthSettings(realm=realm, htpasswd=htpasswd, tokens=tokens, anonymous=anonymous,
-                        groups=groups,
-                        cache_ttl=_opt(auth, "cache_ttl", "auth", parse_duration, 60.0),
+    return read_section(AuthSettings, auth, "auth", realm=realm, htpasswd=htpasswd,
+                        tokens=tokens, anonymous=anonymous, groups=groups,
                         admin_groups=_admin_groups(auth.get("admin_groups"), groups),
                         limits=_limits(auth.get("limits")))
 
@@ -102,7 +101,8 @@ def _tokens(value: Any, env: Mapping[str, str], base: Path) -> tuple[TokenSettin
     for i, raw in enumerate(value):
         key = f"auth.tokens[{i}]"
         item = _mapping(raw, key)
-        _only_keys(item, key, {"name", "token", "token_env", "token_file"})  # token: refused below
+        # token itself: refused by _secret with a hint
+        _only_keys(item, key, section_keys(TokenSettings) | {"token"})
         name = _user_name(item.get("name"), f"{key}.name")
         if name == ANONYMOUS:
             raise ConfigError(f"{key}.name", "anonymous means a client without credentials")
@@ -148,7 +148,7 @@ def _access(value: Any, auth: AuthSettings | None,
 
 def _rule(raw: Any, key: str, auth: AuthSettings, registries: tuple[str, ...]) -> AccessRule:
     item = _mapping(raw, key)
-    _only_keys(item, key, {"who", "registries", "repositories"})
+    _only_keys(item, key, section_keys(AccessRule))
     if "who" not in item:
         raise ConfigError(f"{key}.who", "required: user:NAME, group:NAME, anonymous, "
                           "authenticated or *")
@@ -222,7 +222,7 @@ def _check_htpasswd(path: Path, key: str) -> None:
 
 def _admin(value: Any, env: Mapping[str, str], base: Path, main_port: int) -> AdminSettings:
     admin = _mapping(value, "admin")
-    _only_keys(admin, "admin", {"listen", "token_env", "token_file"})
+    _only_keys(admin, "admin", section_keys(AdminSettings))
     listen = None
     if "listen" in admin:
         try:

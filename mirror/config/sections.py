@@ -25,7 +25,7 @@ def _tls(value: Any, base: Path) -> TlsSettings | None:
     if value is None:
         return None
     tls = _mapping(value, "tls")
-    _only_keys(tls, "tls", {"cert", "key"})
+    _only_keys(tls, "tls", section_keys(TlsSettings))
     cert = _existing_file(tls.get("cert"), "tls.cert", base)
     key = _existing_file(tls.get("key"), "tls.key", base)
     return TlsSettings(cert=cert, key=key)

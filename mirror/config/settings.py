@@ -15,12 +15,17 @@ from mirror.config import cpus
 from mirror.config.secret import Secret
 from mirror.config.values import (
     INTERNAL,
+    _bool,
     _count,
+    _fraction,
     _positive,
+    _string,
+    _url,
     choice,
     key,
     parse_duration,
     parse_size,
+    parse_timeout,
 )
 
 if TYPE_CHECKING:  # the policy section keeps its settings beside its parser (for now)
@@ -101,13 +106,14 @@ class UpstreamSettings:
     default: bool = False
     library_prefix: bool = False
     username: str | None = None
-    password: Secret | None = None
-    connect_timeout: float = 10.0
-    read_timeout: float = 30.0
-    request_timeout: float = 60.0  # the whole of a manifest, tag list or referrers request
-    retries: int = 3
-    max_connections: int = 32
-    max_retry_wait: float = 10.0
+    password: Secret | None = field(default=None, metadata=key(secret=True))
+    connect_timeout: float = field(default=10.0, metadata=key(parse_timeout))
+    read_timeout: float = field(default=30.0, metadata=key(parse_timeout))
+    # the whole of a manifest, tag list or referrers request
+    request_timeout: float = field(default=60.0, metadata=key(parse_timeout))
+    retries: int = field(default=3, metadata=key(_count))
+    max_connections: int = field(default=32, metadata=key(_positive))
+    max_retry_wait: float = field(default=10.0, metadata=key(parse_duration))
     preset: str = "generic"
     credentials: tuple[CredentialSettings, ...] = ()
     blob_probe: str = "head"
@@ -131,20 +137,20 @@ class UpstreamSettings:
 class S3Settings:
     """The shared S3 tier (``storage.s3``)."""
 
-    bucket: str
+    bucket: str  # required
     prefix: str = ""
-    region: str | None = None
-    endpoint_url: URL | None = None
-    access_key_id: Secret | None = None
-    secret_access_key: Secret | None = None
-    redirect: bool = False
-    redirect_ttl: float = 900.0
-    max_connections: int = 32
-    connect_timeout: float = 3.0
-    read_timeout: float = 30.0
-    failure_backoff: float = 15.0
-    part_size: int = 16 * 2**20
-    max_uploads: int = 4
+    region: str | None = field(default=None, metadata=key(_string))
+    endpoint_url: URL | None = field(default=None, metadata=key(_url))
+    access_key_id: Secret | None = field(default=None, metadata=key(secret=True))
+    secret_access_key: Secret | None = field(default=None, metadata=key(secret=True))
+    redirect: bool = field(default=False, metadata=key(_bool))
+    redirect_ttl: float = field(default=900.0, metadata=key(parse_duration))
+    max_connections: int = field(default=32, metadata=key(_positive))
+    connect_timeout: float = field(default=3.0, metadata=key(parse_timeout))
+    read_timeout: float = field(default=30.0, metadata=key(parse_timeout))
+    failure_backoff: float = field(default=15.0, metadata=key(parse_duration))
+    part_size: int = field(default=16 * 2**20, metadata=key(parse_size))
+    max_uploads: int = field(default=4, metadata=key(_positive))
 
 
 @dataclass(frozen=True)
@@ -154,10 +160,12 @@ class StorageSettings:
     max_size: int | None = None  # bytes; None: unbounded (or, with max_size_auto, not resolved yet)
     #: ``max_size: auto`` (the default in a config file): the cap is a share of the
     #: filesystem that holds ``path``, resolved at start by :func:`resolve_max_size`.
-    max_size_auto: bool = False
-    high_watermark: float = 0.95  # evict when the cache holds more than this share of max_size
-    low_watermark: float = 0.85  # ... down to this share
-    relay_window: int = 64 * 2**20  # bytes a fill relays from memory when the disk is full
+    max_size_auto: bool = field(default=False, metadata=INTERNAL)
+    # evict when the cache holds more than this share of max_size ...
+    high_watermark: float = field(default=0.95, metadata=key(_fraction))
+    low_watermark: float = field(default=0.85, metadata=key(_fraction))  # ... down to this
+    # bytes a fill relays from memory when the disk is full
+    relay_window: int = field(default=64 * 2**20, metadata=key(parse_size))
 
     @property
     def high_bytes(self) -> int | None:
@@ -211,7 +219,7 @@ class TagSet:
     versions of what is left. A set with only ``tags`` names exact tags (no tag listing).
     """
 
-    tags: tuple[str, ...] = ()
+    tags: tuple[str, ...] = field(default=(), metadata=INTERNAL)  # the rule's plain tags
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     semver: str | None = None
@@ -238,18 +246,20 @@ class SyncRule:
     name: str
     registry: str
     repositories: tuple[str, ...]
-    tag_sets: tuple[TagSet, ...]
+    tag_sets: tuple[TagSet, ...] = field(metadata=key(name="tags"))
     platforms: tuple[str, ...] = ()  # empty: the platforms served for it, else the node's own
     referrers: bool = False
-    schedule: Schedule = field(default_factory=lambda: Schedule(interval=300.0))
-    protect: float = 86400.0
+    # from the keys interval or cron (default: sync's)
+    schedule: Schedule = field(default_factory=lambda: Schedule(interval=300.0),
+                               metadata=INTERNAL)
+    protect: float = 86400.0  # default: sync.protect
 
 
 @dataclass(frozen=True)
 class PopularSettings:
     """``sync.popular``: the ``top`` most-pulled tags of the last ``window``, kept warm."""
 
-    top: int = 0
+    top: int = field(default=0, metadata=key(_count))
     window: float = field(default=86400.0, metadata=key(parse_duration))
     max_entries: int = field(default=10_000, metadata=key(_positive))
     # platforms warmed per popular tag, most pulled first
@@ -278,14 +288,19 @@ class SyncSettings:
     rules: tuple[SyncRule, ...] = ()
     popular: PopularSettings = field(default_factory=PopularSettings)
     platforms: tuple[str, ...] = field(default_factory=lambda: (own_platform(),))
-    protect: float = 86400.0  # what `mirror warm` pins for (rules have their own)
-    concurrency: int = 2  # images warmed at once
-    blob_concurrency: int = 4  # blobs fetched at once, over every image
+    # what `mirror warm` pins for (rules have their own)
+    protect: float = field(default=86400.0, metadata=key(parse_duration))
+    concurrency: int = field(default=2, metadata=key(_positive))  # images warmed at once
+    # blobs fetched at once, over every image
+    blob_concurrency: int = field(default=4, metadata=key(_positive))
     bandwidth: int | None = 10 * 2**20  # bytes per second over warming downloads; None: no cap
-    ratelimit_floor: int = 10  # stop while upstream's ratelimit-remaining is below this
-    recheck: float = 60.0  # a tag checked this recently is not asked upstream again
+    # stop while upstream's ratelimit-remaining is below this
+    ratelimit_floor: int = field(default=10, metadata=key(_count))
+    # a tag checked this recently is not asked upstream again
+    recheck: float = field(default=60.0, metadata=key(parse_duration))
     off_peak: tuple[tuple[int, int], ...] = ()  # (start, end) minutes of the day, UTC
-    retry_after: float = 60.0  # pause after a 429 that carried no Retry-After
+    # pause after a 429 that carried no Retry-After
+    retry_after: float = field(default=60.0, metadata=key(parse_duration))
 
 
 @dataclass(frozen=True)
@@ -305,7 +320,7 @@ class ClusterSettings:
 
     node_id: str
     region: str
-    secret: Secret
+    secret: Secret = field(metadata=key(secret=True))
     self_url: str | None = None  # how peers reach this node (to skip itself in the list)
     peers: tuple[str, ...] = ()  # static peer base URLs (this node may be among them)
     peers_dns: PeersDns | None = None
@@ -332,7 +347,7 @@ class TokenSettings:
     """A static bearer token and the user name it stands for."""
 
     name: str
-    token: Secret
+    token: Secret = field(metadata=key(secret=True))
 
 
 @dataclass(frozen=True)
@@ -371,13 +386,14 @@ class LoginLimits:
 class AuthSettings:
     """Client authentication and the access rules that apply once it is on."""
 
-    realm: str = "mirror"
+    realm: str = field(default="mirror", metadata=key(_string))
     htpasswd: Path | None = None
     tokens: tuple[TokenSettings, ...] = ()
-    anonymous: bool = False
+    anonymous: bool = field(default=False, metadata=key(_bool))
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    access: tuple[AccessRule, ...] = ()
-    cache_ttl: float = 60.0  # how long a verified password is remembered (bcrypt is slow)
+    access: tuple[AccessRule, ...] = ()  # from the top-level access section (refused here)
+    # how long a verified password is remembered (bcrypt is slow)
+    cache_ttl: float = field(default=60.0, metadata=key(parse_duration))
     admin_groups: tuple[str, ...] = ()  # members see the status page, /metrics, /admin/...
     limits: LoginLimits = field(default_factory=LoginLimits)
 
@@ -392,7 +408,7 @@ class AdminSettings:
     they want."""
 
     listen: tuple[str, int] | None = None  # None: on the main address
-    token: Secret | None = None
+    token: Secret | None = field(default=None, metadata=key(secret=True))
 
     @property
     def guarded(self) -> bool:

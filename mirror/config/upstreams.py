@@ -21,7 +21,6 @@ from mirror.config.settings import (
 )
 from mirror.config.values import (
     _bool,
-    _count,
     _mapping,
     _only_keys,
     _opt,
@@ -32,7 +31,6 @@ from mirror.config.values import (
     field_default,
     parse_duration,
     parse_rate,
-    parse_timeout,
     read_section,
     section_keys,
 )
@@ -52,12 +50,8 @@ def _upstreams(value: Any, env: Mapping[str, str], base: Path) -> tuple[Upstream
     return upstreams
 
 
-_UPSTREAM_KEYS = {
-    "name", "url", "aliases", "default", "library_prefix", "username", "password_env",
-    "password_file", "connect_timeout", "read_timeout", "request_timeout", "retries",
-    "max_connections", "max_retry_wait", "preset", "blob_probe", "credentials",
-    "docker_config", "ecr", "json_key_file", "redirect_hosts",
-} | {"budget", "breaker", "max_client_retry_after"}
+#: The credential kinds besides username/password (mirror.config.credentials).
+_UPSTREAM_KEYS = section_keys(UpstreamSettings) | {"docker_config", "ecr", "json_key_file"}
 
 
 def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> UpstreamSettings:
@@ -82,8 +76,8 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
     legacy = credentials[0] if credentials and "username" in item else None
     if not isinstance(legacy, StaticCredential):
         legacy = None
-    d = UpstreamSettings
-    return UpstreamSettings(
+    return read_section(
+        UpstreamSettings, item, key, extra_keys={"docker_config", "ecr", "json_key_file"},
         name=name,
         url=url,
         aliases=aliases,
@@ -91,12 +85,6 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
         library_prefix=_opt(item, "library_prefix", key, _bool, preset.library_prefix),
         username=legacy.username if legacy else None,
         password=legacy.password if legacy else None,
-        connect_timeout=_opt(item, "connect_timeout", key, parse_timeout, d.connect_timeout),
-        read_timeout=_opt(item, "read_timeout", key, parse_timeout, d.read_timeout),
-        request_timeout=_opt(item, "request_timeout", key, parse_timeout, d.request_timeout),
-        retries=_opt(item, "retries", key, _count, d.retries),
-        max_connections=_opt(item, "max_connections", key, _positive, d.max_connections),
-        max_retry_wait=_opt(item, "max_retry_wait", key, parse_duration, d.max_retry_wait),
         preset=preset.key,
         credentials=_with_default_ecr(credentials, preset, host),
         blob_probe=blob_probe,

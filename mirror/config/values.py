@@ -145,13 +145,15 @@ def _secret(item: dict[str, Any], key: str, name: str, env: Mapping[str, str],
 Grammar = Callable[[Any, str], Any]
 
 
-def key(grammar: Grammar | None = None, *, name: str | None = None) -> dict[str, Any]:
+def key(grammar: Grammar | None = None, *, name: str | None = None,
+        secret: bool = False) -> dict[str, Any]:
     """The metadata of a settings field that is a key of the file: the ``grammar`` that
-    reads its value (none: the section's parser reads it itself) and its ``name`` in the
-    file when that is not the field's. Use as ``field(default=..., metadata=key(...))``.
-    A field without metadata is a key of its own name that the section's parser reads;
-    one with :data:`INTERNAL` is no key at all."""
-    return {"grammar": grammar, "name": name}
+    reads its value (none: the section's parser reads it itself), its ``name`` in the
+    file when that is not the field's, and whether it is a ``secret`` (given as
+    ``<name>_env`` or ``<name>_file``, never in the file). Use as
+    ``field(default=..., metadata=key(...))``. A field without metadata is a key of its
+    own name that the section's parser reads; one with :data:`INTERNAL` is no key."""
+    return {"grammar": grammar, "name": name, "secret": secret}
 
 
 INTERNAL: dict[str, Any] = {"internal": True}
@@ -165,7 +167,13 @@ def file_key(item: dataclasses.Field[Any]) -> str:
 
 def section_keys(cls: type[Any]) -> set[str]:
     """The keys a section (a settings dataclass) accepts in the file."""
-    return {file_key(f) for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    found = set()
+    for item in dataclasses.fields(cls):
+        if item.metadata.get("secret"):
+            found |= {f"{file_key(item)}_env", f"{file_key(item)}_file"}
+        elif not item.metadata.get("internal"):
+            found.add(file_key(item))
+    return found
 
 
 def field_default(cls: type[Any], name: str) -> Any:
@@ -178,7 +186,7 @@ def field_default(cls: type[Any], name: str) -> Any:
     raise KeyError(name)
 
 
-def read_section(cls: type[T], item: dict[str, Any], path: str, *,
+def read_section(cls: type[T], item: dict[str, Any], section: str, /, *,
                  extra_keys: set[str] | frozenset[str] = frozenset(), **given: Any) -> T:
     """A section from its mapping in the file: only the keys of ``cls`` (and
     ``extra_keys``), each field with a grammar read by it (or its default when absent),
@@ -187,12 +195,12 @@ def read_section(cls: type[T], item: dict[str, Any], path: str, *,
     Raises:
         ConfigError: an unknown key, or a value its grammar refuses (naming its path).
     """
-    _only_keys(item, path, section_keys(cls) | set(extra_keys))
+    _only_keys(item, section, section_keys(cls) | set(extra_keys))
     values = dict(given)
     for spec in dataclasses.fields(cls):  # type: ignore[arg-type]
         grammar = spec.metadata.get("grammar")
         if grammar is not None and spec.name not in given:
-            values[spec.name] = _opt(item, file_key(spec), path, grammar,
+            values[spec.name] = _opt(item, file_key(spec), section, grammar,
                                      field_default(cls, spec.name))
     return cls(**values)
 
@@ -241,6 +249,13 @@ def _bool(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(key, f"expected true or false, got {value!r}")
     return value
+
+
+def _fraction(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(key, f"expected a fraction of max_size above 0 and at most 1, "
+                          f"got {value!r}")
+    return float(value)
 
 
 def _count(value: Any, key: str) -> int:

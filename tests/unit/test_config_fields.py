@@ -26,6 +26,16 @@ def test_a_sections_keys_are_its_fields_by_their_file_names() -> None:
     assert "schedule" not in section_keys(config.PopularSettings)  # worked out, not a key
 
 
+def test_a_secret_field_is_given_by_env_or_file_never_in_the_file() -> None:
+    keys = section_keys(config.S3Settings)
+    assert {"access_key_id_env", "access_key_id_file"} <= keys and "access_key_id" not in keys
+    assert section_keys(config.AdminSettings) == {"listen", "token_env", "token_file"}
+    assert {"password_env", "password_file", "request_timeout"} <= section_keys(
+        config.UpstreamSettings)
+    with pytest.raises(ConfigError, match="never put credentials in the file"):
+        _parse(storage={"s3": {"bucket": "b-1", "access_key_id": "AKIA"}})
+
+
 def test_defaults_come_from_the_dataclass() -> None:
     settings = _parse(cache={}, log={}, server={"workers": 1}, auth={"anonymous": True},
                       access=[{"who": ["*"]}])
