@@ -138,15 +138,27 @@ class SyncService:
     # --- lifetime -------------------------------------------------------------------------
     async def load(self) -> None:
         """Read the saved records (a missing or bad file starts empty)."""
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        """Take in what the node's other processes saved (each worker runs the passes it
+        is asked for, the evicting one the loop): a record newer there than here wins."""
         if self._state_path is None:
             return
-        records, self.last_run = await asyncio.to_thread(read_state, self._state_path)
-        self.records.update(records)
+        records, last_run = await asyncio.to_thread(read_state, self._state_path)
+        for ref, record in records.items():
+            mine = self.records.get(ref)
+            if mine is None or record.last_run > mine.last_run:
+                self.records[ref] = record
+        if float(last_run.get("started") or 0) > float(self.last_run.get("started") or 0):
+            self.last_run = last_run
 
     async def save(self) -> None:
-        """Write the records (temp file + rename)."""
+        """Write the records, with those the node's other processes saved (temp file +
+        rename)."""
         if self._state_path is None:
             return
+        await self.refresh()
         kept = sorted(self.records.values(), key=lambda r: r.last_run)[-RECORDS_MAX:]
         self.records = {r.ref: r for r in kept}
         document = {"version": STATE_VERSION, "saved_at": self._clock.time(),
@@ -420,8 +432,14 @@ class SyncService:
         return min(WAKE_MAX, max(1.0, soonest - now))
 
     # --- status -----------------------------------------------------------------------------
+    async def node_status(self, top: int = 20) -> dict[str, Any]:
+        """:meth:`status` with the records every process of the node saved
+        (``GET /admin/sync``)."""
+        await self.refresh()
+        return self.status(top)
+
     def status(self, top: int = 20) -> dict[str, Any]:
-        """Rules, pauses, records and popularity, as JSON (``GET /admin/sync``)."""
+        """Rules, pauses, records and popularity of this process, as JSON."""
         return _status(self.settings, self._next, registries=self.budget.as_json(),
                        last_run=self.last_run, records=self.records,
                        popular=self.popularity.as_json(top))

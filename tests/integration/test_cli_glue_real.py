@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,11 @@ def _what_both_know(status: dict[str, Any]) -> dict[str, Any]:
                         for r in status["records"]]}
 
 
+def _window_far_from_now() -> str:
+    start = time.gmtime(time.time() + 12 * 3600)
+    return f"{start.tm_hour:02d}:00-{start.tm_hour:02d}:30"
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sync_status_without_a_server_is_what_the_server_answered(
         registry_anon: Registry, tmp_path: Path, workers: int) -> None:
@@ -58,7 +64,9 @@ def test_sync_status_without_a_server_is_what_the_server_answered(
     config["server"] = {"workers": workers}
     config["sync"] = {"rules": [{"name": "apps", "registry": UPSTREAM, "repositories": [repo],
                                  "tags": ["v1"], "interval": "1h"}],
-                      "popular": {"top": 2, "interval": "1h"}, "recheck": "0s"}
+                      "popular": {"top": 2, "interval": "1h"}, "recheck": "0s",
+                      # the scheduled loop waits (half a day away): only --once runs
+                      "off_peak": [_window_far_from_now()]}
     mirror = MirrorProcess(tmp_path / "mirror", config)
     mirror.start()
     try:

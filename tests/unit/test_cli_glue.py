@@ -27,6 +27,7 @@ from mirror.errors import CacheCommandError
 from mirror.server.localtoken import ensure_local_token
 from mirror.server.state import NODE
 from mirror.sync import SyncService
+from mirror.sync.popularity import write_json
 from tests.support.fake import FakeRegistry
 from tests.unit.conftest import MirrorFactory
 
@@ -185,3 +186,27 @@ def test_the_admin_client_faults_are_one_line(
     with pytest.raises(CacheCommandError, match="403") as caught:
         server.get("/admin/sync")
     assert "\n" not in str(caught.value)
+
+
+async def test_the_admin_answer_has_the_records_another_worker_saved(
+        fake: FakeRegistry, make_mirror: MirrorFactory) -> None:
+    fake.add_image("lib/app", "v1", [b"layer"])
+    client = await make_mirror(sync={"rules": [{"name": "apps", "registry": "fake.test",
+                                               "repositories": ["lib/app"], "tags": ["v1"]}]})
+    node = client.server.app[NODE]
+    state = node.settings.storage.path / "sync" / "state.json"
+    other = {"ref": "fake.test/lib/other:v2", "rules": ["manual"], "result": "warmed",
+             "last_run": 1000.0}
+    mine = {"ref": "fake.test/lib/app:v1", "rules": ["apps"], "result": "failed",
+            "last_run": 1.0}  # older than what this process knows
+    await node.sync.run_once()
+    await asyncio.to_thread(write_json, state, {"version": 1, "last_run": {"started": 1.0},
+                                                "records": [other, mine]})
+    status = await (await client.get("/admin/sync")).json()
+    records = {r["ref"]: r["result"] for r in status["records"]}
+    assert records == {"fake.test/lib/other:v2": "warmed", "fake.test/lib/app:v1": "present"}
+    assert status["last_run"]["started"] > 1.0  # this process's run is the newer
+    await node.sync.save()  # a save keeps the other worker's records
+    saved = await asyncio.to_thread(SyncService.offline_status, node.settings.sync,
+                                    node.settings.storage.path)
+    assert {r["ref"] for r in saved["records"]} == set(records)
