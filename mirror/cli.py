@@ -307,30 +307,26 @@ def _pin_note(sources: tuple[str, ...]) -> str:
 
 def _cache_du(args: argparse.Namespace) -> int:
     with _inventory(args) as inventory:
-        usage = inventory.usage()
-        by_registry = inventory.by_registry()
-    total = usage["blob_bytes"] + usage["manifest_bytes"]
-    storage = config.resolve_max_size(inventory.settings, total)  # as `serve` would choose
-    origin = "auto" if storage.max_size_auto else "config"
+        usage = inventory.disk_usage()
     if args.json:
-        return _print_json({**usage, "path": str(storage.path), "max_size": storage.max_size,
-                            "max_size_from": origin if storage.max_size else "none",
-                            "by_registry": by_registry})
-    print(f"cache:       {storage.path}")
+        return _print_json(usage)
+    total, limit, storage = usage["blob_bytes"] + usage["manifest_bytes"], usage["max_size"], \
+        inventory.settings
+    print(f"cache:       {usage['path']}")
     print(f"content:     {human_size(total)} ({total} bytes) in "
           f"{usage['blobs'] + usage['manifests']} entries")
     print(f"  blobs:     {human_size(usage['blob_bytes'])} in {usage['blobs']}")
     print(f"  manifests: {human_size(usage['manifest_bytes'])} in {usage['manifests']}")
     print(f"pinned:      {human_size(usage['pinned_bytes'])}")
     print(f"downloading: {human_size(usage['downloading_bytes'])}")
-    if storage.max_size is None:
+    if limit is None:
         print("limit:       none (storage.max_size: none)")
     else:
-        print(f"limit:       {human_size(storage.max_size)} ({origin}; "
-              f"{100 * total / storage.max_size:.1f}% used; evicts above "
+        print(f"limit:       {human_size(limit)} ({usage['max_size_from']}; "
+              f"{100 * total / limit:.1f}% used; evicts above "
               f"{storage.high_watermark:.0%} down to {storage.low_watermark:.0%})")
     print("by registry (content of several registries counts under each):")
-    for registry, size in by_registry.items():
+    for registry, size in usage["by_registry"].items():
         print(f"  {registry:<30} {human_size(size):>10}")
     return 0
 

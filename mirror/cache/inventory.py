@@ -22,7 +22,7 @@ import diskcache
 from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
 from mirror.cache.membership import Membership
 from mirror.cache.tags import tag_key
-from mirror.config import StorageSettings
+from mirror.config import StorageSettings, resolve_max_size
 from mirror.errors import CacheCommandError, OciError
 from mirror.oci import (
     HASH_HEX_LENGTH,
@@ -219,6 +219,18 @@ class Inventory:
                     "registries": sorted(owners.get(e.digest, ()))}
                    for e in self.entries()]
         return {"images": by_registry, "content": content}
+
+    def disk_usage(self) -> dict[str, Any]:
+        """What ``cache du --json`` prints: :meth:`usage`, the folder, the limit ``serve``
+        would choose now (``max_size_from``: config, auto or none) and the bytes by
+        registry."""
+        usage = self.usage()
+        total = usage["blob_bytes"] + usage["manifest_bytes"]
+        storage = resolve_max_size(self.settings, total)  # as `serve` would choose
+        origin = ("auto" if storage.max_size_auto else "config") if storage.max_size \
+            else "none"
+        return {**usage, "path": str(storage.path), "max_size": storage.max_size,
+                "max_size_from": origin, "by_registry": self.by_registry()}
 
     def label(self, text: str) -> tuple[str, tuple[str, str, str] | None]:
         """What ``text`` names, normalised once for every command: a digest, or the
