@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import sys
@@ -49,8 +48,6 @@ from mirror.bundle.manifest import BundleManifest, key_id, load_private_key, loa
 from mirror.bundle.parts import expand
 from mirror.bundle.progress import Progress
 from mirror.cache.inventory import ImageRow, Inventory, human_size, human_time
-from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
-from mirror.cache.membership import Membership
 from mirror.config import checks
 from mirror.errors import (
     BundleError,
@@ -73,13 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if getattr(args, "with_settings", False):
-            settings = load_settings(args.config, storage=args.storage)
-            # What failed is in the command's own summary; the log would say it twice.
-            log.setup(dataclasses.replace(settings.log, level="error"))
-            result: int = args.func(args, settings)
-            return result
-        result = args.func(args)
+        result: int = args.func(args)
         return result
     except ConfigError as exc:
         print(f"mirror: config error: {exc}", file=sys.stderr)
@@ -144,7 +135,6 @@ def _warm_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML config, as for serve")
     parser.add_argument("--storage", type=Path, help="cache folder, overrides the config")
     sync_cli.add_server_option(parser)
-    parser.set_defaults(with_settings=True)
 
 
 def _cache_parser(commands: Any) -> None:
@@ -272,6 +262,8 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _inventory(args: argparse.Namespace) -> Inventory:
+    """The cache of the command's config, read as the server routes references; use it
+    in a ``with`` block."""
     settings = load_settings(args.config, storage=args.storage, require_env=False)
     router = Router(settings.upstreams)
 
@@ -284,14 +276,13 @@ def _inventory(args: argparse.Namespace) -> Inventory:
         assert target.upstream is not None
         return target.upstream.name, target.repository, target.reference
 
-    return Inventory(settings.storage, parse_ref)
+    return Inventory(settings.storage, parse_ref, [u.name for u in settings.upstreams])
 
 
 def _cache_ls(args: argparse.Namespace) -> int:
-    if args.json:
-        return _print_json(_listing(args))
-    inventory = _inventory(args)
-    try:
+    with _inventory(args) as inventory:
+        if args.json:
+            return _print_json(inventory.listing())
         pins = inventory.pinned()
         images = inventory.images()
         print(f"IMAGES ({len(images)})")
@@ -303,8 +294,6 @@ def _cache_ls(args: argparse.Namespace) -> int:
         for entry in entries:
             print(f"  {entry.kind:<8} {entry.digest}  {human_size(entry.size):>10}  "
                   f"{human_time(entry.last_use)}{'  pinned' if entry.digest in pins else ''}")
-    finally:
-        inventory.close()
     return 0
 
 
@@ -337,86 +326,29 @@ def _pin_note(sources: tuple[str, ...]) -> str:
 
 
 def _cache_du(args: argparse.Namespace) -> int:
-    inventory = _inventory(args)
-    try:
-        usage = inventory.usage()
-    finally:
-        inventory.close()
-    total = usage["blob_bytes"] + usage["manifest_bytes"]
-    storage = config.resolve_max_size(inventory.settings, total)  # as `serve` would choose
-    origin = "auto" if storage.max_size_auto else "config"
-    by_registry = _bytes_by_registry(args)
+    with _inventory(args) as inventory:
+        usage = inventory.disk_usage()
     if args.json:
-        return _print_json({**usage, "path": str(storage.path), "max_size": storage.max_size,
-                            "max_size_from": origin if storage.max_size else "none",
-                            "by_registry": by_registry})
-    print(f"cache:       {storage.path}")
+        return _print_json(usage)
+    total, limit, storage = usage["blob_bytes"] + usage["manifest_bytes"], usage["max_size"], \
+        inventory.settings
+    print(f"cache:       {usage['path']}")
     print(f"content:     {human_size(total)} ({total} bytes) in "
           f"{usage['blobs'] + usage['manifests']} entries")
     print(f"  blobs:     {human_size(usage['blob_bytes'])} in {usage['blobs']}")
     print(f"  manifests: {human_size(usage['manifest_bytes'])} in {usage['manifests']}")
     print(f"pinned:      {human_size(usage['pinned_bytes'])}")
     print(f"downloading: {human_size(usage['downloading_bytes'])}")
-    if storage.max_size is None:
+    if limit is None:
         print("limit:       none (storage.max_size: none)")
     else:
-        print(f"limit:       {human_size(storage.max_size)} ({origin}; "
-              f"{100 * total / storage.max_size:.1f}% used; evicts above "
+        print(f"limit:       {human_size(limit)} ({usage['max_size_from']}; "
+              f"{100 * total / limit:.1f}% used; evicts above "
               f"{storage.high_watermark:.0%} down to {storage.low_watermark:.0%})")
     print("by registry (content of several registries counts under each):")
-    for registry, size in by_registry.items():
+    for registry, size in usage["by_registry"].items():
         print(f"  {registry:<30} {human_size(size):>10}")
     return 0
-
-
-def _membership(args: argparse.Namespace) -> tuple[config.Settings, Membership | None]:
-    settings = load_settings(args.config, storage=args.storage, require_env=False)
-    path = settings.storage.path / MEMBERSHIP_FILE
-    if not path.is_file():
-        return settings, None
-    membership = Membership(path)
-    membership.open()
-    return settings, membership
-
-
-def _bytes_by_registry(args: argparse.Namespace) -> dict[str, int]:
-    settings, membership = _membership(args)
-    names = [u.name for u in settings.upstreams]
-    if membership is None:
-        return dict.fromkeys([*names, "other"], 0)
-    try:
-        return membership.bytes_by_registry(settings.storage.path / "index.db", names)
-    finally:
-        membership.close()
-
-
-def _listing(args: argparse.Namespace) -> dict[str, Any]:
-    """What ``cache ls --json`` prints: images by registry, content with its registries."""
-    inventory = _inventory(args)
-    try:
-        pins = inventory.pinned()
-        images = inventory.images()
-        entries = inventory.entries()
-    finally:
-        inventory.close()
-    _settings, membership = _membership(args)
-    try:
-        owners = membership.registries_of() if membership is not None else {}
-    finally:
-        if membership is not None:
-            membership.close()
-    by_registry: dict[str, list[dict[str, Any]]] = {}
-    for row in images:
-        registry = row.reference.split("/", 1)[0]
-        by_registry.setdefault(registry, []).append(
-            {"reference": row.reference, "digest": row.digest, "bytes": row.size,
-             "pinned": row.pinned, "pins": list(row.pins), "state": row.state,
-             "missing_blobs": row.missing_blobs,
-             "platforms": list(row.platforms) if row.platforms else None})
-    content = [{"kind": e.kind, "digest": e.digest, "bytes": e.size, "last_use": e.last_use,
-                "pinned": e.digest in pins, "registries": sorted(owners.get(e.digest, ()))}
-               for e in entries]
-    return {"images": by_registry, "content": content}
 
 
 def _print_json(document: Any) -> int:
@@ -425,22 +357,16 @@ def _print_json(document: Any) -> int:
 
 
 def _cache_pin(args: argparse.Namespace) -> int:
-    inventory = _inventory(args)
-    try:
+    with _inventory(args) as inventory:
         resolved, size = inventory.pin(args.ref)
-    finally:
-        inventory.close()
     note = f"; {len(resolved.missing)} referenced item(s) not cached" if resolved.missing else ""
     print(f"pinned {resolved.label}: {len(resolved.keys)} item(s), {human_size(size)}{note}")
     return 0
 
 
 def _cache_unpin(args: argparse.Namespace) -> int:
-    inventory = _inventory(args)
-    try:
+    with _inventory(args) as inventory:
         label, count = inventory.unpin(args.ref)
-    finally:
-        inventory.close()
     if count == 0:
         raise CacheCommandError(f"{label} is not pinned")
     print(f"unpinned {label}: {count} pin(s) removed")
@@ -448,11 +374,8 @@ def _cache_unpin(args: argparse.Namespace) -> int:
 
 
 def _cache_evict(args: argparse.Namespace) -> int:
-    inventory = _inventory(args)
-    try:
+    with _inventory(args) as inventory:
         done = inventory.evict(args.ref, shared=args.shared)
-    finally:
-        inventory.close()
     note = f"; {done.kept_pinned} pinned item(s) kept (unpin first)" if done.kept_pinned else ""
     if done.kept_shared:
         note += (f"; {done.kept_shared} item(s) kept that other cached images use "
@@ -462,11 +385,8 @@ def _cache_evict(args: argparse.Namespace) -> int:
 
 
 def _cache_fsck(args: argparse.Namespace) -> int:
-    inventory = _inventory(args)
-    try:
+    with _inventory(args) as inventory:
         report = inventory.fsck()
-    finally:
-        inventory.close()
     for item in report["removed"]:
         print(f"removed {item}: its bytes do not match its digest")
     print(f"fsck: checked {report['checked']} item(s), {human_size(report['bytes'])}; "

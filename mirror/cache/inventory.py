@@ -13,14 +13,16 @@ from __future__ import annotations
 import contextlib
 import datetime
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import diskcache
 
+from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
+from mirror.cache.membership import Membership
 from mirror.cache.tags import tag_key
-from mirror.config import StorageSettings
+from mirror.config import StorageSettings, resolve_max_size
 from mirror.errors import CacheCommandError, OciError
 from mirror.oci import (
     HASH_HEX_LENGTH,
@@ -79,23 +81,47 @@ RefParser = Callable[[str], tuple[str, str, str]]
 class Inventory:
     """The cache of one storage folder, for an operator.
 
+    A context manager: ``with Inventory(...) as inventory:`` closes the index (and the
+    membership records, if read) at the end.
+
     Args:
         settings: the storage settings (its path and limits).
         parse_ref: turns an image reference into (registry, repository,
             reference) the way the server routes it; raises ``CacheCommandError``.
+        registries: the configured registry names, for the breakdowns by registry.
     """
 
-    def __init__(self, settings: StorageSettings, parse_ref: RefParser) -> None:
+    def __init__(self, settings: StorageSettings, parse_ref: RefParser,
+                 registries: Sequence[str] = ()) -> None:
         self.settings = settings
         self.store = FilesystemStore(settings.path)
         if not (settings.path / "index.db").is_file():
             raise CacheCommandError(f"no cache at {settings.path} (wrong --storage or --config?)")
         self.store.index.open()
         self._parse_ref = parse_ref
+        self._registries = tuple(registries)
+        self._membership: Membership | None = None
 
     def close(self) -> None:
-        """Close the index."""
+        """Close the index and the membership records."""
         self.store.index.close()
+        if self._membership is not None:
+            self._membership.close()
+            self._membership = None
+
+    def __enter__(self) -> Inventory:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _members(self) -> Membership | None:
+        """The registries' membership records, or ``None`` when none were written yet."""
+        path = self.settings.path / MEMBERSHIP_FILE
+        if self._membership is None and path.is_file():
+            self._membership = Membership(path)
+            self._membership.open()
+        return self._membership
 
     # --- reading -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -165,6 +191,46 @@ class Inventory:
         usage["downloading_bytes"] = sum(p.stat().st_size for p in self.store.tmp.glob("*")
                                          if p.is_file()) if self.store.tmp.is_dir() else 0
         return usage
+
+    def by_registry(self) -> dict[str, int]:
+        """Bytes of content each configured registry (and ``other``) uses; content of
+        several registries counts under each."""
+        members = self._members()
+        if members is None:
+            return dict.fromkeys([*self._registries, "other"], 0)
+        return members.bytes_by_registry(self.settings.path / "index.db", self._registries)
+
+    def listing(self) -> dict[str, Any]:
+        """What ``cache ls --json`` prints: images by registry, content with its
+        registries and pins."""
+        pins = self.pinned()
+        members = self._members()
+        owners = members.registries_of() if members is not None else {}
+        by_registry: dict[str, list[dict[str, Any]]] = {}
+        for row in self.images():
+            registry = row.reference.split("/", 1)[0]
+            by_registry.setdefault(registry, []).append(
+                {"reference": row.reference, "digest": row.digest, "bytes": row.size,
+                 "pinned": row.pinned, "pins": list(row.pins), "state": row.state,
+                 "missing_blobs": row.missing_blobs,
+                 "platforms": list(row.platforms) if row.platforms else None})
+        content = [{"kind": e.kind, "digest": e.digest, "bytes": e.size,
+                    "last_use": e.last_use, "pinned": e.digest in pins,
+                    "registries": sorted(owners.get(e.digest, ()))}
+                   for e in self.entries()]
+        return {"images": by_registry, "content": content}
+
+    def disk_usage(self) -> dict[str, Any]:
+        """What ``cache du --json`` prints: :meth:`usage`, the folder, the limit ``serve``
+        would choose now (``max_size_from``: config, auto or none) and the bytes by
+        registry."""
+        usage = self.usage()
+        total = usage["blob_bytes"] + usage["manifest_bytes"]
+        storage = resolve_max_size(self.settings, total)  # as `serve` would choose
+        origin = ("auto" if storage.max_size_auto else "config") if storage.max_size \
+            else "none"
+        return {**usage, "path": str(storage.path), "max_size": storage.max_size,
+                "max_size_from": origin, "by_registry": self.by_registry()}
 
     def label(self, text: str) -> tuple[str, tuple[str, str, str] | None]:
         """What ``text`` names, normalised once for every command: a digest, or the

@@ -18,15 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from mirror.config.audit import AuditSettings, _audit
-from mirror.config.auth import (
-    AccessRule,
-    AdminSettings,
-    AuthSettings,
-    TokenSettings,
-    _access,
-    _admin,
-    _auth,
-)
+from mirror.config.auth import _access, _admin, _auth
 from mirror.config.cluster import _cluster
 from mirror.config.environment import Lenient, without_placeholders
 from mirror.config.imports import _import
@@ -37,10 +29,14 @@ from mirror.config.policy import (
     PolicySettings,
     _policy,
 )
+from mirror.config.secret import Secret
 from mirror.config.sections import _cache, _log, _server, _tls
 from mirror.config.settings import (
     CONFIG_VERSION,
     DOCKER_HUB_ALIASES,
+    AccessRule,
+    AdminSettings,
+    AuthSettings,
     BreakerSettings,
     BudgetSettings,
     CacheSettings,
@@ -49,11 +45,11 @@ from mirror.config.settings import (
     DockerConfigCredential,
     EcrCredential,
     ImportSettings,
+    LoginLimits,
     LogSettings,
     PopularSettings,
     S3Settings,
     Schedule,
-    Secret,
     ServerSettings,
     Settings,
     StaticCredential,
@@ -62,6 +58,7 @@ from mirror.config.settings import (
     SyncSettings,
     TagSet,
     TlsSettings,
+    TokenSettings,
     UpstreamSettings,
     default_settings,
     docker_hub,
@@ -97,6 +94,7 @@ __all__ = [
     "EcrCredential",
     "ImportSettings",
     "LogSettings",
+    "LoginLimits",
     "PolicyIdentity",
     "PolicyKey",
     "PolicyRule",

@@ -62,7 +62,7 @@ async def sync_status(request: web.Request) -> web.Response:
     """What ``mirror sync status`` shows."""
     log_context(request)["route"] = "admin"
     node = request.app[NODE]
-    status = node.sync.status()
+    status = await node.sync.node_status()  # the node's records, not only this worker's
     status["enabled"] = node.settings.sync is not None
     return web.json_response(status)
 

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mirror"
 
 #: Higher imports lower, never the other way. Modules not named share their package's rank.
 RANKS = {
-    "cli": 100, "__main__": 100, "sync_cli": 100, "launch": 100,
+    "cli": 100, "__main__": 100, "sync_cli": 100, "launch": 100, "admin_client": 100,
     "server": 90,
     "node": 80,
     "sync": 75,
