@@ -66,6 +66,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--targets", default=None,
                         help="comma-separated subset of mirror,distribution,nginx,"
                              "nginx-sendfile,upstream (default: all)")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="a source tree (e.g. `git archive <commit> | tar -x -C DIR`) "
+                             "whose mirror runs as target mirror-base beside this one in "
+                             "the hot and tags scenarios: before and after in one run")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for results.json, chart.png and table.md "
                              "(default benchmarks/results/<UTC time>)")

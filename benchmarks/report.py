@@ -14,6 +14,7 @@ from benchmarks.scenarios import Record, as_json
 from benchmarks.targets import (
     ALL_TARGETS,
     BARE,
+    BASELINE,
     DISTRIBUTION,
     MIRROR,
     MIRROR2,
@@ -47,7 +48,7 @@ SHOWN: dict[str, tuple[str, ...]] = {
 #: The ratios shown, ours/peer: one process against each peer, the lean path against the
 #: bare aiohttp handler, two workers against one and against nginx with two workers.
 PAIRS = ((MIRROR, DISTRIBUTION), (MIRROR, NGINX), (MIRROR, SENDFILE), (MIRROR, BARE),
-         (MIRROR2, MIRROR), (MIRROR2, SENDFILE2))
+         (MIRROR2, MIRROR), (MIRROR2, SENDFILE2), (MIRROR, BASELINE), (BASELINE, BARE))
 
 
 @dataclass(frozen=True)

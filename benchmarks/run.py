@@ -16,7 +16,7 @@ from typing import TypeVar
 from benchmarks.report import chart, rows, table, write_json
 from benchmarks.scenarios import Bench, RunSettings, run_all
 from benchmarks.seed import MiB, build, make_plan, pulled_bytes, seed
-from benchmarks.targets import ALL_TARGETS, Upstream
+from benchmarks.targets import ALL_TARGETS, BASELINE, BaselineTarget, Upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -29,10 +29,17 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
     def pick(value: T | None, full: T, tiny: T) -> T:
         return value if value is not None else (tiny if smoke else full)
 
-    targets = tuple(args.targets.split(",")) if args.targets else ALL_TARGETS
+    baseline = getattr(args, "baseline_src", None)
+    default = ALL_TARGETS if baseline else tuple(t for t in ALL_TARGETS if t != BASELINE)
+    targets = tuple(args.targets.split(",")) if args.targets else default
     unknown = set(targets) - set(ALL_TARGETS)
     if unknown:
         raise SystemExit(f"unknown targets: {', '.join(sorted(unknown))}")
+    if BASELINE in targets:
+        if baseline is None or not (Path(baseline) / "mirror" / "__init__.py").is_file():
+            raise SystemExit(f"{BASELINE} needs --baseline-src DIR, a source tree holding "
+                             "mirror/ (e.g. `git archive <commit> | tar -x -C DIR`)")
+        BaselineTarget.source = Path(baseline).resolve()
     return RunSettings(
         repeat=pick(args.repeat, 3, 1),
         herd_clients=pick(args.herd_clients, 20, 4),

@@ -33,6 +33,7 @@ from benchmarks.measure import RssSampler, UpstreamMeter, percentile
 from benchmarks.seed import ImageSet, MiB, pulled_bytes
 from benchmarks.targets import (
     BARE,
+    BASELINE,
     DISTRIBUTION,
     LOCAL_TARGETS,
     MIRROR,
@@ -58,8 +59,9 @@ APPLIES: dict[str, tuple[str, ...]] = {
     "cold": (MIRROR, DISTRIBUTION, NGINX, UPSTREAM, MIRROR2),
     "warm": (MIRROR, DISTRIBUTION, NGINX, UPSTREAM, MIRROR2),
     "herd": (MIRROR, DISTRIBUTION, NGINX, UPSTREAM, MIRROR2),
-    "hot": (MIRROR, DISTRIBUTION, NGINX, SENDFILE, UPSTREAM, MIRROR2, SENDFILE2, BARE),
-    "tags": (MIRROR, DISTRIBUTION, NGINX, UPSTREAM, MIRROR2),
+    "hot": (MIRROR, DISTRIBUTION, NGINX, SENDFILE, UPSTREAM, MIRROR2, SENDFILE2, BARE,
+            BASELINE),
+    "tags": (MIRROR, DISTRIBUTION, NGINX, UPSTREAM, MIRROR2, BASELINE),
     "memory": (MIRROR, DISTRIBUTION, NGINX, SENDFILE, UPSTREAM, MIRROR2, SENDFILE2, BARE),
 }
 

@@ -37,7 +37,10 @@ MIRROR, DISTRIBUTION, NGINX, SENDFILE, UPSTREAM = (
     "mirror", "distribution", "nginx", "nginx-sendfile", "upstream")
 #: The same with two worker processes, and the bare aiohttp handler (hot scenarios).
 MIRROR2, SENDFILE2, BARE = "mirror-2w", "nginx-sendfile-2w", "bare-aiohttp"
-ALL_TARGETS = (MIRROR, DISTRIBUTION, NGINX, SENDFILE, UPSTREAM, MIRROR2, SENDFILE2, BARE)
+#: The mirror of another source tree (``--baseline-src``): before and after in one run.
+BASELINE = "mirror-base"
+ALL_TARGETS = (MIRROR, DISTRIBUTION, NGINX, SENDFILE, UPSTREAM, MIRROR2, SENDFILE2, BARE,
+               BASELINE)
 #: Targets that serve the hot bytes from files or memory of their own (no upstream).
 LOCAL_TARGETS = (SENDFILE, SENDFILE2, BARE)
 
@@ -110,6 +113,9 @@ class MirrorTarget(Target):
     name = MIRROR
     workers = 1
 
+    #: The source tree whose ``mirror`` package runs (``None``: this one).
+    source: Path | None = None
+
     def __init__(self, workdir: Path, upstream_url: str) -> None:
         super().__init__(workdir, upstream_url)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +126,7 @@ class MirrorTarget(Target):
         self.storage = workdir / "cache"
         config = mirror_config(self.port, self.storage, [upstream])
         config["server"] = {"workers": self.workers}
-        self.proc = MirrorProcess(workdir, config)
+        self.proc = MirrorProcess(workdir, config, source=self.source)
 
     def start(self) -> None:
         self.proc.start()
@@ -130,6 +136,13 @@ class MirrorTarget(Target):
 
     def pid(self) -> int | None:
         return self.proc.pid
+
+
+class BaselineTarget(MirrorTarget):
+    """The mirror of another source tree (set :attr:`source`, ``--baseline-src``), one
+    process, default settings: the same scenario before and after a change, side by side."""
+
+    name = BASELINE
 
 
 class Mirror2Target(MirrorTarget):
@@ -388,5 +401,5 @@ def make_target(name: str, workdir: Path, upstream_url: str, upstream: Upstream)
     kinds: dict[str, type[Target]] = {MIRROR: MirrorTarget, DISTRIBUTION: DistributionTarget,
                                       NGINX: NginxTarget, SENDFILE: SendfileTarget,
                                       MIRROR2: Mirror2Target, SENDFILE2: Sendfile2Target,
-                                      BARE: BareTarget}
+                                      BARE: BareTarget, BASELINE: BaselineTarget}
     return kinds[name](workdir, upstream_url)

@@ -11,11 +11,12 @@
     mirror cache pin|unpin|evict REF|DIGEST [--config FILE] [--storage DIR] [--shared]
     mirror warm REF... [--platform OS/ARCH]... [--referrers] [--server URL] [--config FILE]
     mirror sync --once [--dry-run] | status  [--json] [--server URL] [--config FILE]
-    mirror export REF... | --from-file LIST [--platform P]... [--referrers]
+    mirror export REF... | --from-file LIST [--platform P]... [--referrers] [--policy]
                   [--since PREVIOUS] [--max-part-size SIZE] [--sign-key KEY]
                   [--dry-run] -o FILE.tar[.zst]
     mirror import FILE... [--verify-key PUB] [--allow-rollback] [--pin]
                   [--tags fresh|stale] [--repository REGISTRY/REPO]
+    mirror audit verify FILE...
 
 Errors are one readable line on stderr and a non-zero exit status (``config check``:
 one line per error it finds). ``serve`` reloads its TLS certificate and key on SIGHUP
@@ -30,13 +31,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from mirror import audit as audit_trail
 from mirror import config, launch, log, sync_cli
 from mirror import worker as this_worker
 from mirror.bundle.export import Planner
@@ -46,15 +47,21 @@ from mirror.bundle.importer import Report as ImportReport
 from mirror.bundle.manifest import BundleManifest, key_id, load_private_key, load_public_key
 from mirror.bundle.parts import expand
 from mirror.bundle.progress import Progress
-from mirror.cache.inventory import Inventory, human_size, human_time
-from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
-from mirror.cache.membership import Membership
+from mirror.cache.inventory import ImageRow, Inventory, human_size, human_time
 from mirror.config import checks
-from mirror.errors import BundleError, CacheCommandError, ConfigError, ListenError, OciError
+from mirror.errors import (
+    BundleError,
+    CacheCommandError,
+    ConfigError,
+    ListenError,
+    OciError,
+    PolicyDenied,
+)
 from mirror.node import Node
 from mirror.routing import Router
 from mirror.server import pidfile
 from mirror.storage.filesystem import FilesystemStore
+from mirror.storage.index import WARM_PIN
 from mirror.version import VERSION
 
 
@@ -63,13 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if getattr(args, "with_settings", False):
-            settings = load_settings(args.config, storage=args.storage)
-            # What failed is in the command's own summary; the log would say it twice.
-            log.setup(dataclasses.replace(settings.log, level="error"))
-            result: int = args.func(args, settings)
-            return result
-        result = args.func(args)
+        result: int = args.func(args)
         return result
     except ConfigError as exc:
         print(f"mirror: config error: {exc}", file=sys.stderr)
@@ -107,6 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     reload.add_argument("--storage", type=Path, help="cache folder, as for serve")
     reload.set_defaults(func=_reload)
 
+    audit = commands.add_parser("audit", help="check the audit trail")
+    audit_commands = audit.add_subparsers(required=True, metavar="ACTION")
+    verify = audit_commands.add_parser(
+        "verify", help="check the hash chain of audit files (one line each: intact, or "
+        "where it breaks)")
+    verify.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    verify.set_defaults(func=_audit_verify)
+
     cfg = commands.add_parser("config", help="work with config files")
     cfg_commands = cfg.add_subparsers(required=True, metavar="ACTION")
     check = cfg_commands.add_parser("check", help="validate a config file (every error it "
@@ -126,7 +135,6 @@ def _warm_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML config, as for serve")
     parser.add_argument("--storage", type=Path, help="cache folder, overrides the config")
     sync_cli.add_server_option(parser)
-    parser.set_defaults(with_settings=True)
 
 
 def _cache_parser(commands: Any) -> None:
@@ -174,6 +182,9 @@ def _bundle_parsers(commands: Any) -> None:
     export.add_argument("--platform", action="append", default=[], metavar="OS/ARCH[/VAR]",
                         help="only these platforms of multi-platform images (repeatable; "
                         "the index bytes are kept as they are)")
+    export.add_argument("--policy", action="store_true",
+                        help="export only the images the config's signature policy allows, "
+                        "with their signatures (implies --referrers); say which were refused")
     export.add_argument("--referrers", action="store_true",
                         help="bring signatures, SBOMs and attestations (referrers API and "
                         "cosign's sha256-<hex>.sig/.att/.sbom tags)")
@@ -251,6 +262,8 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _inventory(args: argparse.Namespace) -> Inventory:
+    """The cache of the command's config, read as the server routes references; use it
+    in a ``with`` block."""
     settings = load_settings(args.config, storage=args.storage, require_env=False)
     router = Router(settings.upstreams)
 
@@ -263,107 +276,79 @@ def _inventory(args: argparse.Namespace) -> Inventory:
         assert target.upstream is not None
         return target.upstream.name, target.repository, target.reference
 
-    return Inventory(settings.storage, parse_ref)
+    return Inventory(settings.storage, parse_ref, [u.name for u in settings.upstreams])
 
 
 def _cache_ls(args: argparse.Namespace) -> int:
-    if args.json:
-        return _print_json(_listing(args))
-    inventory = _inventory(args)
-    try:
+    with _inventory(args) as inventory:
+        if args.json:
+            return _print_json(inventory.listing())
         pins = inventory.pinned()
         images = inventory.images()
         print(f"IMAGES ({len(images)})")
-        for ref, digest, size, pinned in images:
-            print(f"  {ref}  {digest}  {human_size(size)}{'  pinned' if pinned else ''}")
+        for row in images:
+            print(f"  {row.reference}  {row.digest}  {human_size(row.size)}  "
+                  f"{_image_state(row)}{_pin_note(row.pins)}")
         entries = inventory.entries()
         print(f"CONTENT ({len(entries)}, most recently used first)")
         for entry in entries:
             print(f"  {entry.kind:<8} {entry.digest}  {human_size(entry.size):>10}  "
                   f"{human_time(entry.last_use)}{'  pinned' if entry.digest in pins else ''}")
-    finally:
-        inventory.close()
     return 0
 
 
+def _image_state(row: ImageRow) -> str:
+    """``complete``, ``complete (1 of 4 platforms)``, ``partial: 2 blobs missing``,
+    ``evicted: manifest gone``."""
+    if row.state == "evicted":
+        return "evicted: manifest gone"
+    platforms = f" ({row.platforms[0]} of {row.platforms[1]} platforms)" \
+        if row.platforms and row.platforms[0] < row.platforms[1] else ""
+    if row.state == "partial":
+        gone = f": {row.missing_blobs} blob(s) missing" if row.missing_blobs else ""
+        return f"partial{gone}{platforms}"
+    return f"complete{platforms}"
+
+
+def _pin_note(sources: tuple[str, ...]) -> str:
+    """``  pinned by REF``, ``  pinned by warm-until:EPOCH:REF (until 2026-...)``."""
+    if not sources:
+        return ""
+    notes = []
+    for source in sources:
+        if source.startswith(WARM_PIN):
+            stamp = source[len(WARM_PIN):].partition(":")[0]
+            until = human_time(float(stamp)).split(" ")[0] if stamp.isdigit() else "?"
+            notes.append(f"{source} (until {until})")
+        else:
+            notes.append(source)
+    return f"  pinned by {', '.join(notes)}"
+
+
 def _cache_du(args: argparse.Namespace) -> int:
-    inventory = _inventory(args)
-    try:
-        usage = inventory.usage()
-    finally:
-        inventory.close()
-    total = usage["blob_bytes"] + usage["manifest_bytes"]
-    storage = config.resolve_max_size(inventory.settings, total)  # as `serve` would choose
-    origin = "auto" if storage.max_size_auto else "config"
-    by_registry = _bytes_by_registry(args)
+    with _inventory(args) as inventory:
+        usage = inventory.disk_usage()
     if args.json:
-        return _print_json({**usage, "path": str(storage.path), "max_size": storage.max_size,
-                            "max_size_from": origin if storage.max_size else "none",
-                            "by_registry": by_registry})
-    print(f"cache:       {storage.path}")
+        return _print_json(usage)
+    total, limit, storage = usage["blob_bytes"] + usage["manifest_bytes"], usage["max_size"], \
+        inventory.settings
+    print(f"cache:       {usage['path']}")
     print(f"content:     {human_size(total)} ({total} bytes) in "
           f"{usage['blobs'] + usage['manifests']} entries")
     print(f"  blobs:     {human_size(usage['blob_bytes'])} in {usage['blobs']}")
     print(f"  manifests: {human_size(usage['manifest_bytes'])} in {usage['manifests']}")
     print(f"pinned:      {human_size(usage['pinned_bytes'])}")
     print(f"downloading: {human_size(usage['downloading_bytes'])}")
-    if storage.max_size is None:
+    if limit is None:
         print("limit:       none (storage.max_size: none)")
     else:
-        print(f"limit:       {human_size(storage.max_size)} ({origin}; "
-              f"{100 * total / storage.max_size:.1f}% used; evicts above "
+        print(f"limit:       {human_size(limit)} ({usage['max_size_from']}; "
+              f"{100 * total / limit:.1f}% used; evicts above "
               f"{storage.high_watermark:.0%} down to {storage.low_watermark:.0%})")
     print("by registry (content of several registries counts under each):")
-    for registry, size in by_registry.items():
+    for registry, size in usage["by_registry"].items():
         print(f"  {registry:<30} {human_size(size):>10}")
     return 0
-
-
-def _membership(args: argparse.Namespace) -> tuple[config.Settings, Membership | None]:
-    settings = load_settings(args.config, storage=args.storage, require_env=False)
-    path = settings.storage.path / MEMBERSHIP_FILE
-    if not path.is_file():
-        return settings, None
-    membership = Membership(path)
-    membership.open()
-    return settings, membership
-
-
-def _bytes_by_registry(args: argparse.Namespace) -> dict[str, int]:
-    settings, membership = _membership(args)
-    names = [u.name for u in settings.upstreams]
-    if membership is None:
-        return dict.fromkeys([*names, "other"], 0)
-    try:
-        return membership.bytes_by_registry(settings.storage.path / "index.db", names)
-    finally:
-        membership.close()
-
-
-def _listing(args: argparse.Namespace) -> dict[str, Any]:
-    """What ``cache ls --json`` prints: images by registry, content with its registries."""
-    inventory = _inventory(args)
-    try:
-        pins = inventory.pinned()
-        images = inventory.images()
-        entries = inventory.entries()
-    finally:
-        inventory.close()
-    _settings, membership = _membership(args)
-    try:
-        owners = membership.registries_of() if membership is not None else {}
-    finally:
-        if membership is not None:
-            membership.close()
-    by_registry: dict[str, list[dict[str, Any]]] = {}
-    for ref, digest, size, pinned in images:
-        registry = ref.split("/", 1)[0]
-        by_registry.setdefault(registry, []).append(
-            {"reference": ref, "digest": digest, "bytes": size, "pinned": pinned})
-    content = [{"kind": e.kind, "digest": e.digest, "bytes": e.size, "last_use": e.last_use,
-                "pinned": e.digest in pins, "registries": sorted(owners.get(e.digest, ()))}
-               for e in entries]
-    return {"images": by_registry, "content": content}
 
 
 def _print_json(document: Any) -> int:
@@ -372,22 +357,16 @@ def _print_json(document: Any) -> int:
 
 
 def _cache_pin(args: argparse.Namespace) -> int:
-    inventory = _inventory(args)
-    try:
+    with _inventory(args) as inventory:
         resolved, size = inventory.pin(args.ref)
-    finally:
-        inventory.close()
     note = f"; {len(resolved.missing)} referenced item(s) not cached" if resolved.missing else ""
     print(f"pinned {resolved.label}: {len(resolved.keys)} item(s), {human_size(size)}{note}")
     return 0
 
 
 def _cache_unpin(args: argparse.Namespace) -> int:
-    inventory = _inventory(args)
-    try:
+    with _inventory(args) as inventory:
         label, count = inventory.unpin(args.ref)
-    finally:
-        inventory.close()
     if count == 0:
         raise CacheCommandError(f"{label} is not pinned")
     print(f"unpinned {label}: {count} pin(s) removed")
@@ -395,11 +374,8 @@ def _cache_unpin(args: argparse.Namespace) -> int:
 
 
 def _cache_evict(args: argparse.Namespace) -> int:
-    inventory = _inventory(args)
-    try:
+    with _inventory(args) as inventory:
         done = inventory.evict(args.ref, shared=args.shared)
-    finally:
-        inventory.close()
     note = f"; {done.kept_pinned} pinned item(s) kept (unpin first)" if done.kept_pinned else ""
     if done.kept_shared:
         note += (f"; {done.kept_shared} item(s) kept that other cached images use "
@@ -409,11 +385,8 @@ def _cache_evict(args: argparse.Namespace) -> int:
 
 
 def _cache_fsck(args: argparse.Namespace) -> int:
-    inventory = _inventory(args)
-    try:
+    with _inventory(args) as inventory:
         report = inventory.fsck()
-    finally:
-        inventory.close()
     for item in report["removed"]:
         print(f"removed {item}: its bytes do not match its digest")
     print(f"fsck: checked {report['checked']} item(s), {human_size(report['bytes'])}; "
@@ -437,6 +410,15 @@ def _reload(args: argparse.Namespace) -> int:
         return 1
     print(f"reload: sent SIGHUP to the mirror (pid {pid})")
     return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.files:
+        found = audit_trail.verify(path)
+        print(f"audit: {found.message}", file=sys.stdout if found.ok else sys.stderr)
+        failed = failed or not found.ok
+    return 1 if failed else 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -478,9 +460,21 @@ async def _export_async(args: argparse.Namespace, settings: config.Settings, ref
     node = Node(settings)
     await node.start(exclusive=False)
     try:
-        planner = Planner(node.pull, node.router, args.platform, args.referrers)
+        if not args.policy:
+            node.pull.gate = None  # exported as asked; --policy applies the config's
+        elif node.pull.gate is None:
+            raise BundleError("export --policy: the config has no policy: section")
+        planner = Planner(node.pull, node.router, args.platform,
+                          args.referrers or args.policy)
+        refused = 0
         for ref in refs:
-            await planner.add(ref)
+            try:
+                await planner.add(ref)
+            except PolicyDenied as exc:
+                refused += 1
+                print(f"  refused: {ref}: {exc.message}", file=sys.stderr)
+        if refused and not planner.plan.references:
+            raise BundleError(f"nothing to export: the policy refused all {refused} image(s)")
         if base is not None:
             planner.since(base)
         plan = planner.plan

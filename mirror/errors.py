@@ -22,6 +22,7 @@ and becomes a 500 with no details in the body.
     │   ├── ManifestInvalid         502 MANIFEST_INVALID (upstream sent bad bytes)
     │   ├── Unsupported             405 UNSUPPORTED (push, delete, ...)
     │   ├── Denied                  403 DENIED
+    │   │   └── PolicyDenied        403 DENIED: the image fails the signature policy
     │   ├── Unauthorized            401 UNAUTHORIZED (with a challenge)
     │   ├── TooManyRequests         429 TOOMANYREQUESTS (with Retry-After)
     │   ├── UpstreamUnavailable     502/503/504 UNAVAILABLE (upstream down, slow, broken)
@@ -161,6 +162,20 @@ class Unauthorized(OciError):
 class Denied(OciError):
     code = "DENIED"
     status = 403
+
+
+class PolicyDenied(Denied):
+    """The image fails an ``enforce`` rule of the signature policy; the message names the
+    rule and the reason, and the fields keep them (for the audit line and the status page).
+    """
+
+    def __init__(self, rule: int | None, reason: str, repository: str, digest: str) -> None:
+        where = f"rule {rule}" if rule is not None else "the default"
+        super().__init__(f"policy: {repository}@{digest} refused by {where}: {reason}",
+                         detail={"rule": rule, "reason": reason, "digest": digest})
+        self.rule = rule
+        self.reason = reason
+        self.digest = digest
 
 
 class TooManyRequests(OciError):

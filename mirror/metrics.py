@@ -278,6 +278,14 @@ AUTH_FAILURES = Counter(
     "user), busy (503: the queue of password checks is full).",
     ["reason"],
 )
+# --- signatures and policy (mirror.policy), the audit trail (mirror.audit) -------------
+POLICY_DECISIONS = Counter(
+    "mirror_policy_decisions_total",
+    "Manifest answers the signature policy judged, by registry and verdict "
+    "(allow, warn: served with a Warning header, deny: refused with 403).",
+    ["registry", "verdict"])
+AUDIT_LINES = Counter(
+    "mirror_audit_lines_total", "Lines written to the audit trail, by kind.", ["kind"])
 # --- warming: the sync loop and `mirror warm` (mirror.sync) ----------------------------
 SYNC_IMAGES = Counter(
     "mirror_sync_images_total",

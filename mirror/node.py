@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import socket
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ import aiohttp
 import structlog
 
 from mirror import metrics, worker
+from mirror.audit import AuditTrail
 from mirror.cache.blobs import BlobCache
 from mirror.cache.eviction import Evictor
 from mirror.cache.manifests import ManifestCache
@@ -41,9 +43,13 @@ from mirror.cache.tags import TagStore
 from mirror.clock import SYSTEM, Clock
 from mirror.cluster import PeerSet, TokenSource
 from mirror.config import Settings, StorageSettings, SyncSettings, resolve_max_size
-from mirror.fetch import Fetcher
-from mirror.fetch.claim import ClaimingFetcher, Claims
+from mirror.errors import ConfigError
+from mirror.fetch import Coalescer, Fetcher, LocalCoalescer
+from mirror.fetch.claim import ClaimCoalescer, Claims
 from mirror.oci import Digest
+from mirror.policy import compile_policy
+from mirror.policy.crypto import Invalid
+from mirror.policy.gate import Gate
 from mirror.pull import PullService
 from mirror.routing import Router
 from mirror.sources import Source, SourceChain, UpstreamSource
@@ -102,19 +108,18 @@ class Node:
                                      temp_folder=self.worker.temp_folder)
         self.tags = TagStore(self.store.tags)
         self.evictor = Evictor(self.store, settings.storage)
+        # With worker processes: one download, one manifest fetch, one tag check per node.
+        self._claims: Claims | None = Claims(settings.storage.path / "tmp" / "claims") \
+            if self.worker.count > 1 else None
+        coalescer: Coalescer = ClaimCoalescer(self._claims) if self._claims is not None \
+            else LocalCoalescer()
         self.fetcher = Fetcher(self.store, settings.server.chunk_size, space=self.evictor,
-                               relay_max_bytes=settings.storage.relay_window)
-        claims = self._claims = Claims(settings.storage.path / "tmp" / "claims")
-        if self.worker.count > 1:  # one download per digest for the node, not per process
-            self.fetcher = ClaimingFetcher(
-                self.store, settings.server.chunk_size, space=self.evictor,
-                relay_max_bytes=settings.storage.relay_window, claims=claims)
+                               relay_max_bytes=settings.storage.relay_window, coalescer=coalescer)
         self.blobs = BlobCache(self.store, self.fetcher, settings.cache, on_hit=self.evictor.touch)
         self.manifests = ManifestCache(self.store, self.tags, settings.cache,
                                        on_fetched=self.blobs.learn_sizes,
-                                       on_hit=self.evictor.touch, clock=clock)
-        if self.worker.count > 1:  # manifests and tag checks: one worker asks upstream
-            self.manifests.exclusive = claims.exclusive
+                                       on_hit=self.evictor.touch, clock=clock,
+                                       coalescer=coalescer)
         self.clients = {u.name: UpstreamClient(u, clock=clock.monotonic,
                                                guard=UpstreamGuard(u, clock=clock.monotonic))
                         for u in settings.upstreams}
@@ -136,6 +141,7 @@ class Node:
         self.pull: PullService
         self.sync: SyncService
         self.pull_for: dict[str, PullService] = {}
+        self.audit: AuditTrail | None = None
         self.peer_set: PeerSet | None = None
         self.tokens: TokenSource | None = None
         self.peers: PeerSource | None = None
@@ -151,7 +157,7 @@ class Node:
                 opened as the ``mirror cache`` commands open it, with no background work.
         """
         removed = await asyncio.to_thread(self.store.open if exclusive else self.store.open_shared)
-        if exclusive and self.worker.count > 1:  # what a worker that died left behind
+        if exclusive and self._claims is not None:  # what a worker that died left behind
             removed += await asyncio.to_thread(self._claims.sweep)
         await self._resolve_max_size()
         await self.tags.open()
@@ -175,9 +181,13 @@ class Node:
         self.pull = PullService(chains["client"], self.manifests, self.blobs, redirector=self.s3,
                                 clock=self.clock, tag_list_ttl=self.settings.cache.tag_ttl,
                                 membership=self.repos, private=private, isolate=isolate)
+        self.pull.gate = self._policy_gate()
         self.pull_for = {hop: self.pull.with_chains(chains[hop]) for hop in ("peer", "child")}
+        self.audit = self._audit_trail()
         self._wire_evictor()
         if not exclusive:
+            self.sync = self._sync_service()  # plans and warms on demand; no loop runs
+            await self.sync.load()
             self.ready = True
             return
         self.tasks.spawn(self._reconcile_then_evict(), "reconcile")
@@ -192,6 +202,26 @@ class Node:
                  max_size_from=max_size_origin(self.settings.storage),
                  upstreams=[u.name for u in self.settings.upstreams])
         self._warn_if_open()
+
+    def _policy_gate(self) -> Gate | None:
+        """The policy's gate on manifest answers (``None``: no ``policy:`` section). Its
+        verdicts live in this process: a restart with a new config decides again."""
+        if self.settings.policy is None:
+            return None
+        try:
+            return Gate(compile_policy(self.settings.policy))
+        except Invalid as exc:
+            raise ConfigError("policy", exc.reason) from None
+
+    def _audit_trail(self) -> AuditTrail | None:
+        """The audit trail of this process (``None``: no ``audit:`` section)."""
+        if self.settings.audit is None:
+            return None
+        cluster = self.settings.cluster
+        name = str(cluster.self_url) if cluster is not None and cluster.self_url \
+            else socket.gethostname()
+        return AuditTrail(self.settings.audit, node=name, worker=self.worker.index,
+                          workers=self.worker.count)
 
     def _warn_if_open(self) -> None:
         """Say once, at start, that a mirror without ``auth`` or admin guard is open."""
@@ -258,19 +288,46 @@ class Node:
         ``sync:`` is configured (``mirror warm`` works without it)."""
         await asyncio.to_thread(self.popularity.load)
         await asyncio.to_thread(self.popularity.read_others)
-        self.sync = SyncService(self.settings.sync or SyncSettings(), self.pull, self.router,
-                                clients=self.clients, index=self.store.index,
-                                popularity=self.popularity,
-                                state_path=self.settings.storage.path / "sync" / "state.json",
-                                clock=self.clock)
-        if self.parents is not None:
-            self.sync.parents_popular = self.parents.popular  # warm what parents pull most
+        self.sync = self._sync_service()
         await self.sync.load()
         self.tasks.loop("popularity", self._save_popularity_forever)
         if self.settings.sync is not None and self._sync_loop and self.worker.evicts:
             self.tasks.loop("sync", self.sync.run)
             log.info("sync_started", rules=[r.name for r in self.settings.sync.rules],
                      popular_top=self.settings.sync.popular.top)
+
+    def _sync_service(self) -> SyncService:
+        sync = SyncService(self.settings.sync or SyncSettings(), self.pull, self.router,
+                           clients=self.clients, index=self.store.index,
+                           popularity=self.popularity,
+                           state_path=self.settings.storage.path / "sync" / "state.json",
+                           clock=self.clock)
+        if self.parents is not None:
+            sync.parents_popular = self.parents.popular  # warm what parents pull most
+        return sync
+
+    async def _changed_elsewhere(self) -> None:
+        """Another process removed content (``mirror cache evict``, ``fsck``): what this one
+        answered from memory since then is stored again (an image pulled right after an
+        eviction is listed and can be pinned), then the memory copies go."""
+        try:
+            since = await asyncio.to_thread(self.store.index.removed_at)
+            used = [(kind, digest) for (kind, digest), when in list(self.evictor.recent.items())
+                    if when > since]
+            manifests = {digest for kind, digest in used if kind == "manifest"}
+            restored = {"tags": await self.tags.keep_pointing_to(manifests),
+                        "manifests": await self.manifests.keep(manifests),
+                        "blobs": await self.blobs.keep({d for k, d in used if k == "blob"})}
+            if any(restored.values()):
+                log.info("cache_kept_after_removal", **restored,
+                         hint="pulled from memory after content was removed elsewhere")
+        except Exception as exc:  # the copies still go: the next pull stores them
+            log.warning("cache_keep_failed", error=str(exc) or type(exc).__name__)
+        self.blobs.clear_memory()
+        self.manifests.clear_memory()
+        self.tags.clear_memory()
+        for listener in self.on_removed:
+            listener(None)
 
     async def _save_popularity_forever(self) -> None:
         every = POPULARITY_SHARE_EVERY if self.worker.count > 1 else POPULARITY_SAVE_EVERY
@@ -302,6 +359,8 @@ class Node:
         await self.tags.close()
         await asyncio.to_thread(self.store.index.close)
         await asyncio.to_thread(self.repos.close)
+        if self.audit is not None:
+            self.audit.close()
         log.info("mirror_stopped", version=VERSION)
 
     async def _reconcile_then_evict(self) -> None:
@@ -369,10 +428,7 @@ class Node:
                 listener(entry.digest)
 
         def changed_elsewhere() -> None:
-            blobs.clear_memory()
-            manifests.clear_memory()
-            for listener in listeners:
-                listener(None)
+            self.tasks.spawn(self._changed_elsewhere(), "changed_elsewhere")
 
         self.evictor.wire(in_use, evicted, changed_elsewhere)
         # Other workers hold memory copies too: they hear of evictions as of `cache evict`.

@@ -13,43 +13,57 @@ single flight, verification, budgets and metrics hold for every one of them.
     fetch_blob(repo, digest)                -> CachedBlob, waiting for the whole fill
     tags(repo, n, last)                     -> TagPage, paginated here when upstream won't
     referrers(repo, digest, artifact_type)  -> Referrers, from the API or the tag schema
+
+With a policy (``gate``), every manifest answer is judged first: an image that fails an
+``enforce`` rule raises :class:`~mirror.errors.PolicyDenied`, so clients, warming and
+export all obey it; its signatures are read through this service (see :class:`_Signatures`).
+Peers' views (:meth:`with_chains`) do not judge: the node a client talks to decides.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import dataclasses
 import functools
+import hashlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from cachetools import TTLCache
-from yarl import URL
 
+from mirror import metrics
 from mirror.cache.blobs import BlobCache, CachedBlob
 from mirror.cache.manifests import ManifestCache, Resolved
 from mirror.cache.membership import Membership as RepoMembership
 from mirror.cache.membership import ensure_member
 from mirror.clock import SYSTEM, Clock
 from mirror.errors import (
+    BlobUnknown,
     FillError,
     ManifestUnknown,
     NameUnknown,
+    OciError,
+    PolicyDenied,
     TooManyRequests,
     UpstreamUnavailable,
 )
 from mirror.fetch import Fill, RangeOpener
-from mirror.oci import OCI_INDEX, Digest, is_digest_reference, is_number, parse_manifest
+from mirror.oci import OCI_INDEX, Digest, is_digest_reference, parse_manifest
+from mirror.policy import Verdict
+from mirror.policy.gate import Found, Gate
+from mirror.policy.model import BUNDLE_TYPES
 from mirror.sources import ContentRef, SourceChain
-from mirror.sources.upstream import check_status, read_limited
-from mirror.upstream import bodies
 
 if TYPE_CHECKING:  # botocore is imported only by a node with an S3 tier
     from mirror.sources.s3 import S3Source
 
 #: Pages of an upstream tag list followed to paginate it here, at most.
 TAG_PAGES_MAX = 20
+#: Seconds a resolved ``.sig`` tag is reused by the policy gate without asking the cache.
+SIG_TAG_MEMO = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,12 +155,19 @@ class PullService:
         self._redirector = redirector if redirector is not None and redirector.redirect else None
         self._tag_lists: TTLCache[Repo, tuple[str, list[str]]] = TTLCache(
             maxsize=1000, ttl=max(tag_list_ttl, 0.001), timer=clock.monotonic)
+        self.gate: Gate | None = None
+        # referrers indexes read for verdicts, revalidated with the tag TTL
+        self._referrers = _Memo(tag_list_ttl, clock)
+        # cosign's .sig tags as last resolved: a kept verdict then costs no tag look-up
+        # (a moved .sig tag is seen within SIG_TAG_MEMO seconds after its TTL ends)
+        self._sig_tags = _Memo(min(tag_list_ttl, SIG_TAG_MEMO), clock)
 
     def with_chains(self, chains: Mapping[str, SourceChain]) -> PullService:
         """The same service (caches, fills, flights) filling misses from other chains: what a
         node answers to its peers and child regions, whose requests must not loop back."""
         view = copy.copy(self)
         view.chains = dict(chains)
+        view.gate = None  # peers serve nodes by digest; the node a client talks to judged
         return view
 
     def chain(self, registry: str, background: bool = False) -> SourceChain:
@@ -173,9 +194,18 @@ class PullService:
             ManifestUnknown: no such manifest, or none the caller accepts.
             UpstreamUnavailable, TooManyRequests: upstream failed and nothing cached answers.
         """
-        origin = self.chain(repo.registry, background)
         if isinstance(reference, str) and is_digest_reference(reference):
             reference = Digest.parse(reference)
+        resolved = await self._resolve(repo, reference, accepted, background)
+        if self.gate is None:
+            return resolved
+        verdict = await self.judge(repo, resolved, None if isinstance(reference, Digest)
+                                   else reference, background=background)
+        return resolved if verdict is None else dataclasses.replace(resolved, verdict=verdict)
+
+    async def _resolve(self, repo: Repo, reference: str | Digest,
+                       accepted: frozenset[str] | None, background: bool) -> Resolved:
+        origin = self.chain(repo.registry, background)
         if isinstance(reference, Digest):
             await self._member(repo, reference, "manifest", background)
             resolved = await self.manifests.by_digest(origin, repo.repository, reference,
@@ -184,6 +214,29 @@ class PullService:
             resolved = await self.manifests.by_tag(origin, repo.repository, reference, accepted)
         await self._served(repo, resolved)
         return resolved
+
+    async def judge(self, repo: Repo, resolved: Resolved, tag: str | None = None, *,
+                    background: bool = False) -> Verdict | None:
+        """The policy's verdict on a manifest answer (``None``: no policy, or a signature).
+
+        Raises:
+            PolicyDenied: the image fails an ``enforce`` rule (counted).
+        """
+        if self.gate is None:
+            return None
+        found = resolved.manifest
+        reader = _Signatures(self, repo, background)
+        verdict = await self.gate.judge(reader, repo.registry, repo.repository,
+                                        str(found.digest), manifest=found.data,
+                                        media_type=found.media_type, tag=tag)
+        if verdict is None:
+            return None
+        outcome = "deny" if not verdict.allowed else "warn" if verdict.warning else "allow"
+        metrics.child(metrics.POLICY_DECISIONS, repo.registry, outcome).inc()
+        if not verdict.allowed:
+            raise PolicyDenied(verdict.rule, verdict.reason, repo.repository,
+                               str(found.digest))
+        return verdict
 
     async def _served(self, repo: Repo, resolved: Resolved) -> None:
         """Remember that ``repo`` holds a manifest served from it and all it references."""
@@ -199,8 +252,8 @@ class PullService:
         background budget for warming)."""
         private = repo.registry in self._private
         if self.membership is not None and (self._isolate or private):
-            client = self.chain(repo.registry, background).client
-            await ensure_member(self.membership, client, repo.repository, digest, kind=kind,
+            upstream = self.chain(repo.registry, background).upstream
+            await ensure_member(self.membership, upstream, repo.repository, digest, kind=kind,
                                 private=private)
 
     async def revalidate(self, repo: Repo, tag: str, max_age: float, *,
@@ -309,11 +362,10 @@ class PullService:
             NameUnknown: upstream does not know the repository.
             UpstreamUnavailable: upstream failed or sent something that is not a tag list.
         """
-        params = {k: str(v) for k, v in (("n", n), ("last", last)) if v is not None}
-        name, tags, link = await self._tag_list(repo, params)
-        if _honoured(tags, n, last):
-            next_n, next_last = _next_from_link(link)
-            return TagPage(name, tags, next_last, next_n if next_last else None)
+        page = await self.chain(repo.registry).upstream.tag_page(repo.repository, n, last)
+        if _honoured(page.tags, n, last):
+            return TagPage(page.name, page.tags, page.next_last,
+                           page.next_n if page.next_last else None)
         name, every = await self.all_tags(repo)
         return _paginate(name, every, n, last)
 
@@ -326,30 +378,17 @@ class PullService:
         cached = self._tag_lists.get(repo)
         if cached is not None:
             return cached
-        name, tags, link = await self._tag_list(repo, {}, background)
-        every = list(tags)
+        upstream = self.chain(repo.registry, background).upstream
+        page = await upstream.tag_page(repo.repository)
+        name, every = page.name, list(page.tags)
         for _ in range(TAG_PAGES_MAX):
-            n, last = _next_from_link(link)
-            if last is None:
+            if page.next_last is None:
                 break
-            params = {"last": last, **({"n": str(n)} if n else {})}
-            _, tags, link = await self._tag_list(repo, params, background)
-            every.extend(tags)
+            page = await upstream.tag_page(repo.repository, page.next_n or None, page.next_last)
+            every.extend(page.tags)
         result = (name, sorted(set(every)))
         self._tag_lists[repo] = result
         return result
-
-    async def _tag_list(self, repo: Repo, params: dict[str, str],
-                        background: bool = False) -> tuple[str, list[str], str | None]:
-        client = self.chain(repo.registry, background).client
-        async with client.request("GET", repo.repository, "tags/list", params=params) as resp:
-            if resp.status == 404:
-                raise NameUnknown(f"repository {repo.repository!r} is unknown upstream")
-            check_status(resp, client.name, "tag list")
-            body = await read_limited(resp, "tag list")
-            link = resp.headers.get("Link")
-        document = bodies.tag_list(body)
-        return document["name"], list(document.get("tags") or []), link
 
     # --- referrers ----------------------------------------------------------------------
     async def referrers(self, repo: Repo, digest: Digest, artifact_type: str | None = None,
@@ -363,20 +402,12 @@ class PullService:
         Raises:
             UpstreamUnavailable: upstream failed or sent something that is not an index.
         """
-        client = self.chain(repo.registry, background).client
-        params = {"artifactType": artifact_type} if artifact_type else None
-        async with client.request("GET", repo.repository, f"referrers/{digest}",
-                                  params=params) as resp:
-            if resp.status not in (200, 404):
-                raise UpstreamUnavailable(f"upstream answered {resp.status} for referrers",
-                                          status=502)
-            body = await read_limited(resp, "referrers index") if resp.status == 200 else None
-            applied = "artifactType" in resp.headers.get("OCI-Filters-Applied", "")
-        if body is not None:
-            index = bodies.referrers_index(body)
-            if artifact_type and not applied:
-                return Referrers(_index_body(_filtered(index, artifact_type)), True)
-            return Referrers(body, bool(artifact_type))
+        upstream = self.chain(repo.registry, background).upstream
+        found = await upstream.referrers(repo.repository, digest, artifact_type)
+        if found is not None:
+            if artifact_type and not found.filtered:
+                return Referrers(_index_body(_filtered(found.index, artifact_type)), True)
+            return Referrers(found.body, bool(artifact_type))
         manifests = await self._referrers_by_tag(repo, digest, background)
         if artifact_type:
             manifests = _filtered({"manifests": manifests}, artifact_type)
@@ -396,6 +427,94 @@ class PullService:
             else []
 
 
+class _Memo:
+    """Signature look-ups for ``ttl`` seconds, bounded: a plain dict of (expiry, value),
+    cheaper than a ``TTLCache`` on every manifest answer."""
+
+    def __init__(self, ttl: float, clock: Clock, max_entries: int = 10_000) -> None:
+        self._ttl, self._clock, self._max = max(ttl, 0.001), clock, max_entries
+        self._items: dict[tuple[Repo, str], tuple[float, Found | None]] = {}
+
+    def get(self, key: tuple[Repo, str]) -> tuple[bool, Found | None]:
+        """``(True, value)`` while kept, else ``(False, None)``."""
+        item = self._items.get(key)
+        if item is None or item[0] <= self._clock.monotonic():
+            return False, None
+        return True, item[1]
+
+    def put(self, key: tuple[Repo, str], value: Found | None) -> None:
+        if len(self._items) >= self._max:
+            self._items.clear()  # rare: thousands of images judged within one TTL
+        self._items[key] = (self._clock.monotonic() + self._ttl, value)
+
+
+class _Signatures:
+    """The gate's reader: signatures through this service, for one repository (cached like
+    any content; tags, the referrers fallback tag included, revalidated with the tag TTL)."""
+
+    def __init__(self, pull: PullService, repo: Repo, background: bool) -> None:
+        self._pull, self._repo, self._background = pull, repo, background
+
+    async def manifest(self, reference: str) -> Found | None:
+        if reference.endswith(".sig"):
+            key = (self._repo, reference)
+            known, found = self._pull._sig_tags.get(key)
+            if not known:
+                found = await self._manifest(reference)
+                self._pull._sig_tags.put(key, found)
+            return found
+        return await self._manifest(reference)
+
+    async def _manifest(self, reference: str) -> Found | None:
+        ref: str | Digest = Digest.parse(reference) if is_digest_reference(reference) \
+            else reference
+        try:
+            resolved = await self._pull._resolve(self._repo, ref, None, self._background)
+        except (ManifestUnknown, NameUnknown):
+            return None
+        except (UpstreamUnavailable, TooManyRequests):
+            return None  # no signatures read: the verdict says so, and is not an error
+        return Found(str(resolved.manifest.digest), resolved.manifest.data)
+
+    async def blob(self, digest: str, size: int, limit: int) -> bytes | None:
+        if size > limit or not is_digest_reference(digest):
+            return None
+        try:
+            cached = await self._pull.fetch_blob(self._repo, Digest.parse(digest),
+                                                 background=self._background)
+        except (BlobUnknown, FillError, UpstreamUnavailable, TooManyRequests):
+            return None
+        if cached is None or cached.size > limit:
+            return None
+        if cached.data is not None:
+            return cached.data
+        file = await self._pull.open_cached(cached)
+        if file is None:
+            return None
+        try:
+            return await asyncio.to_thread(file.read, limit + 1)
+        finally:
+            file.close()
+            self._pull.closed(cached.digest)
+
+    async def referrers(self, digest: str) -> Found | None:
+        key = (self._repo, digest)
+        known, kept = self._pull._referrers.get(key)
+        if known:
+            return kept
+        try:
+            found = await self._pull.referrers(self._repo, Digest.parse(digest),
+                                               BUNDLE_TYPES[0], background=self._background)
+        except OciError:
+            return None  # not kept: asked again next time
+        body = found.body
+        index = parse_manifest(body) if body else {}
+        result = Found("sha256:" + hashlib.sha256(body).hexdigest(), body) \
+            if index.get("manifests") else None
+        self._pull._referrers.put(key, result)
+        return result
+
+
 def _honoured(tags: list[str], n: int | None, last: str | None) -> bool:
     """Whether upstream applied ``n`` and ``last`` itself."""
     return (n is None or len(tags) <= n) and (last is None or all(t > last for t in tags))
@@ -407,18 +526,6 @@ def _paginate(name: str, tags: list[str], n: int | None, last: str | None) -> Ta
         return TagPage(name, after)
     page = after[:n]
     return TagPage(name, page, page[-1] if page else None, n)
-
-
-def _next_from_link(link: str | None) -> tuple[int | None, str | None]:
-    """``n`` and ``last`` of an upstream ``Link: <...>; rel="next"`` header."""
-    if not link or 'rel="next"' not in link.replace(" ", ""):
-        return None, None
-    start, end = link.find("<"), link.find(">")
-    if start < 0 or end < start:
-        return None, None
-    query = URL(link[start + 1:end]).query
-    n = query.get("n", "")
-    return (int(n) if is_number(n) else None), query.get("last")
 
 
 def _filtered(index: Mapping[str, Any], artifact_type: str) -> list[dict[str, Any]]:

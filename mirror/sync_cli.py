@@ -3,8 +3,8 @@
 A server that is running owns the cache: when one answers (``--server URL``, or the
 config's ``admin.listen`` or else ``listen`` address, on loopback), the command asks
 it through its admin API (``POST /admin/warm``, ``POST /admin/sync``,
-``GET /admin/sync``; with the node's local admin token from the storage folder, or
-``admin.token``), so its single flight,
+``GET /admin/sync``, through :mod:`mirror.admin_client`, with the node's local admin
+token from the storage folder, or ``admin.token``), so its single flight,
 budgets and records hold. Otherwise the command builds a node of its own on the
 storage folder (without the scheduled loop) and does the work itself; the index is
 SQLite in WAL mode and every blob is published by an atomic rename, as for
@@ -15,23 +15,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
-import ssl
 import sys
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, TextIO
 
+from mirror import launch, log
+from mirror.admin_client import AdminClient
 from mirror.cache.inventory import human_size, human_time
 from mirror.config import Settings
 from mirror.errors import CacheCommandError
 from mirror.node import Node
-from mirror.server.localtoken import read_local_token
-from mirror.sync.popularity import Popularity, read_json
+from mirror.sync import SyncService
+from mirror.sync.loop import POPULAR
+from mirror.sync.rules import rule_fingerprint
 
-PROBE_TIMEOUT = 1.0
 BAR_WIDTH = 24
 
 
@@ -57,6 +55,9 @@ def add_parsers(commands: Any, common: Any) -> None:
     sync.add_argument("--dry-run", action="store_true",
                       help="with --once: what would be fetched and how many bytes (manifests "
                       "are read, blobs are not)")
+    sync.add_argument("--local", action="store_true",
+                      help="with --once --dry-run: plan from this config file's rules, even "
+                      "when a running server (which may run other rules) answers")
     sync.add_argument("--json", action="store_true", help="print the JSON document")
     common(sync)
     sync.set_defaults(func=sync_command)
@@ -69,13 +70,22 @@ def add_server_option(parser: argparse.ArgumentParser) -> None:
 
 
 # --- mirror warm ------------------------------------------------------------------------
-def warm_command(args: argparse.Namespace, settings: Settings) -> int:
+def command_settings(args: argparse.Namespace) -> Settings:
+    """The settings of ``warm`` and ``sync`` (every ``*_env`` must be set: they may fetch),
+    with the log at errors only: what failed is in the command's own summary."""
+    settings = launch.load_settings(args.config, storage=args.storage)
+    log.setup(dataclasses.replace(settings.log, level="error"))
+    return settings
+
+
+def warm_command(args: argparse.Namespace) -> int:
     """Warm references; exit 1 listing the failures."""
+    settings = command_settings(args)
     body = {"refs": args.refs, "platforms": args.platform, "referrers": args.referrers}
     view = ProgressView(sys.stdout)
-    server = _server(args, settings)
+    server = AdminClient.find(settings, args.server)
     if server is not None:
-        for event in _post_lines(f"{server}/admin/warm", settings, body):
+        for event in server.post_lines("/admin/warm", body):
             if event.get("event") == "end":
                 return _summary(event.get("results") or [], sys.stdout)
             view.update(event)
@@ -95,13 +105,20 @@ def warm_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _summary(results: list[dict[str, Any]], out: TextIO) -> int:
-    failed = [r for r in results if r.get("result") in ("failed", "deferred")]
+    failed = [r for r in results if r.get("result") in ("failed", "deferred", "refused")]
     fetched = sum(int(r.get("fetched_bytes", 0)) for r in results)
     print(f"warm: {len(results) - len(failed)} of {len(results)} image(s) held, "
           f"{human_size(fetched)} fetched", file=out)
-    for result in failed:
-        print(f"  {result.get('result')}: {result.get('ref')}: {result.get('reason', '')}",
-              file=out)
+    for result in results:
+        platforms = ", ".join(result.get("platforms") or []) or "single-platform image"
+        if result in failed:
+            print(f"  {result.get('result')}: {result.get('ref')}: {result.get('reason', '')}",
+                  file=out)
+        elif result.get("result") == "present":
+            print(f"  present: {result.get('ref')} [{platforms}] already held", file=out)
+        else:
+            print(f"  {result.get('result')}: {result.get('ref')} [{platforms}] "
+                  f"{human_size(int(result.get('fetched_bytes', 0)))} fetched", file=out)
     return 1 if failed else 0
 
 
@@ -128,7 +145,10 @@ class ProgressView:
             state[0] = state[1] if event.get("result") in ("warmed", "present") else state[0]
             if not self.tty:
                 reason = f" ({event['reason']})" if event.get("reason") else ""
-                print(f"{ref}: {event.get('result')}{reason}", file=self.out, flush=True)
+                platforms = f" [{', '.join(event['platforms'])}]" if event.get("platforms") \
+                    else ""
+                print(f"{ref}: {event.get('result')}{platforms}{reason}", file=self.out,
+                      flush=True)
         if self.tty:
             self._draw(ref if kind == "done" else None, event)
 
@@ -146,8 +166,9 @@ class ProgressView:
 
 
 # --- mirror sync ------------------------------------------------------------------------
-def sync_command(args: argparse.Namespace, settings: Settings) -> int:
+def sync_command(args: argparse.Namespace) -> int:
     """``mirror sync --once [--dry-run]`` or ``mirror sync status``."""
+    settings = command_settings(args)
     if args.action == "status":
         return _status(args, settings)
     if not args.once:
@@ -155,13 +176,18 @@ def sync_command(args: argparse.Namespace, settings: Settings) -> int:
                                 "inside mirror serve")
     if settings.sync is None:
         raise CacheCommandError("the config has no sync section: no rules to run")
-    server = _server(args, settings)
+    if args.local and not args.dry_run:
+        raise CacheCommandError("--local plans only (give --dry-run too): a running server "
+                                "owns the cache; put the rules in its config to warm them")
+    server = None if args.local else AdminClient.find(settings, args.server)
     if server is not None:
-        report = _request(f"{server}/admin/sync", settings, {"dry_run": args.dry_run})
+        warn_if_rules_differ(server.get("/admin/sync"), settings, server.url, sys.stderr)
+        report = server.post("/admin/sync", {"dry_run": args.dry_run})
     else:
         async def local() -> dict[str, Any]:
             node = Node(settings, sync_loop=False)
-            await node.start()
+            # --local beside a running server: open the cache as `mirror cache` does.
+            await node.start(exclusive=not args.local)
             try:
                 return await node.sync.run_once(dry_run=args.dry_run)
             finally:
@@ -172,18 +198,41 @@ def sync_command(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(report, indent=2))
     else:
         _print_report(report)
-    failed = [r for r in report.get("results") or [] if r.get("result") in ("failed", "deferred")]
+    failed = [r for r in report.get("results") or []
+              if r.get("result") in ("failed", "deferred", "refused")]
     return 1 if failed else 0
+
+
+def warn_if_rules_differ(status: dict[str, Any], settings: Settings, server: str,
+                         out: TextIO) -> bool:
+    """Say so when the running server's sync rules are not the config file's: the pass
+    runs the server's rules, not the file's. Returns whether they differ."""
+    mine = {r.name: rule_fingerprint(r) for r in (settings.sync.rules if settings.sync else ())}
+    theirs = {str(r.get("name")): r.get("fingerprint") for r in status.get("rules") or []
+              if r.get("name") != POPULAR}
+    differ = sorted(name for name in mine.keys() | theirs.keys()
+                    if name not in mine or name not in theirs
+                    or (theirs[name] is not None and theirs[name] != mine[name]))
+    if differ:
+        print(f"warning: the server at {server} runs other sync rules than this config "
+              f"(differing: {', '.join(differ)}); this pass uses the server's rules. "
+              "Give --local to plan from the file.", file=out)
+    return bool(differ)
 
 
 def _print_report(report: dict[str, Any]) -> None:
     dry = report.get("dry_run")
     for result in report.get("results") or []:
+        reason = f"  {result['reason']}" if result.get("reason") else ""
+        platforms = f" [{', '.join(result['platforms'])}]" if result.get("platforms") else ""
+        if result.get("result") == "present":
+            held = human_size(int(result.get("present_bytes", 0)))
+            print(f"{'present':<9} {result.get('ref')}{platforms}  all {held} held{reason}")
+            continue
         amount = result.get("missing_bytes", 0) if dry else result.get("fetched_bytes", 0)
         what = "to fetch" if dry else "fetched"
-        reason = f"  {result['reason']}" if result.get("reason") else ""
-        print(f"{result.get('result', ''):<9} {result.get('ref')}  {human_size(amount)} "
-              f"{what}{reason}")
+        print(f"{result.get('result', ''):<9} {result.get('ref')}{platforms}  "
+              f"{human_size(amount)} {what}{reason}")
     counts = ", ".join(f"{n} {k}" for k, n in sorted((report.get("counts") or {}).items()))
     total = report.get("missing_bytes" if dry else "fetched_bytes", 0)
     print(f"sync{' (dry run)' if dry else ''}: {counts or 'nothing selected'}; "
@@ -192,31 +241,14 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    server = _server(args, settings)
-    if server is not None:
-        status = _request(f"{server}/admin/sync", settings)
-    else:
-        root = settings.storage.path / "sync"
-        state = read_json(root / "state.json") or {}
-        rules = settings.sync.rules if settings.sync is not None else ()
-        status = {"enabled": settings.sync is not None, "source": str(root),
-                  "rules": [{"name": r.name, "next_run": None,
-                             "schedule": {"interval": r.schedule.interval,
-                                          "cron": r.schedule.cron}} for r in rules],
-                  "records": state.get("records") or [], "last_run": state.get("last_run"),
-                  "popular": _popular_from_file(root / "popularity.json")}
+    server = AdminClient.find(settings, args.server)
+    status = server.get("/admin/sync") if server is not None else \
+        SyncService.offline_status(settings.sync, settings.storage.path)
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
     _print_status(status)
     return 0
-
-
-def _popular_from_file(path: Path) -> dict[str, Any]:
-    popularity = Popularity(path)
-    popularity.load()
-    popularity.read_others()  # the workers' files (popularity-w<i>.json): the node's counts
-    return popularity.as_json(20)
 
 
 def _print_status(status: dict[str, Any]) -> None:
@@ -231,8 +263,10 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"  rule {rule['name']}: {every}{when}")
     for name, state in (status.get("registries") or {}).items():
         paused = state.get("paused_seconds") or 0
-        print(f"  {name}: ratelimit-remaining {state.get('ratelimit_remaining')}"
-              f"{f', paused {paused:.0f}s after a 429' if paused else ''}")
+        remaining = state.get("ratelimit_remaining")
+        left = f"ratelimit-remaining {remaining}" if remaining is not None else \
+            "no rate limit reported yet"
+        print(f"  {name}: {left}{f', paused {paused:.0f}s after a 429' if paused else ''}")
     last = status.get("last_run") or {}
     if last:
         counts = ", ".join(f"{n} {k}" for k, n in sorted((last.get("counts") or {}).items()))
@@ -251,84 +285,3 @@ def _print_status(status: dict[str, Any]) -> None:
         key = f"{item['registry']}/{item['repository']}"
         platforms = ", ".join((popular.get("platforms") or {}).get(key, {}))
         print(f"  {item['score']:>8.2f}  {key}:{item['tag']}  {platforms}")
-
-
-# --- talking to a running server ---------------------------------------------------------
-def _server(args: argparse.Namespace, settings: Settings) -> str | None:
-    """The URL of a running mirror to ask, or ``None`` to work locally."""
-    if args.server:
-        url = str(args.server).rstrip("/")
-        if _probe(url) is None:
-            raise CacheCommandError(f"no mirror answers at {url}")
-        return url
-    host, port = settings.listen_host, settings.listen_port
-    if settings.admin is not None and settings.admin.listen is not None:
-        host, port = settings.admin.listen  # the admin API answers only there
-    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-    scheme = "https" if settings.tls is not None else "http"
-    url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
-    return url if _probe(url) == 200 else None
-
-
-def _context(url: str) -> ssl.SSLContext | None:
-    if not url.startswith("https"):
-        return None
-    context = ssl.create_default_context()
-    # Our own server on this machine, possibly with a self-signed certificate.
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _probe(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=PROBE_TIMEOUT,
-                                    context=_context(url)) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (OSError, ValueError):
-        return None
-
-
-def _open(url: str, body: dict[str, Any] | None, token: str | None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
-                                     headers=headers)
-    try:
-        return urllib.request.urlopen(request, timeout=3600, context=_context(url))
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")[:300]
-        raise CacheCommandError(f"{url}: {exc.code} {detail}") from None
-    except OSError as exc:
-        raise CacheCommandError(f"{url}: {exc}") from None
-
-
-def _token(settings: Settings) -> str | None:
-    """The admin token the admin API wants: the node's local one (in the storage folder,
-    readable by who may run the node), else the config's ``admin.token``."""
-    local = read_local_token(settings.storage.path)
-    if local is not None:
-        return local
-    admin = settings.admin
-    return admin.token.reveal() if admin is not None and admin.token is not None else None
-
-
-def _request(url: str, settings: Settings, body: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
-    with _open(url, body, _token(settings)) as resp:
-        document = json.loads(resp.read())
-    if not isinstance(document, dict):
-        raise CacheCommandError(f"{url} did not answer a JSON object")
-    return document
-
-
-def _post_lines(url: str, settings: Settings,
-                body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    with _open(url, body, _token(settings)) as resp:
-        for line in resp:
-            if line.strip():
-                yield json.loads(line)

@@ -54,8 +54,10 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-stamp=.venv/.installed-$want_test-$(cat pyproject.toml | sha256sum | cut -c1-16)
-if [ ! -f "$stamp" ]; then
+hash=$(cat pyproject.toml | sha256sum | cut -c1-16)
+stamp=.venv/.installed-$want_test-$hash
+# the test install holds the plain one: `run.sh` after `test.sh` installs nothing
+if [ ! -f "$stamp" ] && [ ! -f ".venv/.installed-1-$hash" ]; then
     target="."
     [ $want_test -eq 1 ] && target=".[test]"
     echo "setup: installing Python packages into .venv"

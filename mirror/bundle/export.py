@@ -33,7 +33,7 @@ from mirror.bundle import layout
 from mirror.bundle.manifest import BundleManifest, sign
 from mirror.bundle.parts import Output
 from mirror.cache.blobs import CachedBlob
-from mirror.errors import BundleError, MirrorError, OciError
+from mirror.errors import BundleError, MirrorError, OciError, PolicyDenied
 from mirror.oci import OCI_INDEX, Digest, is_attestation, is_platform_image, parse_manifest
 from mirror.pull import PullService, Repo
 from mirror.routing import Router
@@ -106,6 +106,8 @@ class Planner:
                          text: str) -> str:
         try:
             resolved = await self._pull.manifest(repo, reference, background=True)
+        except PolicyDenied:
+            raise  # the caller says what was refused, and exports the rest
         except MirrorError as exc:
             raise BundleError(f"{text}: {_why(exc)}") from None
         manifest = resolved.manifest
@@ -129,6 +131,8 @@ class Planner:
         if data is None:
             try:
                 data = (await self._pull.manifest(repo, digest, background=True)).manifest.data
+            except PolicyDenied:
+                raise
             except MirrorError as exc:
                 raise BundleError(f"{repo}@{digest}: {_why(exc)}") from None
         self.plan.manifests[digest] = data
@@ -170,13 +174,17 @@ class Planner:
         for tag in tags:
             stem = re.sub(r"\.(sig|att|sbom)$", "", tag)
             if stem in wanted:
-                await self._reference(repo, tag, tag, f"{repo}:{tag}")
+                with contextlib.suppress(PolicyDenied):  # left out, as above
+                    await self._reference(repo, tag, tag, f"{repo}:{tag}")
 
     async def _referrer(self, repo: Repo, descriptor: dict[str, Any]) -> None:
         digest = str(descriptor["digest"])
         if digest in self.plan.manifests:
             return
-        await self._walk(repo, digest)
+        try:
+            await self._walk(repo, digest)
+        except PolicyDenied:
+            return  # a referrer the policy refuses (an unsigned SBOM) is left out
         self.plan.descriptors.append({k: v for k, v in descriptor.items()
                                       if k in ("mediaType", "digest", "size", "artifactType",
                                                "annotations")})

@@ -128,6 +128,21 @@ class BlobCache:
         """Whether the blob is being read or downloaded (never evicted then)."""
         return self._open[digest] > 0 or self._fetcher.busy(digest)
 
+    async def keep(self, digests: set[str]) -> int:
+        """Store again the small blobs of ``digests`` held in memory that are no longer on
+        disk (removed by another process while this one answered them). Returns how many."""
+        wanted = {d: data for d, data in list(self._memory.items()) if str(d) in digests}
+
+        def restore() -> int:
+            restored = 0
+            for digest, data in wanted.items():
+                if self._store.blob_size(digest) is None:
+                    self._store.write_blob(digest, data)
+                    restored += 1
+            return restored
+
+        return await asyncio.to_thread(restore)
+
     def clear_memory(self) -> None:
         """Forget every size and byte held in memory (content was removed elsewhere)."""
         self._sizes.clear()

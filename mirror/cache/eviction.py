@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 import structlog
+from cachetools import LRUCache
 
 from mirror import metrics
 from mirror.config import StorageSettings
@@ -69,6 +70,8 @@ class Evictor:
         self._on_external: Callable[[], None] = lambda: None
         self._generation: int | None = None
         self._touched: dict[Key, float] = {}
+        #: The last use of recently used content, kept past the flush (node._changed_elsewhere).
+        self.recent: LRUCache[Key, float] = LRUCache(maxsize=8192)
         self._reserved = 0
         self._others_reserved = 0  # other processes', as last read
         self._last_used = 0  # the node's bytes after the last eviction decision
@@ -100,7 +103,9 @@ class Evictor:
     # --- the request path: no I/O ------------------------------------------------------
     def touch(self, kind: str, digest: str) -> None:
         """Content was used: renew its recency (written to the index in a batch)."""
-        self._touched[(kind, digest)] = time.time()
+        now = time.time()
+        self._touched[(kind, digest)] = now
+        self.recent[(kind, digest)] = now
 
     def fits(self, size: int) -> bool:
         """Whether a blob of ``size`` bytes can ever be kept (not over ``max_size``)."""

@@ -13,14 +13,16 @@ from __future__ import annotations
 import contextlib
 import datetime
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import diskcache
 
+from mirror.cache.membership import FILE_NAME as MEMBERSHIP_FILE
+from mirror.cache.membership import Membership
 from mirror.cache.tags import tag_key
-from mirror.config import StorageSettings
+from mirror.config import StorageSettings, resolve_max_size
 from mirror.errors import CacheCommandError, OciError
 from mirror.oci import (
     HASH_HEX_LENGTH,
@@ -54,6 +56,24 @@ class Evicted:
     kept_shared: int  # entries kept because other cached images use them
 
 
+@dataclass(frozen=True)
+class ImageRow:
+    """One cached image (a tag record) as ``mirror cache ls`` lists it."""
+
+    reference: str
+    digest: str
+    size: int  # bytes of its content still stored
+    pins: tuple[str, ...]  # the sources of the pins on its manifest (``warm-until:...`` too)
+    state: str  # "complete", "partial" (some blobs gone) or "evicted" (its manifest gone)
+    missing_blobs: int = 0
+    platforms: tuple[int, int] | None = None  # (held, listed) for a multi-platform index
+
+    @property
+    def pinned(self) -> bool:
+        """Whether anything pins it (by hand, by ``mirror warm`` or a sync rule)."""
+        return bool(self.pins)
+
+
 #: Parses an image reference into (registry, repository, tag or digest).
 RefParser = Callable[[str], tuple[str, str, str]]
 
@@ -61,23 +81,47 @@ RefParser = Callable[[str], tuple[str, str, str]]
 class Inventory:
     """The cache of one storage folder, for an operator.
 
+    A context manager: ``with Inventory(...) as inventory:`` closes the index (and the
+    membership records, if read) at the end.
+
     Args:
         settings: the storage settings (its path and limits).
         parse_ref: turns an image reference into (registry, repository,
             reference) the way the server routes it; raises ``CacheCommandError``.
+        registries: the configured registry names, for the breakdowns by registry.
     """
 
-    def __init__(self, settings: StorageSettings, parse_ref: RefParser) -> None:
+    def __init__(self, settings: StorageSettings, parse_ref: RefParser,
+                 registries: Sequence[str] = ()) -> None:
         self.settings = settings
         self.store = FilesystemStore(settings.path)
         if not (settings.path / "index.db").is_file():
             raise CacheCommandError(f"no cache at {settings.path} (wrong --storage or --config?)")
         self.store.index.open()
         self._parse_ref = parse_ref
+        self._registries = tuple(registries)
+        self._membership: Membership | None = None
 
     def close(self) -> None:
-        """Close the index."""
+        """Close the index and the membership records."""
         self.store.index.close()
+        if self._membership is not None:
+            self._membership.close()
+            self._membership = None
+
+    def __enter__(self) -> Inventory:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _members(self) -> Membership | None:
+        """The registries' membership records, or ``None`` when none were written yet."""
+        path = self.settings.path / MEMBERSHIP_FILE
+        if self._membership is None and path.is_file():
+            self._membership = Membership(path)
+            self._membership.open()
+        return self._membership
 
     # --- reading -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -88,19 +132,46 @@ class Inventory:
         finally:
             cache.close()
 
-    def images(self) -> list[tuple[str, str, int, bool]]:
-        """``(reference, digest, cached bytes, pinned)`` of every tag record."""
+    def images(self) -> list[ImageRow]:
+        """Every tag record with what is left of its image and what pins it."""
         pins = self.store.index.pins()
         found = []
         with self._tags() as tags:
-            for key in sorted(tags.iterkeys()):
-                record = tags.get(key)
-                if not isinstance(record, dict) or "digest" not in record:
-                    continue
-                keys, _ = self._tree(record["digest"])
-                size = sum(e.size for e in self._entries(keys))
-                found.append((str(key), record["digest"], size, key in _sources(pins)))
+            records = [(str(key), tags.get(key)) for key in sorted(tags.iterkeys())]
+        for key, record in records:
+            if not isinstance(record, dict) or not isinstance(record.get("digest"), str):
+                continue
+            found.append(self._row(key, record["digest"], pins))
         return found
+
+    def _row(self, reference: str, root: str, pins: dict[str, list[str]]) -> ImageRow:
+        keys, missing = self._tree(root)
+        size = sum(e.size for e in self._entries(keys))
+        sources = tuple(sorted(set(pins.get(root, [])) | {
+            s for s in _sources(pins) if s == reference or s.endswith(f":{reference}")}))
+        if ("manifest", root) not in keys:
+            return ImageRow(reference, root, size, sources, "evicted")
+        children = self._children(root)
+        missing_blobs = len(missing - set(children))
+        platforms = None
+        if children:
+            held = sum(1 for c in children if ("manifest", c) in keys)
+            platforms = (held, len(children))
+        whole = missing_blobs == 0 and (platforms is None or platforms[0] > 0)
+        return ImageRow(reference, root, size, sources, "complete" if whole else "partial",
+                        missing_blobs, platforms)
+
+    def _children(self, root: str) -> list[str]:
+        """The platform manifests an index lists (none for an image manifest)."""
+        stored = self.store.read_manifest(_digest(root))
+        if stored is None:
+            return []
+        try:
+            document = parse_manifest(stored[0])
+        except OciError:
+            return []
+        return [child for kind, child, _size in referenced_digests(document)
+                if kind == "manifest"]
 
     def entries(self) -> list[Entry]:
         """Every stored blob and manifest, most recently used first."""
@@ -120,6 +191,46 @@ class Inventory:
         usage["downloading_bytes"] = sum(p.stat().st_size for p in self.store.tmp.glob("*")
                                          if p.is_file()) if self.store.tmp.is_dir() else 0
         return usage
+
+    def by_registry(self) -> dict[str, int]:
+        """Bytes of content each configured registry (and ``other``) uses; content of
+        several registries counts under each."""
+        members = self._members()
+        if members is None:
+            return dict.fromkeys([*self._registries, "other"], 0)
+        return members.bytes_by_registry(self.settings.path / "index.db", self._registries)
+
+    def listing(self) -> dict[str, Any]:
+        """What ``cache ls --json`` prints: images by registry, content with its
+        registries and pins."""
+        pins = self.pinned()
+        members = self._members()
+        owners = members.registries_of() if members is not None else {}
+        by_registry: dict[str, list[dict[str, Any]]] = {}
+        for row in self.images():
+            registry = row.reference.split("/", 1)[0]
+            by_registry.setdefault(registry, []).append(
+                {"reference": row.reference, "digest": row.digest, "bytes": row.size,
+                 "pinned": row.pinned, "pins": list(row.pins), "state": row.state,
+                 "missing_blobs": row.missing_blobs,
+                 "platforms": list(row.platforms) if row.platforms else None})
+        content = [{"kind": e.kind, "digest": e.digest, "bytes": e.size,
+                    "last_use": e.last_use, "pinned": e.digest in pins,
+                    "registries": sorted(owners.get(e.digest, ()))}
+                   for e in self.entries()]
+        return {"images": by_registry, "content": content}
+
+    def disk_usage(self) -> dict[str, Any]:
+        """What ``cache du --json`` prints: :meth:`usage`, the folder, the limit ``serve``
+        would choose now (``max_size_from``: config, auto or none) and the bytes by
+        registry."""
+        usage = self.usage()
+        total = usage["blob_bytes"] + usage["manifest_bytes"]
+        storage = resolve_max_size(self.settings, total)  # as `serve` would choose
+        origin = ("auto" if storage.max_size_auto else "config") if storage.max_size \
+            else "none"
+        return {**usage, "path": str(storage.path), "max_size": storage.max_size,
+                "max_size_from": origin, "by_registry": self.by_registry()}
 
     def label(self, text: str) -> tuple[str, tuple[str, str, str] | None]:
         """What ``text`` names, normalised once for every command: a digest, or the

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,18 +33,17 @@ from mirror.errors import (
     TooManyRequests,
     UpstreamUnavailable,
 )
-from mirror.fetch import DISK_FULL_ERRNOS, SingleFlight
+from mirror.fetch import DISK_FULL_ERRNOS, Coalescer, LocalCoalescer, SingleFlight
 from mirror.oci import (
     DOCKER_LIST,
-    UPSTREAM_ACCEPT,
     Digest,
     client_accepts,
     manifest_media_type,
     parse_manifest,
     pick_platform,
 )
+from mirror.policy import Verdict
 from mirror.sources import ContentRef, SourceChain
-from mirror.sources.upstream import check_status, fetch_manifest
 from mirror.storage.filesystem import FilesystemStore
 
 log = structlog.get_logger(__name__)
@@ -69,19 +67,25 @@ class Resolved:
 
     manifest: Manifest
     cache: str  # hit | miss | joined | stale
+    verdict: Verdict | None = None  # the policy's, when one judged it (pull service)
 
 
 class ManifestCache:
     """Answers manifest requests from memory, disk, then the registry's chain of sources.
 
-    Tags are resolved against the upstream registry only (the chain's client); content
+    Tags are resolved against the upstream registry only (the chain's upstream); content
     by digest comes from the first source of the chain that has it.
     """
 
     def __init__(self, store: FilesystemStore, tags: TagStore, settings: CacheSettings, *,
                  on_fetched: Callable[[dict[str, Any]], None] | None = None,
                  on_hit: Callable[[str, str], None] = lambda _k, _d: None,
-                 clock: Clock = SYSTEM) -> None:
+                 clock: Clock = SYSTEM, coalescer: Coalescer | None = None) -> None:
+        """Args:
+            coalescer: who asks upstream for a manifest or a tag that several processes
+                want (default: this process): with worker processes sharing the cache, one
+                worker asks and the others find its answer on disk.
+        """
         self._on_fetched = on_fetched
         self._on_hit = on_hit
         self._clock = clock
@@ -100,9 +104,7 @@ class ManifestCache:
         self._by_digest: SingleFlight[Digest, Manifest] = SingleFlight(cancel_abandoned=True)
         self._by_tag: SingleFlight[str, tuple[Manifest, str]] = SingleFlight(
             cancel_abandoned=True)
-        #: A node-wide lock by name, set when worker processes share the cache: one
-        #: worker asks upstream for a manifest or a tag, the others find its answer.
-        self.exclusive: Callable[[str], AbstractAsyncContextManager[None]] | None = None
+        self._coalescer: Coalescer = coalescer or LocalCoalescer()
 
     def forget(self, digest: Digest) -> None:
         """Drop the in-memory copy of a manifest (it was evicted from disk)."""
@@ -111,6 +113,22 @@ class ManifestCache:
     def clear_memory(self) -> None:
         """Forget every manifest held in memory (content was removed elsewhere)."""
         self._memory.clear()
+
+    async def keep(self, digests: set[str]) -> int:
+        """Store again the manifests of ``digests`` held in memory that are no longer on
+        disk (removed by another process while this one answered them). Returns how many."""
+        wanted = [m for d, m in list(self._memory.items()) if str(d) in digests]
+
+        def restore() -> int:
+            restored = 0
+            for manifest in wanted:
+                if self._store.read_manifest(manifest.digest) is None:
+                    self._store.write_manifest(manifest.digest, manifest.data,
+                                               manifest.media_type)
+                    restored += 1
+            return restored
+
+        return await asyncio.to_thread(restore)
 
     async def close(self) -> None:
         """Stop work under way (at shutdown)."""
@@ -130,6 +148,14 @@ class ManifestCache:
             raise ManifestUnknown(f"manifest {digest} is {manifest.media_type}, which the "
                                   "request's Accept header does not include")
         return Resolved(manifest, cache)
+
+    async def fresh_for(self, registry: str, repository: str, tag: str) -> float:
+        """Seconds the tag's record stays fresh (inside the tag TTL, when :meth:`by_tag`
+        answers it without asking upstream); zero or less: not fresh, or not known."""
+        record = await self._tags.get(tag_key(registry, repository, tag))
+        if record is None:
+            return 0.0
+        return self._settings.tag_ttl - record.age(self._clock.time())
 
     async def by_tag(self, origin: SourceChain, repository: str, tag: str,
                      accepted: frozenset[str] | None, max_age: float | None = None) -> Resolved:
@@ -175,9 +201,9 @@ class ManifestCache:
 
     async def _refresh_tag(self, origin: SourceChain, repository: str, tag: str, key: str,
                            record: TagRecord | None) -> tuple[Manifest, str]:
-        if self.exclusive is None:
-            return await self._refresh_tag_here(origin, repository, tag, key, record)
-        async with self.exclusive("tag-" + hashlib.sha256(key.encode()).hexdigest()):
+        async with self._coalescer.exclusive("tag-" + hashlib.sha256(key.encode()).hexdigest()):
+            if not self._coalescer.shared:
+                return await self._refresh_tag_here(origin, repository, tag, key, record)
             record = await self._tags.reload(key)  # another worker may have just renewed it
             if record is not None and record.age(self._clock.time()) < self._settings.tag_ttl:
                 manifest, _ = await self._get_digest(origin, repository,
@@ -219,15 +245,12 @@ class ManifestCache:
     async def _revalidate(self, origin: SourceChain, repository: str, tag: str, key: str,
                           record: TagRecord) -> tuple[Manifest, str]:
         """One HEAD upstream: free on Docker Hub, unlike a GET."""
-        headers = {"Accept": UPSTREAM_ACCEPT}
-        async with origin.client.request("HEAD", repository, f"manifests/{tag}",
-                                         headers=headers) as resp:
-            if resp.status == 404:
-                await self._tags.delete(key)
-                await self._remember_missing(key)
-                raise ManifestUnknown(f"tag {tag!r} is no longer upstream")
-            check_status(resp, origin.name, "manifest")
-            header = resp.headers.get("Docker-Content-Digest")
+        head = await origin.upstream.head_tag(repository, tag)
+        if head is None:
+            await self._tags.delete(key)
+            await self._remember_missing(key)
+            raise ManifestUnknown(f"tag {tag!r} is no longer upstream")
+        header = head.digest
         if header is None:
             manifest = await self._fetch(origin, repository, tag)
         elif header == record.digest:
@@ -271,9 +294,9 @@ class ManifestCache:
                             digest: Digest) -> Manifest:
         """A manifest missing locally: from the first source of the chain that has it
         (asked by one worker of the node at a time)."""
-        if self.exclusive is None:
-            return await self._fetch_digest_here(origin, repository, digest)
-        async with self.exclusive(f"manifest-{digest.algorithm}-{digest.hex}"):
+        async with self._coalescer.exclusive(f"manifest-{digest.algorithm}-{digest.hex}"):
+            if not self._coalescer.shared:
+                return await self._fetch_digest_here(origin, repository, digest)
             stored = await asyncio.to_thread(self._store.read_manifest, digest)
             if stored is not None:  # another worker fetched it meanwhile
                 found = Manifest(digest, *stored)
@@ -295,7 +318,7 @@ class ManifestCache:
 
     async def _fetch(self, origin: SourceChain, repository: str, tag: str) -> Manifest:
         """GET a manifest by tag upstream, verify it against the digest header, store it."""
-        fetched = await fetch_manifest(origin.client, repository, tag)
+        fetched = await origin.upstream.manifest(repository, tag)
         if fetched is None:
             await self._remember_missing(tag_key(origin.name, repository, tag))
             raise ManifestUnknown(f"manifest {tag!r} is unknown upstream")

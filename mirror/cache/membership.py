@@ -36,16 +36,9 @@ from cachetools import LRUCache, TTLCache
 
 from mirror import metrics
 from mirror.config import UpstreamSettings
-from mirror.errors import (
-    BlobUnknown,
-    Denied,
-    ManifestUnknown,
-    NameUnknown,
-    OciError,
-    UpstreamUnavailable,
-)
-from mirror.oci import UPSTREAM_ACCEPT, Digest, parse_manifest, referenced_digests
-from mirror.sources.upstream import RegistryClient
+from mirror.errors import BlobUnknown, ManifestUnknown, OciError
+from mirror.oci import Digest, parse_manifest, referenced_digests
+from mirror.sources.upstream import UpstreamSource
 
 log = structlog.get_logger(__name__)
 
@@ -238,10 +231,10 @@ class Membership:
         return found
 
 
-async def ensure_member(membership: Membership, client: RegistryClient, repository: str,
+async def ensure_member(membership: Membership, upstream: UpstreamSource, repository: str,
                         digest: Digest, *, kind: str, private: bool) -> None:
-    """Refuse a digest the registry of ``client`` is not known to hold, unless upstream
-    confirms it under ``repository``.
+    """Refuse a digest the registry of ``upstream`` is not known to hold, unless upstream
+    confirms it under ``repository`` (one ``HEAD``, on the budget ``upstream`` spends).
 
     Args:
         private: the registry is reached with credentials (:func:`holds_private`): the
@@ -252,18 +245,19 @@ async def ensure_member(membership: Membership, client: RegistryClient, reposito
             (404, 401 or 403).
         UpstreamUnavailable, TooManyRequests: upstream cannot say now.
     """
-    if await may_serve(membership, client.name, repository, str(digest), private=private):
+    registry = upstream.name
+    if await may_serve(membership, registry, repository, str(digest), private=private):
         return
-    asked = (client.name, repository, str(digest), kind)
-    if asked in membership.refused or not await _upstream_has(client, repository, digest,
+    asked = (registry, repository, str(digest), kind)
+    if asked in membership.refused or not await _upstream_has(upstream, repository, digest,
                                                                kind):
         metrics.child(metrics.AUTH_FAILURES, "not_member").inc()
-        log.info("membership_refused", registry=client.name, repository=repository,
+        log.info("membership_refused", registry=registry, repository=repository,
                  digest=str(digest), kind=kind)
         membership.refused[asked] = True
         error = BlobUnknown if kind == "blob" else ManifestUnknown
         raise error(f"{kind} {digest} is unknown in {repository}")
-    await membership.record(client.name, repository, [str(digest)])
+    await membership.record(registry, repository, [str(digest)])
 
 
 async def may_serve(membership: Membership, registry: str, repository: str, digest: str, *,
@@ -275,20 +269,11 @@ async def may_serve(membership: Membership, registry: str, repository: str, dige
     return await membership.known_in(registry, digest)
 
 
-async def _upstream_has(client: RegistryClient, repository: str, digest: Digest, kind: str) -> bool:
-    suffix = f"{'blobs' if kind == 'blob' else 'manifests'}/{digest}"
-    headers = {"Accept": UPSTREAM_ACCEPT} if kind == "manifest" else None
-    try:
-        async with client.request("HEAD", repository, suffix, headers=headers) as resp:
-            status: int = resp.status
-    except (Denied, NameUnknown):
-        return False
-    if status in (401, 403, 404):
-        return False
-    if status not in (200, 206):
-        raise UpstreamUnavailable(f"upstream answered {status} when asked whether "
-                                  f"{repository} holds {digest}", status=502)
-    return True
+async def _upstream_has(upstream: UpstreamSource, repository: str, digest: Digest,
+                        kind: str) -> bool:
+    if kind == "blob":
+        return await upstream.has_blob(repository, digest)
+    return await upstream.has_manifest(repository, digest)
 
 
 def registries_json(registries: dict[str, set[str]], digest: str) -> list[str]:

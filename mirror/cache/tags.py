@@ -112,6 +112,29 @@ class TagStore:
             return False
         return bool(await asyncio.to_thread(self._disk.get, _MISSING + key, False))
 
+    def clear_memory(self) -> None:
+        """Forget the copies in memory (records were removed elsewhere)."""
+        self._memory.clear()
+
+    async def keep_pointing_to(self, digests: set[str]) -> int:
+        """Write back the records in memory that point to ``digests`` and are no longer on
+        disk (``mirror cache evict`` removed them while this process kept answering them).
+        Returns how many."""
+        if self._disk is None or not digests:
+            return 0
+        wanted = {key: record for key, record in list(self._memory.items())
+                  if record.digest in digests}
+
+        def restore() -> int:
+            restored = 0
+            for key, record in wanted.items():
+                if self._disk.get(key) is None:
+                    self._disk.set(key, asdict(record))
+                    restored += 1
+            return restored
+
+        return await asyncio.to_thread(restore)
+
     async def delete(self, key: str) -> None:
         """Forget a tag (upstream says it no longer exists)."""
         self._memory.pop(key, None)

@@ -17,15 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from mirror.config.auth import (
-    AccessRule,
-    AdminSettings,
-    AuthSettings,
-    TokenSettings,
-    _access,
-    _admin,
-    _auth,
-)
+from mirror.config.audit import AuditSettings, _audit
+from mirror.config.auth import _access, _admin, _auth
 from mirror.config.cluster import _cluster
 from mirror.config.environment import Lenient, without_placeholders
 from mirror.config.imports import _import
@@ -36,10 +29,14 @@ from mirror.config.policy import (
     PolicySettings,
     _policy,
 )
+from mirror.config.secret import Secret
 from mirror.config.sections import _cache, _log, _server, _tls
 from mirror.config.settings import (
     CONFIG_VERSION,
     DOCKER_HUB_ALIASES,
+    AccessRule,
+    AdminSettings,
+    AuthSettings,
     BreakerSettings,
     BudgetSettings,
     CacheSettings,
@@ -48,11 +45,11 @@ from mirror.config.settings import (
     DockerConfigCredential,
     EcrCredential,
     ImportSettings,
+    LoginLimits,
     LogSettings,
     PopularSettings,
     S3Settings,
     Schedule,
-    Secret,
     ServerSettings,
     Settings,
     StaticCredential,
@@ -61,6 +58,7 @@ from mirror.config.settings import (
     SyncSettings,
     TagSet,
     TlsSettings,
+    TokenSettings,
     UpstreamSettings,
     default_settings,
     docker_hub,
@@ -85,6 +83,7 @@ __all__ = [
     "DOCKER_HUB_ALIASES",
     "AccessRule",
     "AdminSettings",
+    "AuditSettings",
     "AuthSettings",
     "BreakerSettings",
     "BudgetSettings",
@@ -95,6 +94,7 @@ __all__ = [
     "EcrCredential",
     "ImportSettings",
     "LogSettings",
+    "LoginLimits",
     "PolicyIdentity",
     "PolicyKey",
     "PolicyRule",
@@ -217,7 +217,8 @@ def _one_line(exc: yaml.YAMLError) -> str:
 
 
 _ROOT_KEYS = {"version", "listen", "tls", "storage", "cache", "upstreams", "log", "server",
-              "cluster", "auth", "access", "admin", "sync", "import", "policy"}
+              "cluster", "auth", "access", "admin", "sync", "import", "policy",
+              "audit"}
 
 
 def parse(document: Any, *, env: Mapping[str, str], base: Path = Path("."),
@@ -266,6 +267,7 @@ def parse(document: Any, *, env: Mapping[str, str], base: Path = Path("."),
         imports=part(lambda: _import(root.get("import"), base), ImportSettings()),
         policy=part(lambda: _policy(root.get("policy"), tuple(u.name for u in upstreams),
                                     base), None),
+        audit=part(lambda: _audit(root["audit"], base), None) if "audit" in root else None,
     )
     return settings
 

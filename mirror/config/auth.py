@@ -13,22 +13,29 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mirror.config.settings import Secret
+from mirror.config.settings import (
+    AccessRule,
+    AdminSettings,
+    AuthSettings,
+    LoginLimits,
+    TokenSettings,
+)
 from mirror.config.values import (
     _bool,
     _existing_file,
     _mapping,
     _only_keys,
     _opt,
-    _positive,
     _secret,
     _string,
-    parse_duration,
+    field_default,
     parse_listen,
+    read_section,
+    section_keys,
 )
 from mirror.errors import ConfigError
 
@@ -38,86 +45,12 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 _WHO_KINDS = ("user", "group")
 
 
-@dataclass(frozen=True)
-class TokenSettings:
-    """A static bearer token and the user name it stands for."""
-
-    name: str
-    token: Secret
-
-
-@dataclass(frozen=True)
-class AccessRule:
-    """One allow rule: ``who`` may pull ``repositories`` (globs) of ``registries``.
-
-    ``who`` holds ``user:NAME``, ``group:NAME``, ``anonymous``, ``authenticated``
-    (any client with valid credentials) or ``*`` (everyone, anonymous too).
-    ``registries`` holds configured registry names or ``*``.
-    """
-
-    who: tuple[str, ...]
-    registries: tuple[str, ...] = ("*",)
-    repositories: tuple[str, ...] = ("*",)
-
-
-@dataclass(frozen=True)
-class LoginLimits:
-    """How many failed password checks a source address or a user name may cause.
-
-    Failures are counted over ``window`` seconds; a source or user past its limit gets
-    429 with ``Retry-After`` until its oldest counted failure leaves the window. At most
-    ``queue`` password checks wait for the two bcrypt threads; more get 503 at once.
-    Answers given without a check (429, a wrong password remembered) come ``delay``
-    seconds late, so a client that floods in a loop slows itself down.
-    """
-
-    per_address: int = 10
-    per_user: int = 20
-    window: float = 300.0
-    queue: int = 16
-    delay: float = 2.0
-
-
-@dataclass(frozen=True)
-class AuthSettings:
-    """Client authentication and the access rules that apply once it is on."""
-
-    realm: str = "mirror"
-    htpasswd: Path | None = None
-    tokens: tuple[TokenSettings, ...] = ()
-    anonymous: bool = False
-    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    access: tuple[AccessRule, ...] = ()
-    cache_ttl: float = 60.0  # how long a verified password is remembered (bcrypt is slow)
-    admin_groups: tuple[str, ...] = ()  # members see the status page, /metrics, /admin/...
-    limits: LoginLimits = field(default_factory=LoginLimits)
-
-    def groups_of(self, user: str) -> frozenset[str]:
-        """The groups ``user`` is a member of."""
-        return frozenset(g for g, members in self.groups.items() if user in members)
-
-
-@dataclass(frozen=True)
-class AdminSettings:
-    """Where ``/metrics``, the status page ``/`` and ``/admin/...`` answer, and the token
-    they want."""
-
-    listen: tuple[str, int] | None = None  # None: on the main address
-    token: Secret | None = None
-
-    @property
-    def guarded(self) -> bool:
-        """Whether the admin paths are kept from clients (a token or their own address)."""
-        return self.listen is not None or self.token is not None
-
-
 def _auth(value: Any, env: Mapping[str, str], base: Path) -> AuthSettings | None:
     """The ``auth`` section with its ``access`` rules (given at the top level)."""
     if value is None:
         return None
     auth = _mapping(value, "auth")
-    _only_keys(auth, "auth", {"realm", "htpasswd", "tokens", "anonymous", "groups", "access",
-                              "cache_ttl", "admin_groups", "limits"})
+    _only_keys(auth, "auth", section_keys(AuthSettings))
     if "access" in auth:
         raise ConfigError("auth.access", "access rules go in the top-level access: section")
     htpasswd = None
@@ -125,16 +58,15 @@ def _auth(value: Any, env: Mapping[str, str], base: Path) -> AuthSettings | None
         htpasswd = _existing_file(auth["htpasswd"], "auth.htpasswd", base)
         _check_htpasswd(htpasswd, "auth.htpasswd")
     tokens = _tokens(auth.get("tokens"), env, base)
-    anonymous = _opt(auth, "anonymous", "auth", _bool, False)
+    anonymous = _opt(auth, "anonymous", "auth", _bool, field_default(AuthSettings, "anonymous"))
     if htpasswd is None and not tokens and not anonymous:
         raise ConfigError("auth", "no way in: give htpasswd, tokens or anonymous: true")
-    realm = _opt(auth, "realm", "auth", _string, "mirror")
+    realm = _opt(auth, "realm", "auth", _string, field_default(AuthSettings, "realm"))
     if '"' in realm or "\\" in realm:
         raise ConfigError("auth.realm", "must not contain quotes or backslashes")
     groups = _groups(auth.get("groups"))
-    return AuthSettings(realm=realm, htpasswd=htpasswd, tokens=tokens, anonymous=anonymous,
-                        groups=groups,
-                        cache_ttl=_opt(auth, "cache_ttl", "auth", parse_duration, 60.0),
+    return read_section(AuthSettings, auth, "auth", realm=realm, htpasswd=htpasswd,
+                        tokens=tokens, anonymous=anonymous, groups=groups,
                         admin_groups=_admin_groups(auth.get("admin_groups"), groups),
                         limits=_limits(auth.get("limits")))
 
@@ -154,17 +86,10 @@ def _admin_groups(value: Any, groups: Mapping[str, tuple[str, ...]]) -> tuple[st
 
 def _limits(value: Any) -> LoginLimits:
     """``auth.limits``: failed logins per address and per user, and the bcrypt queue."""
-    limits = _mapping(value, "auth.limits")
-    _only_keys(limits, "auth.limits", {"per_address", "per_user", "window", "queue", "delay"})
-    default = LoginLimits()
-    window = _opt(limits, "window", "auth.limits", parse_duration, default.window)
-    if window <= 0:
+    limits = read_section(LoginLimits, _mapping(value, "auth.limits"), "auth.limits")
+    if limits.window <= 0:
         raise ConfigError("auth.limits.window", "must be longer than 0s")
-    return LoginLimits(
-        per_address=_opt(limits, "per_address", "auth.limits", _positive, default.per_address),
-        per_user=_opt(limits, "per_user", "auth.limits", _positive, default.per_user),
-        window=window, queue=_opt(limits, "queue", "auth.limits", _positive, default.queue),
-        delay=_opt(limits, "delay", "auth.limits", parse_duration, default.delay))
+    return limits
 
 
 def _tokens(value: Any, env: Mapping[str, str], base: Path) -> tuple[TokenSettings, ...]:
@@ -176,7 +101,8 @@ def _tokens(value: Any, env: Mapping[str, str], base: Path) -> tuple[TokenSettin
     for i, raw in enumerate(value):
         key = f"auth.tokens[{i}]"
         item = _mapping(raw, key)
-        _only_keys(item, key, {"name", "token", "token_env", "token_file"})  # token: refused below
+        # token itself: refused by _secret with a hint
+        _only_keys(item, key, section_keys(TokenSettings) | {"token"})
         name = _user_name(item.get("name"), f"{key}.name")
         if name == ANONYMOUS:
             raise ConfigError(f"{key}.name", "anonymous means a client without credentials")
@@ -222,7 +148,7 @@ def _access(value: Any, auth: AuthSettings | None,
 
 def _rule(raw: Any, key: str, auth: AuthSettings, registries: tuple[str, ...]) -> AccessRule:
     item = _mapping(raw, key)
-    _only_keys(item, key, {"who", "registries", "repositories"})
+    _only_keys(item, key, section_keys(AccessRule))
     if "who" not in item:
         raise ConfigError(f"{key}.who", "required: user:NAME, group:NAME, anonymous, "
                           "authenticated or *")
@@ -296,7 +222,7 @@ def _check_htpasswd(path: Path, key: str) -> None:
 
 def _admin(value: Any, env: Mapping[str, str], base: Path, main_port: int) -> AdminSettings:
     admin = _mapping(value, "admin")
-    _only_keys(admin, "admin", {"listen", "token_env", "token_file"})
+    _only_keys(admin, "admin", section_keys(AdminSettings))
     listen = None
     if "listen" in admin:
         try:

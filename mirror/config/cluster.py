@@ -18,14 +18,11 @@ from mirror.config.values import (
     _string,
     _url,
     parse_duration,
+    section_keys,
 )
 from mirror.errors import ConfigError
 
-_KEYS = {
-    "node_id", "region", "self_url", "peers", "peers_dns", "parents", "secret_env",
-    "secret_file", "header_timeout", "read_timeout", "health_interval", "health_failures",
-    "quarantine", "token_ttl", "audiences",
-}
+_KEYS = section_keys(ClusterSettings)
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 SECRET_MIN = 16
 
@@ -102,7 +99,7 @@ def _base_url(value: Any, key: str) -> str:
 
 def _dns(value: Any, key: str) -> PeersDns:
     item = _mapping(value, key)
-    _only_keys(item, key, {"name", "port", "scheme", "nameserver", "interval"})
+    _only_keys(item, key, section_keys(PeersDns))
     if "name" not in item or "port" not in item:
         raise ConfigError(key, "give name (the headless Service) and port")
     port = item["port"]

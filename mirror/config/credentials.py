@@ -9,11 +9,11 @@ from typing import Any
 
 from mirror.config import presets
 from mirror.config.presets import Preset
+from mirror.config.secret import Secret
 from mirror.config.settings import (
     CredentialSettings,
     DockerConfigCredential,
     EcrCredential,
-    Secret,
     StaticCredential,
 )
 from mirror.config.values import (

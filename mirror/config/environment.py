@@ -14,7 +14,8 @@ import dataclasses
 import secrets
 from collections.abc import Iterator, Mapping
 
-from mirror.config.settings import S3Settings, Secret, Settings, StaticCredential, UpstreamSettings
+from mirror.config.secret import Secret
+from mirror.config.settings import S3Settings, Settings, StaticCredential, UpstreamSettings
 
 
 class Lenient(Mapping[str, str]):

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from mirror.config.settings import ImportSettings
-from mirror.config.values import _existing_file, _mapping, _only_keys
+from mirror.config.values import _existing_file, _mapping, _only_keys, section_keys
 from mirror.errors import ConfigError
 
 
@@ -17,7 +17,7 @@ def _import(value: Any, base: Path) -> ImportSettings:
     """``import.trusted_keys``: ed25519 public keys (PEM files); when given, every import
     must be signed by one of them."""
     item = _mapping(value, "import")
-    _only_keys(item, "import", {"trusted_keys"})
+    _only_keys(item, "import", section_keys(ImportSettings))
     raw = item.get("trusted_keys", [])
     if not isinstance(raw, list):
         raise ConfigError("import.trusted_keys", "expected a list of PEM public key files")

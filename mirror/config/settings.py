@@ -1,8 +1,10 @@
-"""The frozen, typed settings that :func:`mirror.config.parse` produces, and ``Secret``."""
+"""The frozen, typed settings that :func:`mirror.config.parse` produces: one dataclass a
+section, whose fields (with their defaults and ``key`` metadata) are the section's keys."""
 
 from __future__ import annotations
 
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,37 +12,28 @@ from typing import TYPE_CHECKING
 from yarl import URL
 
 from mirror.config import cpus
+from mirror.config.secret import Secret
+from mirror.config.values import (
+    INTERNAL,
+    _bool,
+    _count,
+    _fraction,
+    _positive,
+    _string,
+    _url,
+    choice,
+    key,
+    parse_duration,
+    parse_size,
+    parse_timeout,
+)
 
-if TYPE_CHECKING:  # auth.py imports Secret from here
-    from mirror.config.auth import AdminSettings, AuthSettings
+if TYPE_CHECKING:  # these sections keep their settings beside their parsers (for now)
+    from mirror.config.audit import AuditSettings
     from mirror.config.policy import PolicySettings
 
 CONFIG_VERSION = 1
 DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
-
-
-class Secret:
-    """A credential value that never shows in a repr, a log or an error."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The secret itself, for the one place that sends it upstream."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
 
 
 @dataclass(frozen=True)
@@ -91,7 +84,7 @@ class BudgetSettings:
     """A token bucket of upstream requests (see mirror/upstream/guard.py)."""
 
     rate: float
-    burst: int
+    burst: int  # default: the rate per second, rounded up
     client_overdraft: float = 0.5
 
 
@@ -99,9 +92,9 @@ class BudgetSettings:
 class BreakerSettings:
     """When a circuit breaker opens and how long it stays open; ``failures=0`` disables it."""
 
-    failures: int = 5
-    window: float = 30.0
-    cool_down: float = 30.0
+    failures: int = field(default=5, metadata=key(_count))
+    window: float = field(default=30.0, metadata=key(parse_duration))
+    cool_down: float = field(default=30.0, metadata=key(parse_duration))
 
 
 @dataclass(frozen=True)
@@ -114,13 +107,14 @@ class UpstreamSettings:
     default: bool = False
     library_prefix: bool = False
     username: str | None = None
-    password: Secret | None = None
-    connect_timeout: float = 10.0
-    read_timeout: float = 30.0
-    request_timeout: float = 60.0  # the whole of a manifest, tag list or referrers request
-    retries: int = 3
-    max_connections: int = 32
-    max_retry_wait: float = 10.0
+    password: Secret | None = field(default=None, metadata=key(secret=True))
+    connect_timeout: float = field(default=10.0, metadata=key(parse_timeout))
+    read_timeout: float = field(default=30.0, metadata=key(parse_timeout))
+    # the whole of a manifest, tag list or referrers request
+    request_timeout: float = field(default=60.0, metadata=key(parse_timeout))
+    retries: int = field(default=3, metadata=key(_count))
+    max_connections: int = field(default=32, metadata=key(_positive))
+    max_retry_wait: float = field(default=10.0, metadata=key(parse_duration))
     preset: str = "generic"
     credentials: tuple[CredentialSettings, ...] = ()
     blob_probe: str = "head"
@@ -144,20 +138,20 @@ class UpstreamSettings:
 class S3Settings:
     """The shared S3 tier (``storage.s3``)."""
 
-    bucket: str
+    bucket: str  # required
     prefix: str = ""
-    region: str | None = None
-    endpoint_url: URL | None = None
-    access_key_id: Secret | None = None
-    secret_access_key: Secret | None = None
-    redirect: bool = False
-    redirect_ttl: float = 900.0
-    max_connections: int = 32
-    connect_timeout: float = 3.0
-    read_timeout: float = 30.0
-    failure_backoff: float = 15.0
-    part_size: int = 16 * 2**20
-    max_uploads: int = 4
+    region: str | None = field(default=None, metadata=key(_string))
+    endpoint_url: URL | None = field(default=None, metadata=key(_url))
+    access_key_id: Secret | None = field(default=None, metadata=key(secret=True))
+    secret_access_key: Secret | None = field(default=None, metadata=key(secret=True))
+    redirect: bool = field(default=False, metadata=key(_bool))
+    redirect_ttl: float = field(default=900.0, metadata=key(parse_duration))
+    max_connections: int = field(default=32, metadata=key(_positive))
+    connect_timeout: float = field(default=3.0, metadata=key(parse_timeout))
+    read_timeout: float = field(default=30.0, metadata=key(parse_timeout))
+    failure_backoff: float = field(default=15.0, metadata=key(parse_duration))
+    part_size: int = field(default=16 * 2**20, metadata=key(parse_size))
+    max_uploads: int = field(default=4, metadata=key(_positive))
 
 
 @dataclass(frozen=True)
@@ -167,10 +161,12 @@ class StorageSettings:
     max_size: int | None = None  # bytes; None: unbounded (or, with max_size_auto, not resolved yet)
     #: ``max_size: auto`` (the default in a config file): the cap is a share of the
     #: filesystem that holds ``path``, resolved at start by :func:`resolve_max_size`.
-    max_size_auto: bool = False
-    high_watermark: float = 0.95  # evict when the cache holds more than this share of max_size
-    low_watermark: float = 0.85  # ... down to this share
-    relay_window: int = 64 * 2**20  # bytes a fill relays from memory when the disk is full
+    max_size_auto: bool = field(default=False, metadata=INTERNAL)
+    # evict when the cache holds more than this share of max_size ...
+    high_watermark: float = field(default=0.95, metadata=key(_fraction))
+    low_watermark: float = field(default=0.85, metadata=key(_fraction))  # ... down to this
+    # bytes a fill relays from memory when the disk is full
+    relay_window: int = field(default=64 * 2**20, metadata=key(parse_size))
 
     @property
     def high_bytes(self) -> int | None:
@@ -185,24 +181,28 @@ class StorageSettings:
 
 @dataclass(frozen=True)
 class CacheSettings:
-    tag_ttl: float = 300.0
-    stale_if_error: float = 7 * 86400.0
-    negative_ttl: float = 15.0
-    memory_max_bytes: int = 256 * 2**20
-    memory_item_max_bytes: int = 1 * 2**20
+    tag_ttl: float = field(default=300.0, metadata=key(parse_duration))
+    stale_if_error: float = field(default=7 * 86400.0, metadata=key(parse_duration))
+    negative_ttl: float = field(default=15.0, metadata=key(parse_duration))
+    memory_max_bytes: int = field(default=256 * 2**20,
+                                  metadata=key(parse_size, name="memory_max_size"))
+    memory_item_max_bytes: int = field(default=1 * 2**20,
+                                       metadata=key(parse_size, name="memory_item_max_size"))
 
 
 @dataclass(frozen=True)
 class LogSettings:
-    level: str = "info"
-    format: str = "auto"
+    level: str = field(default="info", metadata=key(choice("debug", "info", "warning",
+                                                             "error")))
+    format: str = field(default="auto", metadata=key(choice("auto", "json", "console")))
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    event_loop: str = "uvloop"
-    chunk_size: int = 1 * 2**20
-    shutdown_grace: float = 10.0  # seconds downloads under way get to finish at shutdown
+    event_loop: str = field(default="uvloop", metadata=key(choice("asyncio", "uvloop")))
+    chunk_size: int = field(default=1 * 2**20, metadata=key(parse_size))
+    # seconds downloads under way get to finish at shutdown
+    shutdown_grace: float = field(default=10.0, metadata=key(parse_duration))
     # processes serving one port (one listening socket, shared) and one storage folder;
     # a config file without it gets one per CPU this process may use (mirror.config.cpus)
     workers: int = 1
@@ -220,7 +220,7 @@ class TagSet:
     versions of what is left. A set with only ``tags`` names exact tags (no tag listing).
     """
 
-    tags: tuple[str, ...] = ()
+    tags: tuple[str, ...] = field(default=(), metadata=INTERNAL)  # the rule's plain tags
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     semver: str | None = None
@@ -247,25 +247,30 @@ class SyncRule:
     name: str
     registry: str
     repositories: tuple[str, ...]
-    tag_sets: tuple[TagSet, ...]
+    tag_sets: tuple[TagSet, ...] = field(metadata=key(name="tags"))
     platforms: tuple[str, ...] = ()  # empty: the platforms served for it, else the node's own
     referrers: bool = False
-    schedule: Schedule = field(default_factory=lambda: Schedule(interval=300.0))
-    protect: float = 86400.0
+    # from the keys interval or cron (default: sync's)
+    schedule: Schedule = field(default_factory=lambda: Schedule(interval=300.0),
+                               metadata=INTERNAL)
+    protect: float = 86400.0  # default: sync.protect
 
 
 @dataclass(frozen=True)
 class PopularSettings:
     """``sync.popular``: the ``top`` most-pulled tags of the last ``window``, kept warm."""
 
-    top: int = 0
-    window: float = 86400.0
-    max_entries: int = 10_000
-    platforms_max: int = 4  # platforms warmed per popular tag, most pulled first
+    top: int = field(default=0, metadata=key(_count))
+    window: float = field(default=86400.0, metadata=key(parse_duration))
+    max_entries: int = field(default=10_000, metadata=key(_positive))
+    # platforms warmed per popular tag, most pulled first
+    platforms_max: int = field(default=4, metadata=key(_positive))
     #: Images one client (user or address) counts for per window: a source's share.
-    per_client: int = 20
-    schedule: Schedule = field(default_factory=lambda: Schedule(interval=600.0))
-    protect: float = 86400.0
+    per_client: int = field(default=20, metadata=key(_positive))
+    # from the keys interval or cron
+    schedule: Schedule = field(default_factory=lambda: Schedule(interval=600.0),
+                               metadata=INTERNAL)
+    protect: float = 86400.0  # default: sync.protect
 
 
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
@@ -284,14 +289,19 @@ class SyncSettings:
     rules: tuple[SyncRule, ...] = ()
     popular: PopularSettings = field(default_factory=PopularSettings)
     platforms: tuple[str, ...] = field(default_factory=lambda: (own_platform(),))
-    protect: float = 86400.0  # what `mirror warm` pins for (rules have their own)
-    concurrency: int = 2  # images warmed at once
-    blob_concurrency: int = 4  # blobs fetched at once, over every image
+    # what `mirror warm` pins for (rules have their own)
+    protect: float = field(default=86400.0, metadata=key(parse_duration))
+    concurrency: int = field(default=2, metadata=key(_positive))  # images warmed at once
+    # blobs fetched at once, over every image
+    blob_concurrency: int = field(default=4, metadata=key(_positive))
     bandwidth: int | None = 10 * 2**20  # bytes per second over warming downloads; None: no cap
-    ratelimit_floor: int = 10  # stop while upstream's ratelimit-remaining is below this
-    recheck: float = 60.0  # a tag checked this recently is not asked upstream again
+    # stop while upstream's ratelimit-remaining is below this
+    ratelimit_floor: int = field(default=10, metadata=key(_count))
+    # a tag checked this recently is not asked upstream again
+    recheck: float = field(default=60.0, metadata=key(parse_duration))
     off_peak: tuple[tuple[int, int], ...] = ()  # (start, end) minutes of the day, UTC
-    retry_after: float = 60.0  # pause after a 429 that carried no Retry-After
+    # pause after a 429 that carried no Retry-After
+    retry_after: float = field(default=60.0, metadata=key(parse_duration))
 
 
 @dataclass(frozen=True)
@@ -311,7 +321,7 @@ class ClusterSettings:
 
     node_id: str
     region: str
-    secret: Secret
+    secret: Secret = field(metadata=key(secret=True))
     self_url: str | None = None  # how peers reach this node (to skip itself in the list)
     peers: tuple[str, ...] = ()  # static peer base URLs (this node may be among them)
     peers_dns: PeersDns | None = None
@@ -334,6 +344,80 @@ class ImportSettings:
 
 
 @dataclass(frozen=True)
+class TokenSettings:
+    """A static bearer token and the user name it stands for."""
+
+    name: str
+    token: Secret = field(metadata=key(secret=True))
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """One allow rule: ``who`` may pull ``repositories`` (globs) of ``registries``.
+
+    ``who`` holds ``user:NAME``, ``group:NAME``, ``anonymous``, ``authenticated``
+    (any client with valid credentials) or ``*`` (everyone, anonymous too).
+    ``registries`` holds configured registry names or ``*``.
+    """
+
+    who: tuple[str, ...]
+    registries: tuple[str, ...] = ("*",)
+    repositories: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
+class LoginLimits:
+    """How many failed password checks a source address or a user name may cause.
+
+    Failures are counted over ``window`` seconds; a source or user past its limit gets
+    429 with ``Retry-After`` until its oldest counted failure leaves the window. At most
+    ``queue`` password checks wait for the two bcrypt threads; more get 503 at once.
+    Answers given without a check (429, a wrong password remembered) come ``delay``
+    seconds late, so a client that floods in a loop slows itself down.
+    """
+
+    per_address: int = field(default=10, metadata=key(_positive))
+    per_user: int = field(default=20, metadata=key(_positive))
+    window: float = field(default=300.0, metadata=key(parse_duration))
+    queue: int = field(default=16, metadata=key(_positive))
+    delay: float = field(default=2.0, metadata=key(parse_duration))
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Client authentication and the access rules that apply once it is on."""
+
+    realm: str = field(default="mirror", metadata=key(_string))
+    htpasswd: Path | None = None
+    tokens: tuple[TokenSettings, ...] = ()
+    anonymous: bool = field(default=False, metadata=key(_bool))
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    access: tuple[AccessRule, ...] = ()  # from the top-level access section (refused here)
+    # how long a verified password is remembered (bcrypt is slow)
+    cache_ttl: float = field(default=60.0, metadata=key(parse_duration))
+    admin_groups: tuple[str, ...] = ()  # members see the status page, /metrics, /admin/...
+    limits: LoginLimits = field(default_factory=LoginLimits)
+
+    def groups_of(self, user: str) -> frozenset[str]:
+        """The groups ``user`` is a member of."""
+        return frozenset(g for g, members in self.groups.items() if user in members)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """Where ``/metrics``, the status page ``/`` and ``/admin/...`` answer, and the token
+    they want."""
+
+    listen: tuple[str, int] | None = None  # None: on the main address
+    token: Secret | None = field(default=None, metadata=key(secret=True))
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the admin paths are kept from clients (a token or their own address)."""
+        return self.listen is not None or self.token is not None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the mirror needs to run, validated."""
 
@@ -349,7 +433,8 @@ class Settings:
     auth: AuthSettings | None = None  # None: anyone who reaches the port may pull
     admin: AdminSettings | None = None  # None: /metrics and / on the main address, open
     sync: SyncSettings | None = None
-    policy: PolicySettings | None = None  # signatures and policy (not enforced yet)
+    policy: PolicySettings | None = None  # signatures and policy
+    audit: AuditSettings | None = None  # the audit trail (None: none written)
     imports: ImportSettings = field(default_factory=ImportSettings)
 
     @property

@@ -11,40 +11,34 @@ from typing import Any, Protocol
 
 from mirror.config.settings import S3Settings, StorageSettings
 from mirror.config.values import (
-    _bool,
     _mapping,
     _only_keys,
     _opt,
-    _positive,
     _secret,
     _string,
-    _url,
-    parse_duration,
     parse_size,
-    parse_timeout,
+    read_section,
+    section_keys,
 )
 from mirror.errors import ConfigError
 
 
 def _storage(value: Any, env: Mapping[str, str], base: Path) -> StorageSettings:
     storage = _mapping(value, "storage")
-    _only_keys(storage, "storage", {"path", "s3", "max_size", "high_watermark", "low_watermark",
-                                      "relay_window"})
+    _only_keys(storage, "storage", section_keys(StorageSettings))  # before those read here
     path = Path(_string(storage.get("path", "./mirror-data"), "storage.path"))
     s3 = _s3(storage["s3"], env, base) if storage.get("s3") is not None else None
     max_size, auto = _max_size(storage.get("max_size", "auto"))
-    d = StorageSettings
-    high = _opt(storage, "high_watermark", "storage", _fraction, d.high_watermark)
-    low = _opt(storage, "low_watermark", "storage", _fraction, d.low_watermark)
+    settings = read_section(StorageSettings, storage, "storage",
+                            path=path if path.is_absolute() else base / path, s3=s3,
+                            max_size=max_size, max_size_auto=auto)
+    low, high = settings.low_watermark, settings.high_watermark
     if low >= high:
         raise ConfigError("storage.low_watermark",
                           f"must be below storage.high_watermark ({low} >= {high})")
-    relay_window = _opt(storage, "relay_window", "storage", parse_size, d.relay_window)
-    if relay_window < 64 * 2**10:
+    if settings.relay_window < 64 * 2**10:
         raise ConfigError("storage.relay_window", "must be at least 64KiB")
-    return StorageSettings(path=path if path.is_absolute() else base / path, s3=s3,
-                           max_size=max_size, max_size_auto=auto, high_watermark=high,
-                           low_watermark=low, relay_window=relay_window)
+    return settings
 
 
 def _max_size(value: Any) -> tuple[int | None, bool]:
@@ -110,19 +104,7 @@ def resolve_max_size(storage: StorageSettings, held: int,
     return replace(storage, max_size=auto_max_size(disk, held))
 
 
-def _fraction(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-        raise ConfigError(key, f"expected a fraction of max_size above 0 and at most 1, "
-                          f"got {value!r}")
-    return float(value)
-
-
-_S3_KEYS = {
-    "bucket", "prefix", "region", "endpoint_url", "access_key_id_env", "access_key_id_file",
-    "secret_access_key_env", "secret_access_key_file", "redirect", "redirect_ttl",
-    "max_connections", "connect_timeout", "read_timeout", "failure_backoff", "part_size",
-    "max_uploads",
-}
+_S3_KEYS = section_keys(S3Settings)
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9!_.*'()/-]*")
 
@@ -149,27 +131,10 @@ def _s3(value: Any, env: Mapping[str, str], base: Path) -> S3Settings:
     if (key_id is None) != (secret is None):
         raise ConfigError(key, "give both access_key_id_* and secret_access_key_*, or neither "
                           "(the standard AWS chain)")
-    d = S3Settings
-    part_size = _opt(item, "part_size", key, parse_size, d.part_size)
-    if not 5 * 2**20 <= part_size <= 5 * 2**30:
+    settings = read_section(S3Settings, item, key, bucket=bucket, prefix=prefix,
+                            access_key_id=key_id, secret_access_key=secret)
+    if not 5 * 2**20 <= settings.part_size <= 5 * 2**30:
         raise ConfigError(f"{key}.part_size", "must be between 5MiB and 5GiB (S3's limits)")
-    redirect_ttl = _opt(item, "redirect_ttl", key, parse_duration, d.redirect_ttl)
-    if not 1 <= redirect_ttl <= 7 * 86400:
+    if not 1 <= settings.redirect_ttl <= 7 * 86400:
         raise ConfigError(f"{key}.redirect_ttl", "must be between 1s and 7d (S3's limit)")
-    return S3Settings(
-        bucket=bucket,
-        prefix=prefix,
-        region=_opt(item, "region", key, _string, None),
-        endpoint_url=_url(item["endpoint_url"], f"{key}.endpoint_url")
-        if "endpoint_url" in item else None,
-        access_key_id=key_id,
-        secret_access_key=secret,
-        redirect=_opt(item, "redirect", key, _bool, d.redirect),
-        redirect_ttl=redirect_ttl,
-        max_connections=_opt(item, "max_connections", key, _positive, d.max_connections),
-        connect_timeout=_opt(item, "connect_timeout", key, parse_timeout, d.connect_timeout),
-        read_timeout=_opt(item, "read_timeout", key, parse_timeout, d.read_timeout),
-        failure_backoff=_opt(item, "failure_backoff", key, parse_duration, d.failure_backoff),
-        part_size=part_size,
-        max_uploads=_opt(item, "max_uploads", key, _positive, d.max_uploads),
-    )
+    return settings

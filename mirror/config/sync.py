@@ -29,8 +29,11 @@ from mirror.config.values import (
     _positive,
     _registry_name,
     _string,
+    field_default,
     parse_duration,
     parse_size,
+    read_section,
+    section_keys,
 )
 from mirror.errors import ConfigError
 
@@ -43,11 +46,10 @@ def _sync(value: Any, registries: dict[str, str]) -> SyncSettings | None:
     if value is None:
         return None
     sync = _mapping(value, "sync")
-    _only_keys(sync, "sync", {"rules", "popular", "platforms", "concurrency", "blob_concurrency",
-                              "bandwidth", "ratelimit_floor", "recheck", "off_peak",
-                              "retry_after", "interval", "cron", "protect"})
-    default_schedule = _schedule(sync, "sync", Schedule(interval=300.0))
-    default_protect = _opt(sync, "protect", "sync", parse_duration, 86400.0)
+    _only_keys(sync, "sync", section_keys(SyncSettings) | {"interval", "cron"})
+    default_schedule = _schedule(sync, "sync", field_default(SyncRule, "schedule"))
+    default_protect = _opt(sync, "protect", "sync", parse_duration,
+                           field_default(SyncSettings, "protect"))
     rules_value = sync.get("rules") or []
     if not isinstance(rules_value, list):
         raise ConfigError("sync.rules", "expected a list of rules")
@@ -57,28 +59,21 @@ def _sync(value: Any, registries: dict[str, str]) -> SyncSettings | None:
     if len(set(names)) != len(names):
         raise ConfigError("sync.rules", "rule names must be unique")
     bandwidth = _opt(sync, "bandwidth", "sync", parse_size, SyncSettings.bandwidth)
-    return SyncSettings(
+    return read_section(
+        SyncSettings, sync, "sync", extra_keys={"interval", "cron"},
         rules=rules,
         popular=_popular(sync.get("popular"), default_protect),
         platforms=_platforms(sync.get("platforms"), "sync.platforms") or (own_platform(),),
         protect=default_protect,
-        concurrency=_opt(sync, "concurrency", "sync", _positive, SyncSettings.concurrency),
-        blob_concurrency=_opt(sync, "blob_concurrency", "sync", _positive,
-                              SyncSettings.blob_concurrency),
         bandwidth=bandwidth or None,
-        ratelimit_floor=_opt(sync, "ratelimit_floor", "sync", _count_value,
-                             SyncSettings.ratelimit_floor),
-        recheck=_opt(sync, "recheck", "sync", parse_duration, SyncSettings.recheck),
         off_peak=_off_peak(sync.get("off_peak")),
-        retry_after=_opt(sync, "retry_after", "sync", parse_duration, SyncSettings.retry_after),
     )
 
 
 def _rule(value: Any, key: str, registries: dict[str, str], schedule: Schedule,
           protect: float) -> SyncRule:
     rule = _mapping(value, key)
-    _only_keys(rule, key, {"name", "registry", "repositories", "tags", "platforms", "referrers",
-                           "interval", "cron", "protect"})
+    _only_keys(rule, key, section_keys(SyncRule) | {"interval", "cron"})
     named = _registry_name(rule.get("registry"), f"{key}.registry")
     registry = registries.get(named)
     if registry is None:
@@ -111,7 +106,7 @@ def _rule(value: Any, key: str, registries: dict[str, str], schedule: Schedule,
 
 def _tag_set(value: Any, key: str) -> TagSet:
     item = _mapping(value, key)
-    _only_keys(item, key, {"allow", "deny", "semver", "newest"})
+    _only_keys(item, key, section_keys(TagSet))
     if not item:
         raise ConfigError(key, "an empty tag set selects nothing")
     allow = _regexes(item.get("allow"), f"{key}.allow")
@@ -131,21 +126,16 @@ def _popular(value: Any, protect: float) -> PopularSettings:
     if value is None:
         return PopularSettings(protect=protect)
     popular = _mapping(value, "sync.popular")
-    _only_keys(popular, "sync.popular", {"top", "window", "max_entries", "platforms_max",
-                                         "per_client", "interval", "cron", "protect"})
-    d = PopularSettings
-    window = _opt(popular, "window", "sync.popular", parse_duration, d.window)
+    _only_keys(popular, "sync.popular", section_keys(PopularSettings) | {"interval", "cron"})
+    window = _opt(popular, "window", "sync.popular", parse_duration,
+                  field_default(PopularSettings, "window"))
     if window < 60:
         raise ConfigError("sync.popular.window", "must be at least 1m")
-    return PopularSettings(
-        top=_opt(popular, "top", "sync.popular", _count_value, d.top),
+    return read_section(
+        PopularSettings, popular, "sync.popular", extra_keys={"interval", "cron"},
         window=window,
-        max_entries=_opt(popular, "max_entries", "sync.popular", _positive, d.max_entries),
-        platforms_max=_opt(popular, "platforms_max", "sync.popular", _positive, d.platforms_max),
-        per_client=_opt(popular, "per_client", "sync.popular", _positive, d.per_client),
-        schedule=_schedule(popular, "sync.popular", Schedule(interval=600.0)),
-        protect=_opt(popular, "protect", "sync.popular", parse_duration, protect),
-    )
+        schedule=_schedule(popular, "sync.popular", field_default(PopularSettings, "schedule")),
+        protect=_opt(popular, "protect", "sync.popular", parse_duration, protect))
 
 
 def _schedule(item: dict[str, Any], key: str, default: Schedule) -> Schedule:
@@ -212,7 +202,3 @@ def _regexes(value: Any, key: str) -> tuple[str, ...]:
     return patterns
 
 
-def _count_value(value: Any, key: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(key, f"expected a whole number >= 0, got {value!r}")
-    return value

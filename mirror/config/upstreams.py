@@ -21,7 +21,6 @@ from mirror.config.settings import (
 )
 from mirror.config.values import (
     _bool,
-    _count,
     _mapping,
     _only_keys,
     _opt,
@@ -29,9 +28,11 @@ from mirror.config.values import (
     _registry_name,
     _string,
     _url,
+    field_default,
     parse_duration,
     parse_rate,
-    parse_timeout,
+    read_section,
+    section_keys,
 )
 from mirror.errors import ConfigError
 
@@ -49,12 +50,8 @@ def _upstreams(value: Any, env: Mapping[str, str], base: Path) -> tuple[Upstream
     return upstreams
 
 
-_UPSTREAM_KEYS = {
-    "name", "url", "aliases", "default", "library_prefix", "username", "password_env",
-    "password_file", "connect_timeout", "read_timeout", "request_timeout", "retries",
-    "max_connections", "max_retry_wait", "preset", "blob_probe", "credentials",
-    "docker_config", "ecr", "json_key_file", "redirect_hosts",
-} | {"budget", "breaker", "max_client_retry_after"}
+#: The credential kinds besides username/password (mirror.config.credentials).
+_UPSTREAM_KEYS = section_keys(UpstreamSettings) | {"docker_config", "ecr", "json_key_file"}
 
 
 def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> UpstreamSettings:
@@ -79,8 +76,8 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
     legacy = credentials[0] if credentials and "username" in item else None
     if not isinstance(legacy, StaticCredential):
         legacy = None
-    d = UpstreamSettings
-    return UpstreamSettings(
+    return read_section(
+        UpstreamSettings, item, key, extra_keys={"docker_config", "ecr", "json_key_file"},
         name=name,
         url=url,
         aliases=aliases,
@@ -88,12 +85,6 @@ def _upstream(value: Any, key: str, env: Mapping[str, str], base: Path) -> Upstr
         library_prefix=_opt(item, "library_prefix", key, _bool, preset.library_prefix),
         username=legacy.username if legacy else None,
         password=legacy.password if legacy else None,
-        connect_timeout=_opt(item, "connect_timeout", key, parse_timeout, d.connect_timeout),
-        read_timeout=_opt(item, "read_timeout", key, parse_timeout, d.read_timeout),
-        request_timeout=_opt(item, "request_timeout", key, parse_timeout, d.request_timeout),
-        retries=_opt(item, "retries", key, _count, d.retries),
-        max_connections=_opt(item, "max_connections", key, _positive, d.max_connections),
-        max_retry_wait=_opt(item, "max_retry_wait", key, parse_duration, d.max_retry_wait),
         preset=preset.key,
         credentials=_with_default_ecr(credentials, preset, host),
         blob_probe=blob_probe,
@@ -123,12 +114,12 @@ def _guard(item: dict[str, Any], key: str) -> dict[str, Any]:
 
 def _budget(value: Any, key: str) -> BudgetSettings:
     budget = _mapping(value, key)
-    _only_keys(budget, key, {"rate", "burst", "client_overdraft"})
+    _only_keys(budget, key, section_keys(BudgetSettings))
     if "rate" not in budget:
         raise ConfigError(f"{key}.rate", "required: requests per second, e.g. 20/s or 600/m")
     rate = parse_rate(budget["rate"], f"{key}.rate")
     burst = _opt(budget, "burst", key, _positive, max(1, math.ceil(rate)))
-    overdraft = budget.get("client_overdraft", BudgetSettings.client_overdraft)
+    overdraft = budget.get("client_overdraft", field_default(BudgetSettings, "client_overdraft"))
     if isinstance(overdraft, bool) or not isinstance(overdraft, int | float) \
             or not 0 <= overdraft <= 10:
         raise ConfigError(f"{key}.client_overdraft",
@@ -137,16 +128,11 @@ def _budget(value: Any, key: str) -> BudgetSettings:
 
 
 def _breaker(value: Any, key: str) -> BreakerSettings:
-    breaker = _mapping(value, key)
-    _only_keys(breaker, key, {"failures", "window", "cool_down"})
-    d = BreakerSettings
-    window = _opt(breaker, "window", key, parse_duration, d.window)
-    cool_down = _opt(breaker, "cool_down", key, parse_duration, d.cool_down)
-    for name, seconds in (("window", window), ("cool_down", cool_down)):
+    breaker = read_section(BreakerSettings, _mapping(value, key), key)
+    for name, seconds in (("window", breaker.window), ("cool_down", breaker.cool_down)):
         if seconds <= 0:
             raise ConfigError(f"{key}.{name}", "must be longer than 0s")
-    return BreakerSettings(failures=_opt(breaker, "failures", key, _count, d.failures),
-                           window=window, cool_down=cool_down)
+    return breaker
 
 
 def _credential_host(name: str, url: URL) -> str:

@@ -3,6 +3,7 @@ small validators every section uses; each error names the key path it is about."
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 
 from yarl import URL
 
-from mirror.config.settings import Secret
+from mirror.config.secret import Secret
 from mirror.errors import ConfigError
 
 T = TypeVar("T")
@@ -139,6 +140,84 @@ def _secret(item: dict[str, Any], key: str, name: str, env: Mapping[str, str],
     return None
 
 
+#: Turns a value of the file into a setting; the second argument is the key path, for
+#: the error.
+Grammar = Callable[[Any, str], Any]
+
+
+def key(grammar: Grammar | None = None, *, name: str | None = None,
+        secret: bool = False) -> dict[str, Any]:
+    """The metadata of a settings field that is a key of the file: the ``grammar`` that
+    reads its value (none: the section's parser reads it itself), its ``name`` in the
+    file when that is not the field's, and whether it is a ``secret`` (given as
+    ``<name>_env`` or ``<name>_file``, never in the file). Use as
+    ``field(default=..., metadata=key(...))``. A field without metadata is a key of its
+    own name that the section's parser reads; one with :data:`INTERNAL` is no key."""
+    return {"grammar": grammar, "name": name, "secret": secret}
+
+
+INTERNAL: dict[str, Any] = {"internal": True}
+"""The metadata of a settings field that is not a key of the file (worked out)."""
+
+
+def file_key(item: dataclasses.Field[Any]) -> str:
+    """The name a settings field has in the file."""
+    return str(item.metadata.get("name") or item.name)
+
+
+def section_keys(cls: type[Any]) -> set[str]:
+    """The keys a section (a settings dataclass) accepts in the file."""
+    found = set()
+    for item in dataclasses.fields(cls):
+        if item.metadata.get("secret"):
+            found |= {f"{file_key(item)}_env", f"{file_key(item)}_file"}
+        elif not item.metadata.get("internal"):
+            found.add(file_key(item))
+    return found
+
+
+def field_default(cls: type[Any], name: str) -> Any:
+    """The default of a settings field (the one place it is written)."""
+    for item in dataclasses.fields(cls):
+        if item.name == name:
+            if item.default_factory is not dataclasses.MISSING:
+                return item.default_factory()
+            return item.default
+    raise KeyError(name)
+
+
+def read_section(cls: type[T], item: dict[str, Any], section: str, /, *,
+                 extra_keys: set[str] | frozenset[str] = frozenset(), **given: Any) -> T:
+    """A section from its mapping in the file: only the keys of ``cls`` (and
+    ``extra_keys``), each field with a grammar read by it (or its default when absent),
+    the other fields ``given`` by the section's parser.
+
+    Raises:
+        ConfigError: an unknown key, or a value its grammar refuses (naming its path).
+    """
+    _only_keys(item, section, section_keys(cls) | set(extra_keys))
+    values = dict(given)
+    for spec in dataclasses.fields(cls):  # type: ignore[arg-type]
+        grammar = spec.metadata.get("grammar")
+        if grammar is not None and spec.name not in given:
+            values[spec.name] = _opt(item, file_key(spec), section, grammar,
+                                     field_default(cls, spec.name))
+    return cls(**values)
+
+
+def choice(*options: str) -> Grammar:
+    """A grammar for one of ``options`` (any case)."""
+    expected = f"{', '.join(options[:-1])} or {options[-1]}" if len(options) > 1 else options[0]
+
+    def read(value: Any, path: str) -> str:
+        text = _string(value, path).lower()
+        if text not in options:
+            raise ConfigError(path, f"expected {expected}, got {text!r}")
+        return text
+
+    return read
+
+
 def _opt(item: dict[str, Any], name: str, key: str, convert: Callable[[Any, str], T],
          default: T) -> T:
     path = f"{key}.{name}" if key else name
@@ -170,6 +249,13 @@ def _bool(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(key, f"expected true or false, got {value!r}")
     return value
+
+
+def _fraction(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(key, f"expected a fraction of max_size above 0 and at most 1, "
+                          f"got {value!r}")
+    return float(value)
 
 
 def _count(value: Any, key: str) -> int:

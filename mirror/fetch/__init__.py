@@ -21,10 +21,16 @@ fails with ENOSPC, the fill asks for room and retries once; if the disk is
 still full it turns into a relay: the bytes already on disk are read from the
 temp file, the rest from a bounded window in memory that advances with the
 slowest reader. The blob is verified as always and never published.
+
+Which process of a node fills a digest is the fetcher's :class:`Coalescer`
+(:mod:`mirror.fetch.coalesce`): this one (:class:`LocalCoalescer`), or the
+holder of the digest's claim (:class:`mirror.fetch.claim.ClaimCoalescer`),
+which the others follow. The manifest cache is built with the same one.
 """
 
 from mirror.errors import DigestMismatch
 from mirror.fetch.body import UpstreamOpener
+from mirror.fetch.coalesce import Coalescer, LocalCoalescer
 from mirror.fetch.fetcher import RESUME_ATTEMPTS, UNKEPT_GRACE, Fetcher
 from mirror.fetch.fill import FileSpan, Fill, RangeOpener
 from mirror.fetch.flight import SingleFlight
@@ -35,10 +41,12 @@ __all__ = [
     "DISK_FULL_ERRNOS",
     "RESUME_ATTEMPTS",
     "UNKEPT_GRACE",
+    "Coalescer",
     "DigestMismatch",
     "Fetcher",
     "FileSpan",
     "Fill",
+    "LocalCoalescer",
     "RangeOpener",
     "SingleFlight",
     "Space",

@@ -12,6 +12,9 @@ per node, not per process.
                                    followers download on their own rather than wait
     tmp/claims/<alg>-<hex>.bad     a fill failed on wrong bytes at this time (mtime)
 
+The :class:`ClaimCoalescer` is how a :class:`~mirror.fetch.Fetcher` and a manifest cache
+built with it get these claims (see :mod:`mirror.fetch.coalesce`).
+
 The claimer downloads as a lone process would, into the ``.part`` file, and publishes it
 by rename only after verification. A worker that finds the claim held follows instead:
 its :class:`~mirror.fetch.fill.Fill` advances as the ``.part`` file grows (checked every
@@ -32,6 +35,10 @@ exception is a fill that failed on wrong bytes (it leaves a ``.bad`` marker): re
 that took bytes of it are cut, as readers of a failed fill are in one process, never
 finished with another download's tail.
 
+A worker killed while it filled leaves its ``.part`` file, in no budget once its
+reservation is gone: a worker that starts removes every one whose claim nobody holds
+(:meth:`Claims.sweep`).
+
 Every file here is opened with ``O_NOFOLLOW``: a symbolic link planted in ``tmp/claims/``
 (to make a worker lock, truncate or write a file elsewhere) is refused, never followed.
 """
@@ -49,16 +56,10 @@ from pathlib import Path
 
 import structlog
 
-from mirror import metrics
-from mirror.errors import DigestMismatch, UpstreamUnavailable
-from mirror.fetch.body import UpstreamOpener
-from mirror.fetch.fetcher import Fetcher
+from mirror.errors import UpstreamUnavailable
+from mirror.fetch.coalesce import BlobClaim, Seen, check_not_bad, count_file, file_replaced
 from mirror.fetch.fill import Fill
-from mirror.fetch.hints import SizeHints
-from mirror.fetch.relay import RELAY_MAX_BYTES
-from mirror.fetch.space import Space
 from mirror.oci import Digest
-from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.writer import TempWriter
 
 log = structlog.get_logger(__name__)
@@ -118,6 +119,46 @@ class Claim:
     part: Path
     size: Path
 
+    def writer(self, fill: Fill, chunk_size: int) -> TempWriter:
+        """The writer of the ``.part`` file, with the bytes already in it (a claimer that
+        died left them) hashed again and kept, when their total size is known."""
+        writer = TempWriter(self.part, fill.digest)
+        fd = open_claim_file(self.part, os.O_RDWR | os.O_CREAT)
+        try:
+            stat = os.fstat(fd)
+            on_disk = stat.st_size
+            if file_replaced(fill, on_disk, stat.st_ino):
+                check_not_bad(fill, _mtime(self.bad))
+            size = fill.size or self.announced() or fill.expected_size
+            if on_disk and size is not None and on_disk <= size:
+                offset = 0
+                while offset < on_disk:
+                    data = os.pread(fd, min(chunk_size, on_disk - offset), offset)
+                    if not data:
+                        break
+                    writer.hash_only(data)
+                    offset += len(data)
+                if offset == on_disk:
+                    if fill.size is None:
+                        fill.set_size(size)
+                    count_file(fill, on_disk, stat.st_ino)
+                    log.info("fill_adopted", digest=str(fill.digest), bytes=on_disk)
+                    return writer
+                writer = TempWriter(self.part, fill.digest)
+            if on_disk:
+                os.ftruncate(fd, 0)
+            count_file(fill, 0, stat.st_ino)  # readers of bytes it held wait for them again
+            return writer
+        finally:
+            os.close(fd)
+
+    def announced(self) -> int | None:
+        """The size announced for the digest, if any."""
+        try:
+            return int(_read_small(self.size))
+        except (FileNotFoundError, ValueError):
+            return None
+
     def announce(self, size: int | None) -> None:
         """Tell followers the blob's size (once known)."""
         if size is None:
@@ -125,6 +166,15 @@ class Claim:
         temp = self.size.with_suffix(f".size.{os.getpid()}")
         _write_small(temp, str(size))
         os.replace(temp, self.size)
+
+    @property
+    def verified(self) -> Path:
+        """The marker of bytes verified but not kept."""
+        return self.size.with_suffix(".ok")
+
+    def mark_verified(self) -> None:
+        """The ``.part`` file is verified and complete, and will not be published."""
+        os.close(open_claim_file(self.verified, os.O_WRONLY | os.O_CREAT))
 
     @property
     def relayed(self) -> Path:
@@ -149,15 +199,6 @@ class Claim:
         finally:
             os.close(fd)
 
-    @property
-    def verified(self) -> Path:
-        """The marker of bytes verified but not kept."""
-        return self.size.with_suffix(".ok")
-
-    def mark_verified(self) -> None:
-        """The ``.part`` file is verified and complete, and will not be published."""
-        os.close(open_claim_file(self.verified, os.O_WRONLY | os.O_CREAT))
-
     def release(self) -> None:
         """Give the claim up (after publishing, or after a failed fill removed the part)."""
         for done in (self.size, self.verified, self.relayed):
@@ -171,16 +212,12 @@ class Claim:
         self.fd = -1
 
 
-@dataclass(frozen=True)
-class Seen:
-    """What a follower saw of a fill in another process."""
-
-    published: int | None  # the size of the published blob, if it is published
-    size: int | None  # the announced size
-    on_disk: int | None  # bytes in the .part file (``None``: no such file)
-    verified: bool = False  # the .part file is verified, complete, and will not be kept
-    file_id: int | None = None  # the .part file's inode
-    relayed: bool = False  # the claimer relays from memory from byte 0 (no room)
+def _mtime(path: Path) -> float | None:
+    """When the marker ``path`` was last touched (``None``: there is none)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 class Claims:
@@ -262,15 +299,8 @@ class Claims:
             stat = part.stat()
             on_disk, file_id = stat.st_size, stat.st_ino
         return Seen(None, size, on_disk, size_file.with_suffix(".ok").exists(), file_id,
-                    size_file.with_suffix(".relay").exists())
-
-    def failed_on_wrong_bytes(self, digest: Digest, since: float) -> bool:
-        """Whether a fill of ``digest`` failed on wrong bytes at or after ``since``."""
-        try:
-            # A second of slack: file times come from a coarser clock than time.time().
-            return self._names(digest)[2].with_suffix(".bad").stat().st_mtime >= since - 1.0
-        except FileNotFoundError:
-            return False
+                    size_file.with_suffix(".relay").exists(),
+                    _mtime(size_file.with_suffix(".bad")))
 
     def sweep(self) -> int:
         """Remove the ``.part`` files nobody holds the claim of: what a worker killed
@@ -293,238 +323,27 @@ class Claims:
             log.info("claims_swept", parts=removed, reason="left by a worker that died")
         return removed
 
-    def announced(self, digest: Digest) -> int | None:
-        """The size a claimer announced for ``digest``, if any."""
-        try:
-            return int(_read_small(self._names(digest)[2]))
-        except (FileNotFoundError, ValueError):
-            return None
 
+class ClaimCoalescer:
+    """The coalescer of a node with several worker processes: claims in ``claims``' folder.
 
-class ClaimingFetcher(Fetcher):
-    """A :class:`~mirror.fetch.fetcher.Fetcher` for one worker among several: it fills a
-    digest only under the node-wide claim, and follows the fills of other workers."""
+    The fetcher fills a digest only under its claim, and follows the fills of other
+    workers; manifests and tag checks are asked upstream under a named claim.
+    """
 
-    def __init__(self, store: FilesystemStore, chunk_size: int = 1 << 20,
-                 space: Space | None = None, hints: SizeHints | None = None,
-                 relay_max_bytes: int = RELAY_MAX_BYTES, *, claims: Claims) -> None:
-        super().__init__(store, chunk_size, space, hints, relay_max_bytes)
+    shared = True
+
+    def __init__(self, claims: Claims) -> None:
         self.claims = claims
-        # By fill, not digest: a fill this process starts beside a relay that can no
-        # longer be joined (its window moved on) must not take the relay's claim.
-        self._held: dict[Fill, Claim] = {}
 
-    async def start(self, digest: Digest, opener: UpstreamOpener, registry: str,
-                    expected_size: int | None = None) -> tuple[Fill, bool]:
-        """Join this process's fill, follow another worker's, or claim the digest and fill.
+    def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.claims.exclusive(name)
 
-        Returns:
-            The fill, and whether this call joined (or follows) one already under way.
-        """
-        if digest in self._fills or (expected_size is not None
-                                     and not self.space.fits(expected_size)):
-            # Joined here, or larger than storage.max_size: relayed from memory by whoever
-            # downloads it, so there is no file for another worker to follow.
-            return await super().start(digest, opener, registry, expected_size)
-        claim = await asyncio.to_thread(self.claims.try_claim, digest)
-        if digest in self._fills:  # another request of this process got here meanwhile
-            if claim is not None:
-                await asyncio.to_thread(claim.release)
-            return await super().start(digest, opener, registry, expected_size)
-        fill = self._new_fill(digest, registry, expected_size)
-        if claim is not None:  # published by another worker after this one's cache miss?
-            destination = self.store.blob_path(digest)
-            seen = await asyncio.to_thread(self.claims.look, digest, destination)
-            if self._caught_up(fill, seen, destination):
-                await asyncio.to_thread(claim.release)
-                self._forget(fill)
-                return fill, True
-        if claim is None:
-            metrics.FILL_JOINS.inc()
-            fill.source = "worker"
-            fill.task = self._tasks.spawn(self._follow(fill, opener, registry), "fill")
-            return fill, True
-        self._held[fill] = claim
-        fill.task = self._tasks.spawn(self._run(fill, opener, registry), "fill")
-        return fill, False
+    async def claim(self, digest: Digest) -> BlobClaim | None:
+        return await asyncio.to_thread(self.claims.try_claim, digest)
 
-    def _new_fill(self, digest: Digest, registry: str, expected_size: int | None) -> Fill:
-        fill = Fill(digest, self.claims.part(digest), expected_size, self._count_reader,
-                    self.relay_max_bytes)
-        fill.registry = registry
-        fill.destination = self.store.blob_path(digest)
-        self._fills[digest] = fill
-        return fill
+    def part(self, digest: Digest) -> Path | None:
+        return self.claims.part(digest)
 
-    async def _writer(self, fill: Fill) -> TempWriter:
-        """The writer of the ``.part`` file, with the bytes already in it (a claimer that
-        died left them) hashed again and kept, when their total size is known."""
-        return await asyncio.to_thread(self._adopt, fill)
-
-    def _adopt(self, fill: Fill) -> TempWriter:
-        assert fill.temp is not None
-        writer = TempWriter(fill.temp, fill.digest)
-        fd = open_claim_file(fill.temp, os.O_RDWR | os.O_CREAT)
-        try:
-            stat = os.fstat(fd)
-            on_disk = stat.st_size
-            if self._replaced(fill, on_disk, stat.st_ino):
-                self._check_not_bad(fill)
-            size = fill.size or self.claims.announced(fill.digest) or fill.expected_size
-            if on_disk and size is not None and on_disk <= size:
-                offset = 0
-                while offset < on_disk:
-                    data = os.pread(fd, min(self.chunk_size, on_disk - offset), offset)
-                    if not data:
-                        break
-                    writer.hash_only(data)
-                    offset += len(data)
-                if offset == on_disk:
-                    if fill.size is None:
-                        fill.set_size(size)
-                    self._advance(fill, on_disk, stat.st_ino)
-                    log.info("fill_adopted", digest=str(fill.digest), bytes=on_disk)
-                    return writer
-                writer = TempWriter(fill.temp, fill.digest)
-            if on_disk:
-                os.ftruncate(fd, 0)
-            self._advance(fill, 0, stat.st_ino)
-            return writer
-        finally:
-            os.close(fd)
-
-    @staticmethod
-    def _replaced(fill: Fill, on_disk: int, file_id: int) -> bool:
-        """Whether the ``.part`` file is not the one ``fill``'s bytes were counted in."""
-        return on_disk < fill.written or fill.file_id not in (None, file_id)
-
-    def _advance(self, fill: Fill, on_disk: int, file_id: int) -> None:
-        """Count the ``on_disk`` bytes of the ``.part`` file ``file_id`` in ``fill``."""
-        if self._replaced(fill, on_disk, file_id):
-            fill.replaced(on_disk, file_id)
-            return
-        fill.file_id = file_id
-        if on_disk > fill.written:
-            fill.advance(on_disk - fill.written)
-
-    def _check_not_bad(self, fill: Fill) -> None:
-        """Cut ``fill``'s readers if the file they read from failed on wrong bytes.
-
-        Raises:
-            UpstreamUnavailable: it did.
-        """
-        if self.claims.failed_on_wrong_bytes(fill.digest, fill.started_at):
-            raise UpstreamUnavailable(f"the download of {fill.digest} that readers followed "
-                                      "had wrong bytes", status=502)
-
-    async def _relayed(self, fill: Fill) -> None:
-        claim = self._held.get(fill)
-        if claim is not None:
-            await asyncio.to_thread(claim.mark_relayed)
-
-    async def _failing(self, fill: Fill, error: BaseException) -> None:
-        claim = self._held.get(fill)
-        if claim is not None and isinstance(error, DigestMismatch) and fill.written:
-            await asyncio.to_thread(claim.mark_bad)
-
-    async def _sized(self, fill: Fill) -> None:
-        claim = self._held.get(fill)
-        if claim is not None:
-            await asyncio.to_thread(claim.announce, fill.size)
-
-    async def _publish(self, fill: Fill, durable: bool) -> str | None:
-        reason = await super()._publish(fill, durable)
-        claim = self._held.get(fill)
-        if reason is not None and claim is not None and fill.relay_from is None:
-            await asyncio.to_thread(claim.mark_verified)
-        return reason
-
-    def _settled(self, fill: Fill) -> None:
-        claim = self._held.pop(fill, None)
-        if claim is not None:
-            claim.release()
-
-    async def _follow(self, fill: Fill, opener: UpstreamOpener, registry: str) -> None:
-        """Follow another worker's fill until it is published; take it over if that
-        worker stops without publishing while the ``.part`` file is still there."""
-        destination = self.store.blob_path(fill.digest)
-        try:
-            while True:
-                seen = await asyncio.to_thread(self.claims.look, fill.digest, destination)
-                reason = self._not_followable(fill, seen)
-                if reason is not None:
-                    await self._own(fill, opener, registry, reason)
-                    return
-                if self._caught_up(fill, seen, destination):
-                    return
-                claim = await asyncio.to_thread(self.claims.try_claim, fill.digest)
-                if claim is not None:
-                    await self._taken(fill, claim, opener, registry, destination)
-                    return
-                await asyncio.sleep(POLL)
-        except BaseException as exc:
-            if not fill.done:
-                fill.fail(exc)
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            self._forget(fill)
-
-    def _not_followable(self, fill: Fill, seen: Seen) -> str | None:
-        """Why ``fill`` cannot follow the claimer (it relays from memory what no other
-        worker can read), or ``None``."""
-        if seen.published is not None or fill.written:
-            return None
-        if seen.size is not None and not self.space.fits(seen.size):
-            return "too_large"
-        return "no_room" if seen.relayed else None
-
-    async def _own(self, fill: Fill, opener: UpstreamOpener, registry: str,
-                   reason: str) -> None:
-        """Download ``fill`` here, unclaimed: the claimer relays from memory (a blob
-        larger than ``storage.max_size``, or no room), which no other worker can follow."""
-        fd, temp = await asyncio.to_thread(self.store.new_temp)
-        os.close(fd)
-        fill.temp, fill.source = temp, ""
-        log.info("fill_not_shared", digest=str(fill.digest), reason=reason)
-        await self._run(fill, opener, registry)
-
-    def _caught_up(self, fill: Fill, seen: Seen, destination: Path) -> bool:
-        """Advance ``fill`` to what is on disk; ``True`` once the blob is published."""
-        if seen.published is not None:
-            if fill.size is None:
-                fill.set_size(seen.published)
-            if seen.published > fill.written:
-                fill.advance(seen.published - fill.written)
-            fill.finish(destination)
-            return True
-        if seen.size is not None and fill.size is None:
-            fill.set_size(seen.size)
-        if seen.on_disk is not None and seen.file_id is not None:
-            if self._replaced(fill, seen.on_disk, seen.file_id):
-                self._check_not_bad(fill)
-            self._advance(fill, seen.on_disk, seen.file_id)
-        if seen.verified and seen.on_disk == fill.size:
-            fill.finish(None)  # verified, not kept: readers read on from the .part file
-            return True
-        return False
-
-    async def _taken(self, fill: Fill, claim: Claim, opener: UpstreamOpener, registry: str,
-                     destination: Path) -> None:
-        """The claim was free: the other worker is done, failed, or died."""
-        seen = await asyncio.to_thread(self.claims.look, fill.digest, destination)
-        if self._caught_up(fill, seen, destination):
-            await asyncio.to_thread(claim.release)
-            return
-        if seen.on_disk is None and fill.written > 0:
-            try:
-                self._check_not_bad(fill)
-            except UpstreamUnavailable:
-                await asyncio.to_thread(claim.release)
-                raise
-        log.warning("fill_taken_over", digest=str(fill.digest), bytes=fill.written,
-                    part="kept" if seen.on_disk is not None else "new")
-        metrics.FILL_TAKEOVERS.inc()
-        fill.source = ""
-        self._held[fill] = claim
-        await self._run(fill, opener, registry)
+    async def look(self, digest: Digest, published: Path) -> Seen:
+        return await asyncio.to_thread(self.claims.look, digest, published)

@@ -19,6 +19,16 @@ import structlog
 from mirror import metrics
 from mirror.errors import DigestMismatch, UpstreamUnavailable
 from mirror.fetch.body import UpstreamOpener, check_response, read_chunk
+from mirror.fetch.coalesce import (
+    LOCAL_CLAIM,
+    BlobClaim,
+    Coalescer,
+    LocalCoalescer,
+    Seen,
+    check_not_bad,
+    count_file,
+    file_replaced,
+)
 from mirror.fetch.fill import Fill
 from mirror.fetch.hints import SizeHints
 from mirror.fetch.relay import RELAY_MAX_BYTES
@@ -34,15 +44,27 @@ log = structlog.get_logger(__name__)
 RESUME_ATTEMPTS = 3
 #: How long an unkept blob's temp file outlives its last reader (for late joiners).
 UNKEPT_GRACE = 1.0
+#: Seconds between two looks at another process's fill (the latency a follower adds).
+FOLLOW_POLL = 0.02
 
 
 class Fetcher:
-    """Owns every fill of this node: one per digest."""
+    """Owns every fill of this process: one per digest, and with a shared
+    :class:`~mirror.fetch.coalesce.Coalescer`, one per digest for the node.
+
+    Args:
+        coalescer: who fills a digest that several processes want (default: this
+            process, always); with a :class:`~mirror.fetch.claim.ClaimCoalescer`, the
+            process that holds the digest's claim, which the others follow.
+    """
 
     def __init__(self, store: FilesystemStore, chunk_size: int = 1 << 20,
                  space: Space | None = None, hints: SizeHints | None = None,
-                 relay_max_bytes: int = RELAY_MAX_BYTES) -> None:
+                 relay_max_bytes: int = RELAY_MAX_BYTES, *,
+                 coalescer: Coalescer | None = None) -> None:
         self.store = store
+        self.coalescer: Coalescer = coalescer or LocalCoalescer()
+        self._held: dict[Fill, BlobClaim] = {}  # the claim each fill downloads under
         self.hints = hints or SizeHints()  # sizes from manifests (see hints.py)
         self.chunk_size = chunk_size
         self.space: Space = space or Unbounded()
@@ -75,31 +97,74 @@ class Fetcher:
 
     async def start(self, digest: Digest, opener: UpstreamOpener, registry: str,
                     expected_size: int | None = None) -> tuple[Fill, bool]:
-        """Join the fill of ``digest`` or start one.
+        """Join this process's fill of ``digest``, follow another process's, or claim the
+        digest and fill it.
 
         Returns:
-            The fill, and whether this call joined one already under way.
+            The fill, and whether this call joined (or follows) one already under way.
         """
         existing = self._fills.get(digest)
         if existing is not None and existing.joinable:
             metrics.FILL_JOINS.inc()
             return existing, True
-        # mkstemp is a single metadata call: cheap enough here, and readers
-        # that join from now on need the file to exist.
-        temp: Path | None = None
-        try:
-            fd, temp = self.store.new_temp()
-            os.close(fd)
-        except OSError as exc:
-            if exc.errno not in DISK_FULL_ERRNOS:
-                raise
-            # Not even an empty file fits: the fill relays from memory from byte 0.
+        if existing is not None or (expected_size is not None
+                                    and not self.space.fits(expected_size)):
+            # Larger than storage.max_size: relayed from memory by whoever downloads it,
+            # so there is no file for another process to follow.
+            return self._spawn(self._new_fill(digest, registry, expected_size, LOCAL_CLAIM),
+                               opener, registry, LOCAL_CLAIM), False
+        claim = await self.coalescer.claim(digest)
+        existing = self._fills.get(digest)
+        if existing is not None:  # another request of this process got here meanwhile
+            if claim is not None:
+                await asyncio.to_thread(claim.release)
+            return await self.start(digest, opener, registry, expected_size)
+        fill = self._new_fill(digest, registry, expected_size, claim)
+        if claim is None:
+            metrics.FILL_JOINS.inc()
+            fill.source = "worker"
+            fill.task = self._tasks.spawn(self._follow(fill, opener, registry), "fill")
+            return fill, True
+        if claim.part is not None:  # published by another process after this one's miss?
+            seen = await self.coalescer.look(digest, self.store.blob_path(digest))
+            if self._caught_up(fill, seen):
+                await asyncio.to_thread(claim.release)
+                self._forget(fill)
+                return fill, True
+        return self._spawn(fill, opener, registry, claim), False
+
+    def _new_fill(self, digest: Digest, registry: str, expected_size: int | None,
+                  claim: BlobClaim | None) -> Fill:
+        """A fill of ``digest``, joinable from now on, writing where ``claim`` says (a new
+        temp file of this process when the claim names none)."""
+        temp = claim.part if claim is not None else self.coalescer.part(digest)
+        if claim is not None and temp is None:
+            temp = self._new_temp()
         fill = Fill(digest, temp, expected_size, self._count_reader, self.relay_max_bytes)
         fill.registry = registry
         fill.destination = self.store.blob_path(digest)
         self._fills[digest] = fill
+        return fill
+
+    def _new_temp(self) -> Path | None:
+        # mkstemp is a single metadata call: cheap enough here, and readers
+        # that join from now on need the file to exist.
+        try:
+            fd, temp = self.store.new_temp()
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            return None  # not even an empty file fits: the fill relays from memory from byte 0
+        os.close(fd)
+        return temp
+
+    def _spawn(self, fill: Fill, opener: UpstreamOpener, registry: str,
+               claim: BlobClaim) -> Fill:
+        """Download ``fill`` here, under ``claim``."""
+        if claim is not LOCAL_CLAIM:
+            self._held[fill] = claim
         fill.task = self._tasks.spawn(self._run(fill, opener, registry), "fill")
-        return fill, False
+        return fill
 
     async def close(self, grace: float = 0.0) -> None:
         """At shutdown: give fills ``grace`` seconds, cancel the rest, await their cleanup."""
@@ -111,22 +176,42 @@ class Fetcher:
         finally:
             self._settled(fill)
 
-    # Hooks for a fetcher that shares fills with other processes (mirror.fetch.claim).
+    # What the fill's claim is told (see mirror.fetch.coalesce.BlobClaim).
+    def _claim(self, fill: Fill) -> BlobClaim:
+        return self._held.get(fill, LOCAL_CLAIM)
+
     async def _writer(self, fill: Fill) -> TempWriter:
-        """The writer of a fill's temp file."""
-        return TempWriter(fill.temp, fill.digest)
+        """The writer of a fill's file (a previous holder's bytes in it adopted)."""
+        claim = self._claim(fill)
+        if claim is LOCAL_CLAIM:
+            return TempWriter(fill.temp, fill.digest)
+        return await asyncio.to_thread(claim.writer, fill, self.chunk_size)
 
     async def _sized(self, fill: Fill) -> None:
         """The fill's size is known (or known to be unknown) from the response headers."""
+        claim = self._claim(fill)
+        if claim is not LOCAL_CLAIM:
+            await asyncio.to_thread(claim.announce, fill.size)
 
     def _settled(self, fill: Fill) -> None:
         """The fill is over: published, failed, or its unkept temp file removed."""
+        claim = self._held.pop(fill, None)
+        if claim is not None:
+            claim.release()
 
     async def _relayed(self, fill: Fill) -> None:
-        """The fill is relayed from memory from its first byte: its temp file stays empty."""
+        """The fill is relayed from memory from its first byte: its file stays empty, so
+        followers in other processes download on their own."""
+        claim = self._held.get(fill)
+        if claim is not None:
+            await asyncio.to_thread(claim.mark_relayed)
 
     async def _failing(self, fill: Fill, error: BaseException) -> None:
-        """The fill failed with ``error``; its temp file is about to be removed."""
+        """The fill failed with ``error`` (its file is about to be removed): after wrong
+        bytes, followers that read some are cut rather than finished on a new file."""
+        claim = self._held.get(fill)
+        if claim is not None and isinstance(error, DigestMismatch) and fill.written:
+            await asyncio.to_thread(claim.mark_bad)
 
     async def _run_fill(self, fill: Fill, opener: UpstreamOpener, registry: str) -> None:
         try:
@@ -202,7 +287,15 @@ class Fetcher:
             fill.reserved = 0
 
     async def _publish(self, fill: Fill, durable: bool) -> str | None:
-        """Publish a verified blob if it may be kept; else the reason it is not."""
+        """Publish a verified blob if it may be kept; else the reason it is not (and
+        followers in other processes are told to finish on the file they read)."""
+        reason = await self._publish_here(fill, durable)
+        claim = self._held.get(fill)
+        if reason is not None and claim is not None and fill.relay_from is None:
+            await asyncio.to_thread(claim.mark_verified)
+        return reason
+
+    async def _publish_here(self, fill: Fill, durable: bool) -> str | None:
         reason = None
         temp = fill.temp
         if fill.relay_from is not None or not durable or temp is None:
@@ -355,3 +448,89 @@ class Fetcher:
         fill.start_relay()
         self._forget(fill)
         return False
+
+    # --- following another process's fill (a shared coalescer) ---------------------------
+    async def _follow(self, fill: Fill, opener: UpstreamOpener, registry: str) -> None:
+        """Follow another process's fill until it is published; take it over if that
+        process stops without publishing while its file is still there."""
+        destination = self.store.blob_path(fill.digest)
+        try:
+            while True:
+                seen = await self.coalescer.look(fill.digest, destination)
+                reason = self._not_followable(fill, seen)
+                if reason is not None:
+                    await self._own(fill, opener, registry, reason)
+                    return
+                if self._caught_up(fill, seen):
+                    return
+                claim = await self.coalescer.claim(fill.digest)
+                if claim is not None:
+                    await self._taken(fill, claim, opener, registry, destination)
+                    return
+                await asyncio.sleep(FOLLOW_POLL)
+        except BaseException as exc:
+            if not fill.done:
+                fill.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._forget(fill)
+
+    def _not_followable(self, fill: Fill, seen: Seen) -> str | None:
+        """Why ``fill`` cannot follow the claimer (it relays from memory what no other
+        process can read), or ``None``."""
+        if seen.published is not None or fill.written:
+            return None
+        if seen.size is not None and not self.space.fits(seen.size):
+            return "too_large"
+        return "no_room" if seen.relayed else None
+
+    async def _own(self, fill: Fill, opener: UpstreamOpener, registry: str,
+                   reason: str) -> None:
+        """Download ``fill`` here, unclaimed: the claimer relays from memory (a blob
+        larger than ``storage.max_size``, or no room), which no other process can follow."""
+        fd, temp = await asyncio.to_thread(self.store.new_temp)
+        os.close(fd)
+        fill.temp, fill.source = temp, ""
+        log.info("fill_not_shared", digest=str(fill.digest), reason=reason)
+        await self._run(fill, opener, registry)
+
+    def _caught_up(self, fill: Fill, seen: Seen) -> bool:
+        """Advance ``fill`` to what is on disk; ``True`` once the blob is published."""
+        if seen.published is not None:
+            if fill.size is None:
+                fill.set_size(seen.published)
+            if seen.published > fill.written:
+                fill.advance(seen.published - fill.written)
+            fill.finish(self.store.blob_path(fill.digest))
+            return True
+        if seen.size is not None and fill.size is None:
+            fill.set_size(seen.size)
+        if seen.on_disk is not None and seen.file_id is not None:
+            if file_replaced(fill, seen.on_disk, seen.file_id):
+                check_not_bad(fill, seen.bad_at)
+            count_file(fill, seen.on_disk, seen.file_id)
+        if seen.verified and seen.on_disk == fill.size:
+            fill.finish(None)  # verified, not kept: readers read on from the .part file
+            return True
+        return False
+
+    async def _taken(self, fill: Fill, claim: BlobClaim, opener: UpstreamOpener, registry: str,
+                     destination: Path) -> None:
+        """The claim was free: the other process is done, failed, or died."""
+        seen = await self.coalescer.look(fill.digest, destination)
+        if self._caught_up(fill, seen):
+            await asyncio.to_thread(claim.release)
+            return
+        if seen.on_disk is None and fill.written > 0:
+            try:
+                check_not_bad(fill, seen.bad_at)
+            except UpstreamUnavailable:
+                await asyncio.to_thread(claim.release)
+                raise
+        log.warning("fill_taken_over", digest=str(fill.digest), bytes=fill.written,
+                    part="kept" if seen.on_disk is not None else "new")
+        metrics.FILL_TAKEOVERS.inc()
+        fill.source = ""
+        self._held[fill] = claim
+        await self._run(fill, opener, registry)

@@ -8,8 +8,8 @@ A box below ``pull`` that imports only config and the standard crypto library::
     tlog      Rekor SETs, inclusion proofs and checkpoints
     trust     signers and the sigstore trusted root
     evaluate  the policy's rules -> Verdict, and the verdict cache
-
-Not yet enforced on the serving paths (issue 22 waits for issue 24's one way to answer).
+    gate      a manifest being served -> Verdict, signatures read through a reader the
+              pull service gives (so they are cached like any content)
 """
 
 from mirror.policy.evaluate import Policy, VerdictCache, compile_policy, evaluate

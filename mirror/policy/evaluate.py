@@ -207,10 +207,7 @@ class VerdictCache:
         if signature_set is None:
             read = read if read is not None else _call(signatures)
             signature_set = signature_set_hash(read)
-        key: tuple[str, ...] = (registry.lower(), repository, digest, policy.hash,
-                                signature_set)
-        if indexes:
-            key += tuple(f"{d} {signature_set_hash(sigs)}" for d, sigs in indexes)
+        key = _key(policy, (registry, repository, digest), signature_set, indexes)
         cached = self._verdicts.get(key)
         if cached is not None:
             self._verdicts.move_to_end(key)
@@ -222,8 +219,26 @@ class VerdictCache:
             self._verdicts.popitem(last=False)
         return cached
 
+    def kept(self, policy: Policy, registry: str, repository: str, digest: str, *,
+             signature_set: str, indexes: Indexes = ()) -> Verdict | None:
+        """The kept verdict for a named signature set, or ``None`` (nothing read)."""
+        key = _key(policy, (registry, repository, digest), signature_set, indexes)
+        cached = self._verdicts.get(key)
+        if cached is not None:
+            self._verdicts.move_to_end(key)
+        return cached
+
     def __len__(self) -> int:
         return len(self._verdicts)
+
+
+def _key(policy: Policy, image: tuple[str, str, str], signature_set: str,
+         indexes: Indexes) -> tuple[str, ...]:
+    registry, repository, digest = image
+    key: tuple[str, ...] = (registry.lower(), repository, digest, policy.hash, signature_set)
+    if indexes:
+        key += tuple(f"{d} {signature_set_hash(sigs)}" for d, sigs in indexes)
+    return key
 
 
 def _call(signatures: Sequence[Signature] | Callable[[], Sequence[Signature]]

@@ -40,6 +40,7 @@ from mirror.server.auth import (
     OPERATOR,
     allowed,
 )
+from mirror.server.decisions import audit_admin
 from mirror.server.state import NODE, log_context
 from mirror.sync.loop import parse_reference
 
@@ -61,7 +62,7 @@ async def sync_status(request: web.Request) -> web.Response:
     """What ``mirror sync status`` shows."""
     log_context(request)["route"] = "admin"
     node = request.app[NODE]
-    status = node.sync.status()
+    status = await node.sync.node_status()  # the node's records, not only this worker's
     status["enabled"] = node.settings.sync is not None
     return web.json_response(status)
 
@@ -71,7 +72,9 @@ async def sync_run(request: web.Request) -> web.Response:
     log_context(request)["route"] = "admin"
     require_operator(request)
     body = await _json_body(request)
-    report = await request.app[NODE].sync.run_once(dry_run=bool(body.get("dry_run", False)))
+    dry_run = bool(body.get("dry_run", False))
+    audit_admin(request, "sync_run", 200, dry_run=dry_run)
+    report = await request.app[NODE].sync.run_once(dry_run=dry_run)
     return web.json_response(report)
 
 
@@ -84,6 +87,7 @@ async def warm(request: web.Request) -> web.StreamResponse:
     _check_access(request, refs)
     detach = body.get("detach", False) is True
     log_context(request).update(refs=len(refs), detach=detach)
+    audit_admin(request, "warm", 200, refs=refs, platforms=list(platforms), detach=detach)
     response = web.StreamResponse(headers={"Content-Type": NDJSON})
     await response.prepare(request)
     events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -101,7 +105,7 @@ async def warm(request: web.Request) -> web.StreamResponse:
             work.cancel()  # fills that other clients wait on go on: the fetcher owns them
             log.info("admin_warm_cancelled", refs=len(refs), reason="client went away")
         raise
-    failed = [r.as_json() for r in results if r.result in ("failed", "deferred")]
+    failed = [r.as_json() for r in results if r.result in ("failed", "deferred", "refused")]
     await response.write(json.dumps({"event": "end", "failed": failed,
                                      "results": [r.as_json() for r in results]}).encode()
                          + b"\n")

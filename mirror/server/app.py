@@ -16,13 +16,14 @@ from mirror.clock import SYSTEM, Clock
 from mirror.config import Settings
 from mirror.node import Node
 from mirror.server import admin
+from mirror.server.accounting import AccessLine, Accounting
 from mirror.server.auth import edge, install
-from mirror.server.fastpath import AccessLine, HotAnswers
+from mirror.server.fastpath import HotAnswers
 from mirror.server.handlers import registry
 from mirror.server.middleware import add_api_version, observe
 from mirror.server.peer import PREFIX, peer_api
-from mirror.server.state import NODE, log_context
-from mirror.server.status import status_page
+from mirror.server.state import ACCOUNTING, NODE, log_context
+from mirror.server.status import history_ctx, status_page
 from mirror.sources import Source
 
 log = structlog.get_logger(__name__)
@@ -37,11 +38,12 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM,
     app = web.Application(middlewares=[observe, edge] if guarded else [observe],
                           client_max_size=64 * 1024)
     install(app, settings)
+    accounting = Accounting(AccessLine(logs.ACCESS.enabled, logs.ACCESS.json))
+    app[ACCOUNTING] = accounting
     app.cleanup_ctx.append(partial(_node, settings, clock, tuple(extra_sources)))
+    app.cleanup_ctx.append(history_ctx)  # the status page's charts and problem list
     if not guarded:
-        hot = HotAnswers(AccessLine(logs.ACCESS.enabled, logs.ACCESS.json),
-                         clock=clock.monotonic)
-        hot.install(app)
+        HotAnswers(accounting, clock=clock.monotonic).install(app)
     app.on_response_prepare.append(add_api_version)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
@@ -61,9 +63,11 @@ async def _node(settings: Settings, clock: Clock, extra_sources: tuple[Source, .
     node = Node(settings, clock=clock, extra_sources=extra_sources)
     await node.start()
     app[NODE] = node
+    app[ACCOUNTING].popularity = node.popularity
     try:
         yield
     finally:
+        app[ACCOUNTING].flush()
         await node.stop()
 
 

@@ -10,9 +10,11 @@ here, ready, keyed on method, path with query, and Accept::
 
 and the next identical request is answered from it ahead of routing and every middleware
 (it wraps the application's handler; the full path's outermost middleware keeps answers).
-It still writes one access line with the same fields (rendered with orjson around the
-pre-rendered constant part), counts the same metrics, renews the content's recency for
-eviction and counts the pull of a tag.
+Each answer from here is the kept :class:`~mirror.server.accounting.Served` record given
+again, accounted by the same :meth:`~mirror.server.accounting.Accounting.account` as the
+full path's (one access line with the same fields, the same metrics, the pull counted
+for popularity; what does not change between answers is prepared once); it also renews
+the content's recency for eviction.
 
 The key holds the raw path with its query, and routing reads nothing else: it names the
 registry (``?ns=``, a registry as first path part) and the repository, so an answer the
@@ -30,30 +32,23 @@ configured: every request then goes through the edge check.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
-import re
-import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any
 
-import orjson
-import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
 from mirror import metrics
-from mirror.cache.tags import tag_key
 from mirror.node import Node
-from mirror.oci import is_digest_reference
-from mirror.server.middleware import SERVER
-from mirror.server.state import LOG, NODE
+from mirror.server.accounting import Accounting, Served
+from mirror.server.decisions import POLICY, audit_manifest
+from mirror.server.middleware import SERVER, request_id_of
+from mirror.server.state import NODE, served_of
 
-_access = structlog.get_logger("mirror.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: Seconds an entry of content (manifest by digest, blob) is answered here before the full
@@ -65,95 +60,29 @@ MAX_BYTES = 32 * 2**20
 MAX_ENTRIES = 20_000
 #: Request headers that make an answer differ from the kept one.
 _VARYING = ("Range", "If-None-Match", "If-Modified-Since", "If-Range")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SKIPPED_HEADERS = frozenset({"x-request-id", "date", "server"})
 
 
 @dataclass(slots=True)
 class Hot:
-    """A ready answer and what serving it must count."""
+    """A ready answer: its body, its headers (rendered once, copied per answer), when it
+    ends, and the record every answer from here is (prepared for accounting)."""
 
     body: bytes
-    headers: dict[str, str]
+    rendered: CIMultiDict[str]
     expires: float  # time.monotonic()
-    log_fields: bytes  # the constant fields of the access line, JSON without braces
-    log_dict: dict[str, Any]  # the same fields (for a console renderer)
-    requests: Any  # metric children, resolved once
-    seconds: Any
-    counters: tuple[Any, ...]  # cache-result children, incremented once per request
-    served: tuple[Any, ...]  # served-bytes children
-    served_count: int
+    served: Served
     touch: tuple[str, str] | None  # (kind, digest) for eviction recency
-    image: str | None  # the image a tag pull counts for
-    pulled_digest: str | None  # a manifest GET by digest (counted for its platform)
-    rendered: CIMultiDict[str] = field(default_factory=CIMultiDict)  # headers, copied per answer
-    pending: int = 0  # answers not yet added to the counters
-
-    def __post_init__(self) -> None:
-        self.rendered = CIMultiDict(self.headers)
-
-
-class AccessLine:
-    """Writes the canonical access line of a lean answer: the same fields as the
-    middleware's, rendered with orjson, written in batches once per loop turn."""
-
-    def __init__(self, enabled: bool, as_json: bool = True, stream: Any = None) -> None:
-        """Args:
-            enabled: lines are written at all (``log.level`` info or debug).
-            as_json: JSON lines to ``stream`` (default stderr); else through structlog
-                (its console renderer on a terminal).
-        """
-        self.enabled = enabled
-        self.as_json = as_json
-        self._stream = stream
-        self._pending: list[bytes] = []
-        self._second = -1
-        self._stamp_prefix = ""
-
-    def write(self, variable: dict[str, Any], hot: Hot) -> None:
-        """Queue one line: ``variable`` fields rendered now, the entry's constant ones
-        pre-rendered."""
-        if not self.as_json:
-            _access.info("request", **variable, **hot.log_dict)
-            return
-        constant = hot.log_fields
-        variable["timestamp"] = self._timestamp()
-        rendered = orjson.dumps(variable)
-        line = rendered[:-1] + b"," + constant + b"}\n" if constant else rendered + b"\n"
-        if not self._pending:
-            # the running loop writes the batch at the end of its turn
-            asyncio.get_running_loop().call_soon(self.flush)
-        self._pending.append(line)
-
-    def flush(self) -> None:
-        """Write what is queued (one write call for many lines under load)."""
-        lines, self._pending = self._pending, []
-        if lines:
-            stream = self._stream if self._stream is not None else sys.stderr.buffer
-            try:
-                stream.write(b"".join(lines))
-                stream.flush()
-            except (OSError, ValueError):
-                pass  # a closed stderr must not stop serving
-
-    def _timestamp(self) -> str:
-        # structlog's TimeStamper(fmt="iso", utc=True): microseconds, "Z"; the part up to
-        # the second is rendered once per second.
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp_prefix = datetime.fromtimestamp(second, UTC).strftime(
-                "%Y-%m-%dT%H:%M:%S")
-        return f"{self._stamp_prefix}.{int((now - second) * 1e6):06d}Z"
+    audit: dict[str, Any] | None = None  # a manifest answer's audit fields (replayed)
+    policy_counter: Any = None  # the policy decision it counts again, per answer
 
 
 class HotAnswers:
     """The kept answers of one process, and the middleware that serves them."""
 
-    def __init__(self, access: AccessLine, *, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, accounting: Accounting, *, clock: Callable[[], float] = time.monotonic,
                  max_bytes: int = MAX_BYTES, max_entries: int = MAX_ENTRIES) -> None:
-        self.access = access
+        self.accounting = accounting
         self._clock = clock
         self._entries: dict[tuple[str, str, str], Hot] = {}
         self._bytes = 0
@@ -161,7 +90,6 @@ class HotAnswers:
         self._max_entries = max_entries
         self._id_prefix = os.urandom(4).hex() + "f"  # never equal to the middleware's ids
         self._node: Node | None = None
-        self._counted: list[Hot] = []
         self._ids = itertools.count(1)
 
     def __len__(self) -> int:
@@ -217,49 +145,23 @@ class HotAnswers:
         return response
 
     def _serve(self, request: web.Request, hot: Hot, started: float) -> web.StreamResponse:
-        supplied = request.headers.get("X-Request-Id", "")
-        if supplied and _REQUEST_ID.fullmatch(supplied):
-            request_id = supplied
-        else:
-            request_id = f"{self._id_prefix}{next(self._ids):07x}"
+        request_id = request_id_of(request, self._id_prefix, self._ids)
         headers = hot.rendered.copy()
         headers["X-Request-Id"] = request_id
         response = web.Response(body=hot.body or None, headers=headers)
-        if not hot.pending:  # counters are added once per loop turn, not per request
-            if not self._counted:
-                asyncio.get_running_loop().call_soon(self._count)
-            self._counted.append(hot)
-        hot.pending += 1
         node = self._node
-        if node is not None:
-            if hot.touch is not None:
-                node.evictor.touch(*hot.touch)
-            if hot.image is not None:  # auth is off here: the address is the client
-                node.popularity.record(hot.image, request.remote or "",
-                                       head=request.method == "HEAD",
-                                       digest=hot.touch[1] if hot.touch else None)
-            elif hot.pulled_digest is not None:
-                node.popularity.manifest_pulled(hot.pulled_digest, request.remote or "")
-        elapsed = time.perf_counter() - started
-        hot.seconds.observe(elapsed)
-        if self.access.enabled:
-            self.access.write({
-                "request_id": request_id, "client": request.remote,
-                "user_agent": request.headers.get("User-Agent", "")[:200],
-                "duration_ms": round(elapsed * 1000, 2)}, hot)
+        if node is not None and hot.touch is not None:
+            node.evictor.touch(*hot.touch)
+        # auth is off here: the address is the client
+        self.accounting.account(hot.served.again(
+            request_id, request.remote or "", request.headers.get("User-Agent", ""),
+            time.perf_counter() - started))
+        if hot.policy_counter is not None:
+            hot.policy_counter.inc()
+        if node is not None and hot.audit is not None and node.audit is not None:
+            audit_manifest(node.audit, request, hot.audit, hot.audit["policy"],
+                           request_id=request_id)
         return response
-
-    def _count(self) -> None:
-        """Add the requests answered since the last loop turn to their counters."""
-        counted, self._counted = self._counted, []
-        for hot in counted:
-            count, hot.pending = hot.pending, 0
-            hot.requests.inc(count)
-            for counter in hot.counters:
-                counter.inc(count)
-            if hot.served_count:
-                for counter in hot.served:
-                    counter.inc(hot.served_count * count)
 
     def _drop(self, key: tuple[str, str, str]) -> None:
         hot = self._entries.pop(key, None)
@@ -268,17 +170,17 @@ class HotAnswers:
 
     async def _keep(self, request: web.Request, key: tuple[str, str, str],
                     response: web.StreamResponse) -> None:
-        context: dict[str, Any] | None = request.get(LOG)
-        if not context or "error" in context:
+        served = served_of(request)
+        served.absorb()
+        if "error" in served.fields:
             return
-        route = str(context.get("route"))
         head = request.method == "HEAD"
         body = b""
         if not head:
             if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
                 return  # a file or a stream: the full path's sendfile is the fast one
             body = response.body
-        ttl = await self._ttl(request, context)
+        ttl = await self._ttl(request, served)
         if ttl is None or ttl <= 0:
             return
         headers = {k: v for k, v in response.headers.items()
@@ -287,59 +189,46 @@ class HotAnswers:
             headers["Content-Length"] = str(response.content_length)
         headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
         headers["Server"] = SERVER  # answered before the app's on_response_prepare runs
-        self._store(key, self._hot(request, context, route, body=body, headers=headers, ttl=ttl))
+        hot = self._hot(served, body=body, headers=headers, ttl=ttl)
+        if served.route == "manifest":
+            policy = request.get(POLICY)
+            hot.audit = {"registry": served.registry, "repository": served.repository,
+                         "reference": served.reference, "digest": served.digest,
+                         "media_type": headers.get("Content-Type"), "cache": "hit",
+                         "status": 200, "policy": policy}
+            if policy is not None and served.registry:
+                hot.policy_counter = metrics.child(metrics.POLICY_DECISIONS, served.registry,
+                                                   policy["verdict"])
+        self._store(key, hot)
 
-    async def _ttl(self, request: web.Request, context: dict[str, Any]) -> float | None:
+    async def _ttl(self, request: web.Request, served: Served) -> float | None:
         """How long this answer may be given again, or ``None``: never."""
-        route, cache = context.get("route"), context.get("cache")
-        if route == "blob":
-            return CONTENT_TTL if cache == "hit" else None
-        if route != "manifest" or cache == "stale":
-            return None
-        reference = str(context.get("reference", ""))
-        if is_digest_reference(reference):
+        if served.route == "blob":
+            return CONTENT_TTL if served.cache == "hit" else None
+        if served.route != "manifest" or served.cache == "stale" \
+                or served.fields.get("policy") == "warn":
+            return None  # a warned answer is logged each time, on the full path
+        if not served.by_tag:
             return CONTENT_TTL
-        node = request.app[NODE]
-        registry, repository = context.get("registry"), context.get("repository")
-        if not registry or not repository:
+        if not served.registry or not served.repository or served.reference is None:
             return None
-        record = await node.tags.get(tag_key(registry, repository, reference))
-        if record is None:
-            return None
-        left = node.settings.cache.tag_ttl - record.age(node.clock.time())
+        manifests = request.app[NODE].pull.manifests
+        left = await manifests.fresh_for(served.registry, served.repository, served.reference)
         return min(left, CONTENT_TTL)
 
-    def _hot(self, request: web.Request, context: dict[str, Any], route: str, *,
-             body: bytes, headers: dict[str, str], ttl: float) -> Hot:
-        registry = context.get("registry")
-        cache, method = "hit", request.method  # what every later answer from here is
-        kind = "manifest" if route == "manifest" else "blob"
-        counters = [metrics.child(metrics.CACHE_RESULTS, kind, cache)]
-        served = [metrics.child(metrics.SERVED_BYTES, "memory")]
-        if registry:
-            counters.append(metrics.child(metrics.REGISTRY_CACHE_RESULTS, registry, kind, cache))
-            served.append(metrics.child(metrics.REGISTRY_SERVED_BYTES, registry, "memory"))
-        # What structlog would merge from contextvars (a worker's index), then the request's.
-        bound = {k: v for k, v in structlog.contextvars.get_contextvars().items()
-                 if k != "request_id"}
-        constant = {**bound, "method": method, "path": request.path[:300], "status": 200,
-                    **context, "cache": cache}
-        digest = context.get("digest")
-        reference = str(context.get("reference", ""))
-        tag = route == "manifest" and not is_digest_reference(reference)
-        return Hot(
-            body=body, headers=headers, expires=self._clock() + ttl,
-            log_fields=orjson.dumps({**constant, "event": "request", "level": "info"},
-                                    default=repr)[1:-1],
-            log_dict=constant,
-            requests=metrics.child(metrics.REQUESTS, route, method, "200"),
-            seconds=metrics.child(metrics.REQUEST_SECONDS, route),
-            counters=tuple(counters), served=tuple(served),
-            served_count=0 if method == "HEAD" else len(body),
-            touch=(kind, str(digest)) if digest else None,
-            image=f"{registry}/{context.get('repository')}:{reference}" if tag else None,
-            pulled_digest=str(digest) if route == "manifest" and not tag and method == "GET"
-            else None)
+    def _hot(self, served: Served, *, body: bytes, headers: dict[str, str],
+             ttl: float) -> Hot:
+        kept = Served(  # what every later answer from here is: a cache hit from memory
+            route=served.route, method=served.method, path=served.path, status=200,
+            registry=served.registry, repository=served.repository,
+            reference=served.reference, digest=served.digest, media_type=served.media_type,
+            cache="hit", source=served.source, delivery="memory",
+            bytes=0 if served.method == "HEAD" else len(body), user=served.user,
+            manifest=served.manifest, fields=dict(served.fields))
+        kept.prepared = self.accounting.prepare(kept, kept=True)
+        kind = "manifest" if served.route == "manifest" else "blob"
+        return Hot(body=body, rendered=CIMultiDict(headers), expires=self._clock() + ttl,
+                   served=kept, touch=(kind, served.digest) if served.digest else None)
 
     def _store(self, key: tuple[str, str, str], hot: Hot) -> None:
         self._drop(key)

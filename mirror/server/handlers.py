@@ -2,13 +2,15 @@
 
 Each handler gets a parsed :class:`~mirror.routing.Target`, asks
 :class:`~mirror.pull.PullService` (which decides where content comes from),
-and renders the answer. Handlers record what they did in the request's log
-context (``request[LOG]``), which the middleware writes as one line per request.
+and renders the answer. Handlers record what they answered in the request's
+:class:`~mirror.server.accounting.Served` record (:func:`served_of`), which the
+middleware accounts once per request (metrics, popularity, the access line).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -18,13 +20,16 @@ from mirror.errors import (
     NameUnknown,
     OciError,
     PaginationNumberInvalid,
+    PolicyDenied,
     TagInvalid,
     Unsupported,
 )
 from mirror.oci import accepted_types, is_number
 from mirror.pull import BlobFlight, BlobRedirect, BlobSize, PullService, Repo
 from mirror.routing import Kind, Target, tags_link
+from mirror.server import decisions
 from mirror.server.auth import IDENTITY, authorize
+from mirror.server.decisions import audit_manifest
 from mirror.server.responses import (
     FileSliceResponse,
     Span,
@@ -39,7 +44,7 @@ from mirror.server.responses import (
     send_parts,
     stream_fill,
 )
-from mirror.server.state import LOG, NODE, log_context
+from mirror.server.state import ACCOUNTING, NODE, served_of
 
 JSON_TYPE = "application/json"
 #: The largest ``n`` a tag list request may ask for.
@@ -54,11 +59,16 @@ async def registry(request: web.Request) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD"):
         raise Unsupported("this mirror is read-only: only GET and HEAD are supported")
     authorize(request, target)
-    context = log_context(request)
-    fields = {"route": target.kind.value,
-              "registry": target.upstream.name if target.upstream else None,
-              "repository": target.repository, "reference": target.reference, "ns": target.ns}
-    context.update({k: v for k, v in fields.items() if v})
+    served = served_of(request)
+    served.route = target.kind.value
+    served.registry = target.upstream.name if target.upstream else None
+    served.repository = target.repository or None
+    served.reference = target.reference or None
+    if target.ns:
+        served.fields["ns"] = target.ns
+    who = request.get(IDENTITY)
+    if who is not None and who.authenticated:
+        served.user = who.user
     if target.kind is Kind.PING:
         return _json(b"{}")
     pull = node.pull
@@ -79,28 +89,28 @@ def repo_of(target: Target) -> Repo:
     return Repo(target.upstream.name, target.repository)
 
 
-def client_of(request: web.Request) -> str:
-    """Who pulls, for the pull counts: the authenticated user, else the address."""
-    who = request.get(IDENTITY)
-    if who is not None and who.authenticated:
-        return f"user:{who.user}"
-    return request.remote or ""
-
-
 async def manifest(request: web.Request, pull: PullService, repo: Repo,
                    target: Target) -> web.Response:
     """GET or HEAD a manifest by tag or digest; HEAD has exactly GET's headers."""
     accepted = accepted_types(request.headers.getall("Accept", []))
-    resolved = await pull.manifest(repo, target.digest or target.reference, accepted)
+    trail = request.app[NODE].audit
+    audited = {"registry": repo.registry, "repository": repo.repository,
+               "reference": str(target.digest or target.reference)}
+    try:
+        resolved = await pull.manifest(repo, target.digest or target.reference, accepted)
+    except PolicyDenied as exc:
+        audit_manifest(trail, request, {**audited, "digest": exc.digest, "status": 403},
+                       decisions.note(request, None, exc))
+        raise
     found = resolved.manifest
     _record_cache(request, "manifest", resolved.cache, found.digest)
-    popularity = request.app[NODE].popularity
-    if target.digest is None:
-        popularity.tag_pulled(repo.registry, repo.repository, target.reference, found,
-                              client_of(request), head=request.method == "HEAD")
-    elif request.method == "GET":
-        popularity.manifest_pulled(str(found.digest), client_of(request))
+    audit_manifest(trail, request, {**audited, "digest": str(found.digest),
+                                    "media_type": found.media_type, "cache": resolved.cache,
+                                    "status": 200}, decisions.note(request, resolved.verdict))
+    served = served_of(request)
+    served.manifest, served.media_type = found, found.media_type  # the pull is counted
     headers = manifest_headers(found.digest, found.media_type, target.ns)
+    headers.update(decisions.warning_header(resolved.verdict))
     if etag_matches(request, found.digest):
         return web.Response(status=304, headers=headers)
     if request.method == "GET":
@@ -139,7 +149,7 @@ async def blob(request: web.Request, pull: PullService, repo: Repo,
     fill = answer.fill
     _record_cache(request, "blob", "joined" if answer.joined else "miss", target.digest)
     size = await fill.wait_size()
-    log_context(request)["source"] = fill.source
+    served_of(request).source = fill.source
     spans = _spans(request, size)
     chunk_size = request.app[NODE].settings.server.chunk_size
     ranges = answer.ranges
@@ -147,12 +157,12 @@ async def blob(request: web.Request, pull: PullService, repo: Repo,
         response = await send_parts(
             request, spans, size, blob_headers(target.digest, size, None),
             lambda start, end: fill.read(start, end, chunk_size, ranges))
-    else:
-        span = spans[0] if spans else None
-        headers = blob_headers(target.digest, size, span)
-        response = await stream_fill(request, fill, span, headers, chunk_size, ranges=ranges)
-    _served(request, "fill", response.content_length or 0)
-    return response
+        _served(request, "fill", response.content_length or 0)
+        return response
+    span = spans[0] if spans else None
+    headers = blob_headers(target.digest, size, span)
+    return await stream_fill(request, answer, span, headers, chunk_size,
+                             on_bytes=_serving(request, "fill"))
 
 
 def _spans(request: web.Request, size: int) -> list[Span] | None:
@@ -184,9 +194,9 @@ async def _cached_blob(request: web.Request, pull: PullService,
     file = await pull.open_cached(cached)
     if file is None:
         return None
-    _served(request, "disk", count)
     digest = cached.digest
     if spans is not None and len(spans) > 1:
+        _served(request, "disk", count)
         try:
             return await send_parts(request, spans, cached.size, headers,
                                     file_parts(file, chunk_size))
@@ -196,7 +206,8 @@ async def _cached_blob(request: web.Request, pull: PullService,
     start, end = span or (0, cached.size)
     return FileSliceResponse(file, start, end - start, status=206 if span else 200,
                              headers=headers, chunk_size=chunk_size,
-                             on_close=lambda: pull.closed(digest))
+                             on_close=lambda: pull.closed(digest),
+                             on_bytes=_serving(request, "disk"))
 
 
 async def tags_list(request: web.Request, pull: PullService, repo: Repo,
@@ -246,17 +257,26 @@ def _json(body: bytes, headers: dict[str, str] | None = None) -> web.Response:
 
 
 def _record_cache(request: web.Request, kind: str, result: str, digest: object) -> None:
-    metrics.child(metrics.CACHE_RESULTS, kind, result).inc()
-    context = request.get(LOG)
-    if context is not None:
-        context.update(cache=result, digest=str(digest))
-        if context.get("registry"):
-            metrics.child(metrics.REGISTRY_CACHE_RESULTS, context["registry"], kind, result).inc()
+    """The answer's cache result (counted when the answer is accounted)."""
+    served = served_of(request)
+    served.absorb()  # a peer's request names its registry in the log fields
+    served.cache, served.digest = result, str(digest)
+
+
+def _serving(request: web.Request, source: str) -> Callable[[int], None]:
+    """Counts body bytes as a streamed answer sends them (a cut one counts what went out)."""
+    served = served_of(request)
+    served.delivery = source
+    accounting = request.app[ACCOUNTING]
+
+    def count(sent: int) -> None:
+        accounting.sent(served, sent)
+    return count
 
 
 def _served(request: web.Request, source: str, count: int) -> None:
-    """Count body bytes sent, in total and for the request's registry."""
-    metrics.child(metrics.SERVED_BYTES, source).inc(count)
-    registry = log_context(request).get("registry")
-    if registry:
-        metrics.child(metrics.REGISTRY_SERVED_BYTES, registry, source).inc(count)
+    """Body bytes this answer sends (counted, in total and for its registry, when the
+    answer is accounted)."""
+    served = served_of(request)
+    served.delivery = source
+    served.bytes += count

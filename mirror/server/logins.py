@@ -30,7 +30,7 @@ import structlog
 from cachetools import TTLCache
 
 from mirror import metrics
-from mirror.config.auth import LoginLimits
+from mirror.config import LoginLimits
 from mirror.errors import OciError, TooManyRequests
 
 log = structlog.get_logger(__name__)

@@ -1,4 +1,4 @@
-"""One middleware: request id, OCI error rendering, metrics, one log line.
+"""One middleware: request id, OCI error rendering, and the answer's record accounted.
 
 An :class:`~mirror.errors.OciError` becomes its JSON body and status. A failed
 download after headers went out closes the connection, so the client sees a
@@ -20,9 +20,10 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from mirror import metrics
 from mirror.errors import FillError, OciError
-from mirror.server.state import log_context
+from mirror.server.accounting import Served
+from mirror.server.history import INCIDENT_LOG
+from mirror.server.state import ACCOUNTING, log_context, served_of
 from mirror.version import VERSION
 
 #: The ``Server`` header of every answer.
@@ -36,6 +37,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _ID_PREFIX = os.urandom(4).hex()
 _ID_COUNTER = itertools.count(1)
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+#: The request's id, for the response headers of answers sent before the handler returns.
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 
 
 def oci_response(error: OciError) -> web.Response:
@@ -46,13 +49,11 @@ def oci_response(error: OciError) -> web.Response:
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Wrap every request: id, errors, metrics and the canonical log line."""
-    supplied = request.headers.get("X-Request-Id", "")
-    if supplied and _REQUEST_ID.fullmatch(supplied):
-        request_id = supplied
-    else:
-        request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
-    context = log_context(request)
+    """Wrap every request: id, errors, and its :class:`Served` record accounted once."""
+    request_id = request_id_of(request, _ID_PREFIX, _ID_COUNTER)
+    request[REQUEST_ID] = request_id
+    served = served_of(request)
+    context = served.fields
     started = time.perf_counter()
     status = 500
     try:
@@ -82,15 +83,40 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     finally:
         context.pop("sent_status", None)
         context.pop("sent_all", None)
-        elapsed = time.perf_counter() - started
-        route = context.get("route", "other")
-        metrics.child(metrics.REQUESTS, route, request.method, str(status)).inc()
-        metrics.child(metrics.REQUEST_SECONDS, route).observe(elapsed)
-        if route not in ("metrics", "health", "peer_health"):
-            log.info("request", request_id=request_id, method=request.method,
-                     path=request.path[:300], status=status, client=request.remote,
-                     user_agent=request.headers.get("User-Agent", "")[:200],
-                     duration_ms=round(elapsed * 1000, 2), **context)
+        _finish(request, served, status, request_id, time.perf_counter() - started)
+
+
+def request_id_of(request: web.Request, prefix: str, counter: itertools.count[int]) -> str:
+    """The client's ``X-Request-Id`` when it is a sane one, else ``prefix`` and a number."""
+    supplied = request.headers.get("X-Request-Id", "")
+    if supplied and _REQUEST_ID.fullmatch(supplied):
+        return supplied
+    return f"{prefix}{next(counter):08x}"
+
+
+def _finish(request: web.Request, served: Served, status: int, request_id: str,
+            seconds: float) -> None:
+    """Complete the record with what only the end knows, and account it."""
+    served.absorb()
+    served.status, served.request_id, served.seconds = status, request_id, seconds
+    served.client = request.remote or ""
+    served.user_agent = request.headers.get("User-Agent", "")
+    _remember_problem(request, status, served.route, served.fields)
+    accounting = request.app.get(ACCOUNTING)
+    if accounting is not None:
+        accounting.account(served)
+
+
+def _remember_problem(request: web.Request, status: int, route: str,
+                      context: dict[str, object]) -> None:
+    """An error or a refusal goes on the status page's list (a ping's 401 is the start
+    of every authenticated pull, not a problem)."""
+    incidents = request.app.get(INCIDENT_LOG)
+    ping = route == "ping" or request.path.rstrip("/").endswith("/v2")
+    if incidents is None or status < 400 or (status == 401 and ping):
+        return
+    incidents.record(status, request.method, request.path, str(context.get("error") or ""),
+                     request.remote or "")
 
 
 async def _answer(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
@@ -120,6 +146,11 @@ def _http_error(exc: web.HTTPException) -> OciError:
 
 async def add_api_version(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: every answer (the lean path's too) names the API version,
-    and the server as ``mirror/<version>`` (not aiohttp's Python and aiohttp versions)."""
+    the server as ``mirror/<version>`` (not aiohttp's Python and aiohttp versions) and its
+    request id (a blob streamed while it downloads sends its headers before the handler
+    returns)."""
     response.headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
     response.headers["Server"] = SERVER
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers.setdefault("X-Request-Id", request_id)

@@ -19,8 +19,8 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 
 from mirror.errors import RangeInvalid
-from mirror.fetch import FileSpan, Fill, RangeOpener
 from mirror.oci import Digest, is_number
+from mirror.pull import BlobFlight
 from mirror.server.sendfile import sendfile, socket_for_sendfile
 from mirror.server.state import log_context
 
@@ -181,9 +181,11 @@ class FileSliceResponse(web.StreamResponse):
 
     def __init__(self, file: IO[bytes], offset: int, count: int, *, status: int,
                  headers: dict[str, str], chunk_size: int,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
         super().__init__(status=status, headers=headers)
         self._on_close = on_close
+        self._on_bytes = on_bytes
         self.content_length = count
         self._file = file
         self._offset = offset
@@ -200,8 +202,8 @@ class FileSliceResponse(web.StreamResponse):
             if isinstance(request, web.Request):
                 log_context(request)["sent_status"] = self.status  # what a cut client saw
             if request.method != "HEAD" and self._count:
-                await self._send_body(request, writer)
-                _sent_all(request)
+                delivery = Delivery(request, self._count, self._on_bytes)
+                await self._send_body(request, writer, delivery)
                 await super().write_eof()
             return writer
         finally:
@@ -209,8 +211,8 @@ class FileSliceResponse(web.StreamResponse):
             if self._on_close is not None:
                 self._on_close()
 
-    async def _send_body(self, request: web.BaseRequest,
-                         writer: AbstractStreamWriter | None) -> None:
+    async def _send_body(self, request: web.BaseRequest, writer: AbstractStreamWriter | None,
+                         delivery: Delivery) -> None:
         transport = request.transport
         if transport is None or writer is None:
             raise ConnectionResetError("client went away")
@@ -219,11 +221,12 @@ class FileSliceResponse(web.StreamResponse):
         sock_fd = socket_for_sendfile(transport)
         if sock_fd is None:
             # TLS, or headers still buffered: copy in bounded chunks read off the loop.
-            await self._copy(writer)
+            await self._copy(writer, delivery)
             return
-        await sendfile(sock_fd, self._file.fileno(), self._offset, self._count)
+        await sendfile(sock_fd, self._file.fileno(), self._offset, self._count,
+                       on_sent=delivery.sent)
 
-    async def _copy(self, writer: AbstractStreamWriter) -> None:
+    async def _copy(self, writer: AbstractStreamWriter, delivery: Delivery) -> None:
         fd = self._file.fileno()
         offset, end = self._offset, self._offset + self._count
         while offset < end:
@@ -232,22 +235,26 @@ class FileSliceResponse(web.StreamResponse):
             if not data:
                 raise ConnectionResetError("cached blob shrank while being sent")
             await writer.write(data)
+            delivery.sent(len(data))
             offset += len(data)
 
 
-async def stream_fill(request: web.Request, fill: Fill, span: Span | None,
+async def stream_fill(request: web.Request, flight: BlobFlight, span: Span | None,
                       headers: dict[str, str], chunk_size: int, *,
-                      ranges: RangeOpener | None = None) -> web.StreamResponse:
-    """Send a blob that is still downloading, byte by byte as it arrives.
+                      on_bytes: Callable[[int], None] | None = None) -> web.StreamResponse:
+    """Send a blob that is still downloading (the pull service's ``flight``), byte by
+    byte as it arrives.
 
     What is on disk goes out with the kernel's sendfile from the growing temp
     file (no copy through Python, no buffer per reader); bytes relayed from
     memory after a full disk, and everything under TLS, are written.
+    ``on_bytes`` is told every body byte handed to the kernel, as it goes.
 
     Raises:
         FillError: the download failed after headers went out; the caller
             must make sure the connection is aborted, never finished.
     """
+    fill, ranges = flight.fill, flight.ranges
     size = fill.size if fill.size is not None else 0
     start, end = span or (0, size)
     response = web.StreamResponse(status=206 if span else 200, headers=headers)
@@ -260,20 +267,19 @@ async def stream_fill(request: web.Request, fill: Fill, span: Span | None,
         writer.send_headers()
     transport = request.transport
     sock_fd = socket_for_sendfile(transport) if transport is not None else None
-    sent = start
+    delivery = Delivery(request, end - start, on_bytes)
     async for piece in fill.pieces(start, end, chunk_size, spans=sock_fd is not None,
                                    ranges=ranges):
         if isinstance(piece, bytes):
             await response.write(piece)
+            delivery.sent(len(piece))
         elif (transport is not None and sock_fd is not None
               and socket_for_sendfile(transport) == sock_fd):
-            await sendfile(sock_fd, piece.fd, piece.offset, piece.count)
+            await sendfile(sock_fd, piece.fd, piece.offset, piece.count, on_sent=delivery.sent)
         else:  # bytes still buffered in the transport: never overtake them
             await response.write(await asyncio.to_thread(os.pread, piece.fd, piece.count,
                                                          piece.offset))
-        sent += piece.count if isinstance(piece, FileSpan) else len(piece)
-        if sent >= end:
-            _sent_all(request)  # a client that hangs up now has had everything
+            delivery.sent(piece.count)
     await response.write_eof()
     return response
 
@@ -335,3 +341,29 @@ def _sent_all(request: web.BaseRequest) -> None:
     """The whole body is on its way: the request's log line must not call it cut."""
     if isinstance(request, web.Request):
         log_context(request)["sent_all"] = True
+
+
+class Delivery:
+    """The body bytes of one response as they go out; complete at its ``Content-Length``.
+
+    A client may hang up the moment it has the last byte, before the handler
+    returns: once every byte is handed to the kernel, the request's log line
+    must not call it cut, and the bytes count as served whatever happens next.
+    """
+
+    def __init__(self, request: web.BaseRequest, length: int,
+                 on_bytes: Callable[[int], None] | None) -> None:
+        self._request = request
+        self._length = length
+        self._on_bytes = on_bytes
+        self.done = 0
+
+    def sent(self, count: int) -> None:
+        """``count`` more body bytes were handed to the kernel."""
+        if count <= 0:
+            return
+        self.done += count
+        if self._on_bytes is not None:
+            self._on_bytes(count)
+        if self.done >= self._length:
+            _sent_all(self._request)

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import os
 import select
+from collections.abc import Callable
 
 #: Bytes one worker-thread call may move before it hands back to the loop.
 HOP = 8 * 2**20
@@ -50,8 +51,14 @@ def socket_for_sendfile(transport: asyncio.BaseTransport) -> int | None:
     return fileno if fileno >= 0 else None
 
 
-async def sendfile(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
+async def sendfile(sock_fd: int, file_fd: int, offset: int, count: int,
+                   on_sent: Callable[[int], None] | None = None) -> None:
     """Send ``count`` bytes of ``file_fd`` from ``offset`` to the socket.
+
+    Args:
+        on_sent: told the bytes handed to the kernel after every call, even one
+            that finishes after the request was cancelled (a client that hangs
+            up as soon as it has the last byte got the whole body).
 
     Raises:
         ConnectionResetError: the client went away, or the file ended early.
@@ -61,7 +68,8 @@ async def sendfile(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
     try:
         end = offset + count
         while offset < end:
-            sent = await _uncancellable_thread(dup, file_fd, offset, min(HOP, end - offset))
+            sent = await _uncancellable_thread(dup, file_fd, offset, min(HOP, end - offset),
+                                               on_sent)
             if sent < 0:
                 raise ConnectionResetError("cached blob shrank while being sent")
             offset += sent
@@ -73,7 +81,8 @@ async def sendfile(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
         os.close(dup)
 
 
-async def _uncancellable_thread(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
+async def _uncancellable_thread(sock_fd: int, file_fd: int, offset: int, count: int,
+                                on_sent: Callable[[int], None] | None) -> int:
     """:func:`_send_until_full` in a thread that is always awaited to its end.
 
     A request is cancelled when its client goes away; the thread still uses both
@@ -83,12 +92,18 @@ async def _uncancellable_thread(sock_fd: int, file_fd: int, offset: int, count: 
     future = asyncio.ensure_future(asyncio.to_thread(_send_until_full, sock_fd, file_fd,
                                                      offset, count))
     try:
-        return await asyncio.shield(future)
+        sent = await asyncio.shield(future)
     except asyncio.CancelledError:
         await asyncio.wait({future})
         if not future.cancelled():
-            future.exception()  # the client went away: its broken pipe is no news
+            # Retrieved either way: the client went away, its broken pipe is no news.
+            error = future.exception()
+            if on_sent is not None and error is None and future.result() > 0:
+                on_sent(future.result())
         raise
+    if on_sent is not None and sent > 0:
+        on_sent(sent)
+    return sent
 
 
 def _send_until_full(sock_fd: int, file_fd: int, offset: int, count: int) -> int:

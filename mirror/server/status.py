@@ -1,109 +1,134 @@
-"""The status page at ``/``: what the cache holds and does, for an operator.
+"""The status page at ``/``: what an operator asks first, then what the cache does.
 
-Server-rendered HTML with inline CSS, no script and no external asset (it
-works on an air-gapped network), reloading itself every few seconds. It
-shows the cache size against its limit, hit ratio and bytes saved per
-registry, the downloads in flight with their progress, the most pulled
-images and the health of each upstream (circuit breaker, request budget,
-rate limit left). Figures come from the same counters as ``/metrics``.
+Server-rendered HTML with inline CSS and inline SVG charts, no script and no
+external asset (it works on an air-gapped network), reloading itself every few
+seconds:
+
+- the node: version, uptime, listen address, TLS, workers, disk used and free
+  against the cache's cap, links to ``/metrics`` and the admin API;
+- charts of the last hour: hit ratio, bytes served vs downloaded, upstream
+  errors (:mod:`mirror.server.history` keeps a sample a minute);
+- per registry: hit ratio, bytes served, downloaded, saved; upstream health
+  (breaker, budget, rate limit left, errors);
+- sync rules with their last run and failures; peers and the S3 tier;
+- the last errors and refusals; downloads in flight; the most pulled images.
+
+Every counter figure comes through :func:`mirror.server.figures.samples`, the
+page's one figure source: swap it for a node-wide reader and the whole page
+(charts included) shows the node.
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
+import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
 from mirror import metrics
 from mirror.cache.inventory import human_size
 from mirror.node import Node
+from mirror.server import status_parts as parts
+from mirror.server.figures import RegistryFigures, node_totals, registry_figures, total
+from mirror.server.history import (
+    HISTORY,
+    INCIDENT_LOG,
+    SHARED,
+    History,
+    Incidents,
+    NodeView,
+    SharedIncidents,
+)
 from mirror.server.state import NODE, log_context
+from mirror.version import VERSION
 
 REFRESH_SECONDS = 5
 TOP_IMAGES = 10
-_BREAKER = {0: "closed", 1: "open", 2: "half-open"}
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
-h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}
-table{border-collapse:collapse;background:#fff}td,th{padding:.25em .8em;text-align:left;
-border-bottom:1px solid #ddd}th{background:#eee}td.n{text-align:right;font-variant-numeric:
-tabular-nums}.muted{color:#777}.bad{color:#b00;font-weight:600}.ok{color:#070}
-progress{width:12em}code{font-size:.95em}
-"""
 
 
 @dataclass(frozen=True)
-class RegistryFigures:
-    """What the page shows of one registry."""
+class Disk:
+    """The filesystem that holds the storage folder."""
 
-    name: str
-    hits: float
-    requests: float
-    served: float
-    downloaded: float
-    cached: float
-
-    @property
-    def hit_ratio(self) -> float | None:
-        """Share of blob and manifest requests answered from the cache, if any came."""
-        return self.hits / self.requests if self.requests else None
-
-    @property
-    def saved(self) -> float:
-        """Bytes served that were not downloaded upstream."""
-        return max(self.served - self.downloaded, 0.0)
+    total: int
+    used: int
+    free: int
 
 
-def samples(metric: Any) -> list[tuple[str, dict[str, str], float]]:
-    """Every sample of a metric for the node (every worker): ``(name, labels, value)``."""
-    return metrics.node_samples(metric)
-
-
-def total(metric: Any, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include ``labels``."""
-    return sum(value for _name, have, value in samples(metric)
-               if all(have.get(k) == v for k, v in labels.items()))
-
-
-def registry_figures(names: Iterable[str]) -> list[RegistryFigures]:
-    """Hit ratio, served, downloaded and cached bytes of each configured registry."""
-    figures = []
-    for name in names:
-        figures.append(RegistryFigures(
-            name=name,
-            hits=total(metrics.REGISTRY_CACHE_RESULTS, registry=name, result="hit"),
-            requests=total(metrics.REGISTRY_CACHE_RESULTS, registry=name),
-            served=total(metrics.REGISTRY_SERVED_BYTES, registry=name),
-            downloaded=total(metrics.UPSTREAM_BYTES, registry=name),
-            cached=total(metrics.REGISTRY_CACHE_BYTES, registry=name),
-        ))
-    return figures
+async def history_ctx(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: the per-minute samples and the last problems, for the page."""
+    history = History(node_totals)
+    incidents = Incidents()
+    app[HISTORY] = history
+    app[INCIDENT_LOG] = incidents
+    tasks = [asyncio.ensure_future(history.run())]
+    node = app.get(NODE)
+    if node is not None:
+        shared = SharedIncidents(node.settings.storage.path / "status", node.worker.index,
+                                 history.started)
+        app[SHARED] = shared
+        tasks.append(asyncio.ensure_future(shared.run(incidents)))
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def status_page(request: web.Request) -> web.Response:
     """``GET /``: the status page."""
     log_context(request)["route"] = "status"
     state = request.app.get(NODE)
-    body = render(state) if state is not None else _page("<p>Starting.</p>")
+    if state is None:
+        body = _page("<p>Starting.</p>")
+    else:
+        disk = await asyncio.to_thread(disk_of, state)
+        shared, incidents = request.app.get(SHARED), request.app.get(INCIDENT_LOG)
+        own = incidents.latest() if incidents is not None else []
+        view = await asyncio.to_thread(shared.read, own) if shared is not None else None
+        body = render(state, disk=disk, history=request.app.get(HISTORY),
+                      incidents=incidents, node=view)
     return web.Response(text=body, content_type="text/html", charset="utf-8",
                         headers={"Cache-Control": "no-store"})
 
 
-def render(state: Node) -> str:
-    """The whole page for the current state."""
+def disk_of(state: Node) -> Disk | None:
+    """Size, used and free bytes of the storage folder's filesystem (blocks: a thread)."""
+    try:
+        usage = shutil.disk_usage(state.settings.storage.path)
+    except OSError:
+        return None
+    return Disk(usage.total, usage.used, usage.free)
+
+
+def render(state: Node, *, disk: Disk | None = None, history: History | None = None,
+           incidents: Incidents | None = None, node: NodeView | None = None) -> str:
+    """The whole page for the current state (``node``: what every worker wrote, which
+    wins over this process's own start time and problems)."""
     names = [u.name for u in state.settings.upstreams]
-    parts = [
-        _cache_section(state),
-        _registries_section(registry_figures(names)),
-        _downloads_section(state),
-        _popular_section(state.popularity.top(TOP_IMAGES)),
-        _health_section(state, names),
+    figures = registry_figures(names)
+    started = node.started if node is not None else \
+        history.started if history is not None else None
+    problems = node.incidents if node is not None else \
+        incidents.latest() if incidents is not None else []
+    sections = [
+        _overview(state, disk, started, figures),
+        parts.charts(history.minutes() if history is not None else []),
+        _registries_section(figures),
+        parts.health(state, names),
+        parts.sync(state),
+        parts.cluster(state),
+        parts.incidents(problems),
+        parts.downloads(state),
+        parts.popular(state.popularity.top(TOP_IMAGES)),
+        parts.links(state),
     ]
-    return _page("".join(parts))
+    return _page("".join(sections))
 
 
 def _page(content: str) -> str:
@@ -111,27 +136,69 @@ def _page(content: str) -> str:
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
             f"<meta http-equiv=refresh content={REFRESH_SECONDS}>"
             f"<meta name=viewport content='width=device-width'>"
-            f"<title>mirror status</title><style>{_CSS}</style></head><body>"
-            f"<h1>mirror</h1><p class=muted>as of {stamp}; reloads every "
-            f"{REFRESH_SECONDS} s; figures since the mirror started</p>{content}"
-            f"</body></html>")
+            f"<title>mirror status</title><style>{parts.CSS}</style></head><body>"
+            f"<header><h1>mirror <span id=version>{_e(VERSION)}</span></h1>"
+            f"<p class=muted>as of {stamp}; reloads every {REFRESH_SECONDS} s; "
+            f"counters since start</p></header>{content}</body></html>")
 
 
-def _cache_section(state: Node) -> str:
+def _overview(state: Node, disk: Disk | None, started: float | None,
+              figures: list[RegistryFigures]) -> str:
+    settings = state.settings
+    listen = f"{settings.listen_host}:{settings.listen_port}"
+    tls = "on" if settings.tls is not None else "off"
+    uptime = parts.duration(time.time() - started) if started is not None else "?"
+    workers = state.worker.count
+    cards = [
+        ("uptime", "Up", uptime),
+        ("listen", "Listening on", f"<code>{_e(listen)}</code>"
+                                    f"<small>TLS <span id=tls>{tls}</span></small>"),
+        ("workers", "Workers", str(workers)),
+        ("cache", "Cache", _cache_text(state)),
+        ("disk", "Disk", _disk_text(disk)),
+        ("traffic", "Served", _traffic_text(figures)),
+    ]
+    items = "".join(f"<div class=card id={cid}><b>{label}</b><span>{value}</span></div>"
+                    for cid, label, value in cards)
+    return f"<section class=cards id=overview>{items}</section>"
+
+
+def _cache_text(state: Node) -> str:
     used = state.store.index.total_bytes
     entries = state.store.index.total_entries
     limit = state.settings.storage.max_size
+    pinned = human_size(int(total(metrics.CACHE_PINNED_BYTES)))
     if limit:
-        share = used / limit
-        gauge = (f"<progress id=cache-gauge max={limit} value={min(used, limit)}></progress> "
-                 f"<span id=cache-used>{human_size(used)}</span> of "
-                 f"<span id=cache-limit>{human_size(limit)}</span> ({share:.1%})")
+        gauge = (f"<progress id=cache-gauge max={limit} value={min(used, limit)}></progress>"
+                 f"<span id=cache-used>{human_size(used)}</span> of cap "
+                 f"<span id=cache-limit>{human_size(limit)}</span> ({used / limit:.0%})")
     else:
         gauge = (f"<span id=cache-used>{human_size(used)}</span>, "
-                 f"<span id=cache-limit>no limit</span>")
-    pinned = total(metrics.CACHE_PINNED_BYTES)
-    return (f"<h2>Cache</h2><p>{gauge} in <span id=cache-entries>{entries}</span> entries; "
-            f"pinned {human_size(int(pinned))}</p>")
+                 f"<span id=cache-limit>no cap</span>")
+    return (f"{gauge}<small><span id=cache-entries>{entries}</span> entries, "
+            f"{pinned} pinned</small>")
+
+
+def _traffic_text(figures: list[RegistryFigures]) -> str:
+    served = sum(f.served for f in figures)
+    downloaded = sum(f.downloaded for f in figures)
+    hits = sum(f.hits for f in figures)
+    requests = sum(f.requests for f in figures)
+    ratio = f"{hits / requests:.0%} hits" if requests else "no pulls yet"
+    return (f"<span id=served-total>{human_size(int(served))}</span>, "
+            f"<span id=saved-total>{human_size(int(max(served - downloaded, 0)))}</span> "
+            f"saved<small>{human_size(int(downloaded))} downloaded; {ratio}</small>")
+
+
+def _disk_text(disk: Disk | None) -> str:
+    if disk is None:
+        return "<span class=muted>unknown</span>"
+    share = disk.used / disk.total if disk.total else 0.0
+    css = " class=bad" if share > 0.9 else ""
+    return (f"<progress max={disk.total} value={disk.used}></progress>"
+            f"<span id=disk-used{css}>{human_size(disk.used)}</span> used, "
+            f"<span id=disk-free>{human_size(disk.free)}</span> free"
+            f"<small>of {human_size(disk.total)}</small>")
 
 
 def _registries_section(figures: list[RegistryFigures]) -> str:
@@ -142,84 +209,12 @@ def _registries_section(figures: list[RegistryFigures]) -> str:
             f"<tr data-registry='{_e(f.name)}'><td><code>{_e(f.name)}</code></td>"
             f"<td class='n hit-ratio'>{ratio}</td><td class=n>{int(f.requests)}</td>"
             f"<td class='n served'>{human_size(int(f.served))}</td>"
-            f"<td class=n>{human_size(int(f.downloaded))}</td>"
+            f"<td class='n downloaded'>{human_size(int(f.downloaded))}</td>"
             f"<td class='n saved'>{human_size(int(f.saved))}</td>"
             f"<td class=n>{human_size(int(f.cached))}</td></tr>")
     head = ("<tr><th>registry</th><th>hit ratio</th><th>requests</th><th>served</th>"
             "<th>downloaded</th><th>saved</th><th>cached</th></tr>")
     return f"<h2>Registries</h2><table id=registries>{head}{''.join(rows)}</table>"
-
-
-def _downloads_section(state: Node) -> str:
-    fills = sorted(state.fetcher.fills(), key=lambda f: str(f.digest))
-    if not fills:
-        return "<h2>Downloads in flight</h2><p id=downloads class=muted>none</p>"
-    rows = []
-    for fill in fills:
-        size = fill.size or fill.expected_size
-        if size:
-            progress = (f"<progress max={size} value={min(fill.written, size)}></progress> "
-                        f"{fill.written / size:.0%}")
-        else:
-            progress = "<progress></progress>"
-        rows.append(f"<tr class=download><td><code>{_e(str(fill.digest)[:19])}…</code></td>"
-                    f"<td>{_e(fill.registry)} ({_e(fill.source or 'starting')})</td>"
-                    f"<td class=n>{human_size(fill.written)}</td>"
-                    f"<td class=n>{human_size(size) if size else '?'}</td>"
-                    f"<td>{progress}</td><td class=n>{fill.readers}</td></tr>")
-    head = ("<tr><th>digest</th><th>from</th><th>received</th><th>size</th><th>progress</th>"
-            "<th>readers</th></tr>")
-    return f"<h2>Downloads in flight</h2><table id=downloads>{head}{''.join(rows)}</table>"
-
-
-def _popular_section(top: list[tuple[str, int]]) -> str:
-    if not top:
-        return "<h2>Most pulled images</h2><p id=popular class=muted>none yet</p>"
-    rows = "".join(f"<tr><td><code>{_e(image)}</code></td><td class=n>{count}</td></tr>"
-                   for image, count in top)
-    return ("<h2>Most pulled images</h2><table id=popular><tr><th>image (by tag)</th>"
-            f"<th>pulls</th></tr>{rows}</table>")
-
-
-def _health_section(state: Node, names: list[str]) -> str:
-    rows = []
-    for name in names:
-        breaker = _BREAKER.get(int(total(metrics.BREAKER_STATE, registry=name)), "?")
-        css = "ok" if breaker == "closed" else "bad"
-        budget = state.settings.upstreams[names.index(name)].budget
-        client = state.clients.get(name)
-        if budget is None or client is None or client.guard.budget is None:
-            budget_text = "<span class=muted>no budget</span>"
-        else:
-            level, burst = client.guard.budget.left()
-            budget_text = (f"<span class=budget-left>{int(level)}</span> of {int(burst)} left "
-                           f"at {budget.rate:g}/s; waits "
-                           f"{int(total(metrics.BUDGET_WAITS, registry=name))}, refused "
-                           f"{int(total(metrics.BUDGET_REFUSALS, registry=name))}")
-        rows.append(f"<tr data-registry='{_e(name)}'><td><code>{_e(name)}</code></td>"
-                    f"<td class='{css} breaker'>{breaker}</td><td>{budget_text}</td>"
-                    f"<td>{_ratelimit(name)}</td>"
-                    f"<td class=n>{int(total(metrics.UPSTREAM_ERRORS, registry=name))}</td></tr>")
-    head = ("<tr><th>registry</th><th>breaker</th><th>budget</th><th>rate limit left</th>"
-            "<th>errors</th></tr>")
-    return f"<h2>Upstream health</h2><table id=health>{head}{''.join(rows)}</table>"
-
-
-def _ratelimit(name: str) -> str:
-    limits = {labels.get("credential", ""): value
-              for _n, labels, value in samples(metrics.RATELIMIT_LIMIT)
-              if labels.get("registry") == name}
-    left = [(labels.get("credential", ""), value)
-            for _n, labels, value in samples(metrics.RATELIMIT_REMAINING)
-            if labels.get("registry") == name]
-    if not left:
-        return "<span class=muted>not reported</span>"
-    parts = []
-    for credential, value in sorted(left):
-        limit = limits.get(credential)
-        of = f" of {int(limit)}" if limit else ""
-        parts.append(f"{_e(credential)}: {int(value)}{of}")
-    return "; ".join(parts)
 
 
 def _e(text: str) -> str:

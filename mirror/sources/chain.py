@@ -31,9 +31,8 @@ from mirror.clock import SYSTEM, Clock
 from mirror.errors import ManifestInvalid
 from mirror.oci import Digest
 from mirror.sources.base import ContentRef, FillResult, Source
-from mirror.sources.upstream import RegistryClient, UpstreamSource
+from mirror.sources.upstream import UpstreamSource
 from mirror.storage.base import BodyReader, BodyResponse
-from mirror.upstream.guard import BackgroundRequests
 
 log = structlog.get_logger(__name__)
 
@@ -73,21 +72,18 @@ class SourceChain:
 
     def in_background(self) -> SourceChain:
         """The same chain for work no client waits for: upstream requests spend the
-        registry's background budget (see :class:`~mirror.upstream.guard.BackgroundRequests`)."""
+        registry's background budget (:meth:`UpstreamSource.in_background`)."""
+        if self.upstream.background:
+            return self
         if self._background is None:
-            upstream = UpstreamSource(BackgroundRequests(self.upstream.client))
-            self._background = SourceChain(self.sources[:-1], upstream, self.rejections)
+            self._background = SourceChain(self.sources[:-1], self.upstream.in_background(),
+                                           self.rejections)
         return self._background
 
     @property
     def name(self) -> str:
         """The registry's configured name."""
-        return self.upstream.client.name
-
-    @property
-    def client(self) -> RegistryClient:
-        """The upstream registry's client: tags, tag lists and referrers come only from it."""
-        return self.upstream.client
+        return self.upstream.name
 
     def candidates(self, digest: Digest) -> list[Source]:
         """The sources worth asking for ``digest``: all but those that served it wrong (the

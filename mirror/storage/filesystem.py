@@ -283,6 +283,13 @@ class FilesystemStore:
         self._write_atomic(target, data)
         self._record(lambda: self.index.add("manifest", str(digest), len(data)))
 
+    def write_blob(self, digest: Digest, data: bytes) -> None:
+        """Store verified blob bytes held in memory (temp file, fsync, rename)."""
+        target = self.blob_path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._write_atomic(target, data)
+        self._record(lambda: self.index.add("blob", str(digest), len(data)))
+
     def remove_manifest(self, digest: Digest) -> None:
         """Delete a stored manifest, if present."""
         self.remove("manifest", digest)

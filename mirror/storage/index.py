@@ -40,6 +40,8 @@ from mirror.oci import MANIFEST_MAX_BYTES
 BUSY_TIMEOUT = 30.0
 #: The index's file name in the storage folder.
 INDEX_NAME = "index.db"
+#: The file beside the index holding the time of the last removal (bump_generation).
+REMOVED_AT = "removed-at"
 #: Source prefix of the pins warming makes: ``warm-until:<epoch>:<ref>``.
 WARM_PIN = "warm-until:"
 
@@ -256,10 +258,28 @@ class Index:
             return int(db.execute("PRAGMA user_version").fetchone()[0])
 
     def bump_generation(self) -> None:
-        """Tell running servers that content went away behind their back."""
+        """Tell running servers that content went away behind their back, and when (a
+        server stores again what it answered from memory after that, see
+        :meth:`removed_at`)."""
         with self._db(write=True) as db:
             current = int(db.execute("PRAGMA user_version").fetchone()[0])
             db.execute(f"PRAGMA user_version = {(current + 1) % 2**31}")
+        marker = Path(self.path).with_name(REMOVED_AT)
+        temp = marker.with_name(f".{REMOVED_AT}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            temp.write_text(f"{time.time():.6f}")
+            os.replace(temp, marker)
+        except OSError:  # a full disk: no marker, so servers keep nothing (see removed_at)
+            temp.unlink(missing_ok=True)
+            marker.unlink(missing_ok=True)
+
+    def removed_at(self) -> float:
+        """When content was last removed behind the servers' back (seconds since the epoch;
+        infinity when unknown: then nothing counts as used after it)."""
+        try:
+            return float(Path(self.path).with_name(REMOVED_AT).read_text())
+        except (OSError, ValueError):
+            return float("inf")
 
     # --- the node's byte budget ----------------------------------------------------------
     def budget(self, pid: int, reserved: int) -> tuple[int, int]:

@@ -39,6 +39,7 @@ from mirror.errors import (
     ManifestUnknown,
     NameUnknown,
     OciError,
+    PolicyDenied,
     TooManyRequests,
     UpstreamUnavailable,
 )
@@ -52,6 +53,7 @@ from mirror.sync.rules import (
     in_windows,
     needs_tag_list,
     next_run,
+    rule_fingerprint,
     rule_platforms,
     rule_repositories,
     rule_tags,
@@ -67,6 +69,7 @@ RECORDS_MAX = 10_000
 #: The loop wakes at least this often to look for due rules.
 WAKE_MAX = 30.0
 STATE_VERSION = 1
+STATE_FILE = "state.json"
 
 
 @dataclass
@@ -136,22 +139,27 @@ class SyncService:
     # --- lifetime -------------------------------------------------------------------------
     async def load(self) -> None:
         """Read the saved records (a missing or bad file starts empty)."""
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        """Take in what the node's other processes saved (each worker runs the passes it
+        is asked for, the evicting one the loop): a record newer there than here wins."""
         if self._state_path is None:
             return
-        document = await asyncio.to_thread(read_json, self._state_path)
-        if not isinstance(document, dict) or document.get("version") != STATE_VERSION:
-            return
-        for item in document.get("records") or []:
-            record = Record.from_json(item) if isinstance(item, dict) else None
-            if record is not None:
-                self.records[record.ref] = record
-        last = document.get("last_run")
-        self.last_run = last if isinstance(last, dict) else {}
+        records, last_run = await asyncio.to_thread(read_state, self._state_path)
+        for ref, record in records.items():
+            mine = self.records.get(ref)
+            if mine is None or record.last_run > mine.last_run:
+                self.records[ref] = record
+        if float(last_run.get("started") or 0) > float(self.last_run.get("started") or 0):
+            self.last_run = last_run
 
     async def save(self) -> None:
-        """Write the records (temp file + rename)."""
+        """Write the records, with those the node's other processes saved (temp file +
+        rename)."""
         if self._state_path is None:
             return
+        await self.refresh()
         kept = sorted(self.records.values(), key=lambda r: r.last_run)[-RECORDS_MAX:]
         self.records = {r.ref: r for r in kept}
         document = {"version": STATE_VERSION, "saved_at": self._clock.time(),
@@ -384,6 +392,8 @@ class SyncService:
     def _failed(self, ref: str, rule: str, exc: Exception) -> WarmResult:
         if isinstance(exc, TooManyRequests):
             result = WarmResult(ref, result="deferred", reason=f"rate limited: {exc.message}")
+        elif isinstance(exc, PolicyDenied):
+            result = WarmResult(ref, result="refused", reason=exc.message)
         elif isinstance(exc, ManifestUnknown):
             result = WarmResult(ref, result="failed", reason=f"not found upstream: {exc.message}")
         elif isinstance(exc, NameUnknown):
@@ -395,18 +405,15 @@ class SyncService:
         else:
             message = exc.message if isinstance(exc, OciError) else str(exc)
             result = WarmResult(ref, result="failed", reason=message)
-        if result.result == "failed":
-            metrics.SYNC_IMAGES.labels("failed").inc()
+        if result.result in ("failed", "refused"):
+            metrics.SYNC_IMAGES.labels(result.result).inc()
         log.warning("sync_reference_failed", ref=ref, rule=rule, result=result.result,
                     reason=result.reason)
         return result
 
     # --- schedule ---------------------------------------------------------------------------
     def _schedules(self) -> dict[str, Any]:
-        found: dict[str, Any] = {r.name: r.schedule for r in self.settings.rules}
-        if self.settings.popular.top:
-            found[POPULAR] = self.settings.popular.schedule
-        return found
+        return _schedules(self.settings)
 
     def _due(self, now: float) -> list[str]:
         return [name for name in self._schedules() if self._next.get(name, 0.0) <= now]
@@ -428,17 +435,74 @@ class SyncService:
         return min(WAKE_MAX, max(1.0, soonest - now))
 
     # --- status -----------------------------------------------------------------------------
+    async def node_status(self, top: int = 20) -> dict[str, Any]:
+        """:meth:`status` with the records every process of the node saved
+        (``GET /admin/sync``)."""
+        await self.refresh()
+        return self.status(top)
+
     def status(self, top: int = 20) -> dict[str, Any]:
-        """Rules, pauses, records and popularity, as JSON (``GET /admin/sync``)."""
-        schedules = self._schedules()
-        return {
-            "rules": [{"name": name, "next_run": self._next.get(name),
-                       "schedule": asdict(schedule)} for name, schedule in schedules.items()],
-            "registries": self.budget.as_json(),
-            "last_run": self.last_run,
-            "records": [asdict(r) for r in sorted(self.records.values(), key=lambda r: r.ref)],
-            "popular": self.popularity.as_json(top),
-        }
+        """Rules, pauses, records and popularity of this process, as JSON."""
+        return _status(self.settings, self._next, registries=self.budget.as_json(),
+                       last_run=self.last_run, records=self.records,
+                       popular=self.popularity.as_json(top))
+
+    @staticmethod
+    def offline_status(settings: SyncSettings | None, storage: Path,
+                       top: int = 20) -> dict[str, Any]:
+        """What ``GET /admin/sync`` would answer, from the files a node saved in
+        ``storage`` (``mirror sync status`` with no server running): no next runs and
+        no pauses (those live in the server), ``enabled`` and the ``source`` read.
+        Blocking: it reads files."""
+        sync = settings or SyncSettings()
+        root = storage / "sync"
+        records, last_run = read_state(root / STATE_FILE)
+        popularity = Popularity(root / "popularity.json", window=sync.popular.window,
+                                max_entries=sync.popular.max_entries)
+        popularity.load()
+        popularity.read_others()  # the workers' files (popularity-w<i>.json): the node's
+        status = _status(sync, {}, registries={}, last_run=last_run, records=records,
+                         popular=popularity.as_json(top))
+        return {**status, "enabled": settings is not None, "source": str(root)}
+
+
+def read_state(path: Path) -> tuple[dict[str, Record], dict[str, Any]]:
+    """The records and the last run saved in ``state.json`` (a missing or bad file:
+    none). Blocking."""
+    document = read_json(path)
+    if not isinstance(document, dict) or document.get("version") != STATE_VERSION:
+        return {}, {}
+    records = {}
+    for item in document.get("records") or []:
+        record = Record.from_json(item) if isinstance(item, dict) else None
+        if record is not None:
+            records[record.ref] = record
+    last = document.get("last_run")
+    return records, last if isinstance(last, dict) else {}
+
+
+def _schedules(settings: SyncSettings) -> dict[str, Any]:
+    """Every schedule by name: the rules', and ``popular``'s when it keeps any warm."""
+    found: dict[str, Any] = {r.name: r.schedule for r in settings.rules}
+    if settings.popular.top:
+        found[POPULAR] = settings.popular.schedule
+    return found
+
+
+def _status(settings: SyncSettings, next_runs: Mapping[str, float], *,
+            registries: dict[str, object], last_run: dict[str, Any],
+            records: Mapping[str, Record], popular: dict[str, Any]) -> dict[str, Any]:
+    """The status document, from a running service or from its saved files."""
+    fingerprints = {r.name: rule_fingerprint(r) for r in settings.rules}
+    return {
+        "rules": [{"name": name, "next_run": next_runs.get(name),
+                   "schedule": asdict(schedule), "fingerprint": fingerprints.get(name)}
+                  for name, schedule in _schedules(settings).items()],
+        "registries": registries,
+        "last_run": last_run,
+        "records": [asdict(r) for r in sorted(records.values(), key=lambda r: r.ref)],
+        "popular": popular,
+    }
 
 
 def _remote_top(document: Any, limit: int) -> list[tuple[str, str, str, tuple[str, ...]]]:

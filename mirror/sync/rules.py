@@ -14,9 +14,11 @@ Anything else (``latest``, ``1.2.3.4``) is not a version: a set with ``semver`` 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 
@@ -172,3 +174,10 @@ def in_windows(windows: tuple[tuple[int, int], ...], now: float) -> bool:
     minute = moment.hour * 60 + moment.minute
     return any((start <= minute < end) if start <= end else (minute >= start or minute < end)
                for start, end in windows)
+
+
+def rule_fingerprint(rule: SyncRule) -> str:
+    """A short hash of everything a rule says: two configs with the same fingerprint for a
+    rule name select the same images (``mirror sync`` compares its file with the server)."""
+    text = json.dumps(asdict(rule), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 
 from mirror import metrics
-from mirror.errors import MirrorError, OciError, TooManyRequests
+from mirror.errors import MirrorError, OciError, PolicyDenied, TooManyRequests
 from mirror.oci import INDEX_TYPES, Digest, is_attestation, is_platform_image, parse_manifest
 from mirror.pull import PullService, Repo
 from mirror.storage.index import Index
@@ -70,7 +70,8 @@ class WarmJob:
 @dataclass
 class WarmResult:
     """What one warm did: ``warmed`` (fetched now), ``present`` (already held),
-    ``failed`` or ``deferred`` (and why), with bytes and counts."""
+    ``failed``, ``refused`` (by the signature policy) or ``deferred`` (and why), with
+    bytes and counts."""
 
     ref: str
     digest: str | None = None
@@ -120,17 +121,22 @@ class Warmer:
             result.result, result.reason = "deferred", f"rate limited upstream: {exc.message}"
         except Deferred as exc:
             result.result, result.reason = "deferred", str(exc)
+        except PolicyDenied as exc:  # the policy's verdict: nothing of it is fetched
+            result.result, result.reason = "refused", exc.message
         except OciError as exc:
             result.result, result.reason = "failed", exc.message
         except (MirrorError, OSError) as exc:
             result.result, result.reason = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             metrics.CALLER.reset(token)
-        if not dry_run and result.result in ("warmed", "present", "failed"):
+        if not dry_run and result.result in ("warmed", "present", "failed", "refused"):
             metrics.SYNC_IMAGES.labels(result.result).inc()
         if progress is not None:
             progress({"ref": job.label, "event": "done", **result.as_json()})
-        log.info("warm_done", **result.as_json(), dry_run=dry_run)
+        # An upstream 503 (or any failure) behind a warm is something to look at.
+        emit = log.warning if result.result in ("failed", "deferred", "refused") \
+            else log.info
+        emit("warm_done", **result.as_json(), dry_run=dry_run)
         return result
 
     async def _warm(self, job: WarmJob, digest: Digest | None, result: WarmResult,
@@ -155,7 +161,7 @@ class Warmer:
             progress({"ref": job.label, "event": "plan", "total": sum(plan.blobs.values()),
                       "present": result.present_bytes, "blobs": len(plan.blobs)})
         if dry_run:
-            result.result = "planned"
+            result.result = "planned" if missing else "present"
             return
         until = self._now() + job.protect
         await asyncio.to_thread(self._index.pin_until, [*plan.manifests, *plan.blobs],

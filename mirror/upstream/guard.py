@@ -26,8 +26,9 @@ were about those requests (a name upstream chokes on) and are forgiven
 (:meth:`UpstreamGuard.forgive`), so anonymous clients cannot shut a registry
 off for everyone.
 
-Background work reaches upstream through :class:`BackgroundRequests`, a view
-of the client that marks every request ``background=True``.
+Background work reaches upstream with ``background=True`` on each request (an
+:class:`~mirror.sources.upstream.UpstreamSource` built with ``background=True``
+sends every request so).
 
 Failing fast raises the errors the cache already handles: a tag with a cached
 digest is then served stale (cache/manifests.py), so an outage or a 429 storm
@@ -41,12 +42,10 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import NoReturn, Protocol
+from typing import NoReturn
 
-import aiohttp
 import structlog
 
 from mirror import metrics
@@ -407,43 +406,3 @@ class UpstreamGuard:
     def ratelimit_remaining(self, credential: str) -> int | None:
         """The last ``ratelimit-remaining`` upstream reported for a credential."""
         return self._ratelimits.get(credential, (None, None))[1]
-
-
-class _Requests(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    def request(self, method: str, repository: str, suffix: str, *,
-                headers: Mapping[str, str] | None = None,
-                params: Mapping[str, str] | None = None, retry: bool = True,
-                background: bool = False,
-                ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]: ...
-
-
-class BackgroundRequests:
-    """An upstream client whose every request is background work.
-
-    Hand it to the caches (warming, prefetch, background revalidation) in
-    place of the client itself: they then wait for the budget instead of
-    spending the clients' overdraft, with no change to their code.
-    """
-
-    def __init__(self, client: _Requests) -> None:
-        self._client = client
-
-    def __repr__(self) -> str:
-        return f"BackgroundRequests({self._client!r})"
-
-    @property
-    def name(self) -> str:
-        """The upstream's configured name."""
-        return self._client.name
-
-    def request(self, method: str, repository: str, suffix: str, *,
-                headers: Mapping[str, str] | None = None,
-                params: Mapping[str, str] | None = None, retry: bool = True,
-                background: bool = True,
-                ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-        """Like the client's ``request``, always with ``background=True`` (the flag is ignored)."""
-        return self._client.request(method, repository, suffix, headers=headers, params=params,
-                                    retry=retry, background=True)

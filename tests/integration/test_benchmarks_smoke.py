@@ -20,6 +20,7 @@ import pytest
 
 from benchmarks.report import SHOWN
 from benchmarks.scenarios import APPLIES, SCENARIOS
+from benchmarks.targets import BASELINE
 from tests.conftest import require_binary
 
 pytestmark = pytest.mark.integration
@@ -41,6 +42,8 @@ def test_smoke_run_has_figures_for_every_scenario_and_target(tmp_path: Path) -> 
     records = doc["records"]
     for scenario in SCENARIOS:
         for target in APPLIES[scenario]:
+            if target == BASELINE:  # runs only with --baseline-src
+                continue
             mine = [r for r in records if r["scenario"] == scenario and r["target"] == target]
             assert mine, f"no figures for {scenario} on {target}"
             for record in mine:
@@ -126,3 +129,19 @@ def test_processes_benchmark_prints_its_table() -> None:
             for line in proc.stdout.splitlines() if line.startswith("| ")}
     assert float(rows["supervisor, MiB"]) > 0
     assert rows["workers died while starting"] == "0 of 2"
+
+
+@pytest.mark.timeout(300)
+def test_policy_serving_benchmark_prints_every_row() -> None:
+    """``python -m benchmarks.policy_serving``: policy off, on and on with audit, side by
+    side, on the lean and the full path, with the ratios."""
+    require_binary("docker-registry")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.policy_serving", "--duration", "1", "--repeat",
+         "1", "--connections", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = [line for line in proc.stdout.splitlines() if "manifest by" in line]
+    assert [r.split(",")[0] for r in rows] == ["lean path"] * 2 + ["full path"] * 2
+    assert all(float(r.split()[-1]) > 0 and float(r.split()[-2]) > 0 for r in rows)

@@ -132,7 +132,11 @@ def test_a_lazy_start_replayed_through_a_cold_mirror_gets_every_byte_right(
     ranged = [e for e in entries if e.status == 206]
     assert len(full) == 1, entries
     assert ranged, "the footer of a cold layer waited for the whole download"
-    assert sum(e.bytes for e in entries) <= 1.05 * size
+    # Ranged requests fetch at most what was asked (how many of the reads go upstream
+    # depends on how far the download has got: timing, so not asserted); the benchmark
+    # measures the total against the layer's size.
+    asked_bytes = estargz.FOOTER_SIZE + len(toc) + sum(b - a for a, b in asked)
+    assert sum(e.bytes for e in ranged) <= asked_bytes, ranged
 
 
 def test_containerd_pulls_the_estargz_image_through_the_mirror(

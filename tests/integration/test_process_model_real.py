@@ -29,7 +29,7 @@ import aiohttp
 import pytest
 import yaml
 
-from mirror.cluster import sign_token
+from mirror.cluster import sign_token, token_scope
 from tests.support.images import Image, Index, make_image, make_layer
 from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
@@ -403,8 +403,10 @@ def test_cluster_peer_api_with_two_workers(registry_anon: Registry, start: Start
     url = f"{nodes[0].url}/_peer/v2/{image.repo}/blobs/{blob}?ns={UPSTREAM}"
     for _ in range(6):
         assert _get(url)[0] == 401
+    audience, path = token_scope(url)  # a token made for this node, method and path
     good = {"Authorization": "Bearer " + sign_token("a-fleet-secret-for-the-tests", "peer",
-                                                    time.time() + 30)}
+                                                    time.time() + 30, audience=audience,
+                                                    method="GET", path=path)}
     assert _get(url, good)[0] == 200
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mirror.errors import FillError
-from mirror.fetch.claim import ClaimingFetcher, ClaimRefused, Claims
+from mirror.fetch import Fetcher
+from mirror.fetch.claim import ClaimCoalescer, ClaimRefused, Claims
 from mirror.fetch.fill import Fill
 from mirror.oci import Digest
 from mirror.storage.base import BodyResponse
@@ -53,10 +54,10 @@ class _Upstream:
         yield _Body(self.data, offset, self.step)  # type: ignore[misc]
 
 
-def _worker(root: Path, index: int) -> ClaimingFetcher:
+def _worker(root: Path, index: int) -> Fetcher:
     store = FilesystemStore(root, temp_folder=f"w{index}")
     store.open()
-    return ClaimingFetcher(store, CHUNK, claims=Claims(root / "tmp" / "claims"))
+    return Fetcher(store, CHUNK, coalescer=ClaimCoalescer(Claims(root / "tmp" / "claims")))
 
 
 async def _until(condition: Callable[[], bool]) -> None:
@@ -68,6 +69,9 @@ async def _until(condition: Callable[[], bool]) -> None:
 
 
 async def _read(fill: Fill, size: int) -> bytes:
+    """What a client reads: after the headers (the size), as the handlers do; a reader
+    that opened the fill before its claimer created the .part file would not find it."""
+    assert await fill.wait_size() == size
     return b"".join([piece async for piece in fill.read(0, size, CHUNK)])
 
 
@@ -143,7 +147,7 @@ async def test_a_symlink_planted_in_the_claims_folder_is_refused_not_followed(
         if planted == ".size":
             claim = claims.try_claim(digest)
             assert claim is not None
-            claims.announced(digest)
+            claim.announced()
         else:
             fill, _ = await worker.start(digest, _Upstream(data), "r")
             await fill.wait_done()

@@ -11,7 +11,9 @@ from typing import Any
 import structlog
 
 from mirror.clock import ManualClock
-from mirror.server.fastpath import CONTENT_TTL, AccessLine, Hot, HotAnswers
+from mirror.server.accounting import AccessLine, Served
+from mirror.server.fastpath import CONTENT_TTL
+from mirror.server.state import ACCOUNTING, NODE
 from tests.support.fake import FakeRegistry
 from tests.unit.conftest import MirrorFactory
 
@@ -93,18 +95,64 @@ async def test_a_tag_is_answered_here_only_inside_its_ttl(clock: ManualClock,
 def test_access_line_is_one_json_line_with_every_field() -> None:
     stream = io.BytesIO()
     access = AccessLine(True, True, stream=stream)
-    hot = HotAnswers(access)
-    assert len(hot) == 0
-    entry = Hot(body=b"", headers={}, expires=0.0, log_fields=b'"route":"blob","status":200',
-                log_dict={}, requests=None, seconds=None, counters=(), served=(),
-                served_count=0, touch=None, image=None, pulled_digest=None)
 
     async def write() -> None:
         access.write({"request_id": "r1", "client": "127.0.0.1", "user_agent": "ua",
-                      "duration_ms": 0.01}, entry)
+                      "duration_ms": 0.01}, b'"route":"blob","status":200')
 
     asyncio.run(write())
     line = json.loads(stream.getvalue())
     assert line["request_id"] == "r1" and line["route"] == "blob" and line["status"] == 200
     assert line["timestamp"].endswith("Z") and len(line["timestamp"]) == 27
     assert stream.getvalue().endswith(b"}\n") and stream.getvalue().count(b"\n") == 1
+
+
+_TYPED = ("route", "method", "path", "status", "registry", "repository", "reference", "digest",
+          "media_type", "source", "user")
+
+
+async def test_both_paths_account_one_served_record_each(make_mirror: MirrorFactory,
+                                                         fake: FakeRegistry) -> None:
+    """Every answer, full or lean, reaches the accounting's sinks once as a typed record
+    with the same fields (the lean one a cache hit from memory)."""
+    mirror = await make_mirror()
+    digest, body = fake.add_image("app", "v1", [b"layer-bytes"])
+    config = json.loads(body)["config"]["digest"]
+    seen: list[Served] = []
+    mirror.server.app[ACCOUNTING].sinks.append(seen.append)
+    for path in ("/v2/app/manifests/v1", f"/v2/app/manifests/{digest}",
+                 f"/v2/app/blobs/{config}"):
+        for _ in range(4):
+            resp = await mirror.get(path, headers=_ACCEPT)
+            assert resp.status == 200
+            await resp.read()
+        records = [s for s in seen if s.path == path]
+        assert len(records) == 4, path  # one record per answer
+        full, lean = records[1], records[3]  # the full path from the cache, then kept
+        assert {k: getattr(full, k) for k in _TYPED} == {k: getattr(lean, k) for k in _TYPED}
+        assert lean.cache == "hit" and lean.delivery == "memory"
+        assert lean.bytes == full.bytes > 0 and lean.request_id != full.request_id
+    manifests = [s for s in seen if s.route == "manifest"]
+    assert all(s.manifest is not None and str(s.manifest.digest) == s.digest for s in manifests)
+
+
+async def test_a_tag_answered_here_learns_platforms_like_the_full_path(
+        make_mirror: MirrorFactory, fake: FakeRegistry) -> None:
+    """An index pulled by tag from a kept answer is counted through the same entry point
+    as the full path's, which learns the index's platforms (the lean path once had one
+    that learnt none)."""
+    mirror = await make_mirror()
+    amd, amd_body = fake.add_image("multi", None, [b"amd-layer"])
+    arm, arm_body = fake.add_image("multi", None, [b"arm-layer"], arch="arm64")
+    fake.add_index("multi", "latest", [(amd, amd_body, "amd64"), (arm, arm_body, "arm64")])
+    accept = {"Accept": "application/vnd.oci.image.index.v1+json"}
+    path = "/v2/multi/manifests/latest"
+    for _ in range(2):  # the full path, which keeps its answer
+        assert (await mirror.get(path, headers=accept)).status == 200
+    popularity = mirror.server.app[NODE].popularity
+    popularity._children.clear()  # forget what the full path taught
+    seen: list[Served] = []
+    mirror.server.app[ACCOUNTING].sinks.append(seen.append)
+    assert (await mirror.get(path, headers=accept)).status == 200
+    assert [(s.cache, s.delivery) for s in seen] == [("hit", "memory")]
+    assert amd in popularity._children and arm in popularity._children

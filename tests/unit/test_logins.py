@@ -14,7 +14,7 @@ import bcrypt
 import pytest
 
 from mirror import config
-from mirror.config.auth import LoginLimits
+from mirror.config import LoginLimits
 from mirror.errors import ConfigError, TooManyRequests, Unauthorized
 from mirror.server.auth import Authenticator
 from mirror.server.logins import BcryptQueue, FailureLimits, LoginsBusy

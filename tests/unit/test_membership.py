@@ -20,6 +20,7 @@ from mirror.oci import Digest
 from mirror.pull import Repo
 from mirror.server.app import create_app
 from mirror.server.state import NODE
+from mirror.sources.upstream import UpstreamSource
 from tests.support.fake import FakeRegistry
 from tests.unit.conftest import mirror_settings
 
@@ -41,10 +42,17 @@ class _Upstream:
     asked: list[tuple[str, str, str]] = field(default_factory=list)
 
     @asynccontextmanager
-    async def request(self, method: str, repository: str, suffix: str,
-                      headers: dict[str, str] | None = None) -> AsyncIterator[_Answer]:
+    async def request(self, method: str, repository: str, suffix: str, *,
+                      headers: dict[str, str] | None = None,
+                      params: dict[str, str] | None = None,
+                      background: bool = False) -> AsyncIterator[_Answer]:
         self.asked.append((method, repository, suffix))
         yield _Answer(self.status)
+
+
+def _source(client: _Upstream) -> UpstreamSource:
+    """The upstream source over the fake client: its typed API maps the statuses."""
+    return UpstreamSource(client)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -74,23 +82,23 @@ async def test_content_of_one_registry_is_refused_under_another_unless_upstream_
     await facts.record("quay.io", "team/app", [D1])
     docker = _Upstream("docker.io", status=404)
     with pytest.raises(BlobUnknown):
-        await ensure_member(facts, docker, "library/small", Digest.parse(D1),  # type: ignore[arg-type]
+        await ensure_member(facts, _source(docker), "library/small", Digest.parse(D1),
                             kind="blob", private=False)
     with pytest.raises(ManifestUnknown):
-        await ensure_member(facts, docker, "library/small", Digest.parse(D1),  # type: ignore[arg-type]
+        await ensure_member(facts, _source(docker), "library/small", Digest.parse(D1),
                             kind="manifest", private=False)
     assert docker.asked == [("HEAD", "library/small", f"blobs/{D1}"),
                             ("HEAD", "library/small", f"manifests/{D1}")]
     assert not await facts.known_in("docker.io", D1)  # a refusal teaches nothing
     for _ in range(5):  # ... but is remembered (negative_ttl): asking again costs nothing
         with pytest.raises(BlobUnknown):
-            await ensure_member(facts, docker, "library/small",  # type: ignore[arg-type]
+            await ensure_member(facts, _source(docker), "library/small",
                                 Digest.parse(D1), kind="blob", private=False)
     assert len(docker.asked) == 2
     docker.status = 200  # docker.io really holds it too: confirmed once, then known
-    await ensure_member(facts, docker, "library/big", Digest.parse(D1),  # type: ignore[arg-type]
+    await ensure_member(facts, _source(docker), "library/big", Digest.parse(D1),
                         kind="blob", private=False)
-    await ensure_member(facts, docker, "library/big", Digest.parse(D1),  # type: ignore[arg-type]
+    await ensure_member(facts, _source(docker), "library/big", Digest.parse(D1),
                         kind="blob", private=False)
     assert len(docker.asked) == 3
     assert await facts.known("docker.io", "library/big", D1)
@@ -100,11 +108,11 @@ async def test_a_registry_with_credentials_wants_the_repository_not_just_the_reg
         facts: Membership) -> None:
     await facts.record("quay.io", "team/app", [D1])
     quay = _Upstream("quay.io", status=404)
-    await ensure_member(facts, quay, "team/app", Digest.parse(D1),  # type: ignore[arg-type]
+    await ensure_member(facts, _source(quay), "team/app", Digest.parse(D1),
                         kind="blob", private=True)
     assert quay.asked == []  # known there
     with pytest.raises(BlobUnknown):  # another private repository of the same registry
-        await ensure_member(facts, quay, "team/secret", Digest.parse(D1),  # type: ignore[arg-type]
+        await ensure_member(facts, _source(quay), "team/secret", Digest.parse(D1),
                             kind="blob", private=True)
     assert quay.asked == [("HEAD", "team/secret", f"blobs/{D1}")]
 
@@ -113,7 +121,7 @@ async def test_a_public_registry_serves_what_any_of_its_repositories_holds(
         facts: Membership) -> None:
     await facts.record("docker.io", "library/a", [D2])
     docker = _Upstream("docker.io", status=404)
-    await ensure_member(facts, docker, "library/b", Digest.parse(D2),  # type: ignore[arg-type]
+    await ensure_member(facts, _source(docker), "library/b", Digest.parse(D2),
                         kind="blob", private=False)
     assert docker.asked == []
 

@@ -281,9 +281,12 @@ def test_the_example_config_block_parses_when_uncommented(tmp_path: Path) -> Non
     (tmp_path / "root.json").write_text('{"certificateAuthorities": [], "tlogs": []}')
     text = text.replace("/etc/mirror/cosign.pub", str(tmp_path / "cosign.pub"))
     text = text.replace("/etc/mirror/trusted_root.json", str(tmp_path / "root.json"))
+    text = text.replace("/var/log/mirror/audit.jsonl", str(tmp_path / "audit.jsonl"))
     document = {**yaml.safe_load(text), "version": 1,
                 "upstreams": [{"name": "docker.io", "default": True}]}
-    settings = parse(document, env={}).policy
+    parsed = parse(document, env={})
+    assert parsed.audit is not None and parsed.audit.file == tmp_path / "audit.jsonl"
+    settings = parsed.policy
     assert settings is not None and len(settings.rules) == 3
     policy = compile_policy(settings)
     assert set(policy.signers) == {"release", "ci"}
