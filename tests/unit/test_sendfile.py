@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
+import mirror.server.sendfile as module
 from mirror.server.sendfile import sendfile, socket_for_sendfile
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -129,3 +132,42 @@ async def test_a_file_shorter_than_announced_is_an_error(blob: tuple[Path, bytes
         error = await asyncio.wait_for(outcome, 10)
     assert isinstance(error, ConnectionResetError)
     assert got == data[-10:]
+
+
+@pytest.mark.parametrize("accounted", [False, True])
+async def test_a_cancelled_send_whose_thread_broke_leaves_no_unretrieved_error(
+        monkeypatch: pytest.MonkeyPatch, accounted: bool) -> None:
+    # The client went away: the request is cancelled while the thread is in sendfile,
+    # which then fails on the broken pipe. That error is no news: asyncio must not
+    # report it as "Task exception was never retrieved" (with or without on_sent).
+    started, release = threading.Event(), threading.Event()
+
+    def broken(_sock: int, _file: int, _offset: int, _count: int) -> int:
+        started.set()
+        release.wait(10)
+        raise BrokenPipeError("the client went away")
+
+    monkeypatch.setattr(module, "_send_until_full", broken)
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    sent: list[int] = []
+    read_fd, write_fd = os.pipe()
+    try:
+        task = asyncio.create_task(module.sendfile(write_fd, read_fd, 0, 100,
+                                                   sent.append if accounted else None))
+        await asyncio.to_thread(started.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.01)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        del task
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+        os.close(read_fd)
+        os.close(write_fd)
+    assert reported == []
+    assert sent == []
