@@ -307,27 +307,32 @@ class Node:
         return sync
 
     async def _changed_elsewhere(self) -> None:
-        """Another process removed content (``mirror cache evict``, ``fsck``): what this one
-        answered from memory since then is stored again (an image pulled right after an
-        eviction is listed and can be pinned), then the memory copies go."""
+        """Another process removed content (``mirror cache evict``, ``fsck``): the memory
+        copies go, and what this one answered from them since then is stored again (an
+        image pulled right after an eviction is listed and can be pinned)."""
         try:
             since = await asyncio.to_thread(self.store.index.removed_at)
-            used = [(kind, digest) for (kind, digest), when in list(self.evictor.recent.items())
-                    if when > since]
-            manifests = {digest for kind, digest in used if kind == "manifest"}
-            restored = {"tags": await self.tags.keep_pointing_to(manifests),
-                        "manifests": await self.manifests.keep(manifests),
-                        "blobs": await self.blobs.keep({d for k, d in used if k == "blob"})}
+        except Exception:  # nothing counts as used after an unknown time
+            since = float("inf")
+        # Forget first, then restore: an answer from memory while the copies were written
+        # back would be served, yet stored by nobody.
+        tags, manifests, blobs = (self.tags.take_memory(), self.manifests.take_memory(),
+                                  self.blobs.take_memory())
+        for listener in self.on_removed:
+            listener(None)
+        used = [(kind, digest) for (kind, digest), when in list(self.evictor.recent.items())
+                if when > since]
+        used_manifests = {digest for kind, digest in used if kind == "manifest"}
+        try:
+            restored = {"tags": await self.tags.keep_pointing_to(tags, used_manifests),
+                        "manifests": await self.manifests.keep(manifests, used_manifests),
+                        "blobs": await self.blobs.keep(blobs, {d for k, d in used
+                                                               if k == "blob"})}
             if any(restored.values()):
                 log.info("cache_kept_after_removal", **restored,
                          hint="pulled from memory after content was removed elsewhere")
-        except Exception as exc:  # the copies still go: the next pull stores them
+        except Exception as exc:  # the next pull stores them
             log.warning("cache_keep_failed", error=str(exc) or type(exc).__name__)
-        self.blobs.clear_memory()
-        self.manifests.clear_memory()
-        self.tags.clear_memory()
-        for listener in self.on_removed:
-            listener(None)
 
     async def _save_popularity_forever(self) -> None:
         every = POPULARITY_SHARE_EVERY if self.worker.count > 1 else POPULARITY_SAVE_EVERY

@@ -128,10 +128,11 @@ class BlobCache:
         """Whether the blob is being read or downloaded (never evicted then)."""
         return self._open[digest] > 0 or self._fetcher.busy(digest)
 
-    async def keep(self, digests: set[str]) -> int:
-        """Store again the small blobs of ``digests`` held in memory that are no longer on
-        disk (removed by another process while this one answered them). Returns how many."""
-        wanted = {d: data for d, data in list(self._memory.items()) if str(d) in digests}
+    async def keep(self, held: dict[Digest, bytes], digests: set[str]) -> int:
+        """Store again the small blobs of ``digests`` in ``held`` (what memory held) that
+        are no longer on disk (removed by another process while this one answered them).
+        Returns how many."""
+        wanted = {d: data for d, data in held.items() if str(d) in digests}
 
         def restore() -> int:
             restored = 0
@@ -145,8 +146,15 @@ class BlobCache:
 
     def clear_memory(self) -> None:
         """Forget every size and byte held in memory (content was removed elsewhere)."""
+        self.take_memory()
+
+    def take_memory(self) -> dict[Digest, bytes]:
+        """Forget every size and byte held in memory (content was removed elsewhere) and
+        return the bytes, for :meth:`keep`."""
+        held = dict(self._memory)
         self._sizes.clear()
         self._memory.clear()
+        return held
 
     def forget(self, digest: Digest) -> None:
         """Drop what memory knows of a blob (it was removed from disk)."""

@@ -110,14 +110,18 @@ class ManifestCache:
         """Drop the in-memory copy of a manifest (it was evicted from disk)."""
         self._memory.pop(digest, None)
 
-    def clear_memory(self) -> None:
-        """Forget every manifest held in memory (content was removed elsewhere)."""
+    def take_memory(self) -> dict[Digest, Manifest]:
+        """Forget every manifest held in memory (content was removed elsewhere) and return
+        them, for :meth:`keep`."""
+        held = dict(self._memory)
         self._memory.clear()
+        return held
 
-    async def keep(self, digests: set[str]) -> int:
-        """Store again the manifests of ``digests`` held in memory that are no longer on
-        disk (removed by another process while this one answered them). Returns how many."""
-        wanted = [m for d, m in list(self._memory.items()) if str(d) in digests]
+    async def keep(self, held: dict[Digest, Manifest], digests: set[str]) -> int:
+        """Store again the manifests of ``digests`` in ``held`` (what memory held) that are
+        no longer on disk (removed by another process while this one answered them).
+        Returns how many."""
+        wanted = [m for d, m in held.items() if str(d) in digests]
 
         def restore() -> int:
             restored = 0

@@ -112,18 +112,20 @@ class TagStore:
             return False
         return bool(await asyncio.to_thread(self._disk.get, _MISSING + key, False))
 
-    def clear_memory(self) -> None:
-        """Forget the copies in memory (records were removed elsewhere)."""
+    def take_memory(self) -> dict[str, TagRecord]:
+        """Forget the copies in memory (records were removed elsewhere) and return them,
+        for :meth:`keep_pointing_to`."""
+        held = dict(self._memory)
         self._memory.clear()
+        return held
 
-    async def keep_pointing_to(self, digests: set[str]) -> int:
-        """Write back the records in memory that point to ``digests`` and are no longer on
-        disk (``mirror cache evict`` removed them while this process kept answering them).
-        Returns how many."""
+    async def keep_pointing_to(self, held: dict[str, TagRecord], digests: set[str]) -> int:
+        """Write back the records of ``held`` (what memory held) that point to ``digests``
+        and are no longer on disk (``mirror cache evict`` removed them while this process
+        kept answering them). Returns how many."""
         if self._disk is None or not digests:
             return 0
-        wanted = {key: record for key, record in list(self._memory.items())
-                  if record.digest in digests}
+        wanted = {key: record for key, record in held.items() if record.digest in digests}
 
         def restore() -> int:
             restored = 0

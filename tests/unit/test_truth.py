@@ -128,6 +128,40 @@ async def test_an_image_pulled_after_an_evict_elsewhere_is_stored_again(
         inventory.close()
 
 
+async def test_a_pull_while_the_server_restores_after_an_eviction_is_stored_too(
+        fake: FakeRegistry, make_mirror: MirrorFactory) -> None:
+    """The memory copies go before the restore, not after: a pull answered while the
+    server writes back what it served is kept (it was once served from memory and
+    stored by nobody, so ``cache ls`` never listed it)."""
+    fake.add_image("lib/app", "v1", [b"layer" * 1000])
+    client = await make_mirror()
+    node = client.server.app[NODE]
+    layer = list(fake.blobs)
+
+    async def pull() -> None:
+        assert (await client.get("/v2/lib/app/manifests/v1")).status == 200
+        for digest in layer:
+            assert (await client.get(f"/v2/lib/app/blobs/{digest}")).status == 200
+
+    await pull()
+    await pull()
+    inventory = Inventory(node.settings.storage, lambda _t: ("fake.test", "lib/app", "v1"))
+    restore = node.tags.keep_pointing_to
+
+    async def pull_then_restore(held: Any, digests: set[str]) -> int:
+        await pull()  # the pull lands in the middle of the server's restore
+        return await restore(held, digests)
+
+    node.tags.keep_pointing_to = pull_then_restore  # type: ignore[method-assign]
+    try:
+        await asyncio.to_thread(inventory.evict, "fake.test/lib/app:v1")
+        await node._changed_elsewhere()
+        [row] = await asyncio.to_thread(inventory.images)
+        assert row.reference == "fake.test/lib/app:v1" and row.state == "complete", row
+    finally:
+        inventory.close()
+
+
 async def _request_lines(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The request lines, once the handler has written one (it ends after the client read)."""
     for _ in range(200):
