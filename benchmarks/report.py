@@ -149,7 +149,7 @@ def chart(path: Path, table_rows: Sequence[Row]) -> str | None:
     rows_n = max(1, (count + cols - 1) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
     colors = dict(zip(ALL_TARGETS, ("#1f77b4", "#d62728", "#2ca02c", "#98df8a", "#7f7f7f",
-                                    "#17becf", "#bcbd22", "#ff7f0e"), strict=True))
+                                    "#17becf", "#bcbd22", "#ff7f0e", "#9467bd"), strict=True))
     for ax, row in zip(axes.flat, table_rows, strict=False):
         names = [t for t in ALL_TARGETS if t in row.values]
         values = [0.0 if math.isnan(row.values[t]) else row.values[t] for t in names]
