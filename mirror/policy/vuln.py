@@ -246,7 +246,10 @@ def _verified_by(bar: VulnerabilityBar, digest: str,
                     return name
                 failures.append(check.reason)
                 continue
-            _check_envelope(envelope, digest, (VULN_PREDICATE,))
+            try:
+                _check_envelope(envelope, digest, (VULN_PREDICATE,))
+            except Invalid as exc:  # (worded for bundles)
+                raise Invalid(exc.reason.replace("the bundle's", "the report's")) from None
             if not isinstance(signer, KeySigner):
                 raise Invalid(f"a keyless report by {name} is read from a sigstore bundle, "
                               "not a .att layer")

@@ -5,7 +5,9 @@
 //
 // Reads one JSON array of requests on stdin, writes one JSON array of results on stdout:
 //   {"op": "sign", "kind": "dsse" | "message", "key": PEM private key, "hint": name,
-//    "digest": "sha256:...", "manifest_b64": the manifest's bytes (message signatures)}
+//    "digest": "sha256:...", "manifest_b64": the manifest's bytes (message signatures),
+//    "statement_b64": optional, the in-toto statement a DSSE bundle signs (default: cosign
+//    v3's signature statement of "digest")}
 //     -> {"bundle": serialised bundle}
 //   {"op": "verify", "bundle": ..., "keys": {hint: PEM public key}, "digest": "sha256:...",
 //    "manifest_b64": ...}
@@ -59,7 +61,10 @@ async function sign(req) {
     return { bundle: bundleToJSON(bundle) };
   }
   const builder = new DSSEBundleBuilder({ signer, witnesses: [] });
-  const bundle = await builder.create({ data: statement(req.digest), type: IN_TOTO });
+  // statement_b64: a statement made by the test (e.g. a vulnerability attestation)
+  const data = req.statement_b64 ? Buffer.from(req.statement_b64, "base64")
+    : statement(req.digest);
+  const bundle = await builder.create({ data, type: IN_TOTO });
   return { bundle: bundleToJSON(bundle) };
 }
 
