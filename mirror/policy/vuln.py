@@ -29,7 +29,6 @@ from mirror.config.vulnerabilities import SEVERITIES, VulnerabilityBar, format_a
 from mirror.policy.bundles import (
     IN_TOTO_TYPE,
     STATEMENT_TYPES,
-    _check_envelope,
     pae,
     verify_bundle,
 )
@@ -165,7 +164,7 @@ def judge_reports(bar: VulnerabilityBar, digest: str, signatures: Sequence[Signa
         if isinstance(statement, str):
             failures.append(statement)
             continue
-        signer = _verified_by(bar, digest, (envelope, candidate), failures,
+        signer = _verified_by(bar, digest, (envelope, candidate, statement), failures,
                               signers=signers, rekor_keys=rekor_keys)
         if signer is None:
             continue
@@ -230,12 +229,12 @@ def _statement(envelope: DsseEnvelope) -> dict[str, Any] | str:
 
 
 def _verified_by(bar: VulnerabilityBar, digest: str,
-                 found: tuple[DsseEnvelope, Attestation | SigstoreBundle],
+                 found: tuple[DsseEnvelope, Attestation | SigstoreBundle, dict[str, Any]],
                  failures: list[str], *, signers: Mapping[str, Signer],
                  rekor_keys: Mapping[str, PublicKey]) -> str | None:
     """The name of the first of the bar's signers whose signature of this report checks
     (why each other one does not is added to ``failures``)."""
-    envelope, candidate = found
+    envelope, candidate, statement = found
     for name in bar.keys:
         signer = signers[name]
         try:
@@ -246,10 +245,7 @@ def _verified_by(bar: VulnerabilityBar, digest: str,
                     return name
                 failures.append(check.reason)
                 continue
-            try:
-                _check_envelope(envelope, digest, (VULN_PREDICATE,))
-            except Invalid as exc:  # (worded for bundles)
-                raise Invalid(exc.reason.replace("the bundle's", "the report's")) from None
+            _check_att(envelope, statement, digest)
             if not isinstance(signer, KeySigner):
                 raise Invalid(f"a keyless report by {name} is read from a sigstore bundle, "
                               "not a .att layer")
@@ -260,6 +256,19 @@ def _verified_by(bar: VulnerabilityBar, digest: str,
         except Invalid as exc:
             failures.append(exc.reason)
     return None
+
+
+def _check_att(envelope: DsseEnvelope, statement: dict[str, Any], digest: str) -> None:
+    """A ``.att`` envelope has one signature and its statement's subject is ``digest``."""
+    if len(envelope.signatures) != 1:
+        raise Invalid(f"the DSSE envelope has {len(envelope.signatures)} signatures, "
+                      "expected 1")
+    subjects = statement.get("subject")
+    hexes = {s["digest"].get("sha256") for s in subjects[:64]
+             if isinstance(s, dict) and isinstance(s.get("digest"), dict)} \
+        if isinstance(subjects, list) else set()
+    if digest.removeprefix("sha256:") not in hexes:
+        raise Invalid(f"the report's subject is another digest than {digest}")
 
 
 def _report(signer: str, predicate: Any) -> Report:
