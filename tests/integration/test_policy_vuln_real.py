@@ -8,7 +8,10 @@ the ``sha256-<hex>.att`` manifest) made here, and one sigstore bundle made by si
 * a report with a CRITICAL finding, a stale report, a report signed by another key, no
   report, a report whose subject is another digest, only a generic attestation
   (predicate ``attestation/v1``): ``403 DENIED`` naming the reason; skopeo fails;
-* a ``warn`` rule: a CRITICAL image served with a ``Warning`` header.
+* a ``warn`` rule: a CRITICAL image served with a ``Warning`` header;
+* keyless reports (sigstore-js through ``@sigstore/mock``'s Fulcio and Rekor): the
+  mirror's verdict and ``@sigstore/verify``'s agree, and only the matching identity's
+  clean report passes.
 """
 
 from __future__ import annotations
@@ -22,8 +25,16 @@ from pathlib import Path
 
 import pytest
 
+from mirror.config import parse
+from mirror.policy import compile_policy, evaluate, parse_bundle
 from tests.integration.test_policy_enforce_real import _pull, _request
-from tests.integration.test_policy_sigstore_js import private_pem, sigstore_js
+from tests.integration.test_policy_sigstore_js import (
+    ISSUER,
+    RELEASE,
+    STRANGER,
+    private_pem,
+    sigstore_js,
+)
 from tests.support import cosign_attest as ca
 from tests.support import cosign_sign as cs
 from tests.support.cosign_push import OCI_MANIFEST, push_bundle
@@ -158,3 +169,39 @@ def test_a_warn_rule_serves_a_critical_image_with_a_warning(mirror: MirrorProces
         assert status == 200
         assert headers.get("Warning", "").startswith(
             '299 - "policy: worst finding CRITICAL above high')
+
+
+def test_keyless_reports_agree_with_sigstore_js(tmp_path: Path) -> None:
+    digest, other = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+
+    def report(severities: list[str], subject: str = digest) -> str:
+        return base64.b64encode(ca.statement(subject, ca.vuln_predicate(severities))).decode()
+
+    cases = [("matching identity, clean", RELEASE, report(["HIGH"]), True),
+             ("matching identity, CRITICAL", RELEASE, report(["CRITICAL"]), False),
+             ("another identity", STRANGER, report([]), False),
+             ("subject is another digest", RELEASE, report([], other), False)]
+    signed, = sigstore_js([{"op": "keyless", "signings": [
+        {"issuer": ISSUER, "subject": subject, "digest": digest, "statement_b64": body}
+        for _, subject, body, _ in cases]}])
+    root = signed["trusted_root"]
+    (tmp_path / "root.json").write_text(json.dumps(root))
+    settings = parse({"policy": {
+        "trusted_root": "root.json",
+        "identities": [{"name": "ci", "issuer": ISSUER, "subject": RELEASE}],
+        "rules": [{"vulnerabilities": {"max_severity": "high", "keys": ["ci"]}}]}},
+        env={}, base=tmp_path).policy
+    assert settings is not None
+    policy = compile_policy(settings)
+    js = sigstore_js([{"op": "verify_keyless", "bundle": bundle, "trusted_root": root,
+                       "issuer": ISSUER, "subject": RELEASE, "digest": digest}
+                      for bundle in signed["bundles"]])
+    for (name, _, _, expected), bundle, theirs in zip(cases, signed["bundles"], js,
+                                                      strict=True):
+        ours = evaluate(policy, "docker.io", "acme/app", digest,
+                        [parse_bundle(json.dumps(bundle).encode())])
+        assert ours.allowed is expected, (name, ours.reason)
+        if "CRITICAL" not in name:  # @sigstore/verify checks signatures, not findings
+            assert theirs["ok"] is expected, (name, theirs)
+        else:
+            assert theirs["ok"] and "worst finding CRITICAL above high" in ours.reason

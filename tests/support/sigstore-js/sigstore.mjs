@@ -12,7 +12,8 @@
 //   {"op": "verify", "bundle": ..., "keys": {hint: PEM public key}, "digest": "sha256:...",
 //    "manifest_b64": ...}
 //     -> {"ok": true} | {"ok": false, "error": "..."}
-//   {"op": "keyless", "signings": [{"issuer": URL, "subject": SAN URI, "digest": ...}]}
+//   {"op": "keyless", "signings": [{"issuer": URL, "subject": SAN URI, "digest": ...,
+//                                   "statement_b64": optional, as for "sign"}]}
 //     -> {"trusted_root": ..., "bundles": [...]}: @sigstore/mock's Fulcio CA (with its CT
 //        log) and Rekor, served on a loopback port, sign through @sigstore/sign's Fulcio
 //        signer and Rekor witness; the trusted root holds the mock's CA, Rekor and CT keys
@@ -166,7 +167,9 @@ async function keyless(req) {
                                         identityProvider: { getToken: async () => token } });
       const builder = new DSSEBundleBuilder({
         signer, witnesses: [new RekorWitness({ rekorBaseURL: rekor.url, entryType: "intoto" })] });
-      const bundle = await builder.create({ data: statement(signing.digest), type: IN_TOTO });
+      const data = signing.statement_b64 ? Buffer.from(signing.statement_b64, "base64")
+        : statement(signing.digest);
+      const bundle = await builder.create({ data, type: IN_TOTO });
       bundles.push(bundleToJSON(bundle));
     }
     const root = {
