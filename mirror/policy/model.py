@@ -18,6 +18,8 @@ BUNDLE_TYPES = (
     "application/vnd.dev.sigstore.bundle+json;version=0.2",
     "application/vnd.dev.sigstore.bundle+json;version=0.1",
 )
+DSSE_ENVELOPE_TYPE = "application/vnd.dsse.envelope.v1+json"
+"""A layer of cosign's ``.att`` manifest: one attestation's DSSE envelope."""
 ANNOTATION_SIGNATURE = "dev.cosignproject.cosign/signature"
 ANNOTATION_CERTIFICATE = "dev.sigstore.cosign/certificate"
 ANNOTATION_CHAIN = "dev.sigstore.cosign/chain"

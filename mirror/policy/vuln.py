@@ -34,6 +34,7 @@ from mirror.policy.bundles import (
 )
 from mirror.policy.crypto import Invalid, PublicKey, b64decode, verify
 from mirror.policy.model import (
+    DSSE_ENVELOPE_TYPE,
     MAX_LAYERS,
     MAX_MANIFEST_BYTES,
     Attestation,
@@ -46,7 +47,6 @@ from mirror.policy.parse import Blob, _descriptor, _fingerprint, _json
 from mirror.policy.trust import KeySigner, Signer
 
 VULN_PREDICATE = "https://cosign.sigstore.dev/attestation/vuln/v1"
-DSSE_LAYER_TYPE = "application/vnd.dsse.envelope.v1+json"
 ANNOTATION_PREDICATE = "predicateType"
 MAX_REPORT_BYTES = 1024 * 1024
 """The largest DSSE envelope (a Trivy report inside) read from a ``.att`` layer."""
@@ -85,7 +85,7 @@ def attestation_layers(manifest: bytes) -> list[Blob] | Unreadable:
     found = []
     for layer in layers:
         blob = _descriptor(layer)
-        if blob is None or blob.media_type != DSSE_LAYER_TYPE:
+        if blob is None or blob.media_type != DSSE_ENVELOPE_TYPE:
             continue
         if dict(blob.annotations).get(ANNOTATION_PREDICATE, VULN_PREDICATE) != VULN_PREDICATE:
             continue

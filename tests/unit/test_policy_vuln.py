@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 
 from mirror.errors import ConfigError
-from mirror.policy import VerdictCache, compile_policy, evaluate, parse_bundle
+from mirror.policy import (
+    VerdictCache,
+    compile_policy,
+    evaluate,
+    is_signature_artifact,
+    parse_bundle,
+)
 from mirror.policy.evaluate import Policy
 from mirror.policy.gate import Gate
 from mirror.policy.model import Signature, Unreadable
@@ -270,3 +276,9 @@ def test_the_config_names_what_is_wrong(tmp_path: Path, scanner: cs.PrivateKey) 
     bar = default_age.settings.rules[0].vulnerabilities
     assert bar is not None and bar.max_age == 7 * DAY and bar.max_severity == "LOW"
 
+
+
+def test_an_att_manifest_is_a_signature_artifact_not_judged(scanner: cs.PrivateKey) -> None:
+    image = ca.att_manifest([(ca.envelope(scanner, ca.statement(DIGEST, {})), ca.VULN)])
+    assert is_signature_artifact(None, image.manifest)  # asked by digest, no tag
+    assert is_signature_artifact(att_tag(DIGEST), b"{}")
