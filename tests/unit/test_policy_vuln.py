@@ -282,3 +282,12 @@ def test_an_att_manifest_is_a_signature_artifact_not_judged(scanner: cs.PrivateK
     image = ca.att_manifest([(ca.envelope(scanner, ca.statement(DIGEST, {})), ca.VULN)])
     assert is_signature_artifact(None, image.manifest)  # asked by digest, no tag
     assert is_signature_artifact(att_tag(DIGEST), b"{}")
+
+
+def test_a_report_dated_in_the_future_is_refused(tmp_path: Path,
+                                                 scanner: cs.PrivateKey) -> None:
+    policy = _policy(tmp_path, scanner)
+    assert _judge(policy, _att(scanner, [], NOW + 60)).allowed  # clock skew
+    verdict = _judge(policy, _att(scanner, [], NOW + DAY))
+    assert not verdict.allowed
+    assert verdict.reason.startswith("the report by scanner is dated in the future")
