@@ -9,6 +9,7 @@ the ``sha256-<hex>.att`` manifest) made here, and one sigstore bundle made by si
   report, a report whose subject is another digest, only a generic attestation
   (predicate ``attestation/v1``): ``403 DENIED`` naming the reason; skopeo fails;
 * a ``warn`` rule: a CRITICAL image served with a ``Warning`` header;
+* a new report (CRITICAL, then a clean rescan pushed): the verdict is decided again;
 * keyless reports (sigstore-js through ``@sigstore/mock``'s Fulcio and Rekor): the
   mirror's verdict and ``@sigstore/verify``'s agree, and only the matching identity's
   clean report passes.
@@ -60,6 +61,7 @@ REFUSED = {"critical": "worst finding CRITICAL above high",
 class Scanned:
     images: dict[str, Image]
     public_pem: bytes
+    key: cs.PrivateKey
 
 
 def _image(repo: str, seed: int) -> Image:
@@ -81,7 +83,7 @@ def _push_generic(registry: Registry, repo: str, digest: str, key: cs.PrivateKey
 def scanned(registry_token: Registry) -> Scanned:
     """Push the matrix into the token-auth Distribution, each with its report."""
     scanner, stranger = cs.new_key("p256"), cs.new_key("p256")
-    names = [*ALLOWED, *REFUSED, "warned"]
+    names = [*ALLOWED, *REFUSED, "warned", "rescanned"]
     images = {name: _image(f"{'team' if name == 'warned' else 'acme'}/vuln-{name}", 600 + i)
               for i, name in enumerate(names)}
     for image in images.values():
@@ -99,6 +101,7 @@ def scanned(registry_token: Registry) -> Scanned:
     att("stranger", [], stranger)
     att("elsewhere", [], subject=digest["clean"])
     att("warned", ["CRITICAL"])
+    att("rescanned", ["CRITICAL"])
     _push_generic(registry_token, images["generic"].repo, digest["generic"], scanner)
     statement = ca.statement(digest["jsbundle"], ca.vuln_predicate(["MEDIUM"]))
     signed, = sigstore_js([{"op": "sign", "kind": "dsse", "key": private_pem(scanner),
@@ -111,7 +114,7 @@ def scanned(registry_token: Registry) -> Scanned:
     js = images["jsbundle"]
     push_bundle(registry_token, js.repo, digest["jsbundle"], js.manifest.size,
                 document=signed["bundle"])
-    return Scanned(images, cs.public_pem(scanner))
+    return Scanned(images, cs.public_pem(scanner), scanner)
 
 
 @pytest.fixture(params=[1, 2], ids=["workers1", "workers2"])
@@ -121,6 +124,7 @@ def mirror(request: pytest.FixtureRequest, registry_token: Registry, scanned: Sc
     config = mirror_config(free_port(), tmp_path / "cache",
                            [{"name": UPSTREAM, "url": registry_token.url, "default": True}])
     config["server"] = {"workers": request.param}
+    config["cache"] = {"tag_ttl": "1s"}
     bar = {"max_severity": "high", "max_age": "7d", "keys": ["scanner"]}
     config["policy"] = {
         "keys": [{"name": "scanner", "file": str(tmp_path / "scanner.pub")}],
@@ -169,6 +173,28 @@ def test_a_warn_rule_serves_a_critical_image_with_a_warning(mirror: MirrorProces
         assert status == 200
         assert headers.get("Warning", "").startswith(
             '299 - "policy: worst finding CRITICAL above high')
+
+
+def test_a_new_report_is_seen(mirror: MirrorProcess, scanned: Scanned,
+                              registry_token: Registry) -> None:
+    image = scanned.images["rescanned"]
+    url = f"{mirror.url}/v2/{image.repo}/manifests/v1"
+    assert _request(url)[0] == 403
+    try:
+        ca.push_att(registry_token, image.repo, image.manifest.digest, scanned.key,
+                    severities=["LOW"])  # the image rescanned with a fixed database
+        deadline = time.monotonic() + 30
+        while (status := _request(url)[0]) == 403:  # the .att tag's TTL (1 s) and memo
+            assert time.monotonic() < deadline, "the new report is not seen"
+            time.sleep(0.3)
+        assert status == 200
+        by_digest = f"{mirror.url}/v2/{image.repo}/manifests/{image.manifest.digest}"
+        while _request(by_digest, "HEAD")[0] != 200:  # the other worker, if any, sees it too
+            assert time.monotonic() < deadline, "the new report is not seen by digest"
+            time.sleep(0.3)
+    finally:  # the next parametrized run starts from the CRITICAL report
+        ca.push_att(registry_token, image.repo, image.manifest.digest, scanned.key,
+                    severities=["CRITICAL"])
 
 
 def test_keyless_reports_agree_with_sigstore_js(tmp_path: Path) -> None:
