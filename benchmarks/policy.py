@@ -11,6 +11,10 @@ mirror's cache holds them), then :meth:`mirror.policy.VerdictCache.verdict`. Cas
 - ``keyed bundle, first``: a keyed DSSE bundle (sigstore bundle v0.3), likewise;
 - ``keyless .sig, first``: a real keyless cosign signature (Fulcio certificate, chain,
   Rekor SET; from ``../shared/fixtures/cosign``) against sigstore's public trusted root;
+- ``vuln report .att``: a rule with a ``vulnerabilities`` bar and no signature required;
+  the image's ``.att`` holds one keyed cosign vulnerability attestation (DSSE, P-256) with
+  a Trivy result of :data:`FINDINGS` findings (read, verified, severities counted);
+- ``keyed .sig + vuln .att``: both asked by the rule (``require`` and ``vulnerabilities``);
 - ``... kept``: the same image again, its verdict in the cache.
 
 Figures are medians of ``--repeat`` runs of ``--iterations`` calls each; the ratio column
@@ -43,6 +47,8 @@ from mirror.policy import (
     parse_bundle,
     signature_layers,
 )
+from mirror.policy.vuln import attestation_layers, parse_attestation
+from tests.support import cosign_attest as ca
 from tests.support import cosign_sign as cs
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cosign"
@@ -55,6 +61,8 @@ DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
 REQUEST_RATE = 15_400
 
 NO_POLICY = Verdict(True, None, "no policy")
+#: Findings in the benchmark's vulnerability report (a middling image's Trivy result).
+FINDINGS = 200
 
 #: A case: what to call once per iteration (fresh state made outside the timing).
 Case = Callable[[], Verdict]
@@ -87,6 +95,31 @@ def keyed_policy(folder: Path, key: cs.PrivateKey) -> Policy:
     return compile_policy(settings)
 
 
+def vuln_policy(folder: Path, key: cs.PrivateKey, *, signed: bool) -> Policy:
+    (folder / "scanner.pub").write_bytes(cs.public_pem(key))
+    rule: dict[str, object] = {"vulnerabilities": {"max_severity": "critical",
+                                                   "max_age": "7d", "keys": ["scanner"]}}
+    if signed:
+        rule["require"] = ["scanner"]
+    settings = parse({"policy": {"keys": [{"name": "scanner", "file": "scanner.pub"}],
+                                 "rules": [rule]}}, env={}, base=folder).policy
+    assert settings is not None
+    return compile_policy(settings)
+
+
+def read_att(key: cs.PrivateKey) -> Callable[[], list[Signature]]:
+    """What the gate reads of a ``.att`` manifest with one vulnerability report."""
+    severities = list(("LOW", "MEDIUM", "HIGH", "CRITICAL", "UNKNOWN") * (FINDINGS // 5))
+    body = ca.statement(DIGEST, ca.vuln_predicate(severities))
+    image = ca.att_manifest([(ca.envelope(key, body), ca.VULN)])
+
+    def read() -> list[Signature]:
+        layers = attestation_layers(image.manifest)
+        assert not isinstance(layers, Unreadable)
+        return [parse_attestation(layer, image.blobs[layer.digest]) for layer in layers]
+    return read
+
+
 def keyless_setup(folder: Path) -> tuple[Policy, str, Callable[[], list[Signature]]] | None:
     if not KEYLESS.is_dir():
         return None
@@ -112,10 +145,18 @@ def cases(folder: Path) -> dict[str, tuple[Case, Case]]:
     def bundle() -> list[Signature]:
         return [parse_bundle(bundle_bytes)]
 
+    att = read_att(key)
+
+    def sig_and_att() -> list[Signature]:
+        return [*sig(), *att()]
+
     found: dict[str, tuple[Policy | None, str, Callable[[], list[Signature]]]] = {
         "no policy": (None, DIGEST, sig),
         "keyed .sig": (policy, DIGEST, sig),
         "keyed bundle": (policy, DIGEST, bundle),
+        "vuln report .att": (vuln_policy(folder, key, signed=False), DIGEST, att),
+        "keyed .sig + vuln .att": (vuln_policy(folder, key, signed=True), DIGEST,
+                                   sig_and_att),
     }
     keyless = keyless_setup(folder)
     if keyless is not None:
@@ -177,6 +218,9 @@ def main() -> None:
     extra = max(0.0, *(s - baseline for (_, which), s in figures.items() if which == "kept"))
     print(f"\nfirst keyed verdict: {figures[('keyed .sig', 'first')] * 1e3:.2f} ms (.sig), "
           f"{figures[('keyed bundle', 'first')] * 1e3:.2f} ms (bundle); goal under 20 ms")
+    print(f"first verdict with a vulnerability report ({FINDINGS} findings): "
+          f"{figures[('vuln report .att', 'first')] * 1e3:.2f} ms; with a .sig too: "
+          f"{figures[('keyed .sig + vuln .att', 'first')] * 1e3:.2f} ms")
     if ("keyless .sig", "first") in figures:
         print(f"first keyless verdict: {figures[('keyless .sig', 'first')] * 1e3:.2f} ms; "
               "goal under 100 ms")

@@ -456,7 +456,7 @@ class _Signatures:
         self._pull, self._repo, self._background = pull, repo, background
 
     async def manifest(self, reference: str) -> Found | None:
-        if reference.endswith(".sig"):
+        if reference.endswith((".sig", ".att")):  # cosign's signatures and attestations
             key = (self._repo, reference)
             known, found = self._pull._sig_tags.get(key)
             if not known:

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from mirror.config.values import _bool, _existing_file, _mapping, _only_keys, _string
+from mirror.config.vulnerabilities import VulnerabilityBar, parse_vulnerabilities
 from mirror.errors import ConfigError
 
 MODES = ("enforce", "warn")
@@ -69,7 +70,8 @@ class PolicyRule:
     """One rule: which images (registries, repository globs, digests) and what they need.
 
     ``require`` names keys or identities (any one suffices); ``deny`` refuses outright; a
-    rule with neither allows. ``mode: warn`` serves what fails, with a warning.
+    rule with neither allows. ``vulnerabilities`` also asks for a signed, fresh report
+    (:mod:`mirror.config.vulnerabilities`). ``mode: warn`` serves what fails, with a warning.
     """
 
     registries: tuple[str, ...] = ("*",)
@@ -78,6 +80,7 @@ class PolicyRule:
     require: tuple[str, ...] = ()
     deny: bool = False
     mode: str = "enforce"
+    vulnerabilities: VulnerabilityBar | None = None
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,8 @@ def _check_root_material(doc: dict[str, Any], key: str, path: Path) -> None:
 
 def _rule(raw: Any, key: str, registries: tuple[str, ...], names: set[str]) -> PolicyRule:
     item = _mapping(raw, key)
-    _only_keys(item, key, {"registries", "repositories", "digests", "require", "deny", "mode"})
+    _only_keys(item, key, {"registries", "repositories", "digests", "require", "deny", "mode",
+                           "vulnerabilities"})
     regs = tuple(_registry(r, f"{key}.registries[{i}]", registries)
                  for i, r in enumerate(_list(item.get("registries", ["*"]), f"{key}.registries")))
     repos = tuple(_glob(r, f"{key}.repositories[{i}]") for i, r
@@ -250,11 +254,15 @@ def _rule(raw: Any, key: str, registries: tuple[str, ...], names: set[str]) -> P
     deny = _bool(item.get("deny", False), f"{key}.deny")
     if deny and require:
         raise ConfigError(key, "give require or deny: true, not both")
+    vulns = parse_vulnerabilities(item["vulnerabilities"], f"{key}.vulnerabilities", names) \
+        if "vulnerabilities" in item else None
+    if deny and vulns is not None:
+        raise ConfigError(key, "give vulnerabilities or deny: true, not both")
     mode = _string(item.get("mode", "enforce"), f"{key}.mode").lower()
     if mode not in MODES:
         raise ConfigError(f"{key}.mode", f"expected enforce or warn, got {mode!r}")
     return PolicyRule(registries=regs, repositories=repos, digests=digests, require=require,
-                      deny=deny, mode=mode)
+                      deny=deny, mode=mode, vulnerabilities=vulns)
 
 
 def _list(value: Any, key: str) -> list[Any]:

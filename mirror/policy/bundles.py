@@ -44,13 +44,15 @@ SIGNING_PREDICATES = ("https://sigstore.dev/cosign/sign/v1",
 
 
 def verify_bundle(bundle: SigstoreBundle, digest: str | None, signer: Signer,
-                  rekor_keys: Mapping[str, PublicKey]) -> Check:
-    """Check one sigstore bundle of image ``digest`` with ``signer``."""
+                  rekor_keys: Mapping[str, PublicKey], *,
+                  predicates: tuple[str, ...] = SIGNING_PREDICATES) -> Check:
+    """Check one sigstore bundle of image ``digest`` with ``signer`` (a DSSE statement
+    must be of one of ``predicates``: image signatures, unless asked otherwise)."""
     try:
         if digest is None:
             raise Invalid("the image's digest is not known")
         key, cert = _bundle_key(bundle, signer)
-        signature = _check_content(bundle, digest, key)
+        signature = _check_content(bundle, digest, key, predicates)
         logged = _bundle_log(bundle, signer, rekor_keys, signature)
         if cert is not None and isinstance(signer, CertSigner):
             when = at_time(logged.integrated_time) if logged else datetime.now(UTC)
@@ -74,15 +76,18 @@ def _bundle_key(bundle: SigstoreBundle,
     return certificate_key(cert), cert
 
 
-def _check_content(bundle: SigstoreBundle, digest: str, key: PublicKey) -> bytes:
+def _check_content(bundle: SigstoreBundle, digest: str, key: PublicKey,
+                   predicates: tuple[str, ...]) -> bytes:
     content = bundle.content
     if isinstance(content, MessageSignature):
+        if predicates != SIGNING_PREDICATES:
+            raise Invalid("the bundle is a message signature, not an attestation")
         if content.algorithm != "SHA2_256" or "sha256:" + content.digest.hex() != digest:
             raise Invalid(f"the bundle signs another digest than {digest}")
         if not verify_prehashed(key, content.signature, content.digest):
             raise Invalid("the bundle's message signature does not verify")
         return content.signature
-    _check_envelope(content, digest)
+    _check_envelope(content, digest, predicates)
     if not verify(key, content.signatures[0], pae(content.payload_type, content.payload)):
         raise Invalid("the bundle's DSSE signature does not verify")
     return content.signatures[0]
@@ -94,7 +99,8 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(payload), payload)
 
 
-def _check_envelope(env: DsseEnvelope, digest: str) -> None:
+def _check_envelope(env: DsseEnvelope, digest: str,
+                    predicates: tuple[str, ...] = SIGNING_PREDICATES) -> None:
     if len(env.signatures) != 1:
         raise Invalid(f"the DSSE envelope has {len(env.signatures)} signatures, expected 1")
     if env.payload_type != IN_TOTO_TYPE:
@@ -108,8 +114,10 @@ def _check_envelope(env: DsseEnvelope, digest: str) -> None:
         raise Invalid("the DSSE payload is not an in-toto statement") from None
     if kind not in STATEMENT_TYPES:
         raise Invalid(f"the statement type {str(kind)[:60]!r} is not in-toto's")
-    if predicate not in SIGNING_PREDICATES:
-        raise Invalid(f"the predicate {str(predicate)[:80]!r} is not an image signature")
+    if predicate not in predicates:
+        what = "an image signature" if predicates == SIGNING_PREDICATES else " or ".join(
+            predicates)
+        raise Invalid(f"the predicate {str(predicate)[:80]!r} is not {what}")
     if digest.removeprefix("sha256:") not in hexes:
         raise Invalid(f"the bundle's subject is another digest than {digest}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from mirror.policy.bundles import verify_bundle
 from mirror.policy.crypto import Invalid, PublicKey, load_public_key
 from mirror.policy.model import (
     MAX_SIGNATURES,
+    Attestation,
     Check,
     LegacySignature,
     Signature,
@@ -30,6 +32,7 @@ from mirror.policy.model import (
 )
 from mirror.policy.trust import CertSigner, IdentityRule, KeySigner, Signer, load_trusted_root
 from mirror.policy.verify import verify_legacy
+from mirror.policy.vuln import judge_reports
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,10 @@ Indexes = Sequence[tuple[str, Sequence[Signature]]]
 
 
 def evaluate(policy: Policy, registry: str, repository: str, digest: str,
-             signatures: Sequence[Signature], *, indexes: Indexes = ()) -> Verdict:
-    """The verdict on one image (pure: no I/O, no clock but a certificate's "now").
+             signatures: Sequence[Signature], *, indexes: Indexes = (),
+             now: float | None = None) -> Verdict:
+    """The verdict on one image (pure: no I/O, no clock but a certificate's and a
+    vulnerability report's "now").
 
     Args:
         policy: from :func:`compile_policy`.
@@ -115,6 +120,7 @@ def evaluate(policy: Policy, registry: str, repository: str, digest: str,
             their signatures: a valid signature of one of them passes too (cosign signs
             the index of a multi-platform image). At most :data:`MAX_SIGNATURES`
             signatures are looked at over all of them.
+        now: epoch seconds, to judge a vulnerability report's age (default: the clock's).
     """
     found = matching_rule(policy, registry, repository, digest)
     if found is None:
@@ -123,6 +129,24 @@ def evaluate(policy: Policy, registry: str, repository: str, digest: str,
     number, rule = found
     if rule.deny:
         return _outcome(rule, number, f"denied by rule {number}")
+    signed = _signed(policy, (number, rule), digest, signatures, indexes)
+    if rule.vulnerabilities is None or not signed.allowed or signed.warning:
+        return signed
+    report = judge_reports(rule.vulnerabilities, digest, signatures,
+                           signers=policy.signers, rekor_keys=policy.rekor_keys,
+                           now=time.time() if now is None else now)
+    if not report.ok:
+        return _outcome(rule, number, report.reason, signed.checks)
+    if not rule.require:
+        return Verdict(True, number, report.reason, report.signer, expires=report.expires)
+    return Verdict(True, number, f"{signed.reason}; {report.reason}", signed.signer,
+                   checks=signed.checks, expires=report.expires)
+
+
+def _signed(policy: Policy, numbered: tuple[int, PolicyRule], digest: str,
+            signatures: Sequence[Signature], indexes: Indexes) -> Verdict:
+    """The verdict of a rule's ``require`` (allowed when it requires no signature)."""
+    number, rule = numbered
     if not rule.require:
         return Verdict(True, number, f"allowed by rule {number}")
     checks = _checks(policy, rule.require, [(digest, signatures), *indexes])
@@ -152,6 +176,8 @@ def _checks(policy: Policy, names: Sequence[str], signed: Indexes) -> list[Check
             if isinstance(sig, Unreadable):
                 checks.append(Check(False, sig.reason))
                 continue
+            if isinstance(sig, Attestation):
+                continue  # a .att report is not a signature of the image
             for name in names:
                 check = _check(policy, sig, digest, policy.signers[name])
                 if check.ok and position:
@@ -182,14 +208,18 @@ class VerdictCache:
     The signature set is named by the caller when it can (the digests of the ``.sig``
     manifest and referrers index it read, which change when the signatures change): a kept
     verdict then costs a dictionary look-up, and the signatures are read only on a miss.
-    Otherwise it is the hash of the signatures' fingerprints.
+    Otherwise it is the hash of the signatures' fingerprints. A verdict that passed on a
+    vulnerability report is kept until the report gets older than the rule's ``max_age``
+    (its ``expires``), then decided again.
     """
 
-    def __init__(self, max_entries: int = 10_000) -> None:
+    def __init__(self, max_entries: int = 10_000,
+                 now: Callable[[], float] = time.time) -> None:
         # an OrderedDict, not cachetools' LRUCache: a kept verdict is on every manifest
         # answer, and this look-up costs a third of that one
         self._verdicts: OrderedDict[tuple[str, ...], Verdict] = OrderedDict()
         self._max = max_entries
+        self._now = now
 
     def verdict(self, policy: Policy, registry: str, repository: str, digest: str,
                 signatures: Sequence[Signature] | Callable[[], Sequence[Signature]], *,
@@ -208,12 +238,12 @@ class VerdictCache:
             read = read if read is not None else _call(signatures)
             signature_set = signature_set_hash(read)
         key = _key(policy, (registry, repository, digest), signature_set, indexes)
-        cached = self._verdicts.get(key)
+        cached = self._fresh(key)
         if cached is not None:
-            self._verdicts.move_to_end(key)
             return cached
         read = read if read is not None else _call(signatures)
-        cached = evaluate(policy, registry, repository, digest, read, indexes=indexes)
+        cached = evaluate(policy, registry, repository, digest, read, indexes=indexes,
+                          now=self._now())
         self._verdicts[key] = cached
         if len(self._verdicts) > self._max:
             self._verdicts.popitem(last=False)
@@ -222,10 +252,18 @@ class VerdictCache:
     def kept(self, policy: Policy, registry: str, repository: str, digest: str, *,
              signature_set: str, indexes: Indexes = ()) -> Verdict | None:
         """The kept verdict for a named signature set, or ``None`` (nothing read)."""
-        key = _key(policy, (registry, repository, digest), signature_set, indexes)
+        return self._fresh(_key(policy, (registry, repository, digest), signature_set,
+                                indexes))
+
+    def _fresh(self, key: tuple[str, ...]) -> Verdict | None:
+        """The verdict kept under ``key`` unless it has expired (then it is dropped)."""
         cached = self._verdicts.get(key)
-        if cached is not None:
-            self._verdicts.move_to_end(key)
+        if cached is None:
+            return None
+        if cached.expires is not None and self._now() >= cached.expires:
+            del self._verdicts[key]
+            return None
+        self._verdicts.move_to_end(key)
         return cached
 
     def __len__(self) -> int:

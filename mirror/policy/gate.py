@@ -8,6 +8,8 @@ with the tag TTL, carried by peers and bundles like any other content).
       signature artifact?  -> None (not judged: clients pull signatures to verify them)
       sig  = reader.manifest("sha256-<hex>.sig")        cosign's legacy layout
       refs = reader.referrers(digest)                   sigstore bundles (API or fallback tag)
+      att  = reader.manifest("sha256-<hex>.att")        vulnerability reports, only when the
+                                                        image's rule has a vulnerabilities bar
       verdict cache[(image, policy, sig digest, refs digest, indexes)] -> Verdict
       miss: payloads and bundles read through the reader, bounded, then evaluate()
 
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from mirror.policy.evaluate import Policy, VerdictCache
+from mirror.policy.evaluate import Policy, VerdictCache, matching_rule
 from mirror.policy.model import (
     MAX_BUNDLE_BYTES,
     MAX_PAYLOAD_BYTES,
@@ -41,6 +43,7 @@ from mirror.policy.parse import (
     sig_tag,
     signature_layers,
 )
+from mirror.policy.vuln import att_tag, read_attestations
 
 #: Index digests remembered per platform manifest (for "passes through its index").
 MAX_REMEMBERED_INDEXES = 10_000
@@ -77,6 +80,7 @@ class Gate:
         self.verdicts = verdicts if verdicts is not None else VerdictCache()
         self._parents: OrderedDict[str, str] = OrderedDict()  # platform digest -> index
         self._artifacts: OrderedDict[str, bool] = OrderedDict()  # digest -> a signature?
+        self._reports = any(r.vulnerabilities for r in policy.settings.rules)
 
     async def judge(self, reader: SignatureReader, registry: str, repository: str,
                     digest: str, *, manifest: bytes, media_type: str,
@@ -87,16 +91,29 @@ class Gate:
         if media_type in _INDEX_TYPES:
             self._remember_children(digest, manifest)
         sig, refs = await self._signature_manifests(reader, digest)
+        att = await reader.manifest(att_tag(digest)) \
+            if self._wants_reports(registry, repository, digest) else None
         indexes = await self._indexes(reader, digest)
         name = f"{sig.digest if sig else '-'} {refs.digest if refs else '-'}"
+        if att is not None:
+            name += f" {att.digest}"
 
         kept = self.verdicts.kept(self.policy, registry, repository, digest,
                                   signature_set=name, indexes=indexes)
         if kept is not None:
             return kept
         signatures = await read_signatures(reader, sig, refs)
+        if att is not None:
+            signatures += await read_attestations(reader, att.data)
         return self.verdicts.verdict(self.policy, registry, repository, digest, signatures,
                                      signature_set=name, indexes=indexes)
+
+    def _wants_reports(self, registry: str, repository: str, digest: str) -> bool:
+        """Whether the image's rule has a vulnerabilities bar (then its ``.att`` is read)."""
+        if not self._reports:
+            return False
+        found = matching_rule(self.policy, registry, repository, digest)
+        return found is not None and found[1].vulnerabilities is not None
 
     def _is_signature(self, digest: str, tag: str | None, manifest: bytes) -> bool:
         """:func:`is_signature_artifact`, its answer on the bytes kept per digest (the

@@ -18,6 +18,8 @@ BUNDLE_TYPES = (
     "application/vnd.dev.sigstore.bundle+json;version=0.2",
     "application/vnd.dev.sigstore.bundle+json;version=0.1",
 )
+DSSE_ENVELOPE_TYPE = "application/vnd.dsse.envelope.v1+json"
+"""A layer of cosign's ``.att`` manifest: one attestation's DSSE envelope."""
 ANNOTATION_SIGNATURE = "dev.cosignproject.cosign/signature"
 ANNOTATION_CERTIFICATE = "dev.sigstore.cosign/certificate"
 ANNOTATION_CHAIN = "dev.sigstore.cosign/chain"
@@ -92,6 +94,15 @@ class SigstoreBundle:
 
 
 @dataclass(frozen=True)
+class Attestation:
+    """One DSSE envelope of cosign's ``sha256-<hex>.att`` layout (an in-toto statement),
+    decoded but not verified; read for the vulnerability gate (:mod:`mirror.policy.vuln`)."""
+
+    envelope: DsseEnvelope
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
 class Unreadable:
     """Something that was meant to be a signature but could not be read; ``reason`` says why."""
 
@@ -99,7 +110,7 @@ class Unreadable:
     fingerprint: str = ""
 
 
-Signature = LegacySignature | SigstoreBundle | Unreadable
+Signature = LegacySignature | SigstoreBundle | Attestation | Unreadable
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,7 @@ class Verdict:
         reason: one line, e.g. ``no signature by release or ci`` or ``denied by rule 2``.
         signer: the key or identity name whose signature passed, if any.
         warning: the image failed a ``warn`` rule (served, but to be logged and counted).
+        expires: see below.
     """
 
     allowed: bool
@@ -129,3 +141,6 @@ class Verdict:
     signer: str | None = None
     warning: bool = False
     checks: tuple[str, ...] = field(default=(), compare=False)
+    expires: float | None = field(default=None, compare=False)
+    """Epoch seconds after which the verdict must be decided again (a vulnerability
+    report that gets too old), or ``None``."""

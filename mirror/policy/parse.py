@@ -27,6 +27,7 @@ from mirror.policy.model import (
     ANNOTATION_CHAIN,
     ANNOTATION_SIGNATURE,
     BUNDLE_TYPES,
+    DSSE_ENVELOPE_TYPE,
     MAX_ANNOTATION_BYTES,
     MAX_BUNDLE_BYTES,
     MAX_INDEX_BYTES,
@@ -65,6 +66,10 @@ def is_digest(value: object) -> bool:
 _ATTACHED_TAG_RE = re.compile(r"sha256-[0-9a-f]{64}(\.(sig|att|sbom))?")
 
 
+#: Layers of signature artifacts: cosign's .sig payloads and .att envelopes, bundles.
+_ARTIFACT_LAYERS = (SIMPLESIGNING_TYPE, DSSE_ENVELOPE_TYPE, *BUNDLE_TYPES)
+
+
 def is_signature_artifact(tag: str | None, manifest: bytes) -> bool:
     """Whether a manifest is a signature itself (a ``.sig`` manifest, a bundle, cosign's
     attached tags or the referrers fallback index), which the policy does not judge.
@@ -81,7 +86,7 @@ def is_signature_artifact(tag: str | None, manifest: bytes) -> bool:
         return True
     layers = doc.get("layers")
     return isinstance(layers, list) and bool(layers) and all(
-        isinstance(layer, dict) and layer.get("mediaType") in (SIMPLESIGNING_TYPE, *BUNDLE_TYPES)
+        isinstance(layer, dict) and layer.get("mediaType") in _ARTIFACT_LAYERS
         for layer in layers)
 
 

@@ -287,7 +287,8 @@ def test_the_example_config_block_parses_when_uncommented(tmp_path: Path) -> Non
     parsed = parse(document, env={})
     assert parsed.audit is not None and parsed.audit.file == tmp_path / "audit.jsonl"
     settings = parsed.policy
-    assert settings is not None and len(settings.rules) == 3
+    assert settings is not None and len(settings.rules) == 4
+    assert settings.rules[3].vulnerabilities is not None  # the vulnerability gate's example
     policy = compile_policy(settings)
     assert set(policy.signers) == {"release", "ci"}
     verdict = evaluate(policy, "docker.io", "library/bad-app", DIGEST, [])

@@ -5,12 +5,15 @@
 //
 // Reads one JSON array of requests on stdin, writes one JSON array of results on stdout:
 //   {"op": "sign", "kind": "dsse" | "message", "key": PEM private key, "hint": name,
-//    "digest": "sha256:...", "manifest_b64": the manifest's bytes (message signatures)}
+//    "digest": "sha256:...", "manifest_b64": the manifest's bytes (message signatures),
+//    "statement_b64": optional, the in-toto statement a DSSE bundle signs (default: cosign
+//    v3's signature statement of "digest")}
 //     -> {"bundle": serialised bundle}
 //   {"op": "verify", "bundle": ..., "keys": {hint: PEM public key}, "digest": "sha256:...",
 //    "manifest_b64": ...}
 //     -> {"ok": true} | {"ok": false, "error": "..."}
-//   {"op": "keyless", "signings": [{"issuer": URL, "subject": SAN URI, "digest": ...}]}
+//   {"op": "keyless", "signings": [{"issuer": URL, "subject": SAN URI, "digest": ...,
+//                                   "statement_b64": optional, as for "sign"}]}
 //     -> {"trusted_root": ..., "bundles": [...]}: @sigstore/mock's Fulcio CA (with its CT
 //        log) and Rekor, served on a loopback port, sign through @sigstore/sign's Fulcio
 //        signer and Rekor witness; the trusted root holds the mock's CA, Rekor and CT keys
@@ -59,7 +62,10 @@ async function sign(req) {
     return { bundle: bundleToJSON(bundle) };
   }
   const builder = new DSSEBundleBuilder({ signer, witnesses: [] });
-  const bundle = await builder.create({ data: statement(req.digest), type: IN_TOTO });
+  // statement_b64: a statement made by the test (e.g. a vulnerability attestation)
+  const data = req.statement_b64 ? Buffer.from(req.statement_b64, "base64")
+    : statement(req.digest);
+  const bundle = await builder.create({ data, type: IN_TOTO });
   return { bundle: bundleToJSON(bundle) };
 }
 
@@ -161,7 +167,9 @@ async function keyless(req) {
                                         identityProvider: { getToken: async () => token } });
       const builder = new DSSEBundleBuilder({
         signer, witnesses: [new RekorWitness({ rekorBaseURL: rekor.url, entryType: "intoto" })] });
-      const bundle = await builder.create({ data: statement(signing.digest), type: IN_TOTO });
+      const data = signing.statement_b64 ? Buffer.from(signing.statement_b64, "base64")
+        : statement(signing.digest);
+      const bundle = await builder.create({ data, type: IN_TOTO });
       bundles.push(bundleToJSON(bundle));
     }
     const root = {
