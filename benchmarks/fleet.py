@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import hashlib
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,13 +32,16 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.__main__ import parse_size
+from benchmarks.onelayer import (
+    add_layer_options,
+    layer_bytes_sent,
+    throttled_upstream,
+    work_folder,
+)
 from benchmarks.seed import _upload_file, write_layer
 from tests.support.images import make_image
 from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
-from tests.support.registry import Registry
-from tests.support.throttle import ThrottledProxy
 
 MiB = 1 << 20
 SECRET = "benchmark-fleet-secret"
@@ -110,12 +112,8 @@ async def pull_everywhere(nodes: list[MirrorProcess], repo: str, digest: str) ->
 
 def run(size: int, rate: float, work: Path) -> list[tuple[str, float, float, float]]:
     (work / "secret").write_text(SECRET)
-    registry = Registry(work / "registry")
-    registry.start()
-    proxy = ThrottledProxy("127.0.0.1", registry.port, rate)
-    proxy.start()
     rows = []
-    try:
+    with throttled_upstream(work, rate) as (registry, proxy):
         with (work / "layer.tar.gz").open("wb") as out:
             layer = write_layer(size, 77, out)
         image = make_image("bench/fleet", "v1", layers=[layer], fmt="docker")
@@ -129,17 +127,13 @@ def run(size: int, rate: float, work: Path) -> list[tuple[str, float, float, flo
             try:
                 mark = registry.clear_log_mark()
                 seconds = asyncio.run(pull_everywhere(nodes, image.repo, layer.digest))
-                fetched = sum(e.bytes for e in registry.requests_since(mark)
-                              if e.method == "GET" and layer.digest in e.path)
+                fetched = layer_bytes_sent(registry, mark, layer.digest)
             finally:
                 for node in nodes:
                     node.stop()
             baseline = baseline or seconds
             rows.append((name, seconds, seconds / baseline, fetched / layer.size))
             print(f"fleet: {name}: {seconds:.2f} s", file=sys.stderr)
-    finally:
-        proxy.stop()
-        registry.stop()
     return rows
 
 
@@ -156,16 +150,10 @@ def table(rows: list[tuple[str, float, float, float]], size: int, rate: float) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m benchmarks.fleet")
-    parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"))
-    parser.add_argument("--rate", type=parse_size, default=parse_size("50MiB"),
-                        help="upstream bytes per second per connection")
-    parser.add_argument("--smoke", action="store_true", help="8 MiB layer")
-    parser.add_argument("--workdir", type=Path)
+    add_layer_options(parser, "1GiB", smoke=8 * MiB)
     args = parser.parse_args(argv)
     size = 8 * MiB if args.smoke else args.size
-    with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
-        work = args.workdir or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.workdir, "fleet-bench-") as work:
         rows = run(size, args.rate, work)
     print(table(rows, size, args.rate))
     return 0

@@ -31,7 +31,6 @@ import asyncio
 import hashlib
 import json
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -41,7 +40,12 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks.__main__ import parse_size
+from benchmarks.onelayer import (
+    add_layer_options,
+    layer_bytes_sent,
+    throttled_upstream,
+    work_folder,
+)
 from benchmarks.seed import _upload_file, write_layer
 from tests.support import estargz
 from tests.support.containerd import Containerd
@@ -49,7 +53,6 @@ from tests.support.images import make_image
 from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
 from tests.support.registry import Registry
-from tests.support.throttle import ThrottledProxy
 
 MiB = 1 << 20
 REPO = "bench/lazy"
@@ -177,12 +180,8 @@ def _direct(url: str) -> Iterator[str]:
 
 
 def run(size: int, rate: float, work: Path, baseline_src: Path | None) -> tuple[Layer, list[Row]]:
-    registry = Registry(work / "registry")
-    registry.start()
-    proxy = ThrottledProxy("127.0.0.1", registry.port, rate)
-    proxy.start()
     rows = []
-    try:
+    with throttled_upstream(work, rate) as (registry, proxy):
         layer = prepare(work, size, registry)
         targets = [("upstream directly", _direct(proxy.url)),
                    ("mirror", _mirror(work, "mirror", proxy.url, None)),
@@ -194,14 +193,10 @@ def run(size: int, rate: float, work: Path, baseline_src: Path | None) -> tuple[
             with target as base:
                 mark = registry.clear_log_mark()
                 marks, statuses = asyncio.run(lazy_start(base, layer))
-                fetched = sum(e.bytes for e in registry.requests_since(mark)
-                              if e.method == "GET" and layer.digest in e.path)
+                fetched = layer_bytes_sent(registry, mark, layer.digest)
             footer, toc, chunks, full = marks
             rows.append(Row(name, footer, toc, chunks, full, fetched, statuses))
             _log(f"lazy: {name}: footer {marks[0]:.3f}s, chunks {marks[2]:.3f}s")
-    finally:
-        proxy.stop()
-        registry.stop()
     return layer, rows
 
 
@@ -223,19 +218,12 @@ def table(layer: Layer, rows: list[Row], rate: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m benchmarks.lazy")
-    parser.add_argument("--size", type=parse_size, default=parse_size("256MiB"),
-                        help="random content of the layer (default 256MiB)")
-    parser.add_argument("--rate", type=parse_size, default=parse_size("50MiB"),
-                        help="upstream bytes per second per connection")
+    add_layer_options(parser, "256MiB", smoke=16 * MiB)
     parser.add_argument("--baseline-src", type=Path,
                         help="also run the mirror of this source tree (e.g. a main checkout)")
-    parser.add_argument("--smoke", action="store_true", help="16 MiB layer")
-    parser.add_argument("--workdir", type=Path)
     args = parser.parse_args(argv)
     size = 16 * MiB if args.smoke else args.size
-    with tempfile.TemporaryDirectory(prefix="lazy-bench-") as tmp:
-        work = args.workdir or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.workdir, "lazy-bench-") as work:
         layer, rows = run(size, args.rate, work, args.baseline_src)
     print(table(layer, rows, args.rate))
     return 0

@@ -48,3 +48,15 @@ def inherited_sockets() -> list[socket.socket]:
     """The listening sockets the supervisor passed to this worker."""
     fds = os.environ.get(ENV_FDS, "")
     return [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd]
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a worker's reservations and problems still
+    count); one that runs as another user counts as running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

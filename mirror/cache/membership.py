@@ -150,26 +150,20 @@ class Membership:
     # A failing database (disk full, corrupt) never fails a pull: an unknown fact only
     # costs one upstream HEAD, and a fact not written is learnt again.
     def _select(self, triple: Triple) -> bool:
-        with self._lock:
-            if self._conn is None:
-                return False
-            try:
-                row = self._conn.execute(
-                    "SELECT 1 FROM members WHERE registry=? AND repository=? AND digest=?",
-                    triple).fetchone()
-            except sqlite3.Error as exc:
-                log.warning("membership_read_failed", error=str(exc))
-                return False
-        return row is not None
+        return self._exists(
+            "SELECT 1 FROM members WHERE registry=? AND repository=? AND digest=?", triple)
 
     def _select_any(self, registry: str, digest: str) -> bool:
+        return self._exists("SELECT 1 FROM members WHERE digest=? AND registry=? LIMIT 1",
+                            (digest, registry))
+
+    def _exists(self, query: str, params: tuple[str, ...]) -> bool:
+        """Whether ``query`` finds a row; ``False`` when the database is closed or fails."""
         with self._lock:
             if self._conn is None:
                 return False
             try:
-                row = self._conn.execute(
-                    "SELECT 1 FROM members WHERE digest=? AND registry=? LIMIT 1",
-                    (digest, registry)).fetchone()
+                row = self._conn.execute(query, params).fetchone()
             except sqlite3.Error as exc:
                 log.warning("membership_read_failed", error=str(exc))
                 return False

@@ -28,8 +28,10 @@ from mirror.config.values import (
     _bool,
     _existing_file,
     _mapping,
+    _one_or_more,
     _only_keys,
     _opt,
+    _rule_scope,
     _secret,
     _string,
     field_default,
@@ -76,7 +78,7 @@ def _admin_groups(value: Any, groups: Mapping[str, tuple[str, ...]]) -> tuple[st
     if value is None:
         return ()
     found = []
-    for i, raw in enumerate(_list(value, "auth.admin_groups")):
+    for i, raw in enumerate(_one_or_more(value, "auth.admin_groups")):
         name = _user_name(raw, f"auth.admin_groups[{i}]")
         if name not in groups:
             raise ConfigError(f"auth.admin_groups[{i}]", f"no group {name!r} under auth.groups")
@@ -152,13 +154,9 @@ def _rule(raw: Any, key: str, auth: AuthSettings, registries: tuple[str, ...]) -
     if "who" not in item:
         raise ConfigError(f"{key}.who", "required: user:NAME, group:NAME, anonymous, "
                           "authenticated or *")
-    who = tuple(_who(w, f"{key}.who[{i}]", auth) for i, w in enumerate(_list(item["who"],
-                                                                              f"{key}.who")))
-    regs = tuple(_rule_registry(r, f"{key}.registries[{i}]", registries)
-                 for i, r in enumerate(_list(item.get("registries", ["*"]), f"{key}.registries")))
-    repos = tuple(_glob(r, f"{key}.repositories[{i}]")
-                  for i, r in enumerate(_list(item.get("repositories", ["*"]),
-                                              f"{key}.repositories")))
+    who = tuple(_who(w, f"{key}.who[{i}]", auth)
+                for i, w in enumerate(_one_or_more(item["who"], f"{key}.who")))
+    regs, repos = _rule_scope(item, key, registries)
     return AccessRule(who=who, registries=regs, repositories=repos)
 
 
@@ -174,30 +172,6 @@ def _who(value: Any, key: str, auth: AuthSettings) -> str:
     if kind == "group" and name not in auth.groups:
         raise ConfigError(key, f"no group {name!r} under auth.groups")
     return text
-
-
-def _rule_registry(value: Any, key: str, registries: tuple[str, ...]) -> str:
-    name = _string(value, key).lower()
-    if name != "*" and name not in registries:
-        raise ConfigError(key, f"{name!r} is not a configured registry (expected one of "
-                          f"{', '.join(registries) or 'none'}, or *)")
-    return name
-
-
-def _glob(value: Any, key: str) -> str:
-    text = _string(value, key)
-    if text.startswith("/") or " " in text:
-        raise ConfigError(key, f"expected a repository glob like library/* or org/app, "
-                          f"got {text!r}")
-    return text
-
-
-def _list(value: Any, key: str) -> list[Any]:
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not value:
-        raise ConfigError(key, "expected a non-empty list")
-    return value
 
 
 def _user_name(value: Any, key: str) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 
 from mirror.config.settings import ClusterSettings, PeersDns
 from mirror.config.values import (
+    _list,
     _mapping,
     _only_keys,
     _opt,
@@ -82,12 +83,6 @@ def _expand(value: Any, env: Mapping[str, str], key: str) -> str:
             raise ConfigError(key, f"environment variable {name} is not set")
         return env[name]
     return _VAR_RE.sub(variable, _string(value, key))
-
-
-def _list(value: Any, key: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise ConfigError(key, f"expected a list, got {type(value).__name__}")
-    return value
 
 
 def _base_url(value: Any, key: str) -> str:

@@ -33,7 +33,16 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from mirror.config.values import _bool, _existing_file, _mapping, _only_keys, _string
+from mirror.config.values import (
+    _bool,
+    _existing_file,
+    _list,
+    _mapping,
+    _one_or_more,
+    _only_keys,
+    _rule_scope,
+    _string,
+)
 from mirror.config.vulnerabilities import VulnerabilityBar, parse_vulnerabilities
 from mirror.errors import ConfigError
 
@@ -102,9 +111,9 @@ def _policy(value: Any, registries: tuple[str, ...], base: Path) -> PolicySettin
     policy = _mapping(value, "policy")
     _only_keys(policy, "policy", {"keys", "identities", "trusted_root", "rules", "default"})
     keys = tuple(_key(raw, f"policy.keys[{i}]", base)
-                 for i, raw in enumerate(_items(policy.get("keys", []), "policy.keys")))
+                 for i, raw in enumerate(_list(policy.get("keys", []), "policy.keys")))
     identities = tuple(_identity(raw, f"policy.identities[{i}]") for i, raw
-                       in enumerate(_items(policy.get("identities", []), "policy.identities")))
+                       in enumerate(_list(policy.get("identities", []), "policy.identities")))
     _unique([k.name for k in keys] + [i.name for i in identities], keys, identities)
     root_path, root_json = _trusted_root(policy.get("trusted_root"), base)
     if identities and root_path is None:
@@ -115,18 +124,12 @@ def _policy(value: Any, registries: tuple[str, ...], base: Path) -> PolicySettin
                           "(its Rekor key)")
     names = {k.name for k in keys} | {i.name for i in identities}
     rules = tuple(_rule(raw, f"policy.rules[{i}]", registries, names)
-                  for i, raw in enumerate(_items(policy.get("rules", []), "policy.rules")))
+                  for i, raw in enumerate(_list(policy.get("rules", []), "policy.rules")))
     default = _string(policy.get("default", "allow"), "policy.default").lower()
     if default not in ("allow", "deny"):
         raise ConfigError("policy.default", f"expected allow or deny, got {default!r}")
     return PolicySettings(keys=keys, identities=identities, trusted_root=root_path,
                           trusted_root_json=root_json, rules=rules, default=default)
-
-
-def _items(value: Any, key: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise ConfigError(key, f"expected a list, got {type(value).__name__}")
-    return value
 
 
 def _name(value: Any, key: str) -> str:
@@ -241,15 +244,12 @@ def _rule(raw: Any, key: str, registries: tuple[str, ...], names: set[str]) -> P
     item = _mapping(raw, key)
     _only_keys(item, key, {"registries", "repositories", "digests", "require", "deny", "mode",
                            "vulnerabilities"})
-    regs = tuple(_registry(r, f"{key}.registries[{i}]", registries)
-                 for i, r in enumerate(_list(item.get("registries", ["*"]), f"{key}.registries")))
-    repos = tuple(_glob(r, f"{key}.repositories[{i}]") for i, r
-                  in enumerate(_list(item.get("repositories", ["*"]), f"{key}.repositories")))
+    regs, repos = _rule_scope(item, key, registries)
     digests = tuple(_digest(d, f"{key}.digests[{i}]") for i, d
-                    in enumerate(_list(item["digests"], f"{key}.digests"))) \
+                    in enumerate(_one_or_more(item["digests"], f"{key}.digests"))) \
         if "digests" in item else ()
     require = tuple(_signer(n, f"{key}.require[{i}]", names) for i, n
-                    in enumerate(_list(item["require"], f"{key}.require"))) \
+                    in enumerate(_one_or_more(item["require"], f"{key}.require"))) \
         if "require" in item else ()
     deny = _bool(item.get("deny", False), f"{key}.deny")
     if deny and require:
@@ -263,30 +263,6 @@ def _rule(raw: Any, key: str, registries: tuple[str, ...], names: set[str]) -> P
         raise ConfigError(f"{key}.mode", f"expected enforce or warn, got {mode!r}")
     return PolicyRule(registries=regs, repositories=repos, digests=digests, require=require,
                       deny=deny, mode=mode, vulnerabilities=vulns)
-
-
-def _list(value: Any, key: str) -> list[Any]:
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not value:
-        raise ConfigError(key, "expected a non-empty list")
-    return value
-
-
-def _registry(value: Any, key: str, registries: tuple[str, ...]) -> str:
-    name = _string(value, key).lower()
-    if name != "*" and name not in registries:
-        raise ConfigError(key, f"{name!r} is not a configured registry (expected one of "
-                          f"{', '.join(registries) or 'none'}, or *)")
-    return name
-
-
-def _glob(value: Any, key: str) -> str:
-    text = _string(value, key)
-    if text.startswith("/") or " " in text:
-        raise ConfigError(key, f"expected a repository glob like library/* or org/app, "
-                          f"got {text!r}")
-    return text
 
 
 def _digest(value: Any, key: str) -> str:

@@ -288,6 +288,52 @@ def _registry_name(value: Any, key: str) -> str:
     return name
 
 
+def _list(value: Any, key: str) -> list[Any]:
+    """A YAML list (maybe empty): the sections' lists of mappings and URLs."""
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _one_or_more(value: Any, key: str) -> list[Any]:
+    """One string or a non-empty list: the ``who:``, ``registries:`` ... of a rule."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, "expected a non-empty list")
+    return value
+
+
+def _rule_scope(item: dict[str, Any], key: str,
+                registries: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A rule's ``registries:`` and ``repositories:`` (each ``*`` when left out), as the
+    access rules and the policy rules both scope themselves."""
+    regs = tuple(_rule_registry(r, f"{key}.registries[{i}]", registries) for i, r
+                 in enumerate(_one_or_more(item.get("registries", ["*"]), f"{key}.registries")))
+    repos = tuple(_glob(r, f"{key}.repositories[{i}]") for i, r
+                  in enumerate(_one_or_more(item.get("repositories", ["*"]),
+                                            f"{key}.repositories")))
+    return regs, repos
+
+
+def _rule_registry(value: Any, key: str, registries: tuple[str, ...]) -> str:
+    """A rule's registry: ``*`` or one of the configured upstreams, lower-cased."""
+    name = _string(value, key).lower()
+    if name != "*" and name not in registries:
+        raise ConfigError(key, f"{name!r} is not a configured registry (expected one of "
+                          f"{', '.join(registries) or 'none'}, or *)")
+    return name
+
+
+def _glob(value: Any, key: str) -> str:
+    """A rule's repository glob such as ``library/*``: no leading slash, no space."""
+    text = _string(value, key)
+    if text.startswith("/") or " " in text:
+        raise ConfigError(key, f"expected a repository glob like library/* or org/app, "
+                          f"got {text!r}")
+    return text
+
+
 def _existing_file(value: Any, key: str, base: Path) -> Path:
     path = Path(_string(value, key))
     path = path if path.is_absolute() else base / path

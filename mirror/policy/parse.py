@@ -112,6 +112,17 @@ def _json(data: bytes, limit: int, what: str) -> dict[str, Any] | Unreadable:
     return value
 
 
+def _json_list(data: bytes, limit: int, what: str, key: str) -> list[Any] | Unreadable:
+    """The list under ``key`` of the JSON object ``data``, or why there is none."""
+    doc = _json(data, limit, what)
+    if isinstance(doc, Unreadable):
+        return doc
+    items = doc.get(key)
+    if not isinstance(items, list):
+        return Unreadable(f"{what} has no {key}")
+    return items
+
+
 def signature_layers(manifest: bytes) -> list[Blob] | Unreadable:
     """The simple-signing layers of a ``.sig`` manifest (other layers are not signatures).
 
@@ -119,12 +130,9 @@ def signature_layers(manifest: bytes) -> list[Blob] | Unreadable:
         The payload blobs to fetch, with their annotations; or why the manifest is refused
         (too large, not a manifest, more than :data:`MAX_LAYERS` layers).
     """
-    doc = _json(manifest, MAX_MANIFEST_BYTES, "the signature manifest")
-    if isinstance(doc, Unreadable):
-        return doc
-    layers = doc.get("layers")
-    if not isinstance(layers, list):
-        return Unreadable("the signature manifest has no layers")
+    layers = _json_list(manifest, MAX_MANIFEST_BYTES, "the signature manifest", "layers")
+    if isinstance(layers, Unreadable):
+        return layers
     if len(layers) > MAX_LAYERS:
         return Unreadable(f"the signature manifest has more than {MAX_LAYERS} layers")
     blobs = [_descriptor(layer) for layer in layers]
@@ -186,12 +194,9 @@ def bundle_manifests(index: bytes) -> list[Blob] | Unreadable:
     Only the first :data:`MAX_SIGNATURES` are kept: a verdict does bounded work however
     many referrers an image has.
     """
-    doc = _json(index, MAX_INDEX_BYTES, "the referrers index")
-    if isinstance(doc, Unreadable):
-        return doc
-    manifests = doc.get("manifests")
-    if not isinstance(manifests, list):
-        return Unreadable("the referrers index has no manifests")
+    manifests = _json_list(index, MAX_INDEX_BYTES, "the referrers index", "manifests")
+    if isinstance(manifests, Unreadable):
+        return manifests
     found = []
     for item in manifests:
         blob = _descriptor(item)
@@ -205,11 +210,10 @@ def bundle_manifests(index: bytes) -> list[Blob] | Unreadable:
 
 def bundle_layer(manifest: bytes) -> Blob | Unreadable:
     """The bundle blob of a bundle manifest (its one layer of a bundle media type)."""
-    doc = _json(manifest, MAX_MANIFEST_BYTES, "the bundle manifest")
-    if isinstance(doc, Unreadable):
-        return doc
-    layers = doc.get("layers")
-    if not isinstance(layers, list) or not layers:
+    layers = _json_list(manifest, MAX_MANIFEST_BYTES, "the bundle manifest", "layers")
+    if isinstance(layers, Unreadable):
+        return layers
+    if not layers:
         return Unreadable("the bundle manifest has no layers")
     blob = _descriptor(layers[0])
     if blob is None or blob.media_type not in BUNDLE_TYPES:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from mirror.worker import alive
+
 #: Minutes of history the charts show.
 MINUTES = 60
 #: Problems the page lists.
@@ -180,7 +182,7 @@ class SharedIncidents:
                 continue
             try:
                 document = json.loads(path.read_text())
-                if _alive(int(document["pid"])):
+                if alive(int(document["pid"])):
                     started.append(float(document["started"]))
                 found.extend(Incident(**item) for item in document["incidents"])
             except (OSError, ValueError, KeyError, TypeError):
@@ -199,16 +201,6 @@ class SharedIncidents:
                 except OSError:  # a full disk: the page shows this worker's own meanwhile
                     seen = -1
             await asyncio.sleep(every)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 #: The page's history and problem log, on the app (set by the status page's cleanup_ctx).

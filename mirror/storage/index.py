@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mirror.oci import MANIFEST_MAX_BYTES
+from mirror.worker import alive
 
 BUSY_TIMEOUT = 30.0
 #: The index's file name in the storage folder.
@@ -295,7 +296,7 @@ class Index:
             db.execute("INSERT OR REPLACE INTO reservations VALUES (?, ?)", (pid, reserved))
             rows = db.execute("SELECT pid, bytes FROM reservations WHERE pid != ?",
                               (pid,)).fetchall()
-            dead = [(other,) for other, _ in rows if not _alive(other)]
+            dead = [(other,) for other, _ in rows if not alive(other)]
             db.executemany("DELETE FROM reservations WHERE pid=?", dead)
             count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries"
                                      ).fetchone()
@@ -398,17 +399,6 @@ class Index:
         self.total_entries = len(known) - len(dropped) + len(adopted)
         return Reconciled(len(adopted), len(dropped), mismatched, self.total_entries,
                           self.total_bytes)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (its reservations still count)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _warm_expiry(source: str) -> float:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from tests.support.images import Image, make_image, make_layer
 from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
 from tests.support.podman import PodmanError, podman_binary, podman_pull
-from tests.support.registry import Registry
+from tests.support.registry import Registry, write_htpasswd
 from tests.support.skopeo import (
     SkopeoError,
     manifest_digest,
@@ -69,10 +68,7 @@ def rig(registry_bin: str, htpasswd_bin: str,
     for item in (private, public):
         registry.push(item)
     htpasswd = work / "htpasswd"
-    lines = [subprocess.run([htpasswd_bin, "-Bbn", user, password], check=True,
-                            capture_output=True, text=True).stdout.strip()
-             for user, password in USERS.items()]
-    htpasswd.write_text("\n".join(lines) + "\n")
+    write_htpasswd(htpasswd, USERS, htpasswd_bin)
     (work / "upstream.pw").write_text(UPSTREAM_PASSWORD)
     (work / "ci.token").write_text(CI_TOKEN)
     config = mirror_config(free_port(), work / "cache", [{

@@ -9,9 +9,7 @@ unsigned bundle is refused by every import, even one that names no key.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import subprocess
 import sys
 import tarfile
@@ -23,8 +21,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mirror.bundle import layout
-from mirror.bundle.manifest import BundleManifest, sign
+from tests.support.bundles import bundle_entries
 from tests.support.images import Image, make_image, make_layer
 from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
@@ -36,21 +33,8 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 def _bundle(path: Path, image: Image, created: str, key: Ed25519PrivateKey | None) -> Path:
     """A bundle of ``image`` as mirror export lays it out, made at ``created``."""
-    name = f"{REGISTRY}/{image.repo}:{image.tag}"
-    index = json.dumps({"schemaVersion": 2, "manifests": [{
-        **image.manifest.descriptor(), "annotations": {layout.REF_NAME: name}}]}).encode()
-    blobs = [image.manifest, image.config, *image.layers]
-    bundle = BundleManifest(tool_version="test", created=created, references=[{
-        "name": name, "registry": REGISTRY, "repository": image.repo, "tag": image.tag,
-        "digest": image.manifest.digest, "mediaType": image.manifest.media_type,
-        "size": image.manifest.size}])
-    for file, data in ((layout.OCI_LAYOUT, layout.LAYOUT_BYTES), (layout.INDEX, index)):
-        bundle.files[file] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    bundle.blobs = {b.digest: b.size for b in blobs}
-    raw = bundle.to_bytes()
-    entries = [(layout.OCI_LAYOUT, layout.LAYOUT_BYTES), (layout.BUNDLE, raw)]
-    entries += [(layout.SIGNATURE, sign(raw, key))] if key is not None else []
-    entries += [(layout.INDEX, index)] + [(layout.blob_name(b.digest), b.data) for b in blobs]
+    entries = bundle_entries(REGISTRY, image, key,
+                             edit=lambda bundle: setattr(bundle, "created", created))
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for entry, data in entries:
             info = tarfile.TarInfo(entry)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -32,7 +31,7 @@ from mirror.cluster import sign_token, token_scope
 from tests.support.images import Image, make_image, make_layer
 from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
-from tests.support.registry import Registry
+from tests.support.registry import Registry, write_htpasswd
 from tests.support.skopeo import manifest_digest, skopeo_copy
 from tests.support.tokenserver import TokenServer
 
@@ -79,10 +78,7 @@ def rig(request: pytest.FixtureRequest, registry_bin: str, htpasswd_bin: str,
     docker.push(small01)
     docker.push(small09)
     htpasswd = work / "htpasswd"
-    lines = [subprocess.run([htpasswd_bin, "-Bbn", user, password], check=True,
-                            capture_output=True, text=True).stdout.strip()
-             for user, password in USERS.items()]
-    htpasswd.write_text("\n".join(lines) + "\n")
+    write_htpasswd(htpasswd, USERS, htpasswd_bin)
     (work / "quay.pw").write_text(UPSTREAM_PASSWORD)
     (work / "peer.secret").write_text(PEER_SECRET)
     port = free_port()

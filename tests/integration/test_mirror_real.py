@@ -8,11 +8,12 @@ requests are counted from Distribution's own access log.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,7 @@ import pytest
 
 from tests.support.containerd import Containerd
 from tests.support.images import Blob, Image, Index, make_image, make_layer
-from tests.support.mirrorproc import MirrorProcess, mirror_config
-from tests.support.net import free_port
+from tests.support.mirrorproc import MirrorProcess, Mirrors
 from tests.support.registry import Registry
 from tests.support.skopeo import (
     child_manifests,
@@ -41,23 +41,9 @@ StartMirror = Callable[..., MirrorProcess]
 
 
 @pytest.fixture
-def start_mirror(tmp_path: Path) -> Iterator[StartMirror]:
-    """Start mirrors in front of a registry; all are stopped at the end."""
-    started: list[MirrorProcess] = []
-
-    def start(registry_url: str, storage: Path | None = None, **extra: Any) -> MirrorProcess:
-        upstream = {"name": UPSTREAM_NAME, "url": registry_url, "default": True,
-                    "aliases": ["reg"]}
-        config = mirror_config(free_port(), storage or tmp_path / "cache", [upstream])
-        config.update(extra)
-        process = MirrorProcess(tmp_path / f"mirror-{len(started)}", config)
-        process.start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
+def start_mirror(mirrors: Mirrors) -> StartMirror:
+    """Start mirrors in front of a registry (alias ``reg``); all are stopped at the end."""
+    return functools.partial(mirrors.start, upstream=UPSTREAM_NAME, aliases=["reg"])
 
 
 def _flat(root: Path, label: str) -> Path:

@@ -15,11 +15,12 @@ Real mirror processes with ``server.workers`` 1 and 2 in front of real Distribut
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,7 @@ import aiohttp
 import pytest
 
 from tests.support.images import Image, make_image, make_layer
-from tests.support.mirrorproc import MirrorProcess, mirror_config
-from tests.support.net import free_port
+from tests.support.mirrorproc import MirrorProcess, Mirrors
 from tests.support.registry import Registry
 from tests.support.skopeo import skopeo_copy, verify_dir, write_registries_conf
 
@@ -42,34 +42,12 @@ StartMirror = Callable[..., MirrorProcess]
 
 
 @pytest.fixture
-def start_mirror(tmp_path: Path) -> Iterator[StartMirror]:
-    """Start mirrors (``workers`` processes, an admin token); all stopped at the end."""
-    started: list[MirrorProcess] = []
-
-    def start(registry_url: str, workers: int, **extra: Any) -> MirrorProcess:
-        token = tmp_path / "admin-token"
-        token.write_text(TOKEN)
-        config = mirror_config(free_port(), tmp_path / "cache",
-                               [{"name": UPSTREAM, "url": registry_url, "default": True}])
-        config["server"] = {"workers": workers}
-        config["admin"] = {"token_file": str(token)}
-        for key, value in extra.items():
-            if isinstance(value, dict) and isinstance(config.get(key), dict):
-                config[key].update(value)
-            else:
-                config[key] = value
-        process = MirrorProcess(tmp_path / f"mirror-{len(started)}", config)
-        process.start(timeout=60)
-        started.append(process)
-        deadline = time.monotonic() + 60
-        while len(process.events("mirror_started")) < workers:  # every worker serves
-            assert time.monotonic() < deadline, process.log_tail()
-            time.sleep(0.05)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
+def start_mirror(mirrors: Mirrors, tmp_path: Path) -> StartMirror:
+    """Start mirrors (``workers`` processes, every one serving, an admin token); all
+    stopped at the end."""
+    token = tmp_path / "admin-token"
+    token.write_text(TOKEN)
+    return functools.partial(mirrors.start, timeout=60, admin={"token_file": str(token)})
 
 
 def _disk_bytes(root: Path) -> int:

@@ -12,45 +12,21 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from tests.support.images import Index, make_image, make_index, make_layer
-from tests.support.mirrorproc import MirrorProcess, mirror_config
-from tests.support.net import free_port
+from tests.support.mirrorproc import Mirrors
 from tests.support.registry import Registry
 from tests.support.skopeo import manifest_digest, skopeo_copy
 
 pytestmark = pytest.mark.integration
 
 UPSTREAM = "registry.test"
-StartMirror = Callable[..., MirrorProcess]
 
 
-@pytest.fixture
-def start_mirror(tmp_path: Path) -> Iterator[StartMirror]:
-    """Start a mirror (with ``sync`` rules if given); stopped at the end."""
-    started: list[MirrorProcess] = []
-
-    def start(upstream_url: str, workers: int, sync: dict[str, Any] | None = None
-              ) -> MirrorProcess:
-        upstream = {"name": UPSTREAM, "url": upstream_url, "default": True}
-        config = mirror_config(free_port(), tmp_path / "cache", [upstream])
-        config["server"] = {"workers": workers}
-        if sync is not None:
-            config["sync"] = sync
-        process = MirrorProcess(tmp_path / "mirror", config)
-        process.start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 def _cli(*args: str, config: Path) -> tuple[int, str, str]:
@@ -74,14 +50,14 @@ def _image_line(listing: str, ref: str) -> str:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_warm_sync_and_cache_ls_say_what_is_held(
-        workers: int, registry_anon: Registry, start_mirror: StartMirror,
+        workers: int, registry_anon: Registry, mirrors: Mirrors,
         tmp_path: Path) -> None:
     repo = f"page/warmed{workers}"
     registry_anon.push(_two_platforms(repo, "v1", seed=8100 + workers))
     ref = f"{UPSTREAM}/{repo}:v1"
     rule = {"name": "base", "registry": UPSTREAM, "repositories": [repo], "tags": ["v1"],
             "platforms": ["linux/arm64"], "interval": "1h"}
-    mirror = start_mirror(registry_anon.url, workers, {"rules": [rule]})
+    mirror = mirrors.start(registry_anon.url, workers, sync={"rules": [rule]})
 
     code, out, err = _cli("warm", ref, "--platform", "linux/arm64", config=mirror.config_path)
     assert code == 0, out + err
@@ -112,7 +88,7 @@ def test_warm_sync_and_cache_ls_say_what_is_held(
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_dry_run_of_another_file_warns_and_local_plans_from_the_file(
-        workers: int, registry_anon: Registry, start_mirror: StartMirror,
+        workers: int, registry_anon: Registry, mirrors: Mirrors,
         tmp_path: Path) -> None:
     repo = f"page/plan{workers}"
     for n, tag in enumerate(("v1", "v2")):
@@ -120,7 +96,7 @@ def test_dry_run_of_another_file_warns_and_local_plans_from_the_file(
                                       layers=[make_layer(30_000, 8200 + workers * 10 + n)]))
     rule = {"name": "base", "registry": UPSTREAM, "repositories": [repo], "tags": ["v1"],
             "interval": "1h"}
-    mirror = start_mirror(registry_anon.url, workers, {"rules": [rule]})
+    mirror = mirrors.start(registry_anon.url, workers, sync={"rules": [rule]})
     new = yaml.safe_load(mirror.config_path.read_text())
     new["sync"]["rules"][0]["tags"] = ["v2"]
     new_path = tmp_path / "new.yaml"
@@ -142,7 +118,7 @@ def test_dry_run_of_another_file_warns_and_local_plans_from_the_file(
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_cache_ls_marks_partial_and_evicted_and_keeps_what_was_pulled_after_an_evict(
-        workers: int, registry_anon: Registry, start_mirror: StartMirror,
+        workers: int, registry_anon: Registry, mirrors: Mirrors,
         tmp_path: Path) -> None:
     images = [make_image(f"page/ls{workers}-{n}", "v1", fmt="oci",
                          layers=[make_layer(20_000, 8300 + workers * 10 + n),
@@ -150,7 +126,7 @@ def test_cache_ls_marks_partial_and_evicted_and_keeps_what_was_pulled_after_an_e
               for n in range(3)]
     for image in images:
         registry_anon.push(image)
-    mirror = start_mirror(registry_anon.url, workers)
+    mirror = mirrors.start(registry_anon.url, workers)
     host = f"127.0.0.1:{mirror.port}"
     for n, image in enumerate(images):
         out = skopeo_copy(f"{host}/{image.repo}:v1", tmp_path / f"pull-{n}")

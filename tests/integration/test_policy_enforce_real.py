@@ -21,7 +21,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +29,7 @@ import pytest
 from tests.support import cosign_sign as cs
 from tests.support.cosign_push import push_bundle, push_legacy
 from tests.support.images import Image, make_image, make_layer
-from tests.support.mirrorproc import MirrorProcess, mirror_config
-from tests.support.net import free_port
+from tests.support.mirrorproc import MirrorProcess, Mirrors
 from tests.support.registry import Registry
 from tests.support.skopeo import SkopeoError, manifest_digest, skopeo_copy, verify_dir
 
@@ -77,28 +75,15 @@ def signed(registry_token: Registry) -> Signed:
 
 @pytest.fixture(params=[1, 2], ids=["workers1", "workers2"])
 def mirror(request: pytest.FixtureRequest, registry_token: Registry, signed: Signed,
-           tmp_path: Path) -> Iterator[MirrorProcess]:
+           mirrors: Mirrors, tmp_path: Path) -> MirrorProcess:
     (tmp_path / "release.pub").write_bytes(signed.public_pem)
-    config = mirror_config(free_port(), tmp_path / "cache",
-                           [{"name": UPSTREAM, "url": registry_token.url, "default": True}])
-    config["server"] = {"workers": request.param}
-    config["cache"] = {"tag_ttl": "1s"}
-    config["policy"] = {
-        "keys": [{"name": "release", "file": str(tmp_path / "release.pub")}],
-        "rules": [{"repositories": ["acme/*"], "require": ["release"]},
-                  {"repositories": ["team/*"], "require": ["release"], "mode": "warn"}],
-        "default": "allow"}
-    config["audit"] = {"file": str(tmp_path / "audit.jsonl")}
-    process = MirrorProcess(tmp_path / "mirror", config)
-    process.start(timeout=30)
-    deadline = time.monotonic() + 30  # /readyz answered from one worker: wait for each
-    while len(process.events("mirror_started")) < request.param:
-        assert time.monotonic() < deadline, process.log_tail()
-        time.sleep(0.05)
-    try:
-        yield process
-    finally:
-        process.stop()
+    policy = {"keys": [{"name": "release", "file": str(tmp_path / "release.pub")}],
+              "rules": [{"repositories": ["acme/*"], "require": ["release"]},
+                        {"repositories": ["team/*"], "require": ["release"], "mode": "warn"}],
+              "default": "allow"}
+    return mirrors.start(registry_token.url, request.param, upstream=UPSTREAM,
+                         workdir="mirror", timeout=30, cache={"tag_ttl": "1s"}, policy=policy,
+                         audit={"file": str(tmp_path / "audit.jsonl")})
 
 
 def _request(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:

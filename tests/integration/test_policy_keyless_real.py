@@ -9,10 +9,8 @@ checked; the one signed by another identity gets ``403 DENIED``.
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,7 @@ import pytest
 from tests.integration.test_policy_sigstore_js import sigstore_js
 from tests.support.cosign_push import push_bundle
 from tests.support.images import Image, make_image, make_layer
-from tests.support.mirrorproc import MirrorProcess, mirror_config
-from tests.support.net import free_port
+from tests.support.mirrorproc import MirrorProcess, Mirrors
 from tests.support.registry import Registry
 from tests.support.skopeo import manifest_digest, skopeo_copy, verify_dir
 
@@ -53,26 +50,14 @@ def keyless(registry_token: Registry) -> tuple[dict[str, Image], dict[str, Any]]
 @pytest.fixture(params=[1, 2], ids=["workers1", "workers2"])
 def mirror(request: pytest.FixtureRequest, registry_token: Registry,
            keyless: tuple[dict[str, Image], dict[str, Any]],
-           tmp_path: Path) -> Iterator[MirrorProcess]:
+           mirrors: Mirrors, tmp_path: Path) -> MirrorProcess:
     (tmp_path / "root.json").write_text(json.dumps(keyless[1]))
-    config = mirror_config(free_port(), tmp_path / "cache",
-                           [{"name": "registry.test", "url": registry_token.url,
-                             "default": True}])
-    config["server"] = {"workers": request.param}
-    config["policy"] = {"trusted_root": str(tmp_path / "root.json"),
-                        "identities": [{"name": "ci", "issuer": ISSUER,
-                                        "subject_regex": "^https://github.com/acme/"}],
-                        "rules": [{"repositories": ["keyless/*"], "require": ["ci"]}]}
-    process = MirrorProcess(tmp_path / "mirror", config)
-    process.start(timeout=30)
-    deadline = time.monotonic() + 30
-    while len(process.events("mirror_started")) < request.param:
-        assert time.monotonic() < deadline, process.log_tail()
-        time.sleep(0.05)
-    try:
-        yield process
-    finally:
-        process.stop()
+    policy = {"trusted_root": str(tmp_path / "root.json"),
+              "identities": [{"name": "ci", "issuer": ISSUER,
+                              "subject_regex": "^https://github.com/acme/"}],
+              "rules": [{"repositories": ["keyless/*"], "require": ["ci"]}]}
+    return mirrors.start(registry_token.url, request.param, workdir="mirror", timeout=30,
+                         policy=policy)
 
 
 def test_a_keyless_bundle_referrer_is_enforced(

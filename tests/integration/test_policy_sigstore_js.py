@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from mirror.config import parse
-from mirror.policy import compile_policy, evaluate, parse_bundle
+from mirror.policy import Policy, Verdict, compile_policy, evaluate, parse_bundle
 from tests.support import cosign_sign as cs
 
 pytestmark = pytest.mark.integration
@@ -70,6 +71,37 @@ def tamper_digest(bundle: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _policy(section: dict[str, Any], base: Path) -> Policy:
+    """The mirror's compiled ``policy:`` section (its files relative to ``base``)."""
+    settings = parse({"policy": section}, env={}, base=base).policy
+    assert settings is not None
+    return compile_policy(settings)
+
+
+def _judge(policy: Policy, bundle: dict[str, Any]) -> Verdict:
+    """The mirror's verdict on acme/app@DIGEST with ``bundle`` as its referrer."""
+    return evaluate(policy, "docker.io", "acme/app", DIGEST,
+                    [parse_bundle(json.dumps(bundle).encode())])
+
+
+@dataclass
+class Tally:
+    """Where the mirror and sigstore-js disagree, and where the mirror is wrong."""
+
+    disagreements: list[tuple[str, str, Any]] = field(default_factory=list)
+    wrong: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, name: str, ours: Verdict, js: dict[str, Any], expected: bool) -> None:
+        if ours.allowed != js["ok"]:
+            self.disagreements.append((name, ours.reason, js.get("error")))
+        if ours.allowed != expected:
+            self.wrong.append((name, ours.reason))
+
+    def check(self) -> None:
+        assert self.disagreements == [], "\n".join(map(str, self.disagreements))
+        assert self.wrong == []
+
+
 def test_the_mirror_and_sigstore_js_agree(tmp_path: Path) -> None:
     trusted = {kind: cs.new_key(kind) for kind in ("p256", "p384", "ed25519", "rsa")}
     stranger = cs.new_key("p256")
@@ -93,15 +125,12 @@ def test_the_mirror_and_sigstore_js_agree(tmp_path: Path) -> None:
     matrix += [("dsse, tampered payload", tamper_payload(p256_dsse), False),
                ("message, tampered digest", tamper_digest(p256_message), False)]
 
-    disagreements, wrong = [], []
+    tally = Tally()
     for kind, key in trusted.items():
         pub = cs.public_pem(key)
         (tmp_path / "release.pub").write_bytes(pub)
-        settings = parse({"policy": {"keys": [{"name": "release", "file": "release.pub"}],
-                                     "rules": [{"require": ["release"]}]}},
-                         env={}, base=tmp_path).policy
-        assert settings is not None
-        policy = compile_policy(settings)
+        policy = _policy({"keys": [{"name": "release", "file": "release.pub"}],
+                          "rules": [{"require": ["release"]}]}, tmp_path)
         mine = [name for name, *_ in plan if name.startswith(kind)]
         cases = [(n, b, e) for n, b, e in matrix if n in mine] + \
             ([(n, b, e) for n, b, e in matrix if not n.startswith(tuple(trusted))]
@@ -110,14 +139,8 @@ def test_the_mirror_and_sigstore_js_agree(tmp_path: Path) -> None:
                                  "keys": {"release": pub.decode()}, "digest": DIGEST,
                                  "manifest_b64": manifest_b64} for _, bundle, _ in cases])
         for (name, bundle, expected), js in zip(cases, verdicts, strict=True):
-            ours = evaluate(policy, "docker.io", "acme/app", DIGEST,
-                            [parse_bundle(json.dumps(bundle).encode())])
-            if ours.allowed != js["ok"]:
-                disagreements.append((name, ours.reason, js.get("error")))
-            if ours.allowed != expected:
-                wrong.append((name, ours.reason))
-    assert disagreements == [], "\n".join(map(str, disagreements))
-    assert wrong == []
+            tally.add(name, _judge(policy, bundle), js, expected)
+    tally.check()
 
 
 ISSUER = "https://token.actions.githubusercontent.com"
@@ -146,32 +169,20 @@ def test_keyless_through_a_mocked_fulcio_and_rekor_agrees(tmp_path: Path) -> Non
     verdicts = sigstore_js([{"op": "verify_keyless", "bundle": bundle, "trusted_root": root,
                              "issuer": ISSUER, "subject": RELEASE, "digest": DIGEST}
                             for _, bundle, root, _ in cases])
-    disagreements, wrong = [], []
+    tally = Tally()
     for (name, bundle, root, expected), js in zip(cases, verdicts, strict=True):
         (tmp_path / "root.json").write_text(json.dumps(root))
-        settings = parse({"policy": {
-            "trusted_root": "root.json",
-            "identities": [{"name": "ci", "issuer": ISSUER, "subject": RELEASE}],
-            "rules": [{"require": ["ci"]}]}}, env={}, base=tmp_path).policy
-        assert settings is not None
-        ours = evaluate(compile_policy(settings), "docker.io", "acme/app", DIGEST,
-                        [parse_bundle(json.dumps(bundle).encode())])
-        if ours.allowed != js["ok"]:
-            disagreements.append((name, ours.reason, js.get("error")))
-        if ours.allowed != expected:
-            wrong.append((name, ours.reason))
-    assert disagreements == [], "\n".join(map(str, disagreements))
-    assert wrong == []
+        policy = _policy({"trusted_root": "root.json",
+                          "identities": [{"name": "ci", "issuer": ISSUER, "subject": RELEASE}],
+                          "rules": [{"require": ["ci"]}]}, tmp_path)
+        tally.add(name, _judge(policy, bundle), js, expected)
+    tally.check()
     # a subject regex, as cosign's --certificate-identity-regexp, on the same bundles
     (tmp_path / "root.json").write_text(json.dumps(ours_root))
-    settings = parse({"policy": {
-        "trusted_root": "root.json",
-        "identities": [{"name": "ci", "issuer": ISSUER,
-                        "subject_regex": "^https://github.com/acme/"}],
-        "rules": [{"require": ["ci"]}]}}, env={}, base=tmp_path).policy
-    assert settings is not None
-    policy = compile_policy(settings)
+    policy = _policy({"trusted_root": "root.json",
+                      "identities": [{"name": "ci", "issuer": ISSUER,
+                                      "subject_regex": "^https://github.com/acme/"}],
+                      "rules": [{"require": ["ci"]}]}, tmp_path)
     for bundle, allowed in ((good, True), (stranger, False)):
-        verdict = evaluate(policy, "docker.io", "acme/app", DIGEST,
-                           [parse_bundle(json.dumps(bundle).encode())])
+        verdict = _judge(policy, bundle)
         assert verdict.allowed is allowed, verdict.reason

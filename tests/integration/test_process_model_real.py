@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import yaml
 
 from mirror.cluster import sign_token, token_scope
 from tests.support.images import Image, Index, make_image, make_layer
-from tests.support.mirrorproc import MirrorProcess, mirror_config
+from tests.support.mirrorproc import MirrorProcess, Mirrors, mirror_config
 from tests.support.net import free_port
 from tests.support.registry import Registry
 from tests.support.s3 import MotoS3, s3_config
@@ -45,25 +45,13 @@ Start = Callable[..., MirrorProcess]
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    """``start(name, registry_url, workers, **config)``: a running mirror, stopped at the
-    end; with two workers it returns once both have started."""
-    started: list[MirrorProcess] = []
-
+def start(mirrors: Mirrors, tmp_path: Path) -> Start:
+    """``start(name, registry_url, workers, **config)``: a running mirror in ``name`` (its
+    cache in ``name-cache``), stopped at the end; it returns once every worker started."""
     def run(name: str, registry_url: str, workers: int, **extra: Any) -> MirrorProcess:
-        upstream = {"name": UPSTREAM, "url": registry_url, "default": True}
-        config = mirror_config(free_port(), tmp_path / f"{name}-cache", [upstream])
-        config["server"] = {"workers": workers}
-        config.update(extra)
-        process = MirrorProcess(tmp_path / name, config)
-        process.start(timeout=60)
-        started.append(process)
-        _wait(lambda: len(process.events("mirror_started")) >= workers, process)
-        return process
-
-    yield run
-    for process in started:
-        process.stop()
+        return mirrors.start(registry_url, workers, storage_path=tmp_path / f"{name}-cache",
+                             workdir=name, timeout=60, **extra)
+    return run
 
 
 def _wait(predicate: Callable[[], bool], mirror: MirrorProcess | None = None,

@@ -9,14 +9,13 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.images import Image, Index, make_image, make_index, make_layer
-from tests.support.mirrorproc import MirrorProcess, mirror_config
+from tests.support.mirrorproc import MirrorProcess, Mirrors, mirror_config
 from tests.support.net import free_port
 from tests.support.registry import Registry
 from tests.support.skopeo import manifest_digest, skopeo_copy, write_registries_conf
@@ -25,26 +24,8 @@ from tests.support.throttle import ThrottledProxy
 pytestmark = pytest.mark.integration
 
 UPSTREAM = "registry.test"
-StartMirror = Callable[..., MirrorProcess]
 
 
-@pytest.fixture
-def start_mirror(tmp_path: Path) -> Iterator[StartMirror]:
-    """Start a mirror with a ``sync`` section in front of a registry (stopped at the end)."""
-    started: list[MirrorProcess] = []
-
-    def start(upstream_url: str, sync: dict[str, Any], workdir: str = "mirror") -> MirrorProcess:
-        upstream = {"name": UPSTREAM, "url": upstream_url, "default": True}
-        config = mirror_config(free_port(), tmp_path / "cache", [upstream])
-        config["sync"] = sync
-        process = MirrorProcess(tmp_path / workdir, config)
-        process.start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 def _mirror_cli(*args: str, config: Path) -> tuple[int, str]:
@@ -78,12 +59,12 @@ def _blobs(image: Image) -> list[str]:
 
 
 def test_watched_tag_is_warmed_for_its_platform_only_and_the_pull_asks_upstream_nothing(
-        registry_anon: Registry, start_mirror: StartMirror, tmp_path: Path) -> None:
+        registry_anon: Registry, mirrors: Mirrors, tmp_path: Path) -> None:
     repo = "sync/watched"
     registry_anon.push(_two_platforms(repo, "live", seed=7101))
     rule = {"name": "watched", "registry": UPSTREAM, "repositories": [repo], "tags": ["live"],
             "platforms": ["linux/arm64"], "interval": "1h"}
-    mirror = start_mirror(registry_anon.url, {"rules": [rule], "recheck": "0s"})
+    mirror = mirrors.start(registry_anon.url, sync={"rules": [rule], "recheck": "0s"})
 
     fresh = _two_platforms(repo, "live", seed=7102)  # a new digest under the watched tag
     registry_anon.push(fresh)
@@ -140,13 +121,13 @@ def _manifest_get(mirror: MirrorProcess, path: str, source: str) -> None:
 
 
 def test_popular_keeps_the_two_most_pulled_warm_across_a_tag_change_and_a_restart(
-        registry_anon: Registry, start_mirror: StartMirror, tmp_path: Path) -> None:
+        registry_anon: Registry, mirrors: Mirrors, tmp_path: Path) -> None:
     repos = {"sync/pop-a": 3, "sync/pop-b": 2, "sync/pop-c": 1}
     for n, repo in enumerate(repos):
         registry_anon.push(make_image(repo, "v1", fmt="oci",
                                       layers=[make_layer(30_000, 7300 + n)]))
     sync = {"popular": {"top": 2, "interval": "1h"}, "recheck": "0s"}
-    mirror = start_mirror(registry_anon.url, sync)
+    mirror = mirrors.start(registry_anon.url, sync=sync)
     conf = write_registries_conf(tmp_path / "registries.conf", UPSTREAM,
                                  mirror.url.removeprefix("http://"))
     for repo, pulls in repos.items():
@@ -162,7 +143,7 @@ def test_popular_keeps_the_two_most_pulled_warm_across_a_tag_change_and_a_restar
              for n, repo in enumerate(repos)}
     for image in fresh.values():
         registry_anon.push(image)
-    mirror = start_mirror(registry_anon.url, sync, workdir="mirror-again")
+    mirror = mirrors.start(registry_anon.url, sync=sync, workdir="mirror-again")
     code, out = _mirror_cli("sync", "status", "--json", config=mirror.config_path)
     assert code == 0, out
     top = json.loads(out[out.index("{"):])["popular"]["top"]
@@ -176,11 +157,11 @@ def test_popular_keeps_the_two_most_pulled_warm_across_a_tag_change_and_a_restar
 
 
 def test_mirror_warm_reports_failures_with_a_non_zero_exit(
-        registry_anon: Registry, start_mirror: StartMirror, tmp_path: Path) -> None:
+        registry_anon: Registry, mirrors: Mirrors, tmp_path: Path) -> None:
     repo = "sync/warm-cmd"
     index = _two_platforms(repo, "v1", seed=7501)
     registry_anon.push(index)
-    mirror = start_mirror(registry_anon.url, {})
+    mirror = mirrors.start(registry_anon.url, sync={})
     code, out = _mirror_cli("warm", f"{UPSTREAM}/{repo}:v1", f"{UPSTREAM}/{repo}:missing",
                             "--platform", "linux/amd64", config=mirror.config_path)
     assert code == 1, out
@@ -190,7 +171,7 @@ def test_mirror_warm_reports_failures_with_a_non_zero_exit(
 
 
 def test_a_warm_killed_midway_resumes_after_the_restart_with_what_is_missing(
-        registry_anon: Registry, start_mirror: StartMirror, tmp_path: Path) -> None:
+        registry_anon: Registry, mirrors: Mirrors, tmp_path: Path) -> None:
     repo = "sync/killed"
     image = make_image(repo, "v1", fmt="oci",
                        layers=[make_layer(4 << 20, 7600 + i) for i in range(3)])
@@ -200,7 +181,7 @@ def test_a_warm_killed_midway_resumes_after_the_restart_with_what_is_missing(
     try:
         sync = {"blob_concurrency": 1, "rules": [
             {"name": "killed", "registry": UPSTREAM, "repositories": [repo], "tags": ["v1"]}]}
-        mirror = start_mirror(throttle.url, sync)
+        mirror = mirrors.start(throttle.url, sync=sync)
         storage = tmp_path / "cache"
         blobs = _blobs(image)
         deadline = time.monotonic() + 60
@@ -212,7 +193,7 @@ def test_a_warm_killed_midway_resumes_after_the_restart_with_what_is_missing(
         mirror.kill9()
         assert held_before != set(blobs)
 
-        mirror = start_mirror(throttle.url, sync, workdir="mirror-restarted")
+        mirror = mirrors.start(throttle.url, sync=sync, workdir="mirror-restarted")
         report = _sync_once(mirror)  # runs after (or is) the loop's first pass
         assert report["counts"] in ({"warmed": 1}, {"present": 1}), report
         assert all(_held(storage, d) for d in blobs)

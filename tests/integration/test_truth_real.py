@@ -14,9 +14,7 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,8 +22,7 @@ from mirror.cache.inventory import human_size
 from mirror.version import VERSION
 from tests.support.chromium import chromium_binary, dump_dom
 from tests.support.images import Image, make_image, make_layer
-from tests.support.mirrorproc import MirrorProcess, mirror_config
-from tests.support.net import free_port
+from tests.support.mirrorproc import Mirrors
 from tests.support.registry import Registry
 from tests.support.skopeo import manifest_digest, skopeo_copy, verify_dir
 
@@ -33,30 +30,8 @@ pytestmark = pytest.mark.integration
 
 UPSTREAM = "registry.test"
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-StartMirror = Callable[..., MirrorProcess]
 
 
-@pytest.fixture
-def start_mirror(tmp_path: Path) -> Iterator[StartMirror]:
-    """Start mirrors in front of a registry; all are stopped at the end."""
-    started: list[MirrorProcess] = []
-
-    def start(registry_url: str, workers: int, storage_max_size: str | None = None,
-              **extra: Any) -> MirrorProcess:
-        upstream = {"name": UPSTREAM, "url": registry_url, "default": True}
-        config = mirror_config(free_port(), tmp_path / f"cache-{len(started)}", [upstream])
-        config["server"] = {"workers": workers}
-        if storage_max_size is not None:
-            config["storage"]["max_size"] = storage_max_size
-        config.update(extra)
-        process = MirrorProcess(tmp_path / f"mirror-{len(started)}", config)
-        process.start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +58,8 @@ def metric_sum(exposition: str, name: str) -> float:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_cold_pull_through_bearer_upstream_is_whole_in_logs_and_counters(
         workers: int, registry_token: Registry, layered_image: Image,
-        start_mirror: StartMirror, tmp_path: Path) -> None:
-    mirror = start_mirror(registry_token.url, workers)
+        mirrors: Mirrors, tmp_path: Path) -> None:
+    mirror = mirrors.start(registry_token.url, workers)
     image = layered_image
     out = skopeo_copy(f"127.0.0.1:{mirror.port}/{image.repo}:{image.tag}", tmp_path / "out")
     assert manifest_digest(out) == image.manifest.digest
@@ -114,10 +89,10 @@ def test_cold_pull_through_bearer_upstream_is_whole_in_logs_and_counters(
 @pytest.mark.parametrize("workers", [1, 2])
 def test_status_page_of_a_real_node_in_chromium(
         workers: int, registry_token: Registry, layered_image: Image,
-        start_mirror: StartMirror, tmp_path: Path) -> None:
+        mirrors: Mirrors, tmp_path: Path) -> None:
     if chromium_binary() is None:
         pytest.fail("chromium is not installed (scripts/setup.sh --test installs it)")
-    mirror = start_mirror(registry_token.url, workers, storage_max_size="1GiB")
+    mirror = mirrors.start(registry_token.url, workers, storage={"max_size": "1GiB"})
     image = layered_image
     skopeo_copy(f"127.0.0.1:{mirror.port}/{image.repo}:{image.tag}", tmp_path / "out")
     dom = asyncio.run(dump_dom(f"{mirror.url}/"))
@@ -132,8 +107,8 @@ def test_status_page_of_a_real_node_in_chromium(
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_every_page_lists_the_problems_of_every_worker(
-        workers: int, registry_token: Registry, start_mirror: StartMirror) -> None:
-    mirror = start_mirror(registry_token.url, workers)
+        workers: int, registry_token: Registry, mirrors: Mirrors) -> None:
+    mirror = mirrors.start(registry_token.url, workers)
     bad = [f"/v2/truth/app/manifests/bad!{n}" for n in range(8)]
     for path in bad:  # a new connection each: the kernel spreads them over the workers
         try:

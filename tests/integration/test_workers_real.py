@@ -10,6 +10,7 @@ workers; one worker reconciles and evicts.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import re
 import signal
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,7 @@ import aiohttp
 import pytest
 
 from tests.support.images import Image, make_image, make_layer
-from tests.support.mirrorproc import MirrorProcess, mirror_config
-from tests.support.net import free_port
+from tests.support.mirrorproc import MirrorProcess, Mirrors
 from tests.support.registry import Registry
 from tests.support.throttle import ThrottledProxy
 
@@ -37,28 +37,10 @@ StartMirror = Callable[..., MirrorProcess]
 
 
 @pytest.fixture
-def start_mirror(tmp_path: Path) -> Iterator[StartMirror]:
-    """Start mirrors with two workers; all are stopped at the end."""
-    started: list[MirrorProcess] = []
-
-    def start(registry_url: str, **extra: Any) -> MirrorProcess:
-        upstream = {"name": "registry.test", "url": registry_url, "default": True}
-        config = mirror_config(free_port(), tmp_path / "cache", [upstream])
-        config["server"] = {"workers": 2}
-        config.update(extra)
-        process = MirrorProcess(tmp_path / f"mirror-{len(started)}", config)
-        process.start(timeout=30)
-        started.append(process)
-        # /readyz answered from one worker; the herds below want both serving.
-        deadline = time.monotonic() + 30
-        while len(_lines(process, "mirror_started")) < 2:
-            assert time.monotonic() < deadline, process.log_tail()
-            time.sleep(0.05)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
+def start_mirror(mirrors: Mirrors) -> StartMirror:
+    """Start mirrors with two workers, both serving (the herds below want both); all are
+    stopped at the end."""
+    return functools.partial(mirrors.start, workers=2, timeout=30)
 
 
 def _lines(mirror: MirrorProcess, event: str) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.net import http_status
+from tests.support.net import free_port, http_status
 
 
 def mirror_config(port: int, storage_path: Path, upstreams: list[dict[str, Any]]) -> dict[str, Any]:
@@ -114,6 +114,19 @@ class MirrorProcess:
                 raise RuntimeError(f"mirror {why}; log tail:\n{self.log_tail()}")
             time.sleep(0.05)
 
+    def wait_workers(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Wait until ``count`` workers have logged ``mirror_started`` (``/readyz`` answers
+        with the first one) and return those events.
+
+        Raises:
+            AssertionError: not all within ``timeout`` s (the message is the log's tail).
+        """
+        deadline = time.monotonic() + timeout
+        while len(started := self.events("mirror_started")) < count:
+            assert time.monotonic() < deadline, self.log_tail()
+            time.sleep(0.05)
+        return started
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """Send SIGTERM, wait up to ``timeout`` s, then SIGKILL.
 
@@ -172,3 +185,53 @@ class MirrorProcess:
     def log_tail(self, lines: int = 50) -> str:
         """The last ``lines`` lines of the log."""
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+class Mirrors:
+    """The mirrors one test starts in front of a registry, under ``root`` (the test's
+    ``tmp_path``); :meth:`stop` ends them all (the ``mirrors`` fixture calls it).
+
+    Args:
+        root: where each mirror's folder and, unless given, the shared ``cache`` go.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: list[MirrorProcess] = []
+
+    def start(self, registry_url: str, workers: int = 1, *, upstream: str = "registry.test",
+              aliases: list[str] | None = None, storage_path: Path | None = None,
+              workdir: str | None = None, timeout: float = 15.0,
+              **sections: Any) -> MirrorProcess:
+        """Start a mirror of ``registry_url`` (the default upstream, named ``upstream``)
+        and return once every one of its ``workers`` has started.
+
+        Args:
+            storage_path: its storage folder (``root/cache`` unless given: mirrors started
+                one after the other share it).
+            workdir: its folder's name under ``root`` (``mirror-N`` unless given).
+            timeout: how long the start and each worker may take, in seconds.
+            sections: config sections; a mapping merges into the base config's section
+                of that name (``storage={"max_size": "1GiB"}`` keeps the path), anything
+                else replaces it.
+        """
+        entry: dict[str, Any] = {"name": upstream, "url": registry_url, "default": True}
+        if aliases:
+            entry["aliases"] = aliases
+        config = mirror_config(free_port(), storage_path or self.root / "cache", [entry])
+        config["server"] = {"workers": workers}
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(config.get(key), dict):
+                config[key].update(value)
+            else:
+                config[key] = value
+        process = MirrorProcess(self.root / (workdir or f"mirror-{len(self.started)}"), config)
+        process.start(timeout=timeout)
+        self.started.append(process)
+        process.wait_workers(workers, timeout)
+        return process
+
+    def stop(self) -> None:
+        """Stop every mirror started (those stopped already are left as they are)."""
+        for process in self.started:
+            process.stop()

@@ -32,6 +32,15 @@ _ACCESS_RE = re.compile(
 )
 
 
+
+def write_htpasswd(path: Path, users: dict[str, str], binary: str = "htpasswd") -> Path:
+    """Write ``path`` as Apache's ``htpasswd -B`` writes it (bcrypt), one line a user."""
+    lines = [subprocess.run([binary, "-Bbn", user, password], check=True,
+                            capture_output=True, text=True).stdout.strip()
+             for user, password in users.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
 @dataclass(frozen=True)
 class AccessEntry:
     """One line of Distribution's access log."""
@@ -137,11 +146,7 @@ class Registry:
             }
         if self.htpasswd is not None:
             user, password = self.htpasswd
-            line = subprocess.run(
-                ["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True
-            ).stdout.strip()
-            htfile = self.workdir / "htpasswd"
-            htfile.write_text(line + "\n")
+            htfile = write_htpasswd(self.workdir / "htpasswd", {user: password})
             config["auth"] = {"htpasswd": {"realm": "test-registry", "path": str(htfile)}}
         if self.proxy_remote is not None:
             config["proxy"] = {"remoteurl": self.proxy_remote}

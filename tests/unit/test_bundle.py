@@ -36,11 +36,11 @@ from mirror.errors import BundleError, OciError
 from mirror.oci import Digest
 from mirror.routing import Router
 from mirror.storage.filesystem import FilesystemStore
+from tests.support.bundles import Entries, bundle_entries
 from tests.support.fake import FakeRegistry
 from tests.support.images import Image, make_image, make_layer
 from tests.unit.conftest import cache_files, mirror_settings
 
-Entries = list[tuple[str, bytes]]
 REGISTRY = "fake.test"
 
 
@@ -52,24 +52,7 @@ def _image(tag: str = "v1", seed: int = 1) -> Image:
 def _entries(image: Image, key: Ed25519PrivateKey | None = None,
              edit: Callable[[BundleManifest], None] = lambda _b: None) -> Entries:
     """The entries of a bundle of ``image`` as mirror export writes them."""
-    name = f"{REGISTRY}/{image.repo}:{image.tag}"
-    index = json.dumps({"schemaVersion": 2, "manifests": [{
-        **image.manifest.descriptor(), "annotations": {layout.REF_NAME: name}}]}).encode()
-    blobs = [image.manifest, image.config, *image.layers]
-    bundle = BundleManifest(tool_version="test", references=[{
-        "name": name, "registry": REGISTRY, "repository": image.repo, "tag": image.tag,
-        "digest": image.manifest.digest, "mediaType": image.manifest.media_type,
-        "size": image.manifest.size}])
-    for file, data in ((layout.OCI_LAYOUT, layout.LAYOUT_BYTES), (layout.INDEX, index)):
-        bundle.files[file] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    bundle.blobs = {b.digest: b.size for b in blobs}
-    edit(bundle)
-    data = bundle.to_bytes()
-    entries = [(layout.OCI_LAYOUT, layout.LAYOUT_BYTES), (layout.BUNDLE, data)]
-    if key is not None:
-        entries.append((layout.SIGNATURE, sign(data, key)))
-    entries.append((layout.INDEX, index))
-    return entries + [(layout.blob_name(b.digest), b.data) for b in blobs]
+    return bundle_entries(REGISTRY, image, key, edit)
 
 
 def _tar(entries: Entries, extra: Callable[[tarfile.TarFile], None] | None = None) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,7 @@ from mirror.fetch.relay import RelayWindow
 from mirror.oci import Digest
 from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.index import Index
-
-
-def _put(store: FilesystemStore, data: bytes) -> Digest:
-    """Store a blob the way a fill does: temp file, then publish."""
-    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
-    fd, temp = store.new_temp()
-    os.write(fd, data)
-    os.close(fd)
-    store.publish_blob(temp, digest)
-    return digest
+from tests.support.stored import put_blob
 
 
 @pytest.fixture
@@ -59,9 +49,9 @@ def test_index_tracks_totals_pins_and_recency(tmp_path: Path) -> None:
 
 
 def test_startup_reconciles_index_with_disk(store: FilesystemStore) -> None:
-    kept = _put(store, b"kept")
-    lost = _put(store, b"lost")
-    truncated = _put(store, b"truncated blob")
+    kept = put_blob(store, b"kept")
+    lost = put_blob(store, b"lost")
+    truncated = put_blob(store, b"truncated blob")
     store.blob_path(lost).unlink()  # entry without a file
     store.blob_path(truncated).write_bytes(b"trunc")  # size differs from its entry
     orphan = Digest("sha256", hashlib.sha256(b"orphan").hexdigest())
@@ -82,7 +72,7 @@ def test_startup_reconciles_index_with_disk(store: FilesystemStore) -> None:
 
 
 def test_verify_removes_corrupt_content(store: FilesystemStore) -> None:
-    digest = _put(store, b"good bytes")
+    digest = put_blob(store, b"good bytes")
     assert store.verify("blob", digest) is True
     store.blob_path(digest).write_bytes(b"evil bytes")
     assert store.verify("blob", digest) is False
@@ -100,7 +90,7 @@ def _evictor(store: FilesystemStore, max_size: int, busy: set[str] | None = None
 
 async def test_eviction_is_lru_skips_pinned_and_busy_and_stops_at_low(
         store: FilesystemStore) -> None:
-    digests = [_put(store, bytes([i]) * 100) for i in range(10)]  # 1000 bytes
+    digests = [put_blob(store, bytes([i]) * 100) for i in range(10)]  # 1000 bytes
     for age, digest in enumerate(digests):
         store.index.touch([("blob", str(digest), 1000.0 + age)])
     store.index.pin([str(digests[0])], str(digests[0]))
@@ -118,7 +108,7 @@ async def test_eviction_is_lru_skips_pinned_and_busy_and_stops_at_low(
 async def test_reservations_make_room_before_a_download_publishes(
         store: FilesystemStore) -> None:
     for i in range(8):
-        _put(store, bytes([i]) * 100)
+        put_blob(store, bytes([i]) * 100)
     evictor = _evictor(store, max_size=1000)
     assert await evictor.check() == 0  # 800 < 900
     await evictor.reserve(300)  # a 300 byte download starts: 1100 > 900, evict to 500
@@ -132,7 +122,7 @@ async def test_reservations_make_room_before_a_download_publishes(
 
 async def test_admit_refuses_when_pinned_content_fills_the_limit(
         store: FilesystemStore) -> None:
-    digests = [_put(store, bytes([i]) * 400) for i in range(2)]
+    digests = [put_blob(store, bytes([i]) * 400) for i in range(2)]
     store.index.pin([str(d) for d in digests], "all")
     evictor = _evictor(store, max_size=1000)
     assert not await evictor.admit(300)

@@ -7,7 +7,6 @@ count pulls, not requests, and a worker reads the others' counts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -23,15 +22,7 @@ from mirror.clock import ManualClock
 from mirror.oci import DOCKER_MANIFEST, Digest
 from mirror.storage.filesystem import FilesystemStore
 from mirror.sync.popularity import Popularity
-
-
-def _put(store: FilesystemStore, data: bytes) -> Digest:
-    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
-    fd, temp = store.new_temp()
-    os.write(fd, data)
-    os.close(fd)
-    store.publish_blob(temp, digest)
-    return digest
+from tests.support.stored import put_blob
 
 
 @pytest.fixture
@@ -55,7 +46,7 @@ async def test_a_reservation_in_one_process_counts_in_another(
         stores: tuple[FilesystemStore, FilesystemStore]) -> None:
     first, second = stores
     for i in range(8):
-        _put(first, bytes([i]) * 100)  # 800 bytes stored
+        put_blob(first, bytes([i]) * 100)  # 800 bytes stored
     mine, other = _evictor(first), _evictor(second, pid=os.getppid())
     await other.reserve(50)  # 850: under the high watermark (900)
     assert first.index.total_bytes == 800
@@ -80,7 +71,7 @@ async def test_reservations_of_a_dead_process_do_not_count(
         stores: tuple[FilesystemStore, FilesystemStore], dead: int) -> None:
     first, second = stores
     for i in range(5):
-        _put(first, bytes([i]) * 100)
+        put_blob(first, bytes([i]) * 100)
     second.index.budget(dead, 10_000)  # a worker killed -9 in the middle of a download
     mine = _evictor(first)
     assert await mine.check() == 0  # 500 stored, the dead reservation ignored
@@ -102,7 +93,7 @@ async def test_release_reaches_the_other_processes(
 async def test_no_room_under_the_cap_is_refused_and_given_back(
         stores: tuple[FilesystemStore, FilesystemStore]) -> None:
     first, second = stores
-    digests = [str(_put(first, bytes([i]) * 100)) for i in range(8)]
+    digests = [str(put_blob(first, bytes([i]) * 100)) for i in range(8)]
     first.index.pin(digests, "pinned/image:v1")  # 800 pinned bytes under a 1000 cap
     mine, other = _evictor(first), _evictor(second, pid=os.getppid())
     assert await other.reserve(150)  # 950: room

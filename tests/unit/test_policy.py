@@ -49,6 +49,12 @@ def policy_settings(tmp_path: Path, keys: dict[str, bytes], rules: list[dict[str
     return settings
 
 
+def release_only(tmp_path: Path, key: cs.PrivateKey) -> PolicySettings:
+    """A policy with one key, ``release`` (the public half of ``key``), that every image
+    must be signed with."""
+    return policy_settings(tmp_path, {"release": cs.public_pem(key)}, [{"require": ["release"]}])
+
+
 def read_sig(image: cs.SigImage) -> list[Signature]:
     """What the serving path will do: the .sig manifest's layers, each with its blob."""
     layers = signature_layers(image.manifest)
@@ -59,8 +65,7 @@ def read_sig(image: cs.SigImage) -> list[Signature]:
 @pytest.mark.parametrize("kind", ["p256", "p384", "ed25519", "rsa"])
 def test_a_keyed_signature_of_every_key_kind_passes(tmp_path: Path, kind: str) -> None:
     key = cs.new_key(kind)
-    policy = compile_policy(policy_settings(tmp_path, {"release": cs.public_pem(key)},
-                                            [{"require": ["release"]}]))
+    policy = compile_policy(release_only(tmp_path, key))
     sigs = read_sig(cs.sig_manifest([cs.legacy_layer(key, cs.payload(DIGEST))]))
     verdict = evaluate(policy, "docker.io", "acme/app", DIGEST, sigs)
     assert (verdict.allowed, verdict.rule, verdict.signer) == (True, 1, "release")
@@ -94,8 +99,7 @@ def test_signatures_that_do_not_verify_are_refused_with_the_reason(tmp_path: Pat
 
 def test_one_good_signature_among_bad_ones_suffices(tmp_path: Path) -> None:
     key = cs.new_key()
-    policy = compile_policy(policy_settings(tmp_path, {"release": cs.public_pem(key)},
-                                            [{"require": ["release"]}]))
+    policy = compile_policy(release_only(tmp_path, key))
     image = cs.sig_manifest([cs.legacy_layer(cs.new_key(), cs.payload(DIGEST)),
                              cs.legacy_layer(key, cs.payload(DIGEST))])
     assert evaluate(policy, "docker.io", "acme/app", DIGEST, read_sig(image)).allowed
@@ -127,8 +131,7 @@ def test_rules_first_match_deny_digests_default_and_warn(tmp_path: Path) -> None
 
 def test_keyed_bundles_dsse_and_message_signature(tmp_path: Path) -> None:
     key = cs.new_key()
-    policy = compile_policy(policy_settings(tmp_path, {"release": cs.public_pem(key)},
-                                            [{"require": ["release"]}]))
+    policy = compile_policy(release_only(tmp_path, key))
 
     def verdict_of(doc: dict[str, Any]) -> tuple[bool, str]:
         bundle = parse_bundle(json.dumps(doc).encode())
@@ -193,8 +196,7 @@ def test_hostile_input_gets_a_reason_and_bounded_work() -> None:
 
 def test_thousands_of_signatures_are_looked_at_up_to_the_bound(tmp_path: Path) -> None:
     key = cs.new_key()
-    policy = compile_policy(policy_settings(tmp_path, {"release": cs.public_pem(key)},
-                                            [{"require": ["release"]}]))
+    policy = compile_policy(release_only(tmp_path, key))
     junk: list[Signature] = [LegacySignature(payload=b"{}", signature="AAAA",
                                              fingerprint=str(i)) for i in range(5000)]
     verdict = evaluate(policy, "docker.io", "acme/app", DIGEST, junk)
@@ -204,8 +206,7 @@ def test_thousands_of_signatures_are_looked_at_up_to_the_bound(tmp_path: Path) -
 
 def test_the_verdict_is_kept_per_image_policy_and_signature_set(tmp_path: Path) -> None:
     key = cs.new_key()
-    settings = policy_settings(tmp_path, {"release": cs.public_pem(key)},
-                               [{"require": ["release"]}])
+    settings = release_only(tmp_path, key)
     policy = compile_policy(settings)
     sigs = read_sig(cs.sig_manifest([cs.legacy_layer(key, cs.payload(DIGEST))]))
     cache = VerdictCache()
@@ -312,8 +313,7 @@ def test_signatures_themselves_are_not_judged() -> None:
 
 def test_a_platform_manifest_passes_with_a_signature_of_its_index(tmp_path: Path) -> None:
     key = cs.new_key()
-    policy = compile_policy(policy_settings(tmp_path, {"release": cs.public_pem(key)},
-                                            [{"require": ["release"]}]))
+    policy = compile_policy(release_only(tmp_path, key))
     index = "sha256:" + "2" * 64
     index_sigs = read_sig(cs.sig_manifest([cs.legacy_layer(key, cs.payload(index))]))
     verdict = evaluate(policy, "docker.io", "acme/app", DIGEST, [],

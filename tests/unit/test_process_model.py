@@ -58,58 +58,47 @@ def _affinity(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(count)))
 
 
-def test_auto_follows_the_cgroup_v2_quota(tmp_path: Path,
+V1 = {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "400000\n",
+      "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+      "cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+      "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}
+
+
+@pytest.mark.parametrize(("affinity", "files", "self_cgroup", "workers"), [
+    pytest.param(64, {"kubepods/pod1/cpu.max": "200000 100000\n",
+                      "kubepods/cpu.max": "max 100000\n"}, "0::/kubepods/pod1\n", 2,
+                 id="the cgroup v2 quota"),
+    pytest.param(64, {"cpu.max": "150000 100000\n"}, "0::/\n", 2,
+                 id="a fractional quota rounded up"),
+    pytest.param(64, {"cpu.max": "10000 100000\n"}, "0::/\n", 1,
+                 id="a tenth of a CPU is still one worker"),
+    pytest.param(64, {"a/b/cpu.max": "max 100000\n", "a/cpu.max": "300000 100000\n"},
+                 "0::/a/b\n", 3, id="a parent cgroup's limit holds"),
+    pytest.param(64, V1, "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n", 4,
+                 id="the cgroup v1 quota"),
+    pytest.param(3, {"cpu.max": "max 100000\n"}, "0::/\n", 3, id="no quota: the affinity"),
+    pytest.param(3, {"cpu.max": "800000 100000\n"}, "0::/\n", 3,
+                 id="a quota above the affinity: the affinity"),
+    pytest.param(2, {"cpu.max": "garbage\n"}, "0::/\n", 2, id="an odd file is no limit"),
+])
+def test_auto_is_the_quota_within_the_affinity(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, affinity: int,
+        files: dict[str, str], self_cgroup: str, workers: int) -> None:
+    _affinity(monkeypatch, affinity)
+    root, proc = _tree(tmp_path, files, self_cgroup)
+    assert cpus.available(root, proc) == workers
+
+
+def test_the_quota_read_from_cgroup_files(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    _affinity(monkeypatch, 64)
+    _affinity(monkeypatch, 2)
     root, proc = _tree(tmp_path, {"kubepods/pod1/cpu.max": "200000 100000\n",
                                   "kubepods/cpu.max": "max 100000\n"},
                        "0::/kubepods/pod1\n")
     assert cpus.cgroup_quota(root, proc) == 2.0
-    assert cpus.available(root, proc) == 2
-
-
-def test_auto_rounds_a_fractional_quota_up(tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    _affinity(monkeypatch, 64)
-    root, proc = _tree(tmp_path, {"cpu.max": "150000 100000\n"}, "0::/\n")
-    assert cpus.available(root, proc) == 2
-    root, proc = _tree(tmp_path / "small", {"cpu.max": "10000 100000\n"}, "0::/\n")
-    assert cpus.available(root, proc) == 1  # a tenth of a CPU is still one worker
-
-
-def test_a_parent_cgroups_limit_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _affinity(monkeypatch, 64)
-    root, proc = _tree(tmp_path, {"a/b/cpu.max": "max 100000\n",
-                                  "a/cpu.max": "300000 100000\n"}, "0::/a/b\n")
-    assert cpus.available(root, proc) == 3
-
-
-def test_auto_follows_the_cgroup_v1_quota(tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    _affinity(monkeypatch, 64)
-    root, proc = _tree(tmp_path, {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "400000\n",
-                                  "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
-                                  "cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
-                                  "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
-                       "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n")
-    assert cpus.available(root, proc) == 4
-
-
-def test_no_quota_is_the_affinity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _affinity(monkeypatch, 3)
-    root, proc = _tree(tmp_path, {"cpu.max": "max 100000\n"}, "0::/\n")
+    root, proc = _tree(tmp_path / "max", {"cpu.max": "max 100000\n"}, "0::/\n")
     assert cpus.cgroup_quota(root, proc) is None
-    assert cpus.available(root, proc) == 3
-    # a quota larger than the affinity: the affinity
-    root, proc = _tree(tmp_path / "big", {"cpu.max": "800000 100000\n"}, "0::/\n")
-    assert cpus.available(root, proc) == 3
-
-
-def test_unreadable_or_odd_files_are_no_limit(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    _affinity(monkeypatch, 2)
-    root, proc = _tree(tmp_path, {"cpu.max": "garbage\n"}, "0::/\n")
-    assert cpus.available(root, proc) == 2
+    # unreadable files are no limit: the affinity
     assert cpus.available(tmp_path / "none", tmp_path / "no-such-file") == 2
 
 

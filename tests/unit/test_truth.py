@@ -26,6 +26,14 @@ from tests.unit.conftest import MirrorFactory
 KiB = 1024
 
 
+
+def _dripping_blob(fake: FakeRegistry, size: int, delay: float) -> tuple[bytes, str]:
+    """A random blob upstream sends in 64 KiB chunks, ``delay`` s apart."""
+    data = os.urandom(size)
+    digest = fake.add_blob(data)
+    fake.fault(kind="drip", path=f"/blobs/{digest}", chunk=64 * KiB, delay=delay)
+    return data, digest
+
 async def test_an_upstream_503_is_logged_at_warning_and_listed_as_a_problem(
         fake: FakeRegistry, make_mirror: MirrorFactory) -> None:
     fake.add_image("lib/app", "v1", [b"layer"])
@@ -65,9 +73,7 @@ async def test_a_hit_is_logged_at_info_and_a_404_is_no_problem(
 
 async def test_a_blob_streamed_while_it_downloads_carries_its_request_id(
         fake: FakeRegistry, make_mirror: MirrorFactory) -> None:
-    data = os.urandom(512 * KiB)
-    digest = fake.add_blob(data)
-    fake.fault(kind="drip", path=f"/blobs/{digest}", chunk=64 * KiB, delay=0.01)
+    data, digest = _dripping_blob(fake, 512 * KiB, delay=0.01)
     client = await make_mirror()
     with structlog.testing.capture_logs() as logs:
         response = await client.get(f"/v2/lib/app/blobs/{digest}")
@@ -84,9 +90,7 @@ async def test_a_blob_streamed_while_it_downloads_carries_its_request_id(
 
 async def test_served_bytes_count_what_went_out_even_when_the_client_leaves_early(
         fake: FakeRegistry, make_mirror: MirrorFactory) -> None:
-    data = os.urandom(2048 * KiB)
-    digest = fake.add_blob(data)
-    fake.fault(kind="drip", path=f"/blobs/{digest}", chunk=64 * KiB, delay=0.05)
+    data, digest = _dripping_blob(fake, 2048 * KiB, delay=0.05)
     client = await make_mirror()
     state = client.server.app[NODE]
     before = total(metrics.SERVED_BYTES)
