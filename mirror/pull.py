@@ -41,7 +41,7 @@ from mirror import metrics
 from mirror.cache.blobs import BlobCache, CachedBlob
 from mirror.cache.manifests import Manifest, ManifestCache, Resolved
 from mirror.cache.membership import Membership as RepoMembership
-from mirror.cache.membership import ensure_member
+from mirror.cache.membership import ensure_member, may_serve
 from mirror.clock import SYSTEM, Clock
 from mirror.errors import (
     BlobUnknown,
@@ -223,9 +223,11 @@ class PullService:
                        accepted: frozenset[str] | None, background: bool) -> Resolved:
         origin = self.chain(repo.registry, background)
         if isinstance(reference, Digest):
-            await self._member(repo, reference, "manifest", background)
+            made = await self._member(repo, reference, "manifest", background)
             resolved = await self.manifests.by_digest(origin, repo.repository, reference,
                                                       accepted)
+            if made:
+                return resolved  # the mirror's own: no fact about upstream to learn
         else:
             resolved = await self.manifests.by_tag(origin, repo.repository, reference, accepted)
         await self._served(repo, resolved)
@@ -306,15 +308,27 @@ class PullService:
                                         media_type=found.media_type)
         return verdict is not None and verdict.allowed and not verdict.warning
 
+    async def _made_here(self, repo: Repo, digest: Digest, private: bool) -> bool:
+        """Whether ``digest`` is the mirror's own content made for this very repository
+        (a countersigned ``.sig`` or its blobs); asked only after the facts about
+        upstream (memory, first) do not already allow it."""
+        assert self.membership is not None
+        if await may_serve(self.membership, repo.registry, repo.repository, str(digest),
+                           private=private):
+            return False  # ensure_member passes at once
+        return await self.membership.known(_made_by_mirror(repo.registry), repo.repository,
+                                           str(digest))
+
     async def _publish(self, repo: Repo, made: Countersigned) -> None:
-        """Store a countersigned answer and its blobs; the repository holds them."""
+        """Store a countersigned answer and its blobs, served under this repository only:
+        the facts are kept apart from upstream's (:func:`_made_by_mirror`)."""
         for blob, data in made.blobs.items():
             await self.blobs.put(Digest.parse(blob), data)
         digest = Digest.parse(made.digest)
         await self.manifests.put(Manifest(digest, made.manifest, OCI_MANIFEST))
         if self.membership is not None:
-            await self.membership.record_manifest(repo.registry, repo.repository, digest,
-                                                  made.manifest)
+            await self.membership.record(_made_by_mirror(repo.registry), repo.repository,
+                                         [*made.blobs, made.digest])
 
     async def _served(self, repo: Repo, resolved: Resolved) -> None:
         """Remember that ``repo`` holds a manifest served from it and all it references."""
@@ -324,15 +338,19 @@ class PullService:
                                                   found.data)
 
     async def _member(self, repo: Repo, digest: Digest, kind: str,
-                      background: bool = False) -> None:
+                      background: bool = False) -> bool:
         """Refuse content the registry (for a registry with credentials: the repository)
         is not known to hold, unless upstream confirms it there with a ``HEAD`` (on the
-        background budget for warming)."""
+        background budget for warming). ``True``: the mirror made it for this repository
+        (a countersigned ``.sig`` and its blobs)."""
         private = repo.registry in self._private
         if self.membership is not None and (self._isolate or private):
+            if self.countersigner is not None and await self._made_here(repo, digest, private):
+                return True
             upstream = self.chain(repo.registry, background).upstream
             await ensure_member(self.membership, upstream, repo.repository, digest, kind=kind,
                                 private=private)
+        return False
 
     async def revalidate(self, repo: Repo, tag: str, max_age: float, *,
                          background: bool = True) -> Resolved:
@@ -591,6 +609,12 @@ class _Signatures:
             if index.get("manifests") else None
         self._pull._referrers.put(key, result)
         return result
+
+
+def _made_by_mirror(registry: str) -> str:
+    """The membership "registry" of content the mirror made for ``registry`` (never a
+    configured registry's name: it holds a character names cannot)."""
+    return f"{registry}#countersign"
 
 
 def _honoured(tags: list[str], n: int | None, last: str | None) -> bool:

@@ -10,6 +10,9 @@ Distribution with Docker-Hub-like token auth, on images signed here in cosign's 
   ``warn``) gets no mirror signature: upstream's ``.sig`` exactly, or none;
 * the mirror's own verifier configured with ONLY the mirror's public key (the Gate, reading
   through the mirror over HTTP) accepts exactly the images that passed;
+* the mirror's blobs and manifest are served under the repository they were made for, and
+  under no other repository or registry (membership: a registry with credentials makes the
+  mirror check it for every registry);
 * every worker, and the node after a restart, gives the same bytes (by tag and digest);
 * when upstream's ``.sig`` changes, the answer follows, and when the verdict changes
   (the trusted signature replaced by another key's), the mirror's signature goes away.
@@ -46,6 +49,7 @@ from tests.support.skopeo import skopeo_copy, verify_dir
 pytestmark = pytest.mark.integration
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 UPSTREAM = "registry.test"
+PRIVATE = "private.test"  # the same Distribution, reached with credentials
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 SIGNATURE = "dev.cosignproject.cosign/signature"
 #: image -> whether it passes: the trusted key under enforce, the default, or not
@@ -87,8 +91,12 @@ def _mirror_key(path: Path) -> Path:
 def mirror(request: pytest.FixtureRequest, registry_token: Registry, signed: Signed,
            tmp_path: Path) -> Iterator[MirrorProcess]:
     (tmp_path / "release.pub").write_bytes(signed.public_pem)
-    config = mirror_config(free_port(), tmp_path / "cache",
-                           [{"name": UPSTREAM, "url": registry_token.url, "default": True}])
+    (tmp_path / "private.pw").write_text("secret")
+    # a registry reached with credentials: membership is checked for every registry
+    config = mirror_config(free_port(), tmp_path / "cache", [
+        {"name": UPSTREAM, "url": registry_token.url, "default": True},
+        {"name": PRIVATE, "url": registry_token.url, "username": "mirror",
+         "password_file": str(tmp_path / "private.pw")}])
     config["server"] = {"workers": request.param}
     config["cache"] = {"tag_ttl": "1s"}
     config["policy"] = {
@@ -212,6 +220,26 @@ def test_a_verifier_that_trusts_only_the_mirrors_key_accepts_exactly_what_passed
         assert verdict is not None
         accepted[repo] = verdict.allowed
     assert accepted == PASSES
+
+
+def test_the_mirrors_blobs_are_served_only_where_they_were_made(
+        mirror: MirrorProcess, signed: Signed) -> None:
+    good = signed.images["cs/good"].manifest.digest
+    status, body = _sig(mirror, "cs/good", good)
+    assert status == 200
+    doc = json.loads(body)
+    made = [doc["config"]["digest"], doc["layers"][-1]["digest"]]
+    for digest in made:
+        assert _get(f"{mirror.url}/v2/cs/good/blobs/{digest}")[0] == 200
+        # another repository, another registry: not theirs (upstream is asked, says no)
+        assert _get(f"{mirror.url}/v2/cs/open/blobs/{digest}")[0] == 404
+        assert _get(f"{mirror.url}/v2/{PRIVATE}/cs/good/blobs/{digest}")[0] == 404
+    manifest = "sha256:" + hashlib.sha256(body).hexdigest()
+    assert _get(f"{mirror.url}/v2/cs/good/manifests/{manifest}")[0] == 200
+    assert _get(f"{mirror.url}/v2/cs/open/manifests/{manifest}")[0] == 404
+    assert _get(f"{mirror.url}/v2/{PRIVATE}/cs/good/manifests/{manifest}")[0] == 404
+    upstreams = json.loads(body)["layers"][0]["digest"]  # upstream's: as upstream says
+    assert _get(f"{mirror.url}/v2/cs/good/blobs/{upstreams}")[0] == 200
 
 
 def test_every_worker_and_a_restart_give_the_same_bytes(mirror: MirrorProcess,
