@@ -137,3 +137,15 @@ def test_a_good_countersign_key_is_read_once(tmp_path: Path) -> None:
                      base=tmp_path).policy
     assert settings is not None and settings.countersign_pem == pem
     assert settings.countersign_key == tmp_path / "mirror.key"
+
+
+async def test_the_gate_does_not_judge_the_countersigned_answer_as_an_image(
+        tmp_path: Path) -> None:
+    made = Countersigner(_pem(cs.new_key())).countersign(REFERENCE, DIGEST, None)
+    settings = policy_settings(tmp_path, {"release": cs.public_pem(cs.new_key())},
+                               [{"require": ["release"]}])
+    gate, registry = Gate(compile_policy(settings)), Registry()
+    for tag in (DIGEST.replace(":", "-") + ".sig", None):  # by its tag, and by digest
+        assert await gate.judge(registry, "r", "acme/app", made.digest,
+                                manifest=made.manifest, media_type=OCI, tag=tag) is None
+    assert registry.reads == []  # nor asked for signatures of its own
