@@ -184,6 +184,8 @@ class Node:
                                 membership=self.repos, private=private, isolate=isolate)
         self.pull.gate = self._policy_gate()
         self.pull.countersigner = self._countersigner()
+        if self.pull.countersigner is not None:
+            self.on_removed.append(self.pull.forget_countersigned)
         self.pull_for = {hop: self.pull.with_chains(chains[hop]) for hop in ("peer", "child")}
         self.audit = self._audit_trail()
         self._wire_evictor()

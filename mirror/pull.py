@@ -264,8 +264,9 @@ class PullService:
 
         The answer is made once per (repository, image, upstream ``.sig``) and stored
         (content-addressed, published by rename; signing is deterministic), so every worker
-        and a restarted node give the same bytes, by tag and by digest, and its blobs are
-        known to this repository (membership) like upstream's.
+        and a restarted node give the same bytes, by tag and by digest; its manifest and
+        blobs are served under this repository only (see :meth:`_made_here`). Evicted, it
+        is made and stored again at the next request (:meth:`forget_countersigned`).
 
         Raises:
             ManifestUnknown: upstream has no ``.sig`` and the image did not pass.
@@ -284,6 +285,7 @@ class PullService:
                                   "Accept header does not include")
         key = (repo, str(image), str(upstream.manifest.digest) if upstream else "-")
         made = self._countersigned.get(key)
+        cache = upstream.cache if upstream else "hit" if made else "miss"
         if made is None:
             made = self.countersigner.countersign(str(repo), str(image),
                                                   upstream.manifest.data if upstream else None)
@@ -292,7 +294,17 @@ class PullService:
                 self._countersigned.clear()
             self._countersigned[key] = made
         manifest = Manifest(Digest.parse(made.digest), made.manifest, OCI_MANIFEST)
-        return Resolved(manifest, upstream.cache if upstream else "hit")
+        return Resolved(manifest, cache)
+
+    def forget_countersigned(self, digest: str | None) -> None:
+        """Content was removed from the cache (``None``: some, elsewhere): answers made of
+        it are made and stored again when next asked."""
+        if digest is None:
+            self._countersigned.clear()
+            return
+        for key in [k for k, made in self._countersigned.items()
+                    if made.digest == digest or digest in made.blobs]:
+            del self._countersigned[key]
 
     async def _passed(self, repo: Repo, image: Digest, background: bool) -> bool:
         """Whether the image passes the policy here (allowed and not warned); not counted

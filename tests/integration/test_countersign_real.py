@@ -8,8 +8,9 @@ Distribution with Docker-Hub-like token auth, on images signed here in cosign's 
   with ``openssl dgst -sha256 -verify mirror.pub`` over its payload, which names the digest;
 * an image that did not pass (unsigned or signed by another key under ``enforce``, or under
   ``warn``) gets no mirror signature: upstream's ``.sig`` exactly, or none;
-* the mirror's own verifier configured with ONLY the mirror's public key (the Gate, reading
-  through the mirror over HTTP) accepts exactly the images that passed;
+* the mirror's own verifier configured with ONLY the mirror's public key accepts exactly
+  the images that passed: the Gate reading through the mirror over HTTP, and a second
+  mirror in front (skopeo pulls through it);
 * the mirror's blobs and manifest are served under the repository they were made for, and
   under no other repository or registry (membership: a registry with credentials makes the
   mirror check it for every registry);
@@ -25,6 +26,7 @@ import base64
 import hashlib
 import json
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -44,7 +46,7 @@ from tests.support.images import Image, make_image, make_layer
 from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
 from tests.support.registry import Registry
-from tests.support.skopeo import skopeo_copy, verify_dir
+from tests.support.skopeo import SkopeoError, skopeo_copy, verify_dir
 
 pytestmark = pytest.mark.integration
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -242,6 +244,53 @@ def test_the_mirrors_blobs_are_served_only_where_they_were_made(
     assert _get(f"{mirror.url}/v2/cs/good/blobs/{upstreams}")[0] == 200
 
 
+def test_a_mirror_in_front_that_trusts_only_this_mirrors_key_pulls_what_passed(
+        mirror: MirrorProcess, signed: Signed, tmp_path: Path) -> None:
+    """A second mirror whose upstream is the first, with ONLY the first one's public key
+    required: skopeo pulls through it exactly the images that passed the first's policy."""
+    public = Path(mirror.config["policy"]["countersign_key"]).with_suffix(".pub")
+    config = mirror_config(free_port(), tmp_path / "front-cache",
+                           [{"name": "edge.test", "url": mirror.url, "default": True}])
+    config["server"] = {"workers": 1}
+    config["policy"] = {"keys": [{"name": "edge", "file": str(public)}],
+                        "rules": [{"require": ["edge"]}]}
+    front = MirrorProcess(tmp_path / "front", config)
+    front.start(timeout=30)
+    try:
+        pulled = {}
+        for repo in PASSES:
+            image = signed.images[repo]
+            try:
+                out = skopeo_copy(f"127.0.0.1:{front.port}/{repo}:v1",
+                                  tmp_path / repo.replace("/", "-"))
+            except SkopeoError:
+                pulled[repo] = False
+                continue
+            assert verify_dir(out) == {b.digest: b.size for b in image.blobs()}
+            pulled[repo] = True
+        assert pulled == PASSES
+    finally:
+        front.stop()
+
+
+def test_an_evicted_countersignature_is_made_again(mirror: MirrorProcess,
+                                                   signed: Signed) -> None:
+    good = signed.images["cs/good"].manifest.digest
+    status, body = _sig(mirror, "cs/good", good)
+    assert status == 200
+    payload = json.loads(body)["layers"][-1]["digest"]
+    evict = subprocess.run([sys.executable, "-m", "mirror", "cache", "evict", payload,
+                            "--shared", "--config", str(mirror.config_path)],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert evict.returncode == 0, evict.stdout + evict.stderr
+    assert " 0 B freed" not in evict.stdout, evict.stdout
+
+    def served_again() -> bool:  # each worker hears of the removal, then the tag remakes it
+        return _sig(mirror, "cs/good", good) == (200, body) and \
+            _get(f"{mirror.url}/v2/cs/good/blobs/{payload}")[0] == 200
+    _until(served_again)
+
+
 def test_every_worker_and_a_restart_give_the_same_bytes(mirror: MirrorProcess,
                                                         signed: Signed) -> None:
     good = signed.images["cs/good"].manifest.digest
@@ -251,6 +300,9 @@ def test_every_worker_and_a_restart_give_the_same_bytes(mirror: MirrorProcess,
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     for _ in range(4):  # by digest, from whichever worker answers
         assert _get(f"{mirror.url}/v2/cs/good/manifests/{digest}")[:3:2] == (200, body)
+        status, headers, _ = _get(f"{mirror.url}/v2/cs/good/manifests/{_sig_tag(good)}",
+                                  "HEAD")  # the lean path's kept answer: the same digest
+        assert (status, headers.get("Docker-Content-Digest")) == (200, digest)
     mirror.stop()
     _start(mirror)
     assert _get(f"{mirror.url}/v2/cs/good/manifests/{digest}")[:3:2] == (200, body)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -19,6 +20,7 @@ from mirror.policy.countersign import Countersigner, payload, upstream_layers
 from mirror.policy.crypto import Invalid
 from mirror.policy.gate import Gate
 from mirror.policy.model import ANNOTATION_SIGNATURE, SIMPLESIGNING_TYPE
+from mirror.pull import PullService, Repo
 from tests.support import cosign_sign as cs
 from tests.unit.test_policy import policy_settings
 from tests.unit.test_policy_gate import DIGEST, IMAGE, OCI, Registry, _digest
@@ -149,3 +151,19 @@ async def test_the_gate_does_not_judge_the_countersigned_answer_as_an_image(
         assert await gate.judge(registry, "r", "acme/app", made.digest,
                                 manifest=made.manifest, media_type=OCI, tag=tag) is None
     assert registry.reads == []  # nor asked for signatures of its own
+
+
+def test_a_removed_blob_or_manifest_makes_the_answer_again() -> None:
+    """What eviction tells the pull service: answers made of removed content are
+    forgotten (made and stored again when next asked), the others kept."""
+    signer = Countersigner(_pem(cs.new_key()))
+    pull = PullService({}, cast(Any, None), cast(Any, None))
+    one = signer.countersign(REFERENCE, DIGEST, None)
+    two = signer.countersign(REFERENCE, "sha256:" + "3" * 64, None)
+    repo = Repo("registry.test", "acme/app")
+    for removed in [next(iter(one.blobs)), one.digest]:
+        pull._countersigned.update({(repo, "1", "-"): one, (repo, "2", "-"): two})
+        pull.forget_countersigned(removed)
+        assert list(pull._countersigned.values()) == [two]
+    pull.forget_countersigned(None)
+    assert pull._countersigned == {}
