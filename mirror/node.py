@@ -48,6 +48,7 @@ from mirror.fetch import Coalescer, Fetcher, LocalCoalescer
 from mirror.fetch.claim import ClaimCoalescer, Claims
 from mirror.oci import Digest
 from mirror.policy import compile_policy
+from mirror.policy.countersign import Countersigner
 from mirror.policy.crypto import Invalid
 from mirror.policy.gate import Gate
 from mirror.pull import PullService
@@ -182,6 +183,9 @@ class Node:
                                 clock=self.clock, tag_list_ttl=self.settings.cache.tag_ttl,
                                 membership=self.repos, private=private, isolate=isolate)
         self.pull.gate = self._policy_gate()
+        self.pull.countersigner = self._countersigner()
+        if self.pull.countersigner is not None:
+            self.on_removed.append(self.pull.forget_countersigned)
         self.pull_for = {hop: self.pull.with_chains(chains[hop]) for hop in ("peer", "child")}
         self.audit = self._audit_trail()
         self._wire_evictor()
@@ -212,6 +216,16 @@ class Node:
             return Gate(compile_policy(self.settings.policy))
         except Invalid as exc:
             raise ConfigError("policy", exc.reason) from None
+
+    def _countersigner(self) -> Countersigner | None:
+        """The mirror's signer of images that pass (``policy.countersign_key``), if any."""
+        policy = self.settings.policy
+        if policy is None or policy.countersign_key is None:
+            return None
+        try:
+            return Countersigner(policy.countersign_pem)
+        except Invalid as exc:
+            raise ConfigError("policy.countersign_key", exc.reason) from None
 
     def _audit_trail(self) -> AuditTrail | None:
         """The audit trail of this process (``None``: no ``audit:`` section)."""

@@ -18,6 +18,8 @@ With a policy (``gate``), every manifest answer is judged first: an image that f
 ``enforce`` rule raises :class:`~mirror.errors.PolicyDenied`, so clients, warming and
 export all obey it; its signatures are read through this service (see :class:`_Signatures`).
 Peers' views (:meth:`with_chains`) do not judge: the node a client talks to decides.
+With a ``countersigner`` too, cosign's tag ``sha256-<hex>.sig`` of an image that passed
+is answered with upstream's signatures plus the mirror's (see :meth:`countersigned`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
@@ -36,9 +39,9 @@ from cachetools import TTLCache
 
 from mirror import metrics
 from mirror.cache.blobs import BlobCache, CachedBlob
-from mirror.cache.manifests import ManifestCache, Resolved
+from mirror.cache.manifests import Manifest, ManifestCache, Resolved
 from mirror.cache.membership import Membership as RepoMembership
-from mirror.cache.membership import ensure_member
+from mirror.cache.membership import ensure_member, may_serve
 from mirror.clock import SYSTEM, Clock
 from mirror.errors import (
     BlobUnknown,
@@ -51,8 +54,9 @@ from mirror.errors import (
     UpstreamUnavailable,
 )
 from mirror.fetch import Fill, RangeOpener
-from mirror.oci import OCI_INDEX, Digest, is_digest_reference, parse_manifest
+from mirror.oci import OCI_INDEX, Digest, client_accepts, is_digest_reference, parse_manifest
 from mirror.policy import Verdict
+from mirror.policy.countersign import OCI_MANIFEST, Countersigned, Countersigner
 from mirror.policy.gate import Found, Gate
 from mirror.policy.model import BUNDLE_TYPES
 from mirror.sources import ContentRef, SourceChain
@@ -64,6 +68,9 @@ if TYPE_CHECKING:  # botocore is imported only by a node with an S3 tier
 TAG_PAGES_MAX = 20
 #: Seconds a resolved ``.sig`` tag is reused by the policy gate without asking the cache.
 SIG_TAG_MEMO = 5.0
+#: Countersigned ``.sig`` manifests a process remembers as made and stored.
+COUNTERSIGNED_MAX = 10_000
+_SIG_TAG_RE = re.compile(r"sha256-([0-9a-f]{64})\.sig")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +168,9 @@ class PullService:
         # cosign's .sig tags as last resolved: a kept verdict then costs no tag look-up
         # (a moved .sig tag is seen within SIG_TAG_MEMO seconds after its TTL ends)
         self._sig_tags = _Memo(min(tag_list_ttl, SIG_TAG_MEMO), clock)
+        self.countersigner: Countersigner | None = None
+        # (repo, image digest, upstream .sig digest) -> the countersigned answer, stored
+        self._countersigned: dict[tuple[Repo, str, str], Countersigned] = {}
 
     def with_chains(self, chains: Mapping[str, SourceChain]) -> PullService:
         """The same service (caches, fills, flights) filling misses from other chains: what a
@@ -168,6 +178,7 @@ class PullService:
         view = copy.copy(self)
         view.chains = dict(chains)
         view.gate = None  # peers serve nodes by digest; the node a client talks to judged
+        view.countersigner = None
         return view
 
     def chain(self, registry: str, background: bool = False) -> SourceChain:
@@ -196,6 +207,11 @@ class PullService:
         """
         if isinstance(reference, str) and is_digest_reference(reference):
             reference = Digest.parse(reference)
+        if self.countersigner is not None and isinstance(reference, str):
+            signed = _SIG_TAG_RE.fullmatch(reference)
+            if signed is not None:
+                return await self.countersigned(repo, reference, Digest("sha256", signed[1]),
+                                                accepted, background=background)
         resolved = await self._resolve(repo, reference, accepted, background)
         if self.gate is None:
             return resolved
@@ -207,9 +223,11 @@ class PullService:
                        accepted: frozenset[str] | None, background: bool) -> Resolved:
         origin = self.chain(repo.registry, background)
         if isinstance(reference, Digest):
-            await self._member(repo, reference, "manifest", background)
+            made = await self._member(repo, reference, "manifest", background)
             resolved = await self.manifests.by_digest(origin, repo.repository, reference,
                                                       accepted)
+            if made:
+                return resolved  # the mirror's own: no fact about upstream to learn
         else:
             resolved = await self.manifests.by_tag(origin, repo.repository, reference, accepted)
         await self._served(repo, resolved)
@@ -238,6 +256,92 @@ class PullService:
                                str(found.digest))
         return verdict
 
+    async def countersigned(self, repo: Repo, tag: str, image: Digest,
+                            accepted: frozenset[str] | None = None, *,
+                            background: bool = False) -> Resolved:
+        """cosign's ``.sig`` tag of ``image``: upstream's answer, and when the image passes
+        the policy (allowed, not warned) upstream's signatures plus the mirror's.
+
+        The answer is made once per (repository, image, upstream ``.sig``) and stored
+        (content-addressed, published by rename; signing is deterministic), so every worker
+        and a restarted node give the same bytes, by tag and by digest; its manifest and
+        blobs are served under this repository only (see :meth:`_made_here`). Evicted, it
+        is made and stored again at the next request (:meth:`forget_countersigned`).
+
+        Raises:
+            ManifestUnknown: upstream has no ``.sig`` and the image did not pass.
+        """
+        assert self.countersigner is not None
+        try:
+            upstream: Resolved | None = await self._resolve(repo, tag, None, background)
+        except ManifestUnknown:
+            upstream = None
+        if not await self._passed(repo, image, background):
+            if upstream is None:
+                raise ManifestUnknown(f"manifest {tag!r} is unknown upstream")
+            return await self._resolve(repo, tag, accepted, background)
+        if not client_accepts(accepted, OCI_MANIFEST):
+            raise ManifestUnknown(f"manifest {tag!r} is {OCI_MANIFEST}, which the request's "
+                                  "Accept header does not include")
+        key = (repo, str(image), str(upstream.manifest.digest) if upstream else "-")
+        made = self._countersigned.get(key)
+        cache = upstream.cache if upstream else "hit" if made else "miss"
+        if made is None:
+            made = self.countersigner.countersign(str(repo), str(image),
+                                                  upstream.manifest.data if upstream else None)
+            await self._publish(repo, made)
+            if len(self._countersigned) >= COUNTERSIGNED_MAX:
+                self._countersigned.clear()
+            self._countersigned[key] = made
+        manifest = Manifest(Digest.parse(made.digest), made.manifest, OCI_MANIFEST)
+        return Resolved(manifest, cache)
+
+    def forget_countersigned(self, digest: str | None) -> None:
+        """Content was removed from the cache (``None``: some, elsewhere): answers made of
+        it are made and stored again when next asked."""
+        if digest is None:
+            self._countersigned.clear()
+            return
+        for key in [k for k, made in self._countersigned.items()
+                    if made.digest == digest or digest in made.blobs]:
+            del self._countersigned[key]
+
+    async def _passed(self, repo: Repo, image: Digest, background: bool) -> bool:
+        """Whether the image passes the policy here (allowed and not warned); not counted
+        as a decision: this is a request for its signatures."""
+        if self.gate is None:
+            return False
+        try:
+            found = (await self._resolve(repo, image, None, background)).manifest
+        except ManifestUnknown:
+            return False
+        verdict = await self.gate.judge(_Signatures(self, repo, background), repo.registry,
+                                        repo.repository, str(found.digest), manifest=found.data,
+                                        media_type=found.media_type)
+        return verdict is not None and verdict.allowed and not verdict.warning
+
+    async def _made_here(self, repo: Repo, digest: Digest, private: bool) -> bool:
+        """Whether ``digest`` is the mirror's own content made for this very repository
+        (a countersigned ``.sig`` or its blobs); asked only after the facts about
+        upstream (memory, first) do not already allow it."""
+        assert self.membership is not None
+        if await may_serve(self.membership, repo.registry, repo.repository, str(digest),
+                           private=private):
+            return False  # ensure_member passes at once
+        return await self.membership.known(_made_by_mirror(repo.registry), repo.repository,
+                                           str(digest))
+
+    async def _publish(self, repo: Repo, made: Countersigned) -> None:
+        """Store a countersigned answer and its blobs, served under this repository only:
+        the facts are kept apart from upstream's (:func:`_made_by_mirror`)."""
+        for blob, data in made.blobs.items():
+            await self.blobs.put(Digest.parse(blob), data)
+        digest = Digest.parse(made.digest)
+        await self.manifests.put(Manifest(digest, made.manifest, OCI_MANIFEST))
+        if self.membership is not None:
+            await self.membership.record(_made_by_mirror(repo.registry), repo.repository,
+                                         [*made.blobs, made.digest])
+
     async def _served(self, repo: Repo, resolved: Resolved) -> None:
         """Remember that ``repo`` holds a manifest served from it and all it references."""
         if self.membership is not None:
@@ -246,15 +350,19 @@ class PullService:
                                                   found.data)
 
     async def _member(self, repo: Repo, digest: Digest, kind: str,
-                      background: bool = False) -> None:
+                      background: bool = False) -> bool:
         """Refuse content the registry (for a registry with credentials: the repository)
         is not known to hold, unless upstream confirms it there with a ``HEAD`` (on the
-        background budget for warming)."""
+        background budget for warming). ``True``: the mirror made it for this repository
+        (a countersigned ``.sig`` and its blobs)."""
         private = repo.registry in self._private
         if self.membership is not None and (self._isolate or private):
+            if self.countersigner is not None and await self._made_here(repo, digest, private):
+                return True
             upstream = self.chain(repo.registry, background).upstream
             await ensure_member(self.membership, upstream, repo.repository, digest, kind=kind,
                                 private=private)
+        return False
 
     async def revalidate(self, repo: Repo, tag: str, max_age: float, *,
                          background: bool = True) -> Resolved:
@@ -513,6 +621,12 @@ class _Signatures:
             if index.get("manifests") else None
         self._pull._referrers.put(key, result)
         return result
+
+
+def _made_by_mirror(registry: str) -> str:
+    """The membership "registry" of content the mirror made for ``registry`` (never a
+    configured registry's name: it holds a character names cannot)."""
+    return f"{registry}#countersign"
 
 
 def _honoured(tags: list[str], n: int | None, last: str | None) -> bool:

@@ -43,6 +43,9 @@ if [ $want_test -eq 1 ]; then
     apt_install chromium prometheus
     # podman logs in to the mirror with an auth.json (tests/integration/test_access_real.py)
     apt_install podman
+    # the mirror's countersignature is verified with a tool nobody here wrote
+    # (tests/integration/test_countersign_real.py: openssl dgst -verify)
+    apt_install openssl
     # tests/integration/test_image_real.py: a private dockerd builds the image on a base
     # made with debootstrap (no registry is reachable to pull one)
     apt_install docker.io debootstrap

@@ -78,6 +78,15 @@ class BlobCache:
         self._on_hit("blob", str(digest))
         return CachedBlob(digest, size, data)
 
+    async def put(self, digest: Digest, data: bytes) -> None:
+        """Keep small bytes made here (the mirror's countersignature): checked against
+        ``digest``, written once (temp file and rename) for every worker and restart."""
+        if not digest.matches(data):
+            raise ValueError(f"bytes do not match {digest}")
+        if await asyncio.to_thread(self._store.blob_size, digest) is None:
+            await asyncio.to_thread(self._store.write_blob, digest, data)
+        self._memory[digest] = data
+
     async def _verify(self, digest: Digest) -> bool:
         """Hash a blob the index does not vouch for (once, however many ask)."""
         ok, _ = await self._verifying.run(

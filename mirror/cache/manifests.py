@@ -153,6 +153,12 @@ class ManifestCache:
                                   "request's Accept header does not include")
         return Resolved(manifest, cache)
 
+    async def put(self, manifest: Manifest) -> None:
+        """Keep a manifest made here (the mirror's countersigned ``.sig``), written once."""
+        if await asyncio.to_thread(self._store.read_manifest, manifest.digest) is None:
+            await self._keep(manifest)
+        self._memory[manifest.digest] = manifest
+
     async def fresh_for(self, registry: str, repository: str, tag: str) -> float:
         """Seconds the tag's record stays fresh (inside the tag TTL, when :meth:`by_tag`
         answers it without asking upstream); zero or less: not fresh, or not known."""

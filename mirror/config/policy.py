@@ -14,6 +14,8 @@
         - {repositories: ["library/bad-*"], deny: true}
         - {digests: ["sha256:..."], deny: true, mode: warn}
       default: allow               # what no rule matches: allow or deny
+      countersign_key: mirror.key  # PEM private key: images that pass get the mirror's
+                                   # own cosign signature too (mirror/policy/countersign.py)
 
 The files are read here, once, so that the policy box (:mod:`mirror.policy`) works on bytes
 and a bad key or root is a one-line error naming its key path at start.
@@ -102,6 +104,8 @@ class PolicySettings:
     trusted_root_json: bytes = field(default=b"", repr=False)
     rules: tuple[PolicyRule, ...] = ()
     default: str = "allow"
+    countersign_key: Path | None = None
+    countersign_pem: bytes = field(default=b"", repr=False)
 
 
 def _policy(value: Any, registries: tuple[str, ...], base: Path) -> PolicySettings | None:
@@ -109,7 +113,8 @@ def _policy(value: Any, registries: tuple[str, ...], base: Path) -> PolicySettin
     if value is None:
         return None
     policy = _mapping(value, "policy")
-    _only_keys(policy, "policy", {"keys", "identities", "trusted_root", "rules", "default"})
+    _only_keys(policy, "policy", {"keys", "identities", "trusted_root", "rules", "default",
+                                  "countersign_key"})
     keys = tuple(_key(raw, f"policy.keys[{i}]", base)
                  for i, raw in enumerate(_list(policy.get("keys", []), "policy.keys")))
     identities = tuple(_identity(raw, f"policy.identities[{i}]") for i, raw
@@ -128,8 +133,36 @@ def _policy(value: Any, registries: tuple[str, ...], base: Path) -> PolicySettin
     default = _string(policy.get("default", "allow"), "policy.default").lower()
     if default not in ("allow", "deny"):
         raise ConfigError("policy.default", f"expected allow or deny, got {default!r}")
+    sign_path, sign_pem = _countersign_key(policy.get("countersign_key"), base)
     return PolicySettings(keys=keys, identities=identities, trusted_root=root_path,
-                          trusted_root_json=root_json, rules=rules, default=default)
+                          trusted_root_json=root_json, rules=rules, default=default,
+                          countersign_key=sign_path, countersign_pem=sign_pem)
+
+
+def _countersign_key(value: Any, base: Path) -> tuple[Path | None, bytes]:
+    """``policy.countersign_key``: the mirror's private key (PEM, unencrypted), or none."""
+    if value is None:
+        return None, b""
+    key = "policy.countersign_key"
+    path = _existing_file(value, key, base)
+    pem = path.read_bytes()[:_MAX_FILE]
+    if pem.count(b"-----BEGIN ") != 1:
+        raise ConfigError(key, f"{path}: expected one PEM private key "
+                          "(-----BEGIN PRIVATE KEY-----)")
+    try:
+        loaded = serialization.load_pem_private_key(pem, password=None)
+    except TypeError:
+        raise ConfigError(key, f"{path}: the private key is encrypted: give it unencrypted "
+                          "(readable by the mirror only, mode 0600)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(key, f"{path}: not a PEM private key") from None
+    if not ((isinstance(loaded, ec.EllipticCurvePrivateKey)
+             and isinstance(loaded.curve, (ec.SECP256R1, ec.SECP384R1)))
+            or isinstance(loaded, ed25519.Ed25519PrivateKey)
+            or (isinstance(loaded, rsa.RSAPrivateKey) and loaded.key_size >= 2048)):
+        raise ConfigError(key, f"{path}: expected an ECDSA P-256/384, Ed25519 or RSA (2048+) "
+                          "private key")
+    return path, pem
 
 
 def _name(value: Any, key: str) -> str:

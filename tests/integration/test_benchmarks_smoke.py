@@ -145,3 +145,18 @@ def test_policy_serving_benchmark_prints_every_row() -> None:
     rows = [line for line in proc.stdout.splitlines() if "manifest by" in line]
     assert [r.split(",")[0] for r in rows] == ["lean path"] * 2 + ["full path"] * 2
     assert all(float(r.split()[-1]) > 0 and float(r.split()[-2]) > 0 for r in rows)
+
+
+def test_countersign_benchmark_prints_both_rows() -> None:
+    """``python -m benchmarks.countersign``: upstream's ``.sig`` vs countersigned, first
+    and kept, with the ratios."""
+    require_binary("docker-registry")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.countersign", "--images", "2", "--duration", "1",
+         "--repeat", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| first", "| kept"))]
+    assert len(rows) == 2
+    assert all(float(r.split("|")[-2].strip().rstrip("x")) > 0 for r in rows)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
 
 from mirror.config import parse
 from mirror.config.policy import PolicySettings
@@ -283,6 +284,10 @@ def test_the_example_config_block_parses_when_uncommented(tmp_path: Path) -> Non
     text = text.replace("/etc/mirror/cosign.pub", str(tmp_path / "cosign.pub"))
     text = text.replace("/etc/mirror/trusted_root.json", str(tmp_path / "root.json"))
     text = text.replace("/var/log/mirror/audit.jsonl", str(tmp_path / "audit.jsonl"))
+    (tmp_path / "mirror.key").write_bytes(cs.new_key().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    text = text.replace("/etc/mirror/mirror.key", str(tmp_path / "mirror.key"))
     document = {**yaml.safe_load(text), "version": 1,
                 "upstreams": [{"name": "docker.io", "default": True}]}
     parsed = parse(document, env={})
