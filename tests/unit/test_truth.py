@@ -113,9 +113,7 @@ async def test_an_image_pulled_after_an_evict_elsewhere_is_stored_again(
     layer = list(fake.blobs)  # every blob of the image: config and layer
 
     async def pull() -> None:
-        assert (await client.get("/v2/lib/app/manifests/v1")).status == 200
-        for digest in layer:
-            assert (await client.get(f"/v2/lib/app/blobs/{digest}")).status == 200
+        await _pull_whole(client, "lib/app", "v1", layer)
 
     await pull()
     await pull()  # now the lean path answers from memory
@@ -123,8 +121,9 @@ async def test_an_image_pulled_after_an_evict_elsewhere_is_stored_again(
     try:
         await asyncio.to_thread(inventory.evict, "fake.test/lib/app:v1")  # `mirror cache evict`
         assert await asyncio.to_thread(inventory.images) == []
-        await pull()  # answered from memory: nothing written yet
+        await pull()  # answered from memory (what is not held there is fetched again)
         await node._changed_elsewhere()  # what the server does when it notices (10 s at most)
+        await _fills_published(node)
         [row] = await asyncio.to_thread(inventory.images)
         assert row.reference == "fake.test/lib/app:v1" and row.state == "complete", row
         await asyncio.to_thread(inventory.pin, "fake.test/lib/app:v1")
@@ -143,10 +142,7 @@ async def test_a_pull_while_the_server_restores_after_an_eviction_is_stored_too(
     layer = list(fake.blobs)
 
     async def pull() -> None:
-        for path in ["/v2/lib/app/manifests/v1", *(f"/v2/lib/app/blobs/{d}" for d in layer)]:
-            response = await client.get(path)
-            assert response.status == 200
-            await response.read()
+        await _pull_whole(client, "lib/app", "v1", layer)
 
     await pull()
     await pull()
@@ -161,14 +157,29 @@ async def test_a_pull_while_the_server_restores_after_an_eviction_is_stored_too(
     try:
         await asyncio.to_thread(inventory.evict, "fake.test/lib/app:v1")
         await node._changed_elsewhere()
-        for _ in range(400):  # until the blobs fetched again are published (state, not time)
-            if not node.fetcher.fills():
-                break
-            await asyncio.sleep(0.025)
+        await _fills_published(node)
         [row] = await asyncio.to_thread(inventory.images)
         assert row.reference == "fake.test/lib/app:v1" and row.state == "complete", row
     finally:
         inventory.close()
+
+
+async def _pull_whole(client: Any, repository: str, tag: str, blobs: list[str]) -> None:
+    """A pull as a client makes it: the manifest, then every blob, each body read."""
+    paths = [f"/v2/{repository}/manifests/{tag}",
+             *(f"/v2/{repository}/blobs/{digest}" for digest in blobs)]
+    for path in paths:
+        response = await client.get(path)
+        assert response.status == 200
+        await response.read()
+
+
+async def _fills_published(node: Any) -> None:
+    """Until no download is under way: what was fetched again is published (a state)."""
+    for _ in range(400):
+        if not node.fetcher.fills():
+            return
+        await asyncio.sleep(0.025)
 
 
 async def _request_lines(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
