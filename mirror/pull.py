@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
@@ -156,6 +157,11 @@ class PullService:
         self._tag_lists: TTLCache[Repo, tuple[str, list[str]]] = TTLCache(
             maxsize=1000, ttl=max(tag_list_ttl, 0.001), timer=clock.monotonic)
         self.gate: Gate | None = None
+        self._decisions: dict[tuple[str, str], Any] = {}  # (registry, outcome) -> counter
+        # verdicts that let an answer through, until the first signature look-up they
+        # used would be made again (so a changed signature is seen exactly as before)
+        self._passed: dict[tuple[Repo, str, str | None], tuple[float, Gate, Verdict | None]] = {}
+        self._clock = clock
         # referrers indexes read for verdicts, revalidated with the tag TTL
         self._referrers = _Memo(tag_list_ttl, clock)
         # cosign's .sig tags as last resolved: a kept verdict then costs no tag look-up
@@ -222,21 +228,41 @@ class PullService:
         Raises:
             PolicyDenied: the image fails an ``enforce`` rule (counted).
         """
-        if self.gate is None:
+        gate = self.gate
+        if gate is None:
             return None
         found = resolved.manifest
-        reader = _Signatures(self, repo, background)
-        verdict = await self.gate.judge(reader, repo.registry, repo.repository,
-                                        str(found.digest), manifest=found.data,
-                                        media_type=found.media_type, tag=tag)
+        key = (repo, str(found.digest), tag)
+        passed = self._passed.get(key)
+        if passed is not None and passed[1] is gate and passed[0] > self._clock.monotonic():
+            verdict = passed[2]  # the gate would read the same memos and keep the same verdict
+        else:
+            reader = _Signatures(self, repo, background)
+            verdict = await gate.judge(reader, repo.registry, repo.repository, key[1],
+                                       manifest=found.data, media_type=found.media_type,
+                                       tag=tag)
+            if verdict is None or verdict.allowed:
+                self._pass(key, gate, verdict, reader.until)
         if verdict is None:
             return None
         outcome = "deny" if not verdict.allowed else "warn" if verdict.warning else "allow"
-        metrics.child(metrics.POLICY_DECISIONS, repo.registry, outcome).inc()
+        counter = self._decisions.get((repo.registry, outcome))
+        if counter is None:  # labels() takes a lock and validates: once per pair
+            counter = self._decisions[(repo.registry, outcome)] = metrics.child(
+                metrics.POLICY_DECISIONS, repo.registry, outcome)
+        counter.inc()
         if not verdict.allowed:
             raise PolicyDenied(verdict.rule, verdict.reason, repo.repository,
                                str(found.digest))
         return verdict
+
+    def _pass(self, key: tuple[Repo, str, str | None], gate: Gate, verdict: Verdict | None,
+              until: float) -> None:
+        if until <= self._clock.monotonic():
+            return
+        if len(self._passed) >= 10_000:
+            self._passed.clear()  # rare: thousands of images judged within one TTL
+        self._passed[key] = (until, gate, verdict)
 
     async def _served(self, repo: Repo, resolved: Resolved) -> None:
         """Remember that ``repo`` holds a manifest served from it and all it references."""
@@ -442,6 +468,11 @@ class _Memo:
             return False, None
         return True, item[1]
 
+    def until(self, key: tuple[Repo, str]) -> float:
+        """When the kept look-up of ``key`` ends (``-inf``: none is kept)."""
+        item = self._items.get(key)
+        return item[0] if item is not None else -math.inf
+
     def put(self, key: tuple[Repo, str], value: Found | None) -> None:
         if len(self._items) >= self._max:
             self._items.clear()  # rare: thousands of images judged within one TTL
@@ -454,6 +485,7 @@ class _Signatures:
 
     def __init__(self, pull: PullService, repo: Repo, background: bool) -> None:
         self._pull, self._repo, self._background = pull, repo, background
+        self.until = math.inf  # when the first tag look-up this reader used is made again
 
     async def manifest(self, reference: str) -> Found | None:
         if reference.endswith(".sig"):
@@ -462,6 +494,7 @@ class _Signatures:
             if not known:
                 found = await self._manifest(reference)
                 self._pull._sig_tags.put(key, found)
+            self.until = min(self.until, self._pull._sig_tags.until(key))
             return found
         return await self._manifest(reference)
 
@@ -501,17 +534,20 @@ class _Signatures:
         key = (self._repo, digest)
         known, kept = self._pull._referrers.get(key)
         if known:
+            self.until = min(self.until, self._pull._referrers.until(key))
             return kept
         try:
             found = await self._pull.referrers(self._repo, Digest.parse(digest),
                                                BUNDLE_TYPES[0], background=self._background)
         except OciError:
+            self.until = -math.inf  # nothing kept: neither is the verdict
             return None  # not kept: asked again next time
         body = found.body
         index = parse_manifest(body) if body else {}
         result = Found("sha256:" + hashlib.sha256(body).hexdigest(), body) \
             if index.get("manifests") else None
         self._pull._referrers.put(key, result)
+        self.until = min(self.until, self._pull._referrers.until(key))
         return result
 
 
