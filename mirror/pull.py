@@ -536,10 +536,15 @@ class _Signatures:
         if known:
             self.until = min(self.until, self._pull._referrers.until(key))
             return kept
+        found: Referrers | None
         try:
             found = await self._pull.referrers(self._repo, Digest.parse(digest),
                                                BUNDLE_TYPES[0], background=self._background)
+        except (UpstreamUnavailable, TooManyRequests):
+            found = await self._tag_schema(digest)  # an air-gapped node: what was imported
         except OciError:
+            found = None
+        if found is None:
             self.until = -math.inf  # nothing kept: neither is the verdict
             return None  # not kept: asked again next time
         body = found.body
@@ -549,6 +554,17 @@ class _Signatures:
         self._pull._referrers.put(key, result)
         self.until = min(self.until, self._pull._referrers.until(key))
         return result
+
+
+    async def _tag_schema(self, digest: str) -> Referrers | None:
+        """The referrers tag schema's index as the cache holds it (a tag record answered
+        while upstream is unreachable, as ``mirror import`` or an earlier pull left it)."""
+        try:
+            listed = await self._pull._referrers_by_tag(self._repo, Digest.parse(digest),
+                                                        self._background)
+        except OciError:
+            return None
+        return Referrers(_index_body(_filtered({"manifests": listed}, BUNDLE_TYPES[0])), True)
 
 
 def _honoured(tags: list[str], n: int | None, last: str | None) -> bool:

@@ -4,11 +4,13 @@ cosign's SIGNATURE_SPEC (the ``sha256-<hex>.sig`` layout), a real mirror process
 exports them (``--referrers``, no policy), real mirror processes (one worker and two) that
 serve what was imported to skopeo, digests checked:
 
-* a node with ``policy`` enforce requiring the trusted key imports only the image that key
-  signed (and its ``.sig``); the unsigned one and the one a stranger signed are refused, one
+* a node with ``policy`` enforce requiring the trusted key imports only the images that key
+  signed (a ``.sig``, and a keyed sigstore bundle with the referrers tag schema, with
+  their signatures); the unsigned one and the one a stranger signed are refused, one
   line each naming the rule and the reason, exit status 3, their own blobs not published
-  (the layer they share with the signed image is); the signed one pulls with skopeo from
-  the importing mirror, its upstream unreachable;
+  (the layer they share with the signed image is); the signed ones pull with skopeo from
+  the importing mirror, its upstream unreachable (the bundle read from the imported
+  referrers tag schema);
 * a bundle whose signature payload blob was altered is refused whole by the bundle check
   (the blob does not hash to its name): exit status 1, nothing published.
 """
@@ -30,7 +32,7 @@ from mirror.oci import Digest
 from mirror.storage.filesystem import FilesystemStore
 from tests.integration.test_bundle_real import CountingPort
 from tests.support import cosign_sign as cs
-from tests.support.cosign_push import push_legacy
+from tests.support.cosign_push import push_bundle, push_legacy
 from tests.support.images import Image, make_image, make_layer
 from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
@@ -64,10 +66,13 @@ def exported(registry_token: Registry, tmp_path_factory: pytest.TempPathFactory)
     trusted, stranger = cs.new_key("p256"), cs.new_key("p256")
     images = {name: make_image(f"acme/imp-{name}", "v1",
                                layers=[SHARED, make_layer(5000 + seed, seed=seed)], fmt="oci")
-              for seed, name in enumerate(["good", "unsigned", "stranger"], start=62)}
+              for seed, name in enumerate(["good", "unsigned", "stranger", "bundled"], start=62)}
     for image in images.values():
         registry_token.push(image)
     push_legacy(registry_token, "acme/imp-good", images["good"].manifest.digest, trusted)
+    bundled = images["bundled"]  # a keyed sigstore bundle, with the referrers tag schema
+    push_bundle(registry_token, "acme/imp-bundled", bundled.manifest.digest,
+                bundled.manifest.size, trusted)
     push_legacy(registry_token, "acme/imp-stranger", images["stranger"].manifest.digest,
                 stranger)
     config = mirror_config(free_port(), tmp / "online-cache",
@@ -127,6 +132,10 @@ def test_enforce_imports_only_the_signed_image_which_then_pulls_offline(
     good = exported.images["good"]
     sig_tag = good.manifest.digest.replace(":", "-") + ".sig"
     assert f"tag {UPSTREAM}/acme/imp-good:{sig_tag}" in result.stdout
+    bundled = exported.images["bundled"]
+    assert f"tag {UPSTREAM}/acme/imp-bundled:v1" in result.stdout
+    assert f"tag {UPSTREAM}/acme/imp-bundled:{bundled.manifest.digest.replace(':', '-')}" \
+        in result.stdout  # the referrers tag schema's index, listing the bundle
     assert "imp-unsigned" not in result.stdout and "imp-stranger" not in result.stdout
 
     cache = tmp_path / "site-cache"
@@ -139,11 +148,13 @@ def test_enforce_imports_only_the_signed_image_which_then_pulls_offline(
     process = MirrorProcess(tmp_path / "site", yaml.safe_load(site.read_text()))
     process.start(timeout=30)
     try:
-        out = skopeo_copy(f"127.0.0.1:{process.port}/acme/imp-good:v1", tmp_path / "good")
-        assert manifest_digest(out) == good.manifest.digest
-        assert verify_dir(out) == {b.digest: b.size for b in good.blobs()}
-        # (the serving node's gate still asks upstream's referrers API for bundles, which
-        # fails here: that is the serving path's look-up, not the import's)
+        for image in (good, bundled):
+            out = skopeo_copy(f"127.0.0.1:{process.port}/{image.repo}:v1",
+                              tmp_path / image.repo.replace("/", "-"))
+            assert manifest_digest(out) == image.manifest.digest
+            assert verify_dir(out) == {b.digest: b.size for b in image.blobs()}
+        # (the serving node's gate asks upstream's referrers API first; unreachable, it
+        # reads the referrers tag schema the import recorded)
         with pytest.raises(SkopeoError):
             skopeo_copy(f"127.0.0.1:{process.port}/acme/imp-unsigned:v1",
                         tmp_path / "unsigned")

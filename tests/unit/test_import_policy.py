@@ -170,8 +170,12 @@ def _matrix(keys: dict[str, cs.PrivateKey]) -> tuple[Layout, dict[str, Image]]:
     bundle.signature("app/wrongdigest", digest["wrongdigest"],
                      _sig(digest["good"], keys["trusted"]))
     bundled = images["bundled"]
-    bundle.referrer(_bundle_sig(bundled.manifest.digest, bundled.manifest.size,
-                                keys["trusted"]))
+    referrer = _bundle_sig(bundled.manifest.digest, bundled.manifest.size, keys["trusted"])
+    bundle.referrer(referrer)
+    fallback = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {**referrer[0].descriptor(), "artifactType": cs.BUNDLE_V03}]}).encode()
+    bundle.tag("app/bundled", bundled.manifest.digest.replace(":", "-"),  # cosign's fallback
+               Blob.of(fallback, OCI_INDEX), [])
     return bundle, images
 
 
@@ -188,6 +192,8 @@ def test_enforce_imports_only_the_images_signed_by_the_required_key(
     assert tags[tag_key(REGISTRY, "app/bundled", "v1")] == images["bundled"].manifest.digest
     good_sig = images["good"].manifest.digest.replace(":", "-") + ".sig"
     assert tag_key(REGISTRY, "app/good", good_sig) in tags  # its signature travels with it
+    fallback = images["bundled"].manifest.digest.replace(":", "-")
+    assert tag_key(REGISTRY, "app/bundled", fallback) in tags  # the referrers tag schema
     assert not any("app/unsigned" in k or "app/stranger" in k or "app/wrongdigest" in k
                    for k in tags)
     for name in ("good", "bundled"):
@@ -215,7 +221,7 @@ def test_without_a_policy_everything_is_imported(
     bundle, images = _matrix(keys)
     report = _import(tmp_path, bundle.tar(), mode=None)
     assert report.refused == report.warned == []
-    assert len(report.tags) == len(images) + 3
+    assert len(report.tags) == len(images) + 4
 
 
 def test_a_tampered_signature_in_a_consistent_bundle_is_refused_by_the_policy(
