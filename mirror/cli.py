@@ -15,7 +15,7 @@
                   [--since PREVIOUS] [--max-part-size SIZE] [--sign-key KEY]
                   [--dry-run] -o FILE.tar[.zst]
     mirror import FILE... [--verify-key PUB] [--allow-rollback] [--pin]
-                  [--tags fresh|stale] [--repository REGISTRY/REPO]
+                  [--tags fresh|stale] [--repository REGISTRY/REPO] [--no-policy]
     mirror audit verify FILE...
 
 Errors are one readable line on stderr and a non-zero exit status (``config check``:
@@ -57,7 +57,7 @@ from mirror.errors import (
     OciError,
     PolicyDenied,
 )
-from mirror.node import Node
+from mirror.node import Node, policy_gate
 from mirror.routing import Router
 from mirror.server import pidfile
 from mirror.storage.filesystem import FilesystemStore
@@ -210,7 +210,10 @@ def _bundle_parsers(commands: Any) -> None:
         description="Verify bundles and load them into the cache, with their tags, so that "
         "this mirror serves them without its upstreams. Nothing is published from a bad "
         "bundle; a second run after an interruption finishes the job. Safe while the "
-        "server runs.")
+        "server runs. With a policy: section in the config, every image is judged offline "
+        "with the signatures the bundle carries: one an enforce rule refuses is not "
+        "imported (one line each says why). Exit status: 0 imported; 1 a bad bundle, "
+        "nothing published; 3 imported, but the policy refused one or more images.")
     imp.add_argument("files", nargs="+", type=Path, metavar="FILE",
                      help="FILE.tar[.zst|.gz] or its first part FILE.001; several in order")
     imp.add_argument("--verify-key", type=Path, metavar="PUB",
@@ -226,6 +229,9 @@ def _bundle_parsers(commands: Any) -> None:
                      "(up to cache.stale_if_error)")
     imp.add_argument("--repository", metavar="REGISTRY/REPO",
                      help="where bare-tag ref names of another tool's layout belong")
+    imp.add_argument("--no-policy", action="store_true",
+                     help="import every image as the bundle says, without the config's "
+                     "signature policy")
     imp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     imp.add_argument("--config", type=Path, help="YAML config, as for serve")
     imp.add_argument("--storage", type=Path, help="cache folder, overrides the config")
@@ -509,6 +515,8 @@ def _import(args: argparse.Namespace) -> int:
     if key is not None and trusted and key_id(key) not in {key_id(k) for k in trusted}:
         raise BundleError(f"--verify-key {args.verify_key}: not one of import.trusted_keys")
     groups = expand(args.files)
+    gate = None if args.no_policy else policy_gate(settings)
+    refused = 0
     store = FilesystemStore(settings.storage.path)
     store.open_shared()
     try:
@@ -516,7 +524,7 @@ def _import(args: argparse.Namespace) -> int:
                             trusted_keys=trusted, allow_rollback=args.allow_rollback,
                             pin=args.pin,
                             tag_state=args.tags, tag_ttl=settings.cache.tag_ttl,
-                            repository=args.repository)
+                            repository=args.repository, gate=gate)
         with importer.locked():
             for group in groups:
                 bar = Progress(f"import {group[0].name}", 1, quiet=args.quiet)
@@ -529,9 +537,15 @@ def _import(args: argparse.Namespace) -> int:
                 report = importer.run(group)
                 bar.finish()
                 _print_import(group[0], report)
+                refused += len(report.refused)
     finally:
         store.index.close()
+    if refused:
+        print(f"mirror: import: the policy refused {refused} image(s); the others were "
+              "imported", file=sys.stderr)
+        return 3
     return 0
+
 
 
 def _print_import(file: Path, report: ImportReport) -> None:
@@ -543,6 +557,13 @@ def _print_import(file: Path, report: ImportReport) -> None:
     print(f"imported {file}{bundle}: {report.blobs_new} new blob(s) and "
           f"{report.manifests_new} manifest(s), {human_size(report.bytes_new)}, each hashed "
           f"and verified; {report.skipped} already cached")
+    for line in report.refused:
+        print(f"  refused: {line}", file=sys.stderr)
+    for line in report.warned:
+        print(f"  warning: imported, but {line}", file=sys.stderr)
+    if report.withheld:
+        print(f"  {report.withheld} blob(s) and manifest(s) only refused images reach were "
+              "not imported")
     for tag in report.tags:
         print(f"  tag {tag}")
     if report.pinned:

@@ -210,12 +210,7 @@ class Node:
     def _policy_gate(self) -> Gate | None:
         """The policy's gate on manifest answers (``None``: no ``policy:`` section). Its
         verdicts live in this process: a restart with a new config decides again."""
-        if self.settings.policy is None:
-            return None
-        try:
-            return Gate(compile_policy(self.settings.policy))
-        except Invalid as exc:
-            raise ConfigError("policy", exc.reason) from None
+        return policy_gate(self.settings)
 
     def _countersigner(self) -> Countersigner | None:
         """The mirror's signer of images that pass (``policy.countersign_key``), if any."""
@@ -452,3 +447,18 @@ class Node:
         self.evictor.wire(in_use, evicted, changed_elsewhere)
         # Other workers hold memory copies too: they hear of evictions as of `cache evict`.
         self.evictor.shared = self.worker.count > 1
+
+
+def policy_gate(settings: Settings) -> Gate | None:
+    """The gate of the config's signature policy (``None``: no ``policy:`` section); for
+    the node, and for ``mirror import``, which judges a bundle's images offline.
+
+    Raises:
+        ConfigError: a key or the trusted root does not load.
+    """
+    if settings.policy is None:
+        return None
+    try:
+        return Gate(compile_policy(settings.policy))
+    except Invalid as exc:
+        raise ConfigError("policy", exc.reason) from None

@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -163,6 +164,11 @@ class PullService:
         self._tag_lists: TTLCache[Repo, tuple[str, list[str]]] = TTLCache(
             maxsize=1000, ttl=max(tag_list_ttl, 0.001), timer=clock.monotonic)
         self.gate: Gate | None = None
+        self._decisions: dict[tuple[str, str], Any] = {}  # (registry, outcome) -> counter
+        # verdicts that let an answer through, until the first signature look-up they
+        # used would be made again (so a changed signature is seen exactly as before)
+        self._passed: dict[tuple[Repo, str, str | None], tuple[float, Gate, Verdict | None]] = {}
+        self._clock = clock
         # referrers indexes read for verdicts, revalidated with the tag TTL
         self._referrers = _Memo(tag_list_ttl, clock)
         # cosign's .sig tags as last resolved: a kept verdict then costs no tag look-up
@@ -240,17 +246,29 @@ class PullService:
         Raises:
             PolicyDenied: the image fails an ``enforce`` rule (counted).
         """
-        if self.gate is None:
+        gate = self.gate
+        if gate is None:
             return None
         found = resolved.manifest
-        reader = _Signatures(self, repo, background)
-        verdict = await self.gate.judge(reader, repo.registry, repo.repository,
-                                        str(found.digest), manifest=found.data,
-                                        media_type=found.media_type, tag=tag)
+        key = (repo, str(found.digest), tag)
+        passed = self._passed.get(key)
+        if passed is not None and passed[1] is gate and passed[0] > self._clock.monotonic():
+            verdict = passed[2]  # the gate would read the same memos and keep the same verdict
+        else:
+            reader = _Signatures(self, repo, background)
+            verdict = await gate.judge(reader, repo.registry, repo.repository, key[1],
+                                       manifest=found.data, media_type=found.media_type,
+                                       tag=tag)
+            if verdict is None or verdict.allowed:
+                self._pass(key, gate, verdict, reader.until)
         if verdict is None:
             return None
         outcome = "deny" if not verdict.allowed else "warn" if verdict.warning else "allow"
-        metrics.child(metrics.POLICY_DECISIONS, repo.registry, outcome).inc()
+        counter = self._decisions.get((repo.registry, outcome))
+        if counter is None:  # labels() takes a lock and validates: once per pair
+            counter = self._decisions[(repo.registry, outcome)] = metrics.child(
+                metrics.POLICY_DECISIONS, repo.registry, outcome)
+        counter.inc()
         if not verdict.allowed:
             raise PolicyDenied(verdict.rule, verdict.reason, repo.repository,
                                str(found.digest))
@@ -276,7 +294,7 @@ class PullService:
             upstream: Resolved | None = await self._resolve(repo, tag, None, background)
         except ManifestUnknown:
             upstream = None
-        if not await self._passed(repo, image, background):
+        if not await self._passes_policy(repo, image, background):
             if upstream is None:
                 raise ManifestUnknown(f"manifest {tag!r} is unknown upstream")
             return await self._resolve(repo, tag, accepted, background)
@@ -306,7 +324,7 @@ class PullService:
                     if made.digest == digest or digest in made.blobs]:
             del self._countersigned[key]
 
-    async def _passed(self, repo: Repo, image: Digest, background: bool) -> bool:
+    async def _passes_policy(self, repo: Repo, image: Digest, background: bool) -> bool:
         """Whether the image passes the policy here (allowed and not warned); not counted
         as a decision: this is a request for its signatures."""
         if self.gate is None:
@@ -341,6 +359,14 @@ class PullService:
         if self.membership is not None:
             await self.membership.record(_made_by_mirror(repo.registry), repo.repository,
                                          [*made.blobs, made.digest])
+
+    def _pass(self, key: tuple[Repo, str, str | None], gate: Gate, verdict: Verdict | None,
+              until: float) -> None:
+        if until <= self._clock.monotonic():
+            return
+        if len(self._passed) >= 10_000:
+            self._passed.clear()  # rare: thousands of images judged within one TTL
+        self._passed[key] = (until, gate, verdict)
 
     async def _served(self, repo: Repo, resolved: Resolved) -> None:
         """Remember that ``repo`` holds a manifest served from it and all it references."""
@@ -550,6 +576,11 @@ class _Memo:
             return False, None
         return True, item[1]
 
+    def until(self, key: tuple[Repo, str]) -> float:
+        """When the kept look-up of ``key`` ends (``-inf``: none is kept)."""
+        item = self._items.get(key)
+        return item[0] if item is not None else -math.inf
+
     def put(self, key: tuple[Repo, str], value: Found | None) -> None:
         if len(self._items) >= self._max:
             self._items.clear()  # rare: thousands of images judged within one TTL
@@ -562,6 +593,7 @@ class _Signatures:
 
     def __init__(self, pull: PullService, repo: Repo, background: bool) -> None:
         self._pull, self._repo, self._background = pull, repo, background
+        self.until = math.inf  # when the first tag look-up this reader used is made again
 
     async def manifest(self, reference: str) -> Found | None:
         if reference.endswith((".sig", ".att")):  # cosign's signatures and attestations
@@ -570,6 +602,7 @@ class _Signatures:
             if not known:
                 found = await self._manifest(reference)
                 self._pull._sig_tags.put(key, found)
+            self.until = min(self.until, self._pull._sig_tags.until(key))
             return found
         return await self._manifest(reference)
 
@@ -609,18 +642,37 @@ class _Signatures:
         key = (self._repo, digest)
         known, kept = self._pull._referrers.get(key)
         if known:
+            self.until = min(self.until, self._pull._referrers.until(key))
             return kept
+        found: Referrers | None
         try:
             found = await self._pull.referrers(self._repo, Digest.parse(digest),
                                                BUNDLE_TYPES[0], background=self._background)
+        except (UpstreamUnavailable, TooManyRequests):
+            found = await self._tag_schema(digest)  # an air-gapped node: what was imported
         except OciError:
+            found = None
+        if found is None:
+            self.until = -math.inf  # nothing kept: neither is the verdict
             return None  # not kept: asked again next time
         body = found.body
         index = parse_manifest(body) if body else {}
         result = Found("sha256:" + hashlib.sha256(body).hexdigest(), body) \
             if index.get("manifests") else None
         self._pull._referrers.put(key, result)
+        self.until = min(self.until, self._pull._referrers.until(key))
         return result
+
+
+    async def _tag_schema(self, digest: str) -> Referrers | None:
+        """The referrers tag schema's index as the cache holds it (a tag record answered
+        while upstream is unreachable, as ``mirror import`` or an earlier pull left it)."""
+        try:
+            listed = await self._pull._referrers_by_tag(self._repo, Digest.parse(digest),
+                                                        self._background)
+        except OciError:
+            return None
+        return Referrers(_index_body(_filtered({"manifests": listed}, BUNDLE_TYPES[0])), True)
 
 
 def _made_by_mirror(registry: str) -> str:

@@ -15,6 +15,10 @@
     apply    blobs some manifest of the bundle references published by rename (others are
              dropped), then manifests (children before parents), pins, and last the tag
              records: a tag a signer's newer bundle set is left alone (rollback)
+    policy   with the site's ``policy:`` (a gate), before apply: every named image judged
+             offline with the signatures the bundle carries (:mod:`policycheck`); in
+             enforce mode a refused image's tags are not recorded and what only it (and its
+             signatures) reach is not published; warn mode imports it with a warning
 
 Nothing is published before everything is checked, so a bad bundle changes nothing. A
 ``kill -9`` leaves temp files (removed by the next import or server start) and, during
@@ -42,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mirror.bundle import layout
 from mirror.bundle.manifest import BundleManifest, verify
 from mirror.bundle.parts import WRITEBACK_EVERY, Input, start_writeback
+from mirror.bundle.policycheck import excluded, judge_images, refused_labels
 from mirror.bundle.provenance import Provenance, Stamp
 from mirror.bundle.walk import Walk, check_reference, parse_digest
 from mirror.bundle.walk import tree as walk_tree
@@ -52,6 +57,7 @@ from mirror.errors import BundleError, DigestMismatch, OciError
 from mirror.oci import (
     Digest,
 )
+from mirror.policy.gate import Gate
 from mirror.routing import Router
 from mirror.storage.filesystem import FilesystemStore
 from mirror.storage.writer import TempWriter
@@ -77,6 +83,9 @@ class Report:
     pinned: int = 0
     unreferenced: int = 0  # blobs of the bundle no manifest references: not published
     kept: list[str] = field(default_factory=list)  # tags left alone: a newer bundle set them
+    refused: list[str] = field(default_factory=list)  # images the policy refused, one line each
+    warned: list[str] = field(default_factory=list)  # images a warn rule let in, one line each
+    withheld: int = 0  # blobs and manifests not published: only refused images reach them
 
 
 @dataclass
@@ -106,6 +115,8 @@ class Importer:
             import; ``stale``: revalidated upstream at their first pull when it is
             reachable. Either way served while upstream is unreachable (``stale_if_error``).
         repository: ``REGISTRY/REPO`` for layouts whose ref names are bare tags.
+        gate: the site's signature policy: every named image is judged with the
+            signatures the bundle carries, before anything is published.
     """
 
     def __init__(self, store: FilesystemStore, router: Router, *,
@@ -113,7 +124,7 @@ class Importer:
                  trusted_keys: Sequence[Ed25519PublicKey] = (), allow_rollback: bool = False,
                  pin: bool = False,
                  tag_state: str = "fresh", tag_ttl: float = 300.0,
-                 repository: str | None = None,
+                 repository: str | None = None, gate: Gate | None = None,
                  progress: Callable[[int, int], None] = lambda _d, _t: None,
                  clock: Callable[[], float] = time.time) -> None:
         if tag_state not in TAG_STATES:
@@ -126,6 +137,7 @@ class Importer:
         self._tag_state = tag_state
         self._tag_ttl = tag_ttl
         self._repository = repository
+        self._gate = gate
         self.progress = progress
         self._clock = clock
 
@@ -282,8 +294,13 @@ class Importer:
         if read.bundle is not None:
             report.bundle_id, report.sequence = read.bundle.id, read.bundle.sequence
         report.skipped = len(read.cached)
+        refs = self._references(read, manifests, report)
+        gone, skipped = self._judge(read, refs, manifests, report)
+        refs = [ref for ref in refs if ref[0] not in skipped]
         for digest, (temp, size) in list(read.staged.items()):
-            if digest not in manifests and digest not in walk.referenced:
+            if digest in gone:
+                report.withheld += 1  # only refused images reach it
+            elif digest not in manifests and digest not in walk.referenced:
                 report.unreferenced += 1  # junk riding along: never published
             elif digest not in manifests:
                 _fsync(temp)
@@ -291,12 +308,13 @@ class Importer:
                 report.blobs_new += 1
                 report.bytes_new += size
         for digest in order:
+            if digest in gone:
+                continue
             if not self._store.manifest_path(Digest.parse(digest)).is_file():
                 data, media_type = manifests[digest]
                 self._store.write_manifest(Digest.parse(digest), data, media_type)
                 report.manifests_new += 1
                 report.bytes_new += len(data)
-        refs = self._references(read, manifests, report)
         if self._pin:
             for label, digest in refs:
                 tree = walk_tree(digest, manifests)
@@ -307,6 +325,34 @@ class Importer:
         if report.unreferenced:
             report.notes.append(f"{report.unreferenced} blob(s) of the bundle that no manifest "
                                 "references were not imported")
+
+    def _judge(self, read: _Read, refs: list[tuple[str, str]],
+               manifests: dict[str, tuple[bytes, str]],
+               report: Report) -> tuple[set[str], set[str]]:
+        """The policy's verdict on every named image: the digests not to publish, and the
+        labels not to record (refused images and their signatures' tags)."""
+        if self._gate is None or not refs:
+            return set(), set()
+        judged = judge_images(self._gate, refs, manifests,
+                              lambda digest, limit: self._small_blob(read, digest, limit))
+        report.refused = [r.line() for r in judged.refused]
+        report.warned = [r.line() for r in judged.warned]
+        roots = [d["digest"] for d in layout.parse_index(read.small.get(layout.INDEX))]
+        gone = excluded(refs, judged.refused, manifests, roots)
+        return gone, refused_labels(refs, judged.refused, gone)
+
+    def _small_blob(self, read: _Read, digest: str, limit: int) -> bytes | None:
+        """A blob of the bundle (staged, hashed on the way) or of the cache, up to ``limit``
+        bytes (``None``: absent or larger)."""
+        staged = read.staged.get(digest)
+        try:
+            path = staged[0] if staged is not None else \
+                self._store.blob_path(Digest.parse(digest))
+            with path.open("rb") as file:
+                data = file.read(limit + 1)
+        except (OSError, OciError):
+            return None
+        return data if len(data) <= limit else None
 
     @staticmethod
     def _stamp(read: _Read) -> tuple[str, Stamp] | None:
