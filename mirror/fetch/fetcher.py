@@ -229,7 +229,8 @@ class Fetcher:
         try:
             durable = await self._download_verified(fill, opener, registry, writer)
             unkept = await self._publish(fill, durable)  # still reserved: counted all along
-            self._release(fill)
+            if unkept is None:
+                self._release(fill)  # the stored blob counts now
             metrics.FILLS.labels("ok").inc()
             log.info("fill_done", digest=str(fill.digest), bytes=fill.written, registry=registry,
                      source=fill.source, kept=unkept is None)
@@ -250,7 +251,8 @@ class Fetcher:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            self._release(fill)
+            if unkept is None:  # a file not kept stays reserved until it is removed
+                self._release(fill)
             metrics.FILLS_IN_FLIGHT.dec()
             self._forget(fill)
         if unkept is not None:
@@ -258,6 +260,7 @@ class Fetcher:
                 await self._discard_after_readers(fill)
             finally:  # also at shutdown: open readers keep their bytes through their fd
                 await asyncio.shield(asyncio.to_thread(writer.discard))
+                self._release(fill)
 
     async def _download_verified(self, fill: Fill, opener: UpstreamOpener, registry: str,
                                  writer: TempWriter) -> bool:

@@ -364,3 +364,50 @@ async def test_a_reader_that_opened_the_claimers_file_reads_the_followers_own_do
     assert upstream.offsets == [0]
     relaying.release()
     await follower.close()
+
+
+class _NoRoomAtTheEnd:
+    """A budget that reserves every download but keeps none of them (pinned content)."""
+
+    def __init__(self) -> None:
+        self.reserved = 0
+
+    def fits(self, size: int) -> bool:
+        return True
+
+    async def reserve(self, size: int) -> bool:
+        self.reserved += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.reserved -= size
+
+    async def admit(self, size: int, held: int = 0) -> bool:
+        return False
+
+    async def make_room(self, size: int) -> int:
+        return 0
+
+
+async def test_a_verified_file_not_kept_stays_in_the_budget_until_it_is_removed(
+        tmp_path: Path) -> None:
+    # Not kept (no room): its .part file stays on disk for its readers; its bytes stay
+    # reserved until it is removed, or the disk goes over the cap by such files.
+    data = os.urandom(40 * CHUNK)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    space = _NoRoomAtTheEnd()
+    worker = _worker(tmp_path, 0)
+    worker.space = space
+    fill, _ = await worker.start(digest, _Upstream(data), "r")
+    reader = fill.read(0, len(data), CHUNK)
+    first = await reader.__anext__()  # a reader still reading keeps the file
+    await fill.wait_done()
+    await asyncio.sleep(0.1)  # the fill task goes on: not kept, waiting for its reader
+    part = Claims(tmp_path / "tmp" / "claims").part(digest)
+    assert part.exists()
+    assert space.reserved == len(data)
+    rest = b"".join([piece async for piece in reader])
+    assert first + rest == data
+    await _until(lambda: not part.exists())
+    await _until(lambda: space.reserved == 0)
+    await worker.close()
