@@ -127,7 +127,7 @@ class Fetcher:
             return fill, True
         if claim.part is not None:  # published by another process after this one's miss?
             seen = await self.coalescer.look(digest, self.store.blob_path(digest))
-            if self._caught_up(fill, seen):
+            if await self._caught_up(fill, seen):
                 await asyncio.to_thread(claim.release)
                 self._forget(fill)
                 return fill, True
@@ -229,7 +229,8 @@ class Fetcher:
         try:
             durable = await self._download_verified(fill, opener, registry, writer)
             unkept = await self._publish(fill, durable)  # still reserved: counted all along
-            self._release(fill)
+            if unkept is None:
+                self._release(fill)  # the stored blob counts now
             metrics.FILLS.labels("ok").inc()
             log.info("fill_done", digest=str(fill.digest), bytes=fill.written, registry=registry,
                      source=fill.source, kept=unkept is None)
@@ -250,7 +251,8 @@ class Fetcher:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            self._release(fill)
+            if unkept is None:  # a file not kept stays reserved until it is removed
+                self._release(fill)
             metrics.FILLS_IN_FLIGHT.dec()
             self._forget(fill)
         if unkept is not None:
@@ -258,6 +260,7 @@ class Fetcher:
                 await self._discard_after_readers(fill)
             finally:  # also at shutdown: open readers keep their bytes through their fd
                 await asyncio.shield(asyncio.to_thread(writer.discard))
+                self._release(fill)
 
     async def _download_verified(self, fill: Fill, opener: UpstreamOpener, registry: str,
                                  writer: TempWriter) -> bool:
@@ -313,6 +316,10 @@ class Fetcher:
                     raise
                 reason = "disk_full"
         reason = reason or "disk_full"  # (no temp file means a full disk)
+        if temp is not None:  # held for readers that open it after its name is gone
+            fd = await asyncio.to_thread(_open_verified, temp, None, None)
+            if fd is not None:
+                fill.hold(fd)
         fill.finish(None)
         metrics.NOT_KEPT.labels(reason).inc()
         log.warning("blob_not_kept", digest=str(fill.digest), bytes=fill.written, reason=reason,
@@ -461,7 +468,7 @@ class Fetcher:
                 if reason is not None:
                     await self._own(fill, opener, registry, reason)
                     return
-                if self._caught_up(fill, seen):
+                if await self._caught_up(fill, seen):
                     return
                 claim = await self.coalescer.claim(fill.digest)
                 if claim is not None:
@@ -490,13 +497,19 @@ class Fetcher:
         """Download ``fill`` here, unclaimed: the claimer relays from memory (a blob
         larger than ``storage.max_size``, or no room), which no other process can follow."""
         fd, temp = await asyncio.to_thread(self.store.new_temp)
-        os.close(fd)
+        try:
+            file_id = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
         fill.temp, fill.source = temp, ""
+        # Readers that opened the claimer's (empty) .part file open this one instead.
+        fill.replaced(0, file_id)
         log.info("fill_not_shared", digest=str(fill.digest), reason=reason)
         await self._run(fill, opener, registry)
 
-    def _caught_up(self, fill: Fill, seen: Seen) -> bool:
-        """Advance ``fill`` to what is on disk; ``True`` once the blob is published."""
+    async def _caught_up(self, fill: Fill, seen: Seen) -> bool:
+        """Advance ``fill`` to what is on disk; ``True`` once the blob is published (or
+        verified and not kept, its file then held open for the fill's readers)."""
         if seen.published is not None:
             if fill.size is None:
                 fill.set_size(seen.published)
@@ -510,8 +523,14 @@ class Fetcher:
             if file_replaced(fill, seen.on_disk, seen.file_id):
                 check_not_bad(fill, seen.bad_at)
             count_file(fill, seen.on_disk, seen.file_id)
-        if seen.verified and seen.on_disk == fill.size:
-            fill.finish(None)  # verified, not kept: readers read on from the .part file
+        if seen.verified and seen.on_disk == fill.size and fill.temp is not None:
+            # Verified, not kept: readers read on from the .part file, which the claimer
+            # removes once its own readers are done, and the next claim creates again.
+            fd = await asyncio.to_thread(_open_verified, fill.temp, seen.file_id, seen.on_disk)
+            if fd is None:
+                return False  # removed meanwhile: its claim is free at the next look
+            fill.hold(fd)
+            fill.finish(None)
             return True
         return False
 
@@ -519,7 +538,7 @@ class Fetcher:
                      destination: Path) -> None:
         """The claim was free: the other process is done, failed, or died."""
         seen = await self.coalescer.look(fill.digest, destination)
-        if self._caught_up(fill, seen):
+        if await self._caught_up(fill, seen):
             await asyncio.to_thread(claim.release)
             return
         if seen.on_disk is None and fill.written > 0:
@@ -534,3 +553,18 @@ class Fetcher:
         fill.source = ""
         self._held[fill] = claim
         await self._run(fill, opener, registry)
+
+
+def _open_verified(path: Path, file_id: int | None, size: int | None) -> int | None:
+    """A descriptor of the verified file at ``path`` (no link followed), or ``None`` when
+    it is gone or is another file than the one seen (inode ``file_id``, ``size`` bytes)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # gone (or a link planted at its name)
+        return None
+    stat = os.fstat(fd)
+    if (file_id is not None and stat.st_ino != file_id) or (
+            size is not None and stat.st_size != size):
+        os.close(fd)
+        return None
+    return fd

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -97,6 +98,9 @@ class Fill:
         # over with a new file) or started over: readers then open it again.
         self.generation = 0
         self.file_id: int | None = None  # the inode of the temp file bytes are counted in
+        # A descriptor of the verified file of a fill that is not kept, held while the fill
+        # is referenced: its readers read it even after its name is removed or reused.
+        self._kept_fd: int | None = None
         self.started_at = time.time()  # wall clock: compared with files' mtimes
         self.registry = ""  # the registry it was asked of (a configured name)
         self.source = ""  # the kind of source the bytes come from: upstream, s3, ...
@@ -196,6 +200,13 @@ class Fill:
         self.done = True
         self._notify()
 
+    def hold(self, fd: int) -> None:
+        """Keep ``fd``, an open descriptor of the fill's verified file that is not kept,
+        for readers that open it late (after its name was removed, or reused by the next
+        fill of the digest); closed when the fill is gone."""
+        self._kept_fd = fd
+        weakref.finalize(self, _close_quietly, fd)
+
     def fail(self, error: BaseException) -> None:
         """The download failed: readers must abort."""
         self.error = error
@@ -231,11 +242,16 @@ class Fill:
         ``-1`` when there is no file yet: another worker's claim is taken but its file
         not yet created, or it is being replaced (the reader opens it once bytes are
         there)."""
+        if self._kept_fd is not None:
+            fd = os.dup(self._kept_fd)
+            return fd, os.fstat(fd).st_ino
         if self.temp is None:
             return -1, None  # no room for even an empty temp file: all bytes from memory
-        for path in (self.temp, self.final or self.destination):
-            # The temp file may have been published (renamed) between joining and
-            # opening, maybe before ``finish`` ran on the loop.
+        # Once published, the blob only: the temp file's name (a claim's .part name) may
+        # already be another fill's. Before, the temp file may have been published
+        # (renamed) between joining and opening, maybe before ``finish`` ran on the loop.
+        paths = (self.final,) if self.final is not None else (self.temp, self.destination)
+        for path in paths:
             if path is None:
                 continue
             try:
@@ -471,6 +487,11 @@ class Fill:
             log.warning("range_refused", digest=str(self.digest), start=start, end=end,
                         error=f"{type(exc).__name__}: {exc}"[:200], next="the download")
             raise _RangeRefused() from exc
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _check_range(response: BodyResponse, start: int, end: int, size: int) -> None:

@@ -290,3 +290,124 @@ async def test_a_fill_beside_a_relay_nobody_can_join_leaves_the_relays_claim_alo
     await asyncio.sleep(0)  # the fill's task settles
     assert Claims(tmp_path / "tmp" / "claims").try_claim(digest) is None  # still held
     await worker.close()
+
+
+@pytest.mark.parametrize("next_claim", [False, True])
+async def test_a_late_reader_of_a_followed_fill_verified_not_kept_gets_every_byte(
+        tmp_path: Path, next_claim: bool) -> None:
+    # The claimer verified the blob but could not keep it (no room): the follower finishes
+    # on its .part file. A request that joined the follower's fill and opens it only after
+    # the claimer removed that file (its own readers done), or after a new claim made an
+    # empty .part at the same name, must still get the verified bytes, not 0 of them.
+    data = os.urandom(40 * CHUNK)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    claims = Claims(tmp_path / "tmp" / "claims")
+    claimer = claims.try_claim(digest)
+    assert claimer is not None
+    claimer.announce(len(data))
+    claimer.part.write_bytes(data)
+    claimer.mark_verified()
+    upstream = _Upstream(data)
+    follower = _worker(tmp_path, 1)
+    fill, joined = await follower.start(digest, upstream, "r")
+    assert joined
+    await _until(lambda: fill.done)
+    claimer.part.unlink()  # the claimer's readers are done: its file goes
+    claimer.release()
+    if next_claim:
+        again = claims.try_claim(digest)
+        assert again is not None
+        again.part.write_bytes(b"")
+    assert await _read(fill, len(data)) == data
+    assert upstream.offsets == []
+    await follower.close()
+
+
+async def test_a_late_reader_of_a_published_fill_reads_the_blob_not_a_new_part(
+        tmp_path: Path) -> None:
+    # The claims' .part name is reused by the next fill of the digest (after an eviction):
+    # a reader of the published fill that opens late must read the published blob.
+    data = os.urandom(40 * CHUNK)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    first = _worker(tmp_path, 0)
+    fill, joined = await first.start(digest, _Upstream(data), "r")
+    assert not joined
+    await fill.wait_done()
+    again = Claims(tmp_path / "tmp" / "claims").try_claim(digest)
+    assert again is not None
+    again.part.write_bytes(b"")
+    assert await _read(fill, len(data)) == data
+    again.release()
+    await first.close()
+
+
+async def test_a_reader_that_opened_the_claimers_file_reads_the_followers_own_download(
+        tmp_path: Path) -> None:
+    # The claimer starts relaying from memory (no room) after a reader of the follower
+    # opened its empty .part file: the follower downloads on its own into a new file, and
+    # the reader must read that one, not the claimer's empty file ("shrank", 0 bytes).
+    data = os.urandom(40 * CHUNK)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    claims = Claims(tmp_path / "tmp" / "claims")
+    relaying = claims.try_claim(digest)
+    assert relaying is not None
+    relaying.announce(len(data))
+    relaying.part.write_bytes(b"")
+    upstream = _Upstream(data)
+    follower = _worker(tmp_path, 1)
+    fill, joined = await follower.start(digest, upstream, "r")
+    assert joined
+    reading = asyncio.create_task(_read(fill, len(data)))
+    await _until(lambda: fill.readers == 1)
+    relaying.mark_relayed()
+    assert await reading == data
+    assert upstream.offsets == [0]
+    relaying.release()
+    await follower.close()
+
+
+class _NoRoomAtTheEnd:
+    """A budget that reserves every download but keeps none of them (pinned content)."""
+
+    def __init__(self) -> None:
+        self.reserved = 0
+
+    def fits(self, size: int) -> bool:
+        return True
+
+    async def reserve(self, size: int) -> bool:
+        self.reserved += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.reserved -= size
+
+    async def admit(self, size: int, held: int = 0) -> bool:
+        return False
+
+    async def make_room(self, size: int) -> int:
+        return 0
+
+
+async def test_a_verified_file_not_kept_stays_in_the_budget_until_it_is_removed(
+        tmp_path: Path) -> None:
+    # Not kept (no room): its .part file stays on disk for its readers; its bytes stay
+    # reserved until it is removed, or the disk goes over the cap by such files.
+    data = os.urandom(40 * CHUNK)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    space = _NoRoomAtTheEnd()
+    worker = _worker(tmp_path, 0)
+    worker.space = space
+    fill, _ = await worker.start(digest, _Upstream(data), "r")
+    reader = fill.read(0, len(data), CHUNK)
+    first = await reader.__anext__()  # a reader still reading keeps the file
+    await fill.wait_done()
+    await asyncio.sleep(0.1)  # the fill task goes on: not kept, waiting for its reader
+    part = Claims(tmp_path / "tmp" / "claims").part(digest)
+    assert part.exists()
+    assert space.reserved == len(data)
+    rest = b"".join([piece async for piece in reader])
+    assert first + rest == data
+    await _until(lambda: not part.exists())
+    await _until(lambda: space.reserved == 0)
+    await worker.close()
