@@ -9,10 +9,8 @@ unsigned bundle is refused by every import, even one that names no key.
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
-import tarfile
 import urllib.request
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.support.bundles import bundle_entries
+from tests.support.bundles import bundle_entries, tar_of
 from tests.support.images import Image, make_image, make_layer
 from tests.support.mirrorproc import MirrorProcess, mirror_config
 from tests.support.net import free_port
@@ -35,11 +33,7 @@ def _bundle(path: Path, image: Image, created: str, key: Ed25519PrivateKey | Non
     """A bundle of ``image`` as mirror export lays it out, made at ``created``."""
     entries = bundle_entries(REGISTRY, image, key,
                              edit=lambda bundle: setattr(bundle, "created", created))
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for entry, data in entries:
-            info = tarfile.TarInfo(entry)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(tar_of(entries))
     return path
 
 

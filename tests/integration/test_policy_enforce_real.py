@@ -96,6 +96,22 @@ def _request(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]
         return exc.code, dict(exc.headers), exc.read()
 
 
+def _assert_refused(mirror: MirrorProcess, repo: str, image: Image, reason: str,
+                    dest: Path) -> None:
+    """``repo``'s image is refused by rule 1 for ``reason``: by tag and digest, GET and
+    HEAD (403 DENIED naming both), and skopeo cannot pull it."""
+    for reference in ("v1", image.manifest.digest):
+        url = f"{mirror.url}/v2/{repo}/manifests/{reference}"
+        status, _, body = _request(url)
+        assert status == 403, (repo, reference, body)
+        error = json.loads(body)["errors"][0]
+        assert error["code"] == "DENIED"
+        assert "rule 1" in error["message"] and reason in error["message"], error
+        assert _request(url, "HEAD")[0] == 403
+    with pytest.raises(SkopeoError, match=r"denied|403"):
+        skopeo_copy(f"127.0.0.1:{mirror.port}/{repo}:v1", dest)
+
+
 def _pull(mirror: MirrorProcess, ref: str, image: Image, dest: Path) -> None:
     out = skopeo_copy(f"127.0.0.1:{mirror.port}/{ref}", dest)
     assert manifest_digest(out) == image.manifest.digest
@@ -112,17 +128,8 @@ def test_signed_images_pull_and_the_others_are_denied(mirror: MirrorProcess, sig
            "unsigned": "no signature by release",
            "wrongdigest": "no signature by release (the payload signs"}
     for name, reason in why.items():
-        image = signed.images[name]
-        for reference in ("v1", image.manifest.digest):
-            url = f"{mirror.url}/v2/acme/{name}/manifests/{reference}"
-            status, _, body = _request(url)
-            assert status == 403, (name, reference, body)
-            error = json.loads(body)["errors"][0]
-            assert error["code"] == "DENIED"
-            assert "rule 1" in error["message"] and reason in error["message"], error
-            assert _request(url, "HEAD")[0] == 403
-        with pytest.raises(SkopeoError, match=r"denied|403"):
-            skopeo_copy(f"127.0.0.1:{mirror.port}/acme/{name}:v1", tmp_path / f"{name}-no")
+        _assert_refused(mirror, f"acme/{name}", signed.images[name], reason,
+                        tmp_path / f"{name}-no")
     # the signatures themselves are served: clients verify them through the mirror
     sig_tag = signed.images["good"].manifest.digest.replace(":", "-") + ".sig"
     assert _request(f"{mirror.url}/v2/acme/good/manifests/{sig_tag}")[0] == 200

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import tarfile
 from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -38,3 +40,17 @@ def bundle_entries(registry: str, image: Image, key: Ed25519PrivateKey | None = 
         entries.append((layout.SIGNATURE, sign(data, key)))
     entries.append((layout.INDEX, index))
     return entries + [(layout.blob_name(b.digest), b.data) for b in blobs]
+
+
+def tar_of(entries: Entries, extra: Callable[[tarfile.TarFile], None] | None = None) -> bytes:
+    """A PAX tar of ``entries`` in their order (``extra`` adds what entries cannot say:
+    links, devices, odd headers)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if extra is not None:
+            extra(tar)
+    return buffer.getvalue()

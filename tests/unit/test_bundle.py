@@ -36,7 +36,7 @@ from mirror.errors import BundleError, OciError
 from mirror.oci import Digest
 from mirror.routing import Router
 from mirror.storage.filesystem import FilesystemStore
-from tests.support.bundles import Entries, bundle_entries
+from tests.support.bundles import Entries, bundle_entries, tar_of
 from tests.support.fake import FakeRegistry
 from tests.support.images import Image, make_image, make_layer
 from tests.unit.conftest import cache_files, mirror_settings
@@ -53,18 +53,6 @@ def _entries(image: Image, key: Ed25519PrivateKey | None = None,
              edit: Callable[[BundleManifest], None] = lambda _b: None) -> Entries:
     """The entries of a bundle of ``image`` as mirror export writes them."""
     return bundle_entries(REGISTRY, image, key, edit)
-
-
-def _tar(entries: Entries, extra: Callable[[tarfile.TarFile], None] | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in entries:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        if extra is not None:
-            extra(tar)
-    return buffer.getvalue()
 
 
 def _store(tmp_path: Path) -> FilesystemStore:
@@ -112,7 +100,7 @@ def _public(path: Path) -> Any:
 # --- a good bundle -------------------------------------------------------------------------
 def test_a_good_bundle_is_published_with_its_tag_and_is_idempotent(tmp_path: Path) -> None:
     image = _image()
-    data = _tar(_entries(image))
+    data = tar_of(_entries(image))
     report = _import(tmp_path, data)
     assert report.blobs_new == 3 and report.manifests_new == 1
     assert report.tags == [f"{REGISTRY}/app/web:v1"]
@@ -129,7 +117,7 @@ def test_a_good_bundle_is_published_with_its_tag_and_is_idempotent(tmp_path: Pat
 def test_a_registry_not_configured_here_imports_content_without_its_tag(
         tmp_path: Path) -> None:
     image = _image()
-    report = _import(tmp_path, _tar(_entries(image, edit=lambda b: b.references[0].update(
+    report = _import(tmp_path, tar_of(_entries(image, edit=lambda b: b.references[0].update(
         registry="other.test", name="other.test/app/web:v1"))))
     assert report.blobs_new == 3 and report.tags == []
     assert "registry 'other.test' is not configured here" in report.notes[0]
@@ -137,7 +125,7 @@ def test_a_registry_not_configured_here_imports_content_without_its_tag(
 
 def test_pin_keeps_the_whole_image(tmp_path: Path) -> None:
     image = _image()
-    _import(tmp_path, _tar(_entries(image)), pin=True)
+    _import(tmp_path, tar_of(_entries(image)), pin=True)
     store = _store(tmp_path)
     try:
         pins = store.index.pins()
@@ -215,36 +203,36 @@ def _absurd_index() -> bytes:
 
 
 BAD: dict[str, tuple[Callable[[], bytes], str]] = {
-    "truncated": (lambda: _tar(_entries(_image()))[:9000], "truncated"),
-    "tampered blob": (lambda: _tar(_flip_layer(_entries(_image()))),
+    "truncated": (lambda: tar_of(_entries(_image()))[:9000], "truncated"),
+    "tampered blob": (lambda: tar_of(_flip_layer(_entries(_image()))),
                       "does not hash to its name"),
-    "tampered index.json": (lambda: _tar(_with(_entries(_image()), layout.INDEX,
+    "tampered index.json": (lambda: tar_of(_with(_entries(_image()), layout.INDEX,
                                                b'{"schemaVersion":2,"manifests":[]}')),
                             "index.json does not match the sha256 in bundle.json"),
-    "dot-dot": (lambda: _tar([*_entries(_image()), ("blobs/../../etc/evil", b"x")]),
+    "dot-dot": (lambda: tar_of([*_entries(_image()), ("blobs/../../etc/evil", b"x")]),
                 "has '..' in its path"),
-    "absolute": (lambda: _tar([("/etc/evil", b"x"), *_entries(_image())]),
+    "absolute": (lambda: tar_of([("/etc/evil", b"x"), *_entries(_image())]),
                  "has an absolute path"),
-    "symlink": (lambda: _tar(_entries(_image()), _link(tarfile.SYMTYPE)), "is a link"),
-    "hardlink": (lambda: _tar(_entries(_image()), _link(tarfile.LNKTYPE)), "is a link"),
-    "duplicate": (lambda: _tar([*_entries(_image()), _entries(_image())[-1]]),
+    "symlink": (lambda: tar_of(_entries(_image()), _link(tarfile.SYMTYPE)), "is a link"),
+    "hardlink": (lambda: tar_of(_entries(_image()), _link(tarfile.LNKTYPE)), "is a link"),
+    "duplicate": (lambda: tar_of([*_entries(_image()), _entries(_image())[-1]]),
                   "comes twice"),
-    "unknown version": (lambda: _tar(_with(_entries(_image()), layout.BUNDLE,
+    "unknown version": (lambda: tar_of(_with(_entries(_image()), layout.BUNDLE,
                                            b'{"bundleVersion": 99}')),
                         "bundleVersion 99; this mirror reads version 1"),
     "absurd index.json": (_absurd_index, "index.json is 3221225472 bytes"),
-    "blob not listed": (lambda: _tar([*_entries(_image()), (layout.blob_name(
+    "blob not listed": (lambda: tar_of([*_entries(_image()), (layout.blob_name(
         "sha256:" + hashlib.sha256(b"extra").hexdigest()), b"extra")]),
                         "is not listed in bundle.json"),
-    "listed blob missing": (lambda: _tar(_entries(_image())[:-1]), "the bundle is truncated"),
+    "listed blob missing": (lambda: tar_of(_entries(_image())[:-1]), "the bundle is truncated"),
     "not a tar": (lambda: b"hello" * 1000, "not a tar archive"),
-    "bad tag in bundle.json": (lambda: _tar(_entries(_image(), edit=lambda b: b.references[0]
+    "bad tag in bundle.json": (lambda: tar_of(_entries(_image(), edit=lambda b: b.references[0]
                                                      .update(tag="../x"))), "invalid tag"),
-    "reference to no image": (lambda: _tar(_entries(_image(), edit=lambda b: b.references[0]
+    "reference to no image": (lambda: tar_of(_entries(_image(), edit=lambda b: b.references[0]
                                                     .update(digest="sha256:" + "0" * 64))),
                               "which index.json does not lead to"),
     "zstd cut short": (lambda: zstandard.ZstdCompressor().compress(
-        _tar(_entries(_image())))[:-50], "truncated"),
+        tar_of(_entries(_image())))[:-50], "truncated"),
 }
 
 
@@ -261,7 +249,7 @@ def test_a_layout_missing_a_layer_fails_listing_it(tmp_path: Path) -> None:
     entries = [e for e in _entries(image) if e[0] != layout.BUNDLE
                and e[0] != layout.blob_name(image.layers[1].digest)]
     with pytest.raises(BundleError, match=image.layers[1].digest):
-        _import(tmp_path, _tar(entries))
+        _import(tmp_path, tar_of(entries))
     _nothing_published(tmp_path)
 
 
@@ -270,15 +258,15 @@ def test_signatures(tmp_path: Path) -> None:
     _, other = _keypair(tmp_path, "other")
     image = _image()
     signed = _entries(image, key)
-    report = _import(tmp_path / "ok", _tar(signed), verify_key=_public(public))
+    report = _import(tmp_path / "ok", tar_of(signed), verify_key=_public(public))
     assert report.key_id is not None and report.key_id.startswith("sha256:")
 
     cases = {
-        "unsigned": (_tar(_entries(image)), public, "not signed"),
-        "other key": (_tar(signed), other, "signed by key sha256:"),
-        "tampered bundle.json": (_tar(_with(signed, layout.BUNDLE, signed[1][1].replace(
+        "unsigned": (tar_of(_entries(image)), public, "not signed"),
+        "other key": (tar_of(signed), other, "signed by key sha256:"),
+        "tampered bundle.json": (tar_of(_with(signed, layout.BUNDLE, signed[1][1].replace(
             b'"sequence": 0', b'"sequence": 7'))), public, "does not verify with key"),
-        "tampered signature": (_tar(_with(signed, layout.SIGNATURE, sign(b"other", key))),
+        "tampered signature": (tar_of(_with(signed, layout.SIGNATURE, sign(b"other", key))),
                                public, "does not verify with key"),
     }
     for case, (data, pub, message) in cases.items():
@@ -292,7 +280,7 @@ def test_signatures(tmp_path: Path) -> None:
 def test_cli_says_one_line_and_exits_non_zero(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.tar"
-    bad.write_bytes(_tar(_flip_layer(_entries(_image()))))
+    bad.write_bytes(tar_of(_flip_layer(_entries(_image()))))
     config = tmp_path / "mirror.yaml"
     config.write_text(json.dumps({"version": 1, "storage": {"path": str(tmp_path / "cache")},
                                   "upstreams": [{"name": REGISTRY, "url": "http://127.0.0.1:1",
@@ -310,7 +298,7 @@ async def test_an_imported_tag_is_served_while_upstream_fails(
         state: str) -> None:
     image = _image()
     path = tmp_path / "b.tar"
-    path.write_bytes(_tar(_entries(image)))
+    path.write_bytes(tar_of(_entries(image)))
     store = _store(tmp_path)
     importer = _importer(store, tag_state=state, tag_ttl=300.0, clock=clock.time)
     with importer.locked():
@@ -336,7 +324,7 @@ async def test_an_imported_tag_is_served_while_upstream_fails(
 
 
 def test_gzip_and_xz_layouts_import(tmp_path: Path) -> None:
-    data = _tar(_entries(_image()))
+    data = tar_of(_entries(_image()))
     assert _import(tmp_path / "gz", gzip.compress(data), "b.tar.gz").blobs_new == 3
     assert _import(tmp_path / "xz", lzma.compress(data), "b.tar.xz").blobs_new == 3
 
@@ -380,7 +368,7 @@ async def test_an_imported_image_is_known_under_its_registry_and_repository(
     from mirror.cache.membership import FILE_NAME, Membership  # noqa: PLC0415
 
     image = _image()
-    _import(tmp_path, _tar(_entries(image)))
+    _import(tmp_path, tar_of(_entries(image)))
     members = Membership(tmp_path / "cache" / FILE_NAME)
     members.open()
     try:
@@ -400,8 +388,8 @@ def test_an_older_signed_bundle_leaves_the_tag_alone_unless_rollback_is_allowed(
         tmp_path: Path) -> None:
     key, public = _keypair(tmp_path)
     old, new = _image(seed=1), _image(seed=7)  # the same tag, two images
-    older = _tar(_entries(old, key, edit=lambda b: setattr(b, "created", "2026-01-01T00:00:00Z")))
-    newer = _tar(_entries(new, key, edit=lambda b: setattr(b, "created", "2026-02-01T00:00:00Z")))
+    older = tar_of(_entries(old, key, edit=lambda b: setattr(b, "created", "2026-01-01T00:00:00Z")))
+    newer = tar_of(_entries(new, key, edit=lambda b: setattr(b, "created", "2026-02-01T00:00:00Z")))
     verify = _public(public)
     _import(tmp_path, newer, verify_key=verify)
     report = _import(tmp_path, older, verify_key=verify)
@@ -420,9 +408,9 @@ def test_rollback_is_judged_per_signer(tmp_path: Path) -> None:
     second, second_pub = _keypair(tmp_path, "second")
     old, new = _image(seed=1), _image(seed=7)
     keys = [_public(first_pub), _public(second_pub)]
-    _import(tmp_path, _tar(_entries(new, first, edit=lambda b: setattr(
+    _import(tmp_path, tar_of(_entries(new, first, edit=lambda b: setattr(
         b, "created", "2026-02-01T00:00:00Z"))), trusted_keys=keys)
-    report = _import(tmp_path, _tar(_entries(old, second, edit=lambda b: setattr(
+    report = _import(tmp_path, tar_of(_entries(old, second, edit=lambda b: setattr(
         b, "created", "2026-01-01T00:00:00Z"))), trusted_keys=keys)
     assert report.tags == [f"{REGISTRY}/app/web:v1"]
     assert _tag_digest(tmp_path) == old.manifest.digest
@@ -435,20 +423,20 @@ def test_trusted_keys_refuse_unsigned_and_foreign_bundles(tmp_path: Path) -> Non
     keys = [_public(trusted_pub), _public(also_pub)]
     image = _image()
     for case, data, message in (
-            ("unsigned", _tar(_entries(image)), "not signed"),
-            ("other", _tar(_entries(image, other)), "which is not one of the trusted keys")):
+            ("unsigned", tar_of(_entries(image)), "not signed"),
+            ("other", tar_of(_entries(image, other)), "which is not one of the trusted keys")):
         with pytest.raises(BundleError, match=message):
             _import(tmp_path / case, data, trusted_keys=keys)
         _nothing_published(tmp_path / case)
-    assert _import(tmp_path / "ok", _tar(_entries(image, also)), trusted_keys=keys).tags
+    assert _import(tmp_path / "ok", tar_of(_entries(image, also)), trusted_keys=keys).tags
 
 
 def test_the_config_requires_signatures_for_every_import(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     key, public = _keypair(tmp_path)
     unsigned, signed = tmp_path / "unsigned.tar", tmp_path / "signed.tar"
-    unsigned.write_bytes(_tar(_entries(_image())))
-    signed.write_bytes(_tar(_entries(_image(), key)))
+    unsigned.write_bytes(tar_of(_entries(_image())))
+    signed.write_bytes(tar_of(_entries(_image(), key)))
     path = tmp_path / "mirror.yaml"
     path.write_text(json.dumps({
         "version": 1, "storage": {"path": str(tmp_path / "cache")},
@@ -475,7 +463,7 @@ def test_blobs_no_manifest_references_are_not_published(tmp_path: Path) -> None:
     entries = _entries(image, edit=lambda b: b.blobs.update(
         {d: len(j) for d, j in junk_digests.items()}))
     entries += [(layout.blob_name(d), j) for d, j in junk_digests.items()]
-    report = _import(tmp_path, _tar(entries))
+    report = _import(tmp_path, tar_of(entries))
     assert report.blobs_new == 3 and report.unreferenced == 50
     assert "50 blob(s) of the bundle that no manifest references" in " ".join(report.notes)
     store = FilesystemStore(tmp_path / "cache")
@@ -537,7 +525,7 @@ def test_export_of_cached_content_needs_no_upstream_secret(
         monkeypatch: pytest.MonkeyPatch) -> None:
     unset = "MIRROR_TEST_NEVER_SET_7f3a"
     bundle = tmp_path / "in.tar"
-    bundle.write_bytes(_tar(_entries(_image())))
+    bundle.write_bytes(tar_of(_entries(_image())))
     path = tmp_path / "mirror.yaml"
     path.write_text(json.dumps({
         "version": 1, "storage": {"path": str(tmp_path / "cache")},

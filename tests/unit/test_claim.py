@@ -14,7 +14,7 @@ import pytest
 
 from mirror.errors import FillError
 from mirror.fetch import Fetcher
-from mirror.fetch.claim import ClaimCoalescer, ClaimRefused, Claims
+from mirror.fetch.claim import Claim, ClaimCoalescer, ClaimRefused, Claims
 from mirror.fetch.fill import Fill
 from mirror.oci import Digest
 from mirror.storage.base import BodyResponse
@@ -75,9 +75,24 @@ async def _read(fill: Fill, size: int) -> bytes:
     return b"".join([piece async for piece in fill.read(0, size, CHUNK)])
 
 
+def _blob(size: int = 40 * CHUNK) -> tuple[bytes, Digest]:
+    """Random bytes and their digest."""
+    data = os.urandom(size)
+    return data, Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+
+
+def _claimed_empty(claims: Claims, digest: Digest, size: int) -> Claim:
+    """A claim of ``digest`` by another worker, its size announced, its .part still empty
+    (what a claimer that relays from memory leaves)."""
+    claim = claims.try_claim(digest)
+    assert claim is not None
+    claim.announce(size)
+    claim.part.write_bytes(b"")
+    return claim
+
+
 async def test_a_second_worker_follows_the_first_ones_download(tmp_path: Path) -> None:
-    data = os.urandom(40 * CHUNK)
-    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    data, digest = _blob()
     upstream = _Upstream(data)
     first, second = _worker(tmp_path, 0), _worker(tmp_path, 1)
     fill_a, joined_a = await first.start(digest, upstream, "r")
@@ -91,8 +106,7 @@ async def test_a_second_worker_follows_the_first_ones_download(tmp_path: Path) -
 
 
 async def test_a_follower_takes_over_what_a_dead_claimer_left(tmp_path: Path) -> None:
-    data = os.urandom(40 * CHUNK)
-    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    data, digest = _blob()
     claims = Claims(tmp_path / "tmp" / "claims")
     dead = claims.try_claim(digest)  # a worker that claimed, wrote some, and was killed
     assert dead is not None
@@ -164,8 +178,7 @@ async def test_a_follower_that_joins_before_the_claimers_file_exists_waits_for_i
         tmp_path: Path) -> None:
     # What made the first test flaky ("download vanished"): a reader opened the .part
     # file before the claimer's task had created it.
-    data = os.urandom(40 * CHUNK)
-    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    data, digest = _blob()
     claims = Claims(tmp_path / "tmp" / "claims")
     slow = claims.try_claim(digest)  # claimed; its task has not created the file yet
     assert slow is not None and not slow.part.exists()
@@ -189,8 +202,7 @@ async def test_a_follower_reads_the_new_file_of_a_takeover_not_the_removed_one(
         tmp_path: Path, kept: int) -> None:
     # The claimer relayed from memory (or failed) and removed its .part file: the
     # follower that takes over writes a new one, which its readers must read.
-    data = os.urandom(40 * CHUNK)
-    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    data, digest = _blob()
     claims = Claims(tmp_path / "tmp" / "claims")
     first = claims.try_claim(digest)
     assert first is not None
@@ -212,8 +224,7 @@ async def test_a_follower_reads_the_new_file_of_a_takeover_not_the_removed_one(
 
 async def test_followers_of_bytes_that_proved_wrong_are_cut_not_finished_on_new_ones(
         tmp_path: Path) -> None:
-    data = os.urandom(40 * CHUNK)
-    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    data, digest = _blob()
     claims = Claims(tmp_path / "tmp" / "claims")
     first = claims.try_claim(digest)
     assert first is not None
@@ -235,13 +246,9 @@ async def test_a_follower_downloads_on_its_own_when_the_claimer_relays_from_memo
         tmp_path: Path) -> None:
     # No room under the cap: the claimer relays from memory, and its .part file stays
     # empty until it is done; its followers must not wait for all of that first.
-    data = os.urandom(40 * CHUNK)
-    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    data, digest = _blob()
     claims = Claims(tmp_path / "tmp" / "claims")
-    relaying = claims.try_claim(digest)
-    assert relaying is not None
-    relaying.announce(len(data))
-    relaying.part.write_bytes(b"")
+    relaying = _claimed_empty(claims, digest, len(data))
     relaying.mark_relayed()
     upstream = _Upstream(data)
     follower = _worker(tmp_path, 1)
@@ -299,8 +306,7 @@ async def test_a_late_reader_of_a_followed_fill_verified_not_kept_gets_every_byt
     # on its .part file. A request that joined the follower's fill and opens it only after
     # the claimer removed that file (its own readers done), or after a new claim made an
     # empty .part at the same name, must still get the verified bytes, not 0 of them.
-    data = os.urandom(40 * CHUNK)
-    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    data, digest = _blob()
     claims = Claims(tmp_path / "tmp" / "claims")
     claimer = claims.try_claim(digest)
     assert claimer is not None
@@ -327,8 +333,7 @@ async def test_a_late_reader_of_a_published_fill_reads_the_blob_not_a_new_part(
         tmp_path: Path) -> None:
     # The claims' .part name is reused by the next fill of the digest (after an eviction):
     # a reader of the published fill that opens late must read the published blob.
-    data = os.urandom(40 * CHUNK)
-    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    data, digest = _blob()
     first = _worker(tmp_path, 0)
     fill, joined = await first.start(digest, _Upstream(data), "r")
     assert not joined
@@ -346,13 +351,9 @@ async def test_a_reader_that_opened_the_claimers_file_reads_the_followers_own_do
     # The claimer starts relaying from memory (no room) after a reader of the follower
     # opened its empty .part file: the follower downloads on its own into a new file, and
     # the reader must read that one, not the claimer's empty file ("shrank", 0 bytes).
-    data = os.urandom(40 * CHUNK)
-    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    data, digest = _blob()
     claims = Claims(tmp_path / "tmp" / "claims")
-    relaying = claims.try_claim(digest)
-    assert relaying is not None
-    relaying.announce(len(data))
-    relaying.part.write_bytes(b"")
+    relaying = _claimed_empty(claims, digest, len(data))
     upstream = _Upstream(data)
     follower = _worker(tmp_path, 1)
     fill, joined = await follower.start(digest, upstream, "r")
@@ -393,8 +394,7 @@ async def test_a_verified_file_not_kept_stays_in_the_budget_until_it_is_removed(
         tmp_path: Path) -> None:
     # Not kept (no room): its .part file stays on disk for its readers; its bytes stay
     # reserved until it is removed, or the disk goes over the cap by such files.
-    data = os.urandom(40 * CHUNK)
-    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+    data, digest = _blob()
     space = _NoRoomAtTheEnd()
     worker = _worker(tmp_path, 0)
     worker.space = space

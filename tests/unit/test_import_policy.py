@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from mirror.oci import Digest
 from mirror.routing import Router
 from mirror.storage.filesystem import FilesystemStore
 from tests.support import cosign_sign as cs
+from tests.support.bundles import tar_of
 from tests.support.images import Blob, Image, make_image, make_layer
 from tests.unit.conftest import mirror_settings
 
@@ -110,13 +109,7 @@ class Layout:
         entries = [(layout.OCI_LAYOUT, layout.LAYOUT_BYTES), (layout.BUNDLE, bundle.to_bytes()),
                    (layout.INDEX, index), *((layout.blob_name(d), b)
                                             for d, b in self.blobs.items())]
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for name, data in entries:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        return buffer.getvalue()
+        return tar_of(entries)
 
 
 @pytest.fixture
