@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import cosign_sign as cs
+from tests.support.containerd import Containerd
 from tests.support.cosign_push import push_bundle, push_legacy
 from tests.support.images import Image, make_image, make_layer
 from tests.support.mirrorproc import MirrorProcess, Mirrors
@@ -133,6 +134,22 @@ def test_signed_images_pull_and_the_others_are_denied(mirror: MirrorProcess, sig
     # the signatures themselves are served: clients verify them through the mirror
     sig_tag = signed.images["good"].manifest.digest.replace(":", "-") + ".sig"
     assert _request(f"{mirror.url}/v2/acme/good/manifests/{sig_tag}")[0] == 200
+
+
+def test_containerd_pulls_what_passes_and_is_refused_the_rest(
+        mirror: MirrorProcess, signed: Signed, containerd: Containerd) -> None:
+    """containerd through ``hosts.toml`` (the registry itself unreachable): the signed
+    images arrive whole, by tag; the refused ones fail with the mirror's 403."""
+    hosts = containerd.hosts_dir(UPSTREAM, mirror.url, name=f"certs-{mirror.port}")
+    namespace = f"policy{mirror.port}"
+    for name in ("good", "bundled"):
+        image = signed.images[name]
+        containerd.fetch(f"{UPSTREAM}/acme/{name}:v1", hosts, namespace=namespace)
+        held = containerd.content_digests(namespace)
+        assert {b.digest for b in image.blobs()} <= held, name
+    for name in ("stranger", "unsigned", "wrongdigest"):
+        with pytest.raises(RuntimeError, match=r"403|[Ff]orbidden|denied"):
+            containerd.fetch(f"{UPSTREAM}/acme/{name}:v1", hosts, namespace=namespace)
 
 
 def test_a_warn_rule_serves_with_a_warning_header(mirror: MirrorProcess,
