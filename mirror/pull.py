@@ -362,6 +362,8 @@ class PullService:
 
     def _pass(self, key: tuple[Repo, str, str | None], gate: Gate, verdict: Verdict | None,
               until: float) -> None:
+        if verdict is not None and verdict.expires is not None:  # a report's max_age
+            until = min(until, self._clock.monotonic() + verdict.expires - self._clock.time())
         if until <= self._clock.monotonic():
             return
         if len(self._passed) >= 10_000:

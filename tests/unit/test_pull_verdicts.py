@@ -86,3 +86,17 @@ async def test_a_new_gate_after_a_reload_judges_again() -> None:
     with pytest.raises(PolicyDenied):
         await pull.judge(REPO, RESOLVED, "v1")
     assert (gate.calls, stricter.calls) == (1, 1)
+
+
+async def test_a_kept_pass_ends_when_its_vulnerability_report_gets_too_old() -> None:
+    clock = ManualClock()
+    expiring = Verdict(True, 1, "vulnerability report by scanner: worst finding HIGH",
+                       expires=clock.time() + 1.0)
+    gate = CountingGate(expiring)
+    pull = _pull(gate, clock)
+    assert await pull.judge(REPO, RESOLVED, "v1") is expiring
+    assert await pull.judge(REPO, RESOLVED, "v1") is expiring
+    assert gate.calls == 1
+    clock.advance(1.1)  # past max_age, though the .sig tag's memo has not ended
+    await pull.judge(REPO, RESOLVED, "v1")
+    assert gate.calls == 2
